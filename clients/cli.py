@@ -1,0 +1,60 @@
+"""image-gateway-client: call a gateway from the shell; prints JSON, the same for both protocols.
+
+image-gateway-client infer A.jpg [B.png ...] --url grpc://127.0.0.1:50051 [--model NAME]
+image-gateway-client models --url http://127.0.0.1:5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from clients.client import COLOR_MODES, GatewayClient
+from clients.results import GatewayClientError
+
+DEFAULT_URL = os.environ.get("IMAGE_GATEWAY_URL", "http://127.0.0.1:5000")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="image-gateway-client")
+    parser.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help="grpc://host:port or http://host:port (env IMAGE_GATEWAY_URL, default %(default)s)",
+    )
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    commands = parser.add_subparsers(dest="command", required=True)
+    infer = commands.add_parser("infer", help="run a model on image files, one result each")
+    infer.add_argument("files", nargs="+", help="image files")
+    infer.add_argument("--model", default="", help="model name (default: the gateway's default)")
+    infer.add_argument("--color-mode", choices=COLOR_MODES, default="color")
+    commands.add_parser("models", help="list the gateway's models")
+    # Let --url come after the subcommand too, as users tend to type it.
+    for sub in (infer, commands.choices["models"]):
+        sub.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    try:
+        with GatewayClient(args.url, timeout=args.timeout) as client:
+            if args.command == "models":
+                print(json.dumps([asdict(m) for m in client.list_models()], indent=2))
+                return 0
+            results = client.infer_batch(args.files, model=args.model, color_mode=args.color_mode)
+    except GatewayClientError as exc:
+        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"image-gateway-client: {exc}", file=sys.stderr)
+        return 2
+    rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]
+    print(json.dumps(rows, indent=2))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The HTTP side of GatewayClient: octet-stream for one image, multipart for a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from clients.results import GatewayClientError, ImageResult, ModelInfo
+
+
+def error_from_body(body: Any, status: str) -> GatewayClientError:
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    return GatewayClientError(
+        error.get("code", "unknown"),
+        error.get("message", str(body)),
+        status,
+        error.get("request_id", ""),
+    )
+
+
+class HttpTransport:
+    def __init__(self, base_url: str, timeout: float | None) -> None:
+        self.base_url = base_url
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _infer_url(self, model: str) -> str:
+        if not model:
+            return f"{self.base_url}/v1/infer"
+        return f"{self.base_url}/v1/models/{quote(model, safe='')}/infer"
+
+    def _check(self, response: requests.Response) -> Any:
+        try:
+            body = response.json()
+        except ValueError:
+            raise GatewayClientError(
+                "bad_response", response.text[:200], str(response.status_code)
+            ) from None
+        if response.status_code >= 400:
+            raise error_from_body(body, str(response.status_code))
+        return body
+
+    def infer(
+        self, data: bytes, model: str, color_mode: str, params: Mapping[str, str]
+    ) -> ImageResult:
+        response = self.session.post(
+            self._infer_url(model),
+            data=data,
+            params={**params, "color_mode": color_mode},
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=self.timeout,
+        )
+        return ImageResult.from_dict(self._check(response)["result"])
+
+    def infer_batch(
+        self, images: list[bytes], model: str, color_mode: str, params: Mapping[str, str]
+    ) -> list[ImageResult]:
+        files = {
+            str(i): (str(i), data, "application/octet-stream") for i, data in enumerate(images)
+        }
+        response = self.session.post(
+            self._infer_url(model),
+            files=files,
+            params={**params, "color_mode": color_mode},
+            timeout=self.timeout,
+        )
+        return [ImageResult.from_dict(r) for r in self._check(response)["results"]]
+
+    def list_models(self) -> list[ModelInfo]:
+        response = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
+        return [ModelInfo(**m) for m in self._check(response)["models"]]
+
+    def close(self) -> None:
+        self.session.close()

@@ -1,0 +1,72 @@
+"""What the high-level client returns, the same over gRPC and HTTP."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    channels: int
+    format: str
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    name: str
+    info: ImageInfo | None
+    output: Any = None
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": self.name}
+        if self.info is not None:
+            body["info"] = asdict(self.info)
+        if self.error is not None:
+            body["error"] = asdict(self.error)
+        else:
+            body["output"] = self.output
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> ImageResult:
+        info = body.get("info")
+        error = body.get("error")
+        return cls(
+            name=body.get("name", ""),
+            info=ImageInfo(**info) if info else None,
+            output=body.get("output"),
+            error=ErrorInfo(error["code"], error["message"]) if error else None,
+        )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    is_default: bool
+
+
+class GatewayClientError(Exception):
+    """A request the gateway refused or failed, with the gateway's stable error code."""
+
+    def __init__(self, code: str, message: str, status: str, request_id: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        # "422" over HTTP, "INVALID_ARGUMENT" over gRPC.
+        self.status = status
+        self.request_id = request_id

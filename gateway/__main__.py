@@ -1,0 +1,5 @@
+import sys
+
+from gateway.serve import main
+
+sys.exit(main())

@@ -1,0 +1,110 @@
+"""The core service: request -> decode every image -> one model.predict(batch) -> results."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from gateway.core.decode import DecodedImage, decode
+from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.outputs import NotJSONError, to_json_value
+from gateway.core.types import (
+    InferRequest,
+    InferResponse,
+    ItemError,
+    ItemResult,
+    ModelInfo,
+)
+from gateway.models.base import JSONValue, Model
+from gateway.models.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+def new_request_id(given: str | None = None) -> str:
+    """The client's id when it sent a usable one, else a fresh one."""
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def model(self, name: str) -> Model:
+        model = self.registry.get(name)
+        if model is None:
+            raise GatewayError(
+                ErrorCode.MODEL_NOT_FOUND,
+                f"no model named {name!r}; this gateway serves: {', '.join(self.registry.names())}",
+            )
+        return model
+
+    def list_models(self) -> list[ModelInfo]:
+        return [self._info(m) for m in self.registry]
+
+    def get_model(self, name: str) -> ModelInfo:
+        return self._info(self.model(name))
+
+    def _info(self, model: Model) -> ModelInfo:
+        return ModelInfo(model.name, model.description, model.name == self.registry.default_name)
+
+    def infer(self, request: InferRequest) -> InferResponse:
+        model = self.model(request.model)
+        if not request.images:
+            raise GatewayError(ErrorCode.NO_IMAGES, "the request holds no image")
+        _check_deadline(request)
+
+        decoded: list[DecodedImage | ItemError] = []
+        for image in request.images:
+            try:
+                decoded.append(decode(image.data, request.color_mode))
+            except GatewayError as exc:
+                decoded.append(ItemError(exc.error, exc.message))
+        good = [d for d in decoded if isinstance(d, DecodedImage)]
+
+        outputs = self._predict(model, good, request) if good else []
+        it = iter(outputs)
+        results = []
+        for image, item in zip(request.images, decoded, strict=True):
+            if isinstance(item, ItemError):
+                results.append(ItemResult(image.name, error=item))
+            else:
+                results.append(ItemResult(image.name, info=item.info, output=next(it)))
+        return InferResponse(model.name, request.request_id, tuple(results))
+
+    def infer_one(self, request: InferRequest) -> InferResponse:
+        """Infer on a single image; its error, if any, fails the whole call."""
+        response = self.infer(request)
+        (result,) = response.results
+        if result.error is not None:
+            raise GatewayError(result.error.error, result.error.message)
+        return response
+
+    def _predict(
+        self, model: Model, images: list[DecodedImage], request: InferRequest
+    ) -> list[JSONValue]:
+        _check_deadline(request)
+        try:
+            outputs = model.predict([d.array for d in images], request.parameters)
+            if len(outputs) != len(images):
+                raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
+            return [to_json_value(o) for o in outputs]
+        except (GatewayError, KeyboardInterrupt):
+            raise
+        except (Exception, NotJSONError):
+            log.exception("model %r failed, request id %s", model.name, request.request_id)
+            raise GatewayError(
+                ErrorCode.MODEL_ERROR,
+                f"model {model.name!r} failed on this request (request id "
+                f"{request.request_id}); the server log has the details",
+            ) from None
+
+
+def _check_deadline(request: InferRequest) -> None:
+    if request.deadline is not None and time.monotonic() > request.deadline:
+        raise GatewayError(
+            ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it was done"
+        )

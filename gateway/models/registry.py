@@ -1,0 +1,57 @@
+"""Name -> model. Built-ins by name; user models by "package.module:factory"."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+
+from gateway.models.base import Model
+
+BUILTINS: dict[str, str] = {
+    "shape": "gateway.models.shape:create",
+    "qrcode": "gateway.models.qrcode:create",
+}
+
+
+def load_model(spec: str) -> Model:
+    """Load a model from a built-in name or "package.module:factory" (a zero-argument callable)."""
+    target = BUILTINS.get(spec, spec)
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(
+            f"unknown model {spec!r}: use a built-in ({', '.join(BUILTINS)}) "
+            "or package.module:factory"
+        )
+    factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
+    model = factory()
+    if not isinstance(model, Model):
+        raise TypeError(f"{spec!r} returned {type(model).__name__}, which has no name/predict")
+    return model
+
+
+class ModelRegistry:
+    """The models a gateway serves; the first one registered is the default."""
+
+    def __init__(self, models: list[Model]) -> None:
+        if not models:
+            raise ValueError("a gateway needs at least one model")
+        self._models: dict[str, Model] = {}
+        for model in models:
+            if model.name in self._models:
+                raise ValueError(f"two models are named {model.name!r}")
+            self._models[model.name] = model
+        self.default_name = models[0].name
+
+    @classmethod
+    def from_specs(cls, specs: list[str]) -> ModelRegistry:
+        return cls([load_model(spec) for spec in specs])
+
+    def get(self, name: str) -> Model | None:
+        """The named model, the default one for an empty name, or None."""
+        return self._models.get(name or self.default_name)
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self._models.values())

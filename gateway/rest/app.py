@@ -1,0 +1,34 @@
+"""The Flask application factory."""
+
+from __future__ import annotations
+
+from flask import Flask, Response, g, request
+
+from gateway.config import Settings
+from gateway.core.dataplane import DataPlane, new_request_id
+from gateway.rest import errors, routes
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
+    app = Flask("gateway")
+    # Werkzeug answers 413 from Content-Length before reading, and cuts a chunked body off there.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions[routes.DATAPLANE_KEY] = dataplane
+
+    @app.before_request
+    def _assign_request_id() -> None:
+        g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+
+    @app.after_request
+    def _return_request_id(response: Response) -> Response:
+        if "request_id" in g:
+            response.headers[REQUEST_ID_HEADER] = g.request_id
+        return response
+
+    app.register_blueprint(routes.v1)
+    app.register_blueprint(routes.minimal)
+    errors.register(app)
+    return app

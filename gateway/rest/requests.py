@@ -1,0 +1,170 @@
+"""The only module that reads flask.request: HTTP bodies -> core InferRequest objects.
+
+- application/octet-stream or image/*: the body is one image;
+- multipart/form-data: one image per file part, parsed as it streams in (no temporary files);
+- no Content-Type or application/x-www-form-urlencoded (urllib's default): the body is taken as
+  an image only when its bytes start like one, otherwise 415.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from flask import g, request
+from werkzeug.sansio.multipart import (
+    Data,
+    Epilogue,
+    Field,
+    File,
+    MultipartDecoder,
+    NeedData,
+)
+
+from gateway.core import formats
+from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.types import ColorMode, ImageInput, InferRequest
+
+_CHUNK = 64 * 1024
+# Field names a client meant as indices: "0", "1", ... in ASCII digits, no sign, no padding.
+_INDEX = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z", re.ASCII)
+_SNIFFED_TYPES = {"", "application/x-www-form-urlencoded"}
+RESERVED_QUERY = {"color_mode"}
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    filename: str | None
+    content_type: str
+    data: bytes
+
+
+def request_id() -> str:
+    return str(g.request_id)
+
+
+def is_multipart() -> bool:
+    return request.mimetype == "multipart/form-data"
+
+
+def single_image_request(model: str) -> InferRequest:
+    """The body as one image."""
+    mimetype = request.mimetype
+    if mimetype == "multipart/form-data":
+        raise GatewayError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            "this route takes one image as the raw body (Content-Type: application/octet-stream); "
+            "send multipart/form-data to /multi or /v1/models/<model>/infer",
+        )
+    declared_image = mimetype == "application/octet-stream" or mimetype.startswith("image/")
+    if not declared_image and mimetype not in _SNIFFED_TYPES:
+        raise _unsupported_media_type(mimetype)
+    data = request.get_data(cache=False)
+    if mimetype in _SNIFFED_TYPES:
+        fmt = formats.sniff(data)
+        if fmt is None or not fmt.image:
+            raise _unsupported_media_type(mimetype)
+    image = ImageInput(data, name="", content_type=request.content_type or "")
+    return _infer_request(model, (image,), {})
+
+
+def multipart_request(model: str) -> InferRequest:
+    """Every file part as one image, in index order when all names are indices."""
+    if request.mimetype != "multipart/form-data":
+        raise GatewayError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"this route takes multipart/form-data, one image per file part, not "
+            f"{request.mimetype or 'a body without Content-Type'}",
+        )
+    parts = _read_parts()
+    files = [p for p in parts if p.filename is not None]
+    fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
+    if not files:
+        raise GatewayError(
+            ErrorCode.NO_IMAGES, "the multipart body has no file part; send each image as a file"
+        )
+    if all(_INDEX.match(p.name) for p in files):
+        files.sort(key=lambda p: int(p.name))
+    images = tuple(ImageInput(p.data, p.name, p.content_type) for p in files)
+    return _infer_request(model, images, fields)
+
+
+def _infer_request(
+    model: str, images: tuple[ImageInput, ...], form_fields: dict[str, str]
+) -> InferRequest:
+    params: dict[str, Any] = {k: v for k, v in request.args.items() if k not in RESERVED_QUERY}
+    params.update(form_fields)
+    color_mode = params.pop("color_mode", None) or request.args.get("color_mode", "color")
+    try:
+        mode = ColorMode(color_mode)
+    except ValueError:
+        raise GatewayError(
+            ErrorCode.INVALID_REQUEST,
+            f"color_mode {color_mode!r} is not one of: {', '.join(m.value for m in ColorMode)}",
+        ) from None
+    return InferRequest(
+        model=model,
+        images=images,
+        parameters=params,
+        color_mode=mode,
+        request_id=request_id(),
+        deadline=None,
+    )
+
+
+def _read_parts() -> list[Part]:
+    boundary = request.mimetype_params.get("boundary")
+    if not boundary:
+        raise GatewayError(
+            ErrorCode.MALFORMED_MULTIPART, "the multipart Content-Type has no boundary"
+        )
+    decoder = MultipartDecoder(boundary.encode("latin-1"))
+    parts: list[Part] = []
+    current: Field | File | None = None
+    chunks: list[bytes] = []
+    ended = False
+    stream = request.stream
+    while not ended:
+        data = stream.read(_CHUNK)
+        decoder.receive_data(data or None)
+        try:
+            event = decoder.next_event()
+            while not isinstance(event, NeedData):
+                if isinstance(event, (Field, File)):
+                    current, chunks = event, []
+                elif isinstance(event, Data) and current is not None:
+                    chunks.append(event.data)
+                    if not event.more_data:
+                        parts.append(_part(current, chunks))
+                        current = None
+                elif isinstance(event, Epilogue):
+                    ended = True
+                    break
+                event = decoder.next_event()
+        except ValueError as exc:
+            raise GatewayError(
+                ErrorCode.MALFORMED_MULTIPART, f"bad multipart body: {exc}"
+            ) from None
+        if not data and not ended:
+            raise GatewayError(
+                ErrorCode.MALFORMED_MULTIPART,
+                "the multipart body ended before its closing boundary",
+            )
+    return parts
+
+
+def _part(event: Field | File, chunks: list[bytes]) -> Part:
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    filename = event.filename if isinstance(event, File) else None
+    return Part(event.name, filename, event.headers.get("content-type", ""), data)
+
+
+def _unsupported_media_type(mimetype: str) -> GatewayError:
+    sent = f"Content-Type {mimetype}" if mimetype else "no Content-Type"
+    return GatewayError(
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+        f"the body ({sent}) is not an image; send one image with "
+        "Content-Type: application/octet-stream (or image/*), or several as multipart/form-data",
+    )

@@ -1,0 +1,49 @@
+"""Core results -> JSON bodies. The shapes mirror the protobuf messages field for field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.core.types import InferResponse, ItemResult, ModelInfo
+
+
+def result_json(result: ItemResult) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": result.name}
+    if result.info is not None:
+        info = result.info
+        body["info"] = {
+            "width": info.width,
+            "height": info.height,
+            "channels": info.channels,
+            "format": info.format,
+        }
+    if result.error is not None:
+        body["error"] = {"code": result.error.code, "message": result.error.message}
+    else:
+        body["output"] = result.output
+    return body
+
+
+def infer_json(response: InferResponse) -> dict[str, Any]:
+    (result,) = response.results
+    return {
+        "model": response.model,
+        "request_id": response.request_id,
+        "result": result_json(result),
+    }
+
+
+def batch_json(response: InferResponse) -> dict[str, Any]:
+    return {
+        "model": response.model,
+        "request_id": response.request_id,
+        "results": [result_json(r) for r in response.results],
+    }
+
+
+def model_json(info: ModelInfo) -> dict[str, Any]:
+    return {"name": info.name, "description": info.description, "is_default": info.is_default}
+
+
+def error_json(code: str, message: str, request_id: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}

@@ -1,0 +1,55 @@
+"""HTTP routes. Each one reads the request (rest.requests), calls the core, writes JSON."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from gateway.core.dataplane import DataPlane
+from gateway.rest import requests as http_requests
+from gateway.rest.errors import PartError
+from gateway.rest.responses import batch_json, infer_json, model_json
+
+v1 = Blueprint("v1", __name__, url_prefix="/v1")
+# The routes a plain Flask server doing `jsonify(img.shape)` offers, on the default model, so its
+# clients switch to the gateway without changing a line.
+minimal = Blueprint("minimal", __name__)
+
+DATAPLANE_KEY = "image_gateway.dataplane"
+
+
+def dataplane() -> DataPlane:
+    plane: DataPlane = current_app.extensions[DATAPLANE_KEY]
+    return plane
+
+
+@v1.get("/models")
+def list_models() -> Response:
+    return jsonify({"models": [model_json(m) for m in dataplane().list_models()]})
+
+
+@v1.get("/models/<model>")
+def get_model(model: str) -> Response:
+    return jsonify(model_json(dataplane().get_model(model)))
+
+
+@v1.post("/infer", defaults={"model": ""})
+@v1.post("/models/<model>/infer")
+def infer(model: str) -> Response:
+    if http_requests.is_multipart():
+        return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
+    return jsonify(infer_json(dataplane().infer_one(http_requests.single_image_request(model))))
+
+
+@minimal.post("/")
+def infer_bare() -> Response:
+    response = dataplane().infer_one(http_requests.single_image_request(""))
+    return jsonify(response.results[0].output)
+
+
+@minimal.post("/multi")
+def infer_multi_bare() -> Response:
+    response = dataplane().infer(http_requests.multipart_request(""))
+    for result in response.results:
+        if result.error is not None:
+            raise PartError(result.name, result.error.error, result.error.message)
+    return jsonify([result.output for result in response.results])

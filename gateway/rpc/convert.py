@@ -1,0 +1,107 @@
+"""protobuf <-> core types: the only module that imports both the generated code and the core."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+from google.protobuf import json_format, struct_pb2
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from gateway.core.types import (
+    ColorMode,
+    ImageInput,
+    InferRequest,
+    InferResponse,
+    ItemResult,
+    ModelInfo,
+)
+
+_COLOR_MODES: dict[int, ColorMode] = {
+    pb.COLOR_MODE_UNSPECIFIED: ColorMode.COLOR,
+    pb.COLOR_MODE_COLOR: ColorMode.COLOR,
+    pb.COLOR_MODE_GRAYSCALE: ColorMode.GRAYSCALE,
+    pb.COLOR_MODE_UNCHANGED: ColorMode.UNCHANGED,
+}
+
+SingleRequest = Union[pb.InferRequest, pb.InferStreamRequest]
+
+
+def _image(image: pb.Image) -> ImageInput:
+    return ImageInput(image.data, image.name, image.content_type)
+
+
+def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(struct) if struct.fields else {}
+
+
+def _color_mode(value: int) -> ColorMode:
+    # An enum value newer than this server reads as the default rather than failing the call.
+    return _COLOR_MODES.get(value, ColorMode.COLOR)
+
+
+def single_request(msg: SingleRequest, request_id: str, deadline: float | None) -> InferRequest:
+    return InferRequest(
+        model=msg.model,
+        images=(_image(msg.image),),
+        parameters=_parameters(msg.parameters),
+        color_mode=_color_mode(msg.color_mode),
+        request_id=request_id,
+        deadline=deadline,
+    )
+
+
+def batch_request(
+    msg: pb.InferBatchRequest, request_id: str, deadline: float | None
+) -> InferRequest:
+    return InferRequest(
+        model=msg.model,
+        images=tuple(_image(i) for i in msg.images),
+        parameters=_parameters(msg.parameters),
+        color_mode=_color_mode(msg.color_mode),
+        request_id=request_id,
+        deadline=deadline,
+    )
+
+
+def image_result(result: ItemResult) -> pb.ImageResult:
+    out = pb.ImageResult(name=result.name)
+    if result.info is not None:
+        out.info.CopyFrom(
+            pb.ImageInfo(
+                width=result.info.width,
+                height=result.info.height,
+                channels=result.info.channels,
+                format=result.info.format,
+            )
+        )
+    if result.error is not None:
+        out.error.CopyFrom(pb.Error(code=result.error.code, message=result.error.message))
+    else:
+        json_format.ParseDict(result.output, out.output)
+    return out
+
+
+def infer_response(response: InferResponse) -> pb.InferResponse:
+    (result,) = response.results
+    return pb.InferResponse(
+        model=response.model, request_id=response.request_id, result=image_result(result)
+    )
+
+
+def stream_response(response: InferResponse) -> pb.InferStreamResponse:
+    (result,) = response.results
+    return pb.InferStreamResponse(
+        model=response.model, request_id=response.request_id, result=image_result(result)
+    )
+
+
+def batch_response(response: InferResponse) -> pb.InferBatchResponse:
+    return pb.InferBatchResponse(
+        model=response.model,
+        request_id=response.request_id,
+        results=[image_result(r) for r in response.results],
+    )
+
+
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(name=info.name, description=info.description, is_default=info.is_default)

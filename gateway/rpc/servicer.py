@@ -1,0 +1,121 @@
+"""The gRPC servicer: each method converts, calls the core, converts back."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import NoReturn, TypeVar
+
+import grpc
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.core.dataplane import DataPlane, new_request_id
+from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.types import InferResponse, ItemError, ItemResult
+from gateway.rpc import convert
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+ERROR_CODE_KEY = "error-code"
+
+Self = TypeVar("Self")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    given = dict(context.invocation_metadata()).get(REQUEST_ID_KEY)
+    return new_request_id(given if isinstance(given, str) else None)
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _abort(
+    context: grpc.ServicerContext, error: ErrorCode, message: str, request_id: str
+) -> NoReturn:
+    context.set_trailing_metadata(((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id)))
+    context.abort(grpc.StatusCode[error.grpc_status], message)
+    raise AssertionError("context.abort returned")  # it raises; this keeps type checkers honest
+
+
+def unary(
+    method: Callable[[Self, Req, grpc.ServicerContext, str], Resp],
+) -> Callable[[Self, Req, grpc.ServicerContext], Resp]:
+    """Give a unary method its request id and turn GatewayError into a status from the table."""
+
+    @functools.wraps(method)
+    def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
+        request_id = _request_id(context)
+        try:
+            response = method(self, request, context, request_id)
+        except GatewayError as exc:
+            _abort(context, exc.error, exc.message, request_id)
+        except Exception:
+            log.exception("unhandled error, request id %s", request_id)
+            _abort(
+                context,
+                ErrorCode.INTERNAL,
+                f"internal error (request id {request_id}); the server log has the details",
+                request_id,
+            )
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        return response
+
+    return wrapper
+
+
+# The generated servicer base has no type stubs.
+class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    @unary
+    def Infer(
+        self, request: pb.InferRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.InferResponse:
+        core = convert.single_request(request, request_id, _deadline(context))
+        return convert.infer_response(self.dataplane.infer_one(core))
+
+    @unary
+    def InferBatch(
+        self, request: pb.InferBatchRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.InferBatchResponse:
+        core = convert.batch_request(request, request_id, _deadline(context))
+        return convert.batch_response(self.dataplane.infer(core))
+
+    def InferStream(
+        self, request_iterator: Iterator[pb.InferStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.InferStreamResponse]:
+        stream_id = _request_id(context)
+        for index, request in enumerate(request_iterator):
+            # Each message is its own request: its failure is its own response, and the stream
+            # goes on.
+            request_id = request.request_id or f"{stream_id}-{index}"
+            core = convert.single_request(request, request_id, _deadline(context))
+            try:
+                response = self.dataplane.infer(core)
+            except GatewayError as exc:
+                failed = ItemResult(request.image.name, error=ItemError(exc.error, exc.message))
+                response = InferResponse(request.model, request_id, (failed,))
+            yield convert.stream_response(response)
+
+    @unary
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[convert.model_info(m) for m in self.dataplane.list_models()]
+        )
+
+    @unary
+    def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.GetModelResponse:
+        return pb.GetModelResponse(model=convert.model_info(self.dataplane.get_model(request.name)))

@@ -1,0 +1,121 @@
+"""Process entry point: `image-gateway serve` builds the core once and serves it over HTTP and
+gRPC from one process until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from cheroot import wsgi
+
+from gateway import config
+from gateway.config import Settings
+from gateway.core.dataplane import DataPlane
+from gateway.models.registry import ModelRegistry
+from gateway.rest.app import create_app
+from gateway.rest.server import build_http_server
+from gateway.rpc.server import build_grpc_server
+
+log = logging.getLogger("gateway")
+
+
+@dataclass
+class Gateway:
+    """Both servers, bound and running."""
+
+    settings: Settings
+    http: wsgi.Server
+    grpc: grpc.Server
+    http_port: int
+    grpc_port: int
+    _http_thread: threading.Thread
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_url_host(self.settings.host)}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{_url_host(self.settings.host)}:{self.grpc_port}"
+
+    def stop(self) -> None:
+        grace = self.settings.shutdown_grace
+        grpc_done = self.grpc.stop(grace)
+        # cheroot stops accepting, then waits up to its shutdown_timeout for busy threads.
+        self.http.stop()
+        self._http_thread.join(grace)
+        grpc_done.wait(grace)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def start(settings: Settings, registry: ModelRegistry | None = None) -> Gateway:
+    """Start both servers on their ports (0 picks free ones) and return once they accept."""
+    dataplane = DataPlane(registry or ModelRegistry.from_specs(list(settings.model)))
+    grpc_server, grpc_port = build_grpc_server(settings, dataplane)
+    http_server, http_port = build_http_server(
+        create_app(settings, dataplane), settings.host, settings.http_port, settings.http_threads
+    )
+    grpc_server.start()
+    thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)
+    thread.start()
+    return Gateway(settings, http_server, grpc_server, http_port, grpc_port, thread)
+
+
+def serve(settings: Settings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    stopping = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+    try:
+        gateway = start(settings)
+    except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    names = ",".join(settings.model)
+    log.info(
+        "image-gateway ready: http=%s grpc=%s models=%s pid=%d",
+        gateway.http_url,
+        gateway.grpc_target,
+        names,
+        os.getpid(),
+    )
+    stopping.wait()
+    gateway.stop()
+    log.info("image-gateway stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="image-gateway", description="Image inference gateway over HTTP and gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve models over HTTP and gRPC")
+    config.add_arguments(serve_parser)
+    args = parser.parse_args(argv)
+    settings = config.from_namespace(args, os.environ, serve_parser)
+    return serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

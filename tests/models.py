@@ -1,0 +1,63 @@
+"""Models used only by the tests, loaded by the gateway as "tests.models:<factory>"."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class FailingModel:
+    """Raises on every call, as a buggy user model would."""
+
+    name = "failing"
+    description = "raises on every call"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        raise RuntimeError("model bug")
+
+
+class SlowModel:
+    """Sleeps params["seconds"] before answering; for deadlines."""
+
+    name = "slow"
+    description = "sleeps, then answers the shape"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        time.sleep(float(params.get("seconds", 1.0)))
+        return [list(i.shape) for i in images]
+
+
+class SpyModel:
+    """Records every batch it receives: the list length, each array's shape, dtype and checksum."""
+
+    name = "spy"
+    description = "records what it sees"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        seen = [(i.shape, str(i.dtype), int(i.astype(np.uint64).sum())) for i in images]
+        with self.lock:
+            self.calls.append({"batch": len(images), "images": seen, "params": dict(params)})
+        return [{"checksum": s[2]} for s in seen]
+
+
+SPY = SpyModel()
+
+
+def failing() -> FailingModel:
+    return FailingModel()
+
+
+def slow() -> SlowModel:
+    return SlowModel()
+
+
+def spy() -> SpyModel:
+    return SPY
