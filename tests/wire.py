@@ -22,10 +22,10 @@ def post_octet(http_url: str, model: str, data: bytes, **kw: Any) -> requests.Re
     )
 
 
-def post_multipart(
-    http_url: str, model: str, images: list[bytes], **kw: Any
-) -> requests.Response:
-    files = {str(i): (f"{i}.img", data, "application/octet-stream") for i, data in enumerate(images)}
+def post_multipart(http_url: str, model: str, images: list[bytes], **kw: Any) -> requests.Response:
+    files = {
+        str(i): (f"{i}.img", data, "application/octet-stream") for i, data in enumerate(images)
+    }
     return requests.post(f"{http_url}/v1/models/{model}/infer", files=files, timeout=30, **kw)
 
 

@@ -22,7 +22,10 @@ def load_model(spec: str) -> Model:
             f"unknown model {spec!r}: use a built-in ({', '.join(BUILTINS)}) "
             "or package.module:factory"
         )
-    factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
+    try:
+        factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load model {spec!r}: {exc}") from exc
     model = factory()
     if not isinstance(model, Model):
         raise TypeError(f"{spec!r} returned {type(model).__name__}, which has no name/predict")

@@ -61,7 +61,7 @@ def single_image_request(model: str) -> InferRequest:
     declared_image = mimetype == "application/octet-stream" or mimetype.startswith("image/")
     if not declared_image and mimetype not in _SNIFFED_TYPES:
         raise _unsupported_media_type(mimetype)
-    data = request.get_data(cache=False)
+    data = _read_body()
     if mimetype in _SNIFFED_TYPES:
         fmt = formats.sniff(data)
         if fmt is None or not fmt.image:
@@ -112,6 +112,18 @@ def _infer_request(
         request_id=request_id(),
         deadline=None,
     )
+
+
+def _read_body() -> bytes:
+    if request.content_length is not None:
+        # Werkzeug has already refused a Content-Length over the cap, before reading.
+        return request.get_data(cache=False)
+    # A chunked body: Werkzeug's stream stops quietly at the cap and raises 413 only on the
+    # next read, so read until it ends or raises (get_data() would return the body truncated).
+    chunks = []
+    while chunk := request.stream.read(_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _read_parts() -> list[Part]:

@@ -1,0 +1,112 @@
+"""GatewayClient gives the same result objects over grpc:// and http://."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+from clients.client import GatewayClient
+from clients.results import GatewayClientError, ImageInfo, ImageResult
+from gateway.serve import Gateway
+from tests.conftest import DATA, IMAGES
+
+JPEG_PATH = DATA / "images" / "rocket.jpg"
+
+
+@pytest.fixture(scope="module")
+def clients(gateway: Gateway) -> Iterator[dict[str, GatewayClient]]:
+    both = {
+        "http": GatewayClient(gateway.http_url),
+        "grpc": GatewayClient(f"grpc://{gateway.grpc_target}"),
+    }
+    yield both
+    for c in both.values():
+        c.close()
+
+
+def test_path_bytes_and_array_inputs(clients: dict[str, GatewayClient]) -> None:
+    array = np.zeros((30, 40, 3), np.uint8)
+    for client in clients.values():
+        assert client.infer(JPEG_PATH) == ImageResult(
+            "", ImageInfo(640, 427, 3, "jpeg"), [427, 640, 3]
+        )
+        assert client.infer(str(JPEG_PATH)).output == [427, 640, 3]
+        assert client.infer(JPEG_PATH.read_bytes()).output == [427, 640, 3]
+        assert client.infer(array).output == [30, 40, 3]
+        gray = client.infer(array[:, :, 0], color_mode="unchanged")
+        assert gray.output == [30, 40]
+        assert gray.info == ImageInfo(40, 30, 1, "png")
+
+
+def test_same_results_over_both_protocols(clients: dict[str, GatewayClient]) -> None:
+    results = {
+        name: client.infer_batch([*IMAGES, b"junk"], model="spy")
+        for name, client in clients.items()
+    }
+    assert results["http"] == results["grpc"]
+    assert results["http"][-1].error is not None
+    assert results["http"][-1].error.code == "undecodable_image"
+    assert all(r.ok for r in results["http"][:-1])
+
+
+@pytest.mark.parametrize("mode", ["color", "grayscale", "unchanged"])
+def test_color_modes(clients: dict[str, GatewayClient], mode: str) -> None:
+    rgba = DATA / "images" / "horse_rgba.png"
+    expected = {"color": [328, 400, 3], "grayscale": [328, 400], "unchanged": [328, 400, 4]}
+    for client in clients.values():
+        assert client.infer(rgba, color_mode=mode).output == expected[mode]
+
+
+def test_errors_raise_with_the_stable_code(clients: dict[str, GatewayClient]) -> None:
+    statuses = {}
+    for name, client in clients.items():
+        with pytest.raises(GatewayClientError) as info:
+            client.infer(b"junk")
+        assert info.value.code == "undecodable_image"
+        assert info.value.request_id
+        statuses[name] = info.value.status
+        with pytest.raises(GatewayClientError) as info:
+            client.infer(JPEG_PATH, model="nope")
+        assert info.value.code == "model_not_found"
+    assert statuses == {"http": "422", "grpc": "INVALID_ARGUMENT"}
+
+
+def test_a_20_mb_photo_over_both_protocols(clients: dict[str, GatewayClient]) -> None:
+    # Noise does not compress: this PNG is about 20 MB, five times gRPC's default 4 MB limit.
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(2600, 2600, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", noise, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok and png.nbytes > 20_000_000
+    for client in clients.values():
+        assert client.infer(png.tobytes()).output == [2600, 2600, 3]
+
+
+def test_models_listed_alike(clients: dict[str, GatewayClient]) -> None:
+    http, grpc_ = (c.list_models() for c in clients.values())
+    assert http == grpc_
+    assert http[0].name == "shape" and http[0].is_default
+
+
+def test_request_id_round_trip(gateway: Gateway) -> None:
+    resp = requests.post(
+        f"{gateway.http_url}/v1/infer",
+        data=JPEG_PATH.read_bytes(),
+        headers={"Content-Type": "image/jpeg", "X-Request-ID": "abc-1"},
+        timeout=10,
+    )
+    assert resp.headers["X-Request-ID"] == "abc-1"
+    assert resp.json()["request_id"] == "abc-1"
+    assert resp.json()["model"] == "shape"
+    fresh = requests.post(
+        f"{gateway.http_url}/v1/infer", data=JPEG_PATH.read_bytes(), timeout=10
+    ).headers["X-Request-ID"]
+    assert len(fresh) == 32
+
+
+def test_bad_url_scheme() -> None:
+    with pytest.raises(ValueError):
+        GatewayClient("ftp://127.0.0.1:1")

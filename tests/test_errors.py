@@ -1,0 +1,258 @@
+"""Bad input gets its stable code over both protocols, from one table; the server goes on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import requests
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.config import Settings
+from gateway.core.errors import ErrorCode
+from gateway.serve import Gateway, start
+from tests.conftest import DATA
+from tests.wire import grpc_code, grpc_result, post_multipart, post_octet
+
+JPEG = (DATA / "images" / "rocket.jpg").read_bytes()
+PNG = (DATA / "images" / "hopper.png").read_bytes()
+
+BAD_IMAGES = {
+    "garbage": (b"this is not an image at all", ErrorCode.UNDECODABLE_IMAGE),
+    "random bytes": (bytes(range(256)) * 8, ErrorCode.UNDECODABLE_IMAGE),
+    "empty": (b"", ErrorCode.EMPTY_IMAGE),
+    "truncated jpeg": (JPEG[: len(JPEG) // 3], ErrorCode.UNDECODABLE_IMAGE),
+    "png signature then junk": (PNG[:8] + b"\x00" * 100, ErrorCode.UNDECODABLE_IMAGE),
+    "heic": ((DATA / "unsupported" / "hopper.heic").read_bytes(), ErrorCode.UNSUPPORTED_FORMAT),
+    "svg": ((DATA / "unsupported" / "sdl_sample.svg").read_bytes(), ErrorCode.UNSUPPORTED_FORMAT),
+    "jpeg xl": (
+        (DATA / "unsupported" / "sdl_sample.jxl").read_bytes(),
+        ErrorCode.UNSUPPORTED_FORMAT,
+    ),
+    "pdf": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n", ErrorCode.UNSUPPORTED_FORMAT),
+    "zip": (b"PK\x03\x04" + b"\x00" * 60, ErrorCode.UNSUPPORTED_FORMAT),
+}
+
+
+def assert_still_serving(http_url: str, stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    assert post_octet(http_url, "shape", JPEG).json()["result"]["output"] == [427, 640, 3]
+    reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=10)
+    assert grpc_result(reply.result)["output"] == [128, 128, 3]
+
+
+def test_the_table_has_one_row_per_code() -> None:
+    codes = [e.code for e in ErrorCode]
+    assert len(codes) == len(set(codes))
+    for e in ErrorCode:
+        assert 400 <= e.http_status < 600
+        assert e.grpc_status in grpc.StatusCode.__members__
+
+
+def test_garbage_is_undecodable_on_both_protocols(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    resp = post_octet(http_url, "shape", b"garbage body")
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "undecodable_image"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(image=pb.Image(data=b"garbage body")), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "undecodable_image")
+    assert_still_serving(http_url, stub)
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_image_gets_its_code_over_http_and_grpc(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub, case: str
+) -> None:
+    data, error = BAD_IMAGES[case]
+    resp = post_octet(http_url, "shape", data)
+    assert resp.status_code == error.http_status
+    body = resp.json()["error"]
+    assert body["code"] == error.code
+    assert body["request_id"] == resp.headers["X-Request-ID"]
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(image=pb.Image(data=data)), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode[error.grpc_status], error.code)
+    assert info.value.details() == body["message"]
+
+    assert_still_serving(http_url, stub)
+
+
+def test_unsupported_format_names_the_detected_type(http_url: str) -> None:
+    data, _ = BAD_IMAGES["heic"]
+    assert "heic" in post_octet(http_url, "shape", data).json()["error"]["message"]
+
+
+def test_one_bad_image_fails_only_its_item(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    images = [JPEG, b"garbage", PNG]
+    http = post_multipart(http_url, "shape", images)
+    assert http.status_code == 200
+    results = http.json()["results"]
+    assert [r.get("output") for r in results] == [[427, 640, 3], None, [128, 128, 3]]
+    assert results[1]["error"]["code"] == "undecodable_image"
+
+    request = pb.InferBatchRequest(
+        model="shape", images=[pb.Image(data=d, name=str(i)) for i, d in enumerate(images)]
+    )
+    batch = [grpc_result(r) for r in stub.InferBatch(request, timeout=10).results]
+    assert batch == results
+
+    stream = stub.InferStream(
+        iter(
+            [
+                pb.InferStreamRequest(model="shape", image=pb.Image(data=d, name=str(i)))
+                for i, d in enumerate(images)
+            ]
+        ),
+        timeout=10,
+    )
+    assert [grpc_result(r.result) for r in stream] == results
+
+
+def test_stream_goes_on_after_an_unknown_model(stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    requests_ = [
+        pb.InferStreamRequest(model="nope", image=pb.Image(data=PNG)),
+        pb.InferStreamRequest(model="shape", image=pb.Image(data=PNG)),
+    ]
+    first, second = stub.InferStream(iter(requests_), timeout=10)
+    assert first.result.error.code == "model_not_found"
+    assert grpc_result(second.result)["output"] == [128, 128, 3]
+
+
+def test_unknown_model(http_url: str, stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    resp = post_octet(http_url, "nope", JPEG)
+    assert resp.status_code == 404
+    assert resp.json()["error"]["code"] == "model_not_found"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(model="nope", image=pb.Image(data=JPEG)), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.NOT_FOUND, "model_not_found")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModel(pb.GetModelRequest(name="nope"), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.NOT_FOUND, "model_not_found")
+
+
+def test_model_that_raises_gives_500_with_request_id_and_next_call_works(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    resp = post_octet(http_url, "failing", JPEG, headers={"X-Request-ID": "trace-123"})
+    assert resp.status_code == 500
+    error = resp.json()["error"]
+    assert error["code"] == "model_error"
+    assert error["request_id"] == "trace-123"
+    assert "trace-123" in error["message"]
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(
+            pb.InferRequest(model="failing", image=pb.Image(data=JPEG)),
+            metadata=[("x-request-id", "trace-456")],
+            timeout=10,
+        )
+    assert grpc_code(info.value) == (grpc.StatusCode.INTERNAL, "model_error")
+    assert "trace-456" in info.value.details()
+    assert dict(info.value.trailing_metadata())["x-request-id"] == "trace-456"
+    assert_still_serving(http_url, stub)
+
+
+def test_grpc_deadline_is_honoured(stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    request = pb.InferRequest(model="slow", image=pb.Image(data=PNG))
+    request.parameters.update({"seconds": 2})
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(request, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/nowhere", 404, "not_found"),
+        ("GET", "/multi", 405, "method_not_allowed"),
+        ("DELETE", "/v1/models/shape/infer", 405, "method_not_allowed"),
+        ("GET", "/v1/models/nope", 404, "model_not_found"),
+    ],
+)
+def test_http_routing_errors_are_json(
+    http_url: str, method: str, path: str, status: int, code: str
+) -> None:
+    resp = requests.request(method, f"{http_url}{path}", timeout=10)
+    assert resp.status_code == status
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.json()["error"]["code"] == code
+    if status == 405:
+        assert "POST" in resp.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "code"),
+    [
+        ("application/json", b'{"image": "..."}', 415, "unsupported_media_type"),
+        ("text/plain", JPEG, 415, "unsupported_media_type"),
+        ("multipart/form-data", b"--x\r\n", 400, "malformed_multipart"),
+        (
+            "multipart/form-data; boundary=x",
+            b'--x\r\nContent-Disposition: form-data; name="0"; filename="a"\r\n\r\nabc',
+            400,
+            "malformed_multipart",
+        ),
+    ],
+)
+def test_http_bodies_that_are_not_images(
+    http_url: str, content_type: str, body: bytes, status: int, code: str
+) -> None:
+    resp = requests.post(
+        f"{http_url}/v1/models/shape/infer",
+        data=body,
+        headers={"Content-Type": content_type},
+        timeout=10,
+    )
+    assert resp.status_code == status
+    assert resp.json()["error"]["code"] == code
+
+
+def test_multipart_without_file_parts(http_url: str) -> None:
+    # A (None, text) tuple makes requests send a text part: multipart, but no file.
+    resp = requests.post(f"{http_url}/multi", files={"note": (None, "just text")}, timeout=10)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "no_images"
+
+
+def test_invalid_color_mode(http_url: str) -> None:
+    resp = post_octet(http_url, "shape", JPEG, params={"color_mode": "sepia"})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.fixture(scope="module")
+def small_gateway() -> Iterator[Gateway]:
+    gw = start(Settings(http_port=0, grpc_port=0, max_request_bytes=256 * 1024))
+    yield gw
+    gw.stop()
+
+
+def test_request_size_cap_on_both_protocols(small_gateway: Gateway) -> None:
+    big = b"\xff\xd8\xff" + b"\x00" * (300 * 1024)
+    resp = post_octet(small_gateway.http_url, "shape", big)
+    assert resp.status_code == 413
+    assert resp.json()["error"]["code"] == "payload_too_large"
+
+    chunked = requests.post(
+        f"{small_gateway.http_url}/v1/models/shape/infer",
+        data=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=10,
+    )
+    assert chunked.status_code == 413
+    assert chunked.json()["error"]["code"] == "payload_too_large"
+
+    with grpc.insecure_channel(small_gateway.grpc_target) as channel:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(pb.InferRequest(image=pb.Image(data=big)), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ok = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=10)
+        assert grpc_result(ok.result)["output"] == [128, 128, 3]
+    assert post_octet(small_gateway.http_url, "shape", JPEG).status_code == 200

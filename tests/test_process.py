@@ -1,0 +1,165 @@
+"""The installed commands as a user runs them: `image-gateway serve` and `image-gateway-client`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import DATA
+
+BIN = Path(sys.executable).parent
+READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) models=(\S+)")
+FILES = [str(DATA / "images" / "rocket.jpg"), str(DATA / "images" / "hopper.png")]
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    http_url: str
+    grpc_target: str
+    models: str
+
+
+def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Served:
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway"), "serve", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env={**os.environ, **(env or {})},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        match = READY.search(log.read_text())
+        if match:
+            return Served(proc, log, *match.groups())
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"server did not start:\n{log.read_text()}")
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    s = launch(
+        tmp_path,
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        env={"IMAGE_GATEWAY_MODEL": "shape,qrcode"},
+    )
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "image-gateway-client"), *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_prints_the_same_json_over_both_protocols(served: Served) -> None:
+    assert served.models == "shape,qrcode"
+    outputs = {}
+    for url in (served.http_url, f"grpc://{served.grpc_target}"):
+        done = cli("infer", *FILES, "--url", url)
+        assert done.returncode == 0, done.stderr
+        outputs[url] = done.stdout
+    http, grpc_ = outputs.values()
+    assert http == grpc_
+    rows = json.loads(http)
+    assert [r["output"] for r in rows] == [[427, 640, 3], [128, 128, 3]]
+    assert [r["file"] for r in rows] == FILES
+
+    for url in (served.http_url, f"grpc://{served.grpc_target}"):
+        done = cli("infer", FILES[1], "--model", "qrcode", "--url", url)
+        assert json.loads(done.stdout)[0]["output"] == []
+
+
+def test_cli_reports_a_bad_file_and_exits_nonzero(served: Served, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not really a jpeg")
+    for url in (served.http_url, f"grpc://{served.grpc_target}"):
+        done = cli("infer", FILES[0], str(junk), "--url", url)
+        assert done.returncode == 1
+        rows = json.loads(done.stdout)
+        assert rows[0]["output"] == [427, 640, 3]
+        assert rows[1]["error"]["code"] == "undecodable_image"
+
+
+def test_cli_lists_models(served: Served) -> None:
+    done = cli("models", "--url", f"grpc://{served.grpc_target}")
+    assert [m["name"] for m in json.loads(done.stdout)] == ["shape", "qrcode"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_clean_exit_on_signal(served: Served, sig: signal.Signals) -> None:
+    assert requests.get(f"{served.http_url}/v1/models", timeout=10).status_code == 200
+    served.proc.send_signal(sig)
+    assert served.proc.wait(timeout=30) == 0
+    assert "stopped" in served.log.read_text()
+
+
+def test_flags_win_over_environment(tmp_path: Path) -> None:
+    s = launch(
+        tmp_path,
+        "--http-port",
+        "0",
+        "--model",
+        "qrcode",
+        env={"IMAGE_GATEWAY_GRPC_PORT": "0", "IMAGE_GATEWAY_MODEL": "shape"},
+    )
+    try:
+        assert s.models == "qrcode"
+        models = requests.get(f"{s.http_url}/v1/models", timeout=10).json()["models"]
+        assert [m["name"] for m in models] == ["qrcode"]
+        assert s.http_url.startswith("http://127.0.0.1:")
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
+def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"],
+        env={**os.environ, "IMAGE_GATEWAY_MAX_REQUEST_BYTES": "1M"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "IMAGE_GATEWAY_MAX_REQUEST_BYTES" in done.stderr
+
+    done = subprocess.run(
+        [
+            str(BIN / "image-gateway"),
+            "serve",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--model",
+            "no.such.module:factory",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "no.such" in done.stderr
