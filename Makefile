@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF := npx --yes @bufbuild/buf@1.75.0
 ARGS ?=
 
-.PHONY: install serve test proto lint format clean
+.PHONY: install serve test proto lint format clean soak
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,6 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py $(ARGS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -25,8 +26,17 @@ class Settings:
     # One cap for both fronts: an HTTP body, and a gRPC message in either direction. gRPC's own
     # default is 4 MiB, too small for a single phone photo.
     max_request_bytes: int = 64 * MiB
-    http_threads: int = 8
-    grpc_threads: int = 8
+    max_images: int = 64
+    max_parts: int = 128
+    max_image_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000
+    request_timeout: float = 30.0
+    # Requests decoding and running the model at once (decoding is CPU-bound: about 2 per core),
+    # and requests allowed to wait for one of those slots before the answer is 503.
+    max_concurrency: int = 4
+    max_queue: int = 32
+    http_threads: int = 16
+    grpc_threads: int = 16
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
 
@@ -38,6 +48,13 @@ _HELP = {
     "model": "model to serve: a built-in (shape, qrcode) or package.module:factory; repeatable, "
     "the first is the default",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
+    "max_images": "most images in one request",
+    "max_parts": "most parts (files and text fields) in one multipart body",
+    "max_image_pixels": "most pixels in one image, read from its header before decoding",
+    "max_request_pixels": "most pixels of all images of one request together",
+    "request_timeout": "seconds one request may take, body upload and queueing included",
+    "max_concurrency": "requests decoding and running the model at once",
+    "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE",
     "http_threads": "HTTP worker threads",
     "grpc_threads": "gRPC worker threads",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
@@ -49,27 +66,56 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def _ascii_int(text: str) -> int:
+    # int() also takes "\u0663" (Arabic-Indic three), "1_000" and "+2"; configuration takes
+    # plain ASCII digits only.
+    if not re.fullmatch(r"[0-9]+", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    value = _ascii_int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is negative")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _ascii_int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = _ascii_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1")
     return value
 
 
 _TYPES: dict[str, Any] = {
     "http_port": _port,
     "grpc_port": _port,
-    "max_request_bytes": _positive_int,
-    "http_threads": _positive_int,
-    "grpc_threads": _positive_int,
-    "shutdown_grace": float,
+    "max_request_bytes": _at_least_one,
+    "max_images": _at_least_one,
+    "max_parts": _at_least_one,
+    "max_image_pixels": _at_least_one,
+    "max_request_pixels": _at_least_one,
+    "request_timeout": _positive_float,
+    "max_concurrency": _at_least_one,
+    "max_queue": _non_negative_int,
+    "http_threads": _at_least_one,
+    "grpc_threads": _at_least_one,
+    "shutdown_grace": _positive_float,
 }
 
 

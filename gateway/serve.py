@@ -17,7 +17,9 @@ from cheroot import wsgi
 
 from gateway import config
 from gateway.config import Settings
+from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
+from gateway.core.limits import Limits
 from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
 from gateway.rest.server import build_http_server
@@ -31,6 +33,7 @@ class Gateway:
     """Both servers, bound and running."""
 
     settings: Settings
+    dataplane: DataPlane
     http: wsgi.Server
     grpc: grpc.Server
     http_port: int
@@ -46,9 +49,12 @@ class Gateway:
         return f"{_url_host(self.settings.host)}:{self.grpc_port}"
 
     def stop(self) -> None:
+        """Drain: refuse new requests, let in-flight ones finish within the grace period."""
         grace = self.settings.shutdown_grace
+        self.dataplane.admission.drain()
+        # gRPC refuses new calls at once and cancels what is left after the grace period.
         grpc_done = self.grpc.stop(grace)
-        # cheroot stops accepting, then waits up to its shutdown_timeout for busy threads.
+        # cheroot closes its listener, then waits up to shutdown_timeout for busy threads.
         self.http.stop()
         self._http_thread.join(grace)
         grpc_done.wait(grace)
@@ -60,15 +66,29 @@ def _url_host(host: str) -> str:
 
 def start(settings: Settings, registry: ModelRegistry | None = None) -> Gateway:
     """Start both servers on their ports (0 picks free ones) and return once they accept."""
-    dataplane = DataPlane(registry or ModelRegistry.from_specs(list(settings.model)))
+    dataplane = DataPlane(
+        registry or ModelRegistry.from_specs(list(settings.model)),
+        Limits(
+            max_images=settings.max_images,
+            max_image_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
+            request_timeout=settings.request_timeout,
+        ),
+        Admission(settings.max_concurrency, settings.max_queue),
+    )
     grpc_server, grpc_port = build_grpc_server(settings, dataplane)
     http_server, http_port = build_http_server(
-        create_app(settings, dataplane), settings.host, settings.http_port, settings.http_threads
+        create_app(settings, dataplane),
+        settings.host,
+        settings.http_port,
+        settings.http_threads,
+        settings.request_timeout,
+        settings.shutdown_grace,
     )
     grpc_server.start()
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)
     thread.start()
-    return Gateway(settings, http_server, grpc_server, http_port, grpc_port, thread)
+    return Gateway(settings, dataplane, http_server, grpc_server, http_port, grpc_port, thread)
 
 
 def serve(settings: Settings) -> int:

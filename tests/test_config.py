@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from gateway import config
@@ -22,14 +24,37 @@ def test_every_flag_has_an_environment_variable() -> None:
         "IMAGE_GATEWAY_GRPC_PORT": "9090",
         "IMAGE_GATEWAY_MODEL": "qrcode, shape",
         "IMAGE_GATEWAY_MAX_REQUEST_BYTES": "1000",
+        "IMAGE_GATEWAY_MAX_IMAGES": "7",
+        "IMAGE_GATEWAY_MAX_PARTS": "9",
+        "IMAGE_GATEWAY_MAX_IMAGE_PIXELS": "1000000",
+        "IMAGE_GATEWAY_MAX_REQUEST_PIXELS": "2000000",
+        "IMAGE_GATEWAY_REQUEST_TIMEOUT": "2.5",
+        "IMAGE_GATEWAY_MAX_CONCURRENCY": "2",
+        "IMAGE_GATEWAY_MAX_QUEUE": "0",
         "IMAGE_GATEWAY_HTTP_THREADS": "3",
         "IMAGE_GATEWAY_GRPC_THREADS": "5",
         "IMAGE_GATEWAY_SHUTDOWN_GRACE": "1.5",
         "IMAGE_GATEWAY_LOG_LEVEL": "DEBUG",
     }
     assert config.parse([], env) == Settings(
-        "0.0.0.0", 8080, 9090, ("qrcode", "shape"), 1000, 3, 5, 1.5, "DEBUG"
+        host="0.0.0.0",
+        http_port=8080,
+        grpc_port=9090,
+        model=("qrcode", "shape"),
+        max_request_bytes=1000,
+        max_images=7,
+        max_parts=9,
+        max_image_pixels=1_000_000,
+        max_request_pixels=2_000_000,
+        request_timeout=2.5,
+        max_concurrency=2,
+        max_queue=0,
+        http_threads=3,
+        grpc_threads=5,
+        shutdown_grace=1.5,
+        log_level="DEBUG",
     )
+    assert len(env) == len(fields(Settings))
 
 
 def test_flags_win_and_model_repeats() -> None:
@@ -43,7 +68,15 @@ def test_flags_win_and_model_repeats() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("IMAGE_GATEWAY_HTTP_PORT", "70000"), ("IMAGE_GATEWAY_MAX_REQUEST_BYTES", "1e6")],
+    [
+        ("IMAGE_GATEWAY_HTTP_PORT", "70000"),
+        ("IMAGE_GATEWAY_MAX_REQUEST_BYTES", "1e6"),
+        ("IMAGE_GATEWAY_MAX_IMAGE_PIXELS", "1M"),
+        ("IMAGE_GATEWAY_MAX_IMAGE_PIXELS", "-1"),
+        ("IMAGE_GATEWAY_MAX_CONCURRENCY", "0"),
+        ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "nan"),
+        ("IMAGE_GATEWAY_HTTP_PORT", "٣"),
+    ],
 )
 def test_bad_values_are_refused(name: str, value: str) -> None:
     with pytest.raises(SystemExit):

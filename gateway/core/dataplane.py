@@ -6,10 +6,13 @@ import logging
 import time
 import uuid
 
-from gateway.core.decode import DecodedImage, decode
+from gateway.core.admission import Admission
+from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.limits import Limits
 from gateway.core.outputs import NotJSONError, to_json_value
 from gateway.core.types import (
+    Buffer,
     InferRequest,
     InferResponse,
     ItemError,
@@ -30,8 +33,20 @@ def new_request_id(given: str | None = None) -> str:
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limits: Limits | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self.registry = registry
+        self.limits = limits or Limits()
+        self.admission = admission or Admission(max_concurrency=4, max_queue=32)
+
+    def deadline(self, client_deadline: float | None = None) -> float:
+        """The request's deadline: the server's timeout, or the client's if that is sooner."""
+        ours = time.monotonic() + self.limits.request_timeout
+        return ours if client_deadline is None else min(ours, client_deadline)
 
     def model(self, name: str) -> Model:
         model = self.registry.get(name)
@@ -55,17 +70,32 @@ class DataPlane:
         model = self.model(request.model)
         if not request.images:
             raise GatewayError(ErrorCode.NO_IMAGES, "the request holds no image")
+        if len(request.images) > self.limits.max_images:
+            raise GatewayError(
+                ErrorCode.TOO_MANY_IMAGES,
+                f"the request holds {len(request.images)} images; this gateway takes at most "
+                f"{self.limits.max_images} per request",
+            )
+        # Headers first, for every image: nothing is decoded until the whole request is known
+        # to fit its pixel budget.
+        items: list[Probe | ItemError] = [self._probe(image.data) for image in request.images]
+        total = sum(p.size.pixels for p in items if isinstance(p, Probe))
+        if total > self.limits.max_request_pixels:
+            raise GatewayError(
+                ErrorCode.TOO_MANY_PIXELS,
+                f"the images of this request hold {total} pixels together; this gateway decodes "
+                f"at most {self.limits.max_request_pixels} per request",
+            )
+        with self.admission.slot(request.deadline):
+            decoded = [
+                self._decode(image.data, p, request)
+                for image, p in zip(request.images, items, strict=True)
+            ]
+            good = [d for d in decoded if isinstance(d, DecodedImage)]
+            outputs = self._predict(model, good, request) if good else []
+        # An answer after the deadline is no answer: nobody is waiting for it any more, or the
+        # HTTP client was promised a bound.
         _check_deadline(request)
-
-        decoded: list[DecodedImage | ItemError] = []
-        for image in request.images:
-            try:
-                decoded.append(decode(image.data, request.color_mode))
-            except GatewayError as exc:
-                decoded.append(ItemError(exc.error, exc.message))
-        good = [d for d in decoded if isinstance(d, DecodedImage)]
-
-        outputs = self._predict(model, good, request) if good else []
         it = iter(outputs)
         results = []
         for image, item in zip(request.images, decoded, strict=True):
@@ -74,6 +104,23 @@ class DataPlane:
             else:
                 results.append(ItemResult(image.name, info=item.info, output=next(it)))
         return InferResponse(model.name, request.request_id, tuple(results))
+
+    def _probe(self, data: Buffer) -> Probe | ItemError:
+        try:
+            return probe(data, self.limits.max_image_pixels)
+        except GatewayError as exc:
+            return ItemError(exc.error, exc.message)
+
+    def _decode(
+        self, data: Buffer, item: Probe | ItemError, request: InferRequest
+    ) -> DecodedImage | ItemError:
+        if isinstance(item, ItemError):
+            return item
+        _check_deadline(request)
+        try:
+            return decode(data, item, request.color_mode)
+        except GatewayError as exc:
+            return ItemError(exc.error, exc.message)
 
     def infer_one(self, request: InferRequest) -> InferResponse:
         """Infer on a single image; its error, if any, fails the whole call."""

@@ -7,6 +7,7 @@ from flask import Flask, Response, g, request
 from gateway.config import Settings
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
+from gateway.rest.requests import SETTINGS_KEY
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -17,10 +18,12 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[routes.DATAPLANE_KEY] = dataplane
+    app.extensions[SETTINGS_KEY] = settings
 
     @app.before_request
     def _assign_request_id() -> None:
         g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+        g.deadline = dataplane.deadline()
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:

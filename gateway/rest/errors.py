@@ -33,6 +33,9 @@ class PartError(GatewayError):
 def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
     response = jsonify(error_json(error.code, message, str(g.get("request_id", "")), **extra))
     response.status_code = error.http_status
+    if error.http_status == 503:
+        # Overload and shutdown are both short-lived here: a retry soon may well succeed.
+        response.headers["Retry-After"] = "1"
     return response
 
 

@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from flask import g, request
+from flask import current_app, g, request
 from werkzeug.sansio.multipart import (
     Data,
     Epilogue,
@@ -27,6 +28,9 @@ from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.types import ColorMode, ImageInput, InferRequest
 
 _CHUNK = 64 * 1024
+# Text parts are model parameters: small by nature.
+MAX_FIELD_BYTES = 64 * 1024
+SETTINGS_KEY = "image_gateway.settings"
 # Field names a client meant as indices: "0", "1", ... in ASCII digits, no sign, no padding.
 _INDEX = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z", re.ASCII)
 _SNIFFED_TYPES = {"", "application/x-www-form-urlencoded"}
@@ -110,8 +114,15 @@ def _infer_request(
         parameters=params,
         color_mode=mode,
         request_id=request_id(),
-        deadline=None,
+        deadline=g.deadline,
     )
+
+
+def _check_deadline() -> None:
+    if time.monotonic() > g.deadline:
+        raise GatewayError(
+            ErrorCode.REQUEST_TIMEOUT, "the request body did not arrive within the time limit"
+        )
 
 
 def _read_body() -> bytes:
@@ -123,6 +134,7 @@ def _read_body() -> bytes:
     chunks = []
     while chunk := request.stream.read(_CHUNK):
         chunks.append(chunk)
+        _check_deadline()
     return b"".join(chunks)
 
 
@@ -132,21 +144,33 @@ def _read_parts() -> list[Part]:
         raise GatewayError(
             ErrorCode.MALFORMED_MULTIPART, "the multipart Content-Type has no boundary"
         )
+    max_parts: int = current_app.extensions[SETTINGS_KEY].max_parts
     decoder = MultipartDecoder(boundary.encode("latin-1"))
     parts: list[Part] = []
+    names: set[str] = set()
     current: Field | File | None = None
     chunks: list[bytes] = []
+    size = 0
     ended = False
     stream = request.stream
     while not ended:
         data = stream.read(_CHUNK)
+        _check_deadline()
         decoder.receive_data(data or None)
         try:
             event = decoder.next_event()
             while not isinstance(event, NeedData):
                 if isinstance(event, (Field, File)):
-                    current, chunks = event, []
+                    _check_new_part(event, names, max_parts)
+                    current, chunks, size = event, [], 0
                 elif isinstance(event, Data) and current is not None:
+                    size += len(event.data)
+                    if isinstance(current, Field) and size > MAX_FIELD_BYTES:
+                        raise GatewayError(
+                            ErrorCode.PAYLOAD_TOO_LARGE,
+                            f"text field {current.name!r} is over {MAX_FIELD_BYTES} bytes; "
+                            "send images as file parts",
+                        )
                     chunks.append(event.data)
                     if not event.more_data:
                         parts.append(_part(current, chunks))
@@ -165,6 +189,20 @@ def _read_parts() -> list[Part]:
                 "the multipart body ended before its closing boundary",
             )
     return parts
+
+
+def _check_new_part(event: Field | File, names: set[str], max_parts: int) -> None:
+    if len(names) >= max_parts:
+        raise GatewayError(
+            ErrorCode.TOO_MANY_PARTS,
+            f"the multipart body has more than {max_parts} parts",
+        )
+    if event.name in names:
+        # Two parts of one name make the result names, and index order, ambiguous.
+        raise GatewayError(
+            ErrorCode.DUPLICATE_PART, f"the multipart body has two parts named {event.name!r}"
+        )
+    names.add(event.name)
 
 
 def _part(event: Field | File, chunks: list[bytes]) -> Part:

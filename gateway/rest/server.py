@@ -1,12 +1,85 @@
-"""The production WSGI server (cheroot, CherryPy's thread-pool server) for the Flask app."""
+"""The production WSGI server (cheroot, CherryPy's thread-pool server) for the Flask app.
+
+cheroot's own timeout applies to each socket read, so a client that trickles its body a byte at
+a time would hold a worker thread for ever. A watchdog closes the connection of any request still
+uploading its body past `request_timeout` (plus a margin, so that a body arriving just in time
+still gets its answer). Time spent after the upload is the core's to limit (504).
+"""
 
 from __future__ import annotations
 
-from cheroot import wsgi
+import contextlib
+import math
+import socket
+import threading
+import time
+from typing import Any
+
+from cheroot import server, wsgi
 from flask import Flask
 
 
-def build_http_server(app: Flask, host: str, port: int, threads: int) -> tuple[wsgi.Server, int]:
+class Watchdog:
+    def __init__(self, limit: float) -> None:
+        # The core answers 504 at `limit`; the cut comes a little later, for requests stuck in
+        # a read that only closing the socket can end.
+        self.limit = limit + min(5.0, limit / 2)
+        self.interval = min(0.5, limit / 4)
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[float, Any]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, req: Any) -> int:
+        key = id(req)
+        with self._lock:
+            self._active[key] = (time.monotonic() + self.limit, req)
+        return key
+
+    def release(self, key: int) -> None:
+        with self._lock:
+            self._active.pop(key, None)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            now = time.monotonic()
+            with self._lock:
+                expired = [k for k, (deadline, _) in self._active.items() if deadline < now]
+                reqs = [self._active.pop(k)[1] for k in expired]
+            for req in reqs:
+                if _still_uploading(req):
+                    with contextlib.suppress(OSError):  # the client may have closed it already
+                        req.conn.socket.shutdown(socket.SHUT_RDWR)
+
+
+def _still_uploading(req: Any) -> bool:
+    rfile = req.rfile
+    if isinstance(rfile, server.KnownLengthRFile):
+        return bool(rfile.remaining > 0)
+    if isinstance(rfile, server.ChunkedRFile):
+        return not rfile.closed
+    return False
+
+
+def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
+    class WatchedGateway(wsgi.Gateway_10):
+        def respond(self) -> Any:
+            key = watchdog.watch(self.req)
+            try:
+                return super().respond()
+            finally:
+                watchdog.release(key)
+
+    return WatchedGateway
+
+
+def build_http_server(
+    app: Flask, host: str, port: int, threads: int, request_timeout: float, shutdown_grace: float
+) -> tuple[wsgi.Server, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
     server = wsgi.Server(
         (host, port),
@@ -14,9 +87,14 @@ def build_http_server(app: Flask, host: str, port: int, threads: int) -> tuple[w
         numthreads=threads,
         server_name="image-gateway",
         request_queue_size=128,
-        # Seconds a connection may sit idle or trickle its request before it is dropped.
-        timeout=30,
-        shutdown_timeout=10,
+        # Seconds one socket read or write may block, and an idle keep-alive connection lives.
+        timeout=10,
+        shutdown_timeout=math.ceil(shutdown_grace),
+        # Connections accepted but waiting for a thread: a backstop behind the core's own queue.
+        # Past it cheroot answers 503 itself rather than queueing without end.
+        accepted_queue_size=256,
+        accepted_queue_timeout=1,
     )
+    server.gateway = _gateway_with(Watchdog(request_timeout))
     server.prepare()
     return server, int(server.bind_addr[1])

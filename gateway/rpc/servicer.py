@@ -32,7 +32,7 @@ def _request_id(context: grpc.ServicerContext) -> str:
     return new_request_id(given if isinstance(given, str) else None)
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
+def _client_deadline(context: grpc.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -80,14 +80,18 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     def Infer(
         self, request: pb.InferRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.InferResponse:
-        core = convert.single_request(request, request_id, _deadline(context))
+        core = convert.single_request(
+            request, request_id, self.dataplane.deadline(_client_deadline(context))
+        )
         return convert.infer_response(self.dataplane.infer_one(core))
 
     @unary
     def InferBatch(
         self, request: pb.InferBatchRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.InferBatchResponse:
-        core = convert.batch_request(request, request_id, _deadline(context))
+        core = convert.batch_request(
+            request, request_id, self.dataplane.deadline(_client_deadline(context))
+        )
         return convert.batch_response(self.dataplane.infer(core))
 
     def InferStream(
@@ -98,7 +102,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             # Each message is its own request: its failure is its own response, and the stream
             # goes on.
             request_id = request.request_id or f"{stream_id}-{index}"
-            core = convert.single_request(request, request_id, _deadline(context))
+            core = convert.single_request(
+                request, request_id, self.dataplane.deadline(_client_deadline(context))
+            )
             try:
                 response = self.dataplane.infer(core)
             except GatewayError as exc:

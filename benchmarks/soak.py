@@ -1,0 +1,239 @@
+"""`make soak`: a bounded soak of the gateway with valid and hostile requests, over HTTP and gRPC.
+
+Starts `image-gateway serve` on loopback ephemeral ports, then:
+1. sends every hostile case once over each protocol, timing each answer, and reads the server's
+   RSS before and after;
+2. runs DURATION seconds at CONCURRENCY (half HTTP, half gRPC), each worker mixing valid images
+   and hostile cases, checking every answer;
+3. prints requests done, wrong answers, 5xx count and the RSS before and after, and exits 1 if
+   any answer was wrong, any 5xx was seen, or RSS grew by more than 64 MiB.
+
+Loopback only; it stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc  # noqa: E402
+from tests.hostile import Case, cases  # noqa: E402
+
+READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) ")
+IMAGES = ROOT / "tests" / "data" / "images"
+MiB = 1024 * 1024
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    wrong: int = 0
+    server_errors: int = 0
+    worst_ms: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, ok: bool, status_5xx: bool, ms: float, what: str) -> None:
+        with self.lock:
+            self.done += 1
+            self.wrong += not ok
+            self.server_errors += status_5xx
+            self.worst_ms = max(self.worst_ms, ms)
+            if not ok and len(self.examples) < 10:
+                self.examples.append(what)
+
+
+def valid_cases() -> list[Case]:
+    import cv2
+    import numpy as np
+
+    out = []
+    for path in sorted(IMAGES.iterdir()):
+        data = path.read_bytes()
+        flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+        shape = list(cv2.imdecode(np.frombuffer(data, np.uint8), flags).shape)
+        out.append(Case(f"valid {path.name}", data, None, shape))
+    return out
+
+
+def call_http(session: requests.Session, url: str, case: Case) -> tuple[bool, bool, str]:
+    resp = session.post(
+        f"{url}/v1/infer",
+        data=case.data,
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    body = resp.json()
+    if case.error is None:
+        ok = resp.status_code == 200 and body["result"]["output"] == case.shape
+    else:
+        ok = (resp.status_code, body["error"]["code"]) == (case.error.http_status, case.error.code)
+    return ok, resp.status_code >= 500, f"http {case.name}: {resp.status_code} {body}"[:300]
+
+
+def call_grpc(stub: pb_grpc.ImageGatewayServiceStub, case: Case) -> tuple[bool, bool, str]:
+    try:
+        reply = stub.Infer(pb.InferRequest(image=pb.Image(data=case.data)), timeout=30)
+    except grpc.RpcError as exc:
+        code = dict(exc.trailing_metadata() or ()).get("error-code", "")
+        ok = case.error is not None and (exc.code().name, code) == (
+            case.error.grpc_status,
+            case.error.code,
+        )
+        server_side = exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+        return ok, server_side, f"grpc {case.name}: {exc.code().name} {code}"
+    output = [int(v) for v in reply.result.output.list_value.values]
+    return case.error is None and output == case.shape, False, f"grpc {case.name}: {output}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--hostile-share", type=float, default=0.3)
+    args = parser.parse_args()
+    if not 0 < args.duration <= 600 or not 0 < args.concurrency <= 256:
+        parser.error("keep the soak bounded: duration <= 600 s, concurrency <= 256")
+
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "image-gateway"),
+            "serve",
+            "--http-port=0",
+            "--grpc-port=0",
+            "--log-level=INFO",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert server.stderr is not None
+    match = None
+    for line in server.stderr:
+        match = READY.search(line)
+        if match:
+            break
+    if not match:
+        server.kill()
+        print("the gateway did not start", file=sys.stderr)
+        return 2
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    http_url, grpc_target = match.groups()
+    options = [("grpc.max_send_message_length", 64 * MiB)]
+    channel = grpc.insecure_channel(grpc_target, options=options)
+    stub = pb_grpc.ImageGatewayServiceStub(channel)
+    session = requests.Session()
+
+    valid, hostile = valid_cases(), cases()
+    # Warm up (imports, first-call allocations) before the baseline is read.
+    for case in valid:
+        call_http(session, http_url, case)
+        call_grpc(stub, case)
+    rss_start = rss(server.pid)
+
+    print(f"hostile suite: {len(hostile)} cases x 2 protocols")
+    suite = Tally()
+    slowest: list[tuple[float, str]] = []
+    for case in hostile:
+        for proto in ("http", "grpc"):
+            t0 = time.perf_counter()
+            ok, err5, what = (
+                call_http(session, http_url, case) if proto == "http" else call_grpc(stub, case)
+            )
+            ms = (time.perf_counter() - t0) * 1000
+            suite.add(ok, err5, ms, what)
+            slowest.append((ms, f"{proto} {case.name}"))
+    rss_after_suite = rss(server.pid)
+    slowest.sort(reverse=True)
+    print(f"  wrong answers: {suite.wrong}, 5xx: {suite.server_errors}")
+    print("  slowest answers: " + ", ".join(f"{n} {ms:.1f} ms" for ms, n in slowest[:3]))
+    print(
+        f"  server RSS: {rss_start / MiB:.1f} MiB before, {rss_after_suite / MiB:.1f} MiB after "
+        f"({(rss_after_suite - rss_start) / MiB:+.1f} MiB)"
+    )
+    for example in suite.examples:
+        print("  WRONG:", example)
+
+    print(f"soak: {args.duration:.0f} s at concurrency {args.concurrency} (half HTTP, half gRPC)")
+    tally = Tally()
+    stop_at = time.monotonic() + args.duration
+    peak = [rss_after_suite]
+
+    def worker(index: int) -> None:
+        rng = random.Random(index)
+        own_session = requests.Session()
+        while time.monotonic() < stop_at:
+            pool = hostile if rng.random() < args.hostile_share else valid
+            case = rng.choice(pool)
+            t0 = time.perf_counter()
+            try:
+                if index % 2:
+                    result = call_grpc(stub, case)
+                else:
+                    result = call_http(own_session, http_url, case)
+            except Exception as exc:  # a transport failure is a wrong answer, and is counted
+                result = (False, False, f"{case.name}: {exc!r}"[:300])
+            tally.add(*result[:2], (time.perf_counter() - t0) * 1000, result[2])
+
+    def sampler() -> None:
+        while time.monotonic() < stop_at:
+            peak[0] = max(peak[0], rss(server.pid))
+            time.sleep(1)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
+    threads.append(threading.Thread(target=sampler))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rss_end = rss(server.pid)
+    server.send_signal(signal.SIGTERM)
+    code = server.wait(timeout=60)
+    channel.close()
+
+    growth = rss_end - rss_start
+    print(f"  requests done: {tally.done} ({tally.done / args.duration:.0f}/s)")
+    print(f"  wrong answers: {tally.wrong}")
+    print(f"  5xx answers: {tally.server_errors}")
+    print(f"  slowest answer: {tally.worst_ms:.0f} ms")
+    print(
+        f"  server RSS: {rss_start / MiB:.1f} MiB at start, {peak[0] / MiB:.1f} MiB peak, "
+        f"{rss_end / MiB:.1f} MiB at end ({growth / MiB:+.1f} MiB)"
+    )
+    print(f"  server exit code after SIGTERM: {code}")
+    for example in tally.examples:
+        print("  WRONG:", example)
+    failed = (
+        tally.wrong + suite.wrong > 0
+        or tally.server_errors + suite.server_errors > 0
+        or growth > 64 * MiB
+        or code != 0
+    )
+    print("soak: FAILED" if failed else "soak: passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,680 @@
+"""Image width and height read from the header alone, before any decoder sees the bytes.
+
+OpenCV allocates the whole declared image before it decodes a pixel, so a few hundred bytes that
+claim 30000x30000 pixels cost gigabytes. dimensions() reads the size a header declares so that the
+caller can refuse an image over its pixel limit first. Where a file states its size in more than
+one place, the largest is returned, since the decoder may allocate by any of them. Any malformed
+input raises HeaderError, and the work done is bounded whatever the input.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    # For the annotation only: gateway.core.types imports numpy, and this module must load
+    # without it.
+    from gateway.core.types import Buffer
+
+
+class HeaderError(ValueError):
+    """The header is missing, truncated, inconsistent or unreadable."""
+
+
+@dataclass(frozen=True)
+class Dimensions:
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def dimensions(data: Buffer, fmt: str) -> Dimensions:
+    """The largest width and height that the header of `data`, in format `fmt`, declares.
+
+    `fmt` is a Format.name from gateway.core.formats; an unknown one raises HeaderError.
+    """
+    reader = _READERS.get(fmt)
+    if reader is None:
+        raise HeaderError(f"no header reader for the format {fmt!r}")
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise HeaderError("the image is not a contiguous byte buffer") from None
+    return reader(view)
+
+
+# Bytes examined one at a time (junk between JPEG segments, GIF blocks) stay within this prefix.
+_SCAN_LIMIT = 1 << 20
+# Text headers are read from this prefix only. Real ones take a few hundred bytes, and matching
+# many short comments costs far more a byte than a binary walk.
+_TEXT_LIMIT = 1 << 16
+# Structures walked by their declared lengths (segments, boxes, blocks, attributes) may lie
+# anywhere in the data, but one parse visits at most this many.
+_MAX_STEPS = 1 << 14
+# Numbers in text headers; more digits than this is not a real image size.
+_MAX_DIGITS = 18
+
+_Order = Literal["big", "little"]
+
+
+class _Budget:
+    """The structures one parse may still visit, so that no input makes it long."""
+
+    def __init__(self) -> None:
+        self.left = _MAX_STEPS
+
+    def spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise HeaderError("too many structures before the image size")
+
+
+def _int(
+    view: memoryview, offset: int, size: int, order: _Order = "big", signed: bool = False
+) -> int:
+    if offset < 0 or offset + size > len(view):
+        raise HeaderError("the header is truncated")
+    return int.from_bytes(view[offset : offset + size], order, signed=signed)
+
+
+def _dims(width: int, height: int) -> Dimensions:
+    if width <= 0 or height <= 0:
+        raise HeaderError(f"the header declares an empty image ({width}x{height})")
+    return Dimensions(width, height)
+
+
+def _number(token: bytes) -> int:
+    # int() would also take "+2", " 2", "1_000" and non-ASCII digits; bytes.isdigit() is ASCII.
+    if not token.isdigit() or len(token) > _MAX_DIGITS:
+        raise HeaderError(f"{token[:20]!r} is not a number")
+    return int(token)
+
+
+# JPEG ------------------------------------------------------------------------------------------
+
+# A marker is 0xFF, any number of 0xFF fill bytes, then a code other than 0x00 (0xFF00 is a
+# stuffed zero inside entropy-coded data).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff]")
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # not DHT, JPG, DAC
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+
+
+def _jpeg(view: memoryview) -> Dimensions:
+    if bytes(view[:2]) != b"\xff\xd8":
+        raise HeaderError("no SOI marker")
+    budget = _Budget()
+    pos, skipped = 2, 0
+    while True:
+        budget.spend()
+        # libjpeg only warns about junk between segments and carries on to the next marker, so
+        # the walk does the same rather than stop short of the SOF it would reach.
+        limit = pos + max(_SCAN_LIMIT - skipped, 0) + 2
+        found = _JPEG_MARKER.search(view, pos, limit)
+        if found is None:
+            raise HeaderError("no SOF marker")
+        skipped += found.start() - pos
+        marker, pos = view[found.start() + 1], found.end()
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):
+            raise HeaderError(f"marker 0x{marker:02X} before any SOF")
+        length = _int(view, pos, 2)
+        if marker in _JPEG_SOF:
+            if length < 8:
+                raise HeaderError("SOF segment too short")
+            height, width = _int(view, pos + 3, 2), _int(view, pos + 5, 2)
+            if height == 0:
+                raise HeaderError("the height is left to a DNL marker, which is not supported")
+            return _dims(width, height)
+        if length < 2:
+            raise HeaderError(f"segment 0x{marker:02X} has a length of {length}")
+        pos += length
+
+
+# PNG, GIF, WebP, BMP, Sun raster: fixed fields -----------------------------------------------
+
+
+def _png(view: memoryview) -> Dimensions:
+    if bytes(view[:8]) != b"\x89PNG\r\n\x1a\n":
+        raise HeaderError("no PNG signature")
+    if _int(view, 8, 4) != 13 or bytes(view[12:16]) != b"IHDR":
+        raise HeaderError("the first chunk is not a 13-byte IHDR")
+    return _dims(_int(view, 16, 4), _int(view, 20, 4))
+
+
+def _gif(view: memoryview) -> Dimensions:
+    if bytes(view[:6]) not in (b"GIF87a", b"GIF89a"):
+        raise HeaderError("no GIF signature")
+    width, height = _int(view, 6, 2, "little"), _int(view, 8, 2, "little")
+    frame = _gif_first_frame(view[:_SCAN_LIMIT])
+    if frame is not None:
+        width, height = max(width, frame[0]), max(height, frame[1])
+    return _dims(width, height)
+
+
+def _gif_first_frame(head: memoryview) -> tuple[int, int] | None:
+    """Right and bottom edges of the first image descriptor, or None if it cannot be reached."""
+    flags = _int(head, 10, 1)
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    in_extension = False
+    for _ in range(_MAX_STEPS):
+        if pos >= len(head):
+            return None
+        byte = head[pos]
+        if in_extension:  # the size of the next sub-block; 0 ends the extension
+            pos += byte + 1
+            in_extension = byte != 0
+        elif byte == 0x21:  # extension introducer, then its label
+            pos += 2
+            in_extension = True
+        elif byte == 0x2C and pos + 9 <= len(head):
+            left, top = _int(head, pos + 1, 2, "little"), _int(head, pos + 3, 2, "little")
+            width, height = _int(head, pos + 5, 2, "little"), _int(head, pos + 7, 2, "little")
+            return left + width, top + height
+        else:
+            return None
+    return None
+
+
+def _webp(view: memoryview) -> Dimensions:
+    if bytes(view[:4]) != b"RIFF" or bytes(view[8:12]) != b"WEBP":
+        raise HeaderError("no RIFF WEBP header")
+    chunk = bytes(view[12:16])
+    if chunk == b"VP8X":  # extended: the canvas, 24-bit sizes minus one
+        return _dims(_int(view, 24, 3, "little") + 1, _int(view, 27, 3, "little") + 1)
+    if chunk == b"VP8L":  # lossless: 14-bit sizes minus one after the 0x2F signature
+        if _int(view, 20, 1) != 0x2F:
+            raise HeaderError("no VP8L signature")
+        bits = _int(view, 21, 4, "little")
+        return _dims((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+    if chunk == b"VP8 ":  # lossy: 14-bit sizes after the key frame's start code
+        if bytes(view[23:26]) != b"\x9d\x01\x2a":
+            raise HeaderError("no VP8 start code")
+        width, height = _int(view, 26, 2, "little"), _int(view, 28, 2, "little")
+        return _dims(width & 0x3FFF, height & 0x3FFF)  # the top two bits are a scale hint
+    # libwebp would read any other first chunk as a raw bitstream of unknown size.
+    raise HeaderError(f"the first WebP chunk is {chunk!r}, not VP8, VP8L or VP8X")
+
+
+def _bmp(view: memoryview) -> Dimensions:
+    if bytes(view[:2]) != b"BM":
+        raise HeaderError("no BMP signature")
+    header_size = _int(view, 14, 4, "little")
+    if header_size == 12:  # BITMAPCOREHEADER: unsigned 16-bit sizes
+        return _dims(_int(view, 18, 2, "little"), _int(view, 20, 2, "little"))
+    if header_size < 16:
+        raise HeaderError(f"unknown BMP header size {header_size}")
+    width = _int(view, 18, 4, "little", signed=True)
+    height = _int(view, 22, 4, "little", signed=True)
+    return _dims(width, abs(height))  # a negative height means rows are stored top-down
+
+
+def _sun_raster(view: memoryview) -> Dimensions:
+    if _int(view, 0, 4) != 0x59A66A95 or len(view) < 32:
+        raise HeaderError("no complete Sun raster header")
+    return _dims(_int(view, 4, 4), _int(view, 8, 4))
+
+
+# TIFF ------------------------------------------------------------------------------------------
+
+_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 322, 323
+# Integer field types libtiff accepts for a size: type -> (bytes, signed).
+_TIFF_INTEGERS = {
+    1: (1, False),  # BYTE
+    3: (2, False),  # SHORT
+    4: (4, False),  # LONG
+    16: (8, False),  # LONG8
+    6: (1, True),  # SBYTE
+    8: (2, True),  # SSHORT
+    9: (4, True),  # SLONG
+    17: (8, True),  # SLONG8
+}
+# libtiff rejects a directory with more entries than this as not being one.
+_TIFF_MAX_ENTRIES = 4096
+
+
+def _tiff(view: memoryview) -> Dimensions:
+    order: _Order
+    if bytes(view[:2]) == b"II":
+        order = "little"
+    elif bytes(view[:2]) == b"MM":
+        order = "big"
+    else:
+        raise HeaderError("no TIFF byte order mark")
+    version = _int(view, 2, 2, order)
+    if version == 42:
+        ifd, count_size, entry_size, field_size = _int(view, 4, 4, order), 2, 12, 4
+    elif version == 43 and _int(view, 4, 2, order) == 8 and _int(view, 6, 2, order) == 0:
+        ifd, count_size, entry_size, field_size = _int(view, 8, 8, order), 8, 20, 8  # BigTIFF
+    else:
+        raise HeaderError("not a TIFF or BigTIFF header")
+    # Only the first directory matters: OpenCV decodes page 0.
+    count = _int(view, ifd, count_size, order)
+    first = ifd + count_size
+    if count > _TIFF_MAX_ENTRIES or first + count * entry_size > len(view):
+        raise HeaderError("the first TIFF directory is truncated or implausibly long")
+    sizes: dict[int, int] = {}
+    for entry in range(first, first + count * entry_size, entry_size):
+        tag = _int(view, entry, 2, order)
+        if tag in (_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH):
+            # libtiff keeps the first of duplicate tags; the largest is at least as large.
+            value = _tiff_integer(view, entry, order, field_size)
+            sizes[tag] = max(sizes.get(tag, 0), value)
+    if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
+        raise HeaderError("the first TIFF directory has no ImageWidth or ImageLength")
+    # OpenCV reads a tiled TIFF through a buffer of one whole tile, which is filled even where
+    # the tile overhangs the image, so a tile larger than the image counts as its size.
+    width = max(sizes[_TIFF_WIDTH], sizes.get(_TIFF_TILE_WIDTH, 0))
+    height = max(sizes[_TIFF_LENGTH], sizes.get(_TIFF_TILE_LENGTH, 0))
+    return _dims(width, height)
+
+
+def _tiff_integer(view: memoryview, entry: int, order: _Order, field_size: int) -> int:
+    kind = _TIFF_INTEGERS.get(_int(view, entry + 2, 2, order))
+    if kind is None or _int(view, entry + 4, field_size, order) != 1:
+        raise HeaderError("a TIFF size field is not a single integer")
+    size, signed = kind
+    where = entry + 4 + field_size
+    if size > field_size:  # the value does not fit in the entry: the entry holds its offset
+        where = _int(view, where, field_size, order)
+    value = _int(view, where, size, order, signed)
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise HeaderError("a TIFF size is out of range")
+    return value
+
+
+# ISO base media boxes: JPEG 2000 (JP2) and AVIF -------------------------------------------------
+
+
+def _boxes(
+    view: memoryview, start: int, end: int, budget: _Budget
+) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, end) of each box from start to end."""
+    pos = start
+    while pos < end:
+        budget.spend()
+        if pos + 8 > end:
+            raise HeaderError("a box header is truncated")
+        size, kind, header = _int(view, pos, 4), bytes(view[pos + 4 : pos + 8]), 8
+        if size == 1:  # a 64-bit size follows the type
+            size, header = _int(view, pos + 8, 8), 16
+        elif size == 0:  # the box runs to the end of its container
+            size = end - pos
+        if size < header or pos + size > end:
+            raise HeaderError(f"box {kind!r} has an impossible size")
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+def _jpeg2000(view: memoryview) -> Dimensions:
+    if bytes(view[:4]) == b"\xff\x4f\xff\x51":
+        return _j2k_siz(view, 0)
+    if bytes(view[:12]) != b"\x00\x00\x00\x0cjP  \r\n\x87\n":
+        raise HeaderError("no JPEG 2000 signature")
+    budget = _Budget()
+    header: Dimensions | None = None
+    for kind, start, end in _boxes(view, 0, len(view), budget):
+        if kind == b"jp2h":
+            for sub, payload, sub_end in _boxes(view, start, end, budget):
+                if sub == b"ihdr":  # height, then width, then 6 more bytes
+                    if sub_end - payload != 14:
+                        raise HeaderError("the ihdr box has the wrong size")
+                    found = _dims(_int(view, payload + 4, 4), _int(view, payload, 4))
+                    header = found if header is None else _larger(header, found)
+        elif kind == b"jp2c":
+            if header is None:
+                raise HeaderError("no ihdr box before the codestream")
+            # The decoder sizes the image from the codestream. OpenJPEG 2.2 and later refuse an
+            # ihdr that disagrees with it; the larger of the two covers any version.
+            return _larger(header, _j2k_siz(view, start))
+    raise HeaderError("no jp2c codestream box")
+
+
+def _j2k_siz(view: memoryview, start: int) -> Dimensions:
+    """The image area of a codestream: SIZ must follow SOC directly."""
+    if bytes(view[start : start + 4]) != b"\xff\x4f\xff\x51":
+        raise HeaderError("the codestream does not start with SOC and SIZ")
+    x_end, y_end = _int(view, start + 8, 4), _int(view, start + 12, 4)
+    x_origin, y_origin = _int(view, start + 16, 4), _int(view, start + 20, 4)
+    return _dims(x_end - x_origin, y_end - y_origin)
+
+
+def _larger(a: Dimensions, b: Dimensions) -> Dimensions:
+    return Dimensions(max(a.width, b.width), max(a.height, b.height))
+
+
+# The boxes walked into, to reach ispe properties (meta/iprp/ipco/ispe), grid items (meta/iinf,
+# meta/iloc, meta/idat) and track headers (moov/trak/tkhd).
+_AVIF_CONTAINERS = frozenset({b"meta", b"meta/iprp", b"meta/iprp/ipco", b"moov", b"moov/trak"})
+
+
+def _avif(view: memoryview) -> Dimensions:
+    if bytes(view[4:8]) != b"ftyp":
+        raise HeaderError("no ftyp box")
+    budget = _Budget()
+    boxes = _avif_boxes(view, 0, len(view), b"", budget)
+    sizes = [_avif_ispe(view, start) for start, _ in boxes.get(b"meta/iprp/ipco/ispe", [])]
+    if not sizes:
+        raise HeaderError("no ispe property")
+    # libavif sizes a grid image from the grid item's own fields and an image sequence from its
+    # track header, whatever the ispe properties say.
+    sizes += _avif_grids(view, boxes, budget)
+    sizes += [_avif_track(view, start, end) for start, end in boxes.get(b"moov/trak/tkhd", [])]
+    return _dims(max(w for w, _ in sizes), max(h for _, h in sizes))
+
+
+def _avif_boxes(
+    view: memoryview, start: int, end: int, parent: bytes, budget: _Budget
+) -> dict[bytes, list[tuple[int, int]]]:
+    """Payload ranges of the boxes met on the way, by path ("meta/iinf")."""
+    found: dict[bytes, list[tuple[int, int]]] = {}
+    for kind, payload, box_end in _boxes(view, start, end, budget):
+        path = parent + kind
+        found.setdefault(path, []).append((payload, box_end))
+        if path in _AVIF_CONTAINERS:
+            if kind == b"meta":  # a full box: version and flags come first
+                payload += 4
+            for sub, ranges in _avif_boxes(view, payload, box_end, path + b"/", budget).items():
+                found.setdefault(sub, []).extend(ranges)
+    return found
+
+
+def _avif_ispe(view: memoryview, start: int) -> tuple[int, int]:
+    return _int(view, start + 4, 4), _int(view, start + 8, 4)  # after version and flags
+
+
+def _avif_track(view: memoryview, start: int, end: int) -> tuple[int, int]:
+    # Width and height as 16.16 fixed point, after fields whose size depends on the version.
+    at = start + (88 if _int(view, start, 1) == 1 else 76)
+    if at + 8 > end:
+        raise HeaderError("a tkhd box is truncated")
+    return _int(view, at, 4) >> 16, _int(view, at + 4, 4) >> 16
+
+
+def _avif_grids(
+    view: memoryview, boxes: dict[bytes, list[tuple[int, int]]], budget: _Budget
+) -> list[tuple[int, int]]:
+    """Output sizes of the grid items."""
+    for path in (b"meta", b"meta/iinf", b"meta/iloc", b"meta/idat"):
+        if len(boxes.get(path, [])) > 1:
+            raise HeaderError(f"more than one {path.decode()} box")
+    if b"meta/iinf" not in boxes:
+        return []
+    grids = _avif_grid_items(view, *boxes[b"meta/iinf"][0], budget)
+    if not grids:
+        return []
+    if b"meta/iloc" not in boxes:
+        raise HeaderError("grid items but no iloc box")
+    idat = boxes[b"meta/idat"][0][0] if b"meta/idat" in boxes else None
+    sizes = []
+    for method, offset in _avif_locations(view, *boxes[b"meta/iloc"][0], grids, budget):
+        if method == 1 and idat is not None:  # an offset into the idat box
+            offset += idat
+        elif method != 0:  # 0 is an offset into the file
+            raise HeaderError("a grid item is stored in a way this reader does not follow")
+        # version, flags, rows - 1, columns - 1, then 16-bit sizes, or 32-bit if flags & 1
+        size = 4 if _int(view, offset + 1, 1) & 1 else 2
+        sizes.append((_int(view, offset + 4, size), _int(view, offset + 4 + size, size)))
+    return sizes
+
+
+def _avif_grid_items(view: memoryview, start: int, end: int, budget: _Budget) -> set[int]:
+    """IDs of the items of type grid listed in an iinf box."""
+    version = _int(view, start, 1)
+    entries = start + (6 if version == 0 else 8)  # after version, flags and the entry count
+    grids = set()
+    for kind, payload, _ in _boxes(view, entries, end, budget):
+        if kind != b"infe" or _int(view, payload, 1) < 2:  # item types came with version 2
+            continue
+        id_size = 2 if _int(view, payload, 1) == 2 else 4
+        item = _int(view, payload + 4, id_size)
+        if bytes(view[payload + 6 + id_size : payload + 10 + id_size]) == b"grid":
+            grids.add(item)
+    return grids
+
+
+def _avif_locations(
+    view: memoryview, start: int, end: int, items: set[int], budget: _Budget
+) -> Iterator[tuple[int, int]]:
+    """(construction method, offset) of the first extent of each of `items`, from iloc."""
+    version = _int(view, start, 1)
+    if version > 2:
+        raise HeaderError(f"iloc version {version}")
+    sizes = _int(view, start + 4, 2)
+    offset_size, length_size = sizes >> 12, (sizes >> 8) & 15
+    base_size, index_size = (sizes >> 4) & 15, sizes & 15 if version else 0
+    if any(size not in (0, 4, 8) for size in (offset_size, length_size, base_size, index_size)):
+        raise HeaderError("iloc field sizes other than 0, 4 or 8")
+    id_size = 4 if version == 2 else 2
+    count, pos = _int(view, start + 6, id_size), start + 6 + id_size
+    remaining = set(items)
+    for _ in range(count):
+        budget.spend()
+        item, pos = _int(view, pos, id_size), pos + id_size
+        method = 0
+        if version:
+            method, pos = _int(view, pos, 2) & 15, pos + 2
+        pos += 2  # data reference index
+        base, pos = _int(view, pos, base_size), pos + base_size
+        extents, pos = _int(view, pos, 2), pos + 2
+        if item in remaining:
+            if extents == 0:
+                raise HeaderError(f"grid item {item} has no data")
+            yield method, base + _int(view, pos + index_size, offset_size)
+            remaining.discard(item)
+        pos += extents * (index_size + offset_size + length_size)
+        if pos > end:
+            raise HeaderError("the iloc box is truncated")
+    if remaining:
+        raise HeaderError("a grid item has no location")
+
+
+# OpenEXR ---------------------------------------------------------------------------------------
+
+# OpenEXR 2 reads these attribute types by their own layout and ignores the declared size; a size
+# that disagreed would make it read the rest of the header differently from this walk.
+_EXR_FIXED_SIZES = {
+    b"box2i": 16,
+    b"box2f": 16,
+    b"chromaticities": 32,
+    b"compression": 1,
+    b"deepImageState": 1,
+    b"double": 8,
+    b"envmap": 1,
+    b"float": 4,
+    b"int": 4,
+    b"keycode": 28,
+    b"lineOrder": 1,
+    b"m33d": 72,
+    b"m33f": 36,
+    b"m44d": 128,
+    b"m44f": 64,
+    b"rational": 8,
+    b"tiledesc": 9,
+    b"timecode": 8,
+    b"v2d": 16,
+    b"v2f": 8,
+    b"v2i": 8,
+    b"v3d": 24,
+    b"v3f": 12,
+    b"v3i": 12,
+}
+_EXR_NAME = re.compile(rb"[^\x00]{0,255}\x00")
+
+
+def _openexr(view: memoryview) -> Dimensions:
+    """The dataWindow attribute of the first header (the first part of a multi-part file)."""
+    if bytes(view[:4]) != b"v/1\x01":
+        raise HeaderError("no OpenEXR magic number")
+    budget = _Budget()
+    windows = []
+    pos = 8  # after the magic number and the version field
+    while True:
+        budget.spend()
+        name, pos = _exr_string(view, pos)
+        if not name:  # an empty name ends the header
+            break
+        kind, pos = _exr_string(view, pos)
+        size, pos = _int(view, pos, 4, "little", signed=True), pos + 4
+        _exr_check_size(view, kind, pos, size, budget)
+        if name == b"dataWindow":
+            if kind != b"box2i":
+                raise HeaderError("dataWindow is not a box2i")
+            x_min, y_min, x_max, y_max = (
+                _int(view, pos + 4 * i, 4, "little", signed=True) for i in range(4)
+            )
+            windows.append(_dims(x_max - x_min + 1, y_max - y_min + 1))
+        pos += size
+    if not windows:
+        raise HeaderError("no dataWindow attribute")
+    return _dims(max(w.width for w in windows), max(w.height for w in windows))
+
+
+def _exr_string(view: memoryview, pos: int) -> tuple[bytes, int]:
+    found = _EXR_NAME.match(view, pos)
+    if found is None:
+        raise HeaderError("an attribute name is unterminated or too long")
+    return found.group()[:-1], found.end()
+
+
+def _exr_check_size(view: memoryview, kind: bytes, pos: int, size: int, budget: _Budget) -> None:
+    if size < 0 or pos + size > len(view):
+        raise HeaderError("an attribute size is out of range")
+    if kind in _EXR_FIXED_SIZES:
+        expected = _EXR_FIXED_SIZES[kind]
+    elif kind == b"preview":  # width, height, then 4 bytes a pixel
+        expected = 8 + 4 * _int(view, pos, 4, "little") * _int(view, pos + 4, 4, "little")
+    elif kind == b"chlist":  # channels of name and 16 bytes each, up to an empty name
+        end = pos
+        while True:
+            budget.spend()
+            channel, end = _exr_string(view, end)
+            if not channel:
+                break
+            end += 16
+        expected = end - pos
+    else:
+        return
+    if size != expected:
+        raise HeaderError(f"a {kind.decode(errors='replace')} attribute has the wrong size")
+
+
+# Text headers: PNM, PAM, PFM, Radiance HDR ------------------------------------------------------
+
+# Whitespace and comments between header tokens (C isspace; '#' to the end of the line).
+_PNM_GAP = re.compile(rb"\s*(?:#[^\r\n]*\s*)*")
+_PNM_TOKEN = re.compile(rb"[^\s#]+")
+
+
+def _text_tokens(head: memoryview, pos: int, count: int) -> list[bytes]:
+    tokens = []
+    for _ in range(count):
+        gap = _PNM_GAP.match(head, pos)
+        pos = gap.end() if gap else pos
+        token = _PNM_TOKEN.match(head, pos)
+        # A token running into the end of the prefix may be cut short, and a smaller number
+        # than the decoder reads would pass the size check.
+        if token is None or token.end() >= len(head):
+            raise HeaderError("the header is truncated")
+        tokens.append(token.group())
+        pos = token.end()
+    return tokens
+
+
+def _pnm(view: memoryview) -> Dimensions:
+    head = view[:_TEXT_LIMIT]
+    magic = bytes(head[:3])
+    if magic[:2] == b"P7":
+        return _pam(head)
+    if len(magic) < 3 or magic[:2] not in (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6"):
+        raise HeaderError("no PNM magic number")
+    if not magic[2:].isspace():
+        raise HeaderError("no whitespace after the PNM magic number")
+    width, height = _text_tokens(head, 3, 2)
+    return _dims(_number(width), _number(height))
+
+
+_PAM_LINE = re.compile(rb"[^\r\n]+")
+
+
+def _pam(head: memoryview) -> Dimensions:
+    """P7: "KEY value" lines up to ENDHDR."""
+    if bytes(head[2:3]) not in (b"\n", b"\r"):
+        raise HeaderError("no line break after P7")
+    budget = _Budget()
+    sizes: dict[bytes, int] = {}
+    for line in _PAM_LINE.finditer(head, 3):
+        budget.spend()
+        if line.end() >= len(head):
+            raise HeaderError("the PAM header is truncated")
+        fields = line.group().split(None, 1)  # key, then the rest of the line
+        key = fields[0] if fields else b""
+        if key == b"ENDHDR":
+            if b"WIDTH" not in sizes or b"HEIGHT" not in sizes:
+                raise HeaderError("no WIDTH or HEIGHT before ENDHDR")
+            return _dims(sizes[b"WIDTH"], sizes[b"HEIGHT"])
+        if key in (b"WIDTH", b"HEIGHT"):
+            if key in sizes or len(fields) < 2:
+                raise HeaderError(f"{key.decode()} is repeated or empty")
+            sizes[key] = _number(fields[1].strip())
+    raise HeaderError("no ENDHDR line")
+
+
+def _pfm(view: memoryview) -> Dimensions:
+    head = view[:_TEXT_LIMIT]
+    if bytes(head[:2]) not in (b"PF", b"Pf") or not bytes(head[2:3]).isspace():
+        raise HeaderError("no PFM magic number")
+    width, height = _text_tokens(head, 3, 2)
+    return _dims(_number(width), _number(height))
+
+
+# OpenCV reads the header with fgets into a 128-byte buffer, so a line of 127 characters or more
+# arrives in pieces. It ends the header at the first piece that is just "\n": an empty line, or
+# the newline of a line whose length is a multiple of 127. Reading whole lines instead would take
+# a different line for the resolution, the size OpenCV allocates.
+_HDR_HEADER_END = re.compile(rb"(?:^|(?<=\n))(?:[^\n]{127})*\n")
+_HDR_AXES = {(b"-Y", b"+X"), (b"-Y", b"-X"), (b"+Y", b"+X"), (b"+Y", b"-X")}
+
+
+def _hdr(view: memoryview) -> Dimensions:
+    head = view[:_TEXT_LIMIT]
+    if bytes(head[:2]) != b"#?":
+        raise HeaderError("no Radiance magic")
+    end = _HDR_HEADER_END.search(head)
+    if end is None:
+        raise HeaderError("no blank line ends the Radiance header")
+    # The resolution line as fgets reads it (up to 127 bytes, through the newline) and sscanf
+    # sees it (up to a NUL).
+    line = bytes(view[end.end() : end.end() + 127]).split(b"\n")[0].split(b"\0")[0]
+    tokens = line.split()
+    if len(tokens) < 4:
+        raise HeaderError("no resolution line")
+    first, second = (tokens[0], tokens[2]), (tokens[2], tokens[0])
+    if first in _HDR_AXES:  # "-Y 512 +X 768": height first
+        return _dims(_number(tokens[3]), _number(tokens[1]))
+    if second in _HDR_AXES:  # "+X 768 -Y 512": width first
+        return _dims(_number(tokens[1]), _number(tokens[3]))
+    raise HeaderError("the resolution line names no Y and X axes")
+
+
+_READERS: dict[str, Callable[[memoryview], Dimensions]] = {
+    "jpeg": _jpeg,
+    "png": _png,
+    "webp": _webp,
+    "gif": _gif,
+    "bmp": _bmp,
+    "tiff": _tiff,
+    "jpeg2000": _jpeg2000,
+    "pnm": _pnm,
+    "pfm": _pfm,
+    "avif": _avif,
+    "openexr": _openexr,
+    "hdr": _hdr,
+    "sun-raster": _sun_raster,
+}

@@ -1,0 +1,95 @@
+"""Hostile inputs and the answer each must get: shared by the tests and `make soak`."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.core.errors import ErrorCode
+from tests.bombs import BOMB_FORMATS, bomb
+
+DATA = Path(__file__).parent / "data"
+IMAGES = DATA / "images"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    data: bytes
+    # None: the image is valid and must decode.
+    error: ErrorCode | None
+    shape: list[int] | None = None
+
+
+def _bomb_size(fmt: str) -> tuple[int, int]:
+    # WebP's 14-bit fields stop at 16383; everything else can say 30000.
+    return (16383, 16383) if fmt == "webp" else (30000, 30000)
+
+
+def cases() -> list[Case]:
+    out = [
+        Case(f"bomb {fmt}", bomb(fmt, *_bomb_size(fmt)), ErrorCode.IMAGE_TOO_LARGE)
+        for fmt in BOMB_FORMATS
+    ]
+    out.append(
+        Case("png wider than OpenCV allows", bomb("png", 2**20 + 1, 1), ErrorCode.UNDECODABLE_IMAGE)
+    )
+    # libjpeg fills in what the scan data does not cover, so this decodes (mostly grey).
+    out.append(
+        Case(
+            "jpeg whose header claims more than its data",
+            bomb("jpeg", 2000, 1500),
+            None,
+            [1500, 2000, 3],
+        )
+    )
+    for path in sorted(IMAGES.iterdir()):
+        data = path.read_bytes()
+        out.append(
+            Case(f"truncated {path.name}", data[: len(data) // 2], ErrorCode.UNDECODABLE_IMAGE)
+        )
+    rng = random.Random(1234)
+    out += [
+        Case("empty", b"", ErrorCode.EMPTY_IMAGE),
+        Case("random bytes", rng.randbytes(4096), ErrorCode.UNDECODABLE_IMAGE),
+        Case("plain text", b"hello, this is not an image\n", ErrorCode.UNDECODABLE_IMAGE),
+        Case("html", b"<!DOCTYPE html><html><body>hi</body></html>", ErrorCode.UNSUPPORTED_FORMAT),
+        Case("json", b'{"image": "aGVsbG8="}', ErrorCode.UNSUPPORTED_FORMAT),
+        Case("pdf", b"%PDF-1.7\n1 0 obj << >> endobj\n", ErrorCode.UNSUPPORTED_FORMAT),
+        Case("zip", b"PK\x03\x04" + bytes(60), ErrorCode.UNSUPPORTED_FORMAT),
+        Case("gzip", b"\x1f\x8b\x08\x00" + bytes(40), ErrorCode.UNSUPPORTED_FORMAT),
+        Case(
+            "heic",
+            (DATA / "unsupported" / "hopper.heic").read_bytes(),
+            ErrorCode.UNSUPPORTED_FORMAT,
+        ),
+        Case(
+            "svg",
+            (DATA / "unsupported" / "sdl_sample.svg").read_bytes(),
+            ErrorCode.UNSUPPORTED_FORMAT,
+        ),
+        Case(
+            "jpeg xl",
+            (DATA / "unsupported" / "sdl_sample.jxl").read_bytes(),
+            ErrorCode.UNSUPPORTED_FORMAT,
+        ),
+        # A GIF/JavaScript polyglot: its "screen size" is the bytes of "=1;/": 12605x12091.
+        Case("gif/js polyglot", b"GIF89a=1;/*" + bytes(20) + b"*/=1;", ErrorCode.IMAGE_TOO_LARGE),
+        Case("png signature, nothing else", b"\x89PNG\r\n\x1a\n", ErrorCode.UNDECODABLE_IMAGE),
+        Case("jpeg SOI, nothing else", b"\xff\xd8\xff", ErrorCode.UNDECODABLE_IMAGE),
+        # Defined answers for valid images with something around them: the image decodes.
+        Case(
+            "jpeg followed by a zip (polyglot)",
+            (IMAGES / "hopper.jpg").read_bytes() + b"PK\x03\x04" + bytes(200),
+            None,
+            [128, 128, 3],
+        ),
+        Case(
+            "png with trailing garbage",
+            (IMAGES / "hopper.png").read_bytes() + rng.randbytes(999),
+            None,
+            [128, 128, 3],
+        ),
+    ]
+    return out

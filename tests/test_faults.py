@@ -1,0 +1,225 @@
+"""Faults: clients that vanish or trickle, overload, and shutdown while busy."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.config import Settings
+from gateway.serve import Gateway, start
+from tests.conftest import DATA
+from tests.test_process import launch
+from tests.wire import grpc_code, grpc_result, post_octet
+
+PNG = (DATA / "images" / "hopper.png").read_bytes()
+
+
+def http_host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+def still_serving(gw: Gateway) -> None:
+    assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+    with grpc.insecure_channel(gw.grpc_target) as ch:
+        reply = pb_grpc.ImageGatewayServiceStub(ch).Infer(
+            pb.InferRequest(model="shape", image=pb.Image(data=PNG)), timeout=10
+        )
+        assert grpc_result(reply.result)["output"] == [128, 128, 3]
+
+
+def test_client_vanishing_mid_upload(gateway: Gateway) -> None:
+    host, port = http_host_port(gateway.http_url)
+    for _ in range(20):
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(
+                b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/octet-stream\r\nContent-Length: 5000000\r\n\r\n"
+            )
+            s.sendall(PNG[:1000])
+    for _ in range(20):
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.sendall(
+                b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: multipart/form-data; boundary=zz\r\nContent-Length: 900000\r\n\r\n"
+                b'--zz\r\nContent-Disposition: form-data; name="0"; filename="a"\r\n\r\n'
+            )
+            s.sendall(PNG)
+    still_serving(gateway)
+
+
+def test_cancelled_stream(gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    def two_requests(gate: threading.Event) -> Iterator[pb.InferStreamRequest]:
+        yield pb.InferStreamRequest(image=pb.Image(data=PNG))
+        gate.wait(5)
+        yield pb.InferStreamRequest(image=pb.Image(data=PNG))
+
+    for _ in range(10):
+        gate = threading.Event()
+        call = stub.InferStream(two_requests(gate), timeout=10)
+        first = next(call)
+        assert grpc_result(first.result)["output"] == [128, 128, 3]
+        call.cancel()
+        gate.set()
+        with pytest.raises(grpc.RpcError) as info:
+            next(call)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+    still_serving(gateway)
+
+
+@pytest.fixture(scope="module")
+def strict_gateway() -> Iterator[Gateway]:
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("shape", "tests.models:slow"),
+            request_timeout=1.0,
+            max_concurrency=1,
+            max_queue=0,
+            shutdown_grace=2.0,
+        )
+    )
+    yield gw
+    gw.stop()
+
+
+def test_trickling_client_is_cut_off(strict_gateway: Gateway) -> None:
+    host, port = http_host_port(strict_gateway.http_url)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
+        )
+        cut = False
+        # One byte every 0.1 s would take hours; the gateway must end it within a few seconds.
+        for i in range(200):
+            try:
+                s.sendall(PNG[i : i + 1])
+            except OSError:
+                cut = True
+                break
+            s.settimeout(0.1)
+            try:
+                if s.recv(65536) == b"":
+                    cut = True
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                cut = True
+                break
+        assert cut, "a trickling upload held its connection for 20 s"
+    still_serving(strict_gateway)
+
+
+def test_overload_answers_503_and_unavailable(strict_gateway: Gateway) -> None:
+    slow = pb.InferRequest(model="slow", image=pb.Image(data=PNG))
+    slow.parameters.update({"seconds": 0.8})
+    with grpc.insecure_channel(strict_gateway.grpc_target) as ch:
+        stub = pb_grpc.ImageGatewayServiceStub(ch)
+        busy = stub.Infer.future(slow, timeout=10)
+        time.sleep(0.3)  # let it take the only slot; not a timing assert
+        resp = post_octet(strict_gateway.http_url, "shape", PNG)
+        assert (resp.status_code, resp.json()["error"]["code"]) == (503, "overloaded")
+        assert resp.headers["Retry-After"] == "1"
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(pb.InferRequest(model="shape", image=pb.Image(data=PNG)), timeout=10)
+        assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+        assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
+    still_serving(strict_gateway)
+
+
+def test_request_timeout_gives_504(strict_gateway: Gateway) -> None:
+    # The slow model is still running when the 1 s budget ends; the gateway answers as soon as
+    # it notices (before the model's output is used) rather than holding the client.
+    resp = post_octet(strict_gateway.http_url, "slow", PNG, params={"seconds": "1.5"})
+    assert (resp.status_code, resp.json()["error"]["code"]) == (504, "deadline_exceeded")
+    still_serving(strict_gateway)
+
+
+def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:
+    served = launch(
+        tmp_path,
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--model",
+        "tests.models:slow",
+        "--max-concurrency",
+        "16",
+        "--shutdown-grace",
+        "10",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    try:
+
+        def http_call() -> int:
+            return requests.post(
+                f"{served.http_url}/v1/infer",
+                data=PNG,
+                params={"seconds": "1"},
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=30,
+            ).status_code
+
+        channel = grpc.insecure_channel(served.grpc_target)
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        request = pb.InferRequest(image=pb.Image(data=PNG))
+        request.parameters.update({"seconds": 1})
+
+        def grpc_call() -> str:
+            return stub.Infer(request, timeout=30).result.WhichOneof("outcome") or ""
+
+        with ThreadPoolExecutor(12) as pool:
+            http_futures = [pool.submit(http_call) for _ in range(6)]
+            grpc_futures = [pool.submit(grpc_call) for _ in range(6)]
+            time.sleep(0.5)  # all twelve are in the model now; not a timing assert
+            served.proc.send_signal(signal.SIGTERM)
+            assert [f.result() for f in http_futures] == [200] * 6
+            assert [f.result() for f in grpc_futures] == ["output"] * 6
+        assert served.proc.wait(timeout=30) == 0
+        channel.close()
+        log = served.log.read_text()
+        assert "received SIGTERM" in log and "stopped" in log
+        # After the exit, nothing listens: new calls are refused, not hung.
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{served.http_url}/v1/models", timeout=5)
+    finally:
+        if served.proc.poll() is None:
+            served.proc.kill()
+            served.proc.wait()
+
+
+def test_draining_refuses_new_requests_and_finishes_busy_ones() -> None:
+    gw = start(Settings(http_port=0, grpc_port=0, model=("tests.models:slow",), shutdown_grace=5.0))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(post_octet, gw.http_url, "slow", PNG, params={"seconds": "1"})
+            time.sleep(0.3)  # the busy request is in the model; not a timing assert
+            # The first step of a shutdown, on its own so that the servers still listen.
+            gw.dataplane.admission.drain()
+            late = post_octet(gw.http_url, "slow", PNG, params={"seconds": "0"})
+            assert (late.status_code, late.json()["error"]["code"]) == (503, "shutting_down")
+            assert late.headers["Retry-After"] == "1"
+            with grpc.insecure_channel(gw.grpc_target) as ch:
+                with pytest.raises(grpc.RpcError) as info:
+                    pb_grpc.ImageGatewayServiceStub(ch).Infer(
+                        pb.InferRequest(image=pb.Image(data=PNG)), timeout=10
+                    )
+                assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+            assert busy.result().status_code == 200
+    finally:
+        gw.stop()

@@ -1,0 +1,300 @@
+"""Header sizes match what OpenCV decodes, bombs are measured by their headers alone, and no input
+makes dimensions() raise anything but HeaderError. Nothing here decodes a bomb."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.core import formats
+from gateway.core.formats import sniff
+from gateway.core.headers import Dimensions, HeaderError, dimensions
+from tests.bombs import BOMB_FORMATS, VARIANTS, bomb, fits
+from tests.conftest import IMAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DECODABLE = sorted(
+    f.name for f in vars(formats).values() if isinstance(f, formats.Format) and f.decodable
+)
+SIZES = (
+    (1, 1),
+    (16383, 16383),
+    (30000, 30000),
+    (65500, 3),
+    (3, 65500),
+    (70000, 70000),
+    (1 << 24, 1 << 24),
+    (2**31 - 1, 2**31 - 1),
+)
+
+
+def format_of(data: bytes) -> str:
+    found = sniff(data)
+    assert found is not None
+    return found.name
+
+
+def sample(name: str) -> bytes:
+    return (ROOT / "tests" / "data" / "images" / name).read_bytes()
+
+
+def largest_bomb(fmt: str, variant: str) -> bytes:
+    size = max(s for s in (30000, 16383, 1) if fits(fmt, variant, s, s))
+    return bomb(fmt, size, size, variant)
+
+
+# (name, format, bytes) of every sample and every bomb variant: the seeds the tests below cut
+# and mutate.
+SEEDS = [(p.name, format_of(p.read_bytes()), p.read_bytes()) for p in IMAGES] + [
+    (f"bomb-{fmt}-{variant}", fmt, largest_bomb(fmt, variant)) for fmt, variant in VARIANTS
+]
+
+
+def parse_or_refuse(data: bytes, fmt: str) -> Dimensions | None:
+    """dimensions(), or None for HeaderError; any other exception fails the test."""
+    try:
+        dims = dimensions(data, fmt)
+    except HeaderError:
+        return None
+    assert dims.width > 0 and dims.height > 0
+    return dims
+
+
+@cache
+def header_length(seed: int) -> int:
+    """Bytes up to and a little past the shortest prefix of the seed that parses."""
+    _, fmt, data = SEEDS[seed]
+    shortest = next(n for n in range(len(data) + 1) if parse_or_refuse(data[:n], fmt))
+    return min(len(data), shortest + 64)
+
+
+# Agreement with the decoder ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", IMAGES, ids=lambda p: p.name)
+def test_header_matches_the_decoded_size(path: Path) -> None:
+    data = path.read_bytes()
+    decoded = cv2.imdecode(
+        np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+    )
+    assert decoded is not None
+    # No sample declares more than OpenCV returns. One that legitimately did (a TIFF whose tiles
+    # overhang the image, say) would assert header >= decoded instead.
+    decoded_size = Dimensions(decoded.shape[1], decoded.shape[0])
+    assert dimensions(data, format_of(data)) == decoded_size
+
+
+def test_every_decodable_format_has_a_reader_and_a_bomb() -> None:
+    assert sorted(BOMB_FORMATS) == DECODABLE
+
+
+def test_buffers_of_every_kind_give_the_same_answer() -> None:
+    data = sample("hopper.png")
+    expected = Dimensions(128, 128)
+    assert dimensions(data, "png") == expected
+    assert dimensions(bytearray(data), "png") == expected
+    assert dimensions(memoryview(data)[: len(data) // 2], "png") == expected
+    assert expected.pixels == 128 * 128
+    with pytest.raises(HeaderError):
+        dimensions(memoryview(data)[::2], "png")  # not contiguous
+
+
+def test_an_unknown_format_is_a_header_error() -> None:
+    with pytest.raises(HeaderError):
+        dimensions(b"\x89PNG\r\n\x1a\n", "heic")
+
+
+def test_the_module_loads_without_decoder_or_frameworks() -> None:
+    code = (
+        "import sys, gateway.core.headers; "
+        "print(','.join(m for m in ('cv2', 'numpy', 'flask', 'werkzeug', 'grpc') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""
+
+
+# Bombs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fmt", "variant", "width", "height"),
+    [(f, v, w, h) for f, v in VARIANTS for w, h in SIZES if fits(f, v, w, h)],
+)
+def test_a_bomb_is_measured_from_its_header(
+    fmt: str, variant: str, width: int, height: int
+) -> None:
+    data = bomb(fmt, width, height, variant)
+    assert len(data) < 8192
+    assert format_of(data) == fmt
+    assert dimensions(data, fmt) == Dimensions(width, height)
+
+
+# Format details ---------------------------------------------------------------------------------
+
+
+def test_jpeg_fill_bytes_standalone_markers_and_junk_are_walked_past() -> None:
+    data = sample("sdl_sample_progressive.jpg")
+    # After SOI: fill bytes, a TEM and an RST marker, junk (libjpeg skips it with a warning).
+    extra = b"\xff\xff\xff\x01\xff\xd3junk\xff\x00"
+    assert dimensions(data[:2] + extra + data[2:], "jpeg") == Dimensions(23, 42)
+
+
+@pytest.mark.parametrize("length", [0, 1])
+def test_a_jpeg_segment_length_that_does_not_advance_is_refused(length: int) -> None:
+    data = sample("sdl_sample_progressive.jpg")
+    with pytest.raises(HeaderError):
+        dimensions(data[:2] + b"\xff\xfe" + struct.pack(">H", length) + data[2:], "jpeg")
+
+
+def test_a_jpeg_height_left_to_dnl_is_refused() -> None:
+    data = bomb("jpeg", 100, 1)
+    height = data.index(struct.pack(">BHH", 8, 1, 100)) + 1  # SOF: precision, height, width
+    with pytest.raises(HeaderError):
+        dimensions(data[:height] + b"\x00\x00" + data[height + 2 :], "jpeg")
+
+
+def test_jpeg_scan_data_before_any_sof_is_refused() -> None:
+    with pytest.raises(HeaderError):
+        dimensions(b"\xff\xd8\xff\xda\x00\x02" + b"\x00" * 32, "jpeg")
+
+
+def test_a_gif_without_a_reachable_frame_has_its_screen_size() -> None:
+    data = sample("sdl_palette.gif")
+    assert dimensions(data[:13], "gif") == Dimensions(23, 42)
+
+
+def test_a_webp_whose_first_chunk_is_not_a_bitstream_is_refused() -> None:
+    data = sample("sdl_sample_lossless.webp")
+    with pytest.raises(HeaderError):
+        dimensions(data[:12] + b"ALPH" + data[16:], "webp")
+
+
+def test_avif_without_ispe_is_refused() -> None:
+    data = sample("sdl_sample.avif").replace(b"ispe", b"free")
+    with pytest.raises(HeaderError):
+        dimensions(data, "avif")
+
+
+@pytest.mark.parametrize("token", ["\u0663", "+2", "1_000", "0x10", "1e3", "-5", "9" * 19])
+def test_text_numbers_are_ascii_digits_only(token: str) -> None:
+    value = token.encode()
+    for data, fmt in (
+        (b"P6\n%s 5\n255\n" % value, "pnm"),
+        (b"PF\n5 %s\n-1.0\n" % value, "pfm"),
+        (b"P7\nWIDTH %s\nHEIGHT 5\nENDHDR\n" % value, "pnm"),
+        (b"#?RADIANCE\n\n-Y %s +X 5\n" % value, "hdr"),
+    ):
+        with pytest.raises(HeaderError):
+            dimensions(data, fmt)
+
+
+def test_pnm_comments_and_whitespace_between_tokens() -> None:
+    assert dimensions(b"P6 # a comment\n\t7#another\r 5\n255\n", "pnm") == Dimensions(7, 5)
+
+
+def test_a_number_cut_by_the_scan_limit_is_refused_not_shortened() -> None:
+    data = b"P6\n#" + b"x" * ((1 << 16) - 6) + b"\n123456 5\n255\n"
+    with pytest.raises(HeaderError):
+        dimensions(data, "pnm")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"-Y 5 +X 7", (7, 5)),
+        (b"-Y 5 -X 7", (7, 5)),
+        (b"+Y 5 +X 7", (7, 5)),
+        (b"+Y 5 -X 7", (7, 5)),
+        (b"+X 7 -Y 5", (7, 5)),
+        (b"-X 7 -Y 5", (7, 5)),
+        (b"+X 7 +Y 5", (7, 5)),
+        (b"-X 7 +Y 5", (7, 5)),
+    ],
+)
+def test_hdr_resolution_in_any_orientation(line: bytes, expected: tuple[int, int]) -> None:
+    data = b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n" + line + b"\n"
+    assert dimensions(data, "hdr") == Dimensions(*expected)
+
+
+def test_an_hdr_header_line_of_127_bytes_ends_the_header_as_fgets_reads_it() -> None:
+    # OpenCV's 128-byte fgets reads this comment, then its newline alone: the end of the header.
+    comment = b"#" + b"c" * 126 + b"\n"
+    data = b"#?RADIANCE\n" + comment + b"-Y 30000 +X 30000\n\n-Y 1 +X 1\n"
+    assert dimensions(data, "hdr") == Dimensions(30000, 30000)
+
+
+def test_an_exr_attribute_whose_size_disagrees_with_its_type_is_refused() -> None:
+    data = bomb("openexr", 100, 100)
+    attribute = b"compression\0compression\0"
+    one_byte = attribute + struct.pack("<i", 1) + b"\0"
+    bad = data.replace(one_byte, attribute + struct.pack("<i", 2) + b"\0\0")
+    assert bad != data
+    with pytest.raises(HeaderError):
+        dimensions(bad, "openexr")
+
+
+def test_a_parse_visits_a_bounded_number_of_structures() -> None:
+    # 20000 empty COM segments before the SOF: more than one parse may visit.
+    data = sample("sdl_sample_progressive.jpg")
+    with pytest.raises(HeaderError):
+        dimensions(data[:2] + b"\xff\xfe\x00\x02" * 20000 + data[2:], "jpeg")
+
+
+# Truncation and fuzzing -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(len(SEEDS)), ids=[name for name, _, _ in SEEDS])
+def test_every_prefix_parses_or_is_refused(seed: int) -> None:
+    _, fmt, data = SEEDS[seed]
+    for n in range(header_length(seed) + 1):
+        parse_or_refuse(data[:n], fmt)
+
+
+FUZZ = settings(max_examples=100, deadline=None, database=None)
+
+
+@pytest.mark.parametrize("fmt", DECODABLE)
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_arbitrary_bytes(fmt: str, data: bytes) -> None:
+    parse_or_refuse(data, fmt)
+
+
+@settings(FUZZ, max_examples=300)
+@given(seed=st.integers(0, len(SEEDS) - 1), cut=st.integers(0, 64), tail=st.binary(max_size=300))
+def test_a_real_signature_then_arbitrary_bytes(seed: int, cut: int, tail: bytes) -> None:
+    _, fmt, data = SEEDS[seed]
+    parse_or_refuse(data[:cut] + tail, fmt)
+
+
+MUTATION = st.tuples(
+    st.sampled_from(("flip", "insert", "delete")), st.integers(0, 1 << 16), st.integers(1, 255)
+)
+
+
+@settings(FUZZ, max_examples=300)
+@given(seed=st.integers(0, len(SEEDS) - 1), mutations=st.lists(MUTATION, min_size=1, max_size=6))
+def test_mutated_headers(seed: int, mutations: list[tuple[str, int, int]]) -> None:
+    _, fmt, data = SEEDS[seed]
+    buf = bytearray(data)
+    for op, where, value in mutations:
+        pos = where % min(len(buf) + 1, header_length(seed) + 1)
+        if op == "insert":
+            buf.insert(pos, value)
+        elif pos < len(buf) and op == "flip":
+            buf[pos] ^= value
+        elif pos < len(buf):
+            del buf[pos]
+    parse_or_refuse(bytes(buf), fmt)
