@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc  # noqa: E402
-from tests.hostile import Case, cases  # noqa: E402
+from tests.hostile import BOUNDARY, MULTIPART_CASES, Case, MultipartCase, cases  # noqa: E402
 
 READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) ")
 IMAGES = ROOT / "tests" / "data" / "images"
@@ -93,6 +93,20 @@ def call_http(session: requests.Session, url: str, case: Case) -> tuple[bool, bo
     return ok, resp.status_code >= 500, f"http {case.name}: {resp.status_code} {body}"[:300]
 
 
+def call_multipart(
+    session: requests.Session, url: str, case: MultipartCase
+) -> tuple[bool, bool, str]:
+    resp = session.post(
+        f"{url}/v1/infer",
+        data=case.body,
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        timeout=30,
+    )
+    code = resp.json().get("error", {}).get("code")
+    ok = (resp.status_code, code) == (case.error.http_status, case.error.code)
+    return ok, resp.status_code >= 500, f"multipart {case.name}: {resp.status_code} {code}"
+
+
 def call_grpc(stub: pb_grpc.ImageGatewayServiceStub, case: Case) -> tuple[bool, bool, str]:
     try:
         reply = stub.Infer(pb.InferRequest(image=pb.Image(data=case.data)), timeout=30)
@@ -104,7 +118,7 @@ def call_grpc(stub: pb_grpc.ImageGatewayServiceStub, case: Case) -> tuple[bool, 
         )
         server_side = exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
         return ok, server_side, f"grpc {case.name}: {exc.code().name} {code}"
-    output = [int(v) for v in reply.result.output.list_value.values]
+    output = [int(v.number_value) for v in reply.result.output.list_value.values]
     return case.error is None and output == case.shape, False, f"grpc {case.name}: {output}"
 
 
@@ -153,7 +167,10 @@ def main() -> int:
         call_grpc(stub, case)
     rss_start = rss(server.pid)
 
-    print(f"hostile suite: {len(hostile)} cases x 2 protocols")
+    print(
+        f"hostile suite: {len(hostile)} images x 2 protocols, "
+        f"{len(MULTIPART_CASES)} multipart bodies"
+    )
     suite = Tally()
     slowest: list[tuple[float, str]] = []
     for case in hostile:
@@ -165,6 +182,12 @@ def main() -> int:
             ms = (time.perf_counter() - t0) * 1000
             suite.add(ok, err5, ms, what)
             slowest.append((ms, f"{proto} {case.name}"))
+    for body in MULTIPART_CASES:
+        t0 = time.perf_counter()
+        ok, err5, what = call_multipart(session, http_url, body)
+        ms = (time.perf_counter() - t0) * 1000
+        suite.add(ok, err5, ms, what)
+        slowest.append((ms, f"multipart {body.name}"))
     rss_after_suite = rss(server.pid)
     slowest.sort(reverse=True)
     print(f"  wrong answers: {suite.wrong}, 5xx: {suite.server_errors}")

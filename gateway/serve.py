@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import grpc
 from cheroot import wsgi
 
-from gateway import config
+from gateway import allocator, config
 from gateway.config import Settings
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
@@ -106,6 +106,7 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
 
+    allocator.tune()
     try:
         gateway = start(settings)
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:

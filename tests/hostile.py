@@ -93,3 +93,59 @@ def cases() -> list[Case]:
         ),
     ]
     return out
+
+
+BOUNDARY = "b0undary"
+
+
+def multipart(parts: list[bytes], boundary: str = BOUNDARY, close: bool = True) -> bytes:
+    body = b"".join(f"--{boundary}\r\n".encode() + p + b"\r\n" for p in parts)
+    return body + (f"--{boundary}--\r\n".encode() if close else b"")
+
+
+def file_part(name: str, data: bytes, filename: str = "f.bin") -> bytes:
+    head = f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n\r\n'
+    return head.encode() + data
+
+
+def text_part(name: str, value: str) -> bytes:
+    return f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode()
+
+
+@dataclass(frozen=True)
+class MultipartCase:
+    name: str
+    body: bytes
+    error: ErrorCode
+
+
+def _multipart_cases() -> list[MultipartCase]:
+    png = (IMAGES / "hopper.png").read_bytes()
+    return [
+        MultipartCase(
+            "missing closing boundary",
+            multipart([file_part("0", png)], close=False),
+            ErrorCode.MALFORMED_MULTIPART,
+        ),
+        MultipartCase(
+            "duplicate field names",
+            multipart([file_part("0", png), file_part("0", png)]),
+            ErrorCode.DUPLICATE_PART,
+        ),
+        MultipartCase("only text fields", multipart([text_part("a", "1")]), ErrorCode.NO_IMAGES),
+        MultipartCase("no parts at all", f"--{BOUNDARY}--\r\n".encode(), ErrorCode.NO_IMAGES),
+        MultipartCase(
+            "thousands of tiny parts",
+            multipart([file_part(str(i), b"x") for i in range(5000)]),
+            ErrorCode.TOO_MANY_PARTS,
+        ),
+        MultipartCase(
+            "huge text field",
+            multipart([file_part("0", png), text_part("t", "x" * 70000)]),
+            ErrorCode.PAYLOAD_TOO_LARGE,
+        ),
+        MultipartCase("body that is not multipart", b"just bytes", ErrorCode.MALFORMED_MULTIPART),
+    ]
+
+
+MULTIPART_CASES = _multipart_cases()

@@ -11,7 +11,16 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.errors import ErrorCode
 from tests.bombs import bomb
 from tests.conftest import DATA
-from tests.hostile import Case, cases
+from tests.hostile import (
+    BOUNDARY,
+    MULTIPART_CASES,
+    Case,
+    MultipartCase,
+    cases,
+    file_part,
+    multipart,
+    text_part,
+)
 from tests.wire import grpc_code, grpc_result, post_octet
 
 CASES = cases()
@@ -91,71 +100,24 @@ def test_too_many_images(http_url: str, stub: pb_grpc.ImageGatewayServiceStub) -
     assert grpc_code(info.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_images")
 
 
-def multipart(parts: list[bytes], boundary: str = "b0undary", close: bool = True) -> bytes:
-    body = b"".join(f"--{boundary}\r\n".encode() + p + b"\r\n" for p in parts)
-    return body + (f"--{boundary}--\r\n".encode() if close else b"")
-
-
-def file_part(name: str, data: bytes, filename: str = "f.bin") -> bytes:
-    head = f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n\r\n'
-    return head.encode() + data
-
-
-def text_part(name: str, value: str) -> bytes:
-    return f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}'.encode()
-
-
 def post_multipart_body(http_url: str, body: bytes, path: str = "/v1/infer") -> requests.Response:
     return requests.post(
         f"{http_url}{path}",
         data=body,
-        headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+        headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
         timeout=10,
     )
 
 
-@pytest.mark.parametrize(
-    ("name", "body", "status", "code"),
-    [
-        (
-            "missing closing boundary",
-            multipart([file_part("0", PNG)], close=False),
-            400,
-            "malformed_multipart",
-        ),
-        (
-            "duplicate field names",
-            multipart([file_part("0", PNG), file_part("0", PNG)]),
-            400,
-            "duplicate_part",
-        ),
-        ("only text fields", multipart([text_part("a", "1")]), 400, "no_images"),
-        ("no parts at all", b"--b0undary--\r\n", 400, "no_images"),
-        (
-            "thousands of tiny parts",
-            multipart([file_part(str(i), b"x") for i in range(5000)]),
-            413,
-            "too_many_parts",
-        ),
-        (
-            "huge text field",
-            multipart([file_part("0", PNG), text_part("t", "x" * 70000)]),
-            413,
-            "payload_too_large",
-        ),
-        ("body that is not multipart", b"just bytes", 400, "malformed_multipart"),
-    ],
-)
+@pytest.mark.parametrize("case", MULTIPART_CASES, ids=[c.name for c in MULTIPART_CASES])
 def test_multipart_edge_cases(
-    http_url: str,
-    stub: pb_grpc.ImageGatewayServiceStub,
-    name: str,
-    body: bytes,
-    status: int,
-    code: str,
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub, case: MultipartCase
 ) -> None:
-    resp = post_multipart_body(http_url, body)
-    assert (resp.status_code, resp.json()["error"]["code"]) == (status, code), name
+    resp = post_multipart_body(http_url, case.body)
+    assert (resp.status_code, resp.json()["error"]["code"]) == (
+        case.error.http_status,
+        case.error.code,
+    )
     assert_still_serving(http_url, stub)
 
 
