@@ -19,10 +19,14 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Settings:
+    """Everything configurable; one instance per process, immutable."""
+
     host: str = "127.0.0.1"
     http_port: int = 5000
     grpc_port: int = 50051
     model: tuple[str, ...] = ("shape",)
+    # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per core.
+    workers: int = 0
     # One cap for both fronts: an HTTP body, and a gRPC message in either direction. gRPC's own
     # default is 4 MiB, too small for a single phone photo.
     max_request_bytes: int = 64 * MiB
@@ -31,12 +35,13 @@ class Settings:
     max_image_pixels: int = 50_000_000
     max_request_pixels: int = 100_000_000
     request_timeout: float = 30.0
-    # Requests decoding and running the model at once (decoding is CPU-bound: about 2 per core),
-    # and requests allowed to wait for one of those slots before the answer is 503.
-    max_concurrency: int = 4
+    # Per worker: requests decoding and running the model at once (decoding is CPU-bound, so
+    # about 2 per worker is plenty), and requests allowed to wait for one of those slots before
+    # the answer is 503.
+    max_concurrency: int = 2
     max_queue: int = 32
-    http_threads: int = 16
-    grpc_threads: int = 16
+    http_threads: int = 8
+    grpc_threads: int = 8
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
 
@@ -47,16 +52,17 @@ _HELP = {
     "grpc_port": "gRPC port; 0 picks a free port and prints it",
     "model": "model to serve: a built-in (shape, qrcode) or package.module:factory; repeatable, "
     "the first is the default",
+    "workers": "processes serving both protocols; 0 means one per CPU core",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
     "max_images": "most images in one request",
     "max_parts": "most parts (files and text fields) in one multipart body",
     "max_image_pixels": "most pixels in one image, read from its header before decoding",
     "max_request_pixels": "most pixels of all images of one request together",
     "request_timeout": "seconds one request may take, body upload and queueing included",
-    "max_concurrency": "requests decoding and running the model at once",
-    "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE",
-    "http_threads": "HTTP worker threads",
-    "grpc_threads": "gRPC worker threads",
+    "max_concurrency": "requests decoding and running the model at once, per worker",
+    "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE, per worker",
+    "http_threads": "HTTP threads per worker",
+    "grpc_threads": "gRPC threads per worker",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
@@ -105,6 +111,7 @@ def _at_least_one(text: str) -> int:
 _TYPES: dict[str, Any] = {
     "http_port": _port,
     "grpc_port": _port,
+    "workers": _non_negative_int,
     "max_request_bytes": _at_least_one,
     "max_images": _at_least_one,
     "max_parts": _at_least_one,
@@ -155,3 +162,13 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     return from_namespace(
         parser.parse_args(argv), os.environ if environ is None else environ, parser
     )
+
+
+def worker_count(settings: Settings) -> int:
+    """The number of worker processes: as configured, or one per CPU this process may use."""
+    if settings.workers:
+        return settings.workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -1,5 +1,5 @@
-"""Process entry point: `image-gateway serve` builds the core once and serves it over HTTP and
-gRPC from one process until SIGINT or SIGTERM."""
+"""Process entry point: `image-gateway serve` builds the core and serves it over HTTP and gRPC
+until SIGINT or SIGTERM, in one process or in several workers (gateway.workers)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import grpc
 from cheroot import wsgi
 
-from gateway import allocator, config
-from gateway.config import Settings
+from gateway import allocator, config, workers
+from gateway.config import Settings, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
 from gateway.core.limits import Limits
@@ -64,7 +65,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def start(settings: Settings, registry: ModelRegistry | None = None) -> Gateway:
+def start(
+    settings: Settings, registry: ModelRegistry | None = None, reuse_port: bool = False
+) -> Gateway:
     """Start both servers on their ports (0 picks free ones) and return once they accept."""
     dataplane = DataPlane(
         registry or ModelRegistry.from_specs(list(settings.model)),
@@ -76,7 +79,7 @@ def start(settings: Settings, registry: ModelRegistry | None = None) -> Gateway:
         ),
         Admission(settings.max_concurrency, settings.max_queue),
     )
-    grpc_server, grpc_port = build_grpc_server(settings, dataplane)
+    grpc_server, grpc_port = build_grpc_server(settings, dataplane, reuse_port)
     http_server, http_port = build_http_server(
         create_app(settings, dataplane),
         settings.host,
@@ -84,6 +87,7 @@ def start(settings: Settings, registry: ModelRegistry | None = None) -> Gateway:
         settings.http_threads,
         settings.request_timeout,
         settings.shutdown_grace,
+        reuse_port,
     )
     grpc_server.start()
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)
@@ -91,12 +95,17 @@ def start(settings: Settings, registry: ModelRegistry | None = None) -> Gateway:
     return Gateway(settings, dataplane, http_server, grpc_server, http_port, grpc_port, thread)
 
 
-def serve(settings: Settings) -> int:
+def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+
+
+def _serve_until_signal(
+    settings: Settings, reuse_port: bool, on_ready: Callable[[Gateway], None]
+) -> int:
     stopping = threading.Event()
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -105,25 +114,47 @@ def serve(settings: Settings) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-
     allocator.tune()
     try:
-        gateway = start(settings)
+        gateway = start(settings, reuse_port=reuse_port)
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    names = ",".join(settings.model)
-    log.info(
-        "image-gateway ready: http=%s grpc=%s models=%s pid=%d",
-        gateway.http_url,
-        gateway.grpc_target,
-        names,
-        os.getpid(),
-    )
+    on_ready(gateway)
     stopping.wait()
     gateway.stop()
-    log.info("image-gateway stopped")
     return 0
+
+
+def run_worker(settings: Settings, ready: Connection) -> int:
+    """One worker process of several (see gateway.workers)."""
+    _configure_logging(settings)
+
+    def _ready(_gateway: Gateway) -> None:
+        ready.send(True)
+        ready.close()
+
+    return _serve_until_signal(settings, reuse_port=True, on_ready=_ready)
+
+
+def serve(settings: Settings) -> int:
+    _configure_logging(settings)
+    if worker_count(settings) > 1:
+        return workers.supervise(settings)
+
+    def _ready(gateway: Gateway) -> None:
+        log.info(
+            "image-gateway ready: http=%s grpc=%s models=%s workers=1 pid=%d",
+            gateway.http_url,
+            gateway.grpc_target,
+            ",".join(settings.model),
+            os.getpid(),
+        )
+
+    code = _serve_until_signal(settings, reuse_port=False, on_ready=_ready)
+    if code == 0:
+        log.info("image-gateway stopped")
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -163,3 +163,48 @@ def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "no.such" in done.stderr
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_workers_share_the_ports_and_a_dead_worker_is_replaced(tmp_path: Path) -> None:
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    try:
+        assert "workers=2" in s.log.read_text()
+        # A process spawned by multiprocessing also has a resource tracker child at most.
+        workers = [
+            p
+            for p in children(s.proc.pid)
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = [
+                p
+                for p in children(s.proc.pid)
+                if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+            ]
+            if len(now) == 2 and workers[0] not in now:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the killed worker was not replaced")
+        for _ in range(8):
+            done = cli("infer", FILES[0], "--url", s.http_url)
+            assert json.loads(done.stdout)[0]["output"] == [427, 640, 3]
+        assert "starting another" in s.log.read_text()
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0

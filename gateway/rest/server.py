@@ -78,7 +78,13 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
 
 
 def build_http_server(
-    app: Flask, host: str, port: int, threads: int, request_timeout: float, shutdown_grace: float
+    app: Flask,
+    host: str,
+    port: int,
+    threads: int,
+    request_timeout: float,
+    shutdown_grace: float,
+    reuse_port: bool = False,
 ) -> tuple[wsgi.Server, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
     server = wsgi.Server(
@@ -94,6 +100,7 @@ def build_http_server(
         # Past it cheroot answers 503 itself rather than queueing without end.
         accepted_queue_size=256,
         accepted_queue_timeout=1,
+        reuse_port=reuse_port,
     )
     server.gateway = _gateway_with(Watchdog(request_timeout))
     server.prepare()

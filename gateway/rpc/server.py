@@ -12,7 +12,9 @@ from gateway.core.dataplane import DataPlane
 from gateway.rpc.servicer import ImageGatewayServicer
 
 
-def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.Server, int]:
+def build_grpc_server(
+    settings: Settings, dataplane: DataPlane, reuse_port: bool = False
+) -> tuple[grpc.Server, int]:
     """Bind (port 0 picks a free port) and return the server, not yet started, and its port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(
@@ -21,8 +23,8 @@ def build_grpc_server(settings: Settings, dataplane: DataPlane) -> tuple[grpc.Se
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", settings.max_request_bytes),
-            # One gateway per port: a second process on the same port is a mistake to report.
-            ("grpc.so_reuseport", 0),
+            # Workers share the port on purpose; a single process refuses a port already taken.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
     servicer = ImageGatewayServicer(dataplane)

@@ -1,0 +1,118 @@
+"""Several worker processes serving both protocols on the same ports.
+
+Each worker is a whole gateway (core, HTTP server, gRPC server) in its own process, with its own
+GIL; all bind their ports with SO_REUSEPORT, and the kernel spreads incoming connections across
+them. Workers are spawned, not forked, so no gRPC or OpenCV state crosses a fork.
+
+The supervisor binds each port first (SO_REUSEPORT, not listening) to learn it when the port is 0
+and to fail early when it is taken, passes the concrete ports to the workers, logs one ready line
+once all of them serve, forwards SIGTERM/SIGINT for a graceful drain, and restarts a worker that
+dies unexpectedly.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import replace
+from multiprocessing.connection import Connection
+
+from gateway.config import Settings, worker_count
+
+log = logging.getLogger("gateway")
+
+_RESTART_BACKOFF = 1.0
+
+
+def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (without listening) so that port 0 becomes a concrete port all workers share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock, int(sock.getsockname()[1])
+
+
+def _worker_main(settings: Settings, ready: Connection) -> None:
+    # Runs in the spawned child: imports the servers only here.
+    from gateway import serve
+
+    raise SystemExit(serve.run_worker(settings, ready))
+
+
+def supervise(settings: Settings) -> int:
+    count = worker_count(settings)
+    http_sock, http_port = reserve_port(settings.host, settings.http_port)
+    grpc_sock, grpc_port = reserve_port(settings.host, settings.grpc_port)
+    worker_settings = replace(settings, http_port=http_port, grpc_port=grpc_port, workers=1)
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s, draining %d workers", signal.Signals(signum).name, count)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def spawn() -> multiprocessing.process.BaseProcess:
+        parent, child = context.Pipe(duplex=False)
+        proc = context.Process(target=_worker_main, args=(worker_settings, child), daemon=False)
+        proc.start()
+        child.close()
+        # The worker writes one byte once both of its servers serve, or closes the pipe.
+        if not parent.poll(60) or not parent.recv():
+            proc.terminate()
+            proc.join(10)
+            raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
+        return proc
+
+    try:
+        procs = [spawn() for _ in range(count)]
+    except RuntimeError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info(
+        "image-gateway ready: http=http://%s:%d grpc=%s:%d models=%s workers=%d pid=%d",
+        host,
+        http_port,
+        host,
+        grpc_port,
+        ",".join(settings.model),
+        count,
+        os.getpid(),
+    )
+    while not stopping.wait(0.5):
+        for i, proc in enumerate(procs):
+            if not proc.is_alive() and not stopping.is_set():
+                log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
+                time.sleep(_RESTART_BACKOFF)
+                try:
+                    procs[i] = spawn()
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+    codes = []
+    for proc in procs:
+        proc.join(settings.shutdown_grace + 10)
+        if proc.is_alive():
+            log.error("worker %d did not stop in time; killing it", proc.pid)
+            proc.kill()
+            proc.join()
+        codes.append(proc.exitcode)
+    http_sock.close()
+    grpc_sock.close()
+    log.info("image-gateway stopped")
+    return 0 if all(code == 0 for code in codes) else 1
