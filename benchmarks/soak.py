@@ -39,11 +39,34 @@ IMAGES = ROOT / "tests" / "data" / "images"
 MiB = 1024 * 1024
 
 
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+def _status(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (the gateway's workers)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def rss(pid: int) -> int:
+    """Resident memory of the gateway: the supervisor and all its workers."""
+    return sum(_status(p, "VmRSS:") for p in descendants(pid))
 
 
 @dataclass

@@ -1,0 +1,492 @@
+"""`make bench`: the gateway against the decode limit and against plain baselines, one table.
+
+Everything runs on loopback on this machine, load generator included:
+- the in-process limit: a cv2.imdecode loop in 1 and in N processes (N = CPU cores);
+- baselines: a naive Flask app on Flask's development server, a bare grpcio server;
+- the gateway (`image-gateway serve`, default workers) over HTTP octet-stream, HTTP multipart
+  (8 images a request), gRPC Infer, InferBatch (8) and InferStream (8 messages a stream).
+HTTP load comes from wrk (a Lua script posts the body), gRPC load from h2load posting pre-framed
+gRPC messages; both are C programs that cost the server little CPU. Every target's answer is
+checked with a real client before it is timed. Results print as a Markdown table and are written
+as JSON to benchmarks/results/.
+
+Needs Debian's `wrk` and `nghttp2-client` (h2load): `apt-get install wrk nghttp2-client`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.images import BenchImage, bench_images  # noqa: E402
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
+from gateway import allocator  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SERVICE = "/imagegateway.v1.ImageGatewayService"
+READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) ")
+BATCH = 8
+BOUNDARY = "benchboundary"
+
+
+@dataclass
+class Row:
+    image: str
+    target: str
+    concurrency: int
+    images_per_request: int
+    requests_per_s: float
+    images_per_s: float
+    p50_ms: float | None
+    p99_ms: float | None
+    ratio_to_limit: float | None
+    errors: int
+
+
+# ---------------------------------------------------------------- the in-process decode limit
+
+
+def _decode_loop(data: bytes, seconds: float, out: multiprocessing.Queue[int]) -> None:
+    buf = np.frombuffer(data, np.uint8)
+    cv2.setNumThreads(1)
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        n += 1
+    out.put(n)
+
+
+def decode_limit(data: bytes, procs: int, seconds: float) -> float:
+    # The best a process can do: allocations reused from the heap, as the gateway sets up its
+    # own (see gateway/allocator.py), rather than a fresh mapping for every decoded image.
+    for name, value in allocator.ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[int] = ctx.Queue()
+    workers = [ctx.Process(target=_decode_loop, args=(data, seconds, out)) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    total = sum(out.get() for _ in workers)
+    for w in workers:
+        w.join()
+    return total / seconds
+
+
+# ---------------------------------------------------------------- servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextmanager
+def process(cmd: list[str], **kw: object) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(cmd, text=True, **kw)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def gateway(args: list[str]) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    cmd = [
+        str(Path(sys.executable).parent / "image-gateway"),
+        "serve",
+        "--http-port=0",
+        "--grpc-port=0",
+        "--log-level=INFO",
+        *args,
+    ]
+    with process(cmd, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            match = READY.search(line)
+            if match:
+                break
+        else:
+            raise RuntimeError("the gateway did not start")
+        # Keep reading its log so that the pipe never fills.
+        import threading
+
+        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+        yield match.group(1), match.group(2), proc
+
+
+# ---------------------------------------------------------------- load generators
+
+
+def run_wrk(
+    url: str, body: bytes, content_type: str, conc: int, seconds: float, warmup: float
+) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        env = {**os.environ, "BODY": f.name, "CTYPE": content_type}
+        script = str(HERE / "wrk_post.lua")
+        threads = "1" if conc < 8 else "2"
+        if warmup:
+            subprocess.run(
+                ["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(warmup))}s", "-s", script, url],
+                env=env,
+                capture_output=True,
+                check=True,
+            )
+        out = subprocess.run(
+            [
+                "wrk",
+                f"-t{threads}",
+                f"-c{conc}",
+                f"-d{max(1, round(seconds))}s",
+                "--timeout",
+                "30s",
+                "-s",
+                script,
+                url,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    return {
+        "rps": result["requests"] / (result["duration_us"] / 1e6),
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "errors": result["socket_errors"] + result["non2xx"],
+    }
+
+
+def grpc_frame(message: bytes) -> bytes:
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def run_h2load(url: str, data: bytes, conc: int, seconds: float, warmup: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = Path(tmp) / "data"
+        data_path.write_bytes(data)
+        log_path = Path(tmp) / "log"
+        out = subprocess.run(
+            [
+                "h2load",
+                f"-c{conc}",
+                "-m1",
+                "-t1",
+                f"--duration={max(1, round(seconds))}",
+                f"--warm-up-time={max(1, round(warmup))}",
+                "-d",
+                str(data_path),
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                f"--log-file={log_path}",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        latencies = sorted(
+            int(line.split("\t")[2]) for line in log_path.read_text().splitlines() if line
+        )
+    rps = float(re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
+    counts = re.search(r"requests: (\d+) total.*?(\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    assert counts
+    errors = int(counts.group(3)) + int(counts.group(4))
+
+    def pct(p: float) -> float | None:
+        if not latencies:
+            return None
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] / 1000
+
+    return {"rps": rps, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "errors": errors}
+
+
+# ---------------------------------------------------------------- targets
+
+
+def multipart_body(data: bytes, count: int) -> bytes:
+    parts = []
+    for i in range(count):
+        parts.append(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{i}"; '
+            f'filename="{i}.img"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+
+
+def check_http(url: str, body: bytes, ctype: str, expect: object) -> None:
+    resp = requests.post(url, data=body, headers={"Content-Type": ctype}, timeout=60)
+    resp.raise_for_status()
+    got = resp.json()
+    if isinstance(got, dict):
+        got = got.get("result", {}).get("output") or [r["output"] for r in got["results"]]
+    assert got == expect, f"{url}: {got} != {expect}"
+
+
+def check_grpc(target: str, method: str, payload: bytes, stream: bool) -> bytes:
+    with grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_send_message_length", 256 << 20),
+            ("grpc.max_receive_message_length", 256 << 20),
+        ],
+    ) as channel:
+        if stream:
+            call = channel.stream_stream(method)
+            messages = []
+            pos = 0
+            while pos < len(payload):
+                size = int.from_bytes(payload[pos + 1 : pos + 5], "big")
+                messages.append(payload[pos + 5 : pos + 5 + size])
+                pos += 5 + size
+            replies = list(call(iter(messages), timeout=60))
+            return b"".join(replies)
+        return channel.unary_unary(method)(payload, timeout=60)  # type: ignore[no-any-return]
+
+
+def gateway_targets(image: BenchImage, http_url: str, grpc_target: str) -> list[tuple]:
+    single = pb.InferRequest(image=pb.Image(data=image.data)).SerializeToString()
+    batch = pb.InferBatchRequest(images=[pb.Image(data=image.data)] * BATCH).SerializeToString()
+    stream = b"".join(
+        grpc_frame(pb.InferStreamRequest(image=pb.Image(data=image.data)).SerializeToString())
+        for _ in range(BATCH)
+    )
+    multipart = multipart_body(image.data, BATCH)
+    ctype = f"multipart/form-data; boundary={BOUNDARY}"
+    check_http(f"{http_url}/v1/infer", image.data, "application/octet-stream", image.shape)
+    check_http(f"{http_url}/v1/infer", multipart, ctype, [image.shape] * BATCH)
+    reply = pb.InferResponse.FromString(check_grpc(grpc_target, f"{SERVICE}/Infer", single, False))
+    assert [int(v.number_value) for v in reply.result.output.list_value.values] == image.shape
+    reply_b = pb.InferBatchResponse.FromString(
+        check_grpc(grpc_target, f"{SERVICE}/InferBatch", batch, False)
+    )
+    assert len(reply_b.results) == BATCH and all(r.HasField("output") for r in reply_b.results)
+    check_grpc(grpc_target, f"{SERVICE}/InferStream", stream, True)
+    http = f"{http_url}/v1/infer"
+    grpc_url = f"http://{grpc_target}{SERVICE}"
+    return [
+        ("gateway HTTP octet-stream", "wrk", http, image.data, "application/octet-stream", 1),
+        (f"gateway HTTP multipart x{BATCH}", "wrk", http, multipart, ctype, BATCH),
+        ("gateway gRPC Infer", "h2load", f"{grpc_url}/Infer", grpc_frame(single), None, 1),
+        (
+            f"gateway gRPC InferBatch x{BATCH}",
+            "h2load",
+            f"{grpc_url}/InferBatch",
+            grpc_frame(batch),
+            None,
+            BATCH,
+        ),
+        (
+            f"gateway gRPC InferStream x{BATCH}",
+            "h2load",
+            f"{grpc_url}/InferStream",
+            stream,
+            None,
+            BATCH,
+        ),
+    ]
+
+
+# ---------------------------------------------------------------- the run
+
+
+def machine() -> dict[str, object]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "opencv": cv2.__version__,
+        "grpcio": grpc.__version__,
+    }
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| image | target | conc. | req/s | images/s | p50 ms | p99 ms | x limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def f(v: float | None, digits: int = 1) -> str:
+        return "" if v is None else f"{v:.{digits}f}"
+
+    for r in rows:
+        errors = f" (errors: {r.errors})" if r.errors else ""
+        lines.append(
+            f"| {r.image} | {r.target}{errors} | "
+            f"{r.concurrency or ''} | {f(r.requests_per_s, 0)} | {f(r.images_per_s, 0)} | "
+            f"{f(r.p50_ms)} | {f(r.p99_ms)} | {f(r.ratio_to_limit, 2)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per cell")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--concurrency", default="1,8,64")
+    parser.add_argument("--images", default="64x64 PNG,640x480 JPEG,4000x3000 JPEG")
+    parser.add_argument("--gateway-args", default="", help="extra flags for image-gateway serve")
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args()
+    for tool in ("wrk", "h2load"):
+        if not shutil.which(tool):
+            parser.error(f"{tool} is missing: apt-get install wrk nghttp2-client")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    wanted = set(args.images.split(","))
+    images = [i for i in bench_images() if i.name in wanted]
+    cpus = len(os.sched_getaffinity(0))
+    rows: list[Row] = []
+
+    def record(
+        image: str, target: str, conc: int, per_req: int, result: dict[str, float], limit: float
+    ) -> None:
+        row = Row(
+            image,
+            target,
+            conc,
+            per_req,
+            result["rps"],
+            result["rps"] * per_req,
+            result["p50_ms"],
+            result["p99_ms"],
+            result["rps"] * per_req / limit,
+            int(result["errors"]),
+        )
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+
+    print(table([]))
+    naive_port, bare_port = free_port(), free_port()
+    with (
+        process(
+            [sys.executable, str(HERE / "baselines" / "naive_flask.py"), str(naive_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        process(
+            [sys.executable, str(HERE / "baselines" / "bare_grpc.py"), str(bare_port)],
+            stdout=subprocess.DEVNULL,
+        ),
+        gateway(args.gateway_args.split()) as (http_url, grpc_target, _),
+    ):
+        wait_for_port(naive_port)
+        wait_for_port(bare_port)
+        for image in images:
+            limit_1 = decode_limit(image.data, 1, 3.0)
+            limit_n = decode_limit(image.data, cpus, 3.0)
+            for label, value in (
+                ("cv2.imdecode loop, 1 process", limit_1),
+                (f"cv2.imdecode loop, {cpus} processes (the limit)", limit_n),
+            ):
+                rows.append(
+                    Row(image.name, label, 0, 1, value, value, None, None, value / limit_n, 0)
+                )
+                print(table([rows[-1]]).splitlines()[-1], flush=True)
+            targets = gateway_targets(image, http_url, grpc_target)
+            if not args.skip_baselines:
+                check_http(
+                    f"http://127.0.0.1:{naive_port}/",
+                    image.data,
+                    "application/octet-stream",
+                    image.shape,
+                )
+                assert (
+                    check_grpc(f"127.0.0.1:{bare_port}", "/bare.Bare/Infer", image.data, False)
+                    == ",".join(map(str, image.shape)).encode()
+                )
+                targets = [
+                    (
+                        "naive Flask (dev server)",
+                        "wrk",
+                        f"http://127.0.0.1:{naive_port}/",
+                        image.data,
+                        "application/octet-stream",
+                        1,
+                    ),
+                    (
+                        "bare grpcio server",
+                        "h2load",
+                        f"http://127.0.0.1:{bare_port}/bare.Bare/Infer",
+                        grpc_frame(image.data),
+                        None,
+                        1,
+                    ),
+                    *targets,
+                ]
+            for conc in concurrencies:
+                for name, tool, url, body, ctype, per_req in targets:
+                    if tool == "wrk":
+                        result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
+                    else:
+                        result = run_h2load(url, body, conc, args.duration, args.warmup)
+                    record(image.name, name, conc, per_req, result, limit_n)
+
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    report = {
+        "machine": machine(),
+        "gateway_args": args.gateway_args,
+        "duration_s": args.duration,
+        "rows": [asdict(r) for r in rows],
+    }
+    for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
+        path.write_text(json.dumps(report, indent=1))
+    print(f"\nmachine: {report['machine']}")
+    print(f"written: {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
