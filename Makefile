@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF := npx --yes @bufbuild/buf@1.75.0
 ARGS ?=
 
-.PHONY: install serve test proto lint format clean soak
+.PHONY: install serve test proto lint format clean soak bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ clean:
 
 soak: $(STAMP)
 	$(PY) benchmarks/soak.py $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(ARGS)

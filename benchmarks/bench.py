@@ -129,7 +129,11 @@ def process(cmd: list[str], **kw: object) -> Iterator[subprocess.Popen[str]]:
 
 
 @contextmanager
-def gateway(args: list[str]) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+def gateway(
+    args: list[str], extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
+    # PYTHONPATH: benchmark models load as benchmarks.models:... from the repository root.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
     cmd = [
         str(Path(sys.executable).parent / "image-gateway"),
         "serve",
@@ -138,7 +142,7 @@ def gateway(args: list[str]) -> Iterator[tuple[str, str, subprocess.Popen[str]]]
         "--log-level=INFO",
         *args,
     ]
-    with process(cmd, stderr=subprocess.PIPE) as proc:
+    with process(cmd, stderr=subprocess.PIPE, env=env) as proc:
         assert proc.stderr is not None
         for line in proc.stderr:
             match = READY.search(line)
@@ -332,6 +336,100 @@ def gateway_targets(image: BenchImage, http_url: str, grpc_target: str) -> list[
     ]
 
 
+# ---------------------------------------------------------------- dynamic batching
+
+
+def batching_rows(image: BenchImage, conc: int, seconds: float, warmup: float) -> list[Row]:
+    """The batching-friendly model with dynamic batching off, then on, over both protocols."""
+    rows = []
+    message = grpc_frame(pb.InferRequest(image=pb.Image(data=image.data)).SerializeToString())
+    for label, flag in (("off", "embedding=off"), ("on, 16 / 2 ms", "embedding=16:2")):
+        args = ["--model", "benchmarks.models:embedding", "--batching", flag]
+        # One BLAS thread per worker process, as a server of concurrent requests wants.
+        with gateway(args, {"OPENBLAS_NUM_THREADS": "1"}) as (http_url, grpc_target, _):
+            reply = pb.InferResponse.FromString(
+                check_grpc(grpc_target, f"{SERVICE}/Infer", message[5:], False)
+            )
+            assert len(reply.result.output.list_value.values) == 4
+            for name, result in (
+                (
+                    "HTTP octet-stream",
+                    run_wrk(
+                        f"{http_url}/v1/infer",
+                        image.data,
+                        "application/octet-stream",
+                        conc,
+                        seconds,
+                        warmup,
+                    ),
+                ),
+                (
+                    "gRPC Infer",
+                    run_h2load(
+                        f"http://{grpc_target}{SERVICE}/Infer", message, conc, seconds, warmup
+                    ),
+                ),
+            ):
+                rows.append(
+                    Row(
+                        image.name,
+                        f"embedding model, batching {label}, {name}",
+                        conc,
+                        1,
+                        result["rps"],
+                        result["rps"],
+                        result["p50_ms"],
+                        result["p99_ms"],
+                        None,
+                        int(result["errors"]),
+                    )
+                )
+                print(table([rows[-1]]).splitlines()[-1], flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- memory during a big upload
+
+
+def _status(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def upload_memory(megabytes: int) -> dict[str, float]:
+    """Peak RSS of a one-process gateway while it takes a `megabytes` MB image, per protocol."""
+    from benchmarks.images import noise_png
+
+    body = noise_png(megabytes)
+    out: dict[str, float] = {"body_mb": len(body) / 1e6}
+    with gateway(["--workers", "1"]) as (http_url, grpc_target, proc):
+        requests.post(f"{http_url}/v1/infer", data=bench_images()[0].data, timeout=60)
+        idle = _status(proc.pid, "VmRSS:")
+        out["idle_rss_mb"] = idle / 1e6
+        for name in ("http", "grpc"):
+            # Writing 5 to clear_refs resets the peak (VmHWM) to the current RSS.
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+            if name == "http":
+                resp = requests.post(
+                    f"{http_url}/v1/infer",
+                    data=body,
+                    timeout=120,
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+                assert resp.ok, resp.text
+            else:
+                check_grpc(
+                    grpc_target,
+                    f"{SERVICE}/Infer",
+                    pb.InferRequest(image=pb.Image(data=body)).SerializeToString(),
+                    False,
+                )
+            out[f"{name}_peak_rss_mb"] = _status(proc.pid, "VmHWM:") / 1e6
+    return out
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -379,6 +477,7 @@ def main() -> int:
     parser.add_argument("--images", default="64x64 PNG,640x480 JPEG,4000x3000 JPEG")
     parser.add_argument("--gateway-args", default="", help="extra flags for image-gateway serve")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--skip-batching", action="store_true")
     args = parser.parse_args()
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
@@ -473,6 +572,15 @@ def main() -> int:
                         result = run_h2load(url, body, conc, args.duration, args.warmup)
                     record(image.name, name, conc, per_req, result, limit_n)
 
+    if not args.skip_batching:
+        rows += batching_rows(bench_images()[0], 16, args.duration, args.warmup)
+    upload = upload_memory(50)
+    print(
+        f"\n50 MB upload ({upload['body_mb']:.1f} MB noise PNG, one worker): idle RSS "
+        f"{upload['idle_rss_mb']:.0f} MB, peak {upload['http_peak_rss_mb']:.0f} MB over HTTP, "
+        f"{upload['grpc_peak_rss_mb']:.0f} MB over gRPC (bound: idle + 3 x 50 = "
+        f"{upload['idle_rss_mb'] + 150:.0f} MB)"
+    )
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     report = {

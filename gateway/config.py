@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from gateway.core.batching import BatchPolicy
+
 ENV_PREFIX = "IMAGE_GATEWAY_"
 MiB = 1024 * 1024
 
@@ -25,6 +27,9 @@ class Settings:
     http_port: int = 5000
     grpc_port: int = 50051
     model: tuple[str, ...] = ("shape",)
+    # Dynamic batching per model: "NAME=MAX_BATCH:MAX_WAIT_MS" or "NAME=off"; models not named
+    # use their own max_batch_size / max_batch_wait_ms attributes, if any.
+    batching: tuple[str, ...] = ()
     # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per core.
     workers: int = 0
     # One cap for both fronts: an HTTP body, and a gRPC message in either direction. gRPC's own
@@ -52,6 +57,7 @@ _HELP = {
     "grpc_port": "gRPC port; 0 picks a free port and prints it",
     "model": "model to serve: a built-in (shape, qrcode) or package.module:factory; repeatable, "
     "the first is the default",
+    "batching": "dynamic batching for a model, NAME=MAX_BATCH:MAX_WAIT_MS or NAME=off; repeatable",
     "workers": "processes serving both protocols; 0 means one per CPU core",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
     "max_images": "most images in one request",
@@ -108,7 +114,30 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+_BATCHING = re.compile(r"([^=\s]+)=(?:off|([0-9]{1,4}):([0-9]{1,5}(?:\.[0-9]+)?))\Z")
+
+
+def _batching(text: str) -> str:
+    match = _BATCHING.match(text.strip())
+    if not match or (match.group(2) is not None and int(match.group(2)) < 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=MAX_BATCH:MAX_WAIT_MS (such as embed=16:5) or NAME=off"
+        )
+    return text.strip()
+
+
+def batch_policies(settings: Settings) -> dict[str, BatchPolicy | None]:
+    policies: dict[str, BatchPolicy | None] = {}
+    for entry in settings.batching:
+        match = _BATCHING.match(entry)
+        assert match, entry  # validated when parsed
+        name, size, wait_ms = match.groups()
+        policies[name] = None if size is None else BatchPolicy(int(size), float(wait_ms) / 1000)
+    return policies
+
+
 _TYPES: dict[str, Any] = {
+    "batching": _batching,
     "http_port": _port,
     "grpc_port": _port,
     "workers": _non_negative_int,
@@ -130,8 +159,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{_HELP[f.name]} (env {env_name(f.name)}, default {f.default!r})"
-        if f.name == "model":
-            parser.add_argument(flag, action="append", metavar="NAME", help=help_text)
+        if isinstance(f.default, tuple):
+            parser.add_argument(
+                flag,
+                action="append",
+                type=_TYPES.get(f.name, str),
+                metavar=f.name.upper(),
+                help=help_text,
+            )
         else:
             parser.add_argument(flag, type=_TYPES.get(f.name, str), help=help_text)
 
@@ -145,14 +180,15 @@ def from_namespace(
         if given is None and env_name(f.name) in environ:
             raw = environ[env_name(f.name)]
             try:
-                if f.name == "model":
-                    given = [m.strip() for m in raw.split(",") if m.strip()]
+                if isinstance(f.default, tuple):
+                    convert = _TYPES.get(f.name, str)
+                    given = [convert(m.strip()) for m in raw.split(",") if m.strip()]
                 else:
                     given = _TYPES.get(f.name, str)(raw)
             except (ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{env_name(f.name)}={raw!r}: {exc}")
         if given is not None:
-            values[f.name] = tuple(given) if f.name == "model" else given
+            values[f.name] = tuple(given) if isinstance(f.default, tuple) else given
     return Settings(**values)
 
 

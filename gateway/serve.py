@@ -78,6 +78,7 @@ def start(
             request_timeout=settings.request_timeout,
         ),
         Admission(settings.max_concurrency, settings.max_queue),
+        batching=config.batch_policies(settings),
     )
     grpc_server, grpc_port = build_grpc_server(settings, dataplane, reuse_port)
     http_server, http_port = build_http_server(

@@ -16,7 +16,14 @@ DATA = Path(__file__).parent / "data"
 IMAGES = sorted((DATA / "images").iterdir())
 UNSUPPORTED = sorted((DATA / "unsupported").iterdir())
 
-MODELS = ("shape", "qrcode", "tests.models:failing", "tests.models:slow", "tests.models:spy")
+MODELS = (
+    "shape",
+    "qrcode",
+    "tests.models:failing",
+    "tests.models:slow",
+    "tests.models:spy",
+    "tests.models:batching_spy",
+)
 
 
 @pytest.fixture(scope="session")

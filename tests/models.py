@@ -61,3 +61,30 @@ def slow() -> SlowModel:
 
 def spy() -> SpyModel:
     return SPY
+
+
+class BatchingSpy:
+    """Batched (its own attributes ask for it); records the size of every call it gets."""
+
+    name = "batching-spy"
+    description = "records batch sizes; fails a whole call holding an image 13 pixels wide"
+    max_batch_size = 16
+    max_batch_wait_ms = 300
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.lock = threading.Lock()
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        with self.lock:
+            self.batch_sizes.append(len(images))
+        if any(i.shape[1] == 13 for i in images):
+            raise ValueError("an image 13 pixels wide")
+        return [{"width": int(i.shape[1]), "tag": params.get("tag")} for i in images]
+
+
+BATCHING_SPY = BatchingSpy()
+
+
+def batching_spy() -> BatchingSpy:
+    return BATCHING_SPY

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
 
 from gateway.core.admission import Admission
+from gateway.core.batching import Batcher, BatchPolicy
 from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import Limits
@@ -25,6 +32,21 @@ from gateway.models.registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 
+# "No setting given": the model's own batching attributes decide.
+_MODEL_DEFAULT = BatchPolicy(0, 0.0)
+
+
+def resolve_policy(model: Model, configured: BatchPolicy | None) -> BatchPolicy | None:
+    """The configured policy; else the model's own `max_batch_size`/`max_batch_wait_ms`."""
+    if configured is not _MODEL_DEFAULT:
+        return configured
+    size = getattr(model, "max_batch_size", 0)
+    if isinstance(size, int) and size > 1:
+        wait_ms = float(getattr(model, "max_batch_wait_ms", 2.0))
+        return BatchPolicy(size, wait_ms / 1000)
+    return None
+
+
 def new_request_id(given: str | None = None) -> str:
     """The client's id when it sent a usable one, else a fresh one."""
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
@@ -38,10 +60,21 @@ class DataPlane:
         registry: ModelRegistry,
         limits: Limits | None = None,
         admission: Admission | None = None,
+        decode_threads: int = 0,
+        batching: Mapping[str, BatchPolicy | None] | None = None,
     ) -> None:
         self.registry = registry
         self.limits = limits or Limits()
-        self.admission = admission or Admission(max_concurrency=4, max_queue=32)
+        self.admission = admission or Admission(max_concurrency=2, max_queue=32)
+        # cv2.imdecode releases the GIL: the images of one request decode side by side.
+        self._decoders = ThreadPoolExecutor(
+            max_workers=decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
+        )
+        self.batchers: dict[str, Batcher] = {}
+        for model in registry:
+            policy = resolve_policy(model, (batching or {}).get(model.name, _MODEL_DEFAULT))
+            if policy is not None:
+                self.batchers[model.name] = Batcher(model, policy)
 
     def deadline(self, client_deadline: float | None = None) -> float:
         """The request's deadline: the server's timeout, or the client's if that is sooner."""
@@ -86,13 +119,22 @@ class DataPlane:
                 f"the images of this request hold {total} pixels together; this gateway decodes "
                 f"at most {self.limits.max_request_pixels} per request",
             )
+        batcher = self.batchers.get(model.name)
         with self.admission.slot(request.deadline):
-            decoded = [
-                self._decode(image.data, p, request)
-                for image, p in zip(request.images, items, strict=True)
-            ]
+            datas = [image.data for image in request.images]
+            if len(datas) == 1:
+                decoded = [self._decode(datas[0], items[0], request)]
+            else:
+                decoded = list(
+                    self._decoders.map(self._decode, datas, items, [request] * len(datas))
+                )
             good = [d for d in decoded if isinstance(d, DecodedImage)]
-            outputs = self._predict(model, good, request) if good else []
+            if batcher is None:
+                outputs = self._predict(model, model.predict, good, request) if good else []
+        # A batched request waits for others outside the slot: waiting costs no CPU, and the
+        # batcher runs one predict at a time for its model.
+        if batcher is not None:
+            outputs = self._predict(model, batcher.predict, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
         _check_deadline(request)
@@ -131,11 +173,15 @@ class DataPlane:
         return response
 
     def _predict(
-        self, model: Model, images: list[DecodedImage], request: InferRequest
+        self,
+        model: Model,
+        predict: Callable[[Sequence[np.ndarray], Mapping[str, Any]], Sequence[JSONValue]],
+        images: list[DecodedImage],
+        request: InferRequest,
     ) -> list[JSONValue]:
         _check_deadline(request)
         try:
-            outputs = model.predict([d.array for d in images], request.parameters)
+            outputs = predict([d.array for d in images], request.parameters)
             if len(outputs) != len(images):
                 raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
             return [to_json_value(o) for o in outputs]

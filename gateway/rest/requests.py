@@ -28,6 +28,7 @@ from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.types import ColorMode, ImageInput, InferRequest
 
 _CHUNK = 64 * 1024
+_BODY_CHUNK = 1024 * 1024
 # Text parts are model parameters: small by nature.
 MAX_FIELD_BYTES = 64 * 1024
 SETTINGS_KEY = "image_gateway.settings"
@@ -125,10 +126,26 @@ def _check_deadline() -> None:
         )
 
 
-def _read_body() -> bytes:
-    if request.content_length is not None:
-        # Werkzeug has already refused a Content-Length over the cap, before reading.
-        return request.get_data(cache=False)
+def _read_body() -> bytes | bytearray:
+    length = request.content_length
+    if length is not None:
+        # Werkzeug has already refused a Content-Length over the cap, before reading. Reading
+        # into one buffer of the announced size keeps a big upload at one copy in memory
+        # (get_data() holds the pieces and their join at once: twice the body).
+        body = bytearray(length)
+        view = memoryview(body)
+        pos = 0
+        while pos < length:
+            chunk = request.stream.read(min(_BODY_CHUNK, length - pos))
+            if not chunk:
+                raise GatewayError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"the body ended after {pos} of the {length} bytes its Content-Length says",
+                )
+            view[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+            _check_deadline()
+        return body
     # A chunked body: Werkzeug's stream stops quietly at the cap and raises 413 only on the
     # next read, so read until it ends or raises (get_data() would return the body truncated).
     chunks = []

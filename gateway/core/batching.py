@@ -1,0 +1,132 @@
+"""Dynamic batching: the images of concurrent requests for one model, merged into one predict.
+
+A model that gains from batches (one call on 16 images costing far less than 16 calls) gets a
+Batcher: each request hands its decoded images to it and waits; a single thread collects the
+requests that arrive within `max_wait` of the first, up to `max_batch_size` images, calls
+`predict` once, and gives each request its own slice of the outputs. Requests with different
+parameters are never merged. Model code does not change: it already takes a list.
+
+If the merged call fails, each request of the batch is retried on its own, so one bad request
+fails alone instead of failing every other client merged with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.models.base import JSONValue, Model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    # Seconds the first request of a batch may wait for others.
+    max_wait: float
+
+
+@dataclass
+class _Job:
+    images: Sequence[np.ndarray]
+    params: Mapping[str, Any]
+    future: Future[Sequence[JSONValue]] = field(default_factory=Future)
+
+
+class Batcher:
+    def __init__(self, model: Model, policy: BatchPolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self._pending: deque[_Job] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self.batches = 0
+        self._thread = threading.Thread(target=self._run, name=f"batcher-{model.name}", daemon=True)
+        self._thread.start()
+
+    def predict(
+        self, images: Sequence[np.ndarray], params: Mapping[str, Any]
+    ) -> Sequence[JSONValue]:
+        """Like model.predict, but possibly sharing one call with concurrent requests."""
+        job = _Job(images, params)
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append(job)
+            self._ready.notify()
+        return job.future.result()
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def _take_batch(self) -> list[_Job] | None:
+        with self._ready:
+            while not self._pending:
+                if self._closed:
+                    return None
+                self._ready.wait()
+            first = self._pending.popleft()
+            batch, size = [first], len(first.images)
+            deadline = time.monotonic() + self.policy.max_wait
+            while size < self.policy.max_batch_size:
+                match = next(
+                    (
+                        j
+                        for j in self._pending
+                        if j.params == first.params
+                        and size + len(j.images) <= self.policy.max_batch_size
+                    ),
+                    None,
+                )
+                if match is not None:
+                    self._pending.remove(match)
+                    batch.append(match)
+                    size += len(match.images)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            self.batches += 1
+            if len(batch) == 1:
+                self._run_alone(batch[0])
+                continue
+            images = [image for job in batch for image in job.images]
+            try:
+                outputs = self.model.predict(images, batch[0].params)
+                if len(outputs) != len(images):
+                    raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
+            except Exception:
+                log.warning(
+                    "model %r failed on a merged batch of %d requests; retrying each alone",
+                    self.model.name,
+                    len(batch),
+                )
+                for job in batch:
+                    self._run_alone(job)
+                continue
+            start = 0
+            for job in batch:
+                job.future.set_result(outputs[start : start + len(job.images)])
+                start += len(job.images)
+
+    def _run_alone(self, job: _Job) -> None:
+        try:
+            job.future.set_result(self.model.predict(job.images, job.params))
+        except BaseException as exc:  # handed to the waiting request, which reports it
+            job.future.set_exception(exc)

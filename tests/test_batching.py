@@ -1,0 +1,93 @@
+"""Dynamic batching: concurrent requests share a predict call, and fail only alone."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import grpc
+import numpy as np
+import requests
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway import config
+from gateway.core.batching import BatchPolicy
+from gateway.serve import Gateway
+from tests.models import BATCHING_SPY
+from tests.wire import grpc_result
+
+MODEL = "batching-spy"
+
+
+def png(width: int) -> bytes:
+    ok, buf = cv2.imencode(".png", np.zeros((8, width, 3), np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def call(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub, i: int, width: int, tag: str = "a"
+) -> dict:
+    if i % 2:
+        request = pb.InferRequest(model=MODEL, image=pb.Image(data=png(width)))
+        request.parameters.update({"tag": tag})
+        try:
+            return grpc_result(stub.Infer(request, timeout=30).result)
+        except grpc.RpcError as exc:
+            return {"error": {"code": dict(exc.trailing_metadata())["error-code"]}}
+    resp = requests.post(
+        f"{gateway.http_url}/v1/models/{MODEL}/infer",
+        data=png(width),
+        params={"tag": tag},
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    body = resp.json()
+    return body["result"] if resp.ok else {"error": body["error"]}
+
+
+def test_concurrent_requests_from_both_protocols_share_calls(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    before = len(BATCHING_SPY.batch_sizes)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: call(gateway, stub, i, 20 + i), range(8)))
+    # Each request gets its own output back, whatever batch it rode in.
+    assert [r["output"]["width"] for r in results] == [20 + i for i in range(8)]
+    sizes = BATCHING_SPY.batch_sizes[before:]
+    assert sum(sizes) == 8
+    assert max(sizes) > 1, sizes
+
+
+def test_a_failing_request_fails_alone(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    widths = [20, 13, 21, 22, 23, 24]
+    with ThreadPoolExecutor(len(widths)) as pool:
+        results = list(pool.map(lambda a: call(gateway, stub, *a), enumerate(widths)))
+    assert results[1]["error"]["code"] == "model_error"
+    for width, result in zip(widths, results, strict=True):
+        if width != 13:
+            assert result["output"]["width"] == width
+
+
+def test_different_parameters_are_never_merged(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda i: call(gateway, stub, i, 30, tag="ab"[i % 2]), range(6)))
+    assert [r["output"]["tag"] for r in results] == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_batching_settings() -> None:
+    settings = config.parse(["--batching", "embed=16:5", "--batching", "shape=off"], {})
+    assert config.batch_policies(settings) == {"embed": BatchPolicy(16, 0.005), "shape": None}
+    env = config.parse([], {"IMAGE_GATEWAY_BATCHING": "embed=8:2.5"})
+    assert config.batch_policies(env) == {"embed": BatchPolicy(8, 0.0025)}
+    for bad in ("embed", "embed=0:5", "embed=16", "=16:5", "embed=16:x"):
+        try:
+            config.parse(["--batching", bad], {})
+        except SystemExit:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
