@@ -48,6 +48,7 @@ def main() -> int:
             "serve",
             "--http-port=0",
             "--grpc-port=0",
+            "--workers=1",
         ],
         stderr=subprocess.PIPE,
         text=True,
