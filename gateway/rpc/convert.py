@@ -13,9 +13,9 @@ from gateway.core.types import (
     InferRequest,
     InferResponse,
     ItemResult,
-    JSONValue,
     ModelInfo,
 )
+from gateway.models.base import JSONValue
 
 _COLOR_MODES: dict[int, ColorMode] = {
     pb.COLOR_MODE_UNSPECIFIED: ColorMode.COLOR,
