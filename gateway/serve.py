@@ -105,9 +105,22 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _serve_until_signal(
-    settings: Settings, reuse_port: bool, on_ready: Callable[[Gateway], None]
+    settings: Settings,
+    reuse_port: bool,
+    on_ready: Callable[[Gateway], None],
+    parent: int | None = None,
 ) -> int:
     stopping = threading.Event()
+    if parent is not None:
+        # A worker whose supervisor is gone (killed with SIGKILL, say) drains and exits rather
+        # than holding the ports for ever.
+        def _watch_parent() -> None:
+            while not stopping.wait(1.0):
+                if os.getppid() != parent:
+                    log.warning("the supervisor is gone; shutting down")
+                    stopping.set()
+
+        threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
@@ -127,7 +140,7 @@ def _serve_until_signal(
     return 0
 
 
-def run_worker(settings: Settings, ready: Connection) -> int:
+def run_worker(settings: Settings, ready: Connection, parent: int) -> int:
     """One worker process of several (see gateway.workers)."""
     _configure_logging(settings)
 
@@ -135,7 +148,7 @@ def run_worker(settings: Settings, ready: Connection) -> int:
         ready.send(True)
         ready.close()
 
-    return _serve_until_signal(settings, reuse_port=True, on_ready=_ready)
+    return _serve_until_signal(settings, reuse_port=True, on_ready=_ready, parent=parent)
 
 
 def serve(settings: Settings) -> int:

@@ -42,11 +42,11 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
-def _worker_main(settings: Settings, ready: Connection) -> None:
+def _worker_main(settings: Settings, ready: Connection, parent: int) -> None:
     # Runs in the spawned child: imports the servers only here.
     from gateway import serve
 
-    raise SystemExit(serve.run_worker(settings, ready))
+    raise SystemExit(serve.run_worker(settings, ready, parent))
 
 
 def supervise(settings: Settings) -> int:
@@ -66,7 +66,9 @@ def supervise(settings: Settings) -> int:
 
     def spawn() -> multiprocessing.process.BaseProcess:
         parent, child = context.Pipe(duplex=False)
-        proc = context.Process(target=_worker_main, args=(worker_settings, child), daemon=False)
+        proc = context.Process(
+            target=_worker_main, args=(worker_settings, child, os.getpid()), daemon=False
+        )
         proc.start()
         child.close()
         # The worker writes one byte once both of its servers serve, or closes the pipe.

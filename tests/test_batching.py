@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import cv2
 import grpc
@@ -12,7 +15,7 @@ import requests
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
-from gateway.core.batching import BatchPolicy
+from gateway.core.batching import Batcher, BatchPolicy
 from gateway.serve import Gateway
 from tests.models import BATCHING_SPY
 from tests.wire import grpc_result
@@ -91,3 +94,48 @@ def test_batching_settings() -> None:
         except SystemExit:
             continue
         raise AssertionError(f"{bad!r} was accepted")
+
+
+class GatedModel:
+    """Blocks its first call until released, so that requests pile up behind it."""
+
+    name = "gated"
+    description = "for ordering tests"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        if not self.calls:
+            self.calls.append([str(params["tag"])])
+            self.release.wait(10)
+            return [params["tag"]] * len(images)
+        self.calls.append([str(params["tag"])] * len(images))
+        return [params["tag"]] * len(images)
+
+
+def test_batcher_takes_matching_jobs_from_anywhere_in_its_queue() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.05))
+
+    def image() -> np.ndarray:
+        # A new array each time: jobs must never be compared by their contents.
+        return np.zeros((2, 2, 3), np.uint8)
+
+    try:
+        with ThreadPoolExecutor(7) as pool:
+            first = pool.submit(batcher.predict, [image()], {"tag": "x"}, 10)
+            while not model.calls:
+                threading.Event().wait(0.01)
+            # Queued behind the blocked call, with parameters interleaved.
+            tags = ["a", "b", "a", "b", "a", "b"]
+            futures = [pool.submit(batcher.predict, [image()], {"tag": t}, 10) for t in tags]
+            threading.Event().wait(0.2)
+            model.release.set()
+            assert first.result() == ["x"]
+            assert [f.result() for f in futures] == [[t] for t in tags]
+        # After the first call: all the "a"s in one call and all the "b"s in another.
+        assert sorted(model.calls[1:]) == [["a", "a", "a"], ["b", "b", "b"]]
+    finally:
+        batcher.close()

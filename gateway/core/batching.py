@@ -35,7 +35,7 @@ class BatchPolicy:
     max_wait: float
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity; their images are arrays
 class _Job:
     images: Sequence[np.ndarray]
     params: Mapping[str, Any]
@@ -54,16 +54,22 @@ class Batcher:
         self._thread.start()
 
     def predict(
-        self, images: Sequence[np.ndarray], params: Mapping[str, Any]
+        self,
+        images: Sequence[np.ndarray],
+        params: Mapping[str, Any],
+        timeout: float | None = None,
     ) -> Sequence[JSONValue]:
-        """Like model.predict, but possibly sharing one call with concurrent requests."""
+        """Like model.predict, but possibly sharing one call with concurrent requests.
+
+        Raises TimeoutError if no answer comes within `timeout` seconds.
+        """
         job = _Job(images, params)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(job)
             self._ready.notify()
-        return job.future.result()
+        return job.future.result(timeout)
 
     def close(self) -> None:
         with self._ready:
@@ -103,27 +109,36 @@ class Batcher:
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
             self.batches += 1
-            if len(batch) == 1:
-                self._run_alone(batch[0])
-                continue
-            images = [image for job in batch for image in job.images]
             try:
-                outputs = self.model.predict(images, batch[0].params)
-                if len(outputs) != len(images):
-                    raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
-            except Exception:
-                log.warning(
-                    "model %r failed on a merged batch of %d requests; retrying each alone",
-                    self.model.name,
-                    len(batch),
-                )
+                self._run_batch(batch)
+            except BaseException as exc:  # never leave a request waiting for ever
+                log.exception("batcher for %r failed", self.model.name)
                 for job in batch:
-                    self._run_alone(job)
-                continue
-            start = 0
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        if len(batch) == 1:
+            self._run_alone(batch[0])
+            return
+        images = [image for job in batch for image in job.images]
+        try:
+            outputs = self.model.predict(images, batch[0].params)
+            if len(outputs) != len(images):
+                raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
+        except Exception:
+            log.warning(
+                "model %r failed on a merged batch of %d requests; retrying each alone",
+                self.model.name,
+                len(batch),
+            )
             for job in batch:
-                job.future.set_result(outputs[start : start + len(job.images)])
-                start += len(job.images)
+                self._run_alone(job)
+            return
+        start = 0
+        for job in batch:
+            job.future.set_result(outputs[start : start + len(job.images)])
+            start += len(job.images)
 
     def _run_alone(self, job: _Job) -> None:
         try:

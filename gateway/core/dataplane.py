@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -134,7 +135,11 @@ class DataPlane:
         # A batched request waits for others outside the slot: waiting costs no CPU, and the
         # batcher runs one predict at a time for its model.
         if batcher is not None:
-            outputs = self._predict(model, batcher.predict, good, request) if good else []
+            remaining = None
+            if request.deadline is not None:
+                remaining = max(0.0, request.deadline - time.monotonic())
+            predict = functools.partial(batcher.predict, timeout=remaining)
+            outputs = self._predict(model, predict, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
         _check_deadline(request)
@@ -187,6 +192,10 @@ class DataPlane:
             return [to_json_value(o) for o in outputs]
         except (GatewayError, KeyboardInterrupt):
             raise
+        except TimeoutError:
+            raise GatewayError(
+                ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed waiting for the model"
+            ) from None
         except (Exception, NotJSONError):
             log.exception("model %r failed, request id %s", model.name, request.request_id)
             raise GatewayError(
