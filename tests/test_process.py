@@ -208,3 +208,19 @@ def test_workers_share_the_ports_and_a_dead_worker_is_replaced(tmp_path: Path) -
     finally:
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    workers = [
+        p for p in children(s.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+    ]
+    assert len(workers) == 2
+    s.proc.kill()
+    s.proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.2)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()]
+    assert alive == [], "workers outlived their supervisor"
+    assert "the supervisor is gone" in s.log.read_text()
