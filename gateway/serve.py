@@ -9,12 +9,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import grpc
 from cheroot import wsgi
+from grpc_health.v1 import health
 
 from gateway import allocator, config, workers
 from gateway.config import Settings, worker_count
@@ -37,6 +39,7 @@ class Gateway:
     dataplane: DataPlane
     http: wsgi.Server
     grpc: grpc.Server
+    health: health.HealthServicer
     http_port: int
     grpc_port: int
     _http_thread: threading.Thread
@@ -50,15 +53,20 @@ class Gateway:
         return f"{_url_host(self.settings.host)}:{self.grpc_port}"
 
     def stop(self) -> None:
-        """Drain: refuse new requests, let in-flight ones finish within the grace period."""
-        grace = self.settings.shutdown_grace
-        self.dataplane.admission.drain()
+        """Drain: report not ready and refuse new requests at once, while still answering
+        health checks, let in-flight requests finish within the grace period, then close."""
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        self.dataplane.admission.drain()  # /readyz answers 503 from here on
+        self.health.enter_graceful_shutdown()  # grpc.health.v1: NOT_SERVING
+        while self.dataplane.admission.active and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = max(0.0, deadline - time.monotonic())
         # gRPC refuses new calls at once and cancels what is left after the grace period.
-        grpc_done = self.grpc.stop(grace)
+        grpc_done = self.grpc.stop(remaining)
         # cheroot closes its listener, then waits up to shutdown_timeout for busy threads.
         self.http.stop()
-        self._http_thread.join(grace)
-        grpc_done.wait(grace)
+        self._http_thread.join(remaining)
+        grpc_done.wait(remaining)
 
 
 def _url_host(host: str) -> str:
@@ -80,7 +88,7 @@ def start(
         Admission(settings.max_concurrency, settings.max_queue),
         batching=config.batch_policies(settings),
     )
-    grpc_server, grpc_port = build_grpc_server(settings, dataplane, reuse_port)
+    grpc_server, grpc_port, health_servicer = build_grpc_server(settings, dataplane, reuse_port)
     http_server, http_port = build_http_server(
         create_app(settings, dataplane),
         settings.host,
@@ -93,7 +101,9 @@ def start(
     grpc_server.start()
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)
     thread.start()
-    return Gateway(settings, dataplane, http_server, grpc_server, http_port, grpc_port, thread)
+    return Gateway(
+        settings, dataplane, http_server, grpc_server, health_servicer, http_port, grpc_port, thread
+    )
 
 
 def _configure_logging(settings: Settings) -> None:

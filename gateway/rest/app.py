@@ -31,6 +31,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             response.headers[REQUEST_ID_HEADER] = g.request_id
         return response
 
+    app.register_blueprint(routes.probes)
     app.register_blueprint(routes.v1)
     app.register_blueprint(routes.minimal)
     errors.register(app)

@@ -22,6 +22,24 @@ def dataplane() -> DataPlane:
     return plane
 
 
+# Probes for load balancers and Kubernetes, outside /v1: they describe the process, not the API.
+probes = Blueprint("probes", __name__)
+
+
+@probes.get("/healthz")
+def live() -> Response:
+    """Live: the process answers. Stays 200 while draining, so a drain is not a crash."""
+    return jsonify({"status": "ok"})
+
+
+@probes.get("/readyz")
+def ready() -> tuple[Response, int]:
+    """Ready: models loaded (they load before the server listens) and not draining."""
+    if dataplane().admission.draining:
+        return jsonify({"status": "draining"}), 503
+    return jsonify({"status": "ready", "models": dataplane().registry.names()}), 200
+
+
 @v1.get("/models")
 def list_models() -> Response:
     return jsonify({"models": [model_json(m) for m in dataplane().list_models()]})

@@ -5,17 +5,23 @@ from __future__ import annotations
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.core.dataplane import DataPlane
 from gateway.rpc.servicer import ImageGatewayServicer
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGatewayService"].full_name
+
 
 def build_grpc_server(
     settings: Settings, dataplane: DataPlane, reuse_port: bool = False
-) -> tuple[grpc.Server, int]:
-    """Bind (port 0 picks a free port) and return the server, not yet started, and its port."""
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Bind (port 0 picks a free port); return the server (not yet started), its port, and its
+    health service, which reports SERVING for the whole server ("") and for our service."""
     server = grpc.server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_threads, thread_name_prefix="grpc-worker"
@@ -29,8 +35,16 @@ def build_grpc_server(
     )
     servicer = ImageGatewayServicer(dataplane)
     pb_grpc.add_ImageGatewayServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    # Health checks are answered from the calling thread, never queued behind inference.
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
-    return server, port
+    return server, port, health_servicer

@@ -1,0 +1,81 @@
+"""Health (grpc.health.v1 and HTTP probes) and server reflection, as tools see them."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import requests
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.config import Settings
+from gateway.serve import Gateway, start
+from tests.conftest import DATA
+from tests.wire import post_octet
+
+SERVICE = "imagegateway.v1.ImageGatewayService"
+PNG = (DATA / "images" / "hopper.png").read_bytes()
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_serving(gateway: Gateway, channel: grpc.Channel) -> None:
+    assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    assert requests.get(f"{gateway.http_url}/healthz", timeout=5).json() == {"status": "ok"}
+    ready = requests.get(f"{gateway.http_url}/readyz", timeout=5)
+    assert ready.status_code == 200
+    assert "shape" in ready.json()["models"]
+
+
+def test_reflection_lists_and_describes_the_service(channel: grpc.Channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = database.get_services()
+    assert SERVICE in services
+    assert "grpc.health.v1.Health" in services
+    service = DescriptorPool(database).FindServiceByName(SERVICE)
+    assert {m.name for m in service.methods} == {
+        "Infer",
+        "InferBatch",
+        "InferStream",
+        "ListModels",
+        "GetModel",
+    }
+    assert service.methods_by_name["Infer"].input_type.full_name == "imagegateway.v1.InferRequest"
+
+
+def test_drain_flips_health_before_in_flight_work_ends() -> None:
+    gw = start(Settings(http_port=0, grpc_port=0, model=("tests.models:slow",), shutdown_grace=10))
+    with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(2) as pool:
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        busy = pool.submit(post_octet, gw.http_url, "slow", PNG, params={"seconds": "1.5"})
+        while gw.dataplane.admission.active == 0:
+            time.sleep(0.01)
+        stopping = pool.submit(gw.stop)
+        while not gw.dataplane.admission.draining:
+            time.sleep(0.01)
+        # The busy request is still in the model; both protocols already say "not serving".
+        assert not busy.done()
+        assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(channel, SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert requests.get(f"{gw.http_url}/readyz", timeout=5).status_code == 503
+        assert requests.get(f"{gw.http_url}/healthz", timeout=5).status_code == 200
+        refused = pb.InferRequest(image=pb.Image(data=PNG))
+        try:
+            pb_grpc.ImageGatewayServiceStub(channel).Infer(refused, timeout=5)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+        else:
+            raise AssertionError("a request during the drain was served")
+        assert busy.result().status_code == 200
+        stopping.result()
