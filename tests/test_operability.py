@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 import requests
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -79,3 +83,59 @@ def test_drain_flips_health_before_in_flight_work_ends() -> None:
             raise AssertionError("a request during the drain was served")
         assert busy.result().status_code == 200
         stopping.result()
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+
+
+def test_one_access_record_per_request_on_both_protocols(
+    gateway: Gateway, channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    post_octet(gateway.http_url, "shape", PNG, headers={"X-Request-ID": "log-http-1"})
+    post_octet(gateway.http_url, "shape", b"junk", headers={"X-Request-ID": "log-http-2"})
+    stub = pb_grpc.ImageGatewayServiceStub(channel)
+    stub.InferBatch(
+        pb.InferBatchRequest(model="shape", images=[pb.Image(data=PNG)] * 2),
+        metadata=[("x-request-id", "log-grpc-1")],
+        timeout=10,
+    )
+    with contextlib.suppress(grpc.RpcError):  # its access record is what is checked
+        stub.Infer(
+            pb.InferRequest(image=pb.Image(data=b"junk")),
+            metadata=[("x-request-id", "log-grpc-2")],
+            timeout=10,
+        )
+    records = {r["request_id"]: r for r in access_records(caplog)}
+    http_ok, http_bad = records["log-http-1"], records["log-http-2"]
+    assert (http_ok["protocol"], http_ok["status"], http_ok["model"], http_ok["images"]) == (
+        "http",
+        "200",
+        "shape",
+        1,
+    )
+    assert http_ok["method"] == "POST /v1/models/<model>/infer"
+    assert http_ok["bytes_in"] == len(PNG) and http_ok["bytes_out"] > 0
+    assert http_bad["status"] == "422"
+    grpc_ok, grpc_bad = records["log-grpc-1"], records["log-grpc-2"]
+    assert (grpc_ok["protocol"], grpc_ok["method"], grpc_ok["status"], grpc_ok["images"]) == (
+        "grpc",
+        "InferBatch",
+        "OK",
+        2,
+    )
+    assert grpc_bad["status"] == "INVALID_ARGUMENT"
+    for record in (http_ok, grpc_ok):
+        assert set(record) == {
+            "ts",
+            "request_id",
+            "protocol",
+            "method",
+            "model",
+            "images",
+            "status",
+            "bytes_in",
+            "bytes_out",
+            "duration_ms",
+        }

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 from flask import Flask, Response, g, request
 
 from gateway.config import Settings
+from gateway.core.access import log_access
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
@@ -22,6 +25,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
 
     @app.before_request
     def _assign_request_id() -> None:
+        g.started = time.perf_counter()
         g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
         g.deadline = dataplane.deadline()
 
@@ -29,6 +33,17 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
     def _return_request_id(response: Response) -> Response:
         if "request_id" in g:
             response.headers[REQUEST_ID_HEADER] = g.request_id
+            log_access(
+                request_id=g.request_id,
+                protocol="http",
+                method=f"{request.method} {request.url_rule.rule if request.url_rule else '-'}",
+                model=g.get("model", ""),
+                images=g.get("images", 0),
+                status=str(response.status_code),
+                bytes_in=request.content_length or 0,
+                bytes_out=response.calculate_content_length() or 0,
+                started=g.started,
+            )
         return response
 
     app.register_blueprint(routes.probes)

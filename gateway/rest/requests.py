@@ -109,6 +109,7 @@ def _infer_request(
             ErrorCode.INVALID_REQUEST,
             f"color_mode {color_mode!r} is not one of: {', '.join(m.value for m in ColorMode)}",
         ) from None
+    g.images = len(images)
     return InferRequest(
         model=model,
         images=images,

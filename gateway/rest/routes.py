@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, g, jsonify
 
 from gateway.core.dataplane import DataPlane
 from gateway.rest import requests as http_requests
@@ -53,6 +53,7 @@ def get_model(model: str) -> Response:
 @v1.post("/infer", defaults={"model": ""})
 @v1.post("/models/<model>/infer")
 def infer(model: str) -> Response:
+    g.model = model or dataplane().registry.default_name
     if http_requests.is_multipart():
         return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
     return jsonify(infer_json(dataplane().infer_one(http_requests.single_image_request(model))))
@@ -60,12 +61,14 @@ def infer(model: str) -> Response:
 
 @minimal.post("/")
 def infer_bare() -> Response:
+    g.model = dataplane().registry.default_name
     response = dataplane().infer_one(http_requests.single_image_request(""))
     return jsonify(response.results[0].output)
 
 
 @minimal.post("/multi")
 def infer_multi_bare() -> Response:
+    g.model = dataplane().registry.default_name
     response = dataplane().infer(http_requests.multipart_request(""))
     for result in response.results:
         if result.error is not None:

@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.core.access import log_access
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.types import InferResponse, ItemError, ItemResult
@@ -52,12 +54,16 @@ def unary(
 
     @functools.wraps(method)
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
+        started = time.perf_counter()
         request_id = _request_id(context)
+        status, response = "OK", None
         try:
             response = method(self, request, context, request_id)
         except GatewayError as exc:
+            status = exc.error.grpc_status
             _abort(context, exc.error, exc.message, request_id)
         except Exception:
+            status = "INTERNAL"
             log.exception("unhandled error, request id %s", request_id)
             _abort(
                 context,
@@ -65,6 +71,8 @@ def unary(
                 f"internal error (request id {request_id}); the server log has the details",
                 request_id,
             )
+        finally:
+            _log_call(method.__name__, request, response, status, request_id, started)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return response
 
@@ -72,6 +80,23 @@ def unary(
 
 
 # The generated servicer base has no type stubs.
+def _log_call(
+    method: str, request: object, response: object, status: str, request_id: str, started: float
+) -> None:
+    images = getattr(request, "images", None)
+    log_access(
+        request_id=request_id,
+        protocol="grpc",
+        method=method,
+        model=str(getattr(request, "model", "")),
+        images=len(images) if images is not None else int(hasattr(request, "image")),
+        status=status,
+        bytes_in=request.ByteSize() if isinstance(request, Message) else 0,
+        bytes_out=response.ByteSize() if isinstance(response, Message) else 0,
+        started=started,
+    )
+
+
 class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
@@ -105,12 +130,17 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             core = convert.single_request(
                 request, request_id, self.dataplane.deadline(_client_deadline(context))
             )
+            started = time.perf_counter()
             try:
                 response = self.dataplane.infer(core)
             except GatewayError as exc:
                 failed = ItemResult(request.image.name, error=ItemError(exc.error, exc.message))
                 response = InferResponse(request.model, request_id, (failed,))
-            yield convert.stream_response(response)
+            reply = convert.stream_response(response)
+            error = reply.result.error.code if reply.result.HasField("error") else ""
+            status = ErrorCode.from_code(error).grpc_status if error else "OK"
+            _log_call("InferStream", request, reply, status, request_id, started)
+            yield reply
 
     @unary
     def ListModels(

@@ -1,0 +1,45 @@
+"""One structured access-log record per request, the same shape for both protocols.
+
+Records are JSON lines on the `gateway.access` logger: {"ts", "request_id", "protocol", "method",
+"model", "images", "status", "bytes_in", "bytes_out", "duration_ms"}. Set the log level to
+WARNING to silence them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+log = logging.getLogger("gateway.access")
+
+
+def log_access(
+    *,
+    request_id: str,
+    protocol: str,
+    method: str,
+    model: str,
+    images: int,
+    status: str,
+    bytes_in: int,
+    bytes_out: int,
+    started: float,
+) -> None:
+    """`started` is the request's time.perf_counter() at arrival; `status` the HTTP status or
+    the gRPC status name."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record = {
+        "ts": round(time.time(), 3),
+        "request_id": request_id,
+        "protocol": protocol,
+        "method": method,
+        "model": model,
+        "images": images,
+        "status": status,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+    log.info(json.dumps(record, separators=(",", ":")))
