@@ -30,6 +30,9 @@ class Settings:
     # Dynamic batching per model: "NAME=MAX_BATCH:MAX_WAIT_MS" or "NAME=off"; models not named
     # use their own max_batch_size / max_batch_wait_ms attributes, if any.
     batching: tuple[str, ...] = ()
+    # Browser origins allowed to call the HTTP API (CORS), such as "https://app.example.com";
+    # none by default.
+    cors_origin: tuple[str, ...] = ()
     # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per core.
     workers: int = 0
     # One cap for both fronts: an HTTP body, and a gRPC message in either direction. gRPC's own
@@ -58,6 +61,7 @@ _HELP = {
     "model": "model to serve: a built-in (shape, qrcode) or package.module:factory; repeatable, "
     "the first is the default",
     "batching": "dynamic batching for a model, NAME=MAX_BATCH:MAX_WAIT_MS or NAME=off; repeatable",
+    "cors_origin": "a browser origin allowed to call the HTTP API (CORS); repeatable, '*' for any",
     "workers": "processes serving both protocols; 0 means one per CPU core",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
     "max_images": "most images in one request",

@@ -139,3 +139,52 @@ def test_one_access_record_per_request_on_both_protocols(
             "bytes_out",
             "duration_ms",
         }
+
+
+def test_cors_allows_only_configured_origins() -> None:
+    gw = start(
+        Settings(http_port=0, grpc_port=0, cors_origin=("http://app.example:8080",), workers=1)
+    )
+    try:
+        url = f"{gw.http_url}/v1/infer"
+        allowed = {"Origin": "http://app.example:8080"}
+        preflight = requests.options(
+            url,
+            headers={
+                **allowed,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+            timeout=5,
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["Access-Control-Allow-Origin"] == "http://app.example:8080"
+        assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+        posted = requests.post(
+            url,
+            data=PNG,
+            headers={**allowed, "Content-Type": "application/octet-stream"},
+            timeout=5,
+        )
+        assert posted.headers["Access-Control-Allow-Origin"] == "http://app.example:8080"
+        assert "X-Request-ID" in posted.headers["Access-Control-Expose-Headers"]
+        other = requests.post(
+            url,
+            data=PNG,
+            headers={"Origin": "http://evil.example", "Content-Type": "application/octet-stream"},
+            timeout=5,
+        )
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        gw.stop()
+
+
+def test_no_cors_by_default(gateway: Gateway) -> None:
+    resp = requests.post(
+        f"{gateway.http_url}/v1/infer",
+        data=PNG,
+        headers={"Origin": "http://app.example", "Content-Type": "application/octet-stream"},
+        timeout=5,
+    )
+    assert resp.status_code == 200
+    assert "Access-Control-Allow-Origin" not in resp.headers

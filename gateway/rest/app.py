@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from flask import Flask, Response, g, request
+from flask_cors import CORS
 
 from gateway.config import Settings
 from gateway.core.access import log_access
@@ -46,6 +47,16 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             )
         return response
 
+    if settings.cors_origin:
+        # Preflight answered by flask-cors; X-Request-ID readable by the page's script.
+        CORS(
+            app,
+            origins=list(settings.cors_origin),
+            methods=["GET", "POST"],
+            allow_headers=["Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
+            max_age=600,
+        )
     app.register_blueprint(routes.probes)
     app.register_blueprint(routes.v1)
     app.register_blueprint(routes.minimal)
