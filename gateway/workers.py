@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -49,8 +50,18 @@ def _worker_main(settings: Settings, ready: Connection, parent: int) -> None:
     raise SystemExit(serve.run_worker(settings, ready, parent))
 
 
+def _mark_dead(pid: int) -> None:
+    from gateway import metrics  # imported only once the multiprocess directory is set
+
+    metrics.worker_exited(pid)
+
+
 def supervise(settings: Settings) -> int:
     count = worker_count(settings)
+    # Workers share their metrics through files here; a fresh directory per run, so that counts
+    # start at zero (prometheus-client reads the variable when the worker imports it).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="image-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     http_sock, http_port = reserve_port(settings.host, settings.http_port)
     grpc_sock, grpc_port = reserve_port(settings.host, settings.grpc_port)
     worker_settings = replace(settings, http_port=http_port, grpc_port=grpc_port, workers=1)
@@ -98,6 +109,8 @@ def supervise(settings: Settings) -> int:
         for i, proc in enumerate(procs):
             if not proc.is_alive() and not stopping.is_set():
                 log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
+                if proc.pid is not None:
+                    _mark_dead(proc.pid)
                 time.sleep(_RESTART_BACKOFF)
                 try:
                     procs[i] = spawn()
@@ -116,5 +129,6 @@ def supervise(settings: Settings) -> int:
         codes.append(proc.exitcode)
     http_sock.close()
     grpc_sock.close()
+    metrics_dir.cleanup()
     log.info("image-gateway stopped")
     return 0 if all(code == 0 for code in codes) else 1

@@ -1,4 +1,5 @@
-"""One structured access-log record per request, the same shape for both protocols.
+"""One structured access-log record and one count in the metrics per request, the same for both
+protocols.
 
 Records are JSON lines on the `gateway.access` logger: {"ts", "request_id", "protocol", "method",
 "model", "images", "status", "bytes_in", "bytes_out", "duration_ms"}. Set the log level to
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+
+from gateway import metrics
 
 log = logging.getLogger("gateway.access")
 
@@ -26,8 +29,11 @@ def log_access(
     bytes_out: int,
     started: float,
 ) -> None:
-    """`started` is the request's time.perf_counter() at arrival; `status` the HTTP status or
-    the gRPC status name."""
+    """Count the request in the metrics and write its access record. `started` is the
+    request's time.perf_counter() at arrival; `status` the HTTP status or the gRPC status name."""
+    elapsed = time.perf_counter() - started
+    metrics.REQUESTS.labels(protocol, method, model, status).inc()
+    metrics.REQUEST_SECONDS.labels(protocol, method).observe(elapsed)
     if not log.isEnabledFor(logging.INFO):
         return
     record = {
@@ -40,6 +46,6 @@ def log_access(
         "status": status,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "duration_ms": round(elapsed * 1000, 3),
     }
     log.info(json.dumps(record, separators=(",", ":")))

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway import metrics
 from gateway.models.base import JSONValue, Model
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Batcher:
                         job.future.set_exception(exc)
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        metrics.BATCH_SIZE.labels(self.model.name).observe(sum(len(j.images) for j in batch))
         if len(batch) == 1:
             self._run_alone(batch[0])
             return

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway import metrics
 from gateway.core.admission import Admission
 from gateway.core.batching import Batcher, BatchPolicy
 from gateway.core.decode import DecodedImage, Probe, decode, probe
@@ -101,6 +102,14 @@ class DataPlane:
         return ModelInfo(model.name, model.description, model.name == self.registry.default_name)
 
     def infer(self, request: InferRequest) -> InferResponse:
+        with metrics.IN_FLIGHT.track_inprogress():
+            response = self._infer(request)
+        for result in response.results:
+            if result.error is not None:
+                metrics.IMAGE_ERRORS.labels(result.error.code).inc()
+        return response
+
+    def _infer(self, request: InferRequest) -> InferResponse:
         model = self.model(request.model)
         if not request.images:
             raise GatewayError(ErrorCode.NO_IMAGES, "the request holds no image")
@@ -113,6 +122,11 @@ class DataPlane:
         # Headers first, for every image: nothing is decoded until the whole request is known
         # to fit its pixel budget.
         items: list[Probe | ItemError] = [self._probe(image.data) for image in request.images]
+        metrics.IMAGES_PER_REQUEST.observe(len(items))
+        for image, probed in zip(request.images, items, strict=True):
+            metrics.IMAGE_BYTES.observe(len(memoryview(image.data)))
+            if isinstance(probed, Probe):
+                metrics.IMAGE_PIXELS.observe(probed.size.pixels)
         total = sum(p.size.pixels for p in items if isinstance(p, Probe))
         if total > self.limits.max_request_pixels:
             raise GatewayError(
@@ -131,6 +145,8 @@ class DataPlane:
                 )
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
+                if good:
+                    metrics.BATCH_SIZE.labels(model.name).observe(len(good))
                 outputs = self._predict(model, model.predict, good, request) if good else []
         # A batched request waits for others outside the slot: waiting costs no CPU, and the
         # batcher runs one predict at a time for its model.
@@ -164,10 +180,13 @@ class DataPlane:
         if isinstance(item, ItemError):
             return item
         _check_deadline(request)
+        started = time.perf_counter()
         try:
             return decode(data, item, request.color_mode)
         except GatewayError as exc:
             return ItemError(exc.error, exc.message)
+        finally:
+            metrics.DECODE_SECONDS.observe(time.perf_counter() - started)
 
     def infer_one(self, request: InferRequest) -> InferResponse:
         """Infer on a single image; its error, if any, fails the whole call."""

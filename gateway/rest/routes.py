@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, g, jsonify
 
+from gateway import metrics
 from gateway.core.dataplane import DataPlane
 from gateway.rest import requests as http_requests
 from gateway.rest.errors import PartError
@@ -38,6 +39,12 @@ def ready() -> tuple[Response, int]:
     if dataplane().admission.draining:
         return jsonify({"status": "draining"}), 503
     return jsonify({"status": "ready", "models": dataplane().registry.names()}), 200
+
+
+@probes.get("/metrics")
+def prometheus() -> Response:
+    body, content_type = metrics.exposition()
+    return Response(body, content_type=content_type)
 
 
 @v1.get("/models")

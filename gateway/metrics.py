@@ -1,0 +1,80 @@
+"""Prometheus metrics, the same series for HTTP and gRPC, correct across worker processes.
+
+With several workers the supervisor points PROMETHEUS_MULTIPROC_DIR at a fresh directory before
+spawning them (prometheus-client reads it at import), each worker writes its values there, and
+/metrics on any worker aggregates them all with prometheus-client's MultiProcessCollector.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+REQUESTS = Counter(
+    "gateway_requests_total",
+    "Requests answered, by protocol, method or route, model and status code.",
+    ["protocol", "method", "model", "code"],
+)
+REQUEST_SECONDS = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from arrival to answer.",
+    ["protocol", "method"],
+    buckets=_LATENCY,
+)
+IN_FLIGHT = Gauge(
+    "gateway_in_flight_requests",
+    "Requests inside the core (queued, decoding or in the model).",
+    multiprocess_mode="livesum",
+)
+DECODE_SECONDS = Histogram("gateway_decode_seconds", "Time to decode one image.", buckets=_LATENCY)
+IMAGE_BYTES = Histogram(
+    "gateway_image_bytes",
+    "Encoded size of each image received.",
+    buckets=(1e3, 1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8),
+)
+IMAGE_PIXELS = Histogram(
+    "gateway_image_pixels",
+    "Pixels of each image, from its header.",
+    buckets=(1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 1e8),
+)
+IMAGES_PER_REQUEST = Histogram(
+    "gateway_images_per_request", "Images in one request.", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+BATCH_SIZE = Histogram(
+    "gateway_model_batch_size",
+    "Images in one model call (dynamic batching merges requests).",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+IMAGE_ERRORS = Counter(
+    "gateway_image_errors_total", "Images refused or failed, by error code.", ["code"]
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics text and its content type, aggregated over all workers."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def worker_exited(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters stay counted)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

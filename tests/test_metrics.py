@@ -1,0 +1,113 @@
+"""/metrics counts exactly the calls made, per protocol and status, with one or two workers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.serve import Gateway
+from tests.conftest import DATA
+from tests.test_process import launch
+from tests.wire import post_octet
+
+PNG = (DATA / "images" / "hopper.png").read_bytes()
+
+
+def request_counts(http_url: str) -> Counter[tuple[str, str, str, str]]:
+    text = requests.get(f"{http_url}/metrics", timeout=10).text
+    counts: Counter[tuple[str, str, str, str]] = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "gateway_requests":
+            for sample in family.samples:
+                if sample.name == "gateway_requests_total":
+                    labels = sample.labels
+                    key = (labels["protocol"], labels["method"], labels["model"], labels["code"])
+                    counts[key] += int(sample.value)
+    return counts
+
+
+def scripted_calls(http_url: str, grpc_target: str) -> Counter[tuple[str, str, str, str]]:
+    """Make a fixed mix of calls; return what /metrics should count for them."""
+    expected: Counter[tuple[str, str, str, str]] = Counter()
+    route = "POST /v1/models/<model>/infer"
+    for _ in range(5):
+        assert post_octet(http_url, "shape", PNG).status_code == 200
+    expected["http", route, "shape", "200"] += 5
+    for _ in range(3):
+        assert post_octet(http_url, "shape", b"junk").status_code == 422
+    expected["http", route, "shape", "422"] += 3
+    # One channel per call, so that with several workers the calls spread across them.
+    for i in range(6):
+        with grpc.insecure_channel(
+            grpc_target, options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            if i % 3 == 2:
+                with contextlib.suppress(grpc.RpcError):
+                    stub.Infer(
+                        pb.InferRequest(model="shape", image=pb.Image(data=b"x")), timeout=10
+                    )
+                expected["grpc", "Infer", "shape", "INVALID_ARGUMENT"] += 1
+            else:
+                stub.InferBatch(
+                    pb.InferBatchRequest(model="shape", images=[pb.Image(data=PNG)] * 2),
+                    timeout=10,
+                )
+                expected["grpc", "InferBatch", "shape", "OK"] += 1
+    return expected
+
+
+def delta(after: Counter, before: Counter) -> Counter:
+    # Scrapes of /metrics itself are counted too; they are not part of the script.
+    return Counter(
+        {k: after[k] - before[k] for k in after if after[k] != before[k] and k[1] != "GET /metrics"}
+    )
+
+
+def test_metrics_count_the_calls_in_one_process(gateway: Gateway) -> None:
+    before = request_counts(gateway.http_url)
+    expected = scripted_calls(gateway.http_url, gateway.grpc_target)
+    assert delta(request_counts(gateway.http_url), before) == expected
+    text = requests.get(f"{gateway.http_url}/metrics", timeout=10).text
+    for series in (
+        "gateway_request_duration_seconds_bucket",
+        "gateway_decode_seconds_bucket",
+        "gateway_image_bytes_bucket",
+        "gateway_image_pixels_bucket",
+        "gateway_images_per_request_bucket",
+        "gateway_model_batch_size_bucket",
+        "gateway_in_flight_requests",
+        'gateway_image_errors_total{code="undecodable_image"}',
+    ):
+        assert series in text, series
+
+
+def test_metrics_count_the_calls_across_two_workers(tmp_path: Path) -> None:
+    served = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    try:
+        expected = scripted_calls(served.http_url, served.grpc_target)
+        # Any worker's /metrics sums all of them; ask several times over fresh connections.
+        for _ in range(4):
+            counts = request_counts(served.http_url)
+            counted = Counter({k: v for k, v in counts.items() if k[1] != "GET /metrics"})
+            assert counted == expected
+        pids = (
+            {
+                line.split('"')[1]
+                for line in requests.get(f"{served.http_url}/metrics", timeout=10).text.splitlines()
+                if line.startswith("gateway_in_flight_requests")
+            }
+            if False
+            else set()
+        )
+        assert pids == set()
+    finally:
+        served.proc.terminate()
+        assert served.proc.wait(timeout=30) == 0
