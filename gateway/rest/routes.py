@@ -8,6 +8,7 @@ from gateway import metrics
 from gateway.core.dataplane import DataPlane
 from gateway.rest import requests as http_requests
 from gateway.rest.errors import PartError
+from gateway.rest.openapi import SPEC
 from gateway.rest.responses import batch_json, infer_json, model_json
 
 v1 = Blueprint("v1", __name__, url_prefix="/v1")
@@ -39,6 +40,11 @@ def ready() -> tuple[Response, int]:
     if dataplane().admission.draining:
         return jsonify({"status": "draining"}), 503
     return jsonify({"status": "ready", "models": dataplane().registry.names()}), 200
+
+
+@probes.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(SPEC)
 
 
 @probes.get("/metrics")
