@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from flask import Flask, Response, g, request
 from flask_cors import CORS
@@ -17,7 +18,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 
 
 def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
-    app = Flask("gateway")
+    app = Flask("gateway", static_folder=str(Path(__file__).parent / "static"))
     # Werkzeug answers 413 from Content-Length before reading, and cuts a chunked body off there.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

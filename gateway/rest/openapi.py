@@ -92,6 +92,15 @@ SPEC: dict[str, Any] = {
         ),
         "/v1/infer": _infer("Run the default model on one image or a batch", [_COLOR_MODE]),
         "/": {
+            "get": {
+                "summary": "The browser page: choose or drop images, see each result",
+                "responses": {
+                    "200": {
+                        "description": "An HTML page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            },
             "post": {
                 "summary": "One raw image; the bare model output, as a plain Flask server answers",
                 "requestBody": _IMAGE_BODY,

@@ -72,6 +72,12 @@ def infer(model: str) -> Response:
     return jsonify(infer_json(dataplane().infer_one(http_requests.single_image_request(model))))
 
 
+@minimal.get("/")
+def page() -> Response:
+    """The browser page: choose or drop images, pick a model, see each result."""
+    return current_app.send_static_file("index.html")
+
+
 @minimal.post("/")
 def infer_bare() -> Response:
     g.model = dataplane().registry.default_name

@@ -1,0 +1,172 @@
+"""The browser page and CORS, end to end in headless Chromium (Debian's chromium, driven by
+Playwright with its executable_path; no browser download)."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from gateway.config import Settings
+from gateway.serve import Gateway, start
+from tests.conftest import DATA
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / ".artifacts"
+# As this machine's headless Chromium needs it: no sandbox as root, and no calls home.
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+if CHROMIUM is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs chromium: .ci/run installs Debian's chromium package")
+    pytest.skip("no chromium here: apt-get install chromium", allow_module_level=True)
+
+from playwright.sync_api import Browser, sync_playwright  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def qr_gateway() -> Iterator[Gateway]:
+    gw = start(Settings(http_port=0, grpc_port=0, model=("qrcode", "shape")))
+    yield gw
+    gw.stop()
+
+
+def qr_photo(path: Path) -> None:
+    photo = cv2.imdecode(
+        np.frombuffer((DATA / "images" / "rocket.jpg").read_bytes(), np.uint8), cv2.IMREAD_COLOR
+    )
+    code = cv2.QRCodeEncoder.create().encode("hello from the browser")
+    code = cv2.resize(code, None, fx=6, fy=6, interpolation=cv2.INTER_NEAREST)
+    code = cv2.copyMakeBorder(code, 24, 24, 24, 24, cv2.BORDER_CONSTANT, value=255)
+    h, w = code.shape
+    photo[60 : 60 + h, 300 : 300 + w] = cv2.cvtColor(code, cv2.COLOR_GRAY2BGR)
+    cv2.imwrite(str(path), photo)
+
+
+def test_page_sends_two_images_and_shows_each_result(
+    browser: Browser, qr_gateway: Gateway, tmp_path: Path
+) -> None:
+    qr = tmp_path / "with-qr.png"
+    qr_photo(qr)
+    plain = tmp_path / "plain.jpg"
+    plain.write_bytes((DATA / "images" / "hopper.jpg").read_bytes())
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(qr_gateway.http_url + "/")
+    page.wait_for_selector("#model option[value=qrcode]", state="attached")
+    assert page.input_value("#model") == "qrcode"
+    page.set_input_files("#files", [str(qr), str(plain)])
+    page.click("#run")
+    page.wait_for_selector(".card[data-index='1'] canvas[data-drawn='1']")
+    page.wait_for_selector(".card[data-index='0'] canvas[data-drawn='1']")
+    first = page.inner_text(".card[data-index='0'] pre")
+    second = page.inner_text(".card[data-index='1'] pre")
+    assert "QR: hello from the browser" in first
+    assert "640x427 png" in first
+    assert second.startswith("[]")
+    # The outline of the code is drawn in green over the thumbnail.
+    green = page.evaluate(
+        """() => {
+            const c = document.querySelector(".card[data-index='0'] canvas");
+            const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            let n = 0;
+            for (let i = 0; i < d.length; i += 4)
+                if (d[i] < 40 && d[i + 1] > 150 && d[i + 2] > 50 && d[i + 2] < 120) n++;
+            return n;
+        }"""
+    )
+    assert green > 50
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "browser-page.png"), full_page=True)
+    page.close()
+
+
+def test_page_shows_an_error_per_image(
+    browser: Browser, qr_gateway: Gateway, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    good = tmp_path / "good.png"
+    good.write_bytes((DATA / "images" / "hopper.png").read_bytes())
+    page = browser.new_page()
+    page.goto(qr_gateway.http_url + "/")
+    page.wait_for_selector("#model option[value=shape]", state="attached")
+    page.select_option("#model", "shape")
+    page.set_input_files("#files", [str(junk), str(good)])
+    page.click("#run")
+    page.wait_for_selector(".card[data-index='1'] pre")
+    assert "undecodable_image" in page.inner_text(".card[data-index='0'] pre.error")
+    assert page.inner_text(".card[data-index='1'] pre").startswith("[128,128,3]")
+    page.close()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def other_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A page served from another origin (another loopback port) that POSTs with fetch()."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "index.html").write_text(
+        """<!doctype html><script>
+        async function send(url, bytes) {
+          try {
+            const r = await fetch(url, {method: "POST", body: new Uint8Array(bytes),
+                                        headers: {"Content-Type": "application/octet-stream"}});
+            return {ok: true, status: r.status, body: await r.json(),
+                    id: r.headers.get("X-Request-ID")};
+          } catch (e) { return {ok: false, error: String(e)}; }
+        }
+        </script>"""
+    )
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: _Quiet(*a, directory=str(root))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_cross_origin_fetch_allowed_only_for_configured_origins(
+    browser: Browser, other_origin: str
+) -> None:
+    png = list((DATA / "images" / "hopper.png").read_bytes())
+    allowed = start(Settings(http_port=0, grpc_port=0, cors_origin=(other_origin,)))
+    closed = start(Settings(http_port=0, grpc_port=0))
+    try:
+        page = browser.new_page()
+        page.goto(other_origin + "/index.html")
+        ok = page.evaluate("([u, b]) => send(u, b)", [allowed.http_url + "/v1/infer", png])
+        assert ok["ok"] and ok["status"] == 200
+        assert ok["body"]["result"]["output"] == [128, 128, 3]
+        assert ok["id"]  # X-Request-ID is exposed to the page
+        refused = page.evaluate("([u, b]) => send(u, b)", [closed.http_url + "/v1/infer", png])
+        assert refused["ok"] is False and "Failed to fetch" in refused["error"]
+        page.close()
+    finally:
+        allowed.stop()
+        closed.stop()
