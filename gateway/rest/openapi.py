@@ -108,7 +108,7 @@ SPEC: dict[str, Any] = {
                     "200": _json({}, "The model's output, such as [h, w, c]."),
                     **_ERRORS,
                 },
-            }
+            },
         },
         "/multi": {
             "post": {
