@@ -88,7 +88,8 @@ def _log_call(
         request_id=request_id,
         protocol="grpc",
         method=method,
-        model=str(getattr(request, "model", "")),
+        # The response names the model that ran (the default one for an empty name).
+        model=str(getattr(response, "model", "") or getattr(request, "model", "")),
         images=len(images) if images is not None else int(hasattr(request, "image")),
         status=status,
         bytes_in=request.ByteSize() if isinstance(request, Message) else 0,
