@@ -27,8 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,13 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.images import BenchImage, bench_images  # noqa: E402
+from benchmarks.serving import gateway, process  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
 from gateway import allocator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SERVICE = "/imagegateway.v1.ImageGatewayService"
-READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) ")
 BATCH = 8
 BOUNDARY = "benchboundary"
 
@@ -113,48 +111,6 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
                 return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on {port}")
-
-
-@contextmanager
-def process(cmd: list[str], **kw: object) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(cmd, text=True, **kw)  # type: ignore[call-overload]
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@contextmanager
-def gateway(
-    args: list[str], extra_env: dict[str, str] | None = None
-) -> Iterator[tuple[str, str, subprocess.Popen[str]]]:
-    # PYTHONPATH: benchmark models load as benchmarks.models:... from the repository root.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    cmd = [
-        str(Path(sys.executable).parent / "image-gateway"),
-        "serve",
-        "--http-port=0",
-        "--grpc-port=0",
-        "--log-level=INFO",
-        *args,
-    ]
-    with process(cmd, stderr=subprocess.PIPE, env=env) as proc:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            match = READY.search(line)
-            if match:
-                break
-        else:
-            raise RuntimeError("the gateway did not start")
-        # Keep reading its log so that the pipe never fills.
-        import threading
-
-        threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-        yield match.group(1), match.group(2), proc
 
 
 # ---------------------------------------------------------------- load generators

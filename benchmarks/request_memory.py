@@ -7,8 +7,6 @@ in each colour mode, and prints the growth of the peak after each. Bounded: five
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,10 @@ import cv2
 import numpy as np
 import requests
 
-READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) ")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.serving import gateway
+
 MiB = 1024 * 1024
 
 
@@ -42,43 +43,28 @@ def main() -> int:
         ("8-bit RGB, color", png((side, side, 3), np.uint8), "color"),
         ("16-bit RGBA, unchanged", png((side, side, 4), np.uint16), "unchanged"),
     ]
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "image-gateway"),
-            "serve",
-            "--http-port=0",
-            "--grpc-port=0",
-            "--workers=1",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stderr is not None
-    match = None
-    for line in server.stderr:
-        match = READY.search(line)
-        if match:
-            break
-    assert match, "the gateway did not start"
-    url = match.group(1)
+    with gateway(["--workers=1"]) as (url, _, server):
+        return _measure(url, server.pid, cases)
+
+
+def _measure(url: str, pid: int, cases: list[tuple[str, bytes, str]]) -> int:
     small = png((64, 64, 3), np.uint8)
     requests.post(f"{url}/v1/infer", data=small, timeout=60)
-    base = peak_rss(server.pid)
+    base = peak_rss(pid)
     print(f"idle peak RSS after one small request: {base / MiB:.0f} MiB")
     for name, body, mode in cases:
         files = {"0": ("a.png", body), "1": ("b.png", body)}
         resp = requests.post(
             f"{url}/v1/infer", files=files, params={"color_mode": mode}, timeout=120
         )
-        after = peak_rss(server.pid)
+        after = peak_rss(pid)
         outputs = [r.get("output") for r in resp.json()["results"]]
         print(
             f"{name:24s} body {2 * len(body) / MiB:5.1f} MiB  status {resp.status_code}  "
             f"peak RSS {after / MiB:6.0f} MiB (+{(after - base) / MiB:.0f} MiB over idle)  "
             f"{outputs[0]}"
         )
-    server.terminate()
-    return server.wait(timeout=60)
+    return 0
 
 
 if __name__ == "__main__":

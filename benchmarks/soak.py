@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -30,11 +29,11 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.serving import gateway  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc  # noqa: E402
 from tests.hostile import BOUNDARY, MULTIPART_CASES, Case, MultipartCase, cases  # noqa: E402
 
-READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) ")
 IMAGES = ROOT / "tests" / "data" / "images"
 MiB = 1024 * 1024
 
@@ -154,30 +153,13 @@ def main() -> int:
     if not 0 < args.duration <= 600 or not 0 < args.concurrency <= 256:
         parser.error("keep the soak bounded: duration <= 600 s, concurrency <= 256")
 
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "image-gateway"),
-            "serve",
-            "--http-port=0",
-            "--grpc-port=0",
-            "--log-level=INFO",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
-    assert server.stderr is not None
-    match = None
-    for line in server.stderr:
-        match = READY.search(line)
-        if match:
-            break
-    if not match:
-        server.kill()
-        print("the gateway did not start", file=sys.stderr)
-        return 2
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-    http_url, grpc_target = match.groups()
+    with gateway([]) as (http_url, grpc_target, server):
+        return _run(args, http_url, grpc_target, server)
+
+
+def _run(
+    args: argparse.Namespace, http_url: str, grpc_target: str, server: subprocess.Popen[str]
+) -> int:
     options = [("grpc.max_send_message_length", 64 * MiB)]
     channel = grpc.insecure_channel(grpc_target, options=options)
     stub = pb_grpc.ImageGatewayServiceStub(channel)
