@@ -543,6 +543,7 @@ def main() -> int:
         "machine": machine(),
         "gateway_args": args.gateway_args,
         "duration_s": args.duration,
+        "upload_50mb": upload,
         "rows": [asdict(r) for r in rows],
     }
     for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
