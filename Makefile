@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BUF := npx --yes @bufbuild/buf@1.75.0
 ARGS ?=
 
-.PHONY: install serve test proto lint format clean soak bench
+.PHONY: install serve test proto lint format clean soak bench bench-peers
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,11 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(ARGS)
+
+PEERS := benchmarks/.venv-peers
+$(PEERS)/bin/mlserver:
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet mlserver==1.7.1 opencv-python-headless numpy
+
+bench-peers: $(STAMP) $(PEERS)/bin/mlserver
+	$(PY) benchmarks/peers/run.py $(ARGS)

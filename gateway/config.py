@@ -52,6 +52,8 @@ class Settings:
     grpc_threads: int = 8
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    # One JSON line per request on the gateway.access logger ("on" or "off").
+    access_log: str = "on"
 
 
 _HELP = {
@@ -75,6 +77,7 @@ _HELP = {
     "grpc_threads": "gRPC threads per worker",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "access_log": "on or off: one JSON line per request on stderr",
 }
 
 
@@ -140,7 +143,14 @@ def batch_policies(settings: Settings) -> dict[str, BatchPolicy | None]:
     return policies
 
 
+def _on_off(text: str) -> str:
+    if text.strip().lower() not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
+    return text.strip().lower()
+
+
 _TYPES: dict[str, Any] = {
+    "access_log": _on_off,
     "batching": _batching,
     "http_port": _port,
     "grpc_port": _port,

@@ -112,6 +112,8 @@ def _configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    if settings.access_log == "off":
+        logging.getLogger("gateway.access").setLevel(logging.WARNING)
 
 
 def _serve_until_signal(

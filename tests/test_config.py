@@ -38,6 +38,7 @@ def test_every_flag_has_an_environment_variable() -> None:
         "IMAGE_GATEWAY_GRPC_THREADS": "5",
         "IMAGE_GATEWAY_SHUTDOWN_GRACE": "1.5",
         "IMAGE_GATEWAY_LOG_LEVEL": "DEBUG",
+        "IMAGE_GATEWAY_ACCESS_LOG": "off",
     }
     assert config.parse([], env) == Settings(
         host="0.0.0.0",
@@ -59,6 +60,7 @@ def test_every_flag_has_an_environment_variable() -> None:
         grpc_threads=5,
         shutdown_grace=1.5,
         log_level="DEBUG",
+        access_log="off",
     )
     assert len(env) == len(fields(Settings))
 

@@ -2,8 +2,8 @@
 protocols.
 
 Records are JSON lines on the `gateway.access` logger: {"ts", "request_id", "protocol", "method",
-"model", "images", "status", "bytes_in", "bytes_out", "duration_ms"}. Set the log level to
-WARNING to silence them.
+"model", "images", "status", "bytes_in", "bytes_out", "duration_ms"}; `--access-log off` turns
+them off (the metrics still count every request).
 """
 
 from __future__ import annotations

@@ -1,0 +1,39 @@
+"""The same decode as the gateway's `shape` model, as an MLServer custom runtime (V2 protocol).
+
+Tuned as MLServer's users would: the decode runs off the event loop (asyncio.to_thread), and
+the server runs without parallel workers (settings.json), which is faster for work this small.
+REST requests carry the image base64-encoded (content_type "base64"); gRPC requests carry it as
+raw bytes.
+"""
+
+import asyncio
+import base64
+
+import cv2
+import numpy as np
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class DecodeModel(MLModel):
+    async def load(self) -> bool:
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        request_input = payload.inputs[0]
+        data = getattr(request_input.data, "root", request_input.data)
+        params = request_input.parameters
+        if params is not None and params.content_type == "base64":
+            images = [base64.b64decode(item) for item in data]
+        else:
+            images = [bytes(item) if not isinstance(item, bytes) else item for item in data]
+
+        def shapes() -> np.ndarray:
+            return np.array(
+                [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape for b in images],
+                dtype=np.int64,
+            )
+
+        output = NumpyCodec.encode_output("shape", await asyncio.to_thread(shapes))
+        return InferenceResponse(model_name=self.name, outputs=[output])
