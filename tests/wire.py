@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,7 +35,3 @@ def grpc_result(result: pb.ImageResult) -> dict[str, Any]:
 def grpc_code(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     trailing = dict(exc.trailing_metadata() or ())
     return exc.code(), str(trailing.get("error-code", ""))
-
-
-def read(path: Path) -> bytes:
-    return path.read_bytes()

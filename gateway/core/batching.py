@@ -50,7 +50,6 @@ class Batcher:
         self._pending: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
-        self.batches = 0
         self._thread = threading.Thread(target=self._run, name=f"batcher-{model.name}", daemon=True)
         self._thread.start()
 
@@ -109,7 +108,6 @@ class Batcher:
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
-            self.batches += 1
             try:
                 self._run_batch(batch)
             except BaseException as exc:  # never leave a request waiting for ever
