@@ -67,6 +67,7 @@ class Gateway:
         self.http.stop()
         self._http_thread.join(remaining)
         grpc_done.wait(remaining)
+        self.dataplane.close()
 
 
 def _url_host(host: str) -> str:

@@ -34,14 +34,13 @@ from gateway.models.registry import ModelRegistry
 log = logging.getLogger(__name__)
 
 
-# "No setting given": the model's own batching attributes decide.
-_MODEL_DEFAULT = BatchPolicy(0, 0.0)
-
-
-def resolve_policy(model: Model, configured: BatchPolicy | None) -> BatchPolicy | None:
-    """The configured policy; else the model's own `max_batch_size`/`max_batch_wait_ms`."""
-    if configured is not _MODEL_DEFAULT:
-        return configured
+def resolve_policy(
+    model: Model, configured: Mapping[str, BatchPolicy | None]
+) -> BatchPolicy | None:
+    """The configured policy (None: off); else the model's own `max_batch_size` and
+    `max_batch_wait_ms` attributes; else no batching."""
+    if model.name in configured:
+        return configured[model.name]
     size = getattr(model, "max_batch_size", 0)
     if isinstance(size, int) and size > 1:
         wait_ms = float(getattr(model, "max_batch_wait_ms", 2.0))
@@ -74,7 +73,7 @@ class DataPlane:
         )
         self.batchers: dict[str, Batcher] = {}
         for model in registry:
-            policy = resolve_policy(model, (batching or {}).get(model.name, _MODEL_DEFAULT))
+            policy = resolve_policy(model, batching or {})
             if policy is not None:
                 self.batchers[model.name] = Batcher(model, policy)
 
@@ -82,6 +81,12 @@ class DataPlane:
         """The request's deadline: the server's timeout, or the client's if that is sooner."""
         ours = time.monotonic() + self.limits.request_timeout
         return ours if client_deadline is None else min(ours, client_deadline)
+
+    def close(self) -> None:
+        """Stop the decode threads and batchers (after the servers stopped taking requests)."""
+        self._decoders.shutdown(wait=False)
+        for batcher in self.batchers.values():
+            batcher.close()
 
     def model(self, name: str) -> Model:
         model = self.registry.get(name)
