@@ -71,7 +71,10 @@ _HELP = {
     "max_image_pixels": "most pixels in one image, read from its header before decoding",
     "max_request_pixels": "most pixels of all images of one request together",
     "request_timeout": "seconds one request may take, body upload and queueing included",
-    "max_concurrency": "requests decoding and running the model at once, per worker",
+    "max_concurrency": (
+        "full-size requests decoding and running the model at once, per worker: the pixel "
+        "budget is this x --max-request-pixels, shared by smaller requests"
+    ),
     "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE, per worker",
     "http_threads": "HTTP threads per worker",
     "grpc_threads": "gRPC threads per worker",

@@ -4,15 +4,18 @@ until SIGINT or SIGTERM, in one process or in several workers (gateway.workers).
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import TextIO
 
 import grpc
 from cheroot import wsgi
@@ -86,7 +89,7 @@ def start(
             max_request_pixels=settings.max_request_pixels,
             request_timeout=settings.request_timeout,
         ),
-        Admission(settings.max_concurrency, settings.max_queue),
+        Admission(settings.max_concurrency, settings.max_queue, settings.max_request_pixels),
         batching=config.batch_policies(settings),
     )
     grpc_server, grpc_port, health_servicer = build_grpc_server(settings, dataplane, reuse_port)
@@ -107,14 +110,62 @@ def start(
     )
 
 
+class _AccessLogWriter(logging.Handler):
+    """Access records, written by a thread of their own every FLUSH_INTERVAL seconds.
+
+    A request thread only appends the record's line to a deque (atomic under the GIL): no
+    handler lock, no write, and no thread woken per request. Waking a queue listener for each
+    record cost about a fifth of the throughput on small images.
+    """
+
+    FLUSH_INTERVAL = 0.05
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+        self._lines: deque[str] = deque()
+        self._flush_lock = threading.Lock()
+        threading.Thread(target=self._write_forever, name="access-log", daemon=True).start()
+        atexit.register(self.flush)
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        self._lines.append(record.getMessage())
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            lines = []
+            while True:
+                try:
+                    lines.append(self._lines.popleft())
+                except IndexError:
+                    break
+            if lines:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+
+    def _write_forever(self) -> None:
+        stop = threading.Event()
+        while not stop.wait(self.FLUSH_INTERVAL):
+            self.flush()
+
+
 def _configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    access = logging.getLogger("gateway.access")
     if settings.access_log == "off":
-        logging.getLogger("gateway.access").setLevel(logging.WARNING)
+        access.setLevel(logging.WARNING)
+        return
+    # Bare JSON lines, apart from the server's own log lines.
+    access.addHandler(_AccessLogWriter(sys.stderr))
+    access.propagate = False
 
 
 def _serve_until_signal(

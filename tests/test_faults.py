@@ -88,6 +88,8 @@ def strict_gateway() -> Iterator[Gateway]:
             request_timeout=1.0,
             max_concurrency=1,
             max_queue=0,
+            # One 128x128 image takes the whole pixel budget.
+            max_request_pixels=128 * 128,
             shutdown_grace=2.0,
         )
     )
@@ -139,6 +141,41 @@ def test_overload_answers_503_and_unavailable(strict_gateway: Gateway) -> None:
         assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
         assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
     still_serving(strict_gateway)
+
+
+def test_small_requests_share_the_pixel_budget() -> None:
+    # Budget: one request of 4 x 128x128 pixels. A slow 128x128 request holds a quarter of it.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("shape", "tests.models:slow"),
+            max_concurrency=1,
+            max_queue=0,
+            max_request_pixels=4 * 128 * 128,
+        )
+    )
+    try:
+        slow = pb.InferRequest(model="slow", image=pb.Image(data=PNG))
+        slow.parameters.update({"seconds": 0.8})
+        with grpc.insecure_channel(gw.grpc_target) as ch:
+            stub = pb_grpc.ImageGatewayServiceStub(ch)
+            busy = stub.Infer.future(slow, timeout=10)
+            while gw.dataplane.admission.active == 0:
+                time.sleep(0.01)
+            # A second small request fits beside it ...
+            resp = post_octet(gw.http_url, "shape", PNG)
+            assert resp.status_code == 200, resp.text
+            # ... a request for the whole budget does not, and there is no queue.
+            batch = pb.InferBatchRequest(model="shape", images=[pb.Image(data=PNG)] * 4)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.InferBatch(batch, timeout=10)
+            assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+            assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
+            # Once the slow one is done, the whole budget is free again.
+            assert len(stub.InferBatch(batch, timeout=10).results) == 4
+    finally:
+        gw.stop()
 
 
 def test_request_timeout_gives_504(strict_gateway: Gateway) -> None:

@@ -32,8 +32,8 @@ def log_access(
     """Count the request in the metrics and write its access record. `started` is the
     request's time.perf_counter() at arrival; `status` the HTTP status or the gRPC status name."""
     elapsed = time.perf_counter() - started
-    metrics.REQUESTS.labels(protocol, method, model, status).inc()
-    metrics.REQUEST_SECONDS.labels(protocol, method).observe(elapsed)
+    metrics.inc(metrics.REQUESTS, (protocol, method, model, status))
+    metrics.observe(metrics.REQUEST_SECONDS, elapsed, (protocol, method))
     if not log.isEnabledFor(logging.INFO):
         return
     record = {

@@ -1,9 +1,16 @@
-"""A concurrency cap with a bounded queue, shared by both fronts.
+"""A pixel budget with a bounded queue, shared by both fronts.
 
-At most `max_concurrency` requests decode and run the model at once; up to `max_queue` more wait
-for a slot, each no longer than its own deadline. Past that the answer is `overloaded` (503 /
-UNAVAILABLE), at once, so a burst costs a refusal instead of memory. While draining for shutdown
-every new request is refused with `shutting_down`.
+What a request costs in memory is its pixels, which the headers told us before anything was
+decoded. The budget is `max_concurrency` full requests (`max_concurrency x max_request_pixels`
+pixels); each request takes its own pixel count from it while it decodes and runs the model, so
+`max_concurrency` requests at the pixel limit run at once, or many more small ones. Up to
+`max_queue` requests wait for room, each no longer than its own deadline. Past that the answer
+is `overloaded` (503 / UNAVAILABLE), at once, so a burst costs a refusal instead of memory.
+While draining for shutdown every new request is refused with `shutting_down`.
+
+Counting requests instead would make small images queue behind one another for no memory
+reason: with a dozen request threads and two slots, waiting for a slot cost more than decoding
+a 64x64 PNG.
 """
 
 from __future__ import annotations
@@ -17,15 +24,16 @@ from gateway.core.errors import ErrorCode, GatewayError
 
 
 class Admission:
-    def __init__(self, max_concurrency: int, max_queue: int) -> None:
+    def __init__(self, max_concurrency: int, max_queue: int, max_request_pixels: int) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self._slots = threading.BoundedSemaphore(max_concurrency)
-        self._lock = threading.Lock()
-        self._waiting = 0
+        self.budget = max_concurrency * max(1, max_request_pixels)
+        self._room = threading.Condition(threading.Lock())
+        self._used = 0
         self._active = 0
+        self._waiting = 0
         self._draining = False
 
     @property
@@ -41,36 +49,45 @@ class Admission:
         return self._active
 
     @contextmanager
-    def slot(self, deadline: float | None) -> Iterator[None]:
-        if self._draining:
-            raise GatewayError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
-        if not self._slots.acquire(blocking=False):
-            self._wait_for_slot(deadline)
-        with self._lock:
-            self._active += 1
+    def slot(self, pixels: int, deadline: float | None) -> Iterator[None]:
+        """Hold `pixels` of the budget (a request over the whole budget waits for all of it)."""
+        cost = min(max(1, pixels), self.budget)
+        self._acquire(cost, deadline)
         try:
             yield
         finally:
-            with self._lock:
+            with self._room:
+                self._used -= cost
                 self._active -= 1
-            self._slots.release()
+                if self._waiting:
+                    self._room.notify_all()
 
-    def _wait_for_slot(self, deadline: float | None) -> None:
-        with self._lock:
+    def _acquire(self, cost: int, deadline: float | None) -> None:
+        with self._room:
+            if self._draining:
+                raise GatewayError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
+            # Those already waiting go first: a stream of small requests must not starve a
+            # large one.
+            if not self._waiting and self._used + cost <= self.budget:
+                self._used += cost
+                self._active += 1
+                return
             if self._waiting >= self.max_queue:
                 raise GatewayError(
                     ErrorCode.OVERLOADED,
-                    f"the gateway is at capacity ({self.max_concurrency} running, "
-                    f"{self._waiting} waiting); retry later",
+                    f"the gateway is at capacity ({self._active} running, {self._waiting} "
+                    f"waiting); retry later",
                 )
             self._waiting += 1
-        try:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            acquired = self._slots.acquire(timeout=timeout)
-        finally:
-            with self._lock:
+            try:
+                while self._used + cost > self.budget:
+                    timeout = None if deadline is None else deadline - time.monotonic()
+                    if (timeout is not None and timeout <= 0) or not self._room.wait(timeout):
+                        raise GatewayError(
+                            ErrorCode.DEADLINE_EXCEEDED,
+                            "the request's deadline passed while it waited",
+                        )
+            finally:
                 self._waiting -= 1
-        if not acquired:
-            raise GatewayError(
-                ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed while it waited"
-            )
+            self._used += cost
+            self._active += 1

@@ -117,7 +117,7 @@ class Batcher:
                         job.future.set_exception(exc)
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        metrics.BATCH_SIZE.labels(self.model.name).observe(sum(len(j.images) for j in batch))
+        metrics.observe(metrics.BATCH_SIZE, sum(len(j.images) for j in batch), (self.model.name,))
         if len(batch) == 1:
             self._run_alone(batch[0])
             return

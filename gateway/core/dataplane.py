@@ -66,7 +66,7 @@ class DataPlane:
     ) -> None:
         self.registry = registry
         self.limits = limits or Limits()
-        self.admission = admission or Admission(max_concurrency=2, max_queue=32)
+        self.admission = admission or Admission(2, 32, self.limits.max_request_pixels)
         # cv2.imdecode releases the GIL: the images of one request decode side by side.
         self._decoders = ThreadPoolExecutor(
             max_workers=decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
@@ -107,11 +107,14 @@ class DataPlane:
         return ModelInfo(model.name, model.description, model.name == self.registry.default_name)
 
     def infer(self, request: InferRequest) -> InferResponse:
-        with metrics.IN_FLIGHT.track_inprogress():
+        metrics.inc(metrics.IN_FLIGHT)
+        try:
             response = self._infer(request)
+        finally:
+            metrics.inc(metrics.IN_FLIGHT, amount=-1)
         for result in response.results:
             if result.error is not None:
-                metrics.IMAGE_ERRORS.labels(result.error.code).inc()
+                metrics.inc(metrics.IMAGE_ERRORS, (result.error.code,))
         return response
 
     def _infer(self, request: InferRequest) -> InferResponse:
@@ -127,11 +130,11 @@ class DataPlane:
         # Headers first, for every image: nothing is decoded until the whole request is known
         # to fit its pixel budget.
         items: list[Probe | ItemError] = [self._probe(image.data) for image in request.images]
-        metrics.IMAGES_PER_REQUEST.observe(len(items))
+        metrics.observe(metrics.IMAGES_PER_REQUEST, len(items))
         for image, probed in zip(request.images, items, strict=True):
-            metrics.IMAGE_BYTES.observe(len(memoryview(image.data)))
+            metrics.observe(metrics.IMAGE_BYTES, len(memoryview(image.data)))
             if isinstance(probed, Probe):
-                metrics.IMAGE_PIXELS.observe(probed.size.pixels)
+                metrics.observe(metrics.IMAGE_PIXELS, probed.size.pixels)
         total = sum(p.size.pixels for p in items if isinstance(p, Probe))
         if total > self.limits.max_request_pixels:
             raise GatewayError(
@@ -140,7 +143,7 @@ class DataPlane:
                 f"at most {self.limits.max_request_pixels} per request",
             )
         batcher = self.batchers.get(model.name)
-        with self.admission.slot(request.deadline):
+        with self.admission.slot(total, request.deadline):
             datas = [image.data for image in request.images]
             if len(datas) == 1:
                 decoded = [self._decode(datas[0], items[0], request)]
@@ -151,7 +154,7 @@ class DataPlane:
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
                 if good:
-                    metrics.BATCH_SIZE.labels(model.name).observe(len(good))
+                    metrics.observe(metrics.BATCH_SIZE, len(good), (model.name,))
                 outputs = self._predict(model, model.predict, good, request) if good else []
         # A batched request waits for others outside the slot: waiting costs no CPU, and the
         # batcher runs one predict at a time for its model.
@@ -191,7 +194,7 @@ class DataPlane:
         except GatewayError as exc:
             return ItemError(exc.error, exc.message)
         finally:
-            metrics.DECODE_SECONDS.observe(time.perf_counter() - started)
+            metrics.observe(metrics.DECODE_SECONDS, time.perf_counter() - started)
 
     def infer_one(self, request: InferRequest) -> InferResponse:
         """Infer on a single image; its error, if any, fails the whole call."""
