@@ -36,16 +36,34 @@ ENVIRONMENT = {
 }
 
 
-def tune() -> None:
-    """Apply the settings (those the environment does not choose itself) on glibc."""
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if not name:
-        return
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        libc.mallopt  # noqa: B018 - glibc, not another C library
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (malloc_trim). grpc receives a large message
+    as many small pieces, freed once Python has its bytes; they sit below the heap's top, where
+    the trim threshold never reaches, and would keep the RSS of a 50 MB call up by 50 MB."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def tune() -> None:
+    """Apply the settings (those the environment does not choose itself) on glibc."""
+    if _LIBC is None:
         return
+    mallopt = _LIBC.mallopt
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:

@@ -23,6 +23,7 @@ from werkzeug.sansio.multipart import (
     NeedData,
 )
 
+from gateway import allocator
 from gateway.core import formats
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.types import ColorMode, ImageInput, InferRequest
@@ -146,6 +147,8 @@ def _read_body() -> bytes | bytearray:
             view[pos : pos + len(chunk)] = chunk
             pos += len(chunk)
             _check_deadline()
+        if length >= allocator.TRIM_THRESHOLD:
+            allocator.release_free_memory()  # the pieces read, before decoding begins
         return body
     # A chunked body: Werkzeug's stream stops quietly at the cap and raises 413 only on the
     # next read, so read until it ends or raises (get_data() would return the body truncated).

@@ -16,6 +16,7 @@ from gateway.core.types import (
     ModelInfo,
 )
 from gateway.models.base import JSONValue
+from gateway.rpc.wire import Detached
 
 _COLOR_MODES: dict[int, ColorMode] = {
     pb.COLOR_MODE_UNSPECIFIED: ColorMode.COLOR,
@@ -27,8 +28,8 @@ _COLOR_MODES: dict[int, ColorMode] = {
 SingleRequest = Union[pb.InferRequest, pb.InferStreamRequest]
 
 
-def _image(image: pb.Image) -> ImageInput:
-    return ImageInput(image.data, image.name, image.content_type)
+def _image(image: pb.Image, data: memoryview) -> ImageInput:
+    return ImageInput(data, image.name, image.content_type)
 
 
 def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -66,10 +67,13 @@ def _set_value(target: struct_pb2.Value, value: JSONValue) -> None:
             _set_value(fields[key], item)
 
 
-def single_request(msg: SingleRequest, request_id: str, deadline: float | None) -> InferRequest:
+def single_request(
+    detached: Detached[SingleRequest], request_id: str, deadline: float | None
+) -> InferRequest:
+    msg = detached.message
     return InferRequest(
         model=msg.model,
-        images=(_image(msg.image),),
+        images=(_image(msg.image, detached.datas[0]),),
         parameters=_parameters(msg.parameters),
         color_mode=_color_mode(msg.color_mode),
         request_id=request_id,
@@ -78,11 +82,12 @@ def single_request(msg: SingleRequest, request_id: str, deadline: float | None) 
 
 
 def batch_request(
-    msg: pb.InferBatchRequest, request_id: str, deadline: float | None
+    detached: Detached[pb.InferBatchRequest], request_id: str, deadline: float | None
 ) -> InferRequest:
+    msg = detached.message
     return InferRequest(
         model=msg.model,
-        images=tuple(_image(i) for i in msg.images),
+        images=tuple(_image(i, d) for i, d in zip(msg.images, detached.datas, strict=True)),
         parameters=_parameters(msg.parameters),
         color_mode=_color_mode(msg.color_mode),
         request_id=request_id,

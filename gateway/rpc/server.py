@@ -9,12 +9,47 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
-from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.core.dataplane import DataPlane
+from gateway.rpc import wire
 from gateway.rpc.servicer import ImageGatewayServicer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGatewayService"].full_name
+
+
+def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
+    """The generated add_ImageGatewayServiceServicer_to_server, except that the three infer
+    methods take their requests through gateway.rpc.wire, which leaves the image bytes where
+    gRPC received them instead of copying them twice."""
+    handlers = {
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            servicer.Infer,
+            request_deserializer=wire.detach(pb.InferRequest, "image"),
+            response_serializer=pb.InferResponse.SerializeToString,
+        ),
+        "InferBatch": grpc.unary_unary_rpc_method_handler(
+            servicer.InferBatch,
+            request_deserializer=wire.detach(pb.InferBatchRequest, "images"),
+            response_serializer=pb.InferBatchResponse.SerializeToString,
+        ),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            servicer.InferStream,
+            request_deserializer=wire.detach(pb.InferStreamRequest, "image"),
+            response_serializer=pb.InferStreamResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+        "GetModel": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModel,
+            request_deserializer=pb.GetModelRequest.FromString,
+            response_serializer=pb.GetModelResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def build_grpc_server(
@@ -33,8 +68,7 @@ def build_grpc_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    servicer = ImageGatewayServicer(dataplane)
-    pb_grpc.add_ImageGatewayServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    _add_servicer(ImageGatewayServicer(dataplane), server)
     # Health checks are answered from the calling thread, never queued behind inference.
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -18,6 +18,7 @@ from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
+from gateway.rpc.wire import Detached
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,21 @@ def unary(
 def _log_call(
     method: str, request: object, response: object, status: str, request_id: str, started: float
 ) -> None:
-    images = getattr(request, "images", None)
+    if isinstance(request, Detached):
+        images, bytes_in, message = len(request.datas), request.size, request.message
+    else:
+        images = 0
+        bytes_in = request.ByteSize() if isinstance(request, Message) else 0
+        message = request
     log_access(
         request_id=request_id,
         protocol="grpc",
         method=method,
         # The response names the model that ran (the default one for an empty name).
-        model=str(getattr(response, "model", "") or getattr(request, "model", "")),
-        images=len(images) if images is not None else int(hasattr(request, "image")),
+        model=str(getattr(response, "model", "") or getattr(message, "model", "")),
+        images=images,
         status=status,
-        bytes_in=request.ByteSize() if isinstance(request, Message) else 0,
+        bytes_in=bytes_in,
         bytes_out=response.ByteSize() if isinstance(response, Message) else 0,
         started=started,
     )
@@ -104,7 +110,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
 
     @unary
     def Infer(
-        self, request: pb.InferRequest, context: grpc.ServicerContext, request_id: str
+        self, request: Detached[pb.InferRequest], context: grpc.ServicerContext, request_id: str
     ) -> pb.InferResponse:
         core = convert.single_request(
             request, request_id, self.dataplane.deadline(_client_deadline(context))
@@ -113,7 +119,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
 
     @unary
     def InferBatch(
-        self, request: pb.InferBatchRequest, context: grpc.ServicerContext, request_id: str
+        self,
+        request: Detached[pb.InferBatchRequest],
+        context: grpc.ServicerContext,
+        request_id: str,
     ) -> pb.InferBatchResponse:
         core = convert.batch_request(
             request, request_id, self.dataplane.deadline(_client_deadline(context))
@@ -121,13 +130,16 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         return convert.batch_response(self.dataplane.infer(core))
 
     def InferStream(
-        self, request_iterator: Iterator[pb.InferStreamRequest], context: grpc.ServicerContext
+        self,
+        request_iterator: Iterator[Detached[pb.InferStreamRequest]],
+        context: grpc.ServicerContext,
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = _request_id(context)
         for index, request in enumerate(request_iterator):
             # Each message is its own request: its failure is its own response, and the stream
             # goes on.
-            request_id = request.request_id or f"{stream_id}-{index}"
+            message = request.message
+            request_id = message.request_id or f"{stream_id}-{index}"
             core = convert.single_request(
                 request, request_id, self.dataplane.deadline(_client_deadline(context))
             )
@@ -135,8 +147,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             try:
                 response = self.dataplane.infer(core)
             except GatewayError as exc:
-                failed = ItemResult(request.image.name, error=ItemError(exc.error, exc.message))
-                response = InferResponse(request.model, request_id, (failed,))
+                failed = ItemResult(message.image.name, error=ItemError(exc.error, exc.message))
+                response = InferResponse(message.model, request_id, (failed,))
             reply = convert.stream_response(response)
             error = reply.result.error.code if reply.result.HasField("error") else ""
             status = ErrorCode.from_code(error).grpc_status if error else "OK"
