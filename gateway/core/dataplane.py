@@ -6,7 +6,6 @@ import functools
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -52,7 +51,7 @@ def new_request_id(given: str | None = None) -> str:
     """The client's id when it sent a usable one, else a fresh one."""
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class DataPlane:

@@ -18,6 +18,8 @@ from typing import Any
 from cheroot import server, wsgi
 from flask import Flask
 
+KEEP_ALIVE_CONNECTIONS = 256
+
 
 class Watchdog:
     def __init__(self, limit: float) -> None:
@@ -102,6 +104,10 @@ def build_http_server(
         accepted_queue_timeout=1,
         reuse_port=reuse_port,
     )
+    # cheroot keeps at most 10 idle keep-alive connections and closes the rest after each
+    # answer, so a client pool larger than that reconnects for every request. Idle connections
+    # cost a selector entry, not a thread.
+    server.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
     server.gateway = _gateway_with(Watchdog(request_timeout))
     server.prepare()
     return server, int(server.bind_addr[1])
