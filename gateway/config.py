@@ -43,13 +43,16 @@ class Settings:
     max_image_pixels: int = 50_000_000
     max_request_pixels: int = 100_000_000
     request_timeout: float = 30.0
-    # Per worker: requests decoding and running the model at once (decoding is CPU-bound, so
-    # about 2 per worker is plenty), and requests allowed to wait for one of those slots before
-    # the answer is 503.
+    # Per worker: full-size requests decoding and running the model at once (the pixel budget;
+    # decoding is CPU-bound, so about 2 per worker is plenty), and requests allowed to wait for
+    # room before the answer is 503.
     max_concurrency: int = 2
     max_queue: int = 32
     http_threads: int = 8
     grpc_threads: int = 8
+    # grpcio's threaded server holds a thread for each open stream, for as long as it is open;
+    # streams get threads of their own, so open streams never take those of unary calls.
+    max_streams: int = 8
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     # One JSON line per request on the gateway.access logger ("on" or "off").
@@ -77,7 +80,8 @@ _HELP = {
     ),
     "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE, per worker",
     "http_threads": "HTTP threads per worker",
-    "grpc_threads": "gRPC threads per worker",
+    "grpc_threads": "gRPC threads per worker for unary calls",
+    "max_streams": "InferStream calls open at once per worker, each with a thread of its own",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "on or off: one JSON line per request on stderr",
@@ -168,6 +172,7 @@ _TYPES: dict[str, Any] = {
     "max_queue": _non_negative_int,
     "http_threads": _at_least_one,
     "grpc_threads": _at_least_one,
+    "max_streams": _at_least_one,
     "shutdown_grace": _positive_float,
 }
 

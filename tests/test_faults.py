@@ -78,6 +78,45 @@ def test_cancelled_stream(gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStu
     still_serving(gateway)
 
 
+def test_idle_streams_cannot_take_the_threads_of_unary_calls() -> None:
+    gw = start(Settings(http_port=0, grpc_port=0, grpc_threads=2, max_streams=2))
+    stop = threading.Event()
+    one = pb.InferStreamRequest(image=pb.Image(data=PNG))
+
+    def one_then_silence() -> Iterator[pb.InferStreamRequest]:
+        yield one
+        stop.wait(30)
+
+    channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(3)]
+    try:
+        stubs = [pb_grpc.ImageGatewayServiceStub(ch) for ch in channels]
+        # Two streams that go silent after one image hold the two stream threads ...
+        idle = []
+        for stub in stubs[:2]:
+            call = stub.InferStream(one_then_silence(), timeout=30)
+            assert grpc_result(next(call).result)["output"] == [128, 128, 3]
+            idle.append(call)
+        # ... so a third is refused at once, with the table's code ...
+        with pytest.raises(grpc.RpcError) as info:
+            list(stubs[2].InferStream(iter([one]), timeout=5))
+        assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+        # ... and unary calls still have their threads.
+        for _ in range(4):
+            reply = stubs[2].Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=5)
+            assert grpc_result(reply.result)["output"] == [128, 128, 3]
+        stop.set()
+        for call in idle:
+            assert list(call) == []
+        # Once they end, streams are taken again.
+        replies = list(stubs[2].InferStream(iter([one]), timeout=5))
+        assert grpc_result(replies[0].result)["output"] == [128, 128, 3]
+    finally:
+        stop.set()
+        for ch in channels:
+            ch.close()
+        gw.stop()
+
+
 @pytest.fixture(scope="module")
 def strict_gateway() -> Iterator[Gateway]:
     gw = start(

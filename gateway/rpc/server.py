@@ -59,7 +59,8 @@ def build_grpc_server(
     health service, which reports SERVING for the whole server ("") and for our service."""
     server = grpc.server(
         futures.ThreadPoolExecutor(
-            max_workers=settings.grpc_threads, thread_name_prefix="grpc-worker"
+            max_workers=settings.grpc_threads + settings.max_streams,
+            thread_name_prefix="grpc-worker",
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -68,7 +69,7 @@ def build_grpc_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    _add_servicer(ImageGatewayServicer(dataplane), server)
+    _add_servicer(ImageGatewayServicer(dataplane, settings.max_streams), server)
     # Health checks are answered from the calling thread, never queued behind inference.
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import NoReturn, TypeVar
@@ -105,8 +106,13 @@ def _log_call(
 
 
 class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(self, dataplane: DataPlane, max_streams: int = 8) -> None:
         self.dataplane = dataplane
+        self.max_streams = max_streams
+        # grpcio's threaded server gives an open stream a thread until it ends, even while the
+        # client sends nothing; the server's pool has max_streams threads more than unary calls
+        # need, and a stream past that count is refused at once.
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     @unary
     def Infer(
@@ -135,6 +141,25 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = _request_id(context)
+        if not self._streams.acquire(blocking=False):
+            _abort(
+                context,
+                ErrorCode.OVERLOADED,
+                f"{self.max_streams} streams are open on this worker, the most it takes; retry "
+                "later or send InferBatch",
+                stream_id,
+            )
+        try:
+            yield from self._stream(request_iterator, context, stream_id)
+        finally:
+            self._streams.release()
+
+    def _stream(
+        self,
+        request_iterator: Iterator[Detached[pb.InferStreamRequest]],
+        context: grpc.ServicerContext,
+        stream_id: str,
+    ) -> Iterator[pb.InferStreamResponse]:
         for index, request in enumerate(request_iterator):
             # Each message is its own request: its failure is its own response, and the stream
             # goes on.
