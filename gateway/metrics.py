@@ -7,6 +7,7 @@ spawning them (prometheus-client reads it at import), each worker writes its val
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import deque
@@ -22,6 +23,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -105,7 +108,10 @@ def flush() -> None:
 def _flush_forever() -> None:
     stop = threading.Event()
     while not stop.wait(FLUSH_INTERVAL):
-        flush()
+        try:
+            flush()
+        except Exception:  # one bad update must not stop the metrics (or let the queue grow)
+            log.exception("could not apply a metric update")
 
 
 threading.Thread(target=_flush_forever, name="metrics-flush", daemon=True).start()
