@@ -13,9 +13,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 import requests
 
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.conftest import DATA
 
 BIN = Path(sys.executable).parent
@@ -224,3 +227,44 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     alive = [p for p in workers if Path(f"/proc/{p}").exists()]
     assert alive == [], "workers outlived their supervisor"
     assert "the supervisor is gone" in s.log.read_text()
+
+
+@pytest.mark.parametrize("access_log", ["on", "off"])
+def test_access_log_lines_on_stderr(tmp_path: Path, access_log: str) -> None:
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--access-log", access_log,
+    )  # fmt: skip
+    try:
+        png = Path(FILES[1]).read_bytes()
+        resp = requests.post(
+            f"{s.http_url}/v1/infer",
+            data=png,
+            headers={"Content-Type": "image/png", "X-Request-ID": "log-http"},
+            timeout=10,
+        )
+        assert resp.status_code == 200
+        with grpc.insecure_channel(s.grpc_target) as ch:
+            pb_grpc.ImageGatewayServiceStub(ch).Infer(
+                pb.InferRequest(image=pb.Image(data=png)),
+                metadata=(("x-request-id", "log-grpc"),),
+                timeout=10,
+            )
+    finally:
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0
+    # Access records are bare JSON lines, apart from the server's own log lines.
+    records = {}
+    for line in s.log.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            records[record["request_id"]] = record
+    if access_log == "off":
+        assert records == {}
+        return
+    assert records["log-http"]["protocol"] == "http"
+    assert records["log-http"]["status"] == "200"
+    assert records["log-http"]["bytes_in"] == len(png)
+    assert records["log-grpc"]["protocol"] == "grpc"
+    assert records["log-grpc"]["status"] == "OK"
+    assert records["log-grpc"]["images"] == 1
