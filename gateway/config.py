@@ -222,6 +222,11 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     )
 
 
+def url_host(host: str) -> str:
+    """The host as it goes in a URL or a gRPC target: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def worker_count(settings: Settings) -> int:
     """The number of worker processes: as configured, or one per CPU this process may use."""
     if settings.workers:

@@ -23,7 +23,7 @@ from cheroot import wsgi
 from grpc_health.v1 import health
 
 from gateway import allocator, config, workers
-from gateway.config import Settings, worker_count
+from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
 from gateway.core.limits import Limits
@@ -50,11 +50,11 @@ class Gateway:
 
     @property
     def http_url(self) -> str:
-        return f"http://{_url_host(self.settings.host)}:{self.http_port}"
+        return f"http://{url_host(self.settings.host)}:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
-        return f"{_url_host(self.settings.host)}:{self.grpc_port}"
+        return f"{url_host(self.settings.host)}:{self.grpc_port}"
 
     def stop(self) -> None:
         """Drain: report not ready and refuse new requests at once, while still answering
@@ -72,10 +72,6 @@ class Gateway:
         self._http_thread.join(remaining)
         grpc_done.wait(remaining)
         self.dataplane.close()
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def start(
@@ -225,13 +221,7 @@ def serve(settings: Settings) -> int:
         return workers.supervise(settings)
 
     def _ready(gateway: Gateway) -> None:
-        log.info(
-            "image-gateway ready: http=%s grpc=%s models=%s workers=1 pid=%d",
-            gateway.http_url,
-            gateway.grpc_target,
-            ",".join(settings.model),
-            os.getpid(),
-        )
+        workers.log_ready(settings, gateway.http_port, gateway.grpc_port, 1)
 
     code = _serve_until_signal(settings, reuse_port=False, on_ready=_ready)
     if code == 0:

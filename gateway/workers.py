@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from gateway.config import Settings, worker_count
+from gateway.config import Settings, url_host, worker_count
 
 log = logging.getLogger("gateway")
 
@@ -41,6 +41,21 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
         sock.close()
         raise
     return sock, int(sock.getsockname()[1])
+
+
+def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) -> None:
+    """The one line that says the gateway serves, and where (tools wait for it)."""
+    host = url_host(settings.host)
+    log.info(
+        "image-gateway ready: http=http://%s:%d grpc=%s:%d models=%s workers=%d pid=%d",
+        host,
+        http_port,
+        host,
+        grpc_port,
+        ",".join(settings.model),
+        count,
+        os.getpid(),
+    )
 
 
 def _worker_main(settings: Settings, ready: Connection, parent: int) -> None:
@@ -94,17 +109,7 @@ def supervise(settings: Settings) -> int:
     except RuntimeError as exc:
         log.error("cannot start: %s", exc)
         return 1
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    log.info(
-        "image-gateway ready: http=http://%s:%d grpc=%s:%d models=%s workers=%d pid=%d",
-        host,
-        http_port,
-        host,
-        grpc_port,
-        ",".join(settings.model),
-        count,
-        os.getpid(),
-    )
+    log_ready(settings, http_port, grpc_port, count)
     while not stopping.wait(0.5):
         for i, proc in enumerate(procs):
             if not proc.is_alive() and not stopping.is_set():

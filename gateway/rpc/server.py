@@ -9,7 +9,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
-from gateway.config import Settings
+from gateway.config import Settings, url_host
 from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
 from gateway.rpc.servicer import ImageGatewayServicer
@@ -78,8 +78,7 @@ def build_grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    port = server.add_insecure_port(f"{host}:{settings.grpc_port}")
+    port = server.add_insecure_port(f"{url_host(settings.host)}:{settings.grpc_port}")
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     return server, port, health_servicer
