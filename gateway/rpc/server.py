@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 
 import grpc
+from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -14,40 +16,43 @@ from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
 from gateway.rpc.servicer import ImageGatewayServicer
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGatewayService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["ImageGatewayService"]
+SERVICE_NAME = SERVICE.full_name
+
+# grpc's handler factory for each (client streams, server streams).
+_HANDLERS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _image_field(message: Descriptor) -> str | None:
+    """The request's Image field (repeated or not), if it has one."""
+    image = pb.Image.DESCRIPTOR.full_name
+    return next(
+        (f.name for f in message.fields if f.message_type and f.message_type.full_name == image),
+        None,
+    )
 
 
 def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
-    """The generated add_ImageGatewayServiceServicer_to_server, except that the three infer
-    methods take their requests through gateway.rpc.wire, which leaves the image bytes where
-    gRPC received them instead of copying them twice."""
-    handlers = {
-        "Infer": grpc.unary_unary_rpc_method_handler(
-            servicer.Infer,
-            request_deserializer=wire.detach(pb.InferRequest, "image"),
-            response_serializer=pb.InferResponse.SerializeToString,
-        ),
-        "InferBatch": grpc.unary_unary_rpc_method_handler(
-            servicer.InferBatch,
-            request_deserializer=wire.detach(pb.InferBatchRequest, "images"),
-            response_serializer=pb.InferBatchResponse.SerializeToString,
-        ),
-        "InferStream": grpc.stream_stream_rpc_method_handler(
-            servicer.InferStream,
-            request_deserializer=wire.detach(pb.InferStreamRequest, "image"),
-            response_serializer=pb.InferStreamResponse.SerializeToString,
-        ),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            servicer.ListModels,
-            request_deserializer=pb.ListModelsRequest.FromString,
-            response_serializer=pb.ListModelsResponse.SerializeToString,
-        ),
-        "GetModel": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModel,
-            request_deserializer=pb.GetModelRequest.FromString,
-            response_serializer=pb.GetModelResponse.SerializeToString,
-        ),
-    }
+    """What the generated add_ImageGatewayServiceServicer_to_server does, read from the service
+    descriptor, except that a request with an Image field goes through gateway.rpc.wire, which
+    leaves the image bytes where gRPC received them instead of copying them twice."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_type = getattr(pb, method.input_type.name)
+        field = _image_field(method.input_type)
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=(
+                wire.detach(request_type, field) if field else request_type.FromString
+            ),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
