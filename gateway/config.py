@@ -150,6 +150,15 @@ def batch_policies(settings: Settings) -> dict[str, BatchPolicy | None]:
     return policies
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(text: str) -> str:
+    if text.strip().upper() not in _LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(_LOG_LEVELS)}")
+    return text.strip().upper()
+
+
 def _on_off(text: str) -> str:
     if text.strip().lower() not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
@@ -158,6 +167,7 @@ def _on_off(text: str) -> str:
 
 _TYPES: dict[str, Any] = {
     "access_log": _on_off,
+    "log_level": _log_level,
     "batching": _batching,
     "http_port": _port,
     "grpc_port": _port,

@@ -86,6 +86,8 @@ def test_flags_win_and_model_repeats() -> None:
         ("IMAGE_GATEWAY_MAX_CONCURRENCY", "0"),
         ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "nan"),
         ("IMAGE_GATEWAY_HTTP_PORT", "٣"),
+        ("IMAGE_GATEWAY_LOG_LEVEL", "verbose"),
+        ("IMAGE_GATEWAY_MAX_STREAMS", "0"),
     ],
 )
 def test_bad_values_are_refused(name: str, value: str) -> None:

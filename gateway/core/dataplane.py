@@ -131,7 +131,7 @@ class DataPlane:
         items: list[Probe | ItemError] = [self._probe(image.data) for image in request.images]
         metrics.observe(metrics.IMAGES_PER_REQUEST, len(items))
         for image, probed in zip(request.images, items, strict=True):
-            metrics.observe(metrics.IMAGE_BYTES, len(memoryview(image.data)))
+            metrics.observe(metrics.IMAGE_BYTES, len(image.data))
             if isinstance(probed, Probe):
                 metrics.observe(metrics.IMAGE_PIXELS, probed.size.pixels)
         total = sum(p.size.pixels for p in items if isinstance(p, Probe))
