@@ -19,7 +19,6 @@ from multiprocessing.connection import Connection
 from typing import TextIO
 
 import grpc
-from cheroot import wsgi
 from grpc_health.v1 import health
 
 from gateway import allocator, config, workers
@@ -29,7 +28,7 @@ from gateway.core.dataplane import DataPlane
 from gateway.core.limits import Limits
 from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
-from gateway.rest.server import build_http_server
+from gateway.rest.server import HttpServer, build_http_server
 from gateway.rpc.server import build_grpc_server
 
 log = logging.getLogger("gateway")
@@ -41,7 +40,7 @@ class Gateway:
 
     settings: Settings
     dataplane: DataPlane
-    http: wsgi.Server
+    http: HttpServer
     grpc: grpc.Server
     health: health.HealthServicer
     http_port: int

@@ -79,6 +79,21 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
     return WatchedGateway
 
 
+class HttpServer(wsgi.Server):
+    """cheroot's WSGI server, with the upload watchdog that lives and stops with it."""
+
+    def __init__(self, *args: Any, request_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.watchdog = Watchdog(request_timeout)
+        self.gateway = _gateway_with(self.watchdog)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.watchdog.stop()
+
+
 def build_http_server(
     app: Flask,
     host: str,
@@ -87,11 +102,12 @@ def build_http_server(
     request_timeout: float,
     shutdown_grace: float,
     reuse_port: bool = False,
-) -> tuple[wsgi.Server, int]:
+) -> tuple[HttpServer, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
-    server = wsgi.Server(
+    server = HttpServer(
         (host, port),
         app,
+        request_timeout=request_timeout,
         numthreads=threads,
         server_name="image-gateway",
         request_queue_size=128,
@@ -108,6 +124,5 @@ def build_http_server(
     # answer, so a client pool larger than that reconnects for every request. Idle connections
     # cost a selector entry, not a thread.
     server.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
-    server.gateway = _gateway_with(Watchdog(request_timeout))
     server.prepare()
     return server, int(server.bind_addr[1])
