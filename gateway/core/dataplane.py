@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -67,9 +68,8 @@ class DataPlane:
         self.limits = limits or Limits()
         self.admission = admission or Admission(2, 32, self.limits.max_request_pixels)
         # cv2.imdecode releases the GIL: the images of one request decode side by side.
-        self._decoders = ThreadPoolExecutor(
-            max_workers=decode_threads or os.cpu_count() or 1, thread_name_prefix="decode"
-        )
+        self._helpers = decode_threads or os.cpu_count() or 1
+        self._decoders = ThreadPoolExecutor(max_workers=self._helpers, thread_name_prefix="decode")
         self.batchers: dict[str, Batcher] = {}
         for model in registry:
             policy = resolve_policy(model, batching or {})
@@ -143,13 +143,7 @@ class DataPlane:
             )
         batcher = self.batchers.get(model.name)
         with self.admission.slot(total, request.deadline):
-            datas = [image.data for image in request.images]
-            if len(datas) == 1:
-                decoded = [self._decode(datas[0], items[0], request)]
-            else:
-                decoded = list(
-                    self._decoders.map(self._decode, datas, items, [request] * len(datas))
-                )
+            decoded = self._decode_all(request, items)
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
                 if good:
@@ -180,6 +174,33 @@ class DataPlane:
             return probe(data, self.limits.max_image_pixels)
         except GatewayError as exc:
             return ItemError(exc.error, exc.message)
+
+    def _decode_all(
+        self, request: InferRequest, items: list[Probe | ItemError]
+    ) -> list[DecodedImage | ItemError]:
+        """Decode every image, the calling thread included: it and up to `decode_threads`
+        helpers take the next undecoded image until none is left. A helper that has not
+        started by then is cancelled, so a busy pool costs a request no waiting, and a request
+        pays one thread hand-off per helper instead of one per image."""
+        images = request.images
+        count = len(images)
+        if count == 1:
+            return [self._decode(images[0].data, items[0], request)]
+        decoded: list[DecodedImage | ItemError | None] = [None] * count
+        claim = itertools.count().__next__  # one C call: atomic under the GIL
+
+        def work() -> None:
+            while (i := claim()) < count:
+                decoded[i] = self._decode(images[i].data, items[i], request)
+
+        helpers = [self._decoders.submit(work) for _ in range(min(count, self._helpers + 1) - 1)]
+        try:
+            work()
+        finally:
+            for helper in helpers:
+                if not helper.cancel():
+                    helper.result()
+        return [d for d in decoded if d is not None]
 
     def _decode(
         self, data: Buffer, item: Probe | ItemError, request: InferRequest
