@@ -7,10 +7,13 @@ spawning them (prometheus-client reads it at import), each worker writes its val
 
 from __future__ import annotations
 
+import bisect
+import collections
 import logging
+import math
 import os
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any
 
 from prometheus_client import (
@@ -91,18 +94,37 @@ def observe(metric: Histogram, value: float, labels: tuple[str, ...] = ()) -> No
 
 
 def flush() -> None:
-    """Apply the pending updates."""
+    """Apply the pending updates, summed per series: one request's in-flight +1 and -1 cancel,
+    and a histogram takes one write per bucket it gained rather than one per observation. In
+    multiprocess mode every write locks, checks the pid and packs into a mapped file; applied
+    one by one they held the GIL for a tenth of the time on small images."""
     with _flush_lock:
+        amounts: dict[tuple[Any, tuple[str, ...]], float] = defaultdict(float)
+        observed: dict[tuple[Any, tuple[str, ...]], list[float]] = defaultdict(list)
         while True:
             try:
                 metric, labels, value, is_observation = _pending.popleft()
             except IndexError:
-                return
-            child = metric.labels(*labels) if labels else metric
+                break
             if is_observation:
-                child.observe(value)
+                observed[metric, labels].append(value)
             else:
-                child.inc(value)
+                amounts[metric, labels] += value
+        for (metric, labels), amount in amounts.items():
+            if amount:
+                (metric.labels(*labels) if labels else metric).inc(amount)
+        for (metric, labels), values in observed.items():
+            _observe_all(metric.labels(*labels) if labels else metric, values)
+
+
+def _observe_all(histogram: Histogram, values: list[float]) -> None:
+    # Histogram.observe(v) is `_sum.inc(v)` plus `_buckets[i].inc(1)` for the first bound
+    # >= v; this is the same, counted first. prometheus-client has no public call for it.
+    bounds = histogram._upper_bounds
+    counts = collections.Counter(bisect.bisect_left(bounds, v) for v in values)
+    histogram._sum.inc(math.fsum(values))
+    for index, count in counts.items():
+        histogram._buckets[index].inc(count)
 
 
 def _flush_forever() -> None:

@@ -109,3 +109,39 @@ def test_metrics_count_the_calls_across_two_workers(tmp_path: Path) -> None:
     finally:
         served.proc.terminate()
         assert served.proc.wait(timeout=30) == 0
+
+
+def histogram(http_url: str, name: str) -> dict[str, float]:
+    """One unlabelled histogram's samples: "count", "sum" and each bucket by its bound."""
+    text = requests.get(f"{http_url}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{name}_bucket":
+                values[sample.labels["le"]] = sample.value
+            elif sample.name in (f"{name}_count", f"{name}_sum"):
+                values[sample.name.rsplit("_", 1)[1]] = sample.value
+    return values
+
+
+def test_histograms_count_each_observation_in_its_bucket(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # Updates are summed per series before they are applied: the buckets, count and sum must
+    # still be what one observe() per request gives.
+    name = "gateway_images_per_request"
+    before = histogram(gateway.http_url, name)
+    files = [(str(i), (f"{i}.png", PNG)) for i in range(3)]
+    assert requests.post(f"{gateway.http_url}/v1/infer", files=files, timeout=10).ok
+    for _ in range(2):
+        assert post_octet(gateway.http_url, "shape", PNG).ok
+    stub.InferBatch(pb.InferBatchRequest(images=[pb.Image(data=PNG)] * 5), timeout=10)
+    after = histogram(gateway.http_url, name)
+    gained = {k: after[k] - before.get(k, 0) for k in after}
+    # Buckets are cumulative: le=2 holds the two 1-image requests, le=4 adds the 3-image one.
+    assert gained == {
+        "1.0": 2, "2.0": 2, "4.0": 3, "8.0": 4, "16.0": 4, "32.0": 4, "64.0": 4, "+Inf": 4,
+        "count": 4, "sum": 10,
+    }  # fmt: skip
+    in_flight = requests.get(f"{gateway.http_url}/metrics", timeout=10).text
+    assert "gateway_in_flight_requests 0.0" in in_flight
