@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+import select
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -188,3 +191,24 @@ def test_no_cors_by_default(gateway: Gateway) -> None:
     )
     assert resp.status_code == 200
     assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+def test_http_answer_goes_out_in_one_send(gateway: Gateway) -> None:
+    # Status line, headers and body leave in one send (one packet on loopback), so a client
+    # woken by the first byte can read the whole answer at once.
+    host, port = gateway.http_url.removeprefix("http://").split(":")
+    body = (DATA / "images" / "hopper.png").read_bytes()
+    head = (
+        f"POST /v1/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    whole = 0
+    for _ in range(20):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head + body)
+            select.select([sock], [], [], 10)
+            first = sock.recv(1 << 20)
+        headers, _, payload = first.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", headers).group(1))  # type: ignore[union-attr]
+        whole += len(payload) == length
+    assert whole == 20

@@ -76,6 +76,24 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
             finally:
                 watchdog.release(key)
 
+        def write(self, chunk: bytes) -> None:
+            # cheroot sends the status line and headers, then each chunk, each with a send of
+            # its own (its writer flushes every write): two packets for every answer, and the
+            # client woken twice. The first chunk goes out with the headers in one send.
+            req = self.req
+            if req.sent_headers or not chunk:
+                super().write(chunk)
+                return
+            wfile = req.conn.wfile
+            parts: list[bytes] = []
+            wfile.write = parts.append
+            try:
+                super().write(chunk)
+            finally:
+                del wfile.write
+                if parts:
+                    wfile.write(b"".join(parts))
+
     return WatchedGateway
 
 
