@@ -97,17 +97,29 @@ def supervise(settings: Settings) -> int:
         )
         proc.start()
         child.close()
-        # The worker writes one byte once both of its servers serve, or closes the pipe.
-        if not parent.poll(60) or not parent.recv():
-            proc.terminate()
-            proc.join(10)
+        # The worker writes one byte once both of its servers serve, or closes the pipe (it
+        # has logged why).
+        try:
+            started = parent.poll(60) and parent.recv()
+        except EOFError:
+            started = False
+        if not started:
+            proc.join(5)  # a worker that gave up exits by itself, with its own code
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
         return proc
 
+    procs: list[multiprocessing.process.BaseProcess] = []
     try:
-        procs = [spawn() for _ in range(count)]
+        for _ in range(count):
+            procs.append(spawn())
     except RuntimeError as exc:
         log.error("cannot start: %s", exc)
+        for proc in procs:
+            proc.terminate()
+            proc.join(settings.shutdown_grace + 10)
         return 1
     log_ready(settings, http_port, grpc_port, count)
     while not stopping.wait(0.5):

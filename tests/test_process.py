@@ -159,13 +159,17 @@ def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
             "0",
             "--model",
             "no.such.module:factory",
+            "--workers",
+            "2",
         ],
         capture_output=True,
         text=True,
         timeout=30,
     )
+    # The worker says why; the supervisor exits 1 with a line, not a traceback.
     assert done.returncode == 1
-    assert "no.such" in done.stderr
+    assert "cannot load model 'no.such.module:factory'" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def children(pid: int) -> list[int]:
