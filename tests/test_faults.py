@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -78,6 +79,18 @@ def test_cancelled_stream(gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStu
     still_serving(gateway)
 
 
+def refused_streams(http_url: str) -> float:
+    text = requests.get(f"{http_url}/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "gateway_requests_total"
+        and sample.labels["method"] == "InferStream"
+        and sample.labels["code"] == "UNAVAILABLE"
+    )
+
+
 def test_idle_streams_cannot_take_the_threads_of_unary_calls() -> None:
     gw = start(Settings(http_port=0, grpc_port=0, grpc_threads=2, max_streams=2))
     stop = threading.Event()
@@ -96,10 +109,12 @@ def test_idle_streams_cannot_take_the_threads_of_unary_calls() -> None:
             call = stub.InferStream(one_then_silence(), timeout=30)
             assert grpc_result(next(call).result)["output"] == [128, 128, 3]
             idle.append(call)
-        # ... so a third is refused at once, with the table's code ...
+        # ... so a third is refused at once, with the table's code, and counted ...
+        refused_before = refused_streams(gw.http_url)
         with pytest.raises(grpc.RpcError) as info:
             list(stubs[2].InferStream(iter([one]), timeout=5))
         assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+        assert refused_streams(gw.http_url) == refused_before + 1
         # ... and unary calls still have their threads.
         for _ in range(4):
             reply = stubs[2].Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=5)

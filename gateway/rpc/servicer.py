@@ -85,7 +85,9 @@ def unary(
 def _log_call(
     method: str, request: object, response: object, status: str, request_id: str, started: float
 ) -> None:
-    if isinstance(request, Detached):
+    if request is None:
+        images, bytes_in, message = 0, 0, None
+    elif isinstance(request, Detached):
         images, bytes_in, message = len(request.datas), request.size, request.message
     else:
         images = 0
@@ -142,6 +144,11 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = _request_id(context)
         if not self._streams.acquire(blocking=False):
+            # Counted and logged like any refused call: one record for the stream.
+            _log_call(
+                "InferStream", None, None, ErrorCode.OVERLOADED.grpc_status, stream_id,
+                time.perf_counter(),
+            )  # fmt: skip
             _abort(
                 context,
                 ErrorCode.OVERLOADED,
