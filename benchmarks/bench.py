@@ -34,6 +34,7 @@ import cv2
 import grpc
 import numpy as np
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -150,8 +151,9 @@ def run_wrk(
             check=True,
         ).stdout
     result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    # wrk counts every answer; only the good ones are throughput.
     return {
-        "rps": result["requests"] / (result["duration_us"] / 1e6),
+        "rps": (result["requests"] - result["non2xx"]) / (result["duration_us"] / 1e6),
         "p50_ms": result["p50_us"] / 1000,
         "p99_ms": result["p99_us"] / 1000,
         "errors": result["socket_errors"] + result["non2xx"],
@@ -202,6 +204,39 @@ def run_h2load(url: str, data: bytes, conc: int, seconds: float, warmup: float) 
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] / 1000
 
     return {"rps": rps, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "errors": errors}
+
+
+def grpc_outcomes(http_url: str) -> dict[tuple[str, bool], float]:
+    """(gRPC method, answered OK) -> calls, from the gateway's own /metrics.
+
+    h2load sees HTTP/2 status 200 for every gRPC answer, failed or not (the gRPC status is in
+    the trailers), so the gateway's counts say how many calls failed."""
+    text = requests.get(f"{http_url}/metrics", timeout=30).text
+    counts: dict[tuple[str, bool], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_requests_total" and sample.labels["protocol"] == "grpc":
+                key = (sample.labels["method"], sample.labels["code"] == "OK")
+                counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+def count_grpc_failures(
+    result: dict[str, float],
+    method: str,
+    per_call: int,
+    before: dict[tuple[str, bool], float],
+    after: dict[tuple[str, bool], float],
+) -> None:
+    """Take failed calls out of h2load's req/s and into the errors column. The counts span
+    warm-up and measurement, so the failed share, not the count, scales req/s. A stream's
+    messages are counted one by one (`per_call` to a stream), a refused stream once."""
+    ok = after.get((method, True), 0.0) - before.get((method, True), 0.0)
+    failed = after.get((method, False), 0.0) - before.get((method, False), 0.0)
+    calls = ok / per_call + failed if method == "InferStream" else ok + failed
+    if failed and calls:
+        result["rps"] *= 1 - failed / calls
+        result["errors"] += failed
 
 
 # ---------------------------------------------------------------- targets
@@ -295,6 +330,15 @@ def gateway_targets(image: BenchImage, http_url: str, grpc_target: str) -> list[
 # ---------------------------------------------------------------- dynamic batching
 
 
+def grpc_infer(
+    http_url: str, grpc_target: str, message: bytes, conc: int, seconds: float, warmup: float
+) -> dict[str, float]:
+    before = grpc_outcomes(http_url)
+    result = run_h2load(f"http://{grpc_target}{SERVICE}/Infer", message, conc, seconds, warmup)
+    count_grpc_failures(result, "Infer", 1, before, grpc_outcomes(http_url))
+    return result
+
+
 def batching_rows(image: BenchImage, conc: int, seconds: float, warmup: float) -> list[Row]:
     """The batching-friendly model with dynamic batching off, then on, over both protocols."""
     rows = []
@@ -319,12 +363,7 @@ def batching_rows(image: BenchImage, conc: int, seconds: float, warmup: float) -
                         warmup,
                     ),
                 ),
-                (
-                    "gRPC Infer",
-                    run_h2load(
-                        f"http://{grpc_target}{SERVICE}/Infer", message, conc, seconds, warmup
-                    ),
-                ),
+                ("gRPC Infer", grpc_infer(http_url, grpc_target, message, conc, seconds, warmup)),
             ):
                 rows.append(
                     Row(
@@ -524,6 +563,12 @@ def main() -> int:
                 for name, tool, url, body, ctype, per_req in targets:
                     if tool == "wrk":
                         result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
+                    elif name.startswith("gateway"):
+                        before = grpc_outcomes(http_url)
+                        result = run_h2load(url, body, conc, args.duration, args.warmup)
+                        method = url.rsplit("/", 1)[1]
+                        after = grpc_outcomes(http_url)
+                        count_grpc_failures(result, method, per_req, before, after)
                     else:
                         result = run_h2load(url, body, conc, args.duration, args.warmup)
                     record(image.name, name, conc, per_req, result, limit_n)
