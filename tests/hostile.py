@@ -145,6 +145,21 @@ def _multipart_cases() -> list[MultipartCase]:
             ErrorCode.PAYLOAD_TOO_LARGE,
         ),
         MultipartCase("body that is not multipart", b"just bytes", ErrorCode.MALFORMED_MULTIPART),
+        MultipartCase(
+            "part header line of 8 KiB",
+            multipart([b"X-Padding: " + b"a" * 8192 + b"\r\n" + file_part("0", png)]),
+            ErrorCode.MALFORMED_MULTIPART,
+        ),
+        MultipartCase(
+            "part with a hundred headers",
+            multipart([b"X-Padding: a\r\n" * 100 + file_part("0", png)]),
+            ErrorCode.MALFORMED_MULTIPART,
+        ),
+        MultipartCase(
+            "part without Content-Disposition",
+            multipart([b"Content-Type: image/png\r\n\r\n" + png]),
+            ErrorCode.MALFORMED_MULTIPART,
+        ),
     ]
 
 
