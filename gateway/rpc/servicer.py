@@ -145,10 +145,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         stream_id = _request_id(context)
         if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
-            _log_call(
-                "InferStream", None, None, ErrorCode.OVERLOADED.grpc_status, stream_id,
-                time.perf_counter(),
-            )  # fmt: skip
+            refused = ErrorCode.OVERLOADED.grpc_status
+            _log_call("InferStream", None, None, refused, stream_id, time.perf_counter())
             _abort(
                 context,
                 ErrorCode.OVERLOADED,
