@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import string
+
+import cv2
 import grpc
+import numpy as np
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
@@ -13,12 +17,20 @@ from gateway.core.decode import decode, probe
 from gateway.core.errors import GatewayError
 from gateway.core.types import ColorMode
 from tests.conftest import IMAGES
+from tests.hostile import file_part, multipart, text_part
 
 SEEDS = [p.read_bytes() for p in IMAGES if p.stat().st_size < 40_000]
 MAX_PIXELS = 4_000_000
 FUZZ = settings(
     max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+
+
+def decoded_checksum(data: bytes) -> int | None:
+    """What the spy model reports for an image the gateway decodes in color."""
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    return None if image is None else int(image.astype(np.uint64).sum())
 
 
 @st.composite
@@ -121,3 +133,48 @@ def test_grpc_front_never_answers_internal(
         stub.InferBatch(request, timeout=30)
     except grpc.RpcError as exc:
         assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), exc
+
+
+# Every decodable test image, the largest over the server's 64 KiB read so that its part comes
+# in pieces; the spy model reports a checksum of the pixels, so a part one byte off shows.
+INTACT = [d for d in (p.read_bytes() for p in IMAGES) if decoded_checksum(d) is not None]
+BOUNDARY_CHARS = string.ascii_letters + string.digits + "'()+_,-./:=? "
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    picks=st.lists(st.integers(0, len(INTACT) - 1), min_size=1, max_size=4),
+    note=st.text(alphabet='-\r\n ab=X"', max_size=80),
+    boundary=st.text(alphabet=BOUNDARY_CHARS, min_size=1, max_size=70).filter(
+        lambda b: not b.endswith(" ")
+    ),
+    piece=st.integers(1, 70_000),
+)
+def test_multipart_parts_arrive_intact(
+    http_url: str, picks: list[int], note: str, boundary: str, piece: int
+) -> None:
+    # Any boundary RFC 2046 allows, text full of CR, LF and dashes, the body sent chunked in
+    # pieces of any size: every image and field reaches the model exactly as sent.
+    from tests.models import SPY
+
+    datas = [INTACT[i] for i in picks]
+    delimiter = f"\r\n--{boundary}".encode()
+    assume(all(delimiter not in d for d in datas) and delimiter not in f"\r\n{note}\r\n".encode())
+    body = multipart(
+        [file_part(str(i), d) for i, d in enumerate(datas)] + [text_part("note", note)],
+        boundary=boundary,
+    )
+    resp = requests.post(
+        f"{http_url}/v1/models/spy/infer",
+        data=(body[i : i + piece] for i in range(0, len(body), piece)),
+        headers={"Content-Type": f'multipart/form-data; boundary="{boundary}"'},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert [r.get("output") for r in results] == [
+        {"checksum": decoded_checksum(d)} for d in datas
+    ], results
+    assert SPY.calls[-1]["params"] == {"note": note}
