@@ -212,3 +212,19 @@ def test_http_answer_goes_out_in_one_send(gateway: Gateway) -> None:
         length = int(re.search(rb"(?i)content-length: *(\d+)", headers).group(1))  # type: ignore[union-attr]
         whole += len(payload) == length
     assert whole == 20
+
+
+def test_each_stream_message_has_its_own_access_record(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    stub = pb_grpc.ImageGatewayServiceStub(channel)
+    messages = [
+        pb.InferStreamRequest(request_id="log-stream-ok", image=pb.Image(data=PNG)),
+        pb.InferStreamRequest(request_id="log-stream-bad", image=pb.Image(data=b"junk")),
+    ]
+    assert len(list(stub.InferStream(iter(messages), timeout=10))) == 2
+    records = {r["request_id"]: r for r in access_records(caplog)}
+    ok, bad = records["log-stream-ok"], records["log-stream-bad"]
+    assert (ok["method"], ok["status"], ok["images"]) == ("InferStream", "OK", 1)
+    assert (bad["method"], bad["status"], bad["images"]) == ("InferStream", "INVALID_ARGUMENT", 1)

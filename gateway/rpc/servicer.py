@@ -81,7 +81,6 @@ def unary(
     return wrapper
 
 
-# The generated servicer base has no type stubs.
 def _log_call(
     method: str, request: object, response: object, status: str, request_id: str, started: float
 ) -> None:
@@ -107,6 +106,7 @@ def _log_call(
     )
 
 
+# The generated servicer base has no type stubs.
 class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     def __init__(self, dataplane: DataPlane, max_streams: int = 8) -> None:
         self.dataplane = dataplane
@@ -180,8 +180,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
                 failed = ItemResult(message.image.name, error=ItemError(exc.error, exc.message))
                 response = InferResponse(message.model, request_id, (failed,))
             reply = convert.stream_response(response)
-            error = reply.result.error.code if reply.result.HasField("error") else ""
-            status = ErrorCode.from_code(error).grpc_status if error else "OK"
+            (result,) = response.results
+            status = result.error.error.grpc_status if result.error is not None else "OK"
             _log_call("InferStream", request, reply, status, request_id, started)
             yield reply
 
