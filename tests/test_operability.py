@@ -214,6 +214,43 @@ def test_http_answer_goes_out_in_one_send(gateway: Gateway) -> None:
     assert whole == 20
 
 
+def test_pipelined_requests_are_each_answered_in_order(gateway: Gateway) -> None:
+    # Three requests in one send: the second and third wait in the connection's read buffer,
+    # not in the socket, while the first is answered; the server must look there before it
+    # waits on the socket, or they sit until the keep-alive timeout.
+    host, port = gateway.http_url.removeprefix("http://").split(":")
+    images = [(DATA / "images" / n).read_bytes() for n in ("hopper.png", "rocket.jpg")]
+
+    def post(rid: str, body: bytes) -> bytes:
+        return (
+            f"POST /v1/infer HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: {rid}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+
+    wire = post("pipe-1", images[0]) + post("pipe-2", images[1])
+    wire += f"GET /readyz HTTP/1.1\r\nHost: {host}\r\nX-Request-ID: pipe-3\r\n\r\n".encode()
+    answers: list[tuple[bytes, bytes]] = []
+    buffer = b""
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(wire)
+        while len(answers) < 3:
+            head, sep, rest = buffer.partition(b"\r\n\r\n")
+            match = re.search(rb"(?i)content-length: *(\d+)", head)
+            if sep and match and len(rest) >= int(match.group(1)):
+                length = int(match.group(1))
+                answers.append((head, rest[:length]))
+                buffer = rest[length:]
+                continue
+            data = sock.recv(1 << 16)  # socket.timeout here: a request was left waiting
+            assert data, f"connection closed after {len(answers)} answers"
+            buffer += data
+    ids = [re.search(rb"(?i)x-request-id: *(\S+)", h).group(1) for h, _ in answers]  # type: ignore[union-attr]
+    assert ids == [b"pipe-1", b"pipe-2", b"pipe-3"]
+    assert all(h.startswith(b"HTTP/1.1 200") for h, _ in answers)
+    shapes = [json.loads(body)["result"]["output"] for _, body in answers[:2]]
+    assert shapes == [[128, 128, 3], [427, 640, 3]]
+
+
 def test_each_stream_message_has_its_own_access_record(
     channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:

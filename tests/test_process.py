@@ -212,6 +212,14 @@ def test_workers_share_the_ports_and_a_dead_worker_is_replaced(tmp_path: Path) -
             done = cli("infer", FILES[0], "--url", s.http_url)
             assert json.loads(done.stdout)[0]["output"] == [427, 640, 3]
         assert "starting another" in s.log.read_text()
+        # A fresh connection each, so both workers answer: ids they make never repeat.
+        body = Path(FILES[1]).read_bytes()
+        ids = [
+            requests.post(f"{s.http_url}/", data=body, timeout=30).headers["X-Request-ID"]
+            for _ in range(40)
+        ]
+        assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
+        assert len(set(ids)) == len(ids)
     finally:
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0

@@ -15,6 +15,8 @@ import time
 from gateway import metrics
 
 log = logging.getLogger("gateway.access")
+# One encoder for every record: json.dumps with any non-default argument builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def log_access(
@@ -48,4 +50,4 @@ def log_access(
         "bytes_out": bytes_out,
         "duration_ms": round(elapsed * 1000, 3),
     }
-    log.info(json.dumps(record, separators=(",", ":")))
+    log.info(_encode(record))

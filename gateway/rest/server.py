@@ -18,6 +18,8 @@ from typing import Any
 from cheroot import server, wsgi
 from flask import Flask
 
+from gateway.rest.socketfile import Connection
+
 KEEP_ALIVE_CONNECTIONS = 256
 
 
@@ -98,7 +100,10 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
 
 
 class HttpServer(wsgi.Server):
-    """cheroot's WSGI server, with the upload watchdog that lives and stops with it."""
+    """cheroot's WSGI server, with the upload watchdog that lives and stops with it, reading
+    its sockets through C io (gateway.rest.socketfile)."""
+
+    ConnectionClass = Connection
 
     def __init__(self, *args: Any, request_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
