@@ -44,3 +44,34 @@ def _bgr(image: np.ndarray) -> np.ndarray:
 
 def embedding() -> Embedding:
     return Embedding()
+
+
+class Thumbnail:
+    """What most image classifiers do first: scale the image to a fixed 224x224 input. Declaring
+    it as `min_input_size` lets the gateway decode a large JPEG at 1/2, 1/4 or 1/8 scale."""
+
+    name = "thumbnail"
+    description = "mean B, G, R of the image scaled to 224x224"
+    min_input_size: tuple[int, int] | None = (224, 224)
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        outputs = []
+        for image in images:
+            small = cv2.resize(_bgr(image), (224, 224), interpolation=cv2.INTER_AREA)
+            outputs.append([round(float(m), 1) for m in small.reshape(-1, 3).mean(axis=0)])
+        return outputs
+
+
+class ThumbnailFull(Thumbnail):
+    """The same model without the declaration: every image decodes at full size."""
+
+    name = "thumbnail-full"
+    min_input_size = None
+
+
+def thumbnail() -> Thumbnail:
+    return Thumbnail()
+
+
+def thumbnail_full() -> ThumbnailFull:
+    return ThumbnailFull()

@@ -23,6 +23,7 @@ MODELS = (
     "tests.models:slow",
     "tests.models:spy",
     "tests.models:batching_spy",
+    "tests.models:small_input",
 )
 
 

@@ -88,3 +88,20 @@ BATCHING_SPY = BatchingSpy()
 
 def batching_spy() -> BatchingSpy:
     return BATCHING_SPY
+
+
+class SmallInput:
+    """Declares that it needs at least 50x40 pixels; reports what it got (shape and checksum)."""
+
+    name = "small-input"
+    description = "needs 50x40 pixels at least; reports the shape and checksum it received"
+    min_input_size = (50, 40)
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        return [
+            {"shape": list(i.shape), "checksum": int(i.astype(np.uint64).sum())} for i in images
+        ]
+
+
+def small_input() -> SmallInput:
+    return SmallInput()

@@ -12,7 +12,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.conftest import IMAGES
 from tests.wire import grpc_result, post_multipart, post_octet
 
-MODELS = ["shape", "qrcode", "spy"]
+MODELS = ["shape", "qrcode", "spy", "small-input"]
 
 
 def without_name(result: dict[str, Any]) -> dict[str, Any]:

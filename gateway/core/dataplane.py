@@ -29,7 +29,7 @@ from gateway.core.types import (
     ItemResult,
     ModelInfo,
 )
-from gateway.models.base import JSONValue, Model
+from gateway.models.base import JSONValue, Model, min_input_size
 from gateway.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class DataPlane:
         # cv2.imdecode releases the GIL: the images of one request decode side by side.
         self._helpers = decode_threads or os.cpu_count() or 1
         self._decoders = ThreadPoolExecutor(max_workers=self._helpers, thread_name_prefix="decode")
+        self._min_sizes = {model.name: min_input_size(model) for model in registry}
         self.batchers: dict[str, Batcher] = {}
         for model in registry:
             policy = resolve_policy(model, batching or {})
@@ -147,7 +148,7 @@ class DataPlane:
             )
         batcher = self.batchers.get(model.name)
         with self.admission.slot(total, request.deadline):
-            decoded = self._decode_all(request, items)
+            decoded = self._decode_all(request, items, self._min_sizes[model.name])
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
                 if good:
@@ -180,7 +181,10 @@ class DataPlane:
             return ItemError(exc.error, exc.message)
 
     def _decode_all(
-        self, request: InferRequest, items: list[Probe | ItemError]
+        self,
+        request: InferRequest,
+        items: list[Probe | ItemError],
+        min_size: tuple[int, int] | None,
     ) -> list[DecodedImage | ItemError]:
         """Decode every image, the calling thread included: it and up to `decode_threads`
         helpers take the next undecoded image until none is left. A helper that has not
@@ -189,13 +193,13 @@ class DataPlane:
         images = request.images
         count = len(images)
         if count == 1:
-            return [self._decode(images[0].data, items[0], request)]
+            return [self._decode(images[0].data, items[0], request, min_size)]
         decoded: list[DecodedImage | ItemError | None] = [None] * count
         claim = itertools.count().__next__  # one C call: atomic under the GIL
 
         def work() -> None:
             while (i := claim()) < count:
-                decoded[i] = self._decode(images[i].data, items[i], request)
+                decoded[i] = self._decode(images[i].data, items[i], request, min_size)
 
         helpers = [self._decoders.submit(work) for _ in range(min(count, self._helpers + 1) - 1)]
         try:
@@ -207,14 +211,18 @@ class DataPlane:
         return [d for d in decoded if d is not None]
 
     def _decode(
-        self, data: Buffer, item: Probe | ItemError, request: InferRequest
+        self,
+        data: Buffer,
+        item: Probe | ItemError,
+        request: InferRequest,
+        min_size: tuple[int, int] | None,
     ) -> DecodedImage | ItemError:
         if isinstance(item, ItemError):
             return item
         _check_deadline(request)
         started = time.perf_counter()
         try:
-            return decode(data, item, request.color_mode)
+            return decode(data, item, request.color_mode, min_size)
         except GatewayError as exc:
             return ItemError(exc.error, exc.message)
         finally:

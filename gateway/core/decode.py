@@ -9,6 +9,7 @@ memory); `decode` runs OpenCV only on a probed image within the pixel limit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -28,6 +29,23 @@ _FLAGS = {
     ColorMode.COLOR: cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
     ColorMode.GRAYSCALE: cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION,
     ColorMode.UNCHANGED: cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION,
+}
+
+# libjpeg scales a JPEG down by 2, 4 or 8 while decoding it (it skips the fine DCT detail
+# instead of computing and then discarding it). OpenCV has the same flags for other formats but
+# decodes them whole and resizes, which costs more, so only JPEG is ever decoded reduced.
+# IMREAD_UNCHANGED is -1 (every bit set) and takes no reduction.
+_REDUCED = {
+    ColorMode.COLOR: {
+        2: cv2.IMREAD_REDUCED_COLOR_2,
+        4: cv2.IMREAD_REDUCED_COLOR_4,
+        8: cv2.IMREAD_REDUCED_COLOR_8,
+    },
+    ColorMode.GRAYSCALE: {
+        2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+    },
 }
 
 DECODABLE = "JPEG, PNG, WebP, GIF, BMP, TIFF, JPEG 2000, AVIF, PNM, OpenEXR or Radiance HDR"
@@ -75,11 +93,37 @@ def probe(data: Buffer, max_pixels: int) -> Probe:
     return Probe(fmt, size)
 
 
-def decode(data: Buffer, probed: Probe, color_mode: ColorMode = ColorMode.COLOR) -> DecodedImage:
-    """Decode a probed image or raise GatewayError with a stable code."""
+def reduction(
+    probed: Probe, color_mode: ColorMode, min_size: tuple[int, int] | None
+) -> Literal[1, 2, 4, 8]:
+    """The largest scale-down (8, 4 or 2) at which the image still covers `min_size` (width,
+    height), for a JPEG decoded in color or grayscale; else 1, a full decode."""
+    if min_size is None or probed.format is not formats.JPEG or color_mode not in _REDUCED:
+        return 1
+    width, height = probed.size.width, probed.size.height
+    scales: tuple[Literal[8, 4, 2], ...] = (8, 4, 2)
+    for scale in scales:
+        # libjpeg rounds a scaled dimension up.
+        if -(-width // scale) >= min_size[0] and -(-height // scale) >= min_size[1]:
+            return scale
+    return 1
+
+
+def decode(
+    data: Buffer,
+    probed: Probe,
+    color_mode: ColorMode = ColorMode.COLOR,
+    min_size: tuple[int, int] | None = None,
+) -> DecodedImage:
+    """Decode a probed image or raise GatewayError with a stable code. With `min_size`, a JPEG
+    may be decoded reduced (see `reduction`); its info still gives the size it was sent at."""
     name = probed.format.name
+    scale = reduction(probed, color_mode, min_size)
+    flags = _FLAGS[color_mode]
+    if scale > 1:
+        flags = _REDUCED[color_mode][scale] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _FLAGS[color_mode])
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
         # OpenCV raises (instead of returning None) for some headers it refuses.
         raise GatewayError(
@@ -92,6 +136,9 @@ def decode(data: Buffer, probed: Probe, color_mode: ColorMode = ColorMode.COLOR)
             f"the {name} image could not be decoded (corrupt, truncated or an unsupported variant)",
         )
     height, width = array.shape[:2]
+    if scale > 1:
+        # A JPEG decodes whole at exactly its header's size (orientation is ignored).
+        width, height = probed.size.width, probed.size.height
     channels = array.shape[2] if array.ndim == 3 else 1
     return DecodedImage(array, ImageInfo(width, height, channels, name))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 
-from gateway.models.base import Model
+from gateway.models.base import Model, min_input_size
 
 BUILTINS: dict[str, str] = {
     "shape": "gateway.models.shape:create",
@@ -42,6 +42,7 @@ class ModelRegistry:
         for model in models:
             if model.name in self._models:
                 raise ValueError(f"two models are named {model.name!r}")
+            min_input_size(model)
             self._models[model.name] = model
         self.default_name = models[0].name
 
