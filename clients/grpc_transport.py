@@ -104,7 +104,19 @@ class GrpcTransport:
             response = self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
-        return [ModelInfo(m.name, m.description, m.is_default) for m in response.models]
+        return [
+            ModelInfo(
+                m.name,
+                m.description,
+                m.is_default,
+                (
+                    (m.min_input_size.width, m.min_input_size.height)
+                    if m.HasField("min_input_size")
+                    else None
+                ),
+            )
+            for m in response.models
+        ]
 
     def close(self) -> None:
         self.channel.close()

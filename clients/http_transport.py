@@ -71,7 +71,7 @@ class HttpTransport:
 
     def list_models(self) -> list[ModelInfo]:
         response = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
-        return [ModelInfo(**m) for m in self._check(response)["models"]]
+        return [ModelInfo.from_dict(m) for m in self._check(response)["models"]]
 
     def close(self) -> None:
         self.session.close()

@@ -58,6 +58,18 @@ class ModelInfo:
     name: str
     description: str
     is_default: bool
+    # (width, height): a larger JPEG reaches this model decoded at 1/2, 1/4 or 1/8 scale.
+    min_input_size: tuple[int, int] | None = None
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> ModelInfo:
+        size = body.get("min_input_size")
+        return cls(
+            body["name"],
+            body["description"],
+            body["is_default"],
+            None if size is None else (size["width"], size["height"]),
+        )
 
 
 class GatewayClientError(Exception):

@@ -89,6 +89,8 @@ def test_models_listed_alike(clients: dict[str, GatewayClient]) -> None:
     http, grpc_ = (c.list_models() for c in clients.values())
     assert http == grpc_
     assert http[0].name == "shape" and http[0].is_default
+    sizes = {m.name: m.min_input_size for m in http}
+    assert sizes["small-input"] == (50, 40) and sizes["shape"] is None
 
 
 def test_request_id_round_trip(gateway: Gateway) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import requests
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -138,3 +139,21 @@ def test_a_malformed_min_input_size_fails_at_start(size: object) -> None:
 
 def test_a_well_formed_min_input_size_is_accepted() -> None:
     assert ModelRegistry([_Declares((224, 224)), _Declares([32, 16]), _Declares(None)])
+
+
+def test_model_listings_give_the_declared_size(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    http = {
+        m["name"]: m for m in requests.get(f"{http_url}/v1/models", timeout=10).json()["models"]
+    }
+    assert http[MODEL]["min_input_size"] == {"width": MIN_WIDTH, "height": MIN_HEIGHT}
+    assert http["shape"]["min_input_size"] is None
+    one = requests.get(f"{http_url}/v1/models/{MODEL}", timeout=10).json()
+    assert one["min_input_size"] == {"width": MIN_WIDTH, "height": MIN_HEIGHT}
+    grpc_models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+    size = grpc_models[MODEL].min_input_size
+    assert (size.width, size.height) == (MIN_WIDTH, MIN_HEIGHT)
+    assert not grpc_models["shape"].HasField("min_input_size")
+    got = stub.GetModel(pb.GetModelRequest(name=MODEL), timeout=10).model.min_input_size
+    assert (got.width, got.height) == (MIN_WIDTH, MIN_HEIGHT)

@@ -108,7 +108,12 @@ class DataPlane:
         return self._info(self.model(name))
 
     def _info(self, model: Model) -> ModelInfo:
-        return ModelInfo(model.name, model.description, model.name == self.registry.default_name)
+        return ModelInfo(
+            model.name,
+            model.description,
+            model.name == self.registry.default_name,
+            self._min_sizes[model.name],
+        )
 
     def infer(self, request: InferRequest) -> InferResponse:
         metrics.inc(metrics.IN_FLIGHT)

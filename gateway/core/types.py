@@ -81,3 +81,4 @@ class ModelInfo:
     name: str
     description: str
     is_default: bool
+    min_input_size: tuple[int, int] | None = None

@@ -232,11 +232,22 @@ SPEC: dict[str, Any] = {
             },
             "ModelInfo": {
                 "type": "object",
-                "required": ["name", "description", "is_default"],
+                "required": ["name", "description", "is_default", "min_input_size"],
                 "properties": {
                     "name": {"type": "string"},
                     "description": {"type": "string"},
                     "is_default": {"type": "boolean"},
+                    "min_input_size": {
+                        "description": "The smallest image the model needs, if it declares one: "
+                        "a larger JPEG (color or grayscale) is decoded at 1/2, 1/4 or 1/8 scale "
+                        "while it still covers it. null: every image is decoded whole.",
+                        "type": ["object", "null"],
+                        "required": ["width", "height"],
+                        "properties": {
+                            "width": {"type": "integer"},
+                            "height": {"type": "integer"},
+                        },
+                    },
                 },
             },
             "ModelList": {

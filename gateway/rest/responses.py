@@ -42,7 +42,13 @@ def batch_json(response: InferResponse) -> dict[str, Any]:
 
 
 def model_json(info: ModelInfo) -> dict[str, Any]:
-    return {"name": info.name, "description": info.description, "is_default": info.is_default}
+    size = info.min_input_size
+    return {
+        "name": info.name,
+        "description": info.description,
+        "is_default": info.is_default,
+        "min_input_size": None if size is None else {"width": size[0], "height": size[1]},
+    }
 
 
 def error_json(code: str, message: str, request_id: str, **extra: Any) -> dict[str, Any]:

@@ -136,4 +136,8 @@ def batch_response(response: InferResponse) -> pb.InferBatchResponse:
 
 
 def model_info(info: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(name=info.name, description=info.description, is_default=info.is_default)
+    message = pb.ModelInfo(name=info.name, description=info.description, is_default=info.is_default)
+    if info.min_input_size is not None:
+        width, height = info.min_input_size
+        message.min_input_size.CopyFrom(pb.ImageSize(width=width, height=height))
+    return message
