@@ -51,26 +51,36 @@ def mutated_images(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-def decode_or_refuse(data: bytes, mode: ColorMode) -> None:
+# None, or a model's smallest input: a JPEG may then decode reduced.
+MIN_SIZES = st.none() | st.tuples(st.integers(1, 300), st.integers(1, 300))
+
+
+def decode_or_refuse(data: bytes, mode: ColorMode, min_size: tuple[int, int] | None = None) -> None:
     try:
         probed = probe(data, MAX_PIXELS)
-        decoded = decode(data, probed, mode)
+        decoded = decode(data, probed, mode, min_size)
     except GatewayError:
         return
-    # What decoded must be no larger than the header said.
+    # What decoded must be no larger than the header said, and the array no larger than that.
     assert decoded.info.width * decoded.info.height <= probed.size.pixels
+    height, width = decoded.array.shape[:2]
+    assert width <= decoded.info.width and height <= decoded.info.height
 
 
 @FUZZ
-@given(st.binary(max_size=4096), st.sampled_from(list(ColorMode)))
-def test_decoder_on_arbitrary_bytes(data: bytes, mode: ColorMode) -> None:
-    decode_or_refuse(data, mode)
+@given(st.binary(max_size=4096), st.sampled_from(list(ColorMode)), MIN_SIZES)
+def test_decoder_on_arbitrary_bytes(
+    data: bytes, mode: ColorMode, min_size: tuple[int, int] | None
+) -> None:
+    decode_or_refuse(data, mode, min_size)
 
 
 @FUZZ
-@given(mutated_images(), st.sampled_from(list(ColorMode)))
-def test_decoder_on_mutated_images(data: bytes, mode: ColorMode) -> None:
-    decode_or_refuse(data, mode)
+@given(mutated_images(), st.sampled_from(list(ColorMode)), MIN_SIZES)
+def test_decoder_on_mutated_images(
+    data: bytes, mode: ColorMode, min_size: tuple[int, int] | None
+) -> None:
+    decode_or_refuse(data, mode, min_size)
 
 
 HEADER_NAMES = st.sampled_from(

@@ -53,6 +53,27 @@ def test_hostile_image(http_url: str, stub: pb_grpc.ImageGatewayServiceStub, cas
     assert_still_serving(http_url, stub)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_image_to_a_model_that_takes_reduced_jpegs(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub, case: Case
+) -> None:
+    # The same answers when a JPEG may be decoded at a reduced scale (tests.models:small_input).
+    resp = post_octet(http_url, "small-input", case.data)
+    request = pb.InferRequest(model="small-input", image=pb.Image(data=case.data))
+    if case.error is None:
+        assert resp.status_code == 200, resp.text
+        assert stub.Infer(request, timeout=10).result.HasField("output")
+    else:
+        assert (resp.status_code, resp.json()["error"]["code"]) == (
+            case.error.http_status,
+            case.error.code,
+        ), resp.text
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(request, timeout=10)
+        assert grpc_code(info.value) == (grpc.StatusCode[case.error.grpc_status], case.error.code)
+    assert_still_serving(http_url, stub)
+
+
 def test_all_hostile_images_in_one_batch_fail_only_themselves(
     http_url: str, stub: pb_grpc.ImageGatewayServiceStub
 ) -> None:
