@@ -157,3 +157,27 @@ def test_model_listings_give_the_declared_size(
     assert not grpc_models["shape"].HasField("min_input_size")
     got = stub.GetModel(pb.GetModelRequest(name=MODEL), timeout=10).model.min_input_size
     assert (got.width, got.height) == (MIN_WIDTH, MIN_HEIGHT)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+        [cv2.IMWRITE_JPEG_RST_INTERVAL, 4],
+        [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444],
+        [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422],
+    ],
+    ids=["progressive", "restart-markers", "4:4:4", "4:2:2"],
+)
+def test_jpeg_variants_reduce_as_opencv_does(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub, params: list[int]
+) -> None:
+    photo = local((Path(IMAGES[0]).parent / "rocket.jpg").read_bytes(), cv2.IMREAD_COLOR)
+    ok, encoded = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 90, *params])
+    assert ok
+    data = encoded.tobytes()
+    want = report(expected(data, "color"))
+    assert want["shape"] == [54, 80, 3]  # 1/8 of 640x427
+    assert post_octet(http_url, MODEL, data).json()["result"]["output"] == want
+    reply = stub.Infer(pb.InferRequest(model=MODEL, image=pb.Image(data=data)), timeout=30)
+    assert reply.result.output.struct_value["checksum"] == want["checksum"]
