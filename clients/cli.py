@@ -2,6 +2,7 @@
 
 image-gateway-client infer A.jpg [B.png ...] --url grpc://127.0.0.1:50051 [--model NAME]
 image-gateway-client models --url http://127.0.0.1:5000
+image-gateway-client limits --url http://127.0.0.1:5000
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     infer.add_argument("--model", default="", help="model name (default: the gateway's default)")
     infer.add_argument("--color-mode", choices=COLOR_MODES, default="color")
     commands.add_parser("models", help="list the gateway's models")
+    commands.add_parser("limits", help="print the gateway's limits")
     # Let --url come after the subcommand too, as users tend to type it.
-    for sub in (infer, commands.choices["models"]):
+    for sub in (infer, commands.choices["models"], commands.choices["limits"]):
         sub.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -43,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with GatewayClient(args.url, timeout=args.timeout) as client:
             if args.command == "models":
                 print(json.dumps([asdict(m) for m in client.list_models()], indent=2))
+                return 0
+            if args.command == "limits":
+                print(json.dumps(asdict(client.limits()), indent=2))
                 return 0
             results = client.infer_batch(args.files, model=args.model, color_mode=args.color_mode)
     except GatewayClientError as exc:

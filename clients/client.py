@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from clients.results import ImageResult, ModelInfo
+from clients.results import ImageResult, Limits, ModelInfo
 
 ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 
@@ -47,6 +47,8 @@ class _Transport(Protocol):
     ) -> list[ImageResult]: ...
 
     def list_models(self) -> list[ModelInfo]: ...
+
+    def limits(self) -> Limits: ...
 
     def close(self) -> None: ...
 
@@ -103,6 +105,10 @@ class GatewayClient:
 
     def list_models(self) -> list[ModelInfo]:
         return self._transport.list_models()
+
+    def limits(self) -> Limits:
+        """The gateway's limits: request and image bytes, images, parts, pixels, timeout."""
+        return self._transport.limits()
 
     def close(self) -> None:
         self._transport.close()

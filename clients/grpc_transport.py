@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 import grpc
@@ -10,7 +11,14 @@ from google.protobuf import json_format
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
-from clients.results import ErrorInfo, GatewayClientError, ImageInfo, ImageResult, ModelInfo
+from clients.results import (
+    ErrorInfo,
+    GatewayClientError,
+    ImageInfo,
+    ImageResult,
+    Limits,
+    ModelInfo,
+)
 
 _COLOR_MODES = {
     "color": pb.COLOR_MODE_COLOR,
@@ -117,6 +125,14 @@ class GrpcTransport:
             )
             for m in response.models
         ]
+
+    def limits(self) -> Limits:
+        try:
+            response = self.stub.GetLimits(pb.GetLimitsRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        got = response.limits
+        return Limits(**{f.name: getattr(got, f.name) for f in fields(Limits)})
 
     def close(self) -> None:
         self.channel.close()

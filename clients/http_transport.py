@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import requests
 
-from clients.results import GatewayClientError, ImageResult, ModelInfo
+from clients.results import GatewayClientError, ImageResult, Limits, ModelInfo
 
 
 def error_from_body(body: Any, status: str) -> GatewayClientError:
@@ -72,6 +72,10 @@ class HttpTransport:
     def list_models(self) -> list[ModelInfo]:
         response = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
         return [ModelInfo.from_dict(m) for m in self._check(response)["models"]]
+
+    def limits(self) -> Limits:
+        response = self.session.get(f"{self.base_url}/v1/limits", timeout=self.timeout)
+        return Limits(**self._check(response))
 
     def close(self) -> None:
         self.session.close()

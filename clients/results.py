@@ -82,3 +82,17 @@ class GatewayClientError(Exception):
         # "422" over HTTP, "INVALID_ARGUMENT" over gRPC.
         self.status = status
         self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a gateway accepts (GET /v1/limits, GetLimits): over any of these a request or an
+    image fails with the code the gateway's error table gives."""
+
+    max_request_bytes: int
+    max_image_bytes: int
+    max_images: int
+    max_parts: int
+    max_image_pixels: int
+    max_request_pixels: int
+    request_timeout_seconds: float

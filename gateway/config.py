@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from gateway.core.batching import BatchPolicy
+from gateway.core.limits import Limits, PublishedLimits
 
 ENV_PREFIX = "IMAGE_GATEWAY_"
 MiB = 1024 * 1024
@@ -38,6 +39,8 @@ class Settings:
     # One cap for both fronts: an HTTP body, and a gRPC message in either direction. gRPC's own
     # default is 4 MiB, too small for a single phone photo.
     max_request_bytes: int = 64 * MiB
+    # One encoded image (a multipart file part, one gRPC Image); never more than the above.
+    max_image_bytes: int = 64 * MiB
     max_images: int = 64
     max_parts: int = 128
     max_image_pixels: int = 50_000_000
@@ -69,6 +72,8 @@ _HELP = {
     "cors_origin": "a browser origin allowed to call the HTTP API (CORS); repeatable, '*' for any",
     "workers": "processes serving both protocols; 0 means one per CPU core",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
+    "max_image_bytes": "largest single encoded image accepted, in bytes (a batch may hold "
+    "several up to --max-request-bytes in all)",
     "max_images": "most images in one request",
     "max_parts": "most parts (files and text fields) in one multipart body",
     "max_image_pixels": "most pixels in one image, read from its header before decoding",
@@ -140,6 +145,30 @@ def _batching(text: str) -> str:
     return text.strip()
 
 
+def core_limits(settings: Settings) -> Limits:
+    """The limits the core enforces, from the settings."""
+    return Limits(
+        max_images=settings.max_images,
+        max_image_bytes=min(settings.max_image_bytes, settings.max_request_bytes),
+        max_image_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        request_timeout=settings.request_timeout,
+    )
+
+
+def published_limits(settings: Settings) -> PublishedLimits:
+    """What both fronts tell clients: the limits in force, each as it is enforced."""
+    return PublishedLimits(
+        max_request_bytes=settings.max_request_bytes,
+        max_image_bytes=core_limits(settings).max_image_bytes,
+        max_images=settings.max_images,
+        max_parts=settings.max_parts,
+        max_image_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
+        request_timeout_seconds=settings.request_timeout,
+    )
+
+
 def batch_policies(settings: Settings) -> dict[str, BatchPolicy | None]:
     policies: dict[str, BatchPolicy | None] = {}
     for entry in settings.batching:
@@ -173,6 +202,7 @@ _TYPES: dict[str, Any] = {
     "grpc_port": _port,
     "workers": _non_negative_int,
     "max_request_bytes": _at_least_one,
+    "max_image_bytes": _at_least_one,
     "max_images": _at_least_one,
     "max_parts": _at_least_one,
     "max_image_pixels": _at_least_one,

@@ -25,7 +25,6 @@ from gateway import allocator, config, workers
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
-from gateway.core.limits import Limits
 from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
 from gateway.rest.server import HttpServer, build_http_server
@@ -79,12 +78,7 @@ def start(
     """Start both servers on their ports (0 picks free ones) and return once they accept."""
     dataplane = DataPlane(
         registry or ModelRegistry.from_specs(list(settings.model)),
-        Limits(
-            max_images=settings.max_images,
-            max_image_pixels=settings.max_image_pixels,
-            max_request_pixels=settings.max_request_pixels,
-            request_timeout=settings.request_timeout,
-        ),
+        config.core_limits(settings),
         Admission(settings.max_concurrency, settings.max_queue, settings.max_request_pixels),
         batching=config.batch_policies(settings),
     )

@@ -57,6 +57,7 @@ def test_reflection_lists_and_describes_the_service(channel: grpc.Channel) -> No
         "InferStream",
         "ListModels",
         "GetModel",
+        "GetLimits",
     }
     assert service.methods_by_name["Infer"].input_type.full_name == "imagegateway.v1.InferRequest"
 

@@ -111,6 +111,14 @@ def test_cli_lists_models(served: Served) -> None:
     assert [m["name"] for m in json.loads(done.stdout)] == ["shape", "qrcode"]
 
 
+def test_cli_prints_the_same_limits_over_both_protocols(served: Served) -> None:
+    over_grpc = cli("limits", "--url", f"grpc://{served.grpc_target}")
+    over_http = cli("limits", "--url", served.http_url)
+    assert over_grpc.returncode == over_http.returncode == 0, over_grpc.stderr + over_http.stderr
+    assert over_grpc.stdout == over_http.stdout
+    assert json.loads(over_http.stdout)["max_request_bytes"] == 64 * 1024 * 1024
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_clean_exit_on_signal(served: Served, sig: signal.Signals) -> None:
     assert requests.get(f"{served.http_url}/v1/models", timeout=10).status_code == 200

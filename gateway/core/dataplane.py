@@ -181,6 +181,13 @@ class DataPlane:
 
     def _probe(self, data: Buffer) -> Probe | ItemError:
         try:
+            size = memoryview(data).nbytes
+            if size > self.limits.max_image_bytes:
+                raise GatewayError(
+                    ErrorCode.IMAGE_TOO_LARGE,
+                    f"the image is {size} bytes; this gateway takes at most "
+                    f"{self.limits.max_image_bytes} bytes per image",
+                )
             return probe(data, self.limits.max_image_pixels)
         except GatewayError as exc:
             return ItemError(exc.error, exc.message)

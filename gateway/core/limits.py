@@ -9,9 +9,26 @@ from dataclasses import dataclass
 class Limits:
     # Images in one request (a multipart body or an InferBatch message).
     max_images: int = 64
+    # Bytes of one encoded image, below the request's own cap: a batch may be large while no
+    # single image in it is.
+    max_image_bytes: int = 64 * 1024 * 1024
     # Pixels per image, read from the header before any decoding.
     max_image_pixels: int = 50_000_000
     # Pixels of all the images of one request together, also read from the headers.
     max_request_pixels: int = 100_000_000
     # Seconds a request may take, queueing included; a gRPC client's shorter deadline wins.
     request_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class PublishedLimits:
+    """The limits a client needs to size its requests and its gRPC channel, published by both
+    fronts (GET /v1/limits, GetLimits) with these field names."""
+
+    max_request_bytes: int
+    max_image_bytes: int
+    max_images: int
+    max_parts: int
+    max_image_pixels: int
+    max_request_pixels: int
+    request_timeout_seconds: float

@@ -120,6 +120,12 @@ SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/v1/limits": {
+            "get": {
+                "summary": "The limits in force (the same as gRPC GetLimits)",
+                "responses": {"200": _json(_ref("Limits"), "The limits."), **_ERRORS},
+            }
+        },
         "/v1/models": {
             "get": {
                 "summary": "The models served, default first",
@@ -248,6 +254,30 @@ SPEC: dict[str, Any] = {
                             "height": {"type": "integer"},
                         },
                     },
+                },
+            },
+            "Limits": {
+                "type": "object",
+                "required": [
+                    "max_request_bytes",
+                    "max_image_bytes",
+                    "max_images",
+                    "max_parts",
+                    "max_image_pixels",
+                    "max_request_pixels",
+                    "request_timeout_seconds",
+                ],
+                "properties": {
+                    "max_request_bytes": {"type": "integer", "description": "largest body"},
+                    "max_image_bytes": {"type": "integer", "description": "largest image"},
+                    "max_images": {"type": "integer", "description": "images per request"},
+                    "max_parts": {"type": "integer", "description": "parts per multipart body"},
+                    "max_image_pixels": {"type": "integer", "description": "pixels per image"},
+                    "max_request_pixels": {
+                        "type": "integer",
+                        "description": "pixels of all images of a request",
+                    },
+                    "request_timeout_seconds": {"type": "number"},
                 },
             },
             "ModelList": {

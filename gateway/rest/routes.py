@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from flask import Blueprint, Response, current_app, g, jsonify
 
 from gateway import metrics
+from gateway.config import published_limits
 from gateway.core.dataplane import DataPlane
 from gateway.rest import requests as http_requests
 from gateway.rest.errors import PartError
@@ -51,6 +54,12 @@ def openapi() -> Response:
 def prometheus() -> Response:
     body, content_type = metrics.exposition()
     return Response(body, content_type=content_type)
+
+
+@v1.get("/limits")
+def limits() -> Response:
+    """The limits in force, named as in the gRPC Limits message."""
+    return jsonify(asdict(published_limits(current_app.extensions[http_requests.SETTINGS_KEY])))
 
 
 @v1.get("/models")

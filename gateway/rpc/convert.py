@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Union
 
 from google.protobuf import json_format, struct_pb2
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from gateway.core.limits import PublishedLimits
 from gateway.core.types import (
     ColorMode,
     ImageInput,
@@ -141,3 +143,9 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
         width, height = info.min_input_size
         message.min_input_size.CopyFrom(pb.ImageSize(width=width, height=height))
     return message
+
+
+def limits(published: PublishedLimits) -> pb.Limits:
+    # The message's fields are named as the dataclass's, so a field added to one and not the
+    # other fails here at start.
+    return pb.Limits(**asdict(published))

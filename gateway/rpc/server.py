@@ -11,7 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
-from gateway.config import Settings, url_host
+from gateway.config import Settings, published_limits, url_host
 from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
 from gateway.rpc.servicer import ImageGatewayServicer
@@ -74,7 +74,8 @@ def build_grpc_server(
             ("grpc.so_reuseport", 1 if reuse_port else 0),
         ],
     )
-    _add_servicer(ImageGatewayServicer(dataplane, settings.max_streams), server)
+    servicer = ImageGatewayServicer(dataplane, published_limits(settings), settings.max_streams)
+    _add_servicer(servicer, server)
     # Health checks are answered from the calling thread, never queued behind inference.
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -17,6 +17,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.access import log_access
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.limits import PublishedLimits
 from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
 from gateway.rpc.wire import Detached
@@ -108,9 +109,10 @@ def _log_call(
 
 # The generated servicer base has no type stubs.
 class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
-    def __init__(self, dataplane: DataPlane, max_streams: int = 8) -> None:
+    def __init__(self, dataplane: DataPlane, limits: PublishedLimits, max_streams: int = 8) -> None:
         self.dataplane = dataplane
         self.max_streams = max_streams
+        self._limits = pb.GetLimitsResponse(limits=convert.limits(limits))
         # grpcio's threaded server gives an open stream a thread until it ends, even while the
         # client sends nothing; the server's pool has max_streams threads more than unary calls
         # need, and a stream past that count is refused at once.
@@ -198,3 +200,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         self, request: pb.GetModelRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.GetModelResponse:
         return pb.GetModelResponse(model=convert.model_info(self.dataplane.get_model(request.name)))
+
+    @unary
+    def GetLimits(
+        self, request: pb.GetLimitsRequest, context: grpc.ServicerContext, request_id: str
+    ) -> pb.GetLimitsResponse:
+        return self._limits

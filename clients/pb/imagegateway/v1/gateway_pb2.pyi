@@ -155,6 +155,34 @@ class GetModelResponse(_message.Message):
     model: ModelInfo
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
+class GetLimitsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetLimitsResponse(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: Limits
+    def __init__(self, limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_request_bytes", "max_image_bytes", "max_images", "max_parts", "max_image_pixels", "max_request_pixels", "request_timeout_seconds")
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    max_request_bytes: int
+    max_image_bytes: int
+    max_images: int
+    max_parts: int
+    max_image_pixels: int
+    max_request_pixels: int
+    request_timeout_seconds: float
+    def __init__(self, max_request_bytes: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_images: _Optional[int] = ..., max_parts: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_pixels: _Optional[int] = ..., request_timeout_seconds: _Optional[float] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
     __slots__ = ("name", "description", "is_default", "min_input_size")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class ImageGatewayServiceStub:
                 request_serializer=imagegateway_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=imagegateway_dot_v1_dot_gateway__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/imagegateway.v1.ImageGatewayService/GetLimits',
+                request_serializer=imagegateway_dot_v1_dot_gateway__pb2.GetLimitsRequest.SerializeToString,
+                response_deserializer=imagegateway_dot_v1_dot_gateway__pb2.GetLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class ImageGatewayServiceServicer:
@@ -103,6 +108,14 @@ class ImageGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLimits(self, request, context):
+        """GetLimits gives the limits in force, so that a client can size its requests and its own
+        channel (gRPC's default 4 MiB message limit is far below this gateway's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +143,11 @@ def add_ImageGatewayServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=imagegateway_dot_v1_dot_gateway__pb2.GetModelRequest.FromString,
                     response_serializer=imagegateway_dot_v1_dot_gateway__pb2.GetModelResponse.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=imagegateway_dot_v1_dot_gateway__pb2.GetLimitsRequest.FromString,
+                    response_serializer=imagegateway_dot_v1_dot_gateway__pb2.GetLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +286,33 @@ class ImageGatewayService:
             '/imagegateway.v1.ImageGatewayService/GetModel',
             imagegateway_dot_v1_dot_gateway__pb2.GetModelRequest.SerializeToString,
             imagegateway_dot_v1_dot_gateway__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegateway.v1.ImageGatewayService/GetLimits',
+            imagegateway_dot_v1_dot_gateway__pb2.GetLimitsRequest.SerializeToString,
+            imagegateway_dot_v1_dot_gateway__pb2.GetLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
