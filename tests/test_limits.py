@@ -3,6 +3,7 @@ only the image over it."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -110,3 +111,18 @@ def test_an_image_over_the_byte_cap_fails_alone_over_grpc(capped: Gateway) -> No
         reply = stub.InferBatch(pb.InferBatchRequest(images=images), timeout=10)
     codes = [r.error.code if r.HasField("error") else None for r in reply.results]
     assert codes == [None, "image_too_large", None]
+
+
+def test_a_raw_body_over_the_image_cap_is_refused_before_it_is_read(capped: Gateway) -> None:
+    # Content-Length says 100 KB and only 10 bytes follow: an answer that waited for the body
+    # would never come before the socket timeout.
+    host, port = capped.http_url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: 100000\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head + b"\xff\xd8\xff" + b"\0" * 7)
+        answer = sock.recv(1 << 16)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"image_too_large"' in answer and b"100000 bytes" in answer

@@ -19,7 +19,7 @@ from gateway.core.admission import Admission
 from gateway.core.batching import Batcher, BatchPolicy
 from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.core.limits import Limits
+from gateway.core.limits import Limits, check_image_bytes
 from gateway.core.outputs import NotJSONError, to_json_value
 from gateway.core.types import (
     Buffer,
@@ -181,13 +181,7 @@ class DataPlane:
 
     def _probe(self, data: Buffer) -> Probe | ItemError:
         try:
-            size = memoryview(data).nbytes
-            if size > self.limits.max_image_bytes:
-                raise GatewayError(
-                    ErrorCode.IMAGE_TOO_LARGE,
-                    f"the image is {size} bytes; this gateway takes at most "
-                    f"{self.limits.max_image_bytes} bytes per image",
-                )
+            check_image_bytes(memoryview(data).nbytes, self.limits.max_image_bytes)
             return probe(data, self.limits.max_image_pixels)
         except GatewayError as exc:
             return ItemError(exc.error, exc.message)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.core.errors import ErrorCode, GatewayError
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -32,3 +34,12 @@ class PublishedLimits:
     max_image_pixels: int
     max_request_pixels: int
     request_timeout_seconds: float
+
+
+def check_image_bytes(size: int, limit: int) -> None:
+    """GatewayError(image_too_large) for an encoded image of more than `limit` bytes."""
+    if size > limit:
+        raise GatewayError(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"the image is {size} bytes; this gateway takes at most {limit} bytes per image",
+        )

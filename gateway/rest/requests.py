@@ -19,6 +19,7 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser
 from gateway import allocator
 from gateway.core import formats
 from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.limits import check_image_bytes
 from gateway.core.types import ColorMode, ImageInput, InferRequest
 
 _CHUNK = 64 * 1024
@@ -60,6 +61,11 @@ def single_image_request(model: str) -> InferRequest:
     declared_image = mimetype == "application/octet-stream" or mimetype.startswith("image/")
     if not declared_image and mimetype not in _SNIFFED_TYPES:
         raise _unsupported_media_type(mimetype)
+    if declared_image and request.content_length is not None:
+        # The body is the image: one over the image cap is refused before it is read.
+        check_image_bytes(
+            request.content_length, current_app.extensions[SETTINGS_KEY].max_image_bytes
+        )
     data = _read_body()
     if mimetype in _SNIFFED_TYPES:
         fmt = formats.sniff(data)
