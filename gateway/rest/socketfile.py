@@ -2,8 +2,9 @@
 
 cheroot reads every request line, header line and body through `_pyio.BufferedReader`, the
 pure-Python twin of `io.BufferedReader` (its makefile module says it prefers the slower one,
-to reach into the buffer). On a 64x64 PNG that pure-Python readline held the GIL for about a
-tenth of a request's time. The one thing cheroot needs from the buffer is whether a pipelined
+to reach into the buffer). On a 64x64 PNG its readline alone was 7% of the GIL-held samples of
+a loaded worker; with this reader the worker spent 525 instead of 555 us of CPU a request (four
+alternating pairs). The one thing cheroot needs from the buffer is whether a pipelined
 request already sits in it when a connection goes back to wait for its next request
 (`has_data`); this reader answers that by counting bytes in from the socket and bytes handed out.
 """
