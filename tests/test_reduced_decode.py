@@ -17,7 +17,7 @@ import requests
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.models.registry import ModelRegistry
-from tests.conftest import IMAGES
+from tests.conftest import DATA, IMAGES
 from tests.wire import grpc_code, post_octet
 
 MODEL = "small-input"
@@ -101,7 +101,7 @@ def test_jpeg_reaches_the_model_reduced_over_both_protocols(
 @pytest.mark.parametrize("name", ["hopper.png", "hopper.avif", "sdl_sample.bmp"])
 def test_other_formats_decode_whole(http_url: str, name: str) -> None:
     # OpenCV only resizes after a full decode for these: no gain, so no reduction.
-    data = (Path(IMAGES[0]).parent / name).read_bytes()
+    data = (DATA / "images" / name).read_bytes()
     got = post_octet(http_url, MODEL, data).json()["result"]["output"]
     assert got == report(local(data, cv2.IMREAD_COLOR))
 
@@ -109,7 +109,7 @@ def test_other_formats_decode_whole(http_url: str, name: str) -> None:
 def test_a_truncated_jpeg_fails_alone_when_reduced(
     http_url: str, stub: pb_grpc.ImageGatewayServiceStub
 ) -> None:
-    data = (Path(IMAGES[0]).parent / "rocket.jpg").read_bytes()
+    data = (DATA / "images" / "rocket.jpg").read_bytes()
     cut = data[: len(data) // 3]
     resp = post_octet(http_url, MODEL, cut)
     assert resp.status_code == 422, resp.text
@@ -172,7 +172,7 @@ def test_model_listings_give_the_declared_size(
 def test_jpeg_variants_reduce_as_opencv_does(
     http_url: str, stub: pb_grpc.ImageGatewayServiceStub, params: list[int]
 ) -> None:
-    photo = local((Path(IMAGES[0]).parent / "rocket.jpg").read_bytes(), cv2.IMREAD_COLOR)
+    photo = local((DATA / "images" / "rocket.jpg").read_bytes(), cv2.IMREAD_COLOR)
     ok, encoded = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 90, *params])
     assert ok
     data = encoded.tobytes()
