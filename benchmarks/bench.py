@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import goals  # noqa: E402
 from benchmarks.images import BenchImage, bench_images  # noqa: E402
 from benchmarks.serving import gateway, process  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
@@ -63,6 +64,8 @@ class Row:
     p99_ms: float | None
     ratio_to_limit: float | None
     errors: int
+    # Which repetition of the run (--repeat) measured it.
+    run: int = 0
 
 
 # ---------------------------------------------------------------- the in-process decode limit
@@ -284,6 +287,46 @@ def check_grpc(target: str, method: str, payload: bytes, stream: bool) -> bytes:
         return channel.unary_unary(method)(payload, timeout=60)  # type: ignore[no-any-return]
 
 
+def checked_targets(
+    image: BenchImage,
+    http_url: str,
+    grpc_target: str,
+    naive_port: int,
+    bare_port: int,
+    baselines: bool,
+) -> list[tuple[str, str, str, bytes, str | None, int]]:
+    """Every target for one image, each answer checked with a real client first."""
+    targets = gateway_targets(image, http_url, grpc_target)
+    if not baselines:
+        return targets
+    check_http(
+        f"http://127.0.0.1:{naive_port}/", image.data, "application/octet-stream", image.shape
+    )
+    assert (
+        check_grpc(f"127.0.0.1:{bare_port}", "/bare.Bare/Infer", image.data, False)
+        == ",".join(map(str, image.shape)).encode()
+    )
+    return [
+        (
+            "naive Flask (dev server)",
+            "wrk",
+            f"http://127.0.0.1:{naive_port}/",
+            image.data,
+            "application/octet-stream",
+            1,
+        ),
+        (
+            "bare grpcio server",
+            "h2load",
+            f"http://127.0.0.1:{bare_port}/bare.Bare/Infer",
+            grpc_frame(image.data),
+            None,
+            1,
+        ),
+        *targets,
+    ]
+
+
 def gateway_targets(image: BenchImage, http_url: str, grpc_target: str) -> list[tuple]:
     single = pb.InferRequest(image=pb.Image(data=image.data)).SerializeToString()
     batch = pb.InferBatchRequest(images=[pb.Image(data=image.data)] * BATCH).SerializeToString()
@@ -339,7 +382,9 @@ def grpc_infer(
     return result
 
 
-def single_row(image: BenchImage, target: str, conc: int, result: dict[str, float]) -> Row:
+def single_row(
+    image: BenchImage, target: str, conc: int, result: dict[str, float], run: int = 0, runs: int = 1
+) -> Row:
     """A row of one image a request and no decode-limit ratio, printed as it is made."""
     row = Row(
         image.name,
@@ -352,12 +397,15 @@ def single_row(image: BenchImage, target: str, conc: int, result: dict[str, floa
         result["p99_ms"],
         None,
         int(result["errors"]),
+        run,
     )
-    print(table([row]).splitlines()[-1], flush=True)
+    print(table([row], runs).splitlines()[-1], flush=True)
     return row
 
 
-def batching_rows(image: BenchImage, conc: int, seconds: float, warmup: float) -> list[Row]:
+def batching_rows(
+    image: BenchImage, conc: int, seconds: float, warmup: float, run: int = 0, runs: int = 1
+) -> list[Row]:
     """The batching-friendly model with dynamic batching off, then on, over both protocols."""
     rows = []
     message = grpc_frame(pb.InferRequest(image=pb.Image(data=image.data)).SerializeToString())
@@ -383,9 +431,8 @@ def batching_rows(image: BenchImage, conc: int, seconds: float, warmup: float) -
                 ),
                 ("gRPC Infer", grpc_infer(http_url, grpc_target, message, conc, seconds, warmup)),
             ):
-                rows.append(
-                    single_row(image, f"embedding model, batching {label}, {name}", conc, result)
-                )
+                target = f"embedding model, batching {label}, {name}"
+                rows.append(single_row(image, target, conc, result, run, runs))
     return rows
 
 
@@ -474,10 +521,11 @@ def machine() -> dict[str, object]:
     }
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], runs: int = 1) -> str:
     lines = [
-        "| image | target | conc. | req/s | images/s | p50 ms | p99 ms | x limit |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| image | target | conc. | req/s | images/s | p50 ms | p99 ms | x limit |"
+        + (" run |" if runs > 1 else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if runs > 1 else ""),
     ]
 
     def f(v: float | None, digits: int = 1) -> str:
@@ -489,6 +537,7 @@ def table(rows: list[Row]) -> str:
             f"| {r.image} | {r.target}{errors} | "
             f"{r.concurrency or ''} | {f(r.requests_per_s, 0)} | {f(r.images_per_s, 0)} | "
             f"{f(r.p50_ms)} | {f(r.p99_ms)} | {f(r.ratio_to_limit, 2)} |"
+            + (f" {r.run + 1} |" if runs > 1 else "")
         )
     return "\n".join(lines)
 
@@ -500,6 +549,13 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--images", default="64x64 PNG,640x480 JPEG,4000x3000 JPEG")
     parser.add_argument("--gateway-args", default="", help="extra flags for image-gateway serve")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure the table, the batching pairs and the upload this many times over, one "
+        "repetition after another, and evaluate the goals in each",
+    )
     parser.add_argument("--skip-baselines", action="store_true")
     parser.add_argument("--skip-batching", action="store_true")
     parser.add_argument("--skip-reduced", action="store_true")
@@ -507,31 +563,20 @@ def main() -> int:
     for tool in ("wrk", "h2load"):
         if not shutil.which(tool):
             parser.error(f"{tool} is missing: apt-get install wrk nghttp2-client")
+    if args.repeat < 1:
+        parser.error("--repeat takes 1 or more")
+    runs = args.repeat
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     wanted = set(args.images.split(","))
     images = [i for i in bench_images() if i.name in wanted]
     cpus = len(os.sched_getaffinity(0))
     rows: list[Row] = []
 
-    def record(
-        image: str, target: str, conc: int, per_req: int, result: dict[str, float], limit: float
-    ) -> None:
-        row = Row(
-            image,
-            target,
-            conc,
-            per_req,
-            result["rps"],
-            result["rps"] * per_req,
-            result["p50_ms"],
-            result["p99_ms"],
-            result["rps"] * per_req / limit,
-            int(result["errors"]),
-        )
+    def record(row: Row) -> None:
         rows.append(row)
-        print(table([row]).splitlines()[-1], flush=True)
+        print(table([row], runs).splitlines()[-1], flush=True)
 
-    print(table([]))
+    print(table([], runs))
     naive_port, bare_port = free_port(), free_port()
     with (
         process(
@@ -547,83 +592,95 @@ def main() -> int:
     ):
         wait_for_port(naive_port)
         wait_for_port(bare_port)
-        for image in images:
-            limit_1 = decode_limit(image.data, 1, 3.0)
-            limit_n = decode_limit(image.data, cpus, 3.0)
-            for label, value in (
-                ("cv2.imdecode loop, 1 process", limit_1),
-                (f"cv2.imdecode loop, {cpus} processes (the limit)", limit_n),
-            ):
-                rows.append(
-                    Row(image.name, label, 0, 1, value, value, None, None, value / limit_n, 0)
-                )
-                print(table([rows[-1]]).splitlines()[-1], flush=True)
-            targets = gateway_targets(image, http_url, grpc_target)
-            if not args.skip_baselines:
-                check_http(
-                    f"http://127.0.0.1:{naive_port}/",
-                    image.data,
-                    "application/octet-stream",
-                    image.shape,
-                )
-                assert (
-                    check_grpc(f"127.0.0.1:{bare_port}", "/bare.Bare/Infer", image.data, False)
-                    == ",".join(map(str, image.shape)).encode()
-                )
-                targets = [
-                    (
-                        "naive Flask (dev server)",
-                        "wrk",
-                        f"http://127.0.0.1:{naive_port}/",
-                        image.data,
-                        "application/octet-stream",
-                        1,
-                    ),
-                    (
-                        "bare grpcio server",
-                        "h2load",
-                        f"http://127.0.0.1:{bare_port}/bare.Bare/Infer",
-                        grpc_frame(image.data),
-                        None,
-                        1,
-                    ),
-                    *targets,
-                ]
-            for conc in concurrencies:
-                for name, tool, url, body, ctype, per_req in targets:
-                    if tool == "wrk":
-                        result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
-                    elif name.startswith("gateway"):
-                        before = grpc_outcomes(http_url)
-                        result = run_h2load(url, body, conc, args.duration, args.warmup)
-                        method = url.rsplit("/", 1)[1]
-                        after = grpc_outcomes(http_url)
-                        count_grpc_failures(result, method, per_req, before, after)
-                    else:
-                        result = run_h2load(url, body, conc, args.duration, args.warmup)
-                    record(image.name, name, conc, per_req, result, limit_n)
+        checked = [
+            (
+                image,
+                checked_targets(
+                    image, http_url, grpc_target, naive_port, bare_port, not args.skip_baselines
+                ),
+            )
+            for image in images
+        ]
+        for run in range(runs):
+            for image, targets in checked:
+                limit_1 = decode_limit(image.data, 1, 3.0)
+                limit_n = decode_limit(image.data, cpus, 3.0)
+                for label, value in (
+                    ("cv2.imdecode loop, 1 process", limit_1),
+                    (f"cv2.imdecode loop, {cpus} processes (the limit)", limit_n),
+                ):
+                    record(
+                        Row(
+                            image.name,
+                            label,
+                            0,
+                            1,
+                            value,
+                            value,
+                            None,
+                            None,
+                            value / limit_n,
+                            0,
+                            run,
+                        )
+                    )
+                for conc in concurrencies:
+                    for name, tool, url, body, ctype, per_req in targets:
+                        if tool == "wrk":
+                            result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
+                        elif name.startswith("gateway"):
+                            before = grpc_outcomes(http_url)
+                            result = run_h2load(url, body, conc, args.duration, args.warmup)
+                            method = url.rsplit("/", 1)[1]
+                            after = grpc_outcomes(http_url)
+                            count_grpc_failures(result, method, per_req, before, after)
+                        else:
+                            result = run_h2load(url, body, conc, args.duration, args.warmup)
+                        record(
+                            Row(
+                                image.name,
+                                name,
+                                conc,
+                                per_req,
+                                result["rps"],
+                                result["rps"] * per_req,
+                                result["p50_ms"],
+                                result["p99_ms"],
+                                result["rps"] * per_req / limit_n,
+                                int(result["errors"]),
+                                run,
+                            )
+                        )
 
     if not args.skip_batching:
-        rows += batching_rows(bench_images()[0], 16, args.duration, args.warmup)
+        for run in range(runs):
+            rows += batching_rows(bench_images()[0], 16, args.duration, args.warmup, run, runs)
     if not args.skip_reduced:
         jpegs = [i for i in bench_images() if i.name.endswith("JPEG")]
         rows += reduced_rows(jpegs, 8, args.duration, args.warmup)
-    upload = upload_memory(50)
-    print(
-        f"\n50 MB upload ({upload['body_mb']:.1f} MB noise PNG, one worker): idle RSS "
-        f"{upload['idle_rss_mb']:.0f} MB, peak {upload['http_peak_rss_mb']:.0f} MB over HTTP, "
-        f"{upload['grpc_peak_rss_mb']:.0f} MB over gRPC (bound: idle + 3 x 50 = "
-        f"{upload['idle_rss_mb'] + 150:.0f} MB)"
-    )
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    report = {
+    uploads = []
+    for _ in range(runs):
+        upload = upload_memory(50)
+        uploads.append(upload)
+        print(
+            f"\n50 MB upload ({upload['body_mb']:.1f} MB noise PNG, one worker): idle RSS "
+            f"{upload['idle_rss_mb']:.0f} MB, peak {upload['http_peak_rss_mb']:.0f} MB over "
+            f"HTTP, {upload['grpc_peak_rss_mb']:.0f} MB over gRPC (bound: idle + 3 x 50 = "
+            f"{upload['idle_rss_mb'] + 150:.0f} MB)"
+        )
+    report: dict[str, object] = {
         "machine": machine(),
         "gateway_args": args.gateway_args,
         "duration_s": args.duration,
-        "upload_50mb": upload,
+        "repeat": runs,
+        "upload_50mb": uploads,
         "rows": [asdict(r) for r in rows],
     }
+    found = goals.checks(report)
+    report["goals"] = goals.as_json(found)
+    print(f"\n{goals.table(found)}")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
     for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
         path.write_text(json.dumps(report, indent=1))
     print(f"\nmachine: {report['machine']}")
