@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Union
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from clients.results import ImageResult, Limits, ModelInfo
+from clients.results import ErrorInfo, GatewayClientError, ImageResult, Limits, ModelInfo
 
 ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 
@@ -43,7 +44,11 @@ class _Transport(Protocol):
     ) -> ImageResult: ...
 
     def infer_batch(
-        self, images: list[bytes], model: str, color_mode: str, params: Mapping[str, str]
+        self,
+        images: Sequence[tuple[str, bytes]],
+        model: str,
+        color_mode: str,
+        params: Mapping[str, str],
     ) -> list[ImageResult]: ...
 
     def list_models(self) -> list[ModelInfo]: ...
@@ -65,10 +70,14 @@ class GatewayClient:
         parts = urlsplit(url)
         self.model = model
         self._transport: _Transport
+        self._limits: Limits | None = None
+        # What this client itself will send in one message; HTTP has no such cap.
+        self._max_send: int | None = None
         if parts.scheme == "grpc":
             from clients.grpc_transport import GrpcTransport
 
             self._transport = GrpcTransport(parts.netloc, timeout, max_message_bytes)
+            self._max_send = max_message_bytes
         elif parts.scheme in ("http", "https"):
             from clients.http_transport import HttpTransport
 
@@ -98,10 +107,46 @@ class GatewayClient:
         color_mode: str = "color",
         params: Mapping[str, str] | None = None,
     ) -> list[ImageResult]:
-        """One result per image, in order; a bad image fails only its own result."""
+        """One result per image, in order; a bad image fails only its own result.
+
+        Any number of images: they go in as many requests, one after another, as the gateway's
+        published limits (`limits()`: images, bytes and pixels a request) need. An image over the
+        gateway's per-image byte cap fails as the gateway would fail it (`image_too_large`),
+        without being sent. An error of a whole request (an unknown model, an overloaded
+        gateway, ...) raises GatewayClientError.
+        """
         _check_color_mode(color_mode)
         encoded = [encode_image(i) for i in images]
-        return self._transport.infer_batch(encoded, self._model(model), color_mode, params or {})
+        call = _Call(self._transport, self._model(model), color_mode, params or {})
+        if not encoded:
+            return call.send([])  # the gateway's own answer to no images
+        limits = self._published_limits()
+        results: list[ImageResult | None] = [None] * len(encoded)
+        sendable = []
+        for i, data in enumerate(encoded):
+            if len(data) > limits.max_image_bytes:
+                # The gateway's own words for it (gateway/core/limits.py).
+                message = (
+                    f"the image is {len(data)} bytes; this gateway takes at most "
+                    f"{limits.max_image_bytes} bytes per image"
+                )
+                results[i] = ImageResult(str(i), None, error=ErrorInfo("image_too_large", message))
+            else:
+                sendable.append((str(i), data))
+        room = limits.max_request_bytes
+        if self._max_send is not None:
+            room = min(room, self._max_send)
+        room -= _REQUEST_OVERHEAD + sum(len(k) + len(v) for k, v in call.params.items())
+        for chunk in _chunks(sendable, limits.max_images, room):
+            for name, result in call.send_splitting(chunk):
+                results[int(name)] = result
+        return [r for r in results if r is not None]
+
+    def _published_limits(self) -> Limits:
+        # Asked once per client: a gateway's limits are fixed while it runs.
+        if self._limits is None:
+            self._limits = self.limits()
+        return self._limits
 
     def list_models(self) -> list[ModelInfo]:
         return self._transport.list_models()
@@ -121,6 +166,59 @@ class GatewayClient:
 
     def _model(self, model: str | None) -> str:
         return self.model if model is None else model
+
+
+# What a request adds around its images, at most: multipart part headers or protobuf framing
+# per image, and the request's own fields.
+_IMAGE_OVERHEAD = 256
+_REQUEST_OVERHEAD = 4096
+
+
+def _chunks(
+    images: list[tuple[str, bytes]], max_images: int, max_bytes: int
+) -> list[list[tuple[str, bytes]]]:
+    """Consecutive runs of images, each within max_images and max_bytes (an image larger than
+    max_bytes on its own goes alone, for the gateway to judge)."""
+    chunks: list[list[tuple[str, bytes]]] = []
+    size = 0
+    for item in images:
+        cost = len(item[1]) + _IMAGE_OVERHEAD
+        if not chunks or len(chunks[-1]) >= max_images or size + cost > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += cost
+    return chunks
+
+
+@dataclass(frozen=True)
+class _Call:
+    transport: _Transport
+    model: str
+    color_mode: str
+    params: Mapping[str, str]
+
+    def send(self, images: Sequence[tuple[str, bytes]]) -> list[ImageResult]:
+        return self.transport.infer_batch(images, self.model, self.color_mode, self.params)
+
+    def send_splitting(self, images: list[tuple[str, bytes]]) -> list[tuple[str, ImageResult]]:
+        """Send; a request refused for the pixels of all its images together (read from their
+        headers, which the client does not parse) is sent again as two halves, and a single
+        image refused so is that image's own error."""
+        try:
+            return [(name, r) for (name, _), r in zip(images, self.send(images), strict=True)]
+        except GatewayClientError as exc:
+            if exc.code not in _IMAGE_CAUSED:
+                raise
+            if len(images) == 1:
+                name = images[0][0]
+                return [(name, ImageResult(name, None, error=ErrorInfo(exc.code, exc.message)))]
+            half = len(images) // 2
+            return self.send_splitting(images[:half]) + self.send_splitting(images[half:])
+
+
+# Request errors that one image alone can cause: too many pixels in all, or a body too large.
+_IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
 
 
 def _check_color_mode(color_mode: str) -> None:

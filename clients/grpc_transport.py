@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -95,10 +95,14 @@ class GrpcTransport:
         return result_from_pb(response.result)
 
     def infer_batch(
-        self, images: list[bytes], model: str, color_mode: str, params: Mapping[str, str]
+        self,
+        images: Sequence[tuple[str, bytes]],
+        model: str,
+        color_mode: str,
+        params: Mapping[str, str],
     ) -> list[ImageResult]:
         request = pb.InferBatchRequest(
-            images=[pb.Image(data=data, name=str(i)) for i, data in enumerate(images)],
+            images=[pb.Image(data=data, name=name) for name, data in images],
             **self._common(model, color_mode, params),
         )
         try:

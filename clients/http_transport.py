@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -56,11 +56,13 @@ class HttpTransport:
         return ImageResult.from_dict(self._check(response)["result"])
 
     def infer_batch(
-        self, images: list[bytes], model: str, color_mode: str, params: Mapping[str, str]
+        self,
+        images: Sequence[tuple[str, bytes]],
+        model: str,
+        color_mode: str,
+        params: Mapping[str, str],
     ) -> list[ImageResult]:
-        files = {
-            str(i): (str(i), data, "application/octet-stream") for i, data in enumerate(images)
-        }
+        files = {name: (name, data, "application/octet-stream") for name, data in images}
         response = self.session.post(
             self._infer_url(model),
             files=files,

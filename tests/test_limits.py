@@ -7,13 +7,16 @@ import socket
 from collections.abc import Iterator
 from dataclasses import asdict
 
+import cv2
 import grpc
+import numpy as np
 import pytest
 import requests
 
 from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from clients.results import GatewayClientError, ImageResult
 from gateway.config import Settings, published_limits
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
@@ -126,3 +129,93 @@ def test_a_raw_body_over_the_image_cap_is_refused_before_it_is_read(capped: Gate
         answer = sock.recv(1 << 16)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"image_too_large"' in answer and b"100000 bytes" in answer
+
+
+TIGHT = Settings(
+    http_port=0,
+    grpc_port=0,
+    max_request_bytes=60_000,
+    max_image_bytes=20_000,
+    max_images=5,
+    max_image_pixels=30_000,
+    max_request_pixels=40_000,  # two 128x128 images, not three
+)
+
+
+@pytest.fixture(scope="module")
+def tight() -> Iterator[Gateway]:
+    gw = start(TIGHT)
+    yield gw
+    gw.stop()
+
+
+def _noise_png(seed: int, height: int = 75, width: int = 80) -> bytes:
+    # Noise does not compress: 75x80 is about 18 KB, three to the tight gateway's request.
+    noise = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, png = cv2.imencode(".png", noise)
+    assert ok
+    return png.tobytes()
+
+
+def _refused(gateway: Gateway) -> float:
+    """Requests the gateway has answered 413 / RESOURCE_EXHAUSTED, over both protocols."""
+    text = requests.get(f"{gateway.http_url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("gateway_requests_total{")
+        and ('code="413"' in line or 'code="RESOURCE_EXHAUSTED"' in line)
+    )
+
+
+def _infer_both(gateway: Gateway, images: list[bytes]) -> list[ImageResult]:
+    results = {}
+    for url in (gateway.http_url, f"grpc://{gateway.grpc_target}"):
+        with GatewayClient(url) as client:
+            results[url] = client.infer_batch(images)
+    http, grpc_results = results.values()
+    assert http == grpc_results
+    assert [r.name for r in http] == [str(i) for i in range(len(images))]
+    return http
+
+
+def test_the_client_splits_a_batch_by_images_and_bytes(tight: Gateway) -> None:
+    noise = [_noise_png(seed) for seed in range(7)]
+    over_cap = _noise_png(9, 100, 100)  # about 30 KB: over the image cap, under the request's
+    assert 20_000 < len(over_cap) < 60_000 - 4096
+    images = [*noise[:4], over_cap, *noise[4:], BIG]
+    # Sent whole, the gateway refuses it.
+    files = {str(i): (str(i), data) for i, data in enumerate(images)}
+    assert requests.post(f"{tight.http_url}/v1/infer", files=files, timeout=10).status_code == 413
+    # The gateway's own answer for an image over its cap.
+    alone = requests.post(f"{tight.http_url}/v1/infer", files={"4": ("4", over_cap)}, timeout=10)
+    (server_says,) = alone.json()["results"]
+    assert server_says["error"]["code"] == "image_too_large"
+
+    refused = _refused(tight)
+    results = _infer_both(tight, images)
+    # Every request the client made fitted: none was refused and sent again.
+    assert _refused(tight) == refused
+    assert results[4].to_dict() == server_says
+    assert results[-1].error is not None and results[-1].error.code == "image_too_large"
+    assert f"{len(BIG)} bytes" in results[-1].error.message
+    assert [r.output for i, r in enumerate(results) if i not in (4, len(images) - 1)] == [
+        [75, 80, 3]
+    ] * 7
+
+
+def test_the_client_halves_a_request_over_the_pixel_budget(tight: Gateway) -> None:
+    # Three 128x128 images are under the image and byte limits but over the pixels a request
+    # may hold, which only the gateway can tell from their headers.
+    three = {str(i): (str(i), SMALL) for i in range(3)}
+    refused = requests.post(f"{tight.http_url}/v1/infer", files=three, timeout=10)
+    assert refused.json()["error"]["code"] == "too_many_pixels"
+    results = _infer_both(tight, [SMALL] * 7)
+    assert [r.output for r in results] == [[128, 128, 3]] * 7
+
+
+def test_a_whole_request_error_still_raises_from_a_split_batch(tight: Gateway) -> None:
+    for url in (tight.http_url, f"grpc://{tight.grpc_target}"):
+        with GatewayClient(url) as client, pytest.raises(GatewayClientError) as caught:
+            client.infer_batch([SMALL] * 7, model="nope")
+        assert caught.value.code == "model_not_found"
