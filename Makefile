@@ -28,7 +28,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy gateway clients
+	$(VENV)/bin/mypy gateway clients tests benchmarks
 	$(BUF) lint
 
 format: $(STAMP)

@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import grpc
@@ -49,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SERVICE = "/imagegateway.v1.ImageGatewayService"
 BATCH = 8
+# (label, load generator, url, body, content type for wrk, images a request)
+Target = tuple[str, str, str, bytes, str | None, int]
 BOUNDARY = "benchboundary"
 
 
@@ -167,7 +170,7 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + len(message).to_bytes(4, "big") + message
 
 
-def run_h2load(url: str, data: bytes, conc: int, seconds: float, warmup: float) -> dict[str, float]:
+def run_h2load(url: str, data: bytes, conc: int, seconds: float, warmup: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         data_path = Path(tmp) / "data"
         data_path.write_bytes(data)
@@ -294,7 +297,7 @@ def checked_targets(
     naive_port: int,
     bare_port: int,
     baselines: bool,
-) -> list[tuple[str, str, str, bytes, str | None, int]]:
+) -> list[Target]:
     """Every target for one image, each answer checked with a real client first."""
     targets = gateway_targets(image, http_url, grpc_target)
     if not baselines:
@@ -327,7 +330,7 @@ def checked_targets(
     ]
 
 
-def gateway_targets(image: BenchImage, http_url: str, grpc_target: str) -> list[tuple]:
+def gateway_targets(image: BenchImage, http_url: str, grpc_target: str) -> list[Target]:
     single = pb.InferRequest(image=pb.Image(data=image.data)).SerializeToString()
     batch = pb.InferBatchRequest(images=[pb.Image(data=image.data)] * BATCH).SerializeToString()
     stream = b"".join(
@@ -627,6 +630,7 @@ def main() -> int:
                 for conc in concurrencies:
                     for name, tool, url, body, ctype, per_req in targets:
                         if tool == "wrk":
+                            assert ctype is not None
                             result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
                         elif name.startswith("gateway"):
                             before = grpc_outcomes(http_url)

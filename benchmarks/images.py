@@ -21,6 +21,7 @@ class BenchImage:
 
 def _photo(width: int, height: int) -> np.ndarray:
     photo = cv2.imdecode(np.frombuffer(SOURCE.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert photo is not None
     return cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)
 
 

@@ -95,7 +95,9 @@ def valid_cases() -> list[Case]:
     for path in sorted(IMAGES.iterdir()):
         data = path.read_bytes()
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-        shape = list(cv2.imdecode(np.frombuffer(data, np.uint8), flags).shape)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        assert image is not None, path
+        shape = list(image.shape)
         out.append(Case(f"valid {path.name}", data, None, shape))
     return out
 

@@ -72,7 +72,7 @@ class GrpcTransport:
                 ("grpc.max_receive_message_length", max_message_bytes),
             ],
         )
-        self.stub = pb_grpc.ImageGatewayServiceStub(self.channel)  # type: ignore[no-untyped-call]
+        self.stub = pb_grpc.ImageGatewayServiceStub(self.channel)
 
     def _common(self, model: str, color_mode: str, params: Mapping[str, str]) -> dict[str, Any]:
         common: dict[str, Any] = {"model": model, "color_mode": _COLOR_MODES[color_mode]}

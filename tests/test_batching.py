@@ -31,7 +31,7 @@ def png(width: int) -> bytes:
 
 def call(
     gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub, i: int, width: int, tag: str = "a"
-) -> dict:
+) -> dict[str, Any]:
     if i % 2:
         request = pb.InferRequest(model=MODEL, image=pb.Image(data=png(width)))
         request.parameters.update({"tag": tag})

@@ -58,6 +58,7 @@ def qr_photo(path: Path) -> None:
     photo = cv2.imdecode(
         np.frombuffer((DATA / "images" / "rocket.jpg").read_bytes(), np.uint8), cv2.IMREAD_COLOR
     )
+    assert photo is not None
     code = cv2.QRCodeEncoder.create().encode("hello from the browser")
     code = cv2.resize(code, None, fx=6, fy=6, interpolation=cv2.INTER_NEAREST)
     code = cv2.copyMakeBorder(code, 24, 24, 24, 24, cv2.BORDER_CONSTANT, value=255)

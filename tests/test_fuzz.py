@@ -137,7 +137,9 @@ def test_grpc_front_never_answers_internal(
     stub: pb_grpc.ImageGatewayServiceStub, images: list[bytes], model: str, mode: int
 ) -> None:
     request = pb.InferBatchRequest(
-        model=model, color_mode=mode, images=[pb.Image(data=d) for d in images]
+        model=model,
+        color_mode=mode,  # type: ignore[arg-type]  # unknown enum numbers on purpose
+        images=[pb.Image(data=d) for d in images],
     )
     try:
         stub.InferBatch(request, timeout=30)

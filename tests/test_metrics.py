@@ -65,7 +65,10 @@ def scripted_calls(http_url: str, grpc_target: str) -> Counter[tuple[str, str, s
     return expected
 
 
-def delta(after: Counter, before: Counter) -> Counter:
+Counts = Counter[tuple[str, str, str, str]]
+
+
+def delta(after: Counts, before: Counts) -> Counts:
     # Scrapes of /metrics itself are counted too; they are not part of the script.
     return Counter(
         {k: after[k] - before[k] for k in after if after[k] != before[k] and k[1] != "GET /metrics"}
@@ -95,7 +98,7 @@ def test_metrics_count_the_calls_across_two_workers(tmp_path: Path) -> None:
     try:
         expected = scripted_calls(served.http_url, served.grpc_target)
 
-        def counted() -> Counter:
+        def counted() -> Counts:
             counts = request_counts(served.http_url)
             return Counter({k: v for k, v in counts.items() if k[1] != "GET /metrics"})
 

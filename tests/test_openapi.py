@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -53,6 +54,6 @@ _EXCLUDED = [checks.positive_data_acceptance]
 
 @SCHEMA.parametrize()
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-def test_api_conforms(case: schemathesis.Case, served_models: Gateway) -> None:
+def test_api_conforms(case: schemathesis.Case[Any], served_models: Gateway) -> None:
     # Every response must match its schema, with a documented status, and never be a 5xx.
     case.call_and_validate(base_url=served_models.http_url, excluded_checks=_EXCLUDED)

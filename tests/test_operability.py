@@ -10,6 +10,7 @@ import select
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -33,7 +34,7 @@ PNG = (DATA / "images" / "hopper.png").read_bytes()
 
 def health_status(channel: grpc.Channel, service: str = "") -> int:
     stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
 
 
 def test_health_serving(gateway: Gateway, channel: grpc.Channel) -> None:
@@ -89,7 +90,7 @@ def test_drain_flips_health_before_in_flight_work_ends() -> None:
         stopping.result()
 
 
-def access_records(caplog: pytest.LogCaptureFixture) -> list[dict]:
+def access_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
 
 

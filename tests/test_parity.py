@@ -62,7 +62,9 @@ def test_shape_output_is_numpy_shape_of_the_decoded_image(
     for path in IMAGES:
         data = path.read_bytes()
         flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-        expected = list(cv2.imdecode(np.frombuffer(data, np.uint8), flags).shape)
+        reference = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        assert reference is not None, path
+        expected = list(reference.shape)
         assert post_octet(http_url, "shape", data).json()["result"]["output"] == expected
 
 

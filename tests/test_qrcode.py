@@ -64,6 +64,7 @@ def test_clean_code(client: GatewayClient) -> None:
 
 def test_code_pasted_into_a_photo(client: GatewayClient) -> None:
     photo = cv2.imdecode(np.frombuffer(PHOTO.read_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    assert photo is not None
     code = qr_image("pasted into a photo", module_px=5)
     x0, y0 = 400, 150
     h, w = code.shape

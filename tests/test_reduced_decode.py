@@ -7,7 +7,9 @@ gateway computes it from the header.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -16,6 +18,7 @@ import requests
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.models.base import JSONValue
 from gateway.models.registry import ModelRegistry
 from tests.conftest import DATA, IMAGES
 from tests.wire import grpc_code, post_octet
@@ -127,7 +130,9 @@ class _Declares:
         self.name = f"declares-{size!r}"
         self.min_input_size = size
 
-    def predict(self, images: object, params: object) -> list[object]:
+    def predict(
+        self, images: Sequence[np.ndarray], params: Mapping[str, Any]
+    ) -> Sequence[JSONValue]:
         return []
 
 

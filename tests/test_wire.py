@@ -69,7 +69,7 @@ def requests(draw: st.DrawFn, field_number: int = 2) -> bytes:
     order and number."""
     head = pb.InferRequest(
         model=draw(st.text(max_size=8)),
-        color_mode=draw(st.integers(0, 5)),
+        color_mode=draw(st.integers(0, 5)),  # type: ignore[arg-type]  # unknown numbers too
         request_id=draw(st.text(max_size=8)),
     )
     for key in draw(st.lists(st.text(max_size=4), max_size=2)):

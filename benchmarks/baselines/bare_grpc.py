@@ -14,6 +14,7 @@ import numpy as np
 
 def infer(request: bytes, context: grpc.ServicerContext) -> bytes:
     img = cv2.imdecode(np.frombuffer(request, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None
     return ",".join(map(str, img.shape)).encode()
 
 

@@ -12,6 +12,7 @@ app = Flask(__name__)
 @app.post("/")
 def infer():  # type: ignore[no-untyped-def]
     img = cv2.imdecode(np.frombuffer(request.data, np.uint8), cv2.IMREAD_COLOR)
+    assert img is not None
     return jsonify(img.shape)
 
 

@@ -16,7 +16,8 @@ from mlserver.codecs import NumpyCodec
 from mlserver.types import InferenceRequest, InferenceResponse
 
 
-class DecodeModel(MLModel):
+# MLServer is installed in the peers' own environment, not where the type checker runs.
+class DecodeModel(MLModel):  # type: ignore[misc]
     async def load(self) -> bool:
         return True
 
@@ -30,10 +31,13 @@ class DecodeModel(MLModel):
             images = [bytes(item) if not isinstance(item, bytes) else item for item in data]
 
         def shapes() -> np.ndarray:
-            return np.array(
-                [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR).shape for b in images],
-                dtype=np.int64,
-            )
+            out = []
+            for b in images:
+                image = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+                if image is None:
+                    raise ValueError("undecodable image")
+                out.append(image.shape)
+            return np.array(out, dtype=np.int64)
 
         output = NumpyCodec.encode_output("shape", await asyncio.to_thread(shapes))
         return InferenceResponse(model_name=self.name, outputs=[output])
