@@ -120,6 +120,33 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children (a gateway's workers), in seconds."""
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        for p in [pid, *map(int, children)]:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # a process that ended uses no CPU
+    return total
+
+
+def wait_idle(pids: list[int], timeout: float = 120) -> None:
+    """Wait until the servers have stopped working: after a load generator stops, a server
+    still answers what it had queued (seconds of it after 64 clients of 4000x3000 JPEGs), and
+    that work would share the cores with the next cell."""
+    end = time.monotonic() + timeout
+    before = sum(map(_cpu_seconds, pids))
+    while time.monotonic() < end:
+        time.sleep(0.5)
+        now = sum(map(_cpu_seconds, pids))
+        if now - before < 0.05:  # under a tenth of a core for half a second
+            return
+        before = now
+
+
 # ---------------------------------------------------------------- load generators
 
 
@@ -586,15 +613,16 @@ def main() -> int:
             [sys.executable, str(HERE / "baselines" / "naive_flask.py"), str(naive_port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        ),
+        ) as naive,
         process(
             [sys.executable, str(HERE / "baselines" / "bare_grpc.py"), str(bare_port)],
             stdout=subprocess.DEVNULL,
-        ),
-        gateway(args.gateway_args.split()) as (http_url, grpc_target, _),
+        ) as bare,
+        gateway(args.gateway_args.split()) as (http_url, grpc_target, gateway_proc),
     ):
         wait_for_port(naive_port)
         wait_for_port(bare_port)
+        servers = [naive.pid, bare.pid, gateway_proc.pid]
         checked = [
             (
                 image,
@@ -606,6 +634,7 @@ def main() -> int:
         ]
         for run in range(runs):
             for image, targets in checked:
+                wait_idle(servers)
                 limit_1 = decode_limit(image.data, 1, 3.0)
                 limit_n = decode_limit(image.data, cpus, 3.0)
                 for label, value in (
@@ -629,6 +658,7 @@ def main() -> int:
                     )
                 for conc in concurrencies:
                     for name, tool, url, body, ctype, per_req in targets:
+                        wait_idle(servers)
                         if tool == "wrk":
                             assert ctype is not None
                             result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
