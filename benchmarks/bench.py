@@ -23,6 +23,7 @@ import platform
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -572,6 +573,33 @@ def table(rows: list[Row], runs: int = 1) -> str:
     return "\n".join(lines)
 
 
+def median_rows(rows: list[Row]) -> list[Row]:
+    """One row per cell, each figure the median over the repetitions that measured it."""
+    cells: dict[tuple[str, str, int], list[Row]] = {}
+    for r in rows:
+        cells.setdefault((r.image, r.target, r.concurrency), []).append(r)
+
+    def median(values: list[float | None]) -> float | None:
+        known = [v for v in values if v is not None]
+        return statistics.median(known) if known else None
+
+    return [
+        Row(
+            image,
+            target,
+            conc,
+            group[0].images_per_request,
+            statistics.median(r.requests_per_s for r in group),
+            statistics.median(r.images_per_s for r in group),
+            median([r.p50_ms for r in group]),
+            median([r.p99_ms for r in group]),
+            median([r.ratio_to_limit for r in group]),
+            int(statistics.median(r.errors for r in group)),
+        )
+        for (image, target, conc), group in cells.items()
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per cell")
@@ -712,6 +740,8 @@ def main() -> int:
     }
     found = goals.checks(report)
     report["goals"] = goals.as_json(found)
+    if runs > 1:
+        print(f"\nEach cell's median over {runs} repetitions:\n\n{table(median_rows(rows))}")
     print(f"\n{goals.table(found)}")
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
