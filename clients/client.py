@@ -132,14 +132,14 @@ class GatewayClient:
                 )
                 results[i] = ImageResult(str(i), None, error=ErrorInfo("image_too_large", message))
             else:
-                sendable.append((str(i), data))
+                sendable.append((i, data))
         room = limits.max_request_bytes
         if self._max_send is not None:
             room = min(room, self._max_send)
         room -= _REQUEST_OVERHEAD + sum(len(k) + len(v) for k, v in call.params.items())
         for chunk in _chunks(sendable, limits.max_images, room):
-            for name, result in call.send_splitting(chunk):
-                results[int(name)] = result
+            for i, result in call.send_splitting(chunk):
+                results[i] = result
         return [r for r in results if r is not None]
 
     def _published_limits(self) -> Limits:
@@ -174,12 +174,14 @@ _IMAGE_OVERHEAD = 256
 _REQUEST_OVERHEAD = 4096
 
 
-def _chunks(
-    images: list[tuple[str, bytes]], max_images: int, max_bytes: int
-) -> list[list[tuple[str, bytes]]]:
+# An image and its position in the caller's list, which names it on the wire.
+_Item = tuple[int, bytes]
+
+
+def _chunks(images: list[_Item], max_images: int, max_bytes: int) -> list[list[_Item]]:
     """Consecutive runs of images, each within max_images and max_bytes (an image larger than
     max_bytes on its own goes alone, for the gateway to judge)."""
-    chunks: list[list[tuple[str, bytes]]] = []
+    chunks: list[list[_Item]] = []
     size = 0
     for item in images:
         cost = len(item[1]) + _IMAGE_OVERHEAD
@@ -198,21 +200,22 @@ class _Call:
     color_mode: str
     params: Mapping[str, str]
 
-    def send(self, images: Sequence[tuple[str, bytes]]) -> list[ImageResult]:
-        return self.transport.infer_batch(images, self.model, self.color_mode, self.params)
+    def send(self, images: Sequence[_Item]) -> list[ImageResult]:
+        named = [(str(i), data) for i, data in images]
+        return self.transport.infer_batch(named, self.model, self.color_mode, self.params)
 
-    def send_splitting(self, images: list[tuple[str, bytes]]) -> list[tuple[str, ImageResult]]:
+    def send_splitting(self, images: list[_Item]) -> list[tuple[int, ImageResult]]:
         """Send; a request refused for the pixels of all its images together (read from their
         headers, which the client does not parse) is sent again as two halves, and a single
         image refused so is that image's own error."""
         try:
-            return [(name, r) for (name, _), r in zip(images, self.send(images), strict=True)]
+            return [(i, r) for (i, _), r in zip(images, self.send(images), strict=True)]
         except GatewayClientError as exc:
             if exc.code not in _IMAGE_CAUSED:
                 raise
             if len(images) == 1:
-                name = images[0][0]
-                return [(name, ImageResult(name, None, error=ErrorInfo(exc.code, exc.message)))]
+                i = images[0][0]
+                return [(i, ImageResult(str(i), None, error=ErrorInfo(exc.code, exc.message)))]
             half = len(images) // 2
             return self.send_splitting(images[:half]) + self.send_splitting(images[half:])
 
