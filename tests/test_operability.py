@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import re
 import select
 import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -251,6 +253,64 @@ def test_pipelined_requests_are_each_answered_in_order(gateway: Gateway) -> None
     assert all(h.startswith(b"HTTP/1.1 200") for h, _ in answers)
     shapes = [json.loads(body)["result"]["output"] for _, body in answers[:2]]
     assert shapes == [[128, 128, 3], [427, 640, 3]]
+
+
+@pytest.fixture(scope="module")
+def two_http_threads() -> Iterator[Gateway]:
+    gw = start(Settings(http_port=0, grpc_port=0, http_threads=2, shutdown_grace=1.0))
+    yield gw
+    gw.stop()
+
+
+def _keep_alive(gateway: Gateway) -> http.client.HTTPConnection:
+    host, port = gateway.http_url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=10)
+
+
+def _shape(conn: http.client.HTTPConnection, body: bytes) -> list[int]:
+    conn.request(
+        "POST", "/v1/infer", body=body, headers={"Content-Type": "application/octet-stream"}
+    )
+    response = conn.getresponse()
+    payload = json.loads(response.read())
+    assert response.status == 200, payload
+    assert response.getheader("Connection", "").lower() != "close"
+    return list(payload["result"]["output"])
+
+
+def test_a_keep_alive_connection_answers_requests_back_to_back_and_after_pauses(
+    two_http_threads: Gateway,
+) -> None:
+    # Back to back, the thread that answered takes the next request itself; after a pause
+    # longer than it waits, the connection is back with the selector and comes from there.
+    conn = _keep_alive(two_http_threads)
+    try:
+        shapes = []
+        for pause in (0, 0, 0.05, 0, 0.05, 0.05, 0, 0):
+            time.sleep(pause)
+            shapes.append(_shape(conn, PNG))
+    finally:
+        conn.close()
+    assert shapes == [[128, 128, 3]] * 8
+
+
+def test_quiet_keep_alive_connections_never_keep_a_new_client_waiting(
+    two_http_threads: Gateway,
+) -> None:
+    # Four connections answered once and then quiet, on a worker with two HTTP threads: a
+    # thread waits for its connection's next request only while the other is free, and never
+    # for long, so a fifth client is served as usual.
+    quiet = [_keep_alive(two_http_threads) for _ in range(4)]
+    busy = _keep_alive(two_http_threads)
+    try:
+        for conn in quiet:
+            assert _shape(conn, PNG) == [128, 128, 3]
+        assert [_shape(busy, PNG) for _ in range(10)] == [[128, 128, 3]] * 10
+        # And the quiet ones still work when they speak again.
+        assert [_shape(conn, PNG) for conn in quiet] == [[128, 128, 3]] * 4
+    finally:
+        for conn in (*quiet, busy):
+            conn.close()
 
 
 def test_each_stream_message_has_its_own_access_record(
