@@ -313,6 +313,61 @@ def test_quiet_keep_alive_connections_never_keep_a_new_client_waiting(
             conn.close()
 
 
+@pytest.fixture(scope="module")
+def one_http_thread() -> Iterator[Gateway]:
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            http_threads=1,
+            model=("shape", "tests.models:slow"),
+            shutdown_grace=1.0,
+        )
+    )
+    yield gw
+    gw.stop()
+
+
+def test_a_client_pipelining_many_requests_takes_turns_with_other_clients(
+    one_http_thread: Gateway,
+) -> None:
+    # Twenty slow requests (0.1 s each) in one send, on a worker with one HTTP thread. The
+    # thread answers them one at a time while nobody else waits; once another client's request
+    # waits, the pipelining connection goes back in line after each answer.
+    host, port = one_http_thread.http_url.removeprefix("http://").split(":")
+    slow = (
+        f"POST /v1/models/slow/infer?seconds=0.1 HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {len(PNG)}\r\n\r\n"
+    ).encode() + PNG
+    quick = (
+        f"POST /v1/infer HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {len(PNG)}\r\n\r\n"
+    ).encode() + PNG
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as piped,
+        socket.create_connection((host, int(port)), timeout=10) as other,
+    ):
+        piped.sendall(slow * 20)
+        received = piped.recv(1 << 16)  # the first answer: the thread is on this connection
+        other.sendall(quick)
+        answer = b""
+        while chunk := other.recv(1 << 16):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200")
+        # How many of the twenty the pipelining client had by then.
+        piped.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := piped.recv(1 << 20):
+                received += chunk
+        answered_before = received.count(b"HTTP/1.1 200")
+        piped.settimeout(10)
+        while received.count(b"HTTP/1.1 200") < 20:
+            chunk = piped.recv(1 << 20)
+            assert chunk, "the pipelining connection closed early"
+            received += chunk
+    assert answered_before < 20
+
+
 def test_each_stream_message_has_its_own_access_record(
     channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:

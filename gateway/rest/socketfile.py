@@ -98,13 +98,20 @@ class Connection(server.HTTPConnection):
     def communicate(self) -> bool:
         # cheroot's stubs leave communicate unannotated; it returns whether to keep the connection.
         while super().communicate():  # type: ignore[no-untyped-call]
-            if not (self.rfile.has_data() or self._next_request_soon()):
+            if not self._next_request_here():
                 return True
         return False
 
-    def _next_request_soon(self) -> bool:
+    def _next_request_here(self) -> bool:
+        """Whether this thread answers the connection's next request too. Never while another
+        connection waits for a thread: a client pipelining many requests goes back in line
+        after each, as with cheroot alone."""
         threads = self.server.requests
-        if not self.server.ready or threads.qsize or not threads.idle:
+        if not self.server.ready or threads.qsize:
+            return False
+        if self.rfile.has_data():
+            return True
+        if not threads.idle:
             return False
         poller = select.poll()
         poller.register(self.socket, select.POLLIN)
