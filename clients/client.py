@@ -21,6 +21,9 @@ from clients.results import ErrorInfo, GatewayClientError, ImageResult, Limits, 
 ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# gRPC connections a client spreads its calls over (HTTP keeps a pool of its own): enough for
+# calls from several threads to reach several worker processes of the gateway.
+DEFAULT_CHANNELS = 4
 COLOR_MODES = ("color", "grayscale", "unchanged")
 
 
@@ -66,6 +69,7 @@ class GatewayClient:
         model: str = "",
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channels: int = DEFAULT_CHANNELS,
     ) -> None:
         parts = urlsplit(url)
         self.model = model
@@ -76,7 +80,7 @@ class GatewayClient:
         if parts.scheme == "grpc":
             from clients.grpc_transport import GrpcTransport
 
-            self._transport = GrpcTransport(parts.netloc, timeout, max_message_bytes)
+            self._transport = GrpcTransport(parts.netloc, timeout, max_message_bytes, channels)
             self._max_send = max_message_bytes
         elif parts.scheme in ("http", "https"):
             from clients.http_transport import HttpTransport

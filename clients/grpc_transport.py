@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -63,16 +64,30 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayClientError:
 
 
 class GrpcTransport:
-    def __init__(self, target: str, timeout: float | None, max_message_bytes: int) -> None:
+    """Calls go round `channels` channels, each its own TCP connection: a gateway with several
+    worker processes gives each connection to one of them, so a client calling from several
+    threads over one connection would keep all but one worker idle. A local subchannel pool
+    per channel is what makes grpc open a connection for each instead of sharing one."""
+
+    def __init__(
+        self, target: str, timeout: float | None, max_message_bytes: int, channels: int = 1
+    ) -> None:
+        if channels < 1:
+            raise ValueError(f"channels must be at least 1, not {channels}")
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
-        self.stub = pb_grpc.ImageGatewayServiceStub(self.channel)
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
+        self.channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
+        stubs = [pb_grpc.ImageGatewayServiceStub(channel) for channel in self.channels]
+        # One C call per pick: safe from several threads under the GIL.
+        self._next_stub = itertools.cycle(stubs).__next__
+
+    @property
+    def stub(self) -> pb_grpc.ImageGatewayServiceStub:
+        return self._next_stub()
 
     def _common(self, model: str, color_mode: str, params: Mapping[str, str]) -> dict[str, Any]:
         common: dict[str, Any] = {"model": model, "color_mode": _COLOR_MODES[color_mode]}
@@ -139,4 +154,5 @@ class GrpcTransport:
         return Limits(**{f.name: getattr(got, f.name) for f in fields(Limits)})
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
