@@ -214,18 +214,25 @@ def _run(
     def worker(index: int) -> None:
         rng = random.Random(index)
         own_session = requests.Session()
+        # Each gRPC client its own connection (grpc would share one between channels to the same
+        # address), so that, as with HTTP, the load reaches every worker.
+        own_channel = grpc.insecure_channel(
+            grpc_target, options=[*options, ("grpc.use_local_subchannel_pool", 1)]
+        )
+        own_stub = pb_grpc.ImageGatewayServiceStub(own_channel)
         while time.monotonic() < stop_at:
             pool = hostile if rng.random() < args.hostile_share else valid
             case = rng.choice(pool)
             t0 = time.perf_counter()
             try:
                 if index % 2:
-                    result = call_grpc(stub, case)
+                    result = call_grpc(own_stub, case)
                 else:
                     result = call_http(own_session, http_url, case)
             except Exception as exc:  # a transport failure is a wrong answer, and is counted
                 result = (False, False, f"{case.name}: {exc!r}"[:300])
             tally.add(*result[:2], (time.perf_counter() - t0) * 1000, result[2])
+        own_channel.close()
 
     def sampler() -> None:
         while time.monotonic() < stop_at:
