@@ -7,8 +7,13 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+from requests.adapters import HTTPAdapter
 
 from clients.results import GatewayClientError, ImageResult, Limits, ModelInfo
+
+# Connections kept open for reuse. requests keeps 10 by default; a client calling from more
+# threads than that closed the extra ones after each call and opened new ones for the next.
+POOL_SIZE = 32
 
 
 def error_from_body(body: Any, status: str) -> GatewayClientError:
@@ -26,6 +31,9 @@ class HttpTransport:
         self.base_url = base_url
         self.timeout = timeout
         self.session = requests.Session()
+        adapter = HTTPAdapter(pool_maxsize=POOL_SIZE)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
 
     def _infer_url(self, model: str) -> str:
         if not model:

@@ -147,3 +147,36 @@ def test_grpc_calls_go_round_the_clients_own_connections(gateway: Gateway, chann
 def test_channels_must_be_at_least_one(gateway: Gateway) -> None:
     with pytest.raises(ValueError, match="channels"):
         GatewayClient(f"grpc://{gateway.grpc_target}", channels=0)
+
+
+def _client_ports(port: int) -> set[int]:
+    """Local ports of the connections established to `port` on this machine."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_http_calls_from_sixteen_threads_reuse_their_connections(gateway: Gateway) -> None:
+    # Sixteen calls at once (the slow model keeps them overlapping), twice: the second round
+    # finds all sixteen connections of the first still open, instead of opening some anew.
+    port = int(gateway.http_url.rsplit(":", 1)[1])
+    before = _client_ports(port)
+    with GatewayClient(gateway.http_url) as client, ThreadPoolExecutor(16) as pool:
+        rounds = []
+        for _ in range(2):
+            outputs = list(
+                pool.map(
+                    lambda _: client.infer(JPEG_PATH, model="slow", params={"seconds": "0.2"}),
+                    range(16),
+                )
+            )
+            assert [o.output for o in outputs] == [[427, 640, 3]] * 16
+            rounds.append(_client_ports(port) - before)
+    assert len(rounds[0]) == 16
+    assert rounds[1] == rounds[0]
