@@ -115,42 +115,9 @@ def test_bad_url_scheme() -> None:
         GatewayClient("ftp://127.0.0.1:1")
 
 
-def _established_to(port: int) -> int:
-    """TCP connections on this machine, in any process, established to `port`."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                    count += 1
-    return count
-
-
-@pytest.mark.parametrize("channels", [1, 4])
-def test_grpc_calls_go_round_the_clients_own_connections(gateway: Gateway, channels: int) -> None:
-    # Each channel its own connection, so that a multi-worker gateway can give them to different
-    # workers; grpc would otherwise share one connection between channels to the same target.
-    port = int(gateway.grpc_target.rsplit(":", 1)[1])
-    before = _established_to(port)
-    client = GatewayClient(f"grpc://{gateway.grpc_target}", channels=channels)
-    try:
-        with ThreadPoolExecutor(8) as pool:
-            outputs = list(pool.map(lambda _: client.infer(JPEG_PATH).output, range(4 * channels)))
-        assert outputs == [[427, 640, 3]] * (4 * channels)
-        assert _established_to(port) - before == channels
-    finally:
-        client.close()
-
-
-def test_channels_must_be_at_least_one(gateway: Gateway) -> None:
-    with pytest.raises(ValueError, match="channels"):
-        GatewayClient(f"grpc://{gateway.grpc_target}", channels=0)
-
-
 def _client_ports(port: int) -> set[int]:
-    """Local ports of the connections established to `port` on this machine."""
+    """Local ports of the TCP connections on this machine, in any process, established to
+    `port`."""
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as f:
@@ -160,6 +127,27 @@ def _client_ports(port: int) -> set[int]:
                 if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_grpc_calls_go_round_the_clients_own_connections(gateway: Gateway, channels: int) -> None:
+    # Each channel its own connection, so that a multi-worker gateway can give them to different
+    # workers; grpc would otherwise share one connection between channels to the same target.
+    port = int(gateway.grpc_target.rsplit(":", 1)[1])
+    before = _client_ports(port)
+    client = GatewayClient(f"grpc://{gateway.grpc_target}", channels=channels)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            outputs = list(pool.map(lambda _: client.infer(JPEG_PATH).output, range(4 * channels)))
+        assert outputs == [[427, 640, 3]] * (4 * channels)
+        assert len(_client_ports(port) - before) == channels
+    finally:
+        client.close()
+
+
+def test_channels_must_be_at_least_one(gateway: Gateway) -> None:
+    with pytest.raises(ValueError, match="channels"):
+        GatewayClient(f"grpc://{gateway.grpc_target}", channels=0)
 
 
 def test_http_calls_from_sixteen_threads_reuse_their_connections(gateway: Gateway) -> None:
