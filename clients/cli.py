@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        with GatewayClient(args.url, timeout=args.timeout) as client:
+        # One call at a time: one gRPC connection is all the CLI uses.
+        with GatewayClient(args.url, timeout=args.timeout, channels=1) as client:
             if args.command == "models":
                 print(json.dumps([asdict(m) for m in client.list_models()], indent=2))
                 return 0

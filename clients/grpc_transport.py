@@ -82,12 +82,8 @@ class GrpcTransport:
         ]
         self.channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
         stubs = [pb_grpc.ImageGatewayServiceStub(channel) for channel in self.channels]
-        # One C call per pick: safe from several threads under the GIL.
-        self._next_stub = itertools.cycle(stubs).__next__
-
-    @property
-    def stub(self) -> pb_grpc.ImageGatewayServiceStub:
-        return self._next_stub()
+        # Each call takes the next stub: one C call, safe from several threads under the GIL.
+        self._stub = itertools.cycle(stubs).__next__
 
     def _common(self, model: str, color_mode: str, params: Mapping[str, str]) -> dict[str, Any]:
         common: dict[str, Any] = {"model": model, "color_mode": _COLOR_MODES[color_mode]}
@@ -104,7 +100,7 @@ class GrpcTransport:
             image=pb.Image(data=data), **self._common(model, color_mode, params)
         )
         try:
-            response = self.stub.Infer(request, timeout=self.timeout)
+            response = self._stub().Infer(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return result_from_pb(response.result)
@@ -121,14 +117,14 @@ class GrpcTransport:
             **self._common(model, color_mode, params),
         )
         try:
-            response = self.stub.InferBatch(request, timeout=self.timeout)
+            response = self._stub().InferBatch(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return [result_from_pb(r) for r in response.results]
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            response = self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+            response = self._stub().ListModels(pb.ListModelsRequest(), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         return [
@@ -147,7 +143,7 @@ class GrpcTransport:
 
     def limits(self) -> Limits:
         try:
-            response = self.stub.GetLimits(pb.GetLimitsRequest(), timeout=self.timeout)
+            response = self._stub().GetLimits(pb.GetLimitsRequest(), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         got = response.limits
