@@ -31,6 +31,20 @@ class SlowModel:
         return [list(i.shape) for i in images]
 
 
+class GatedModel:
+    """Answers the shape once GATE is set (or after 30 s): holds a slot as long as a test needs."""
+
+    name = "gated"
+    description = "waits for the test's gate, then answers the shape"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        GATE.wait(30)
+        return [list(i.shape) for i in images]
+
+
+GATE = threading.Event()
+
+
 class SpyModel:
     """Records every batch it receives: the list length, each array's shape, dtype and checksum."""
 
@@ -57,6 +71,10 @@ def failing() -> FailingModel:
 
 def slow() -> SlowModel:
     return SlowModel()
+
+
+def gated() -> GatedModel:
+    return GatedModel()
 
 
 def spy() -> SpyModel:

@@ -6,7 +6,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
+from tests.models import GATE, SPY
+from tests.test_metrics import delta, request_counts
 from tests.test_process import launch
 from tests.wire import grpc_code, grpc_result, post_octet
 
@@ -238,6 +240,74 @@ def test_request_timeout_gives_504(strict_gateway: Gateway) -> None:
     resp = post_octet(strict_gateway.http_url, "slow", PNG, params={"seconds": "1.5"})
     assert (resp.status_code, resp.json()["error"]["code"]) == (504, "deadline_exceeded")
     still_serving(strict_gateway)
+
+
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"not within 10 s: {what}")
+
+
+def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
+    # One slot, held by the gated model until the test opens the gate; requests behind it queue.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("shape", "tests.models:gated", "tests.models:spy"),
+            max_concurrency=1,
+            max_queue=4,
+            max_request_pixels=128 * 128,
+        )
+    )
+    admission = gw.dataplane.admission
+    GATE.clear()
+    SPY.calls.clear()
+    try:
+        before = request_counts(gw.http_url)
+        with grpc.insecure_channel(gw.grpc_target) as ch:
+            stub = pb_grpc.ImageGatewayServiceStub(ch)
+            busy = stub.Infer.future(pb.InferRequest(model="gated", image=pb.Image(data=PNG)))
+            _wait_for(lambda: admission.active == 1, "the gated call holds the slot")
+            # An HTTP client sends its whole request, then closes its connection while it waits.
+            with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+                s.sendall(
+                    b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/octet-stream\r\n"
+                    + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
+                    + PNG
+                )
+                _wait_for(lambda: admission.waiting == 1, "the HTTP request waits")
+            # A gRPC client cancels its call while it waits.
+            spy_call = pb.InferRequest(model="spy", image=pb.Image(data=PNG))
+            cancelled = stub.Infer.future(spy_call, timeout=30)
+            _wait_for(lambda: admission.waiting == 2, "the gRPC call waits")
+            assert cancelled.cancel()
+            # Clients that stay are answered, on both protocols.
+            kept = stub.Infer.future(spy_call, timeout=30)
+            _wait_for(lambda: admission.waiting == 3, "the third request waits")
+            with ThreadPoolExecutor(1) as pool:
+                kept_http = pool.submit(post_octet, gw.http_url, "spy", PNG)
+                _wait_for(lambda: admission.waiting == 4, "the fourth request waits")
+                GATE.set()
+                assert kept_http.result().status_code == 200
+            assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
+            assert "checksum" in grpc_result(kept.result().result)["output"]
+        _wait_for(lambda: admission.active == admission.waiting == 0, "the gateway is idle")
+        # The spy model ran for the two clients that stayed: the two that left cost no decode
+        # and no model call, and were counted as cancelled.
+        assert [call["batch"] for call in SPY.calls] == [1, 1]
+        counts = delta(request_counts(gw.http_url), before)
+        assert counts["http", "POST /v1/models/<model>/infer", "spy", "499"] == 1
+        assert counts["grpc", "Infer", "spy", "CANCELLED"] == 1
+        assert counts["grpc", "Infer", "spy", "OK"] == 1
+        assert counts["http", "POST /v1/models/<model>/infer", "spy", "200"] == 1
+        still_serving(gw)
+    finally:
+        GATE.set()
+        gw.stop()
 
 
 def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:

@@ -48,6 +48,10 @@ class Admission:
     def active(self) -> int:
         return self._active
 
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
     @contextmanager
     def slot(self, pixels: int, deadline: float | None) -> Iterator[None]:
         """Hold `pixels` of the budget (a request over the whole budget waits for all of it)."""

@@ -34,6 +34,11 @@ from gateway.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
+# A request is asked whether its client has gone only once it has been in the core this long
+# (seconds). Asking can cost a system call; a request that waited for a slot, or decodes large
+# images, gains from it, and one for a small image is over before the question is worth it.
+CLIENT_CHECK_AFTER = 0.01
+
 
 def resolve_policy(
     model: Model, configured: Mapping[str, BatchPolicy | None]
@@ -169,7 +174,7 @@ class DataPlane:
             outputs = self._predict(model, predict, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
-        _check_deadline(request)
+        _check_request(request)
         it = iter(outputs)
         results = []
         for image, item in zip(request.images, decoded, strict=True):
@@ -225,7 +230,7 @@ class DataPlane:
     ) -> DecodedImage | ItemError:
         if isinstance(item, ItemError):
             return item
-        _check_deadline(request)
+        _check_request(request)
         started = time.perf_counter()
         try:
             return decode(data, item, request.color_mode, min_size)
@@ -249,7 +254,7 @@ class DataPlane:
         images: list[DecodedImage],
         request: InferRequest,
     ) -> list[JSONValue]:
-        _check_deadline(request)
+        _check_request(request)
         try:
             outputs = predict([d.array for d in images], request.parameters)
             if len(outputs) != len(images):
@@ -270,8 +275,15 @@ class DataPlane:
             ) from None
 
 
-def _check_deadline(request: InferRequest) -> None:
-    if request.deadline is not None and time.monotonic() > request.deadline:
+def _check_request(request: InferRequest) -> None:
+    """Stop a request whose deadline passed or whose client has gone."""
+    now = time.monotonic()
+    if request.deadline is not None and now > request.deadline:
         raise GatewayError(
             ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it was done"
+        )
+    gone = request.client_gone
+    if gone is not None and now - request.received > CLIENT_CHECK_AFTER and gone():
+        raise GatewayError(
+            ErrorCode.CANCELLED, "the client went away before its answer; the request was dropped"
         )

@@ -31,6 +31,9 @@ class ErrorCode(Enum):
     DEADLINE_EXCEEDED = ("deadline_exceeded", 504, "DEADLINE_EXCEEDED")
     OVERLOADED = ("overloaded", 503, "UNAVAILABLE")
     SHUTTING_DOWN = ("shutting_down", 503, "UNAVAILABLE")
+    # Nobody reads this answer; the code is for the access log and the metrics. 499 is nginx's
+    # "client closed request".
+    CANCELLED = ("cancelled", 499, "CANCELLED")
     MODEL_ERROR = ("model_error", 500, "INTERNAL")
     INTERNAL = ("internal", 500, "INTERNAL")
 

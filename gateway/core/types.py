@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
@@ -37,6 +38,11 @@ class InferRequest:
     request_id: str = ""
     # Absolute time.monotonic() after which nobody waits for the answer; None means no limit.
     deadline: float | None = None
+    # Whether the client has gone (closed its connection, cancelled its call): the request's
+    # work stops at the next check. None where the front cannot tell.
+    client_gone: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    # time.monotonic() when the front had the whole request.
+    received: float = field(default_factory=time.monotonic, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

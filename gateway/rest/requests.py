@@ -21,6 +21,7 @@ from gateway.core import formats
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import check_image_bytes
 from gateway.core.types import ColorMode, ImageInput, InferRequest
+from gateway.rest.server import CLIENT_GONE_KEY
 
 _CHUNK = 64 * 1024
 _BODY_CHUNK = 1024 * 1024
@@ -117,6 +118,7 @@ def _infer_request(
         color_mode=mode,
         request_id=request_id(),
         deadline=g.deadline,
+        client_gone=request.environ.get(CLIENT_GONE_KEY),
     )
 
 

@@ -9,6 +9,7 @@ still gets its answer). Time spent after the upload is the core's to limit (504)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import threading
@@ -18,9 +19,11 @@ from typing import Any
 from cheroot import server, wsgi
 from flask import Flask
 
-from gateway.rest.socketfile import Connection
+from gateway.rest.socketfile import Connection, peer_closed
 
 KEEP_ALIVE_CONNECTIONS = 256
+# The WSGI environ entry: a call answering whether the client has closed its connection.
+CLIENT_GONE_KEY = "image_gateway.client_gone"
 
 
 class Watchdog:
@@ -71,6 +74,12 @@ def _still_uploading(req: Any) -> bool:
 
 def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
     class WatchedGateway(wsgi.Gateway_10):
+        # cheroot's stubs say get_environ returns None; it returns the environ.
+        def get_environ(self) -> dict[str, Any]:  # type: ignore[override]
+            env: dict[str, Any] = super().get_environ()  # type: ignore[no-untyped-call]
+            env[CLIENT_GONE_KEY] = functools.partial(peer_closed, self.req.conn.socket)
+            return env
+
         def respond(self) -> Any:
             key = watchdog.watch(self.req)
             try:

@@ -70,6 +70,15 @@ class SocketReader(io.BufferedReader):
         return self._socket_io.received > self.bytes_read
 
 
+def peer_closed(sock: socket.socket) -> bool:
+    """Whether the client has closed (or reset) a connection that already sent its request.
+    Bytes waiting to be read (a pipelined request) do not count. One poll, no wait: a recv on
+    a socket with a timeout would first wait up to that timeout for bytes."""
+    poller = select.poll()
+    poller.register(sock, select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
 def make_file(sock: socket.socket, mode: str = "r", bufsize: int = io.DEFAULT_BUFFER_SIZE) -> Any:
     if "r" in mode:
         return SocketReader(sock, bufsize)

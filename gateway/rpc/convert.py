@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Union
 
@@ -70,7 +71,10 @@ def _set_value(target: struct_pb2.Value, value: JSONValue) -> None:
 
 
 def single_request(
-    detached: Detached[SingleRequest], request_id: str, deadline: float | None
+    detached: Detached[SingleRequest],
+    request_id: str,
+    deadline: float | None,
+    client_gone: Callable[[], bool] | None = None,
 ) -> InferRequest:
     msg = detached.message
     return InferRequest(
@@ -80,11 +84,15 @@ def single_request(
         color_mode=_color_mode(msg.color_mode),
         request_id=request_id,
         deadline=deadline,
+        client_gone=client_gone,
     )
 
 
 def batch_request(
-    detached: Detached[pb.InferBatchRequest], request_id: str, deadline: float | None
+    detached: Detached[pb.InferBatchRequest],
+    request_id: str,
+    deadline: float | None,
+    client_gone: Callable[[], bool] | None = None,
 ) -> InferRequest:
     msg = detached.message
     return InferRequest(
@@ -94,6 +102,7 @@ def batch_request(
         color_mode=_color_mode(msg.color_mode),
         request_id=request_id,
         deadline=deadline,
+        client_gone=client_gone,
     )
 
 

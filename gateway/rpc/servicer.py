@@ -42,6 +42,10 @@ def _client_deadline(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _client_gone(context: grpc.ServicerContext) -> Callable[[], bool]:
+    return lambda: not context.is_active()
+
+
 def _abort(
     context: grpc.ServicerContext, error: ErrorCode, message: str, request_id: str
 ) -> NoReturn:
@@ -123,7 +127,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         self, request: Detached[pb.InferRequest], context: grpc.ServicerContext, request_id: str
     ) -> pb.InferResponse:
         core = convert.single_request(
-            request, request_id, self.dataplane.deadline(_client_deadline(context))
+            request,
+            request_id,
+            self.dataplane.deadline(_client_deadline(context)),
+            _client_gone(context),
         )
         return convert.infer_response(self.dataplane.infer_one(core))
 
@@ -135,7 +142,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         request_id: str,
     ) -> pb.InferBatchResponse:
         core = convert.batch_request(
-            request, request_id, self.dataplane.deadline(_client_deadline(context))
+            request,
+            request_id,
+            self.dataplane.deadline(_client_deadline(context)),
+            _client_gone(context),
         )
         return convert.batch_response(self.dataplane.infer(core))
 
@@ -173,7 +183,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             message = request.message
             request_id = message.request_id or f"{stream_id}-{index}"
             core = convert.single_request(
-                request, request_id, self.dataplane.deadline(_client_deadline(context))
+                request,
+                request_id,
+                self.dataplane.deadline(_client_deadline(context)),
+                _client_gone(context),
             )
             started = time.perf_counter()
             try:
