@@ -271,7 +271,8 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
             stub = pb_grpc.ImageGatewayServiceStub(ch)
             busy = stub.Infer.future(pb.InferRequest(model="gated", image=pb.Image(data=PNG)))
             _wait_for(lambda: admission.active == 1, "the gated call holds the slot")
-            # An HTTP client sends its whole request, then closes its connection while it waits.
+            # An HTTP client sends its whole request, then closes its connection while it waits:
+            # the request leaves the queue though the slot is still taken.
             with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
                 s.sendall(
                     b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
@@ -280,17 +281,19 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
                     + PNG
                 )
                 _wait_for(lambda: admission.waiting == 1, "the HTTP request waits")
-            # A gRPC client cancels its call while it waits.
+            _wait_for(lambda: admission.waiting == 0, "the HTTP request leaves the queue")
+            # So does a gRPC call cancelled by its client while it waits.
             spy_call = pb.InferRequest(model="spy", image=pb.Image(data=PNG))
             cancelled = stub.Infer.future(spy_call, timeout=30)
-            _wait_for(lambda: admission.waiting == 2, "the gRPC call waits")
+            _wait_for(lambda: admission.waiting == 1, "the gRPC call waits")
             assert cancelled.cancel()
+            _wait_for(lambda: admission.waiting == 0, "the gRPC call leaves the queue")
             # Clients that stay are answered, on both protocols.
             kept = stub.Infer.future(spy_call, timeout=30)
-            _wait_for(lambda: admission.waiting == 3, "the third request waits")
+            _wait_for(lambda: admission.waiting == 1, "a gRPC call waits")
             with ThreadPoolExecutor(1) as pool:
                 kept_http = pool.submit(post_octet, gw.http_url, "spy", PNG)
-                _wait_for(lambda: admission.waiting == 4, "the fourth request waits")
+                _wait_for(lambda: admission.waiting == 2, "an HTTP request waits")
                 GATE.set()
                 assert kept_http.result().status_code == 200
             assert grpc_result(busy.result().result)["output"] == [128, 128, 3]

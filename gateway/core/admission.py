@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from gateway.core.errors import ErrorCode, GatewayError
+
+# Seconds between two checks of a waiting request's client.
+GONE_CHECK_INTERVAL = 0.1
 
 
 class Admission:
@@ -53,10 +56,13 @@ class Admission:
         return self._waiting
 
     @contextmanager
-    def slot(self, pixels: int, deadline: float | None) -> Iterator[None]:
-        """Hold `pixels` of the budget (a request over the whole budget waits for all of it)."""
+    def slot(
+        self, pixels: int, deadline: float | None, client_gone: Callable[[], bool] | None = None
+    ) -> Iterator[None]:
+        """Hold `pixels` of the budget (a request over the whole budget waits for all of it).
+        A request whose client is gone leaves the queue within GONE_CHECK_INTERVAL."""
         cost = min(max(1, pixels), self.budget)
-        self._acquire(cost, deadline)
+        self._acquire(cost, deadline, client_gone)
         try:
             yield
         finally:
@@ -66,7 +72,9 @@ class Admission:
                 if self._waiting:
                     self._room.notify_all()
 
-    def _acquire(self, cost: int, deadline: float | None) -> None:
+    def _acquire(
+        self, cost: int, deadline: float | None, client_gone: Callable[[], bool] | None
+    ) -> None:
         with self._room:
             if self._draining:
                 raise GatewayError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
@@ -86,11 +94,22 @@ class Admission:
             try:
                 while self._used + cost > self.budget:
                     timeout = None if deadline is None else deadline - time.monotonic()
-                    if (timeout is not None and timeout <= 0) or not self._room.wait(timeout):
+                    if timeout is not None and timeout <= 0:
                         raise GatewayError(
                             ErrorCode.DEADLINE_EXCEEDED,
                             "the request's deadline passed while it waited",
                         )
+                    if client_gone is not None:
+                        # Abandoned requests must not hold places in the queue that live
+                        # clients would be refused for.
+                        if client_gone():
+                            raise GatewayError(
+                                ErrorCode.CANCELLED,
+                                "the client went away while its request waited; it was dropped",
+                            )
+                        if timeout is None or timeout > GONE_CHECK_INTERVAL:
+                            timeout = GONE_CHECK_INTERVAL
+                    self._room.wait(timeout)
             finally:
                 self._waiting -= 1
             self._used += cost

@@ -157,7 +157,7 @@ class DataPlane:
                 f"at most {self.limits.max_request_pixels} per request",
             )
         batcher = self.batchers.get(model.name)
-        with self.admission.slot(total, request.deadline):
+        with self.admission.slot(total, request.deadline, request.client_gone):
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
