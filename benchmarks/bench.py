@@ -600,6 +600,20 @@ def median_rows(rows: list[Row]) -> list[Row]:
     ]
 
 
+# The longest a cell is measured for, whatever its queue.
+MAX_CELL_SECONDS = 30.0
+
+
+def cell_seconds(duration: float, conc: int, images_per_request: int, limit: float) -> float:
+    """Seconds to measure a cell: `duration`, or twice the time the server needs to answer
+    every client once at the decode limit if that is longer, so that the window sees the
+    steady state and not only the first answers of a queue. 64 clients of eight 4000x3000
+    JPEGs each wait about 10 s for an answer; measured over 4 s, such a cell counted only the
+    few answers that came first."""
+    queue = conc * images_per_request / limit
+    return min(MAX_CELL_SECONDS, max(duration, 2 * queue))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per cell")
@@ -687,17 +701,18 @@ def main() -> int:
                 for conc in concurrencies:
                     for name, tool, url, body, ctype, per_req in targets:
                         wait_idle(servers)
+                        seconds = cell_seconds(args.duration, conc, per_req, limit_n)
                         if tool == "wrk":
                             assert ctype is not None
-                            result = run_wrk(url, body, ctype, conc, args.duration, args.warmup)
+                            result = run_wrk(url, body, ctype, conc, seconds, args.warmup)
                         elif name.startswith("gateway"):
                             before = grpc_outcomes(http_url)
-                            result = run_h2load(url, body, conc, args.duration, args.warmup)
+                            result = run_h2load(url, body, conc, seconds, args.warmup)
                             method = url.rsplit("/", 1)[1]
                             after = grpc_outcomes(http_url)
                             count_grpc_failures(result, method, per_req, before, after)
                         else:
-                            result = run_h2load(url, body, conc, args.duration, args.warmup)
+                            result = run_h2load(url, body, conc, seconds, args.warmup)
                         record(
                             Row(
                                 image.name,
