@@ -244,12 +244,18 @@ def grpc_outcomes(http_url: str) -> dict[tuple[str, bool], float]:
     """(gRPC method, answered OK) -> calls, from the gateway's own /metrics.
 
     h2load sees HTTP/2 status 200 for every gRPC answer, failed or not (the gRPC status is in
-    the trailers), so the gateway's counts say how many calls failed."""
+    the trailers), so the gateway's counts say how many calls failed. Calls counted CANCELLED
+    are left out: h2load cancels the calls still open when its time is up, and those are
+    neither answers nor failures of the server."""
     text = requests.get(f"{http_url}/metrics", timeout=30).text
     counts: dict[tuple[str, bool], float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "gateway_requests_total" and sample.labels["protocol"] == "grpc":
+            if (
+                sample.name == "gateway_requests_total"
+                and sample.labels["protocol"] == "grpc"
+                and sample.labels["code"] != "CANCELLED"
+            ):
                 key = (sample.labels["method"], sample.labels["code"] == "OK")
                 counts[key] = counts.get(key, 0.0) + sample.value
     return counts
