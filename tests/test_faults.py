@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import grpc
+import numpy as np
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -310,6 +312,53 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
         still_serving(gw)
     finally:
         GATE.set()
+        gw.stop()
+
+
+def test_a_request_stops_decoding_once_its_client_has_left() -> None:
+    # 32 photos of 4000x3000 take the decoder most of a second; the client sends them all and
+    # closes its connection at once. The gateway notices between two images and never runs
+    # the model.
+    photo = cv2.imdecode(np.frombuffer((DATA / "images" / "rocket.jpg").read_bytes(), np.uint8), 1)
+    ok, jpeg = cv2.imencode(".jpg", cv2.resize(photo, (4000, 3000)))
+    assert ok
+    count, boundary = 32, "zz"
+    body = (
+        b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{i}"; filename="{i}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n".encode()
+            + jpeg.tobytes()
+            + b"\r\n"
+            for i in range(count)
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("shape", "tests.models:spy"),
+            max_request_pixels=count * 4000 * 3000,
+        )
+    )
+    SPY.calls.clear()
+    try:
+        before = request_counts(gw.http_url)
+        with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
+                + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+        route = ("http", "POST /v1/models/<model>/infer", "spy")
+        _wait_for(
+            lambda: delta(request_counts(gw.http_url), before)[(*route, "499")] == 1,
+            "the request is counted as cancelled",
+        )
+        assert SPY.calls == []
+        still_serving(gw)
+    finally:
         gw.stop()
 
 
