@@ -616,8 +616,8 @@ def cell_seconds(duration: float, conc: int, images_per_request: int, limit: flo
     starts with about one queue's time of work that is no steady state: the first answers
     come only after the queue ahead of them, and wrk's warm-up, a process of its own, leaves
     the decodes already running when it closes its connections. 64 clients of one 4000x3000
-    JPEG each reached 35 images/s over 4 s and 46 over 12 s; of eight each, they wait about
-    10 s for an answer, and 4 s counted only the first few."""
+    JPEG each reached 35 images/s over 4 s and 46 over 12 s. With eight such images a request,
+    64 clients wait about 10 s for an answer, and 4 s counted only the first few answers."""
     queue = conc * images_per_request / limit
     return min(MAX_CELL_SECONDS, max(duration, 8 * queue))
 
