@@ -320,6 +320,7 @@ def test_a_request_stops_decoding_once_its_client_has_left() -> None:
     # closes its connection at once. The gateway notices between two images and never runs
     # the model.
     photo = cv2.imdecode(np.frombuffer((DATA / "images" / "rocket.jpg").read_bytes(), np.uint8), 1)
+    assert photo is not None
     ok, jpeg = cv2.imencode(".jpg", cv2.resize(photo, (4000, 3000)))
     assert ok
     count, boundary = 32, "zz"
