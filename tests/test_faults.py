@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
+from gateway.rest.socketfile import peer_closed
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
 from tests.models import GATE, SPY
@@ -361,6 +362,22 @@ def test_a_request_stops_decoding_once_its_client_has_left() -> None:
         still_serving(gw)
     finally:
         gw.stop()
+
+
+def test_peer_closed_tells_a_client_that_left_from_one_that_pipelines() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        served, _ = listener.accept()
+        served.settimeout(10)  # as cheroot's sockets: a recv would first wait for bytes
+        with served:
+            assert not peer_closed(served)
+            client.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert not peer_closed(served), "a pipelined request is no departure"
+            client.shutdown(socket.SHUT_WR)
+            assert peer_closed(served)
+            client.close()
+            assert peer_closed(served)
+        assert peer_closed(served), "a socket the server closed itself"
 
 
 def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:

@@ -75,7 +75,10 @@ def peer_closed(sock: socket.socket) -> bool:
     Bytes waiting to be read (a pipelined request) do not count. One poll, no wait: a recv on
     a socket with a timeout would first wait up to that timeout for bytes."""
     poller = select.poll()
-    poller.register(sock, select.POLLRDHUP)
+    try:
+        poller.register(sock, select.POLLRDHUP)
+    except ValueError:  # the server has closed the socket itself (fileno -1)
+        return True
     return bool(poller.poll(0))
 
 
