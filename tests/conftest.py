@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,16 @@ from gateway.serve import Gateway, start
 DATA = Path(__file__).parent / "data"
 IMAGES = sorted((DATA / "images").iterdir())
 UNSUPPORTED = sorted((DATA / "unsupported").iterdir())
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    """Poll until `condition` holds; fail naming `what` if it does not within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds:g} s: {what}")
+        time.sleep(0.01)
+
 
 MODELS = (
     "shape",

@@ -6,7 +6,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.rest.socketfile import peer_closed
 from gateway.serve import Gateway, start
-from tests.conftest import DATA
+from tests.conftest import DATA, wait_for
 from tests.models import GATE, SPY
 from tests.test_metrics import delta, request_counts
 from tests.test_process import launch
@@ -220,8 +220,7 @@ def test_small_requests_share_the_pixel_budget() -> None:
         with grpc.insecure_channel(gw.grpc_target) as ch:
             stub = pb_grpc.ImageGatewayServiceStub(ch)
             busy = stub.Infer.future(slow, timeout=10)
-            while gw.dataplane.admission.active == 0:
-                time.sleep(0.01)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the slow call holds its pixels")
             # A second small request fits beside it ...
             resp = post_octet(gw.http_url, "shape", PNG)
             assert resp.status_code == 200, resp.text
@@ -245,14 +244,6 @@ def test_request_timeout_gives_504(strict_gateway: Gateway) -> None:
     still_serving(strict_gateway)
 
 
-def _wait_for(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"not within 10 s: {what}")
-
-
 def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
     # One slot, held by the gated model until the test opens the gate; requests behind it queue.
     gw = start(
@@ -273,7 +264,7 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
         with grpc.insecure_channel(gw.grpc_target) as ch:
             stub = pb_grpc.ImageGatewayServiceStub(ch)
             busy = stub.Infer.future(pb.InferRequest(model="gated", image=pb.Image(data=PNG)))
-            _wait_for(lambda: admission.active == 1, "the gated call holds the slot")
+            wait_for(lambda: admission.active == 1, "the gated call holds the slot")
             # An HTTP client sends its whole request, then closes its connection while it waits:
             # the request leaves the queue though the slot is still taken.
             with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
@@ -283,25 +274,25 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
                     + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
                     + PNG
                 )
-                _wait_for(lambda: admission.waiting == 1, "the HTTP request waits")
-            _wait_for(lambda: admission.waiting == 0, "the HTTP request leaves the queue")
+                wait_for(lambda: admission.waiting == 1, "the HTTP request waits")
+            wait_for(lambda: admission.waiting == 0, "the HTTP request leaves the queue")
             # So does a gRPC call cancelled by its client while it waits.
             spy_call = pb.InferRequest(model="spy", image=pb.Image(data=PNG))
             cancelled = stub.Infer.future(spy_call, timeout=30)
-            _wait_for(lambda: admission.waiting == 1, "the gRPC call waits")
+            wait_for(lambda: admission.waiting == 1, "the gRPC call waits")
             assert cancelled.cancel()
-            _wait_for(lambda: admission.waiting == 0, "the gRPC call leaves the queue")
+            wait_for(lambda: admission.waiting == 0, "the gRPC call leaves the queue")
             # Clients that stay are answered, on both protocols.
             kept = stub.Infer.future(spy_call, timeout=30)
-            _wait_for(lambda: admission.waiting == 1, "a gRPC call waits")
+            wait_for(lambda: admission.waiting == 1, "a gRPC call waits")
             with ThreadPoolExecutor(1) as pool:
                 kept_http = pool.submit(post_octet, gw.http_url, "spy", PNG)
-                _wait_for(lambda: admission.waiting == 2, "an HTTP request waits")
+                wait_for(lambda: admission.waiting == 2, "an HTTP request waits")
                 GATE.set()
                 assert kept_http.result().status_code == 200
             assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
             assert "checksum" in grpc_result(kept.result().result)["output"]
-        _wait_for(lambda: admission.active == admission.waiting == 0, "the gateway is idle")
+        wait_for(lambda: admission.active == admission.waiting == 0, "the gateway is idle")
         # The spy model ran for the two clients that stayed: the two that left cost no decode
         # and no model call, and were counted as cancelled.
         assert [call["batch"] for call in SPY.calls] == [1, 1]
@@ -354,7 +345,7 @@ def test_a_request_stops_decoding_once_its_client_has_left() -> None:
                 + body
             )
         route = ("http", "POST /v1/models/<model>/infer", "spy")
-        _wait_for(
+        wait_for(
             lambda: delta(request_counts(gw.http_url), before)[(*route, "499")] == 1,
             "the request is counted as cancelled",
         )

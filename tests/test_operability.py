@@ -27,7 +27,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
-from tests.conftest import DATA
+from tests.conftest import DATA, wait_for
 from tests.wire import post_octet
 
 SERVICE = "imagegateway.v1.ImageGatewayService"
@@ -70,11 +70,9 @@ def test_drain_flips_health_before_in_flight_work_ends() -> None:
     with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(2) as pool:
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         busy = pool.submit(post_octet, gw.http_url, "slow", PNG, params={"seconds": "1.5"})
-        while gw.dataplane.admission.active == 0:
-            time.sleep(0.01)
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the slow request runs")
         stopping = pool.submit(gw.stop)
-        while not gw.dataplane.admission.draining:
-            time.sleep(0.01)
+        wait_for(lambda: gw.dataplane.admission.draining, "the gateway drains")
         # The busy request is still in the model; both protocols already say "not serving".
         assert not busy.done()
         assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
