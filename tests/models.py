@@ -45,6 +45,32 @@ class GatedModel:
 GATE = threading.Event()
 
 
+class GatedBatching:
+    """Batched; records the "tag" parameter of every call as it starts, then waits for GATE."""
+
+    name = "gated-batching"
+    description = "batched; records each call's tag, waits for the test's gate, answers the shape"
+    max_batch_size = 16
+    max_batch_wait_ms = 1
+
+    def __init__(self) -> None:
+        self.tags: list[Any] = []
+        self.lock = threading.Lock()
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        with self.lock:
+            self.tags.append(params.get("tag"))
+        GATE.wait(30)
+        return [list(i.shape) for i in images]
+
+
+GATED_BATCHING = GatedBatching()
+
+
+def gated_batching() -> GatedBatching:
+    return GATED_BATCHING
+
+
 class SpyModel:
     """Records every batch it receives: the list length, each array's shape, dtype and checksum."""
 

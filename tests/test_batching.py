@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 import cv2
 import grpc
 import numpy as np
+import pytest
 import requests
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
@@ -17,6 +18,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
 from gateway.core.batching import Batcher, BatchPolicy
 from gateway.serve import Gateway
+from tests.conftest import wait_for
 from tests.models import BATCHING_SPY
 from tests.wire import grpc_result
 
@@ -137,5 +139,31 @@ def test_batcher_takes_matching_jobs_from_anywhere_in_its_queue() -> None:
             assert [f.result() for f in futures] == [[t] for t in tags]
         # After the first call: all the "a"s in one call and all the "b"s in another.
         assert sorted(model.calls[1:]) == [["a", "a", "a"], ["b", "b", "b"]]
+    finally:
+        batcher.close()
+
+
+def test_jobs_given_up_on_never_reach_the_model() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.001))
+    image = np.zeros((2, 2, 3), np.uint8)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(batcher.predict, [image], {"tag": "x"}, 10)
+            wait_for(lambda: bool(model.calls), "the first call holds the batcher")
+            # Queued behind it: one whose caller stops waiting, one nobody wants any more by the
+            # time a batch would take it, and one still wanted.
+            with pytest.raises(TimeoutError):
+                batcher.predict([image], {"tag": "late"}, 0.05)
+            unwanted = pool.submit(batcher.predict, [image], {"tag": "gone"}, 10, lambda: False)
+            kept = pool.submit(batcher.predict, [image], {"tag": "kept"}, 10, lambda: True)
+            wait_for(lambda: batcher.waiting == 3, "three jobs queue")
+            model.release.set()
+            assert first.result() == ["x"]
+            assert kept.result() == ["kept"]
+            with pytest.raises(CancelledError):
+                unwanted.result()
+        assert model.calls == [["x"], ["kept"]]
+        assert batcher.waiting == 0
     finally:
         batcher.close()

@@ -23,7 +23,7 @@ from gateway.config import Settings
 from gateway.rest.socketfile import peer_closed
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
-from tests.models import GATE, SPY
+from tests.models import GATE, GATED_BATCHING, SPY
 from tests.test_metrics import delta, request_counts
 from tests.test_process import launch
 from tests.wire import grpc_code, grpc_result, post_octet
@@ -301,6 +301,61 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
         assert counts["grpc", "Infer", "spy", "CANCELLED"] == 1
         assert counts["grpc", "Infer", "spy", "OK"] == 1
         assert counts["http", "POST /v1/models/<model>/infer", "spy", "200"] == 1
+        still_serving(gw)
+    finally:
+        GATE.set()
+        gw.stop()
+
+
+def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
+    # The batched model's first call holds the batcher until the test opens the gate; the
+    # requests behind it wait in the batcher's queue, where one's deadline passes and another's
+    # client leaves. Neither is computed once the batcher is free: only the request still
+    # wanted is.
+    gw = start(Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:gated_batching")))
+    model = "gated-batching"
+    batcher = gw.dataplane.batchers[model]
+    GATE.clear()
+    GATED_BATCHING.tags.clear()
+
+    def grpc_call(tag: str) -> pb.InferRequest:
+        call = pb.InferRequest(model=model, image=pb.Image(data=PNG))
+        call.parameters.update({"tag": tag})
+        return call
+
+    try:
+        before = request_counts(gw.http_url)
+        with grpc.insecure_channel(gw.grpc_target) as ch, ThreadPoolExecutor(1) as pool:
+            stub = pb_grpc.ImageGatewayServiceStub(ch)
+            first = stub.Infer.future(grpc_call("first"), timeout=30)
+            wait_for(lambda: GATED_BATCHING.tags == ["first"], "the first call holds the batcher")
+            late = stub.Infer.future(grpc_call("late"), timeout=0.5)
+            wait_for(lambda: batcher.waiting == 1, "the call with a short deadline waits")
+            assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+                s.sendall(
+                    f"POST /v1/models/{model}/infer?tag=left HTTP/1.1\r\nHost: x\r\n".encode()
+                    + b"Content-Type: application/octet-stream\r\n"
+                    + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
+                    + PNG
+                )
+                wait_for(lambda: batcher.waiting == 2, "the HTTP request waits")
+            kept = pool.submit(post_octet, gw.http_url, model, PNG, params={"tag": "kept"})
+            wait_for(lambda: batcher.waiting == 3, "the request that stays waits")
+            GATE.set()
+            assert kept.result().json()["result"]["output"] == [128, 128, 3]
+            assert grpc_result(first.result().result)["output"] == [128, 128, 3]
+        assert GATED_BATCHING.tags == ["first", "kept"]
+        assert batcher.waiting == 0
+        route = ("http", "POST /v1/models/<model>/infer", model)
+        wait_for(
+            lambda: delta(request_counts(gw.http_url), before)[(*route, "499")] == 1,
+            "the request of the client that left is counted as cancelled",
+        )
+        counts = delta(request_counts(gw.http_url), before)
+        assert counts[(*route, "200")] == 1
+        assert counts["grpc", "Infer", model, "OK"] == 1
+        assert counts["grpc", "Infer", model, "DEADLINE_EXCEEDED"] == 1
         still_serving(gw)
     finally:
         GATE.set()

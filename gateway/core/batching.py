@@ -8,6 +8,10 @@ parameters are never merged. Model code does not change: it already takes a list
 
 If the merged call fails, each request of the batch is retried on its own, so one bad request
 fails alone instead of failing every other client merged with it.
+
+A request that stops waiting (its deadline passed) or that nobody wants any more (its client has
+gone) is left out of the next batch rather than computed for nobody: under overload, work done
+for requests that already failed is what keeps the live ones failing too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +44,15 @@ class BatchPolicy:
 class _Job:
     images: Sequence[np.ndarray]
     params: Mapping[str, Any]
+    # Asked when the job would join a batch; False drops it (see Batcher.predict).
+    wanted: Callable[[], bool] | None = None
     future: Future[Sequence[JSONValue]] = field(default_factory=Future)
+
+    def claim(self) -> bool:
+        """True if the job goes into a batch; False once it is cancelled, or dropped now."""
+        if self.wanted is not None and not self.wanted():
+            self.future.cancel()
+        return self.future.set_running_or_notify_cancel()
 
 
 class Batcher:
@@ -53,23 +65,36 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name=f"batcher-{model.name}", daemon=True)
         self._thread.start()
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued for a batch (those given up on included, until a batch would take them)."""
+        return len(self._pending)
+
     def predict(
         self,
         images: Sequence[np.ndarray],
         params: Mapping[str, Any],
         timeout: float | None = None,
+        wanted: Callable[[], bool] | None = None,
     ) -> Sequence[JSONValue]:
         """Like model.predict, but possibly sharing one call with concurrent requests.
 
-        Raises TimeoutError if no answer comes within `timeout` seconds.
+        Raises TimeoutError if no answer comes within `timeout` seconds; the job is then dropped
+        unless a batch has already taken it. `wanted`, if given, is called from the batcher's
+        thread when the job would join a batch: if it returns False the job is dropped, and
+        this raises concurrent.futures.CancelledError.
         """
-        job = _Job(images, params)
+        job = _Job(images, params, wanted)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(job)
             self._ready.notify()
-        return job.future.result(timeout)
+        try:
+            return job.future.result(timeout)
+        except TimeoutError:
+            job.future.cancel()
+            raise
 
     def close(self) -> None:
         with self._ready:
@@ -78,11 +103,14 @@ class Batcher:
 
     def _take_batch(self) -> list[_Job] | None:
         with self._ready:
-            while not self._pending:
-                if self._closed:
-                    return None
-                self._ready.wait()
-            first = self._pending.popleft()
+            while True:
+                while not self._pending:
+                    if self._closed:
+                        return None
+                    self._ready.wait()
+                first = self._pending.popleft()
+                if first.claim():
+                    break
             batch, size = [first], len(first.images)
             deadline = time.monotonic() + self.policy.max_wait
             while size < self.policy.max_batch_size:
@@ -97,8 +125,9 @@ class Batcher:
                 )
                 if match is not None:
                     self._pending.remove(match)
-                    batch.append(match)
-                    size += len(match.images)
+                    if match.claim():
+                        batch.append(match)
+                        size += len(match.images)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

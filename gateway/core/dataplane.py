@@ -9,7 +9,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -170,7 +170,11 @@ class DataPlane:
             remaining = None
             if request.deadline is not None:
                 remaining = max(0.0, request.deadline - time.monotonic())
-            predict = functools.partial(batcher.predict, timeout=remaining)
+            predict = functools.partial(
+                batcher.predict,
+                timeout=remaining,
+                wanted=lambda: _stopped(request) is None,
+            )
             outputs = self._predict(model, predict, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
@@ -266,6 +270,11 @@ class DataPlane:
             raise GatewayError(
                 ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed waiting for the model"
             ) from None
+        except CancelledError:
+            # The batcher dropped it: deadline passed or client gone, and it says which.
+            raise _stopped(request) or GatewayError(
+                ErrorCode.CANCELLED, "the request was dropped before the model ran"
+            ) from None
         except (Exception, NotJSONError):
             log.exception("model %r failed, request id %s", model.name, request.request_id)
             raise GatewayError(
@@ -275,15 +284,23 @@ class DataPlane:
             ) from None
 
 
-def _check_request(request: InferRequest) -> None:
-    """Stop a request whose deadline passed or whose client has gone."""
+def _stopped(request: InferRequest) -> GatewayError | None:
+    """Why a request should stop (its deadline passed, or its client has gone), if it should."""
     now = time.monotonic()
     if request.deadline is not None and now > request.deadline:
-        raise GatewayError(
+        return GatewayError(
             ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it was done"
         )
     gone = request.client_gone
     if gone is not None and now - request.received > CLIENT_CHECK_AFTER and gone():
-        raise GatewayError(
+        return GatewayError(
             ErrorCode.CANCELLED, "the client went away before its answer; the request was dropped"
         )
+    return None
+
+
+def _check_request(request: InferRequest) -> None:
+    """Stop a request whose deadline passed or whose client has gone."""
+    stopped = _stopped(request)
+    if stopped is not None:
+        raise stopped
