@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import threading
@@ -62,6 +63,46 @@ def test_client_vanishing_mid_upload(gateway: Gateway) -> None:
                 b'--zz\r\nContent-Disposition: form-data; name="0"; filename="a"\r\n\r\n'
             )
             s.sendall(PNG)
+    still_serving(gateway)
+
+
+def test_bodies_arriving_in_pieces_are_read_whole(gateway: Gateway) -> None:
+    # The body is read from the socket into its buffer a piece (1 MiB) at a time: a body sent in
+    # several writes with pauses between, and one of several pieces, both arrive whole.
+    noise = np.random.default_rng(1).integers(0, 256, (900, 900, 3), np.uint8)
+    ok, big = cv2.imencode(".png", noise, [cv2.IMWRITE_PNG_COMPRESSION, 0])
+    assert ok and len(big) > 2 * 1024 * 1024
+    for body, expected in ((PNG, [128, 128, 3]), (big.tobytes(), [900, 900, 3])):
+        with socket.create_connection(http_host_port(gateway.http_url), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Type: application/octet-stream\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            third = len(body) // 3
+            for piece in (body[:third], body[third : 2 * third], body[2 * third :]):
+                s.sendall(piece)
+                time.sleep(0.05)  # separate arrivals; not a timing assert
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert json.loads(payload)["result"]["output"] == expected
+    # A client that stops sending halfway gets a clear answer, and the server goes on.
+    with socket.create_connection(http_host_port(gateway.http_url), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
+            + PNG[: len(PNG) // 2]
+        )
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "invalid_request"
     still_serving(gateway)
 
 

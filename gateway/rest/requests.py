@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from flask import current_app, g, request
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
@@ -132,21 +133,23 @@ def _check_deadline() -> None:
 def _read_body() -> bytes | bytearray:
     length = request.content_length
     if length is not None:
-        # Werkzeug has already refused a Content-Length over the cap, before reading. Reading
-        # into one buffer of the announced size keeps a big upload at one copy in memory
-        # (get_data() holds the pieces and their join at once: twice the body).
+        # Werkzeug has already refused a Content-Length over the cap, before reading. The body
+        # is read from the socket straight into one buffer of the announced size, a piece at a
+        # time so the deadline is checked between pieces (get_data() would hold the pieces and
+        # their join at once: twice the body).
         body = bytearray(length)
         view = memoryview(body)
+        # Werkzeug's stream is an io.RawIOBase; Flask types it as the narrower IO[bytes].
+        stream = cast(io.RawIOBase, request.stream)
         pos = 0
         while pos < length:
-            chunk = request.stream.read(min(_BODY_CHUNK, length - pos))
-            if not chunk:
+            n = stream.readinto(view[pos : pos + _BODY_CHUNK])
+            if not n:
                 raise GatewayError(
                     ErrorCode.INVALID_REQUEST,
                     f"the body ended after {pos} of the {length} bytes its Content-Length says",
                 )
-            view[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
+            pos += n
             _check_deadline()
         if length >= allocator.TRIM_THRESHOLD:
             allocator.release_free_memory()  # the pieces read, before decoding begins

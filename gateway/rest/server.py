@@ -19,7 +19,7 @@ from typing import Any
 from cheroot import server, wsgi
 from flask import Flask
 
-from gateway.rest.socketfile import Connection, peer_closed
+from gateway.rest.socketfile import Connection, KnownLengthBody, peer_closed
 
 KEEP_ALIVE_CONNECTIONS = 256
 # The WSGI environ entry: a call answering whether the client has closed its connection.
@@ -76,8 +76,11 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
     class WatchedGateway(wsgi.Gateway_10):
         # cheroot's stubs say get_environ returns None; it returns the environ.
         def get_environ(self) -> dict[str, Any]:  # type: ignore[override]
+            req = self.req
+            if type(req.rfile) is server.KnownLengthRFile:
+                req.rfile = KnownLengthBody(req.rfile.rfile, req.rfile.remaining)
             env: dict[str, Any] = super().get_environ()  # type: ignore[no-untyped-call]
-            env[CLIENT_GONE_KEY] = functools.partial(peer_closed, self.req.conn.socket)
+            env[CLIENT_GONE_KEY] = functools.partial(peer_closed, req.conn.socket)
             return env
 
         def respond(self) -> Any:

@@ -70,6 +70,21 @@ class SocketReader(io.BufferedReader):
         return self._socket_io.received > self.bytes_read
 
 
+class KnownLengthBody(server.KnownLengthRFile):
+    """cheroot's request body of known length, plus `readinto`. Without it, Werkzeug's stream
+    reads through `read`: cheroot's `read` makes a bytes object, Werkzeug copies it into a
+    bytearray and that into another bytes object, and the caller copies it once more into its
+    buffer. With it, the body goes from the socket straight into the caller's buffer."""
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self.remaining]
+        if not view:
+            return 0
+        n = int(self.rfile.readinto(view))
+        self.remaining -= n
+        return n
+
+
 def peer_closed(sock: socket.socket) -> bool:
     """Whether the client has closed (or reset) a connection that already sent its request.
     Bytes waiting to be read (a pipelined request) do not count. One poll, no wait: a recv on
