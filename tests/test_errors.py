@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import grpc
@@ -156,6 +157,33 @@ def test_model_that_raises_gives_500_with_request_id_and_next_call_works(
     assert "trace-456" in info.value.details()
     assert dict(info.value.trailing_metadata())["x-request-id"] == "trace-456"
     assert_still_serving(http_url, stub)
+
+
+def test_a_request_id_in_the_message_names_the_call(
+    stub: pb_grpc.ImageGatewayServiceStub,
+) -> None:
+    # The proto's request_id field, on every method that has one; over the metadata when both
+    # are sent. Without either, the gateway makes one.
+    reply, call = stub.Infer.with_call(
+        pb.InferRequest(model="shape", image=pb.Image(data=PNG), request_id="field-1"),
+        metadata=[("x-request-id", "metadata-1")],
+        timeout=10,
+    )
+    assert reply.request_id == "field-1"
+    assert dict(call.trailing_metadata())["x-request-id"] == "field-1"
+    batch = stub.InferBatch(
+        pb.InferBatchRequest(model="shape", images=[pb.Image(data=PNG)], request_id="field-2"),
+        timeout=10,
+    )
+    assert batch.request_id == "field-2"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(
+            pb.InferRequest(model="shape", image=pb.Image(data=b"junk"), request_id="field-3"),
+            timeout=10,
+        )
+    assert dict(info.value.trailing_metadata())["x-request-id"] == "field-3"
+    made = stub.Infer(pb.InferRequest(model="shape", image=pb.Image(data=PNG)), timeout=10)
+    assert re.fullmatch("[0-9a-f]{32}", made.request_id)
 
 
 def test_grpc_deadline_is_honoured(stub: pb_grpc.ImageGatewayServiceStub) -> None:

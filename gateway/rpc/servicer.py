@@ -32,8 +32,13 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _request_id(context: grpc.ServicerContext) -> str:
-    given = dict(context.invocation_metadata()).get(REQUEST_ID_KEY)
+def _request_id(context: grpc.ServicerContext, request: object = None) -> str:
+    """The request message's own `request_id` when it has one set, else the x-request-id
+    metadata, else a fresh id."""
+    message = request.message if isinstance(request, Detached) else request
+    given = getattr(message, "request_id", None) or dict(context.invocation_metadata()).get(
+        REQUEST_ID_KEY
+    )
     return new_request_id(given if isinstance(given, str) else None)
 
 
@@ -62,7 +67,7 @@ def unary(
     @functools.wraps(method)
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
         started = time.perf_counter()
-        request_id = _request_id(context)
+        request_id = _request_id(context, request)
         status, response = "OK", None
         try:
             response = method(self, request, context, request_id)
@@ -181,7 +186,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             # Each message is its own request: its failure is its own response, and the stream
             # goes on.
             message = request.message
-            request_id = message.request_id or f"{stream_id}-{index}"
+            request_id = (
+                new_request_id(message.request_id) if message.request_id else f"{stream_id}-{index}"
+            )
             core = convert.single_request(
                 request,
                 request_id,
