@@ -17,6 +17,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
 from gateway.core.batching import Batcher, BatchPolicy
+from gateway.core.errors import ErrorCode, GatewayError
 from gateway.serve import Gateway
 from tests.conftest import wait_for
 from tests.models import BATCHING_SPY
@@ -155,8 +156,9 @@ def test_jobs_given_up_on_never_reach_the_model() -> None:
             # time a batch would take it, and one still wanted.
             with pytest.raises(TimeoutError):
                 batcher.predict([image], {"tag": "late"}, 0.05)
-            unwanted = pool.submit(batcher.predict, [image], {"tag": "gone"}, 10, lambda: False)
-            kept = pool.submit(batcher.predict, [image], {"tag": "kept"}, 10, lambda: True)
+            gone = GatewayError(ErrorCode.CANCELLED, "the client went away")
+            unwanted = pool.submit(batcher.predict, [image], {"tag": "gone"}, 10, lambda: gone)
+            kept = pool.submit(batcher.predict, [image], {"tag": "kept"}, 10, lambda: None)
             wait_for(lambda: batcher.waiting == 3, "three jobs queue")
             model.release.set()
             assert first.result() == ["x"]

@@ -351,8 +351,8 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
 def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
     # The batched model's first call holds the batcher until the test opens the gate; the
     # requests behind it wait in the batcher's queue, where one's deadline passes and another's
-    # client leaves. Neither is computed once the batcher is free: only the request still
-    # wanted is.
+    # client leaves. Neither is computed once the batcher is free: only the request whose client
+    # still waits is.
     gw = start(Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:gated_batching")))
     model = "gated-batching"
     batcher = gw.dataplane.batchers[model]

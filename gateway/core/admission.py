@@ -22,8 +22,8 @@ from contextlib import contextmanager
 
 from gateway.core.errors import ErrorCode, GatewayError
 
-# Seconds between two checks of a waiting request's client.
-GONE_CHECK_INTERVAL = 0.1
+# Seconds between two checks of whether a waiting request should stop.
+STOP_CHECK_INTERVAL = 0.1
 
 
 class Admission:
@@ -57,12 +57,16 @@ class Admission:
 
     @contextmanager
     def slot(
-        self, pixels: int, deadline: float | None, client_gone: Callable[[], bool] | None = None
+        self,
+        pixels: int,
+        deadline: float | None,
+        stopped: Callable[[], GatewayError | None] | None = None,
     ) -> Iterator[None]:
         """Hold `pixels` of the budget (a request over the whole budget waits for all of it).
-        A request whose client is gone leaves the queue within GONE_CHECK_INTERVAL."""
+        A waiting request asks `stopped` every STOP_CHECK_INTERVAL, and leaves the queue with
+        the error it returns (its client has gone, say)."""
         cost = min(max(1, pixels), self.budget)
-        self._acquire(cost, deadline, client_gone)
+        self._acquire(cost, deadline, stopped)
         try:
             yield
         finally:
@@ -73,7 +77,10 @@ class Admission:
                     self._room.notify_all()
 
     def _acquire(
-        self, cost: int, deadline: float | None, client_gone: Callable[[], bool] | None
+        self,
+        cost: int,
+        deadline: float | None,
+        stopped: Callable[[], GatewayError | None] | None,
     ) -> None:
         with self._room:
             if self._draining:
@@ -99,16 +106,14 @@ class Admission:
                             ErrorCode.DEADLINE_EXCEEDED,
                             "the request's deadline passed while it waited",
                         )
-                    if client_gone is not None:
+                    if stopped is not None:
                         # Abandoned requests must not hold places in the queue that live
                         # clients would be refused for.
-                        if client_gone():
-                            raise GatewayError(
-                                ErrorCode.CANCELLED,
-                                "the client went away while its request waited; it was dropped",
-                            )
-                        if timeout is None or timeout > GONE_CHECK_INTERVAL:
-                            timeout = GONE_CHECK_INTERVAL
+                        error = stopped()
+                        if error is not None:
+                            raise error
+                        if timeout is None or timeout > STOP_CHECK_INTERVAL:
+                            timeout = STOP_CHECK_INTERVAL
                     self._room.wait(timeout)
             finally:
                 self._waiting -= 1

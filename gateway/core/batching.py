@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from gateway import metrics
+from gateway.core.errors import GatewayError
 from gateway.models.base import JSONValue, Model
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,13 @@ class BatchPolicy:
 class _Job:
     images: Sequence[np.ndarray]
     params: Mapping[str, Any]
-    # Asked when the job would join a batch; False drops it (see Batcher.predict).
-    wanted: Callable[[], bool] | None = None
+    # Asked when the job would join a batch; an error drops it (see Batcher.predict).
+    stopped: Callable[[], GatewayError | None] | None = None
     future: Future[Sequence[JSONValue]] = field(default_factory=Future)
 
     def claim(self) -> bool:
         """True if the job goes into a batch; False once it is cancelled, or dropped now."""
-        if self.wanted is not None and not self.wanted():
+        if self.stopped is not None and self.stopped() is not None:
             self.future.cancel()
         return self.future.set_running_or_notify_cancel()
 
@@ -75,16 +76,16 @@ class Batcher:
         images: Sequence[np.ndarray],
         params: Mapping[str, Any],
         timeout: float | None = None,
-        wanted: Callable[[], bool] | None = None,
+        stopped: Callable[[], GatewayError | None] | None = None,
     ) -> Sequence[JSONValue]:
         """Like model.predict, but possibly sharing one call with concurrent requests.
 
         Raises TimeoutError if no answer comes within `timeout` seconds; the job is then dropped
-        unless a batch has already taken it. `wanted`, if given, is called from the batcher's
-        thread when the job would join a batch: if it returns False the job is dropped, and
-        this raises concurrent.futures.CancelledError.
+        unless a batch has already taken it. `stopped`, if given, is called from the batcher's
+        thread when the job would join a batch: if it returns an error (why the request should
+        stop) the job is dropped, and this raises concurrent.futures.CancelledError.
         """
-        job = _Job(images, params, wanted)
+        job = _Job(images, params, stopped)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")

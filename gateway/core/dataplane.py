@@ -157,7 +157,8 @@ class DataPlane:
                 f"at most {self.limits.max_request_pixels} per request",
             )
         batcher = self.batchers.get(model.name)
-        with self.admission.slot(total, request.deadline, request.client_gone):
+        stopped = functools.partial(_stopped, request)
+        with self.admission.slot(total, request.deadline, stopped):
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
@@ -170,11 +171,7 @@ class DataPlane:
             remaining = None
             if request.deadline is not None:
                 remaining = max(0.0, request.deadline - time.monotonic())
-            predict = functools.partial(
-                batcher.predict,
-                timeout=remaining,
-                wanted=lambda: _stopped(request) is None,
-            )
+            predict = functools.partial(batcher.predict, timeout=remaining, stopped=stopped)
             outputs = self._predict(model, predict, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.

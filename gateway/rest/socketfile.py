@@ -9,7 +9,9 @@ needs from the buffer is whether a pipelined request already sits in it when a c
 back to wait for its next request (`has_data`); this reader answers that by counting bytes in
 from the socket and bytes handed out.
 
-A keep-alive connection stays a moment with the thread that answered it (see `Connection`).
+A keep-alive connection stays a moment with the thread that answered it (see `Connection`). A
+body of known length can be read straight into the caller's buffer (`KnownLengthBody`), and
+`peer_closed` tells whether a client has left while its request is served.
 """
 
 from __future__ import annotations
