@@ -467,6 +467,40 @@ def test_peer_closed_tells_a_client_that_left_from_one_that_pipelines() -> None:
         assert peer_closed(served), "a socket the server closed itself"
 
 
+def _until_closed(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_requests_that_stop_arriving_get_408_and_the_connection_ends() -> None:
+    gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=2.0))
+    # cheroot's read timeout (10 s as served), for the connections accepted from here on.
+    gw.http.timeout = 0.5
+    head = b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+    try:
+        with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+            s.sendall(head)  # and never the blank line that ends the headers
+            assert _until_closed(s).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        multipart = b"multipart/form-data; boundary=zz"
+        for ctype, sent in (
+            (b"application/octet-stream", PNG[:1000]),
+            (multipart, b'--zz\r\nContent-Disposition: form-data; name="0"; filename="a"\r\n\r\n'),
+        ):
+            with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+                s.sendall(head + b"Content-Type: " + ctype + b"\r\nContent-Length: 50000\r\n\r\n")
+                s.sendall(sent)  # and not the rest
+                answer = _until_closed(s)
+            status, _, body = answer.partition(b"\r\n\r\n")
+            assert status.startswith(b"HTTP/1.1 408"), answer[:300]
+            assert b"\r\nConnection: close" in status
+            assert json.loads(body)["error"]["code"] == "request_timeout"
+        still_serving(gw)
+    finally:
+        gw.stop()
+
+
 def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:
     served = launch(
         tmp_path,

@@ -36,6 +36,10 @@ def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
     if error.http_status == 503:
         # Overload and shutdown are both short-lived here: a retry soon may well succeed.
         response.headers["Retry-After"] = "1"
+    elif error.http_status == 408:
+        # The rest of the body may never come: the connection ends with this answer (RFC 9110
+        # 15.5.9), rather than the server waiting to read the body out.
+        response.headers["Connection"] = "close"
     return response
 
 

@@ -8,14 +8,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
 from flask import current_app, g, request
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
+from werkzeug.exceptions import ClientDisconnected
 
 from gateway import allocator
 from gateway.core import formats
@@ -85,7 +88,8 @@ def multipart_request(model: str) -> InferRequest:
             f"this route takes multipart/form-data, one image per file part, not "
             f"{request.mimetype or 'a body without Content-Type'}",
         )
-    parts = _read_parts()
+    with _body_timeouts():
+        parts = _read_parts()
     files = [p for p in parts if p.filename is not None]
     fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
     if not files:
@@ -130,7 +134,28 @@ def _check_deadline() -> None:
         )
 
 
+@contextlib.contextmanager
+def _body_timeouts() -> Iterator[None]:
+    """A body that stops arriving for longer than the connection's timeout is a 408. Werkzeug's
+    stream reports the socket's TimeoutError as the client gone (a 400), raised while handling
+    the timeout."""
+    try:
+        yield
+    except (TimeoutError, ClientDisconnected) as exc:
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            raise GatewayError(
+                ErrorCode.REQUEST_TIMEOUT,
+                "the request body stopped arriving before its end",
+            ) from None
+        raise
+
+
 def _read_body() -> bytes | bytearray:
+    with _body_timeouts():
+        return _read_body_bytes()
+
+
+def _read_body_bytes() -> bytes | bytearray:
     length = request.content_length
     if length is not None:
         # Werkzeug has already refused a Content-Length over the cap, before reading. The body

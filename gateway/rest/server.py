@@ -95,6 +95,10 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
             # its own (its writer flushes every write): two packets for every answer, and the
             # client woken twice. The first chunk goes out with the headers in one send.
             req = self.req
+            if not req.sent_headers and (b"Connection", b"close") in req.outheaders:
+                # cheroot would otherwise read out the rest of an unread body first, however
+                # long it takes to come.
+                req.close_connection = True
             if req.sent_headers or not chunk:
                 super().write(chunk)
                 return
