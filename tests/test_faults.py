@@ -21,7 +21,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
-from gateway.rest.socketfile import peer_closed
+from gateway.rest.socketfile import (
+    SocketReader,
+    SocketWriter,
+    move_timeout_to_kernel,
+    peer_closed,
+)
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
@@ -499,6 +504,20 @@ def test_requests_that_stop_arriving_get_408_and_the_connection_ends() -> None:
         still_serving(gw)
     finally:
         gw.stop()
+
+
+def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
+    served, peer = socket.socketpair()
+    with served, peer:
+        served.settimeout(0.2)
+        move_timeout_to_kernel(served)
+        assert served.gettimeout() is None  # blocking: no poll before each recv and send
+        with pytest.raises(TimeoutError):
+            SocketReader(served).readline()  # the peer sends nothing
+        writer = SocketWriter(served)
+        with pytest.raises(TimeoutError):
+            for _ in range(100):  # the peer reads nothing: its buffer fills, then a send waits
+                writer.write(b"x" * 65536)  # type: ignore[no-untyped-call]
 
 
 def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:

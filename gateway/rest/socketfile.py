@@ -9,6 +9,12 @@ needs from the buffer is whether a pipelined request already sits in it when a c
 back to wait for its next request (`has_data`); this reader answers that by counting bytes in
 from the socket and bytes handed out.
 
+A connection's timeout is kept by the kernel (SO_RCVTIMEO, SO_SNDTIMEO) on a blocking socket, not
+by Python: a Python socket with a timeout polls before every recv and every send, two system
+calls where one does, and each lets go of the GIL, which a busy worker pays for in thread
+switches. One worker, 64x64 PNG, concurrency 8, three alternating pairs: 15.6-15.7 switches and
+497-571 us of CPU a request with the polls, 13.0-13.1 and 474-511 us without.
+
 A keep-alive connection stays a moment with the thread that answered it (see `Connection`). A
 body of known length can be read straight into the caller's buffer (`KnownLengthBody`), and
 `peer_closed` tells whether a client has left while its request is served.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import io
 import select
 import socket
+import struct
 from typing import Any
 
 from cheroot import makefile as cheroot_makefile
@@ -29,13 +36,38 @@ from cheroot import server
 LINGER_MS = 2
 
 
-class _CountingSocketIO(socket.SocketIO):
+def move_timeout_to_kernel(sock: socket.socket) -> None:
+    """Make a socket with a timeout blocking, its timeout enforced by the kernel instead."""
+    timeout = sock.gettimeout()
+    if not timeout:
+        return
+    seconds = int(timeout)
+    timeval = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.settimeout(None)
+
+
+class _SocketIO(socket.SocketIO):
+    """SocketIO that counts the bytes it receives, for a blocking socket with kernel timeouts.
+    When one of those ends a recv or send, it fails with EAGAIN, which SocketIO reports as None
+    (nothing yet, as on a non-blocking socket) and cheroot's writer would take as everything
+    sent. It is raised here as the TimeoutError("timed out") of a Python timeout, which cheroot
+    answers with 408 or a quiet close."""
+
     received = 0
 
     def readinto(self, b: Any) -> int | None:
         n = super().readinto(b)
-        if n:
-            self.received += n
+        if n is None:
+            raise TimeoutError("timed out")
+        self.received += n
+        return n
+
+    def write(self, b: Any) -> int | None:
+        n = super().write(b)
+        if n is None:
+            raise TimeoutError("timed out")
         return n
 
 
@@ -43,7 +75,7 @@ class SocketReader(io.BufferedReader):
     """cheroot's StreamReader (read, readline, iteration, has_data, bytes_read) on C io."""
 
     def __init__(self, sock: socket.socket, bufsize: int = io.DEFAULT_BUFFER_SIZE) -> None:
-        self._socket_io = _CountingSocketIO(sock, "rb")
+        self._socket_io = _SocketIO(sock, "rb")
         super().__init__(self._socket_io, bufsize)
         self.bytes_read = 0
 
@@ -99,10 +131,19 @@ def peer_closed(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+class SocketWriter(cheroot_makefile.StreamWriter):
+    """cheroot's StreamWriter over _SocketIO."""
+
+    def __init__(self, sock: socket.socket, bufsize: int = io.DEFAULT_BUFFER_SIZE) -> None:
+        # StreamWriter's own __init__ would wrap the socket in a plain SocketIO.
+        cheroot_makefile.BufferedWriter.__init__(self, _SocketIO(sock, "wb"), bufsize)
+        self.bytes_written = 0
+
+
 def make_file(sock: socket.socket, mode: str = "r", bufsize: int = io.DEFAULT_BUFFER_SIZE) -> Any:
     if "r" in mode:
         return SocketReader(sock, bufsize)
-    return cheroot_makefile.MakeFile(sock, mode, bufsize)
+    return SocketWriter(sock, bufsize)
 
 
 class Connection(server.HTTPConnection):
@@ -123,6 +164,8 @@ class Connection(server.HTTPConnection):
     def __init__(self, srv: Any, sock: socket.socket, makefile: Any = make_file) -> None:
         plain = makefile is cheroot_makefile.MakeFile
         super().__init__(srv, sock, make_file if plain else makefile)
+        if plain:
+            move_timeout_to_kernel(sock)
 
     def communicate(self) -> bool:
         # cheroot's stubs leave communicate unannotated; it returns whether to keep the connection.
