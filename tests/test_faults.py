@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -479,31 +480,65 @@ def _until_closed(sock: socket.socket) -> bytes:
     return answer
 
 
+def _json_error(gw: Gateway, request: bytes) -> tuple[int, str]:
+    """Send raw bytes; the answer must be a JSON error that ends the connection."""
+    with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            s.sendall(request)  # the server may answer and close before it has read it all
+        answer = _until_closed(s)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    error = json.loads(body)["error"]
+    assert headers["Content-Type"] == "application/json", answer[:300]
+    assert headers["Connection"] == "close"
+    assert headers["X-Request-ID"] == error["request_id"]
+    assert error["message"]
+    return int(lines[0].split()[1]), error["code"]
+
+
 def test_requests_that_stop_arriving_get_408_and_the_connection_ends() -> None:
     gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=2.0))
     # cheroot's read timeout (10 s as served), for the connections accepted from here on.
     gw.http.timeout = 0.5
     head = b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+    multipart = b"multipart/form-data; boundary=zz"
     try:
-        with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
-            s.sendall(head)  # and never the blank line that ends the headers
-            assert _until_closed(s).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
-        multipart = b"multipart/form-data; boundary=zz"
+        # Headers without the blank line that ends them: cheroot answers, before the app runs.
+        assert _json_error(gw, head) == (408, "request_timeout")
         for ctype, sent in (
             (b"application/octet-stream", PNG[:1000]),
             (multipart, b'--zz\r\nContent-Disposition: form-data; name="0"; filename="a"\r\n\r\n'),
         ):
-            with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
-                s.sendall(head + b"Content-Type: " + ctype + b"\r\nContent-Length: 50000\r\n\r\n")
-                s.sendall(sent)  # and not the rest
-                answer = _until_closed(s)
-            status, _, body = answer.partition(b"\r\n\r\n")
-            assert status.startswith(b"HTTP/1.1 408"), answer[:300]
-            assert b"\r\nConnection: close" in status
-            assert json.loads(body)["error"]["code"] == "request_timeout"
+            # A body of 50000 bytes, of which only the first few come.
+            request = head + b"Content-Type: " + ctype + b"\r\nContent-Length: 50000\r\n\r\n" + sent
+            assert _json_error(gw, request) == (408, "request_timeout")
         still_serving(gw)
     finally:
         gw.stop()
+
+
+def test_malformed_and_oversized_request_heads_get_json_errors(gateway: Gateway) -> None:
+    before = request_counts(gateway.http_url)
+    host = b"Host: x\r\n"
+    too_large = (431, "headers_too_large")
+    cases = [
+        (b"GET /v1/models HTTP/1.1 extra\r\n" + host + b"\r\n", (400, "invalid_request")),
+        (b"GET /v1/models HTTP/9.9\r\n" + host + b"\r\n", (505, "invalid_request")),
+        (b"POST / HTTP/1.1\r\n" + host + b"Content-Length: x\r\n\r\n", (400, "invalid_request")),
+        # A request line, or one header line, that never ends: refused at 64 KiB, not buffered.
+        (b"GET /" + b"a" * 200_000, too_large),
+        (b"GET / HTTP/1.1\r\n" + host + b"X-Long: " + b"a" * 200_000, too_large),
+        (b"GET / HTTP/1.1\r\n" + host + b"X-A: b\r\n" * 10_000 + b"\r\n", too_large),
+    ]
+    for request, expected in cases:
+        assert _json_error(gateway, request) == expected, request[:60]
+    # Counted under one method label, whatever the client sent as its method.
+    counted = delta(request_counts(gateway.http_url), before)
+    assert counted[("http", "-", "", "400")] == 2
+    assert counted[("http", "-", "", "505")] == 1
+    assert counted[("http", "-", "", "431")] == 3
+    still_serving(gateway)
 
 
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:

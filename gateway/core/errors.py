@@ -27,6 +27,7 @@ class ErrorCode(Enum):
     TOO_MANY_PARTS = ("too_many_parts", 413, "RESOURCE_EXHAUSTED")
     IMAGE_TOO_LARGE = ("image_too_large", 413, "RESOURCE_EXHAUSTED")
     TOO_MANY_PIXELS = ("too_many_pixels", 413, "RESOURCE_EXHAUSTED")
+    HEADERS_TOO_LARGE = ("headers_too_large", 431, "RESOURCE_EXHAUSTED")
     REQUEST_TIMEOUT = ("request_timeout", 408, "DEADLINE_EXCEEDED")
     DEADLINE_EXCEEDED = ("deadline_exceeded", 504, "DEADLINE_EXCEEDED")
     OVERLOADED = ("overloaded", 503, "UNAVAILABLE")

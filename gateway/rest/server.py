@@ -4,24 +4,48 @@ cheroot's own timeout applies to each socket read, so a client that trickles its
 a time would hold a worker thread for ever. A watchdog closes the connection of any request still
 uploading its body past `request_timeout` (plus a margin, so that a body arriving just in time
 still gets its answer). Time spent after the upload is the core's to limit (504).
+
+cheroot answers some requests itself, before the application sees them: a malformed request
+line or header, headers over MAX_HEADER_BYTES, a request that stops arriving. Those answers come
+in the same JSON error shape as every other, with a code from the one table (`GatewayRequest`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import socket
 import threading
 import time
+from http import HTTPStatus
 from typing import Any
 
-from cheroot import server, wsgi
+from cheroot import errors, server, wsgi
 from flask import Flask
 
+from gateway.core.access import log_access
+from gateway.core.dataplane import new_request_id
+from gateway.core.errors import ErrorCode
+from gateway.rest.responses import error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, peer_closed
 
 KEEP_ALIVE_CONNECTIONS = 256
+# The request line and headers together. cheroot's default is no limit: a client could make a
+# worker buffer one endless header line. Real requests carry a few hundred bytes; nginx's default
+# allows 4 x 8 KiB.
+MAX_HEADER_BYTES = 64 * 1024
+# cheroot's own error answers. Its 414 and 413 are for a request line or headers over the limit
+# (its body limit is not used: Werkzeug refuses a body over --max-request-bytes).
+_CHEROOT_ERRORS = {
+    400: ErrorCode.INVALID_REQUEST,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    408: ErrorCode.REQUEST_TIMEOUT,
+    413: ErrorCode.HEADERS_TOO_LARGE,
+    414: ErrorCode.HEADERS_TOO_LARGE,
+    500: ErrorCode.INTERNAL,
+}
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
 
@@ -115,11 +139,63 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
     return WatchedGateway
 
 
+class GatewayRequest(server.HTTPRequest):
+    """cheroot's request, whose own error answers are JSON errors from the table, each with a
+    request id, an access record and a count in the metrics. The connection ends with them."""
+
+    def simple_response(self, status: Any, msg: Any = "") -> None:
+        started = time.perf_counter()
+        cheroot_status = int(str(status)[:3])
+        # The statuses the table has no row for (501 for a transfer coding other than chunked,
+        # 505 for an HTTP major version other than 1) are the client's doing, and stay cheroot's.
+        error = _CHEROOT_ERRORS.get(cheroot_status, ErrorCode.INVALID_REQUEST)
+        sent = error.http_status if cheroot_status in _CHEROOT_ERRORS else cheroot_status
+        message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg)
+        if error is ErrorCode.REQUEST_TIMEOUT:
+            message = f"the request stopped arriving: nothing came for {self.server.timeout} s"
+        elif error is ErrorCode.HEADERS_TOO_LARGE:
+            message = f"the request line and headers are over {MAX_HEADER_BYTES // 1024} KiB"
+        request_id = new_request_id()
+        error_body = error_json(error.code, message or HTTPStatus(sent).phrase, request_id)
+        # As Flask writes JSON: compact, one line.
+        body = json.dumps(error_body, separators=(",", ":")) + "\n"
+        head = (
+            f"{self.server.protocol} {sent} {HTTPStatus(sent).phrase}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"X-Request-ID: {request_id}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        self.close_connection = True
+        try:
+            self.conn.wfile.write((head + body).encode("latin-1"))
+        except OSError as exc:
+            if exc.args[0] not in errors.socket_errors_to_ignore:
+                raise
+        finally:
+            # One method label for all: a client's own method token must not become a label.
+            log_access(
+                request_id=request_id,
+                protocol="http",
+                method="-",
+                model="",
+                images=0,
+                status=str(sent),
+                bytes_in=0,
+                bytes_out=len(body),
+                started=started,
+            )
+
+
+class HttpConnection(Connection):
+    RequestHandlerClass = GatewayRequest
+
+
 class HttpServer(wsgi.Server):
     """cheroot's WSGI server, with the upload watchdog that lives and stops with it, reading
     its sockets through C io (gateway.rest.socketfile)."""
 
-    ConnectionClass = Connection
+    ConnectionClass = HttpConnection
 
     def __init__(self, *args: Any, request_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -163,5 +239,6 @@ def build_http_server(
     # answer, so a client pool larger than that reconnects for every request. Idle connections
     # cost a selector entry, not a thread.
     server.keep_alive_conn_limit = KEEP_ALIVE_CONNECTIONS
+    server.max_request_header_size = MAX_HEADER_BYTES
     server.prepare()
     return server, int(server.bind_addr[1])
