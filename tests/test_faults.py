@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
+from gateway.rest.server import ACCEPTED_QUEUE
 from gateway.rest.socketfile import (
     SocketReader,
     SocketWriter,
@@ -539,6 +540,41 @@ def test_malformed_and_oversized_request_heads_get_json_errors(gateway: Gateway)
     assert counted[("http", "-", "", "505")] == 1
     assert counted[("http", "-", "", "431")] == 3
     still_serving(gateway)
+
+
+def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
+    gw = start(
+        Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:slow"), http_threads=1)
+    )
+    address = http_host_port(gw.http_url)
+    try:
+        # The only HTTP thread is busy for 3 s ...
+        busy = socket.create_connection(address, timeout=30)
+        busy.sendall(
+            b"POST /v1/models/slow/infer?seconds=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Type: application/octet-stream\r\n"
+            + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
+            + PNG
+        )
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the slow request runs")
+        # ... while more connections send a request than may wait for it.
+        waiting = [socket.create_connection(address, timeout=30) for _ in range(ACCEPTED_QUEUE + 2)]
+        for s in waiting:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = [_until_closed(s) for s in waiting]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert refused, "every connection waited"
+        assert len(refused) + sum(a.startswith(b"HTTP/1.1 200") for a in answers) == len(answers)
+        for answer in refused:
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert b"\r\nRetry-After: 1\r\n" in head
+            assert json.loads(body)["error"]["code"] == "overloaded"
+        assert _until_closed(busy).startswith(b"HTTP/1.1 200")
+        for s in (busy, *waiting):
+            s.close()
+        still_serving(gw)
+    finally:
+        gw.stop()
 
 
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import socket
 import threading
@@ -31,6 +32,8 @@ from gateway.core.errors import ErrorCode
 from gateway.rest.responses import error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, peer_closed
 
+log = logging.getLogger(__name__)
+
 KEEP_ALIVE_CONNECTIONS = 256
 # The request line and headers together. cheroot's default is no limit: a client could make a
 # worker buffer one endless header line. Real requests carry a few hundred bytes; nginx's default
@@ -45,7 +48,13 @@ _CHEROOT_ERRORS = {
     413: ErrorCode.HEADERS_TOO_LARGE,
     414: ErrorCode.HEADERS_TOO_LARGE,
     500: ErrorCode.INTERNAL,
+    # Every thread busy and ACCEPTED_QUEUE connections waiting for one.
+    503: ErrorCode.OVERLOADED,
 }
+# Connections accepted but waiting for a thread: a backstop behind the core's own queue. Past
+# it, and after ACCEPTED_QUEUE_TIMEOUT seconds, a connection is answered 503 without being read.
+ACCEPTED_QUEUE = 256
+ACCEPTED_QUEUE_TIMEOUT = 1.0
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
 
@@ -155,6 +164,11 @@ class GatewayRequest(server.HTTPRequest):
             message = f"the request stopped arriving: nothing came for {self.server.timeout} s"
         elif error is ErrorCode.HEADERS_TOO_LARGE:
             message = f"the request line and headers are over {MAX_HEADER_BYTES // 1024} KiB"
+        elif error is ErrorCode.OVERLOADED:
+            message = (
+                f"every HTTP thread of this worker is busy and {ACCEPTED_QUEUE} connections "
+                "wait for one; retry later"
+            )
         request_id = new_request_id()
         error_body = error_json(error.code, message or HTTPStatus(sent).phrase, request_id)
         # As Flask writes JSON: compact, one line.
@@ -164,7 +178,8 @@ class GatewayRequest(server.HTTPRequest):
             "Content-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n"
             f"X-Request-ID: {request_id}\r\n"
-            "Connection: close\r\n\r\n"
+            + ("Retry-After: 1\r\n" if sent == 503 else "")
+            + "Connection: close\r\n\r\n"
         )
         self.close_connection = True
         try:
@@ -208,6 +223,30 @@ class HttpServer(wsgi.Server):
         finally:
             self.watchdog.stop()
 
+    def _serve_unservicable(self) -> None:
+        # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest.
+        # (Its type stubs leave out the private names.)
+        while self.ready:
+            conn = self._unservicable_conns.get()  # type: ignore[attr-defined]
+            if conn is server._STOPPING_FOR_INTERRUPT:  # type: ignore[attr-defined]
+                return
+            try:
+                GatewayRequest(self, conn).simple_response("503 Service Unavailable")
+                # A socket closed with the request unread in it sends a reset, which can destroy
+                # the answer before the client reads it: end the sending side, then drop what the
+                # request has sent so far (a bounded amount).
+                conn.socket.shutdown(socket.SHUT_WR)
+                for _ in range(16):
+                    if not conn.socket.recv(65536, socket.MSG_DONTWAIT):
+                        break
+            except OSError:
+                pass  # the answer is a courtesy; the client may be gone
+            except Exception:
+                # This one thread answers every refused connection: it must outlive any of them.
+                log.exception("answering a refused connection failed")
+            with contextlib.suppress(OSError):
+                conn.close()
+
 
 def build_http_server(
     app: Flask,
@@ -229,10 +268,8 @@ def build_http_server(
         # Seconds one socket read or write may block, and an idle keep-alive connection lives.
         timeout=10,
         shutdown_timeout=math.ceil(shutdown_grace),
-        # Connections accepted but waiting for a thread: a backstop behind the core's own queue.
-        # Past it cheroot answers 503 itself rather than queueing without end.
-        accepted_queue_size=256,
-        accepted_queue_timeout=1,
+        accepted_queue_size=ACCEPTED_QUEUE,
+        accepted_queue_timeout=ACCEPTED_QUEUE_TIMEOUT,
         reuse_port=reuse_port,
     )
     # cheroot keeps at most 10 idle keep-alive connections and closes the rest after each
