@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import selectors
 import signal
 import socket
 import threading
@@ -544,36 +545,50 @@ def test_malformed_and_oversized_request_heads_get_json_errors(gateway: Gateway)
 
 def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
     gw = start(
-        Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:slow"), http_threads=1)
+        Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:gated"), http_threads=1)
     )
     address = http_host_port(gw.http_url)
+    GATE.clear()
+    waiting: list[socket.socket] = []
     try:
-        # The only HTTP thread is busy for 3 s ...
+        # The only HTTP thread is held by the gated model ...
         busy = socket.create_connection(address, timeout=30)
         busy.sendall(
-            b"POST /v1/models/slow/infer?seconds=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"POST /v1/models/gated/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
             b"Content-Type: application/octet-stream\r\n"
             + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
             + PNG
         )
-        wait_for(lambda: gw.dataplane.admission.active == 1, "the slow request runs")
-        # ... while more connections send a request than may wait for it.
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
+        # ... while more connections send a request than may wait for a thread.
         waiting = [socket.create_connection(address, timeout=30) for _ in range(ACCEPTED_QUEUE + 2)]
         for s in waiting:
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answers = [_until_closed(s) for s in waiting]
-        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
-        assert refused, "every connection waited"
-        assert len(refused) + sum(a.startswith(b"HTTP/1.1 200") for a in answers) == len(answers)
-        for answer in refused:
-            head, _, body = answer.partition(b"\r\n\r\n")
+        with selectors.DefaultSelector() as selector:
+            for s in waiting:
+                selector.register(s, selectors.EVENT_READ, s)
+            # Answered while the thread is still held: the connections the queue had no room for.
+            refused = [key.data for key, _ in selector.select(timeout=20)]
+        assert refused, "no connection was refused"
+        # A client need not read at once: a reset sent after the answer would destroy it by then.
+        time.sleep(0.5)
+        for s in refused:
+            head, _, body = _until_closed(s).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503"), head
             assert b"\r\nRetry-After: 1\r\n" in head
             assert json.loads(body)["error"]["code"] == "overloaded"
+        GATE.set()
         assert _until_closed(busy).startswith(b"HTTP/1.1 200")
-        for s in (busy, *waiting):
-            s.close()
+        # The queued connections are served once the thread is free.
+        for s in waiting:
+            if s not in refused:
+                assert _until_closed(s).startswith(b"HTTP/1.1 200")
+        busy.close()
         still_serving(gw)
     finally:
+        GATE.set()
+        for s in waiting:
+            s.close()
         gw.stop()
 
 
