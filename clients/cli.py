@@ -20,6 +20,16 @@ from clients.results import GatewayClientError
 DEFAULT_URL = os.environ.get("IMAGE_GATEWAY_URL", "http://127.0.0.1:5000")
 
 
+def _emit(text: str) -> None:
+    """Print to stdout. A reader that stops early (`| head`) is no error of ours."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python's own advice (signal module docs): point stdout at devnull, or the flush at
+        # exit fails again and prints a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="image-gateway-client")
     parser.add_argument(
@@ -45,10 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One call at a time: one gRPC connection is all the CLI uses.
         with GatewayClient(args.url, timeout=args.timeout, channels=1) as client:
             if args.command == "models":
-                print(json.dumps([asdict(m) for m in client.list_models()], indent=2))
+                _emit(json.dumps([asdict(m) for m in client.list_models()], indent=2))
                 return 0
             if args.command == "limits":
-                print(json.dumps(asdict(client.limits()), indent=2))
+                _emit(json.dumps(asdict(client.limits()), indent=2))
                 return 0
             results = client.infer_batch(args.files, model=args.model, color_mode=args.color_mode)
     except GatewayClientError as exc:
@@ -58,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"image-gateway-client: {exc}", file=sys.stderr)
         return 2
     rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]
-    print(json.dumps(rows, indent=2))
+    _emit(json.dumps(rows, indent=2))
     return 0 if all(r.ok for r in results) else 1
 
 

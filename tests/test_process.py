@@ -106,6 +106,21 @@ def test_cli_reports_a_bad_file_and_exits_nonzero(served: Served, tmp_path: Path
         assert rows[1]["error"]["code"] == "undecodable_image"
 
 
+def test_cli_piped_into_a_reader_that_stops_early(served: Served) -> None:
+    # As `image-gateway-client infer *.jpg | head -1`: the reader is gone before the answer.
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway-client"), "infer", *FILES, "--url", served.http_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert stderr == ""
+
+
 def test_cli_lists_models(served: Served) -> None:
     done = cli("models", "--url", f"grpc://{served.grpc_target}")
     assert [m["name"] for m in json.loads(done.stdout)] == ["shape", "qrcode"]
