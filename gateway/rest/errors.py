@@ -8,7 +8,7 @@ from flask import Flask, Response, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.rest.responses import error_json
+from gateway.rest.responses import error_headers, error_json
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,7 @@ class PartError(GatewayError):
 def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
     response = jsonify(error_json(error.code, message, str(g.get("request_id", "")), **extra))
     response.status_code = error.http_status
-    if error.http_status == 503:
-        # Overload and shutdown are both short-lived here: a retry soon may well succeed.
-        response.headers["Retry-After"] = "1"
-    elif error.http_status == 408:
-        # The rest of the body may never come: the connection ends with this answer (RFC 9110
-        # 15.5.9), rather than the server waiting to read the body out.
-        response.headers["Connection"] = "close"
+    response.headers.update(error_headers(error.http_status))
     return response
 
 

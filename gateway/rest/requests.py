@@ -88,8 +88,7 @@ def multipart_request(model: str) -> InferRequest:
             f"this route takes multipart/form-data, one image per file part, not "
             f"{request.mimetype or 'a body without Content-Type'}",
         )
-    with _body_timeouts():
-        parts = _read_parts()
+    parts = _read_parts()
     files = [p for p in parts if p.filename is not None]
     fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
     if not files:
@@ -150,12 +149,8 @@ def _body_timeouts() -> Iterator[None]:
         raise
 
 
+@_body_timeouts()
 def _read_body() -> bytes | bytearray:
-    with _body_timeouts():
-        return _read_body_bytes()
-
-
-def _read_body_bytes() -> bytes | bytearray:
     length = request.content_length
     if length is not None:
         # Werkzeug has already refused a Content-Length over the cap, before reading. The body
@@ -188,6 +183,7 @@ def _read_body_bytes() -> bytes | bytearray:
     return b"".join(chunks)
 
 
+@_body_timeouts()
 def _read_parts() -> list[Part]:
     # multipart's push parser finds boundaries with bytes.find; Werkzeug's decoder runs a regex
     # over every body byte and cost about 1 ms per eight 69 KB JPEGs, more than the gateway's

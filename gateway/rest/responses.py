@@ -51,5 +51,17 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+def error_headers(http_status: int) -> dict[str, str]:
+    """Headers an error answer carries by its status, whichever layer writes it."""
+    if http_status == 503:
+        # Overload and shutdown are both short-lived here: a retry soon may well succeed.
+        return {"Retry-After": "1"}
+    if http_status == 408:
+        # The rest of the request may never come: the connection ends with this answer (RFC
+        # 9110 15.5.9), rather than the server waiting to read it out.
+        return {"Connection": "close"}
+    return {}
+
+
 def error_json(code: str, message: str, request_id: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}

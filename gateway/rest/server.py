@@ -29,7 +29,7 @@ from flask import Flask
 from gateway.core.access import log_access
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode
-from gateway.rest.responses import error_json
+from gateway.rest.responses import error_headers, error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, peer_closed
 
 log = logging.getLogger(__name__)
@@ -173,17 +173,20 @@ class GatewayRequest(server.HTTPRequest):
         error_body = error_json(error.code, message or HTTPStatus(sent).phrase, request_id)
         # As Flask writes JSON: compact, one line.
         body = json.dumps(error_body, separators=(",", ":")) + "\n"
-        head = (
-            f"{self.server.protocol} {sent} {HTTPStatus(sent).phrase}\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            f"X-Request-ID: {request_id}\r\n"
-            + ("Retry-After: 1\r\n" if sent == 503 else "")
-            + "Connection: close\r\n\r\n"
+        headers = {
+            "Content-Type": "application/json",
+            "Content-Length": str(len(body)),
+            "X-Request-ID": request_id,
+            **error_headers(sent),
+            # Whatever the status: the request was not (wholly) read.
+            "Connection": "close",
+        }
+        head = f"{self.server.protocol} {sent} {HTTPStatus(sent).phrase}\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items()
         )
         self.close_connection = True
         try:
-            self.conn.wfile.write((head + body).encode("latin-1"))
+            self.conn.wfile.write((head + "\r\n" + body).encode("latin-1"))
         except OSError as exc:
             if exc.args[0] not in errors.socket_errors_to_ignore:
                 raise
