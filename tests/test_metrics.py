@@ -148,3 +148,37 @@ def test_histograms_count_each_observation_in_its_bucket(
     }  # fmt: skip
     in_flight = requests.get(f"{gateway.http_url}/metrics", timeout=10).text
     assert "gateway_in_flight_requests 0.0" in in_flight
+
+
+def test_labels_are_only_served_models_and_matched_routes(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    """A client choosing model names or method tokens cannot add series: each series is kept
+    for the life of the process, so those would be memory without bound."""
+    before = request_counts(gateway.http_url)
+    for i in range(3):
+        assert post_octet(gateway.http_url, f"nope-{i}", PNG).status_code == 404
+        assert requests.get(f"{gateway.http_url}/v1/models/nope-{i}", timeout=10).status_code == 404
+        assert (
+            requests.request("BREW", f"{gateway.http_url}/v1/infer", timeout=10).status_code == 405
+        )
+        with contextlib.suppress(grpc.RpcError):
+            stub.Infer(pb.InferRequest(model=f"nope-{i}", image=pb.Image(data=PNG)), timeout=10)
+        with contextlib.suppress(grpc.RpcError):
+            stub.GetModel(pb.GetModelRequest(name=f"nope-{i}"), timeout=10)
+    assert requests.post(f"{gateway.http_url}/v1/infer", data=PNG, timeout=10).ok
+    assert requests.get(f"{gateway.http_url}/v1/models/shape", timeout=10).ok
+    stub.GetModel(pb.GetModelRequest(name="shape"), timeout=10)
+    stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=10)
+    assert delta(request_counts(gateway.http_url), before) == {
+        ("http", "POST /v1/models/<model>/infer", "-", "404"): 3,
+        ("http", "GET /v1/models/<model>", "-", "404"): 3,
+        ("http", "-", "", "405"): 3,
+        ("grpc", "Infer", "-", "NOT_FOUND"): 3,
+        ("grpc", "GetModel", "-", "NOT_FOUND"): 3,
+        # The default model, named or not, under its own name.
+        ("http", "POST /v1/infer", "shape", "200"): 1,
+        ("http", "GET /v1/models/<model>", "shape", "200"): 1,
+        ("grpc", "GetModel", "shape", "OK"): 1,
+        ("grpc", "Infer", "shape", "OK"): 1,
+    }

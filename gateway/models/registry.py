@@ -7,6 +7,9 @@ from collections.abc import Callable, Iterator
 
 from gateway.models.base import Model, min_input_size
 
+# The label of a model name the gateway does not serve.
+UNKNOWN = "-"
+
 BUILTINS: dict[str, str] = {
     "shape": "gateway.models.shape:create",
     "qrcode": "gateway.models.qrcode:create",
@@ -53,6 +56,13 @@ class ModelRegistry:
     def get(self, name: str) -> Model | None:
         """The named model, the default one for an empty name, or None."""
         return self._models.get(name or self.default_name)
+
+    def label(self, name: str) -> str:
+        """What metrics and access records call the model a request names: the served model's
+        own name (the default one's for an empty name), or UNKNOWN for any other name, so that
+        clients cannot add label values (each is a series kept for the process's life)."""
+        model = self.get(name)
+        return model.name if model is not None else UNKNOWN
 
     def names(self) -> list[str]:
         return list(self._models)

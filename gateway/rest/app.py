@@ -17,6 +17,13 @@ from gateway.rest.requests import SETTINGS_KEY
 REQUEST_ID_HEADER = "X-Request-ID"
 
 
+def _method_label() -> str:
+    """The method and route of a request that matched a route; "-" for any other, whose method
+    token (any the client likes, for a 404 or 405) must not become a label value."""
+    rule = request.url_rule
+    return f"{request.method} {rule.rule}" if rule is not None else "-"
+
+
 def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
     app = Flask("gateway", static_folder=str(Path(__file__).parent / "static"))
     # Werkzeug answers 413 from Content-Length before reading, and cuts a chunked body off there.
@@ -38,8 +45,8 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             log_access(
                 request_id=g.request_id,
                 protocol="http",
-                method=f"{request.method} {request.url_rule.rule if request.url_rule else '-'}",
-                model=g.get("model", ""),
+                method=_method_label(),
+                model=dataplane.registry.label(g.model) if "model" in g else "",
                 images=g.get("images", 0),
                 status=str(response.status_code),
                 bytes_in=request.content_length or 0,

@@ -69,13 +69,14 @@ def list_models() -> Response:
 
 @v1.get("/models/<model>")
 def get_model(model: str) -> Response:
+    g.model = model
     return jsonify(model_json(dataplane().get_model(model)))
 
 
 @v1.post("/infer", defaults={"model": ""})
 @v1.post("/models/<model>/infer")
 def infer(model: str) -> Response:
-    g.model = model or dataplane().registry.default_name
+    g.model = model
     if http_requests.is_multipart():
         return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
     return jsonify(infer_json(dataplane().infer_one(http_requests.single_image_request(model))))
@@ -89,14 +90,14 @@ def page() -> Response:
 
 @minimal.post("/")
 def infer_bare() -> Response:
-    g.model = dataplane().registry.default_name
+    g.model = ""
     response = dataplane().infer_one(http_requests.single_image_request(""))
     return jsonify(response.results[0].output)
 
 
 @minimal.post("/multi")
 def infer_multi_bare() -> Response:
-    g.model = dataplane().registry.default_name
+    g.model = ""
     response = dataplane().infer(http_requests.multipart_request(""))
     for result in response.results:
         if result.error is not None:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_KEY = "x-request-id"
 ERROR_CODE_KEY = "error-code"
 
-Self = TypeVar("Self")
+Self = TypeVar("Self", bound="ImageGatewayServicer")
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -84,36 +84,20 @@ def unary(
                 request_id,
             )
         finally:
-            _log_call(method.__name__, request, response, status, request_id, started)
+            self._log_call(method.__name__, request, response, status, request_id, started)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return response
 
     return wrapper
 
 
-def _log_call(
-    method: str, request: object, response: object, status: str, request_id: str, started: float
-) -> None:
-    if request is None:
-        images, bytes_in, message = 0, 0, None
-    elif isinstance(request, Detached):
-        images, bytes_in, message = len(request.datas), request.size, request.message
-    else:
-        images = 0
-        bytes_in = request.ByteSize() if isinstance(request, Message) else 0
-        message = request
-    log_access(
-        request_id=request_id,
-        protocol="grpc",
-        method=method,
-        # The response names the model that ran (the default one for an empty name).
-        model=str(getattr(response, "model", "") or getattr(message, "model", "")),
-        images=images,
-        status=status,
-        bytes_in=bytes_in,
-        bytes_out=response.ByteSize() if isinstance(response, Message) else 0,
-        started=started,
-    )
+def _model_named(message: object) -> str | None:
+    """The model a request message names (`model` of the inference requests, `name` of
+    GetModel's), or None for a call about no model."""
+    if isinstance(message, pb.GetModelRequest):
+        return message.name
+    model = getattr(message, "model", None)
+    return model if isinstance(model, str) else None
 
 
 # The generated servicer base has no type stubs.
@@ -126,6 +110,36 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # client sends nothing; the server's pool has max_streams threads more than unary calls
         # need, and a stream past that count is refused at once.
         self._streams = threading.BoundedSemaphore(max_streams)
+
+    def _log_call(
+        self,
+        method: str,
+        request: object,
+        response: object,
+        status: str,
+        request_id: str,
+        started: float,
+    ) -> None:
+        if request is None:
+            images, bytes_in, message = 0, 0, None
+        elif isinstance(request, Detached):
+            images, bytes_in, message = len(request.datas), request.size, request.message
+        else:
+            images = 0
+            bytes_in = request.ByteSize() if isinstance(request, Message) else 0
+            message = request
+        named = _model_named(message)
+        log_access(
+            request_id=request_id,
+            protocol="grpc",
+            method=method,
+            model="" if named is None else self.dataplane.registry.label(named),
+            images=images,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=response.ByteSize() if isinstance(response, Message) else 0,
+            started=started,
+        )
 
     @unary
     def Infer(
@@ -163,7 +177,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
             refused = ErrorCode.OVERLOADED.grpc_status
-            _log_call("InferStream", None, None, refused, stream_id, time.perf_counter())
+            self._log_call("InferStream", None, None, refused, stream_id, time.perf_counter())
             _abort(
                 context,
                 ErrorCode.OVERLOADED,
@@ -204,7 +218,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             reply = convert.stream_response(response)
             (result,) = response.results
             status = result.error.error.grpc_status if result.error is not None else "OK"
-            _log_call("InferStream", request, reply, status, request_id, started)
+            self._log_call("InferStream", request, reply, status, request_id, started)
             yield reply
 
     @unary
