@@ -1,7 +1,8 @@
 """`make bench`: the gateway against the decode limit and against plain baselines, one table.
 
 Everything runs on loopback on this machine, load generator included:
-- the in-process limit: a cv2.imdecode loop in 1 and in N processes (N = CPU cores);
+- the in-process limit: a cv2.imdecode loop in 1 and in N processes (N = CPU cores), and in N
+  processes with glibc's default malloc (what a plain loop measures);
 - baselines: a naive Flask app on Flask's development server, a bare grpcio server;
 - the gateway (`image-gateway serve`, default workers) over HTTP octet-stream, HTTP multipart
   (8 images a request), gRPC Infer, InferBatch (8) and InferStream (8 messages a stream).
