@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import selectors
 import signal
 import socket
@@ -205,32 +206,30 @@ def strict_gateway() -> Iterator[Gateway]:
     gw.stop()
 
 
-def test_trickling_client_is_cut_off(strict_gateway: Gateway) -> None:
+def test_trickling_client_is_cut_off_with_an_answer(strict_gateway: Gateway) -> None:
     host, port = http_host_port(strict_gateway.http_url)
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(
             b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
             b"Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n"
         )
-        cut = False
-        # One byte every 0.1 s would take hours; the gateway must end it within a few seconds.
+        # One byte every 0.1 s would take hours; the gateway must end it within a few seconds,
+        # with an answer (shutting the socket both ways had cut the answer off too). The client
+        # goes on sending until the answer comes: what it sent meanwhile must not reset it.
+        answer = b""
+        s.settimeout(0.1)
         for i in range(200):
-            try:
-                s.sendall(PNG[i : i + 1])
-            except OSError:
-                cut = True
+            s.sendall(PNG[i : i + 1])
+            with contextlib.suppress(TimeoutError):
+                answer = s.recv(65536)
                 break
-            s.settimeout(0.1)
-            try:
-                if s.recv(65536) == b"":
-                    cut = True
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                cut = True
-                break
-        assert cut, "a trickling upload held its connection for 20 s"
+        assert answer, "no answer: the connection ended without one, or lasted 20 s"
+        s.settimeout(10)
+        answer += _until_closed(s)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"Connection: close" in head
+    assert json.loads(body)["error"]["code"] == "request_timeout"
     still_serving(strict_gateway)
 
 
@@ -604,6 +603,43 @@ def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
         with pytest.raises(TimeoutError):
             for _ in range(100):  # the peer reads nothing: its buffer fills, then a send waits
                 writer.write(b"x" * 65536)  # type: ignore[no-untyped-call]
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection's two ends (a reset needs TCP; a socketpair has none)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        served, _ = listener.accept()
+    return served, client
+
+
+def test_a_cut_read_times_out_and_the_answer_still_reaches_the_client() -> None:
+    served, client = _tcp_pair()
+    with served, client:
+        reader = SocketReader(served)
+        failed: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                reader.read(10)  # blocks: the client sends nothing yet
+            except BaseException as exc:
+                failed.append(exc)
+
+        blocked = threading.Thread(target=read)
+        blocked.start()
+        time.sleep(0.2)  # let the read block; what is checked does not depend on it
+        reader.cut()
+        blocked.join(timeout=5)
+        assert not blocked.is_alive() and isinstance(failed[0], TimeoutError)
+        # The client goes on sending after the cut; the server answers and closes. Closed with
+        # those bytes unread, the socket would reset and the client's kernel drop the answer.
+        client.sendall(b"more of the body")
+        wait_for(lambda: bool(select.select([served], [], [], 0)[0]), "the bytes arrive")
+        served.sendall(b"the answer")
+        reader.drop_unread()
+        served.close()
+        client.settimeout(5)
+        assert _until_closed(client) == b"the answer"
 
 
 def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:

@@ -144,7 +144,8 @@ def _body_timeouts() -> Iterator[None]:
         if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
             raise GatewayError(
                 ErrorCode.REQUEST_TIMEOUT,
-                "the request body stopped arriving before its end",
+                "the request body did not arrive in time: it stopped, or came too slowly to "
+                "end within the request timeout",
             ) from None
         raise
 

@@ -30,7 +30,7 @@ from gateway.core.access import log_access
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode
 from gateway.rest.responses import error_headers, error_json
-from gateway.rest.socketfile import Connection, KnownLengthBody, peer_closed
+from gateway.rest.socketfile import Connection, KnownLengthBody, SocketReader, peer_closed
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,15 @@ class Watchdog:
             for req in reqs:
                 if _still_uploading(req):
                     with contextlib.suppress(OSError):  # the client may have closed it already
-                        req.conn.socket.shutdown(socket.SHUT_RDWR)
+                        _cut(req.conn)
+
+
+def _cut(conn: Any) -> None:
+    """Stop a connection's upload; the request then fails as timed out (408), and is answered."""
+    if isinstance(conn.rfile, SocketReader):
+        conn.rfile.cut()
+    else:  # a reader of cheroot's own: only closing both ways ends its read
+        conn.socket.shutdown(socket.SHUT_RDWR)
 
 
 def _still_uploading(req: Any) -> bool:

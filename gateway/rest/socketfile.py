@@ -22,6 +22,7 @@ body of known length can be read straight into the caller's buffer (`KnownLength
 
 from __future__ import annotations
 
+import contextlib
 import io
 import select
 import socket
@@ -34,6 +35,8 @@ from cheroot import server
 # How long a worker thread waits on a keep-alive connection it has just answered for that
 # client's next request, before handing the connection back to the selector thread.
 LINGER_MS = 2
+# At most 4 MiB dropped before a cut connection closes, against a client that keeps sending.
+_MAX_DROPPED_READS = 64
 
 
 def move_timeout_to_kernel(sock: socket.socket) -> None:
@@ -56,10 +59,13 @@ class _SocketIO(socket.SocketIO):
     answers with 408 or a quiet close."""
 
     received = 0
+    # Set when the server ends the input of a client too slow to send its request (`cut`): the
+    # end of input that follows is that timeout, not the client's close.
+    cut = False
 
     def readinto(self, b: Any) -> int | None:
         n = super().readinto(b)
-        if n is None:
+        if n is None or (n == 0 and self.cut):
             raise TimeoutError("timed out")
         self.received += n
         return n
@@ -75,9 +81,28 @@ class SocketReader(io.BufferedReader):
     """cheroot's StreamReader (read, readline, iteration, has_data, bytes_read) on C io."""
 
     def __init__(self, sock: socket.socket, bufsize: int = io.DEFAULT_BUFFER_SIZE) -> None:
+        self._socket = sock
         self._socket_io = _SocketIO(sock, "rb")
         super().__init__(self._socket_io, bufsize)
         self.bytes_read = 0
+
+    def cut(self) -> None:
+        """End the connection's input from another thread: a read waiting on the socket, and
+        every read after, fails as a timed-out one would, while the answer can still be sent
+        (shutting the socket both ways, as closing it would, lost the answer)."""
+        self._socket_io.cut = True
+        self._socket.shutdown(socket.SHUT_RD)
+
+    def drop_unread(self) -> None:
+        """After `cut`, drop what the client has sent since (the kernel still queues it): a
+        socket closed with bytes unread sends a reset, and the client's kernel then discards
+        the answer it has not read yet."""
+        if not self._socket_io.cut:
+            return
+        with contextlib.suppress(OSError):  # EAGAIN: nothing more queued
+            for _ in range(_MAX_DROPPED_READS):
+                if not self._socket.recv(1 << 16, socket.MSG_DONTWAIT):
+                    return
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
@@ -166,6 +191,11 @@ class Connection(server.HTTPConnection):
         super().__init__(srv, sock, make_file if plain else makefile)
         if plain:
             move_timeout_to_kernel(sock)
+
+    def close(self) -> None:
+        if isinstance(self.rfile, SocketReader):
+            self.rfile.drop_unread()
+        super().close()
 
     def communicate(self) -> bool:
         # cheroot's stubs leave communicate unannotated; it returns whether to keep the connection.
