@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -248,10 +249,35 @@ def test_multipart_without_file_parts(http_url: str) -> None:
     assert resp.json()["error"]["code"] == "no_images"
 
 
-def test_invalid_color_mode(http_url: str) -> None:
+def test_invalid_color_mode(http_url: str, stub: pb_grpc.ImageGatewayServiceStub) -> None:
     resp = post_octet(http_url, "shape", JPEG, params={"color_mode": "sepia"})
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "invalid_request"
+    # A value the proto has no name for (a newer one, or any int): refused, not decoded in color.
+    unknown: Any = 99  # the type checker takes only ColorMode's named values
+    for call, request in (
+        (stub.Infer, pb.InferRequest(image=pb.Image(data=JPEG), color_mode=unknown)),
+        (stub.InferBatch, pb.InferBatchRequest(images=[pb.Image(data=JPEG)], color_mode=unknown)),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=10)
+        assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+        assert "color_mode 99" in (info.value.details() or "")
+    # In a stream, the message fails alone and the next one is served.
+    replies = list(
+        stub.InferStream(
+            iter(
+                [
+                    pb.InferStreamRequest(image=pb.Image(data=JPEG), color_mode=unknown),
+                    pb.InferStreamRequest(image=pb.Image(data=JPEG)),
+                ]
+            ),
+            timeout=10,
+        )
+    )
+    assert replies[0].result.error.code == "invalid_request"
+    expected = post_octet(http_url, "shape", JPEG).json()["result"]["output"]
+    assert grpc_result(replies[1].result)["output"] == expected
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from typing import Any, Union
 from google.protobuf import json_format, struct_pb2
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
 from gateway.core.types import (
     ColorMode,
@@ -40,8 +41,13 @@ def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def _color_mode(value: int) -> ColorMode:
-    # An enum value newer than this server reads as the default rather than failing the call.
-    return _COLOR_MODES.get(value, ColorMode.COLOR)
+    # proto3 keeps a value it has no name for (one newer than this server). Decoding some other
+    # way than asked would be a wrong answer that looks right, so it fails as over HTTP.
+    mode = _COLOR_MODES.get(value)
+    if mode is None:
+        names = ", ".join(pb.ColorMode.Name(v) for v in _COLOR_MODES)
+        raise GatewayError(ErrorCode.INVALID_REQUEST, f"color_mode {value} is not one of: {names}")
+    return mode
 
 
 def _set_value(target: struct_pb2.Value, value: JSONValue) -> None:

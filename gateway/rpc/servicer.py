@@ -203,14 +203,14 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             request_id = (
                 new_request_id(message.request_id) if message.request_id else f"{stream_id}-{index}"
             )
-            core = convert.single_request(
-                request,
-                request_id,
-                self.dataplane.deadline(_client_deadline(context)),
-                _client_gone(context),
-            )
             started = time.perf_counter()
             try:
+                core = convert.single_request(
+                    request,
+                    request_id,
+                    self.dataplane.deadline(_client_deadline(context)),
+                    _client_gone(context),
+                )
                 response = self.dataplane.infer(core)
             except GatewayError as exc:
                 failed = ItemResult(message.image.name, error=ItemError(exc.error, exc.message))
