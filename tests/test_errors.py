@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +18,7 @@ from gateway.config import Settings
 from gateway.core.errors import ErrorCode
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
-from tests.wire import grpc_code, grpc_result, post_multipart, post_octet
+from tests.wire import grpc_code, grpc_result, http_host_port, post_multipart, post_octet
 
 JPEG = (DATA / "images" / "rocket.jpg").read_bytes()
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -285,6 +287,23 @@ def small_gateway() -> Iterator[Gateway]:
     gw = start(Settings(http_port=0, grpc_port=0, max_request_bytes=256 * 1024))
     yield gw
     gw.stop()
+
+
+def test_a_body_over_both_caps_is_payload_too_large(http_url: str) -> None:
+    """By default an image may be as large as a body; a raw body over the cap is refused from
+    its Content-Length as payload_too_large (the body's cap), not as an image too large."""
+    host, port = http_host_port(http_url)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.putrequest("POST", "/v1/infer")
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(70_000_000))
+        conn.endheaders()  # and no body: the answer comes before it would be read
+        resp = conn.getresponse()
+        assert resp.status == 413
+        assert json.loads(resp.read())["error"]["code"] == "payload_too_large"
+    finally:
+        conn.close()
 
 
 def test_request_size_cap_on_both_protocols(small_gateway: Gateway) -> None:

@@ -36,14 +36,9 @@ from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
 from tests.test_metrics import delta, request_counts
 from tests.test_process import launch
-from tests.wire import grpc_code, grpc_result, post_octet
+from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
-
-
-def http_host_port(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    return host, int(port)
 
 
 def still_serving(gw: Gateway) -> None:

@@ -11,6 +11,11 @@ from clients.grpc_transport import result_from_pb
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 
 
+def http_host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
 def post_octet(http_url: str, model: str, data: bytes, **kw: Any) -> requests.Response:
     return requests.post(
         f"{http_url}/v1/models/{model}/infer",

@@ -66,11 +66,12 @@ def single_image_request(model: str) -> InferRequest:
     declared_image = mimetype == "application/octet-stream" or mimetype.startswith("image/")
     if not declared_image and mimetype not in _SNIFFED_TYPES:
         raise _unsupported_media_type(mimetype)
-    if declared_image and request.content_length is not None:
-        # The body is the image: one over the image cap is refused before it is read.
-        check_image_bytes(
-            request.content_length, current_app.extensions[SETTINGS_KEY].max_image_bytes
-        )
+    settings = current_app.extensions[SETTINGS_KEY]
+    length = request.content_length
+    if declared_image and length is not None and length <= settings.max_request_bytes:
+        # The body is the image: one over the image cap is refused before it is read. (A body
+        # over the request cap is Werkzeug's to refuse, payload_too_large as for any body.)
+        check_image_bytes(length, settings.max_image_bytes)
     data = _read_body()
     if mimetype in _SNIFFED_TYPES:
         fmt = formats.sniff(data)
