@@ -56,6 +56,10 @@ def cases() -> list[Case]:
         Case("plain text", b"hello, this is not an image\n", ErrorCode.UNDECODABLE_IMAGE),
         Case("html", b"<!DOCTYPE html><html><body>hi</body></html>", ErrorCode.UNSUPPORTED_FORMAT),
         Case("json", b'{"image": "aGVsbG8="}', ErrorCode.UNSUPPORTED_FORMAT),
+        Case("json array", b' [\n  [1, 2], {"a": null}]', ErrorCode.UNSUPPORTED_FORMAT),
+        # Text that starts like JSON but is not: plain text, so undecodable.
+        Case("toml", b'[build-system]\nrequires = ["x"]\n', ErrorCode.UNDECODABLE_IMAGE),
+        Case("ini", b"[section]\nkey = value\n", ErrorCode.UNDECODABLE_IMAGE),
         Case("pdf", b"%PDF-1.7\n1 0 obj << >> endobj\n", ErrorCode.UNSUPPORTED_FORMAT),
         Case("zip", b"PK\x03\x04" + bytes(60), ErrorCode.UNSUPPORTED_FORMAT),
         Case("gzip", b"\x1f\x8b\x08\x00" + bytes(40), ErrorCode.UNSUPPORTED_FORMAT),

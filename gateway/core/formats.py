@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from gateway.core.types import Buffer
@@ -75,6 +76,11 @@ _AVIF_BRANDS = {b"avif", b"avis"}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 
 
+# An object's first key or end, or an array's first value or end: "[" alone also starts a
+# TOML or INI section ("[build-system]"), which is plain text, not JSON.
+_JSON_START = re.compile(rb'\{\s*["}]|\[[\s\[]*(?:[{"\-0-9\]]|true|false|null)')
+
+
 def sniff(data: Buffer) -> Format | None:
     """Return the format the bytes start with, or None when they match no known signature."""
     head = bytes(memoryview(data)[:64])
@@ -100,6 +106,6 @@ def sniff(data: Buffer) -> Format | None:
         return SVG if b"<svg" in bytes(memoryview(data)[:4096]).lower() else XML
     if text.startswith((b"<!doctype html", b"<html")):
         return HTML
-    if text.startswith((b"{", b"[")):
+    if _JSON_START.match(text):
         return JSON
     return None
