@@ -19,6 +19,7 @@ from clients.results import (
     ImageResult,
     Limits,
     ModelInfo,
+    canonical_output,
 )
 
 _COLOR_MODES = {
@@ -49,7 +50,7 @@ def result_from_pb(result: pb.ImageResult) -> ImageResult:
         return ImageResult(
             result.name, info, None, ErrorInfo(result.error.code, result.error.message)
         )
-    output = normalise_json(json_format.MessageToDict(result.output))
+    output = canonical_output(normalise_json(json_format.MessageToDict(result.output)))
     return ImageResult(result.name, info, output)
 
 

@@ -6,6 +6,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
+def canonical_output(value: Any) -> Any:
+    """A model's output with each object's keys in sorted order. Over gRPC an object travels as
+    a protobuf Struct, a map that keeps no order; sorted on both protocols, the same output
+    prints the same."""
+    if isinstance(value, list):
+        return [canonical_output(v) for v in value]
+    if isinstance(value, dict):
+        return {k: canonical_output(value[k]) for k in sorted(value)}
+    return value
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     width: int
@@ -48,7 +59,7 @@ class ImageResult:
         return cls(
             name=body.get("name", ""),
             info=ImageInfo(**info) if info else None,
-            output=body.get("output"),
+            output=canonical_output(body.get("output")),
             error=ErrorInfo(error["code"], error["message"]) if error else None,
         )
 

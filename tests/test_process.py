@@ -20,6 +20,7 @@ import requests
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.conftest import DATA
+from tests.test_qrcode import encode, qr_image
 
 BIN = Path(sys.executable).parent
 READY = re.compile(r"ready: http=(http://\S+) grpc=(\S+) models=(\S+)")
@@ -77,7 +78,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_prints_the_same_json_over_both_protocols(served: Served) -> None:
+def test_cli_prints_the_same_json_over_both_protocols(served: Served, tmp_path: Path) -> None:
     assert served.models == "shape,qrcode"
     outputs = {}
     for url in (served.http_url, f"grpc://{served.grpc_target}"):
@@ -90,9 +91,19 @@ def test_cli_prints_the_same_json_over_both_protocols(served: Served) -> None:
     assert [r["output"] for r in rows] == [[427, 640, 3], [128, 128, 3]]
     assert [r["file"] for r in rows] == FILES
 
+    # Outputs with objects in them: a gRPC Struct is a map, which keeps no key order.
+    code = tmp_path / "code.png"
+    code.write_bytes(encode(qr_image("https://example.org")))
+    printed = []
     for url in (served.http_url, f"grpc://{served.grpc_target}"):
-        done = cli("infer", FILES[1], "--model", "qrcode", "--url", url)
-        assert json.loads(done.stdout)[0]["output"] == []
+        done = cli("infer", FILES[1], str(code), "--model", "qrcode", "--url", url)
+        assert done.returncode == 0, done.stderr
+        printed.append(done.stdout)
+    assert printed[0] == printed[1]
+    rows = json.loads(printed[0])
+    assert rows[0]["output"] == []
+    assert [list(found) for found in rows[1]["output"]] == [["points", "text"]]
+    assert rows[1]["output"][0]["text"] == "https://example.org"
 
 
 def test_cli_reports_a_bad_file_and_exits_nonzero(served: Served, tmp_path: Path) -> None:
