@@ -237,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.add_arguments(serve_parser)
     args = parser.parse_args(argv)
     settings = config.from_namespace(args, os.environ, serve_parser)
+    # A model given as package.module:factory is found from the working directory first, as
+    # `python -m` would (and gunicorn and uvicorn do); an installed script starts without it.
+    # Worker processes inherit the path.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     return serve(settings)
 
 

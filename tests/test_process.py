@@ -36,13 +36,16 @@ class Served:
     models: str
 
 
-def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Served:
+def launch(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Served:
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [str(BIN / "image-gateway"), "serve", *args],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
         env={**os.environ, **(env or {})},
+        cwd=cwd,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -314,3 +317,36 @@ def test_access_log_lines_on_stderr(tmp_path: Path, access_log: str) -> None:
     assert records["log-grpc"]["protocol"] == "grpc"
     assert records["log-grpc"]["status"] == "OK"
     assert records["log-grpc"]["images"] == 1
+
+
+def test_a_model_module_in_the_working_directory_is_found(tmp_path: Path) -> None:
+    (tmp_path / "mymodels.py").write_text(
+        "class Pixels:\n"
+        "    name = 'pixels'\n"
+        "    description = 'pixel count'\n"
+        "    def predict(self, images, params):\n"
+        "        return [int(i.shape[0] * i.shape[1]) for i in images]\n"
+        "def create():\n"
+        "    return Pixels()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    served = launch(
+        tmp_path,
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--workers",
+        "2",
+        "--model",
+        "mymodels:create",
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        png = (DATA / "images" / "hopper.png").read_bytes()
+        answer = requests.post(f"{served.http_url}/v1/infer", data=png, timeout=10).json()
+        assert (answer["model"], answer["result"]["output"]) == ("pixels", 128 * 128)
+    finally:
+        served.proc.terminate()
+        assert served.proc.wait(timeout=30) == 0
