@@ -90,6 +90,7 @@ def start(
         settings.http_threads,
         settings.request_timeout,
         settings.shutdown_grace,
+        settings.max_request_bytes,
         reuse_port,
     )
     grpc_server.start()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flask import Flask, Response, g, request
 from flask_cors import CORS
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from gateway.config import Settings
 from gateway.core.access import log_access
@@ -37,6 +38,10 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
         g.started = time.perf_counter()
         g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
         g.deadline = dataplane.deadline()
+        # On every route, also those that never read a body (or do not exist: before
+        # routing's 404), so that the server does not read it out.
+        if (request.content_length or 0) > settings.max_request_bytes:
+            raise RequestEntityTooLarge()
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:

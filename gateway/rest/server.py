@@ -28,7 +28,8 @@ from flask import Flask
 
 from gateway.core.access import log_access
 from gateway.core.dataplane import new_request_id
-from gateway.core.errors import ErrorCode
+from gateway.core.errors import ErrorCode, GatewayError
+from gateway.rest.framing import ChunkedBody, StrictHeaderReader
 from gateway.rest.responses import error_headers, error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, SocketReader, peer_closed
 
@@ -108,8 +109,8 @@ def _still_uploading(req: Any) -> bool:
     rfile = req.rfile
     if isinstance(rfile, server.KnownLengthRFile):
         return bool(rfile.remaining > 0)
-    if isinstance(rfile, server.ChunkedRFile):
-        return not rfile.closed
+    if isinstance(rfile, ChunkedBody):
+        return not rfile.finished
     return False
 
 
@@ -120,6 +121,8 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
             req = self.req
             if type(req.rfile) is server.KnownLengthRFile:
                 req.rfile = KnownLengthBody(req.rfile.rfile, req.rfile.remaining)
+            elif type(req.rfile) is server.ChunkedRFile:
+                req.rfile = ChunkedBody(req.rfile.rfile, req.server.max_body)
             env: dict[str, Any] = super().get_environ()  # type: ignore[no-untyped-call]
             env[CLIENT_GONE_KEY] = functools.partial(peer_closed, req.conn.socket)
             return env
@@ -158,7 +161,53 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
 
 class GatewayRequest(server.HTTPRequest):
     """cheroot's request, whose own error answers are JSON errors from the table, each with a
-    request id, an access record and a count in the metrics. The connection ends with them."""
+    request id, an access record and a count in the metrics. The connection ends with them.
+    Its header fields are read strictly (gateway.rest.framing), and a body the app leaves
+    unread is never read into memory (`send_headers`)."""
+
+    header_reader = StrictHeaderReader()
+
+    def read_request_headers(self) -> bool:
+        # cheroot's stubs leave it unannotated; it returns whether to go on with the request.
+        if not super().read_request_headers():  # type: ignore[no-untyped-call]
+            return False
+        if self.response_protocol == "HTTP/1.1" and b"Host" not in self.inheaders:
+            # RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
+            self.simple_response("400 Bad Request", "an HTTP/1.1 request needs a Host header")
+            return False
+        return True
+
+    def send_headers(self) -> None:
+        """Settle a body the app has not read (a route that failed first, or one that never
+        reads) before the answer goes out. cheroot read what was left of a body of known length
+        in one piece, however large (a Content-Length of 10^12 on a 404 route was a
+        MemoryError and no answer), and left a chunked one on the connection, where it was read
+        as the next request. Now a body of known length up to the server's body limit is read
+        and dropped a piece at a time, so the connection can carry the next request; any other
+        unread body closes the connection after the answer."""
+        body = self.rfile
+        if isinstance(body, ChunkedBody):
+            unread = not body.finished
+        else:
+            unread = getattr(body, "remaining", 0) > 0
+        if (
+            unread
+            # Answers that close anyway: cheroot closes after every 413.
+            and not self.close_connection
+            and int(self.status[:3]) != 413
+            and isinstance(body, KnownLengthBody)
+            and body.remaining <= self.server.max_body
+        ):
+            try:
+                body.discard()
+                unread = False
+            except (OSError, GatewayError):  # a client gone or too slow: nothing left to keep
+                pass
+        if unread:
+            self.close_connection = True
+            if isinstance(self.conn.rfile, SocketReader):
+                self.conn.rfile.body_left = True
+        super().send_headers()
 
     def simple_response(self, status: Any, msg: Any = "") -> None:
         started = time.perf_counter()
@@ -223,8 +272,11 @@ class HttpServer(wsgi.Server):
 
     ConnectionClass = HttpConnection
 
-    def __init__(self, *args: Any, request_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, request_timeout: float, max_body: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The largest body the app takes; an unread one up to this is read out (see
+        # GatewayRequest.send_headers).
+        self.max_body = max_body
         self.watchdog = Watchdog(request_timeout)
         self.gateway = _gateway_with(self.watchdog)
 
@@ -262,6 +314,7 @@ def build_http_server(
     threads: int,
     request_timeout: float,
     shutdown_grace: float,
+    max_body: int,
     reuse_port: bool = False,
 ) -> tuple[HttpServer, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
@@ -269,6 +322,7 @@ def build_http_server(
         (host, port),
         app,
         request_timeout=request_timeout,
+        max_body=max_body,
         numthreads=threads,
         server_name="image-gateway",
         request_queue_size=128,

@@ -86,18 +86,22 @@ class SocketReader(io.BufferedReader):
         super().__init__(self._socket_io, bufsize)
         self.bytes_read = 0
 
+    # The connection closes with its request's body not wholly read: see drop_unread.
+    body_left = False
+
     def cut(self) -> None:
         """End the connection's input from another thread: a read waiting on the socket, and
         every read after, fails as a timed-out one would, while the answer can still be sent
         (shutting the socket both ways, as closing it would, lost the answer)."""
         self._socket_io.cut = True
+        self.body_left = True
         self._socket.shutdown(socket.SHUT_RD)
 
     def drop_unread(self) -> None:
-        """After `cut`, drop what the client has sent since (the kernel still queues it): a
-        socket closed with bytes unread sends a reset, and the client's kernel then discards
-        the answer it has not read yet."""
-        if not self._socket_io.cut:
+        """When a body is left unread (`body_left`), drop what of it has arrived before the
+        connection closes: a socket closed with bytes unread sends a reset, and the client's
+        kernel then discards the answer it has not read yet. What arrives later still can."""
+        if not self.body_left:
             return
         with contextlib.suppress(OSError):  # EAGAIN: nothing more queued
             for _ in range(_MAX_DROPPED_READS):
@@ -142,6 +146,13 @@ class KnownLengthBody(server.KnownLengthRFile):
         n = int(self.rfile.readinto(view))
         self.remaining -= n
         return n
+
+    def discard(self) -> None:
+        """Read the rest of the body and drop it, a piece at a time (cheroot read it whole)."""
+        scratch = bytearray(min(self.remaining, 1 << 16))
+        while self.remaining:
+            if not self.readinto(scratch):
+                raise ConnectionError("the client closed the connection inside the body")
 
 
 def peer_closed(sock: socket.socket) -> bool:

@@ -1,0 +1,134 @@
+"""Where a request ends: header fields and bodies read strictly, so that no request is read as
+two (request smuggling) and no declared size costs memory. Each case sends a request and then,
+on the same connection, a GET /healthz that asks to close; the transcript tells whether the
+connection stayed in step (both answered), or closed after the first answer."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from typing import Any
+
+import pytest
+
+from gateway.serve import Gateway
+from tests.conftest import DATA
+from tests.wire import http_host_port
+
+PNG = (DATA / "images" / "hopper.png").read_bytes()
+FOLLOW_UP = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+OCTET = b"Content-Type: application/octet-stream\r\n"
+
+
+def exchange(gw: Gateway, data: bytes) -> list[tuple[int, dict[str, str], Any]]:
+    """Send bytes, read until the server closes; every answer, parsed (JSON bodies)."""
+    with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+        # The server may answer and close before it has read everything.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers["Content-Length"])
+        answers.append((int(lines[0].split()[1]), headers, json.loads(rest[:length])))
+        received = rest[length:]
+    return answers
+
+
+def post(headers: bytes, body: bytes = b"", path: bytes = b"/v1/infer") -> bytes:
+    return b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + body
+
+
+def chunked(*chunks: bytes, trailers: bytes = b"") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n" + trailers + b"\r\n"
+
+
+def refused(answers: list[tuple[int, dict[str, str], Any]]) -> tuple[int, str]:
+    """The one answer of a request refused with the connection closed after it."""
+    assert len(answers) == 1, [a[0] for a in answers]
+    status, headers, body = answers[0]
+    assert headers["Connection"] == "close"
+    return status, body["error"]["code"]
+
+
+BAD_HEADERS = {
+    "Content-Length and Transfer-Encoding": OCTET
+    + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+    "two different Content-Lengths": OCTET + b"Content-Length: 5\r\nContent-Length: 6\r\n",
+    "a signed Content-Length": OCTET + b"Content-Length: +5\r\n",
+    "an underscored Content-Length": OCTET + b"Content-Length: 1_0\r\n",
+    "a space before the colon": OCTET + b"Content-Length : 5\r\n",
+    "a folded line": OCTET + b"Content-Length: 5\r\n 30605\r\n",
+    "a NUL in a value": b"X-Note: a\x00b\r\n",
+    "a second Host": b"Host: y\r\n",
+    "chunked twice": OCTET + b"Transfer-Encoding: chunked, chunked\r\n",
+}
+
+
+@pytest.mark.parametrize("headers", BAD_HEADERS.values(), ids=BAD_HEADERS.keys())
+def test_ambiguous_framing_is_refused_and_the_connection_closed(
+    gateway: Gateway, headers: bytes
+) -> None:
+    answers = exchange(gateway, post(headers, b"12345") + FOLLOW_UP)
+    assert refused(answers) == (400, "invalid_request")
+
+
+def test_an_http_11_request_without_host_is_refused(gateway: Gateway) -> None:
+    answers = exchange(gateway, b"GET /healthz HTTP/1.1\r\n\r\n" + FOLLOW_UP)
+    assert refused(answers) == (400, "invalid_request")
+
+
+def test_a_chunked_body_with_extensions_and_trailers_keeps_the_connection_in_step(
+    gateway: Gateway,
+) -> None:
+    body = chunked(PNG[:1000], PNG[1000:]).replace(b"\r\n", b";name=value\r\n", 1)
+    body = body[:-2] + b"X-Checksum: 1\r\nX-More: 2\r\n\r\n"  # trailers before the final CRLF
+    answers = exchange(gateway, post(OCTET + b"Transfer-Encoding: chunked\r\n", body) + FOLLOW_UP)
+    assert [(status, body.get("result", {}).get("output")) for status, _, body in answers] == [
+        (200, [128, 128, 3]),
+        (200, None),
+    ]
+
+
+@pytest.mark.parametrize("size", [b"0x10", b"+10", b"-1", b"zz", b"1" * 17])
+def test_a_bad_chunk_size_is_refused(gateway: Gateway, size: bytes) -> None:
+    body = size + b"\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n"
+    answers = exchange(gateway, post(OCTET + b"Transfer-Encoding: chunked\r\n", body) + FOLLOW_UP)
+    assert refused(answers) == (400, "invalid_request")
+
+
+def test_a_chunk_over_the_body_limit_is_refused_from_its_size(gateway: Gateway) -> None:
+    # Nothing of the terabyte is sent: the answer comes from the size line alone.
+    answers = exchange(gateway, post(OCTET + b"Transfer-Encoding: chunked\r\n", b"ffffffffff\r\n"))
+    assert refused(answers) == (413, "payload_too_large")
+
+
+def test_an_unread_chunked_body_is_never_read_as_the_next_request(gateway: Gateway) -> None:
+    # A route that does not exist reads no body; cheroot left it on the connection, where the
+    # request inside it was answered as the next one.
+    inner = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    answers = exchange(
+        gateway, post(b"Transfer-Encoding: chunked\r\n", inner, path=b"/nope") + FOLLOW_UP
+    )
+    assert refused(answers) == (404, "not_found")
+
+
+def test_a_declared_body_over_the_limit_is_refused_on_any_route(gateway: Gateway) -> None:
+    # cheroot read the rest of a body the app left unread in one piece: a terabyte declared to
+    # a route that reads nothing was a MemoryError, and no answer.
+    for path in (b"/nope", b"/v1/infer"):
+        request = post(b"Content-Type: text/plain\r\nContent-Length: 1000000000000\r\n", path=path)
+        assert refused(exchange(gateway, request)) == (413, "payload_too_large")
+
+
+def test_a_small_unread_body_is_read_out_and_the_connection_kept(gateway: Gateway) -> None:
+    body = b"x" * 100_000
+    request = post(b"Content-Length: %d\r\n" % len(body), body, path=b"/nope")
+    answers = exchange(gateway, request + FOLLOW_UP)
+    assert [status for status, _, _ in answers] == [404, 200]
