@@ -329,3 +329,40 @@ def test_request_size_cap_on_both_protocols(small_gateway: Gateway) -> None:
         ok = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=10)
         assert grpc_result(ok.result)["output"] == [128, 128, 3]
     assert post_octet(small_gateway.http_url, "shape", JPEG).status_code == 200
+
+
+def test_a_message_that_is_not_protobuf_is_invalid_request(
+    channel: grpc.Channel, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # grpcio answered a deserializer that raised with INTERNAL "Exception deserializing
+    # request!", no error code or request id, and a traceback in the log; in a stream, the
+    # stream ended.
+    service = "/imagegateway.v1.ImageGatewayService"
+    garbage = [
+        b"\xff\xff\xff\xff\xff",
+        b"\x0a\x05ab",
+        b"\x12\x02\xc3\x28",
+    ]  # bad tag, short, bad UTF-8
+    infer = channel.unary_unary(
+        f"{service}/Infer", response_deserializer=pb.InferResponse.FromString
+    )
+    for raw in garbage:
+        with pytest.raises(grpc.RpcError) as info:
+            infer(raw, timeout=10, metadata=[("x-request-id", "not-protobuf")])
+        assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+        assert "not a valid InferRequest message" in (info.value.details() or "")
+        trailing = dict(info.value.trailing_metadata() or ())
+        assert trailing["x-request-id"] == "not-protobuf"
+    stream = channel.stream_stream(
+        f"{service}/InferStream", response_deserializer=pb.InferStreamResponse.FromString
+    )
+    good = pb.InferStreamRequest(image=pb.Image(data=PNG)).SerializeToString()
+    replies = list(stream(iter([good, garbage[0], good]), timeout=10))
+    assert [r.result.WhichOneof("outcome") for r in replies] == ["output", "error", "output"]
+    assert replies[1].result.error.code == "invalid_request"
+    assert_still_serving_grpc(stub)
+
+
+def assert_still_serving_grpc(stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=10)
+    assert grpc_result(reply.result)["output"] == [128, 128, 3]

@@ -46,11 +46,10 @@ def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
         request_type = getattr(pb, method.input_type.name)
         field = _image_field(method.input_type)
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        deserialize = wire.detach(request_type, field) if field else request_type.FromString
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=(
-                wire.detach(request_type, field) if field else request_type.FromString
-            ),
+            request_deserializer=wire.tolerant(deserialize, request_type),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -20,7 +20,7 @@ from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
 from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
-from gateway.rpc.wire import Detached
+from gateway.rpc.wire import Detached, Malformed
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ def unary(
         request_id = _request_id(context, request)
         status, response = "OK", None
         try:
+            if isinstance(request, Malformed):
+                raise request.error()
             response = method(self, request, context, request_id)
         except GatewayError as exc:
             status = exc.error.grpc_status
@@ -122,6 +124,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     ) -> None:
         if request is None:
             images, bytes_in, message = 0, 0, None
+        elif isinstance(request, Malformed):
+            images, bytes_in, message = 0, request.size, None
         elif isinstance(request, Detached):
             images, bytes_in, message = len(request.datas), request.size, request.message
         else:
@@ -170,7 +174,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
 
     def InferStream(
         self,
-        request_iterator: Iterator[Detached[pb.InferStreamRequest]],
+        request_iterator: Iterator[Detached[pb.InferStreamRequest] | Malformed],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = _request_id(context)
@@ -192,19 +196,21 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
 
     def _stream(
         self,
-        request_iterator: Iterator[Detached[pb.InferStreamRequest]],
+        request_iterator: Iterator[Detached[pb.InferStreamRequest] | Malformed],
         context: grpc.ServicerContext,
         stream_id: str,
     ) -> Iterator[pb.InferStreamResponse]:
         for index, request in enumerate(request_iterator):
             # Each message is its own request: its failure is its own response, and the stream
             # goes on.
-            message = request.message
+            message = request.message if isinstance(request, Detached) else pb.InferStreamRequest()
             request_id = (
                 new_request_id(message.request_id) if message.request_id else f"{stream_id}-{index}"
             )
             started = time.perf_counter()
             try:
+                if isinstance(request, Malformed):
+                    raise request.error()
                 core = convert.single_request(
                     request,
                     request_id,
