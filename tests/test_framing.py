@@ -132,3 +132,31 @@ def test_a_small_unread_body_is_read_out_and_the_connection_kept(gateway: Gatewa
     request = post(b"Content-Length: %d\r\n" % len(body), body, path=b"/nope")
     answers = exchange(gateway, request + FOLLOW_UP)
     assert [status for status, _, _ in answers] == [404, 200]
+
+
+def test_expect_100_continue_refused_from_the_headers_sends_no_continue(gateway: Gateway) -> None:
+    # cheroot answered 100 Continue at once, so a request refused from its headers alone still
+    # had its body sent. Here nothing of the body is sent: the refusal comes first.
+    for path, expected in (
+        (b"/v1/models/nope/infer", (404, "model_not_found")),
+        (b"/nope", (404, "not_found")),
+    ):
+        head = OCTET + b"Expect: 100-continue\r\nContent-Length: 1000000\r\n"
+        answers = exchange(gateway, post(head, path=path))
+        assert refused(answers) == expected
+
+
+def test_expect_100_continue_is_answered_when_the_body_is_wanted(gateway: Gateway) -> None:
+    head = post(OCTET + b"Expect: 100-continue\r\nContent-Length: %d\r\n" % len(PNG))
+    with socket.create_connection(http_host_port(gateway.http_url), timeout=10) as s:
+        s.sendall(head)
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += s.recv(1)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(PNG + FOLLOW_UP)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert received.count(b"HTTP/1.1 200 OK\r\n") == 2  # the follow-up, on the same connection

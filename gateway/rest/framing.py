@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
 from cheroot import server
@@ -104,6 +105,8 @@ class ChunkedBody(io.RawIOBase):
         self._left = 0  # bytes of the current chunk still to read
         self._chunk_ended = True  # the CRLF after a chunk's data has been read
         self.finished = False
+        # Called once, before the first read (to send 100 Continue).
+        self.before_first_read: Callable[[], None] | None = None
 
     def readable(self) -> bool:
         return True
@@ -112,6 +115,9 @@ class ChunkedBody(io.RawIOBase):
         view = memoryview(buffer).cast("B")
         if not view:
             return 0
+        if self.before_first_read is not None:
+            self.before_first_read()
+            self.before_first_read = None
         while self._left == 0:
             if self.finished:
                 return 0

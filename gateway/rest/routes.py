@@ -77,6 +77,7 @@ def get_model(model: str) -> Response:
 @v1.post("/models/<model>/infer")
 def infer(model: str) -> Response:
     g.model = model
+    dataplane().model(model)  # an unknown model fails before its body is read
     if http_requests.is_multipart():
         return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
     return jsonify(infer_json(dataplane().infer_one(http_requests.single_image_request(model))))

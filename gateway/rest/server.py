@@ -123,6 +123,8 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
                 req.rfile = KnownLengthBody(req.rfile.rfile, req.rfile.remaining)
             elif type(req.rfile) is server.ChunkedRFile:
                 req.rfile = ChunkedBody(req.rfile.rfile, req.server.max_body)
+            if req.continue_owed:
+                req.rfile.before_first_read = req.send_continue
             env: dict[str, Any] = super().get_environ()  # type: ignore[no-untyped-call]
             env[CLIENT_GONE_KEY] = functools.partial(peer_closed, req.conn.socket)
             return env
@@ -165,7 +167,26 @@ class GatewayRequest(server.HTTPRequest):
     Its header fields are read strictly (gateway.rest.framing), and a body the app leaves
     unread is never read into memory (`send_headers`)."""
 
-    header_reader = StrictHeaderReader()
+    _strict_headers = StrictHeaderReader()
+    # The client asked to be told to send its body (Expect: 100-continue), and has not been yet.
+    continue_owed = False
+
+    def header_reader(self, rfile: Any, hdict: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        """Strict headers, and Expect kept from cheroot, which answers 100 Continue as soon as
+        it sees it: a request refused from its headers (a wrong route, model or type, a body
+        over the limit) then had its body sent for nothing. The 100 goes out when the app first
+        reads the body (`owe_continue`), the option cheroot's own comments describe."""
+        headers = self._strict_headers(rfile, hdict)
+        expect = headers.pop(b"Expect", None)
+        # RFC 9110 10.1.1: an HTTP/1.0 client's Expect is ignored.
+        if expect is not None and expect.lower() == b"100-continue":
+            self.continue_owed = self.response_protocol == "HTTP/1.1"
+        return headers
+
+    def send_continue(self) -> None:
+        if self.continue_owed:
+            self.continue_owed = False
+            self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
 
     def read_request_headers(self) -> bool:
         # cheroot's stubs leave it unannotated; it returns whether to go on with the request.
@@ -192,6 +213,8 @@ class GatewayRequest(server.HTTPRequest):
             unread = getattr(body, "remaining", 0) > 0
         if (
             unread
+            # The client waits to be told to send it: it may never come.
+            and not self.continue_owed
             # Answers that close anyway: cheroot closes after every 413.
             and not self.close_connection
             and int(self.status[:3]) != 413

@@ -27,6 +27,7 @@ import io
 import select
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from cheroot import makefile as cheroot_makefile
@@ -139,10 +140,16 @@ class KnownLengthBody(server.KnownLengthRFile):
     bytearray and that into another bytes object, and the caller copies it once more into its
     buffer. With it, the body goes from the socket straight into the caller's buffer."""
 
+    # Called once, before the first read (to send 100 Continue).
+    before_first_read: Callable[[], None] | None = None
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[: self.remaining]
         if not view:
             return 0
+        if self.before_first_read is not None:
+            self.before_first_read()
+            self.before_first_read = None
         n = int(self.rfile.readinto(view))
         self.remaining -= n
         return n
