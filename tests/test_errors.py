@@ -366,3 +366,16 @@ def test_a_message_that_is_not_protobuf_is_invalid_request(
 def assert_still_serving_grpc(stub: pb_grpc.ImageGatewayServiceStub) -> None:
     reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=10)
     assert grpc_result(reply.result)["output"] == [128, 128, 3]
+
+
+def test_a_long_model_name_is_not_repeated_whole(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    name = "m" * 1_000_000  # a gRPC message may carry that much; the answer's trailers may not
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(model=name, image=pb.Image(data=PNG)), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.NOT_FOUND, "model_not_found")
+    details = info.value.details() or ""
+    assert "m" * 64 + "'..." in details and len(details) < 200
+    resp = post_octet(http_url, "m" * 10_000, PNG)
+    assert resp.status_code == 404 and len(resp.json()["error"]["message"]) < 200

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 CLIENT_CHECK_AFTER = 0.01
 
 
+# The most of a client's model name an error message repeats.
+_NAME_SHOWN = 64
+
+
 def resolve_policy(
     model: Model, configured: Mapping[str, BatchPolicy | None]
 ) -> BatchPolicy | None:
@@ -102,7 +106,9 @@ class DataPlane:
         if model is None:
             raise GatewayError(
                 ErrorCode.MODEL_NOT_FOUND,
-                f"no model named {name!r}; this gateway serves: {', '.join(self.registry.names())}",
+                # The name is the client's: a gRPC request may carry megabytes of it.
+                f"no model named {name[:_NAME_SHOWN]!r}{'...' if len(name) > _NAME_SHOWN else ''}; "
+                f"this gateway serves: {', '.join(self.registry.names())}",
             )
         return model
 
