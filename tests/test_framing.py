@@ -67,7 +67,9 @@ BAD_HEADERS = {
     "a folded line": OCTET + b"Content-Length: 5\r\n 30605\r\n",
     "a NUL in a value": b"X-Note: a\x00b\r\n",
     "a second Host": b"Host: y\r\n",
+    # With a well-formed chunked body, so that only the header can be what is refused.
     "chunked twice": OCTET + b"Transfer-Encoding: chunked, chunked\r\n",
+    "chunked twice, a tab between": OCTET + b"Transfer-Encoding: chunked,\tchunked\r\n",
 }
 
 
@@ -75,13 +77,33 @@ BAD_HEADERS = {
 def test_ambiguous_framing_is_refused_and_the_connection_closed(
     gateway: Gateway, headers: bytes
 ) -> None:
-    answers = exchange(gateway, post(headers, b"12345") + FOLLOW_UP)
+    body = chunked(b"12345") if b"Transfer-Encoding" in headers else b"12345"
+    answers = exchange(gateway, post(headers, body) + FOLLOW_UP)
     assert refused(answers) == (400, "invalid_request")
 
 
 def test_an_http_11_request_without_host_is_refused(gateway: Gateway) -> None:
     answers = exchange(gateway, b"GET /healthz HTTP/1.1\r\n\r\n" + FOLLOW_UP)
     assert refused(answers) == (400, "invalid_request")
+
+
+def test_an_http_10_request_with_transfer_encoding_is_refused(gateway: Gateway) -> None:
+    # cheroot reads no Transfer-Encoding from HTTP/1.0: the chunked body was framed as empty,
+    # and the request inside it answered as the next one on the kept-alive connection.
+    inner = b"GET /v1/models HTTP/1.0\r\n\r\n"
+    request = b"POST /nope HTTP/1.0\r\nConnection: Keep-Alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert refused(exchange(gateway, request + inner)) == (400, "invalid_request")
+
+
+def test_a_header_name_with_an_underscore_is_dropped(gateway: Gateway) -> None:
+    # WSGI would name it as Content-Length (HTTP_CONTENT_LENGTH), and the app take 5 bytes of
+    # a body the server framed at its real length.
+    head = OCTET + b"Content-Length: %d\r\nContent_Length: 5\r\n" % len(PNG)
+    answers = exchange(gateway, post(head, PNG) + FOLLOW_UP)
+    assert [(status, body.get("result", {}).get("output")) for status, _, body in answers] == [
+        (200, [128, 128, 3]),
+        (200, None),
+    ]
 
 
 def test_a_chunked_body_with_extensions_and_trailers_keeps_the_connection_in_step(
@@ -94,6 +116,12 @@ def test_a_chunked_body_with_extensions_and_trailers_keeps_the_connection_in_ste
         (200, [128, 128, 3]),
         (200, None),
     ]
+
+
+def test_a_trailer_that_is_not_a_header_field_is_refused(gateway: Gateway) -> None:
+    body = chunked(PNG, trailers=b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")
+    answers = exchange(gateway, post(OCTET + b"Transfer-Encoding: chunked\r\n", body))
+    assert refused(answers) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize("size", [b"0x10", b"+10", b"-1", b"zz", b"1" * 17])

@@ -60,6 +60,11 @@ class StrictHeaderReader(server.HeaderReader):
             if field is None:
                 raise ValueError(_field_error(line))
             name, value = field[1], field[2].strip(b" \t")
+            if b"_" in name:
+                # WSGI names Content_Length and Content-Length alike (HTTP_CONTENT_LENGTH): the
+                # app could take a different length or coding than the server framed the body
+                # with. Dropped, as nginx drops them by default.
+                continue
             key = name.title()
             if key == b"Host" and key in headers:
                 raise ValueError("two Host headers")
@@ -73,11 +78,21 @@ class StrictHeaderReader(server.HeaderReader):
             raise ValueError(f"malformed Content-Length {length[:64]!r}")
         if length is not None and b"Transfer-Encoding" in headers:
             raise ValueError("both Content-Length and Transfer-Encoding")
-        codings = headers.get(b"Transfer-Encoding", b"").lower().replace(b" ", b"").split(b",")
         # cheroot answers 501 for a coding it lacks, but not for chunked twice.
-        if codings.count(b"chunked") > 1:
+        if _list(headers.get(b"Transfer-Encoding", b"")).count(b"chunked") > 1:
             raise ValueError("chunked applied twice")
         return headers
+
+
+def _list(value: bytes) -> list[bytes]:
+    """A comma-separated field's members, lowercased, as cheroot splits them."""
+    return [m.strip(b" \t").lower() for m in value.split(b",") if m.strip(b" \t")]
+
+
+def expects_continue(value: bytes) -> bool:
+    """Whether an Expect field (its repeats joined) asks for 100 Continue and nothing else."""
+    members = _list(value)
+    return bool(members) and all(m == b"100-continue" for m in members)
 
 
 def _field_error(line: bytes) -> str:
@@ -122,7 +137,10 @@ class ChunkedBody(io.RawIOBase):
             if self.finished:
                 return 0
             if not self._chunk_ended:
-                if self._rfile.read(2) != b"\r\n":
+                end = self._rfile.read(2)
+                if len(end) < 2:
+                    raise ConnectionError("the client closed the connection after a chunk")
+                if end != b"\r\n":
                     raise _malformed("a chunk's data is not followed by CRLF")
                 self._chunk_ended = True
             self._left = self._next_size()
@@ -159,9 +177,14 @@ class ChunkedBody(io.RawIOBase):
         return int(size, 16)
 
     def _read_trailers(self) -> None:
+        # Dropped, but each must be a field: a request line here would be read as one by a
+        # proxy that ends the body differently.
         for _ in range(MAX_TRAILERS):
-            if not self._line("trailer line"):
+            line = self._line("trailer line")
+            if not line:
                 return
+            if not _FIELD.fullmatch(line + b"\r\n"):
+                raise _malformed(f"a trailer line that is not a header field: {line[:64]!r}")
         raise _malformed(f"more than {MAX_TRAILERS} trailer lines")
 
 

@@ -29,7 +29,7 @@ from flask import Flask
 from gateway.core.access import log_access
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.rest.framing import ChunkedBody, StrictHeaderReader
+from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
 from gateway.rest.responses import error_headers, error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, SocketReader, peer_closed
 
@@ -175,11 +175,11 @@ class GatewayRequest(server.HTTPRequest):
         """Strict headers, and Expect kept from cheroot, which answers 100 Continue as soon as
         it sees it: a request refused from its headers (a wrong route, model or type, a body
         over the limit) then had its body sent for nothing. The 100 goes out when the app first
-        reads the body (`owe_continue`), the option cheroot's own comments describe."""
+        reads the body (`send_continue`), the option cheroot's own comments describe."""
         headers = self._strict_headers(rfile, hdict)
         expect = headers.pop(b"Expect", None)
         # RFC 9110 10.1.1: an HTTP/1.0 client's Expect is ignored.
-        if expect is not None and expect.lower() == b"100-continue":
+        if expect is not None and expects_continue(expect):
             self.continue_owed = self.response_protocol == "HTTP/1.1"
         return headers
 
@@ -195,6 +195,11 @@ class GatewayRequest(server.HTTPRequest):
         if self.response_protocol == "HTTP/1.1" and b"Host" not in self.inheaders:
             # RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
             self.simple_response("400 Bad Request", "an HTTP/1.1 request needs a Host header")
+            return False
+        if self.response_protocol != "HTTP/1.1" and b"Transfer-Encoding" in self.inheaders:
+            # cheroot reads no Transfer-Encoding from HTTP/1.0 and frames the body as empty;
+            # RFC 9112 6.1: such framing is faulty, and the connection must close.
+            self.simple_response("400 Bad Request", "Transfer-Encoding in an HTTP/1.0 request")
             return False
         return True
 
@@ -226,10 +231,12 @@ class GatewayRequest(server.HTTPRequest):
                 unread = False
             except (OSError, GatewayError):  # a client gone or too slow: nothing left to keep
                 pass
-        if unread:
+        reader = self.conn.rfile
+        # The watchdog may cut a body that ends as it looks: nothing more can be read then.
+        if unread or (isinstance(reader, SocketReader) and reader.was_cut):
             self.close_connection = True
-            if isinstance(self.conn.rfile, SocketReader):
-                self.conn.rfile.body_left = True
+            if isinstance(reader, SocketReader):
+                reader.body_left = True
         super().send_headers()
 
     def simple_response(self, status: Any, msg: Any = "") -> None:

@@ -98,6 +98,10 @@ class SocketReader(io.BufferedReader):
         self.body_left = True
         self._socket.shutdown(socket.SHUT_RD)
 
+    @property
+    def was_cut(self) -> bool:
+        return self._socket_io.cut
+
     def drop_unread(self) -> None:
         """When a body is left unread (`body_left`), drop what of it has arrived before the
         connection closes: a socket closed with bytes unread sends a reset, and the client's
