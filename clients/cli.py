@@ -30,6 +30,13 @@ def _emit(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="image-gateway-client")
     parser.add_argument(
@@ -37,18 +44,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_URL,
         help="grpc://host:port or http://host:port (env IMAGE_GATEWAY_URL, default %(default)s)",
     )
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per call")
+    parser.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds per call (default %(default)s)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="run a model on image files, one result each")
     infer.add_argument("files", nargs="+", help="image files")
     infer.add_argument("--model", default="", help="model name (default: the gateway's default)")
-    infer.add_argument("--color-mode", choices=COLOR_MODES, default="color")
+    infer.add_argument(
+        "--color-mode", choices=COLOR_MODES, default="color", help="how the gateway decodes"
+    )
     commands.add_parser("models", help="list the gateway's models")
     commands.add_parser("limits", help="print the gateway's limits")
     # Let --url come after the subcommand too, as users tend to type it.
     for sub in (infer, commands.choices["models"], commands.choices["limits"]):
         sub.add_argument("--url", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        sub.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument(
+            "--timeout", type=_seconds, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
     args = parser.parse_args(argv)
 
     try:
@@ -64,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GatewayClientError as exc:
         print(json.dumps({"error": {"code": exc.code, "message": exc.message}}), file=sys.stderr)
         return 2
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a file it cannot read, a URL it cannot use
         print(f"image-gateway-client: {exc}", file=sys.stderr)
         return 2
     rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]

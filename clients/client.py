@@ -34,11 +34,50 @@ def encode_image(image: ImageLike) -> bytes:
     if isinstance(image, np.ndarray):
         import cv2  # only arrays need OpenCV on the client side
 
+        _check_array(image)
         ok, encoded = cv2.imencode(".png", image)
         if not ok:
             raise ValueError(f"cannot encode an array of shape {image.shape} as PNG")
         return encoded.tobytes()
     return Path(image).read_bytes()
+
+
+def _check_array(image: np.ndarray) -> None:
+    """What PNG holds without loss. OpenCV would turn any other array into 8 bits silently
+    (float 0.7 becomes 1, int64 1000 becomes 255), and the answer would be for another image."""
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"an array of {image.dtype} cannot be sent as it is: PNG holds uint8 or uint16 "
+            "(convert it first, e.g. with np.clip and astype)"
+        )
+    channels = 1 if image.ndim == 2 else image.shape[2] if image.ndim == 3 else 0
+    if channels not in (1, 3, 4) or image.size == 0:
+        raise ValueError(
+            f"an array of shape {image.shape} is not an image: use (height, width) or "
+            "(height, width, 1, 3 or 4 channels), not empty"
+        )
+
+
+@dataclass(frozen=True)
+class _Source:
+    """An image of a batch: its size, and how to get its bytes when its request is sent. A
+    file is read only then, so a batch of many files holds one request's worth at a time."""
+
+    index: int
+    size: int
+    path: Path | None = None
+    data: bytes | None = None
+
+    @classmethod
+    def of(cls, index: int, image: ImageLike) -> _Source:
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            return cls(index, path.stat().st_size, path=path)
+        data = encode_image(image)
+        return cls(index, len(data), data=data)
+
+    def load(self) -> bytes:
+        return self.data if self.data is not None else Path(str(self.path)).read_bytes()
 
 
 class _Transport(Protocol):
@@ -111,38 +150,37 @@ class GatewayClient:
         color_mode: str = "color",
         params: Mapping[str, str] | None = None,
     ) -> list[ImageResult]:
-        """One result per image, in order; a bad image fails only its own result.
+        """One result per image, in order; a bad image fails only its own result; no images,
+        no results.
 
         Any number of images: they go in as many requests, one after another, as the gateway's
-        published limits (`limits()`: images, bytes and pixels a request) need. An image over the
-        gateway's per-image byte cap fails as the gateway would fail it (`image_too_large`),
-        without being sent. An error of a whole request (an unknown model, an overloaded
-        gateway, ...) raises GatewayClientError.
+        published limits (`limits()`: images, parts, bytes and pixels a request) need. Files are
+        read when their request is sent. An image over the gateway's per-image byte cap fails
+        as the gateway would fail it (`image_too_large`), and one too large for any request
+        (`payload_too_large`), without being sent. An error of a whole request (an unknown
+        model, an overloaded gateway, ...) raises GatewayClientError.
         """
         _check_color_mode(color_mode)
-        encoded = [encode_image(i) for i in images]
+        sources = [_Source.of(i, image) for i, image in enumerate(images)]
+        if not sources:
+            return []
         call = _Call(self._transport, self._model(model), color_mode, params or {})
-        if not encoded:
-            return call.send([])  # the gateway's own answer to no images
         limits = self._published_limits()
-        results: list[ImageResult | None] = [None] * len(encoded)
-        sendable = []
-        for i, data in enumerate(encoded):
-            if len(data) > limits.max_image_bytes:
-                # The gateway's own words for it (gateway/core/limits.py).
-                message = (
-                    f"the image is {len(data)} bytes; this gateway takes at most "
-                    f"{limits.max_image_bytes} bytes per image"
-                )
-                results[i] = ImageResult(str(i), None, error=ErrorInfo("image_too_large", message))
-            else:
-                sendable.append((i, data))
         room = limits.max_request_bytes
         if self._max_send is not None:
             room = min(room, self._max_send)
         room -= _REQUEST_OVERHEAD + sum(len(k) + len(v) for k, v in call.params.items())
-        for chunk in _chunks(sendable, limits.max_images, room):
-            for i, result in call.send_splitting(chunk):
+        results: list[ImageResult | None] = [None] * len(sources)
+        sendable = []
+        for source in sources:
+            error = _too_large(source.size, limits.max_image_bytes, room)
+            if error is not None:
+                results[source.index] = ImageResult(str(source.index), None, error=error)
+            else:
+                sendable.append(source)
+        per_request = min(limits.max_images, limits.max_parts)
+        for chunk in _chunks(sendable, per_request, room):
+            for i, result in call.send_splitting([(s.index, s.load()) for s in chunk]):
                 results[i] = result
         return [r for r in results if r is not None]
 
@@ -182,17 +220,37 @@ _REQUEST_OVERHEAD = 4096
 _Item = tuple[int, bytes]
 
 
-def _chunks(images: list[_Item], max_images: int, max_bytes: int) -> list[list[_Item]]:
-    """Consecutive runs of images, each within max_images and max_bytes (an image larger than
-    max_bytes on its own goes alone, for the gateway to judge)."""
-    chunks: list[list[_Item]] = []
+def _too_large(size: int, max_image_bytes: int, room: int) -> ErrorInfo | None:
+    """The error an image gets without being sent: the gateway's own (gateway/core/limits.py)
+    for one over its per-image cap, or payload_too_large for one that cannot fit in a request
+    with the request around it (over gRPC grpc itself would refuse the message, without the
+    gateway's error code)."""
+    if size > max_image_bytes:
+        message = (
+            f"the image is {size} bytes; this gateway takes at most {max_image_bytes} bytes per "
+            "image"
+        )
+        return ErrorInfo("image_too_large", message)
+    if size + _IMAGE_OVERHEAD > room:
+        message = (
+            f"the image is {size} bytes; with its request around it that is over the "
+            f"{room + _REQUEST_OVERHEAD} bytes a request may carry (the gateway's "
+            "max_request_bytes, or this client's max_message_bytes)"
+        )
+        return ErrorInfo("payload_too_large", message)
+    return None
+
+
+def _chunks(images: list[_Source], max_images: int, max_bytes: int) -> list[list[_Source]]:
+    """Consecutive runs of images, each within max_images and max_bytes."""
+    chunks: list[list[_Source]] = []
     size = 0
-    for item in images:
-        cost = len(item[1]) + _IMAGE_OVERHEAD
+    for source in images:
+        cost = source.size + _IMAGE_OVERHEAD
         if not chunks or len(chunks[-1]) >= max_images or size + cost > max_bytes:
             chunks.append([])
             size = 0
-        chunks[-1].append(item)
+        chunks[-1].append(source)
         size += cost
     return chunks
 

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import (
+    UNREACHABLE,
     ErrorInfo,
     GatewayClientError,
     ImageInfo,
@@ -54,10 +55,20 @@ def result_from_pb(result: pb.ImageResult) -> ImageResult:
     return ImageResult(result.name, info, output)
 
 
+# Codes for what grpc itself answers, without the gateway's error-code metadata: a message over
+# a size limit (the gateway's, or this client's own), a deadline, no connection.
+_GRPC_OWN = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "payload_too_large",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
+    grpc.StatusCode.UNAVAILABLE: UNREACHABLE,
+}
+
+
 def error_from_rpc(exc: grpc.RpcError) -> GatewayClientError:
     trailing = dict(exc.trailing_metadata() or ())
+    code = trailing.get("error-code") or _GRPC_OWN.get(exc.code(), "unknown")
     return GatewayClientError(
-        str(trailing.get("error-code", "unknown")),
+        str(code),
         exc.details() or "",
         exc.code().name,
         str(trailing.get("x-request-id", "")),

@@ -9,7 +9,7 @@ from urllib.parse import quote
 import requests
 from requests.adapters import HTTPAdapter
 
-from clients.results import GatewayClientError, ImageResult, Limits, ModelInfo
+from clients.results import UNREACHABLE, GatewayClientError, ImageResult, Limits, ModelInfo
 
 # Connections kept open for reuse. requests keeps 10 by default; a client calling from more
 # threads than that closed the extra ones after each call and opened new ones for the next.
@@ -38,7 +38,21 @@ class HttpTransport:
     def _infer_url(self, model: str) -> str:
         if not model:
             return f"{self.base_url}/v1/infer"
-        return f"{self.base_url}/v1/models/{quote(model, safe='')}/infer"
+        segment = quote(model, safe="")
+        if segment in (".", ".."):
+            # A dot segment would be resolved away ("/v1/models/../infer" is "/v1/infer", the
+            # default model): sent percent-encoded, it stays a name the gateway can refuse.
+            segment = segment.replace(".", "%2E")
+        return f"{self.base_url}/v1/models/{segment}/infer"
+
+    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """The request, its failures to get an answer as GatewayClientError, as over gRPC."""
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.Timeout as exc:
+            raise GatewayClientError("deadline_exceeded", str(exc), "") from None
+        except requests.ConnectionError as exc:
+            raise GatewayClientError(UNREACHABLE, str(exc), "") from None
 
     def _check(self, response: requests.Response) -> Any:
         try:
@@ -54,12 +68,12 @@ class HttpTransport:
     def infer(
         self, data: bytes, model: str, color_mode: str, params: Mapping[str, str]
     ) -> ImageResult:
-        response = self.session.post(
+        response = self._send(
+            "POST",
             self._infer_url(model),
             data=data,
             params={**params, "color_mode": color_mode},
             headers={"Content-Type": "application/octet-stream"},
-            timeout=self.timeout,
         )
         return ImageResult.from_dict(self._check(response)["result"])
 
@@ -71,20 +85,20 @@ class HttpTransport:
         params: Mapping[str, str],
     ) -> list[ImageResult]:
         files = {name: (name, data, "application/octet-stream") for name, data in images}
-        response = self.session.post(
+        response = self._send(
+            "POST",
             self._infer_url(model),
             files=files,
             params={**params, "color_mode": color_mode},
-            timeout=self.timeout,
         )
         return [ImageResult.from_dict(r) for r in self._check(response)["results"]]
 
     def list_models(self) -> list[ModelInfo]:
-        response = self.session.get(f"{self.base_url}/v1/models", timeout=self.timeout)
+        response = self._send("GET", f"{self.base_url}/v1/models")
         return [ModelInfo.from_dict(m) for m in self._check(response)["models"]]
 
     def limits(self) -> Limits:
-        response = self.session.get(f"{self.base_url}/v1/limits", timeout=self.timeout)
+        response = self._send("GET", f"{self.base_url}/v1/limits")
         return Limits(**self._check(response))
 
     def close(self) -> None:

@@ -83,6 +83,11 @@ class ModelInfo:
         )
 
 
+# The code of a call that reached no gateway (refused connection, unknown host), on both
+# protocols. Every other code is the gateway's (its error table), or deadline_exceeded.
+UNREACHABLE = "unreachable"
+
+
 class GatewayClientError(Exception):
     """A request the gateway refused or failed, with the gateway's stable error code."""
 
@@ -90,7 +95,7 @@ class GatewayClientError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
-        # "422" over HTTP, "INVALID_ARGUMENT" over gRPC.
+        # "422" over HTTP, "INVALID_ARGUMENT" over gRPC; "" over HTTP when no answer came.
         self.status = status
         self.request_id = request_id
 

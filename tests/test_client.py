@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -168,3 +169,45 @@ def test_http_calls_from_sixteen_threads_reuse_their_connections(gateway: Gatewa
             rounds.append(_client_ports(port) - before)
     assert len(rounds[0]) == 16
     assert rounds[1] == rounds[0]
+
+
+def test_no_images_no_results(clients: dict[str, GatewayClient]) -> None:
+    for client in clients.values():
+        assert client.infer_batch([]) == []
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.full((8, 8), 0.7, np.float32),  # would have been sent as 1
+        np.full((8, 8, 3), 1000, np.int64),  # as 255
+        np.zeros((8, 8, 2), np.uint8),
+        np.zeros((0, 0, 3), np.uint8),
+    ],
+    ids=["float32", "int64", "two channels", "empty"],
+)
+def test_arrays_png_cannot_hold_as_they_are_are_refused(
+    clients: dict[str, GatewayClient], array: np.ndarray
+) -> None:
+    for client in clients.values():
+        with pytest.raises(ValueError):
+            client.infer(array)
+
+
+def test_a_dot_model_name_is_a_name_over_http(clients: dict[str, GatewayClient]) -> None:
+    # "/v1/models/../infer" is "/v1/infer" once resolved: the default model answered.
+    for client in clients.values():
+        for name in ("..", "."):
+            with pytest.raises(GatewayClientError) as caught:
+                client.infer(JPEG_PATH, model=name)
+            assert caught.value.code == "model_not_found"
+
+
+def test_no_gateway_is_the_same_error_on_both_protocols() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the with ends: nothing listens there
+    for url in (f"http://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
+        with GatewayClient(url, timeout=5) as client, pytest.raises(GatewayClientError) as caught:
+            client.limits()
+        assert caught.value.code == "unreachable"

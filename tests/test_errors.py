@@ -379,3 +379,14 @@ def test_a_long_model_name_is_not_repeated_whole(
     assert "m" * 64 + "'..." in details and len(details) < 200
     resp = post_octet(http_url, "m" * 10_000, PNG)
     assert resp.status_code == 404 and len(resp.json()["error"]["message"]) < 200
+
+
+def test_a_boundary_that_is_not_ascii_is_malformed_multipart(http_url: str) -> None:
+    # Werkzeug decodes an RFC 2231 boundary*= to any character: this was a 500.
+    resp = requests.post(
+        f"{http_url}/v1/infer",
+        data=b"--\xe2\x82\xac\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary*=UTF-8''%E2%82%AC"},
+        timeout=10,
+    )
+    assert (resp.status_code, resp.json()["error"]["code"]) == (400, "malformed_multipart")

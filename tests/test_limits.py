@@ -219,3 +219,43 @@ def test_a_whole_request_error_still_raises_from_a_split_batch(tight: Gateway) -
         with GatewayClient(url) as client, pytest.raises(GatewayClientError) as caught:
             client.infer_batch([SMALL] * 7, model="nope")
         assert caught.value.code == "model_not_found"
+
+
+@pytest.fixture(scope="module")
+def even_caps() -> Iterator[Gateway]:
+    # The image cap as large as the request's, as by default; fewer parts than images.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            max_request_bytes=60_000,
+            max_image_bytes=60_000,
+            max_images=5,
+            max_parts=3,
+            max_request_pixels=64 * 128 * 128,
+        )
+    )
+    yield gw
+    gw.stop()
+
+
+def test_an_image_no_request_can_carry_fails_alone_without_being_sent(even_caps: Gateway) -> None:
+    # Under the image cap, but with the request around it over the request's: sent, it was
+    # refused by grpc itself (RESOURCE_EXHAUSTED without the gateway's code), and the client
+    # raised for the whole batch, losing the good images.
+    ok, png = cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))
+    assert ok
+    padded = png.tobytes() + b"\0" * (59_990 - len(png))  # PNG readers stop at IEND
+    refused = _refused(even_caps)
+    results = _infer_both(even_caps, [SMALL, padded, SMALL])
+    assert _refused(even_caps) == refused
+    assert [r.output for r in results] == [[128, 128, 3], None, [128, 128, 3]]
+    assert results[1].error is not None and results[1].error.code == "payload_too_large"
+
+
+def test_the_client_sends_no_more_parts_than_the_gateway_takes(even_caps: Gateway) -> None:
+    # max_parts (3) under max_images (5): a request of five parts was refused too_many_parts.
+    refused = _refused(even_caps)
+    results = _infer_both(even_caps, [_noise_png(seed, 20, 20) for seed in range(7)])
+    assert _refused(even_caps) == refused
+    assert [r.output for r in results] == [[20, 20, 3]] * 7

@@ -350,3 +350,14 @@ def test_a_model_module_in_the_working_directory_is_found(tmp_path: Path) -> Non
     finally:
         served.proc.terminate()
         assert served.proc.wait(timeout=30) == 0
+
+
+def test_cli_refuses_what_it_cannot_use_without_a_traceback() -> None:
+    for args in (
+        ("--url", "localhost:5000", "limits"),  # no scheme
+        ("--timeout", "0", "limits"),
+        ("--url", "http://127.0.0.1:9", "limits"),  # nothing listens
+    ):
+        done = cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
