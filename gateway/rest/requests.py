@@ -195,6 +195,13 @@ def _read_parts() -> list[Part]:
         raise GatewayError(
             ErrorCode.MALFORMED_MULTIPART, "the multipart Content-Type has no boundary"
         )
+    try:
+        # Werkzeug decodes an RFC 2231 boundary*= to any character; a boundary is ASCII.
+        boundary_bytes = boundary.encode("ascii")
+    except UnicodeEncodeError:
+        raise GatewayError(
+            ErrorCode.MALFORMED_MULTIPART, "the multipart boundary is not ASCII"
+        ) from None
     max_parts: int = current_app.extensions[SETTINGS_KEY].max_parts
     parts: list[Part] = []
     names: set[str] = set()
@@ -203,7 +210,7 @@ def _read_parts() -> list[Part]:
     size = 0
     stream = request.stream
     try:
-        parser = PushMultipartParser(boundary.encode("latin-1"))
+        parser = PushMultipartParser(boundary_bytes)
         while data := stream.read(_CHUNK):
             _check_deadline()
             for event in parser.parse(data):
@@ -231,7 +238,9 @@ def _read_parts() -> list[Part]:
                 "the multipart body ended before its closing boundary",
             ) from None
     except MultipartError as exc:
-        raise GatewayError(ErrorCode.MALFORMED_MULTIPART, f"bad multipart body: {exc}") from None
+        # Its first argument is the message; a decoding failure adds the exception itself.
+        reason = exc.args[0] if exc.args else "unreadable"
+        raise GatewayError(ErrorCode.MALFORMED_MULTIPART, f"bad multipart body: {reason}") from None
     return parts
 
 
