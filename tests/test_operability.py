@@ -28,7 +28,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
-from tests.wire import post_octet
+from tests.wire import http_host_port, post_octet
 
 SERVICE = "imagegateway.v1.ImageGatewayService"
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -380,3 +380,24 @@ def test_each_stream_message_has_its_own_access_record(
     ok, bad = records["log-stream-ok"], records["log-stream-bad"]
     assert (ok["method"], ok["status"], ok["images"]) == ("InferStream", "OK", 1)
     assert (bad["method"], bad["status"], bad["images"]) == ("InferStream", "INVALID_ARGUMENT", 1)
+
+
+def test_bytes_in_counts_what_was_read(gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    chunked = requests.post(
+        f"{gateway.http_url}/v1/infer",
+        data=iter([PNG[:1000], PNG[1000:]]),  # a generator: requests sends it chunked
+        headers={"Content-Type": "application/octet-stream", "X-Request-ID": "bytes-chunked"},
+        timeout=10,
+    )
+    assert chunked.ok
+    host, port = http_host_port(gateway.http_url)
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nX-Request-ID: bytes-declared\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: 1000000000000\r\n\r\n"
+        )
+        assert s.recv(65536).startswith(b"HTTP/1.1 413")
+    records = {r["request_id"]: r for r in access_records(caplog)}
+    assert records["bytes-chunked"]["bytes_in"] == len(PNG)  # was 0 for every chunked body
+    assert records["bytes-declared"]["bytes_in"] == 0  # was the 10^12 declared

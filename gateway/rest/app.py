@@ -54,7 +54,8 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
                 model=dataplane.registry.label(g.model) if "model" in g else "",
                 images=g.get("images", 0),
                 status=str(response.status_code),
-                bytes_in=request.content_length or 0,
+                # What was read, not what was declared: a refused body was mostly not read.
+                bytes_in=getattr(request.environ.get("wsgi.input"), "bytes_read", 0),
                 bytes_out=response.calculate_content_length() or 0,
                 started=g.started,
             )

@@ -120,6 +120,7 @@ class ChunkedBody(io.RawIOBase):
         self._left = 0  # bytes of the current chunk still to read
         self._chunk_ended = True  # the CRLF after a chunk's data has been read
         self.finished = False
+        self.bytes_read = 0  # of data, chunk framing left out
         # Called once, before the first read (to send 100 Continue).
         self.before_first_read: Callable[[], None] | None = None
 
@@ -159,6 +160,7 @@ class ChunkedBody(io.RawIOBase):
         if n == 0:
             raise ConnectionError("the client closed the connection inside a chunk")
         self._left -= n
+        self.bytes_read += n
         return n
 
     def _line(self, what: str) -> bytes:

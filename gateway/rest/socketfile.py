@@ -146,6 +146,8 @@ class KnownLengthBody(server.KnownLengthRFile):
 
     # Called once, before the first read (to send 100 Continue).
     before_first_read: Callable[[], None] | None = None
+    # Body bytes read so far (the access record's bytes_in).
+    bytes_read = 0
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")[: self.remaining]
@@ -156,6 +158,7 @@ class KnownLengthBody(server.KnownLengthRFile):
             self.before_first_read = None
         n = int(self.rfile.readinto(view))
         self.remaining -= n
+        self.bytes_read += n
         return n
 
     def discard(self) -> None:
