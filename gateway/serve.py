@@ -163,7 +163,9 @@ def _configure_logging(settings: Settings) -> None:
     if settings.access_log == "off":
         access.setLevel(logging.WARNING)
         return
-    # Bare JSON lines, apart from the server's own log lines.
+    # Bare JSON lines, apart from the server's own log lines. Its own level: --log-level
+    # WARNING quiets the server's log, and had silenced the access log with it.
+    access.setLevel(logging.INFO)
     access.addHandler(_AccessLogWriter(sys.stderr))
     access.propagate = False
 
@@ -190,8 +192,8 @@ def _serve_until_signal(
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stopping.set()
 
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    for signum in workers.STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
     allocator.tune()
     try:
         gateway = start(settings, reuse_port=reuse_port)

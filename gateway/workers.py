@@ -28,19 +28,37 @@ from gateway.config import Settings, url_host, worker_count
 log = logging.getLogger("gateway")
 
 _RESTART_BACKOFF = 1.0
+# Each drains the gateway. SIGHUP too (a closed terminal, or an operator's reload): its default
+# killed the process at once, requests in flight and the metrics directory left behind.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
-    """Bind (without listening) so that port 0 becomes a concrete port all workers share."""
+    """Bind (without listening) so that port 0 becomes a concrete port all workers share.
+
+    First without SO_REUSEPORT, which fails while any other process listens on the port: with
+    it alone, a second gateway started on the same ports joined the first one's, and the kernel
+    split the connections between the two. SO_REUSEADDR on both lets a port whose last
+    connections still wait out TIME_WAIT be taken again at once, as the single-process
+    servers' own sockets do.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"{host}:{port} is taken ({exc.strerror})") from None
+        port = int(probe.getsockname()[1])
     sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
-    return sock, int(sock.getsockname()[1])
+    return sock, port
 
 
 def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) -> None:
@@ -77,8 +95,13 @@ def supervise(settings: Settings) -> int:
     # start at zero (prometheus-client reads the variable when the worker imports it).
     metrics_dir = tempfile.TemporaryDirectory(prefix="image-gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
-    http_sock, http_port = reserve_port(settings.host, settings.http_port)
-    grpc_sock, grpc_port = reserve_port(settings.host, settings.grpc_port)
+    try:
+        http_sock, http_port = reserve_port(settings.host, settings.http_port)
+        grpc_sock, grpc_port = reserve_port(settings.host, settings.grpc_port)
+    except OSError as exc:
+        log.error("cannot start: %s", exc.strerror or exc)
+        metrics_dir.cleanup()
+        return 1
     worker_settings = replace(settings, http_port=http_port, grpc_port=grpc_port, workers=1)
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
@@ -87,8 +110,8 @@ def supervise(settings: Settings) -> int:
         log.info("received %s, draining %d workers", signal.Signals(signum).name, count)
         stopping.set()
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
 
     def spawn() -> multiprocessing.process.BaseProcess:
         parent, child = context.Pipe(duplex=False)

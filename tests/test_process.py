@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import requests
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
-from tests.conftest import DATA
+from tests.conftest import DATA, wait_for
 from tests.test_qrcode import encode, qr_image
 
 BIN = Path(sys.executable).parent
@@ -148,7 +149,7 @@ def test_cli_prints_the_same_limits_over_both_protocols(served: Served) -> None:
     assert json.loads(over_http.stdout)["max_request_bytes"] == 64 * 1024 * 1024
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_clean_exit_on_signal(served: Served, sig: signal.Signals) -> None:
     assert requests.get(f"{served.http_url}/v1/models", timeout=10).status_code == 200
     served.proc.send_signal(sig)
@@ -361,3 +362,61 @@ def test_cli_refuses_what_it_cannot_use_without_a_traceback() -> None:
         done = cli(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_second_gateway_on_taken_ports_fails_and_the_first_keeps_them(
+    tmp_path: Path, workers: str
+) -> None:
+    first = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    try:
+        port = first.http_url.rsplit(":", 1)[1]
+        grpc_port = first.grpc_target.rsplit(":", 1)[1]
+        # With SO_REUSEPORT alone, a second gateway of two workers joined the first one's
+        # ports, and the kernel split the connections between the two.
+        second = subprocess.run(
+            [str(BIN / "image-gateway"), "serve", "--http-port", port, "--grpc-port", grpc_port,
+             "--workers", workers, "--model", "qrcode"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert "cannot start" in second.stderr and "Traceback" not in second.stderr
+        for _ in range(8):  # fresh connections, all answered by the first gateway
+            ready = requests.get(f"{first.http_url}/readyz", timeout=10).json()
+            assert ready["models"] == ["shape"]
+    finally:
+        first.proc.terminate()
+        assert first.proc.wait(timeout=30) == 0
+
+
+def test_a_quieter_log_level_keeps_the_access_log(tmp_path: Path) -> None:
+    # The server's log level is not the access log's: WARNING had silenced it too. (The ready
+    # line is INFO, so the port is chosen here and the server polled.)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway"), "serve", "--http-port", str(port), "--grpc-port", "0",
+         "--workers", "1", "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(f"{url}/healthz"), "the gateway serves", seconds=30)
+        png = Path(FILES[1]).read_bytes()
+        headers = {"Content-Type": "image/png", "X-Request-ID": "quiet-log"}
+        assert requests.post(f"{url}/v1/infer", data=png, headers=headers, timeout=10).ok
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    lines = log.read_text().splitlines()
+    assert any(json.loads(x)["request_id"] == "quiet-log" for x in lines if x.startswith("{"))
+    assert not any(" INFO " in x for x in lines)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.ConnectionError:
+        return False
