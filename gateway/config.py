@@ -107,8 +107,8 @@ def _ascii_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     value = _ascii_int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    if value > _MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is over {_MAX_COUNT}")
     return value
 
 
@@ -119,17 +119,26 @@ def _port(text: str) -> int:
     return value
 
 
+# Counts and sizes reach grpc and protobuf as 32-bit ints: a larger one was a traceback at
+# start (or, for a timeout, at shutdown) that named no setting.
+_MAX_COUNT = 2**31 - 1
+_MAX_SECONDS = 86_400.0
+
+
 def _positive_float(text: str) -> float:
+    # float() also takes "1e300", "inf" and "\u0663"; seconds are plain decimals.
+    if not re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (such as 2.5)")
     value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    if not 0 < value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {_MAX_SECONDS:g} seconds")
     return value
 
 
 def _at_least_one(text: str) -> int:
     value = _ascii_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is less than 1")
+    if not 1 <= value <= _MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 1 and {_MAX_COUNT}")
     return value
 
 

@@ -90,6 +90,13 @@ def test_flags_win_and_model_repeats() -> None:
         ("IMAGE_GATEWAY_HTTP_PORT", "٣"),
         ("IMAGE_GATEWAY_LOG_LEVEL", "verbose"),
         ("IMAGE_GATEWAY_MAX_STREAMS", "0"),
+        # Past what grpc and protobuf hold: tracebacks naming no setting, at start or at stop.
+        ("IMAGE_GATEWAY_MAX_REQUEST_BYTES", "2147483648"),
+        ("IMAGE_GATEWAY_MAX_IMAGES", "2147483648"),
+        ("IMAGE_GATEWAY_WORKERS", "99999999999"),
+        ("IMAGE_GATEWAY_SHUTDOWN_GRACE", "1e300"),
+        ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "٣"),
+        ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "inf"),
     ],
 )
 def test_bad_values_are_refused(name: str, value: str) -> None:
