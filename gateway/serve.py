@@ -65,8 +65,12 @@ class Gateway:
         remaining = max(0.0, deadline - time.monotonic())
         # gRPC refuses new calls at once and cancels what is left after the grace period.
         grpc_done = self.grpc.stop(remaining)
-        # cheroot closes its listener, then waits up to shutdown_timeout for busy threads.
-        self.http.stop()
+        # cheroot closes its listener, then waits up to shutdown_timeout for busy threads, and
+        # then, having closed their connections, for as long as they run: a thread inside a
+        # model call held the stop (and the process) until the call returned.
+        stopper = threading.Thread(target=self.http.stop, name="http-stop", daemon=True)
+        stopper.start()
+        stopper.join(remaining + 1)
         self._http_thread.join(remaining)
         grpc_done.wait(remaining)
         self.dataplane.close()
@@ -203,6 +207,18 @@ def _serve_until_signal(
     on_ready(gateway)
     stopping.wait()
     gateway.stop()
+    left = gateway.dataplane.admission.active
+    if left:
+        # Their threads are inside a model or a decode, which cannot be interrupted; exiting
+        # normally would wait for them (threads are joined at exit), however long past the
+        # grace they run.
+        log.error(
+            "%d requests still running after the %g s shutdown grace; exiting without them",
+            left,
+            settings.shutdown_grace,
+        )
+        logging.shutdown()  # the access records written so far
+        os._exit(1)
     return 0
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,3 +421,35 @@ def _answers(url: str) -> bool:
         return requests.get(url, timeout=1).ok
     except requests.ConnectionError:
         return False
+
+
+def test_shutdown_grace_bounds_the_exit_of_a_single_process(tmp_path: Path) -> None:
+    # A model call cannot be interrupted; the process waited for it however long past the grace
+    # (threads are joined at exit). Now it exits 1 when the grace is over, saying why.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--model", "tests.models:slow", "--shutdown-grace", "1", "--request-timeout", "300",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )  # fmt: skip
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(
+            requests.post,
+            f"{s.http_url}/v1/infer",
+            data=Path(FILES[1]).read_bytes(),
+            params={"seconds": "120"},
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=150,
+        )
+        wait_for(lambda: "in_flight_requests 1.0" in _metrics(s.http_url), "the call runs")
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=60) == 1  # not the 120 s the model would take
+        with pytest.raises(requests.ConnectionError):
+            call.result()
+    assert "1 requests still running after the 1 s shutdown grace" in s.log.read_text()
+
+
+def _metrics(http_url: str) -> str:
+    try:
+        return requests.get(f"{http_url}/metrics", timeout=5).text
+    except requests.ConnectionError:
+        return ""
