@@ -16,9 +16,10 @@ import requests
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
+from gateway.config import Settings
 from gateway.core.batching import Batcher, BatchPolicy
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.serve import Gateway
+from gateway.serve import Gateway, start
 from tests.conftest import wait_for
 from tests.models import BATCHING_SPY
 from tests.wire import grpc_result
@@ -169,3 +170,8 @@ def test_jobs_given_up_on_never_reach_the_model() -> None:
         assert batcher.waiting == 0
     finally:
         batcher.close()
+
+
+def test_batching_for_a_model_not_served_stops_the_start() -> None:
+    with pytest.raises(ValueError, match="embeding"):
+        start(Settings(http_port=0, grpc_port=0, batching=("embeding=16:2",)))

@@ -85,6 +85,13 @@ class DataPlane:
         self._decoders = ThreadPoolExecutor(max_workers=self._helpers, thread_name_prefix="decode")
         self._min_sizes = {model.name: min_input_size(model) for model in registry}
         self.batchers: dict[str, Batcher] = {}
+        unknown = sorted(set(batching or {}) - set(registry.names()))
+        if unknown:
+            # A misspelt name would leave batching off without a word.
+            raise ValueError(
+                f"batching is set for {', '.join(unknown)}, which this gateway does not serve "
+                f"(it serves: {', '.join(registry.names())})"
+            )
         for model in registry:
             policy = resolve_policy(model, batching or {})
             if policy is not None:
