@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -22,12 +23,14 @@ import threading
 import time
 from dataclasses import replace
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from gateway.config import Settings, url_host, worker_count
 
 log = logging.getLogger("gateway")
 
 _RESTART_BACKOFF = 1.0
+_METRICS_PREFIX = "image-gateway-metrics-"
 # Each drains the gateway. SIGHUP too (a closed terminal, or an operator's reload): its default
 # killed the process at once, requests in flight and the metrics directory left behind.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -59,6 +62,21 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
         sock.close()
         raise
     return sock, port
+
+
+def _remove_orphaned_metrics() -> None:
+    """The metrics directories of supervisors that ended without removing theirs (SIGKILL, a
+    crash): each is named for its supervisor's pid, and one whose process is gone is removed."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_METRICS_PREFIX}*-*"):
+        pid = path.name[len(_METRICS_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue  # named before the pid was in the name
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # another user's process, alive; or no pid at all
 
 
 def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) -> None:
@@ -93,7 +111,8 @@ def supervise(settings: Settings) -> int:
     count = worker_count(settings)
     # Workers share their metrics through files here; a fresh directory per run, so that counts
     # start at zero (prometheus-client reads the variable when the worker imports it).
-    metrics_dir = tempfile.TemporaryDirectory(prefix="image-gateway-metrics-")
+    _remove_orphaned_metrics()
+    metrics_dir = tempfile.TemporaryDirectory(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir.name
     try:
         http_sock, http_port = reserve_port(settings.host, settings.http_port)

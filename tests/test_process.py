@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -278,6 +279,14 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     alive = [p for p in workers if Path(f"/proc/{p}").exists()]
     assert alive == [], "workers outlived their supervisor"
     assert "the supervisor is gone" in s.log.read_text()
+    # Its metrics directory is left behind; the next gateway of several workers removes it.
+    orphans = list(Path(tempfile.gettempdir()).glob(f"image-gateway-metrics-{s.proc.pid}-*"))
+    assert len(orphans) == 1
+    (tmp_path / "next").mkdir()
+    following = launch(tmp_path / "next", "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    following.proc.terminate()
+    assert following.proc.wait(timeout=30) == 0
+    assert not orphans[0].exists()
 
 
 @pytest.mark.parametrize("access_log", ["on", "off"])
