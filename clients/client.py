@@ -65,19 +65,18 @@ class _Source:
 
     index: int
     size: int
-    path: Path | None = None
-    data: bytes | None = None
+    content: bytes | Path  # a file is its path until its request goes
 
     @classmethod
     def of(cls, index: int, image: ImageLike) -> _Source:
         if isinstance(image, (str, os.PathLike)):
             path = Path(image)
-            return cls(index, path.stat().st_size, path=path)
+            return cls(index, path.stat().st_size, path)
         data = encode_image(image)
-        return cls(index, len(data), data=data)
+        return cls(index, len(data), data)
 
     def load(self) -> bytes:
-        return self.data if self.data is not None else Path(str(self.path)).read_bytes()
+        return self.content if isinstance(self.content, bytes) else self.content.read_bytes()
 
 
 class _Transport(Protocol):

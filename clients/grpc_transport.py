@@ -20,7 +20,6 @@ from clients.results import (
     ImageResult,
     Limits,
     ModelInfo,
-    canonical_output,
 )
 
 _COLOR_MODES = {
@@ -32,13 +31,14 @@ _COLOR_MODES = {
 
 def normalise_json(value: Any) -> Any:
     """gRPC carries every number as a double; the gateway only sends integral numbers as ints,
-    so turning integral doubles back into ints gives exactly what the HTTP front sends."""
+    so turning integral doubles back into ints gives exactly what the HTTP front sends. Object
+    keys come sorted, as `canonical_output` sorts them over HTTP, in the same pass."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, list):
         return [normalise_json(v) for v in value]
     if isinstance(value, dict):
-        return {k: normalise_json(v) for k, v in value.items()}
+        return {k: normalise_json(value[k]) for k in sorted(value)}
     return value
 
 
@@ -51,7 +51,7 @@ def result_from_pb(result: pb.ImageResult) -> ImageResult:
         return ImageResult(
             result.name, info, None, ErrorInfo(result.error.code, result.error.message)
         )
-    output = canonical_output(normalise_json(json_format.MessageToDict(result.output)))
+    output = normalise_json(json_format.MessageToDict(result.output))
     return ImageResult(result.name, info, output)
 
 
