@@ -520,7 +520,7 @@ def test_malformed_and_oversized_request_heads_get_json_errors(gateway: Gateway)
     too_large = (431, "headers_too_large")
     cases = [
         (b"GET /v1/models HTTP/1.1 extra\r\n" + host + b"\r\n", (400, "invalid_request")),
-        (b"GET /v1/models HTTP/9.9\r\n" + host + b"\r\n", (505, "invalid_request")),
+        (b"GET /v1/models HTTP/9.9\r\n" + host + b"\r\n", (505, "unsupported_http_version")),
         (b"POST / HTTP/1.1\r\n" + host + b"Content-Length: x\r\n\r\n", (400, "invalid_request")),
         # A request line, or one header line, that never ends: refused at 64 KiB, not buffered.
         (b"GET /" + b"a" * 200_000, too_large),

@@ -188,3 +188,39 @@ def test_expect_100_continue_is_answered_when_the_body_is_wanted(gateway: Gatewa
             received += chunk
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
     assert received.count(b"HTTP/1.1 200 OK\r\n") == 2  # the follow-up, on the same connection
+
+
+CONNECTION_OPTIONS = {
+    # (protocol, Connection value): whether the connection stays open for the follow-up.
+    "HTTP/1.1 Close": (b"HTTP/1.1", b"Close", False),
+    "HTTP/1.1 keep-alive, close": (b"HTTP/1.1", b"keep-alive, close", False),
+    "HTTP/1.1 none": (b"HTTP/1.1", None, True),
+    "HTTP/1.0 keep-alive": (b"HTTP/1.0", b"keep-alive", True),
+    "HTTP/1.0 Keep-Alive": (b"HTTP/1.0", b"Keep-Alive", True),
+    "HTTP/1.0 none": (b"HTTP/1.0", None, False),
+}
+
+
+@pytest.mark.parametrize(
+    ("protocol", "connection", "kept"), CONNECTION_OPTIONS.values(), ids=CONNECTION_OPTIONS.keys()
+)
+def test_connection_options_are_read_as_case_insensitive_tokens(
+    gateway: Gateway, protocol: bytes, connection: bytes | None, kept: bool
+) -> None:
+    head = b"GET /healthz " + protocol + b"\r\nHost: x\r\n"
+    if connection is not None:
+        head += b"Connection: " + connection + b"\r\n"
+    answers = exchange(gateway, head + b"\r\n" + FOLLOW_UP)
+    assert [status for status, _, _ in answers] == ([200, 200] if kept else [200])
+    # What each protocol assumes unless told: HTTP/1.1 keeps the connection, HTTP/1.0 closes it.
+    said = {(b"HTTP/1.1", False): "close", (b"HTTP/1.0", True): "keep-alive"}
+    assert answers[0][1].get("Connection", "").lower() == said.get((protocol, kept), "")
+
+
+def test_framing_the_server_does_not_speak_gets_its_own_code_from_the_table(
+    gateway: Gateway,
+) -> None:
+    gzip = post(OCTET + b"Transfer-Encoding: gzip, chunked\r\n", chunked(b"12345"))
+    assert refused(exchange(gateway, gzip)) == (501, "unsupported_transfer_coding")
+    version = b"GET /healthz HTTP/1.2\r\nHost: x\r\n\r\n"
+    assert refused(exchange(gateway, version)) == (505, "unsupported_http_version")

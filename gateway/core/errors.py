@@ -28,6 +28,9 @@ class ErrorCode(Enum):
     IMAGE_TOO_LARGE = ("image_too_large", 413, "RESOURCE_EXHAUSTED")
     TOO_MANY_PIXELS = ("too_many_pixels", 413, "RESOURCE_EXHAUSTED")
     HEADERS_TOO_LARGE = ("headers_too_large", 431, "RESOURCE_EXHAUSTED")
+    # HTTP framing only; gRPC never answers these, but every row names a gRPC status.
+    UNSUPPORTED_TRANSFER_CODING = ("unsupported_transfer_coding", 501, "UNIMPLEMENTED")
+    UNSUPPORTED_HTTP_VERSION = ("unsupported_http_version", 505, "UNIMPLEMENTED")
     REQUEST_TIMEOUT = ("request_timeout", 408, "DEADLINE_EXCEEDED")
     DEADLINE_EXCEEDED = ("deadline_exceeded", 504, "DEADLINE_EXCEEDED")
     OVERLOADED = ("overloaded", 503, "UNAVAILABLE")

@@ -49,8 +49,10 @@ _CHEROOT_ERRORS = {
     413: ErrorCode.HEADERS_TOO_LARGE,
     414: ErrorCode.HEADERS_TOO_LARGE,
     500: ErrorCode.INTERNAL,
+    501: ErrorCode.UNSUPPORTED_TRANSFER_CODING,
     # Every thread busy and ACCEPTED_QUEUE connections waiting for one.
     503: ErrorCode.OVERLOADED,
+    505: ErrorCode.UNSUPPORTED_HTTP_VERSION,
 }
 # Connections accepted but waiting for a thread: a backstop behind the core's own queue. Past
 # it, and after ACCEPTED_QUEUE_TIMEOUT seconds, a connection is answered 503 without being read.
@@ -190,8 +192,17 @@ class GatewayRequest(server.HTTPRequest):
 
     def read_request_headers(self) -> bool:
         # cheroot's stubs leave it unannotated; it returns whether to go on with the request.
+        closing = self.close_connection
         if not super().read_request_headers():  # type: ignore[no-untyped-call]
             return False
+        # cheroot compares the whole Connection value, case and all: "Close" or "keep-alive,
+        # close" kept an HTTP/1.1 connection open, and an HTTP/1.0 "keep-alive" closed it.
+        # RFC 9110 7.6.1: a comma-separated list of case-insensitive options.
+        options = {o.strip().lower() for o in self.inheaders.get(b"Connection", b"").split(b",")}
+        if b"close" in options:
+            self.close_connection = True
+        elif self.response_protocol != "HTTP/1.1" and b"keep-alive" in options:
+            self.close_connection = closing
         if self.response_protocol == "HTTP/1.1" and b"Host" not in self.inheaders:
             # RFC 9112 3.2: a server must answer 400 to an HTTP/1.1 request without Host.
             self.simple_response("400 Bad Request", "an HTTP/1.1 request needs a Host header")
@@ -242,15 +253,18 @@ class GatewayRequest(server.HTTPRequest):
     def simple_response(self, status: Any, msg: Any = "") -> None:
         started = time.perf_counter()
         cheroot_status = int(str(status)[:3])
-        # The statuses the table has no row for (501 for a transfer coding other than chunked,
-        # 505 for an HTTP major version other than 1) are the client's doing, and stay cheroot's.
+        # Any status cheroot may add later is still answered with a code and status of the table.
         error = _CHEROOT_ERRORS.get(cheroot_status, ErrorCode.INVALID_REQUEST)
-        sent = error.http_status if cheroot_status in _CHEROOT_ERRORS else cheroot_status
+        sent = error.http_status
         message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg)
         if error is ErrorCode.REQUEST_TIMEOUT:
             message = f"the request stopped arriving: nothing came for {self.server.timeout} s"
         elif error is ErrorCode.HEADERS_TOO_LARGE:
             message = f"the request line and headers are over {MAX_HEADER_BYTES // 1024} KiB"
+        elif error is ErrorCode.UNSUPPORTED_TRANSFER_CODING:
+            message = "a Transfer-Encoding other than chunked; this server reads only chunked"
+        elif error is ErrorCode.UNSUPPORTED_HTTP_VERSION:
+            message = "an HTTP version this server does not speak; it serves HTTP/1.0 and 1.1"
         elif error is ErrorCode.OVERLOADED:
             message = (
                 f"every HTTP thread of this worker is busy and {ACCEPTED_QUEUE} connections "
