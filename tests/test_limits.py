@@ -259,3 +259,25 @@ def test_the_client_sends_no_more_parts_than_the_gateway_takes(even_caps: Gatewa
     results = _infer_both(even_caps, [_noise_png(seed, 20, 20) for seed in range(7)])
     assert _refused(even_caps) == refused
     assert [r.output for r in results] == [[20, 20, 3]] * 7
+
+
+def _post_chunked(gateway: Gateway, body: bytes) -> tuple[int, dict[str, object]]:
+    response = requests.post(
+        f"{gateway.http_url}/v1/infer",
+        data=iter([body[:1000], body[1000:]]),  # an iterable body goes out chunked
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=10,
+    )
+    assert response.request.headers["Transfer-Encoding"] == "chunked"
+    return response.status_code, response.json()
+
+
+def test_a_chunked_body_may_be_as_large_as_one_of_known_length(even_caps: Gateway) -> None:
+    ok, png = cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))
+    assert ok
+    at_cap = png.tobytes() + b"\0" * (60_000 - len(png))  # PNG readers stop at IEND
+    status, body = _post_chunked(even_caps, at_cap)
+    assert status == 200, body
+    assert body["result"]["output"] == [32, 32, 3]  # type: ignore[index]
+    status, body = _post_chunked(even_caps, at_cap + b"\0")
+    assert (status, body["error"]["code"]) == (413, "payload_too_large")  # type: ignore[index]

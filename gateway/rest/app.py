@@ -42,6 +42,11 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
         # routing's 404), so that the server does not read it out.
         if (request.content_length or 0) > settings.max_request_bytes:
             raise RequestEntityTooLarge()
+        if request.content_length is None:
+            # Werkzeug's stream for a chunked body raises 413 on a read at its limit, before it
+            # can know the body has ended: a body of exactly the cap was refused. The chunked
+            # reader (gateway.rest.framing) keeps the exact cap.
+            request.max_content_length = settings.max_request_bytes + 1
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:
