@@ -204,7 +204,10 @@ def _serve_until_signal(
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    on_ready(gateway)
+    # A worker reports to its supervisor whatever happens; a signal during start-up leaves
+    # the supervisor's log without a ready line, or the single process's.
+    if parent is not None or not stopping.is_set():
+        on_ready(gateway)
     stopping.wait()
     gateway.stop()
     left = gateway.dataplane.admission.active

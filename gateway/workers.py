@@ -137,7 +137,15 @@ def supervise(settings: Settings) -> int:
         proc = context.Process(
             target=_worker_main, args=(worker_settings, child, os.getpid()), daemon=False
         )
-        proc.start()
+        # A Ctrl-C reaches every process of the terminal's group; one that came while the
+        # worker still imported was a KeyboardInterrupt traceback. The worker starts with
+        # SIGINT ignored (an ignored signal stays so across exec) until its own handler is in
+        # place; the supervisor, which gets the same Ctrl-C, stops it then.
+        own = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGINT, own)
         child.close()
         # The worker writes one byte once both of its servers serve, or closes the pipe (it
         # has logged why).
@@ -155,15 +163,18 @@ def supervise(settings: Settings) -> int:
 
     procs: list[multiprocessing.process.BaseProcess] = []
     try:
-        for _ in range(count):
+        while len(procs) < count and not stopping.is_set():
             procs.append(spawn())
     except RuntimeError as exc:
-        log.error("cannot start: %s", exc)
-        for proc in procs:
-            proc.terminate()
-            proc.join(settings.shutdown_grace + 10)
-        return 1
-    log_ready(settings, http_port, grpc_port, count)
+        # A Ctrl-C reaches the starting workers too; then a worker that gave up is no failure.
+        if not stopping.is_set():
+            log.error("cannot start: %s", exc)
+            for proc in procs:
+                proc.terminate()
+                proc.join(settings.shutdown_grace + 10)
+            return 1
+    if not stopping.is_set():
+        log_ready(settings, http_port, grpc_port, count)
     while not stopping.wait(0.5):
         for i, proc in enumerate(procs):
             if not proc.is_alive() and not stopping.is_set():

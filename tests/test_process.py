@@ -363,6 +363,54 @@ def test_a_model_module_in_the_working_directory_is_found(tmp_path: Path) -> Non
         assert served.proc.wait(timeout=30) == 0
 
 
+@pytest.mark.parametrize(
+    ("workers", "ctrl_c"), [("1", False), ("2", False), ("2", True)], ids=["1", "2", "2-ctrl-c"]
+)
+def test_a_signal_during_start_up_stops_without_a_ready_line(
+    tmp_path: Path, workers: str, ctrl_c: bool
+) -> None:
+    # The model's loading says it has begun, then waits to be let go: the signal lands while
+    # the gateway (or its first worker) is still starting, with the handlers in place.
+    (tmp_path / "loading.py").write_text(
+        "import pathlib, time\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n"
+        "    pathlib.Path('loading').touch()\n"
+        "    while not pathlib.Path('go').exists():\n"
+        "        time.sleep(0.02)\n"
+        "    return ShapeModel()\n"
+    )
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [
+            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
+            *("--workers", workers, "--model", "loading:create"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: (tmp_path / "loading").exists(), "the model begins loading", 30)
+        if ctrl_c:  # what a terminal does: SIGINT to every process of the group
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        (tmp_path / "go").touch()
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"received {'SIGINT' if ctrl_c else 'SIGTERM'}" in text
+    assert "Traceback" not in text, text
+    # A ready line would tell whatever watches the log that the gateway serves.
+    assert "ready" not in text, text
+
+
 def test_cli_refuses_what_it_cannot_use_without_a_traceback() -> None:
     for args in (
         ("--url", "localhost:5000", "limits"),  # no scheme
