@@ -33,6 +33,10 @@ from gateway.rpc.server import build_grpc_server
 log = logging.getLogger("gateway")
 
 
+# Seconds the answers of finished gRPC calls have to leave once a drain has no request at work.
+ANSWER_TAIL = 1.0
+
+
 @dataclass
 class Gateway:
     """Both servers, bound and running."""
@@ -63,8 +67,11 @@ class Gateway:
         while self.dataplane.admission.active and time.monotonic() < deadline:
             time.sleep(0.05)
         remaining = max(0.0, deadline - time.monotonic())
-        # gRPC refuses new calls at once and cancels what is left after the grace period.
-        grpc_done = self.grpc.stop(remaining)
+        # gRPC refuses new calls at once and cancels what is left after its grace. No request
+        # is at work any more: what is left are answers on their way out, and streams that
+        # would hold the stop for the whole grace while they wait for their client (a health
+        # Watch, as grpc's client-side health checking keeps open; an idle InferStream).
+        grpc_done = self.grpc.stop(min(remaining, ANSWER_TAIL))
         # cheroot closes its listener, then waits up to shutdown_timeout for busy threads, and
         # then, having closed their connections, for as long as they run: a thread inside a
         # model call held the stop (and the process) until the call returned.

@@ -9,6 +9,7 @@ import logging
 import re
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -88,6 +89,32 @@ def test_drain_flips_health_before_in_flight_work_ends() -> None:
             raise AssertionError("a request during the drain was served")
         assert busy.result().status_code == 200
         stopping.result()
+
+
+def test_open_streams_do_not_hold_the_drain_for_its_whole_grace() -> None:
+    # A health Watch (what grpc's client-side health checking keeps open) and an InferStream
+    # waiting for its client's next message: nothing at work, so the stop need not wait 120 s.
+    gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=120))
+    with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(1) as pool:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        idle: list[pb.InferStreamRequest] = [pb.InferStreamRequest(image=pb.Image(data=PNG))]
+        gate = threading.Event()
+
+        def messages() -> Iterator[pb.InferStreamRequest]:
+            yield from idle
+            gate.wait(60)  # the client sends nothing more
+
+        stream = pb_grpc.ImageGatewayServiceStub(channel).InferStream(messages())
+        assert list(next(stream).result.output.list_value.values)
+        stopping = pool.submit(gw.stop)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stopping.result(timeout=60)
+        gate.set()
+        for call in (watch, stream):
+            with pytest.raises(grpc.RpcError) as ended:
+                next(call)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def access_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
