@@ -13,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.serve import Gateway
+from gateway.config import Settings
+from gateway.serve import Gateway, start
 from tests.conftest import DATA
 from tests.test_process import launch
 from tests.wire import post_octet
@@ -182,3 +183,40 @@ def test_labels_are_only_served_models_and_matched_routes(
         ("grpc", "GetModel", "shape", "OK"): 1,
         ("grpc", "Infer", "shape", "OK"): 1,
     }
+
+
+def image_errors(http_url: str) -> Counter[str]:
+    text = requests.get(f"{http_url}/metrics", timeout=10).text
+    counts: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_image_errors_total":
+                counts[sample.labels["code"]] += int(sample.value)
+    return counts
+
+
+def test_requests_refused_before_their_route_runs_keep_their_model_label() -> None:
+    gw = start(Settings(http_port=0, grpc_port=0, max_request_bytes=50_000, max_image_bytes=20_000))
+    try:
+        before, errors_before = request_counts(gw.http_url), image_errors(gw.http_url)
+        over_request, over_image = b"\0" * 60_000, PNG + b"\0" * (20_001 - len(PNG))
+        for path in ("/v1/models/shape/infer", "/v1/infer", "/", "/v1/models/nope/infer"):
+            answer = requests.post(
+                gw.http_url + path,
+                data=over_request,
+                headers={"Content-Type": "application/octet-stream"},
+                timeout=10,
+            )
+            assert answer.status_code == 413
+        assert post_octet(gw.http_url, "shape", over_image).status_code == 413
+        counted = delta(request_counts(gw.http_url), before)
+        assert counted == {
+            ("http", "POST /v1/models/<model>/infer", "shape", "413"): 2,
+            ("http", "POST /v1/infer", "shape", "413"): 1,
+            ("http", "POST /", "shape", "413"): 1,
+            ("http", "POST /v1/models/<model>/infer", "-", "413"): 1,
+        }
+        # The image over its own cap is an image refused; the bodies over the request's are not.
+        assert image_errors(gw.http_url) - errors_before == {"image_too_large": 1}
+    finally:
+        gw.stop()

@@ -38,6 +38,10 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
         g.started = time.perf_counter()
         g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
         g.deadline = dataplane.deadline()
+        # Every route about a model has a `model` value ("" for the default one): its label in
+        # the access record and the metrics, also for a request refused before the route runs.
+        if request.view_args is not None and "model" in request.view_args:
+            g.model = request.view_args["model"]
         # On every route, also those that never read a body (or do not exist: before
         # routing's 404), so that the server does not read it out.
         if (request.content_length or 0) > settings.max_request_bytes:

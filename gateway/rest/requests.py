@@ -20,7 +20,7 @@ from flask import current_app, g, request
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
 from werkzeug.exceptions import ClientDisconnected
 
-from gateway import allocator
+from gateway import allocator, metrics
 from gateway.core import formats
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import check_image_bytes
@@ -71,7 +71,12 @@ def single_image_request(model: str) -> InferRequest:
     if declared_image and length is not None and length <= settings.max_request_bytes:
         # The body is the image: one over the image cap is refused before it is read. (A body
         # over the request cap is Werkzeug's to refuse, payload_too_large as for any body.)
-        check_image_bytes(length, settings.max_image_bytes)
+        try:
+            check_image_bytes(length, settings.max_image_bytes)
+        except GatewayError as exc:
+            # Counted as the core counts every image it refuses, by whatever route it came.
+            metrics.inc(metrics.IMAGE_ERRORS, (exc.code,))
+            raise
     data = _read_body()
     if mimetype in _SNIFFED_TYPES:
         fmt = formats.sniff(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from flask import Blueprint, Response, current_app, g, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from gateway import metrics
 from gateway.config import published_limits
@@ -69,14 +69,12 @@ def list_models() -> Response:
 
 @v1.get("/models/<model>")
 def get_model(model: str) -> Response:
-    g.model = model
     return jsonify(model_json(dataplane().get_model(model)))
 
 
 @v1.post("/infer", defaults={"model": ""})
 @v1.post("/models/<model>/infer")
 def infer(model: str) -> Response:
-    g.model = model
     dataplane().model(model)  # an unknown model fails before its body is read
     if http_requests.is_multipart():
         return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
@@ -89,17 +87,15 @@ def page() -> Response:
     return current_app.send_static_file("index.html")
 
 
-@minimal.post("/")
-def infer_bare() -> Response:
-    g.model = ""
-    response = dataplane().infer_one(http_requests.single_image_request(""))
+@minimal.post("/", defaults={"model": ""})
+def infer_bare(model: str) -> Response:
+    response = dataplane().infer_one(http_requests.single_image_request(model))
     return jsonify(response.results[0].output)
 
 
-@minimal.post("/multi")
-def infer_multi_bare() -> Response:
-    g.model = ""
-    response = dataplane().infer(http_requests.multipart_request(""))
+@minimal.post("/multi", defaults={"model": ""})
+def infer_multi_bare(model: str) -> Response:
+    response = dataplane().infer(http_requests.multipart_request(model))
     for result in response.results:
         if result.error is not None:
             raise PartError(result.name, result.error.error, result.error.message)
