@@ -278,6 +278,8 @@ def test_invalid_color_mode(http_url: str, stub: pb_grpc.ImageGatewayServiceStub
         )
     )
     assert replies[0].result.error.code == "invalid_request"
+    # Both name the model that answers for "", failed or not.
+    assert [r.model for r in replies] == ["shape", "shape"]
     expected = post_octet(http_url, "shape", JPEG).json()["result"]["output"]
     assert grpc_result(replies[1].result)["output"] == expected
 
@@ -390,3 +392,23 @@ def test_a_boundary_that_is_not_ascii_is_malformed_multipart(http_url: str) -> N
         timeout=10,
     )
     assert (resp.status_code, resp.json()["error"]["code"]) == (400, "malformed_multipart")
+
+
+def test_infer_without_an_image_field_is_no_images(stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(model="shape"), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "no_images")
+    # An image sent with no bytes is an empty image, as in a batch.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(model="shape", image=pb.Image(name="a")), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "empty_image")
+
+
+def test_a_stream_ends_with_its_request_id(stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    call = stub.InferStream(
+        iter([pb.InferStreamRequest(image=pb.Image(data=PNG))]),
+        metadata=[("x-request-id", "stream-id-1")],
+        timeout=10,
+    )
+    assert [r.request_id for r in call] == ["stream-id-1-0"]
+    assert dict(call.trailing_metadata() or ())["x-request-id"] == "stream-id-1"

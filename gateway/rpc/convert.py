@@ -83,6 +83,9 @@ def single_request(
     client_gone: Callable[[], bool] | None = None,
 ) -> InferRequest:
     msg = detached.message
+    if not msg.HasField("image"):
+        # As InferBatch without images; an image field set with no data is empty_image.
+        raise GatewayError(ErrorCode.NO_IMAGES, "the request holds no image (no image field)")
     return InferRequest(
         model=msg.model,
         images=(_image(msg.image, detached.datas[0]),),

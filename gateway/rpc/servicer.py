@@ -191,6 +191,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             )
         try:
             yield from self._stream(request_iterator, context, stream_id)
+            # The stream's id, as a unary call's: its messages' ids are derived from it.
+            context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
         finally:
             self._streams.release()
 
@@ -220,7 +222,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
                 response = self.dataplane.infer(core)
             except GatewayError as exc:
                 failed = ItemResult(message.image.name, error=ItemError(exc.error, exc.message))
-                response = InferResponse(message.model, request_id, (failed,))
+                # Named as a served request's answer is: the default model for "".
+                model = self.dataplane.registry.get(message.model)
+                name = message.model if model is None else model.name
+                response = InferResponse(name, request_id, (failed,))
             reply = convert.stream_response(response)
             (result,) = response.results
             status = result.error.error.grpc_status if result.error is not None else "OK"
