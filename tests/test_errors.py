@@ -90,6 +90,17 @@ def test_unsupported_format_names_the_detected_type(http_url: str) -> None:
     assert "heic" in post_octet(http_url, "shape", data).json()["error"]["message"]
 
 
+def test_an_avif_in_a_plain_heif_container_decodes(http_url: str) -> None:
+    # Major brand "mif1" (HEIF's own), with "avif" among the compatible brands: libavif takes
+    # it, and it was refused as HEIC.
+    avif = (DATA / "images" / "hopper.avif").read_bytes()
+    assert avif[8:12] == b"avif" and b"avif" in avif[16 : int.from_bytes(avif[:4], "big")]
+    heif = avif[:8] + b"mif1" + avif[12:]
+    answers = [post_octet(http_url, "shape", data) for data in (avif, heif)]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    assert answers[0].json()["result"] == answers[1].json()["result"]
+
+
 def test_one_bad_image_fails_only_its_item(
     http_url: str, stub: pb_grpc.ImageGatewayServiceStub
 ) -> None:

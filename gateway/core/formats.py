@@ -96,10 +96,14 @@ def sniff(data: Buffer) -> Format | None:
     if head[:2] in (b"PF", b"Pf") and head[2:3].isspace():
         return PFM
     if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand in _AVIF_BRANDS:
+        # libavif takes a file whose major brand or any compatible brand is AVIF's: a HEIF
+        # container ("mif1") that holds AV1 images says so among its compatible brands.
+        size = int.from_bytes(head[:4], "big")
+        box = bytes(memoryview(data)[: min(max(size, 16), 4096)])
+        brands = {box[8:12]} | {box[i : i + 4] for i in range(16, len(box) - 3, 4)}
+        if brands & _AVIF_BRANDS:
             return AVIF
-        if brand in _HEIF_BRANDS:
+        if brands & _HEIF_BRANDS:
             return HEIC
     text = head.lstrip().lower()
     if text.startswith((b"<svg", b"<?xml")):
