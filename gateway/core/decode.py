@@ -48,7 +48,10 @@ _REDUCED = {
     },
 }
 
-DECODABLE = "JPEG, PNG, WebP, GIF, BMP, TIFF, JPEG 2000, AVIF, PNM, OpenEXR or Radiance HDR"
+DECODABLE = (
+    "JPEG, PNG, WebP, GIF, BMP, TIFF, JPEG 2000, AVIF, PNM or PFM, Sun raster, OpenEXR "
+    "or Radiance HDR"
+)
 
 
 @dataclass(frozen=True)
