@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import cv2
@@ -19,7 +20,8 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError, ImageResult
 from gateway.config import Settings, published_limits
 from gateway.serve import Gateway, start
-from tests.conftest import DATA
+from tests.conftest import DATA, wait_for
+from tests.models import GATE
 from tests.wire import grpc_code
 
 SMALL = (DATA / "images" / "hopper.jpg").read_bytes()  # 6 KB
@@ -281,3 +283,36 @@ def test_a_chunked_body_may_be_as_large_as_one_of_known_length(even_caps: Gatewa
     assert body["result"]["output"] == [32, 32, 3]  # type: ignore[index]
     status, body = _post_chunked(even_caps, at_cap + b"\0")
     assert (status, body["error"]["code"]) == (413, "payload_too_large")  # type: ignore[index]
+
+
+def test_an_image_that_decodes_deep_takes_more_of_the_pixel_budget() -> None:
+    # A 9000-pixel float64 RGB TIFF decodes to 24 bytes a pixel, three times the 16-bit RGBA the
+    # budget (2 x 10,000 pixels) is sized for: in `unchanged` it takes the whole budget, and a
+    # small image waits for it instead of decoding beside it.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("tests.models:gated",),
+            max_concurrency=2,
+            max_request_pixels=10_000,
+        )
+    )
+    ok, deep = cv2.imencode(".tiff", np.zeros((90, 100, 3), np.float64))
+    ok_small, small = cv2.imencode(".png", np.zeros((50, 50, 3), np.uint8))
+    assert ok and ok_small
+    url = f"{gw.http_url}/v1/infer?color_mode=unchanged"
+    GATE.clear()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(requests.post, url, data=deep.tobytes(), timeout=30)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the deep image is admitted")
+            second = pool.submit(requests.post, url, data=small.tobytes(), timeout=30)
+            wait_for(lambda: gw.dataplane.admission.waiting == 1, "the small image waits")
+            assert gw.dataplane.admission.active == 1
+            GATE.set()
+            outputs = [f.result().json()["result"]["output"] for f in (first, second)]
+        assert outputs == [[90, 100, 3], [50, 50, 3]]
+    finally:
+        GATE.set()
+        gw.stop()

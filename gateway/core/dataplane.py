@@ -23,6 +23,7 @@ from gateway.core.limits import Limits, check_image_bytes
 from gateway.core.outputs import NotJSONError, to_json_value
 from gateway.core.types import (
     Buffer,
+    ColorMode,
     InferRequest,
     InferResponse,
     ItemError,
@@ -171,7 +172,7 @@ class DataPlane:
             )
         batcher = self.batchers.get(model.name)
         stopped = functools.partial(_stopped, request)
-        with self.admission.slot(total, request.deadline, stopped):
+        with self.admission.slot(_cost(items, request.color_mode), request.deadline, stopped):
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             if batcher is None:
@@ -292,6 +293,16 @@ class DataPlane:
                 f"model {model.name!r} failed on this request (request id "
                 f"{request.request_id}); the server log has the details",
             ) from None
+
+
+def _cost(items: Sequence[Probe | ItemError], color_mode: ColorMode) -> int:
+    """What a request takes of the pixel budget: its pixels, each counted once for every 8 bytes
+    it decodes to. The budget is sized for 16-bit RGBA, the deepest most formats decode to
+    (`unchanged`); a float TIFF, PFM, HDR or OpenEXR decodes deeper, up to 32 bytes a pixel."""
+    probes = [p for p in items if isinstance(p, Probe)]
+    if color_mode is not ColorMode.UNCHANGED:
+        return sum(p.size.pixels for p in probes)
+    return sum(p.size.pixels * -(-p.size.pixel_bytes // 8) for p in probes)
 
 
 def _stopped(request: InferRequest) -> GatewayError | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -28,6 +28,10 @@ class HeaderError(ValueError):
 class Dimensions:
     width: int
     height: int
+    # The most bytes one pixel decodes to with every channel at its stored depth (OpenCV's
+    # IMREAD_UNCHANGED): 16-bit RGBA for most formats, more for float ones. Not part of the
+    # size: two Dimensions are equal when they are the same size.
+    pixel_bytes: int = field(default=8, compare=False)
 
     @property
     def pixels(self) -> int:
@@ -46,7 +50,14 @@ def dimensions(data: Buffer, fmt: str) -> Dimensions:
         view = memoryview(data).cast("B")
     except TypeError:
         raise HeaderError("the image is not a contiguous byte buffer") from None
-    return reader(view)
+    size = reader(view)
+    deep = _FLOAT_PIXEL_BYTES.get(fmt)
+    return size if deep is None else Dimensions(size.width, size.height, deep)
+
+
+# Formats whose pixels decode to float32: PFM and Radiance HDR three channels, OpenEXR up to four.
+# (A TIFF's depth is read from its own tags.)
+_FLOAT_PIXEL_BYTES = {"pfm": 12, "hdr": 12, "openexr": 16}
 
 
 # Bytes examined one at a time (junk between JPEG segments, GIF blocks) stay within this prefix.
@@ -224,6 +235,7 @@ def _sun_raster(view: memoryview) -> Dimensions:
 # TIFF ------------------------------------------------------------------------------------------
 
 _TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 322, 323
+_TIFF_BITS, _TIFF_SAMPLES = 258, 277
 # Integer field types libtiff accepts for a size: type -> (bytes, signed).
 _TIFF_INTEGERS = {
     1: (1, False),  # BYTE
@@ -237,6 +249,8 @@ _TIFF_INTEGERS = {
 }
 # libtiff rejects a directory with more entries than this as not being one.
 _TIFF_MAX_ENTRIES = 4096
+# More samples a pixel than any image OpenCV decodes has; a bound on the BitsPerSample list read.
+_TIFF_MAX_SAMPLES = 64
 
 
 def _tiff(view: memoryview) -> Dimensions:
@@ -260,19 +274,46 @@ def _tiff(view: memoryview) -> Dimensions:
     if count > _TIFF_MAX_ENTRIES or first + count * entry_size > len(view):
         raise HeaderError("the first TIFF directory is truncated or implausibly long")
     sizes: dict[int, int] = {}
+    bits, samples = 8, 1  # libtiff's defaults
     for entry in range(first, first + count * entry_size, entry_size):
         tag = _int(view, entry, 2, order)
         if tag in (_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH):
             # libtiff keeps the first of duplicate tags; the largest is at least as large.
             value = _tiff_integer(view, entry, order, field_size)
             sizes[tag] = max(sizes.get(tag, 0), value)
+        elif tag == _TIFF_SAMPLES:
+            try:
+                samples = max(samples, _tiff_integer(view, entry, order, field_size))
+            except HeaderError:  # only weighs the image's cost: libtiff decides
+                samples = 4
+        elif tag == _TIFF_BITS:
+            bits = max(bits, _tiff_bits(view, entry, order, field_size))
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise HeaderError("the first TIFF directory has no ImageWidth or ImageLength")
     # OpenCV reads a tiled TIFF through a buffer of one whole tile, which is filled even where
     # the tile overhangs the image, so a tile larger than the image counts as its size.
     width = max(sizes[_TIFF_WIDTH], sizes.get(_TIFF_TILE_WIDTH, 0))
     height = max(sizes[_TIFF_LENGTH], sizes.get(_TIFF_TILE_LENGTH, 0))
-    return _dims(width, height)
+    size = _dims(width, height)
+    # A 64-bit float RGB TIFF decodes to 24 bytes a pixel, three times 16-bit RGBA.
+    return Dimensions(size.width, size.height, max(8, -(-bits * samples // 8)))
+
+
+def _tiff_bits(view: memoryview, entry: int, order: _Order, field_size: int) -> int:
+    """The largest of BitsPerSample's values (one a sample); 64, the deepest, when they are
+    not a plain list of integers: they only weigh the image's cost, and libtiff decides."""
+    kind = _TIFF_INTEGERS.get(_int(view, entry + 2, 2, order))
+    count = _int(view, entry + 4, field_size, order)
+    if kind is None or not 1 <= count <= _TIFF_MAX_SAMPLES:
+        return 64
+    size, signed = kind
+    where = entry + 4 + field_size
+    try:
+        if size * count > field_size:  # the values do not fit in the entry: it holds an offset
+            where = _int(view, where, field_size, order)
+        return max(_int(view, where + size * i, size, order, signed) for i in range(count))
+    except HeaderError:
+        return 64
 
 
 def _tiff_integer(view: memoryview, entry: int, order: _Order, field_size: int) -> int:
