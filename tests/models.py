@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError
 from typing import Any
 
 import numpy as np
@@ -149,3 +150,64 @@ class SmallInput:
 
 def small_input() -> SmallInput:
     return SmallInput()
+
+
+class Misbehaving:
+    """Does what its "do" parameter says on an image 13 pixels wide, the shape on any other:
+    raise an exception by its name, return an output no front can carry, or write to its input
+    (and then raise). A buggy user model, every way the gateway must contain."""
+
+    name = "misbehaving"
+    description = "misbehaves on an image 13 pixels wide, as its 'do' parameter says"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> Any:
+        do = str(params.get("do", ""))
+        bad = any(i.shape[1] == 13 for i in images)
+        outputs = [[*i.shape, int(i[0, 0].sum())] for i in images]
+        if do == "write":
+            for image in images:
+                image[0, 0] = 0
+            if bad:
+                raise ValueError("wrote to its input, then failed")
+        elif bad and do in _RAISED:
+            raise _RAISED[do]("the model raised this itself")
+        elif bad and do in _OUTPUTS:
+            return [_OUTPUTS[do]() if i.shape[1] == 13 else list(i.shape) for i in images]
+        elif bad and do == "str":
+            return "x"  # one character: one "output" for one image
+        return outputs
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+_RAISED: dict[str, type[BaseException]] = {
+    "SystemExit": SystemExit,
+    "KeyboardInterrupt": KeyboardInterrupt,
+    "TimeoutError": TimeoutError,
+    "CancelledError": CancelledError,
+}
+_OUTPUTS: dict[str, Callable[[], Any]] = {
+    "huge-int": lambda: 10**400,
+    "surrogate": lambda: "\ud800",
+    "deep": lambda: _nested(60),
+    "clashing-keys": lambda: {1: "a", "1": "b"},
+}
+
+
+class BatchedMisbehaving(Misbehaving):
+    name = "misbehaving-batched"
+    max_batch_size = 16
+    max_batch_wait_ms = 200
+
+
+def misbehaving() -> Misbehaving:
+    return Misbehaving()
+
+
+def misbehaving_batched() -> BatchedMisbehaving:
+    return BatchedMisbehaving()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cv2
@@ -17,7 +17,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
 from gateway.config import Settings
-from gateway.core.batching import Batcher, BatchPolicy
+from gateway.core.batching import Batcher, BatchPolicy, DroppedError, WaitTimeoutError
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.serve import Gateway, start
 from tests.conftest import wait_for
@@ -155,16 +155,18 @@ def test_jobs_given_up_on_never_reach_the_model() -> None:
             wait_for(lambda: bool(model.calls), "the first call holds the batcher")
             # Queued behind it: one whose caller stops waiting, one nobody wants any more by the
             # time a batch would take it, and one still wanted.
-            with pytest.raises(TimeoutError):
+            with pytest.raises(WaitTimeoutError):
                 batcher.predict([image], {"tag": "late"}, 0.05)
+            # Gone from the queue at once, its images with it, though no batch runs.
+            assert batcher.waiting == 0
             gone = GatewayError(ErrorCode.CANCELLED, "the client went away")
             unwanted = pool.submit(batcher.predict, [image], {"tag": "gone"}, 10, lambda: gone)
             kept = pool.submit(batcher.predict, [image], {"tag": "kept"}, 10, lambda: None)
-            wait_for(lambda: batcher.waiting == 3, "three jobs queue")
+            wait_for(lambda: batcher.waiting == 2, "two jobs queue")
             model.release.set()
             assert first.result() == ["x"]
             assert kept.result() == ["kept"]
-            with pytest.raises(CancelledError):
+            with pytest.raises(DroppedError):
                 unwanted.result()
         assert model.calls == [["x"], ["kept"]]
         assert batcher.waiting == 0

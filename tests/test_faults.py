@@ -375,6 +375,8 @@ def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
             late = stub.Infer.future(grpc_call("late"), timeout=0.5)
             wait_for(lambda: batcher.waiting == 1, "the call with a short deadline waits")
             assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # It leaves the queue as its wait ends, its images with it.
+            wait_for(lambda: batcher.waiting == 0, "the call given up on leaves the queue")
             with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
                 s.sendall(
                     f"POST /v1/models/{model}/infer?tag=left HTTP/1.1\r\nHost: x\r\n".encode()
@@ -382,9 +384,9 @@ def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
                     + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
                     + PNG
                 )
-                wait_for(lambda: batcher.waiting == 2, "the HTTP request waits")
+                wait_for(lambda: batcher.waiting == 1, "the HTTP request waits")
             kept = pool.submit(post_octet, gw.http_url, model, PNG, params={"tag": "kept"})
-            wait_for(lambda: batcher.waiting == 3, "the request that stays waits")
+            wait_for(lambda: batcher.waiting == 2, "the request that stays waits")
             GATE.set()
             assert kept.result().json()["result"]["output"] == [128, 128, 3]
             assert grpc_result(first.result().result)["output"] == [128, 128, 3]

@@ -7,7 +7,9 @@ requests that arrive within `max_wait` of the first, up to `max_batch_size` imag
 parameters are never merged. Model code does not change: it already takes a list.
 
 If the merged call fails, each request of the batch is retried on its own, so one bad request
-fails alone instead of failing every other client merged with it.
+fails alone instead of failing every other client merged with it. The merged call gets read-only
+views of the images, so that a model that writes to its input cannot hand a retried request
+pixels it changed for another (it then gets each request alone, and works as without batching).
 
 A request that stops waiting (its deadline passed) or that nobody wants any more (its client has
 gone) is left out of the next batch rather than computed for nobody: under overload, work done
@@ -16,12 +18,13 @@ for requests that already failed is what keeps the live ones failing too.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +44,27 @@ class BatchPolicy:
     max_wait: float
 
 
+class WaitTimeoutError(Exception):
+    """No answer came within the caller's timeout; the job was dropped unless already running."""
+
+
+class DroppedError(Exception):
+    """The job was dropped before a batch took it: its `stopped` said why."""
+
+
+class ModelRaisedError(Exception):
+    """What the model raised, carried out of the batcher's thread as it is."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    # Not ==: True == 1 == 1.0 in Python, and a model may tell them apart.
+    return json.dumps(params, sort_keys=True, default=repr)
+
+
 @dataclass(eq=False)  # jobs are compared by identity; their images are arrays
 class _Job:
     images: Sequence[np.ndarray]
@@ -48,6 +72,10 @@ class _Job:
     # Asked when the job would join a batch; an error drops it (see Batcher.predict).
     stopped: Callable[[], GatewayError | None] | None = None
     future: Future[Sequence[JSONValue]] = field(default_factory=Future)
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = _params_key(self.params)
 
     def claim(self) -> bool:
         """True if the job goes into a batch; False once it is cancelled, or dropped now."""
@@ -80,10 +108,11 @@ class Batcher:
     ) -> Sequence[JSONValue]:
         """Like model.predict, but possibly sharing one call with concurrent requests.
 
-        Raises TimeoutError if no answer comes within `timeout` seconds; the job is then dropped
+        Raises WaitTimeoutError if no answer comes within `timeout` seconds; the job is then dropped
         unless a batch has already taken it. `stopped`, if given, is called from the batcher's
         thread when the job would join a batch: if it returns an error (why the request should
-        stop) the job is dropped, and this raises concurrent.futures.CancelledError.
+        stop) the job is dropped, and this raises DroppedError. Whatever the model raised comes out
+        as ModelRaisedError, so that it is never taken for one of those two.
         """
         job = _Job(images, params, stopped)
         with self._ready:
@@ -94,8 +123,16 @@ class Batcher:
         try:
             return job.future.result(timeout)
         except TimeoutError:
-            job.future.cancel()
-            raise
+            if job.future.cancel():
+                # Out of the queue now, images and all: a model that hangs takes no batch,
+                # and the queue would keep every dropped request's pixels until it did.
+                with self._ready:
+                    if job in self._pending:
+                        self._pending.remove(job)
+                raise WaitTimeoutError() from None
+            return job.future.result()  # a batch took it meanwhile
+        except CancelledError:
+            raise DroppedError() from None
 
     def close(self) -> None:
         with self._ready:
@@ -119,8 +156,7 @@ class Batcher:
                     (
                         j
                         for j in self._pending
-                        if j.params == first.params
-                        and size + len(j.images) <= self.policy.max_batch_size
+                        if j.key == first.key and size + len(j.images) <= self.policy.max_batch_size
                     ),
                     None,
                 )
@@ -144,34 +180,42 @@ class Batcher:
                 log.exception("batcher for %r failed", self.model.name)
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(ModelRaisedError(exc))
 
     def _run_batch(self, batch: list[_Job]) -> None:
         metrics.observe(metrics.BATCH_SIZE, sum(len(j.images) for j in batch), (self.model.name,))
         if len(batch) == 1:
             self._run_alone(batch[0])
             return
-        images = [image for job in batch for image in job.images]
+        images = [_read_only(image) for job in batch for image in job.images]
         try:
             outputs = self.model.predict(images, batch[0].params)
-            if len(outputs) != len(images):
-                raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
-        except Exception:
+            if isinstance(outputs, (str, bytes, Mapping)) or len(outputs) != len(images):
+                raise ValueError(f"returned {type(outputs).__name__} for {len(images)} images")
+        except BaseException:  # SystemExit from a model is its bug too, and fails only its own
             log.warning(
                 "model %r failed on a merged batch of %d requests; retrying each alone",
                 self.model.name,
                 len(batch),
             )
             for job in batch:
-                self._run_alone(job)
+                self._run_alone(job, retried=True)
             return
         start = 0
         for job in batch:
             job.future.set_result(outputs[start : start + len(job.images)])
             start += len(job.images)
 
-    def _run_alone(self, job: _Job) -> None:
+    def _run_alone(self, job: _Job, retried: bool = False) -> None:
+        if retried:  # counted as the model call it is; the merged one was counted already
+            metrics.observe(metrics.BATCH_SIZE, len(job.images), (self.model.name,))
         try:
             job.future.set_result(self.model.predict(job.images, job.params))
         except BaseException as exc:  # handed to the waiting request, which reports it
-            job.future.set_exception(exc)
+            job.future.set_exception(ModelRaisedError(exc))
+
+
+def _read_only(image: np.ndarray) -> np.ndarray:
+    view = image.view()
+    view.flags.writeable = False
+    return view

@@ -8,19 +8,24 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import Any
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from gateway import metrics
 from gateway.core.admission import Admission
-from gateway.core.batching import Batcher, BatchPolicy
+from gateway.core.batching import (
+    Batcher,
+    BatchPolicy,
+    DroppedError,
+    ModelRaisedError,
+    WaitTimeoutError,
+)
 from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import Limits, check_image_bytes
-from gateway.core.outputs import NotJSONError, to_json_value
+from gateway.core.outputs import to_json_value
 from gateway.core.types import (
     Buffer,
     ColorMode,
@@ -172,21 +177,13 @@ class DataPlane:
             )
         batcher = self.batchers.get(model.name)
         stopped = functools.partial(_stopped, request)
+        # A batched request keeps its slot while it waits for others: its decoded images are
+        # memory until the batch runs, and a model that hangs must not let requests pile up
+        # behind it past the budget and --max-queue.
         with self.admission.slot(_cost(items, request.color_mode), request.deadline, stopped):
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
             good = [d for d in decoded if isinstance(d, DecodedImage)]
-            if batcher is None:
-                if good:
-                    metrics.observe(metrics.BATCH_SIZE, len(good), (model.name,))
-                outputs = self._predict(model, model.predict, good, request) if good else []
-        # A batched request waits for others outside the slot: waiting costs no CPU, and the
-        # batcher runs one predict at a time for its model.
-        if batcher is not None:
-            remaining = None
-            if request.deadline is not None:
-                remaining = max(0.0, request.deadline - time.monotonic())
-            predict = functools.partial(batcher.predict, timeout=remaining, stopped=stopped)
-            outputs = self._predict(model, predict, good, request) if good else []
+            outputs = self._predict(model, batcher, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
         _check_request(request)
@@ -265,34 +262,62 @@ class DataPlane:
     def _predict(
         self,
         model: Model,
-        predict: Callable[[Sequence[np.ndarray], Mapping[str, Any]], Sequence[JSONValue]],
+        batcher: Batcher | None,
         images: list[DecodedImage],
         request: InferRequest,
     ) -> list[JSONValue]:
         _check_request(request)
+        arrays = [d.array for d in images]
         try:
-            outputs = predict([d.array for d in images], request.parameters)
-            if len(outputs) != len(images):
-                raise ValueError(f"returned {len(outputs)} outputs for {len(images)} images")
-            return [to_json_value(o) for o in outputs]
-        except (GatewayError, KeyboardInterrupt):
+            if batcher is None:
+                metrics.observe(metrics.BATCH_SIZE, len(arrays), (model.name,))
+                outputs = model.predict(arrays, request.parameters)
+            else:
+                remaining = None
+                if request.deadline is not None:
+                    remaining = max(0.0, request.deadline - time.monotonic())
+                stopped = functools.partial(_stopped, request)
+                outputs = batcher.predict(arrays, request.parameters, remaining, stopped)
+            return _json_outputs(outputs, len(arrays))
+        except GatewayError:
             raise
-        except TimeoutError:
+        except WaitTimeoutError:
             raise GatewayError(
                 ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed waiting for the model"
             ) from None
-        except CancelledError:
+        except DroppedError:
             # The batcher dropped it: deadline passed or client gone, and it says which.
             raise _stopped(request) or GatewayError(
                 ErrorCode.CANCELLED, "the request was dropped before the model ran"
             ) from None
-        except (Exception, NotJSONError):
-            log.exception("model %r failed, request id %s", model.name, request.request_id)
+        # Whatever the model raised, SystemExit and KeyboardInterrupt too: on a request's thread
+        # they are its bug (a real Ctrl-C reaches the main thread), and let through they stopped
+        # the HTTP server.
+        except BaseException as exc:
+            failure = exc.error if isinstance(exc, ModelRaisedError) else exc
+            log.error(
+                "model %r failed, request id %s",
+                model.name,
+                request.request_id,
+                exc_info=(type(failure), failure, failure.__traceback__),
+            )
             raise GatewayError(
                 ErrorCode.MODEL_ERROR,
                 f"model {model.name!r} failed on this request (request id "
                 f"{request.request_id}); the server log has the details",
             ) from None
+
+
+def _json_outputs(outputs: object, count: int) -> list[JSONValue]:
+    """One JSON value an image, or ValueError/NotJSONError naming what the model got wrong."""
+    # A str, bytes or dict has a length too: one of 1 would pass for one image's output.
+    if isinstance(outputs, (str, bytes, bytearray, Mapping)) or not isinstance(
+        outputs, (Sequence, np.ndarray)
+    ):
+        raise ValueError(f"returned a {type(outputs).__name__}, not a list of outputs")
+    if len(outputs) != count:
+        raise ValueError(f"returned {len(outputs)} outputs for {count} images")
+    return [to_json_value(o) for o in outputs]
 
 
 def _cost(items: Sequence[Probe | ItemError], color_mode: ColorMode) -> int:

@@ -1,7 +1,9 @@
 """Model outputs -> canonical JSON values, identical whichever front serialises them.
 
 gRPC carries numbers as doubles (google.protobuf.Value), JSON keeps 3 and 3.0 apart; making
-integral numbers ints here, once, lets every client read the same value back from both.
+integral numbers ints here, once, lets every client read the same value back from both. What
+one front could carry and the other not (an integer a double cannot hold exactly, a string that
+is not Unicode, nesting deeper than protobuf parses) is refused here, for both.
 """
 
 from __future__ import annotations
@@ -14,28 +16,58 @@ import numpy as np
 
 from gateway.models.base import JSONValue
 
+# protobuf parses at most 100 levels of messages, and one level of JSON objects is three there
+# (Value, Struct, its map entry) below the answer's own few.
+MAX_DEPTH = 24
+# Past this an integer is not exact as a double: HTTP would give it exactly, gRPC rounded.
+MAX_EXACT_INT = 2**53
+
 
 class NotJSONError(TypeError):
     pass
 
 
-def to_json_value(value: Any) -> JSONValue:
-    if value is None or isinstance(value, (bool, str)):
+def to_json_value(value: Any, depth: int = 0) -> JSONValue:
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _text(value)
     if isinstance(value, np.generic):
         value = value.item()
-        if isinstance(value, (bool, str)):
+        if isinstance(value, bool):
             return value
+        if isinstance(value, str):
+            return _text(value)
     if isinstance(value, int):
+        if abs(value) > MAX_EXACT_INT:
+            raise NotJSONError(
+                f"an integer of {value.bit_length()} bits is not exact as a double (gRPC's numbers)"
+            )
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise NotJSONError(f"{value} has no JSON form")
-        return int(value) if value.is_integer() and abs(value) < 2**53 else value
+        return int(value) if value.is_integer() and abs(value) < MAX_EXACT_INT else value
+    if depth >= MAX_DEPTH:
+        raise NotJSONError(f"lists and objects nested more than {MAX_DEPTH} deep")
     if isinstance(value, np.ndarray):
-        return to_json_value(value.tolist())
+        return to_json_value(value.tolist(), depth)
     if isinstance(value, Mapping):
-        return {str(k): to_json_value(v) for k, v in value.items()}
+        out: dict[str, JSONValue] = {}
+        for key, item in value.items():
+            name = _text(key if isinstance(key, str) else str(key))
+            if name in out:
+                raise NotJSONError(f"two keys of an object are {name!r} as text")
+            out[name] = to_json_value(item, depth + 1)
+        return out
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
-        return [to_json_value(v) for v in value]
+        return [to_json_value(v, depth + 1) for v in value]
     raise NotJSONError(f"{type(value).__name__} has no JSON form")
+
+
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NotJSONError("a string that is not valid Unicode (a lone surrogate)") from None
+    return value

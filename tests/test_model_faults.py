@@ -1,0 +1,184 @@
+"""A buggy model fails only the requests it failed, with model_error, on every front and with
+batching on or off; the server goes on serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.config import Settings
+from gateway.serve import Gateway, start
+from tests.conftest import wait_for
+from tests.models import GATE
+from tests.wire import grpc_code, grpc_result
+
+MODELS = ("shape", "tests.models:misbehaving", "tests.models:misbehaving_batched")
+PLAIN, BATCHED = "misbehaving", "misbehaving-batched"
+
+
+def png(width: int, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(1, 255, (10, width, 3), np.uint8)
+    ok, data = cv2.imencode(".png", pixels)
+    assert ok
+    return data.tobytes()
+
+
+BAD = png(13)  # the model misbehaves on an image 13 pixels wide
+GOOD = [png(16, seed) for seed in range(3)]
+
+
+def expected(data: bytes) -> list[int]:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert image is not None
+    return [*image.shape, int(image[0, 0].sum())]
+
+
+@pytest.fixture(scope="module")
+def gw() -> Iterator[Gateway]:
+    gateway = start(Settings(http_port=0, grpc_port=0, model=MODELS))
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(gw: Gateway) -> Iterator[pb_grpc.ImageGatewayServiceStub]:
+    with grpc.insecure_channel(gw.grpc_target) as channel:
+        yield pb_grpc.ImageGatewayServiceStub(channel)
+
+
+def http_infer(gw: Gateway, model: str, data: bytes, do: str) -> tuple[int, Any]:
+    answer = requests.post(
+        f"{gw.http_url}/v1/models/{model}/infer",
+        data=data,
+        params={"do": do},
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    body = answer.json()
+    if "error" in body:
+        return answer.status_code, body["error"]["code"]
+    return answer.status_code, body["result"]["output"]
+
+
+def grpc_infer(stub: pb_grpc.ImageGatewayServiceStub, model: str, data: bytes, do: str) -> Any:
+    request = pb.InferRequest(model=model, image=pb.Image(data=data))
+    request.parameters.update({"do": do})
+    try:
+        return grpc_result(stub.Infer(request, timeout=30).result)["output"]
+    except grpc.RpcError as exc:
+        return grpc_code(exc)
+
+
+def still_serving(gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    for model in (PLAIN, BATCHED):
+        assert http_infer(gw, model, GOOD[0], "") == (200, expected(GOOD[0]))
+        assert grpc_infer(stub, model, GOOD[0], "") == expected(GOOD[0])
+
+
+MODEL_ERROR = (grpc.StatusCode.INTERNAL, "model_error")
+
+
+@pytest.mark.parametrize("model", [PLAIN, BATCHED])
+@pytest.mark.parametrize(
+    "do", ["SystemExit", "KeyboardInterrupt", "TimeoutError", "CancelledError"]
+)
+def test_whatever_a_model_raises_is_model_error(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, model: str, do: str
+) -> None:
+    # SystemExit on a request thread stopped the HTTP server and left gRPC calls unanswered;
+    # the model's own TimeoutError was taken for the deadline, its CancelledError for a client
+    # gone.
+    assert http_infer(gw, model, BAD, do) == (500, "model_error")
+    assert grpc_infer(stub, model, BAD, do) == MODEL_ERROR
+    still_serving(gw, stub)
+
+
+@pytest.mark.parametrize("do", ["SystemExit", "TimeoutError", "write"])
+def test_a_merged_batch_the_model_fails_fails_only_the_bad_request(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, do: str
+) -> None:
+    # Sent together with the same parameters, the four meet in one batch. With "write" the
+    # model changes its input before it fails: retried alone, the good ones must still see
+    # their own pixels.
+    with ThreadPoolExecutor(4) as pool:
+        calls = [pool.submit(grpc_infer, stub, BATCHED, data, do) for data in [*GOOD, BAD]]
+        outputs = [call.result() for call in calls]
+    assert outputs == [*map(expected, GOOD), MODEL_ERROR]
+    still_serving(gw, stub)
+
+
+@pytest.mark.parametrize("do", ["huge-int", "surrogate", "deep", "clashing-keys", "str"])
+def test_outputs_no_front_can_carry_are_model_error_everywhere(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, do: str
+) -> None:
+    assert http_infer(gw, PLAIN, BAD, do) == (500, "model_error")
+    assert grpc_infer(stub, PLAIN, BAD, do) == MODEL_ERROR
+    # In a stream, that message fails alone and the next one is answered.
+    messages = [
+        pb.InferStreamRequest(model=PLAIN, image=pb.Image(data=data)) for data in (BAD, GOOD[0])
+    ]
+    for message in messages:
+        message.parameters.update({"do": do})
+    replies = list(stub.InferStream(iter(messages), timeout=30))
+    assert replies[0].result.error.code == "model_error"
+    assert grpc_result(replies[1].result)["output"] == expected(GOOD[0])
+    still_serving(gw, stub)
+
+
+def test_parameters_equal_in_python_but_not_in_json_are_not_merged() -> None:
+    # True == 1 in Python: merged, both requests got one of the two parameter values.
+    gw = start(Settings(http_port=0, grpc_port=0, model=("tests.models:batching_spy",)))
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(2) as pool:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+
+            def call(tag: Any) -> Any:
+                request = pb.InferRequest(model="batching-spy", image=pb.Image(data=GOOD[0]))
+                request.parameters.update({"tag": tag})
+                return grpc_result(stub.Infer(request, timeout=30).result)["output"]["tag"]
+
+            tags = list(pool.map(call, [True, 1]))
+        assert tags == [True, 1] and [type(t) for t in tags] == [bool, int]
+    finally:
+        gw.stop()
+
+
+def test_requests_waiting_for_a_batch_keep_their_place_in_the_budget() -> None:
+    # The batched model hangs (until the gate opens). Its requests hold their share of the
+    # pixel budget while they wait, so the queue limit applies: with room for one image and a
+    # queue of one, the third request is refused at once. They used to leave the budget once
+    # decoded, and a hung model gathered every request sent, images and all, without limit.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("tests.models:gated_batching",),
+            max_concurrency=1,
+            max_request_pixels=10 * 16,
+            max_queue=1,
+        )
+    )
+    GATE.clear()
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(2) as pool:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            first = pool.submit(grpc_infer, stub, "gated-batching", GOOD[0], "")
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the first request runs")
+            second = pool.submit(grpc_infer, stub, "gated-batching", GOOD[1], "")
+            wait_for(lambda: gw.dataplane.admission.waiting == 1, "the second one queues")
+            refused = grpc_infer(stub, "gated-batching", GOOD[2], "")
+            assert refused == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+            GATE.set()
+            assert [first.result(), second.result()] == [[10, 16, 3], [10, 16, 3]]
+    finally:
+        GATE.set()
+        gw.stop()
