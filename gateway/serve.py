@@ -59,13 +59,21 @@ class Gateway:
         return f"{url_host(self.settings.host)}:{self.grpc_port}"
 
     def stop(self) -> None:
-        """Drain: report not ready and refuse new requests at once, while still answering
-        health checks, let in-flight requests finish within the grace period, then close."""
+        """Drain, then close, within the grace period."""
         deadline = time.monotonic() + self.settings.shutdown_grace
+        self.drain(deadline)
+        self.close(deadline)
+
+    def drain(self, deadline: float) -> None:
+        """Report not ready and refuse new requests at once, while still answering health
+        checks; return once no request is at work any more, or at the deadline."""
         self.dataplane.admission.drain()  # /readyz answers 503 from here on
         self.health.enter_graceful_shutdown()  # grpc.health.v1: NOT_SERVING
         while self.dataplane.admission.active and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def close(self, deadline: float) -> None:
+        """Stop both servers, giving what is still running until the deadline."""
         remaining = max(0.0, deadline - time.monotonic())
         # gRPC refuses new calls at once and cancels what is left after its grace. No request
         # is at work any more: what is left are answers on their way out, and streams that
@@ -186,6 +194,7 @@ def _serve_until_signal(
     reuse_port: bool,
     on_ready: Callable[[Gateway], None],
     parent: int | None = None,
+    drained: Callable[[float], None] | None = None,
 ) -> int:
     stopping = threading.Event()
     if parent is not None:
@@ -216,7 +225,11 @@ def _serve_until_signal(
     if parent is not None or not stopping.is_set():
         on_ready(gateway)
     stopping.wait()
-    gateway.stop()
+    deadline = time.monotonic() + settings.shutdown_grace
+    gateway.drain(deadline)
+    if drained is not None:
+        drained(deadline)
+    gateway.close(deadline)
     left = gateway.dataplane.admission.active
     if left:
         # Their threads are inside a model or a decode, which cannot be interrupted; exiting
@@ -232,15 +245,25 @@ def _serve_until_signal(
     return 0
 
 
-def run_worker(settings: Settings, ready: Connection, parent: int) -> int:
+def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
     """One worker process of several (see gateway.workers)."""
     _configure_logging(settings)
 
     def _ready(_gateway: Gateway) -> None:
-        ready.send(True)
-        ready.close()
+        supervisor.send(workers.READY)
 
-    return _serve_until_signal(settings, reuse_port=True, on_ready=_ready, parent=parent)
+    def _drained(deadline: float) -> None:
+        # The workers close their listeners together, once all have drained: one that closed
+        # first reset the connections the kernel had just queued for it, health checks among
+        # them, while its siblings still answered.
+        with contextlib.suppress(OSError, EOFError):  # the supervisor is gone: close now
+            supervisor.send(workers.DRAINED)
+            if supervisor.poll(max(0.0, deadline - time.monotonic()) + workers.CLOSE_SLACK):
+                supervisor.recv()
+
+    return _serve_until_signal(
+        settings, reuse_port=True, on_ready=_ready, parent=parent, drained=_drained
+    )
 
 
 def serve(settings: Settings) -> int:

@@ -12,6 +12,7 @@ dies unexpectedly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -34,6 +35,17 @@ _METRICS_PREFIX = "image-gateway-metrics-"
 # Each drains the gateway. SIGHUP too (a closed terminal, or an operator's reload): its default
 # killed the process at once, requests in flight and the metrics directory left behind.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a worker and its supervisor tell each other over the worker's pipe: the worker serves; it
+# has drained; all have, close. A worker waits for CLOSE at most CLOSE_SLACK seconds past its
+# grace.
+READY, DRAINED, CLOSE = "ready", "drained", "close"
+CLOSE_SLACK = 1.0
+
+
+@dataclass
+class _Worker:
+    proc: multiprocessing.process.BaseProcess
+    pipe: Connection
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -132,8 +144,8 @@ def supervise(settings: Settings) -> int:
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
 
-    def spawn() -> multiprocessing.process.BaseProcess:
-        parent, child = context.Pipe(duplex=False)
+    def spawn() -> _Worker:
+        parent, child = context.Pipe()
         proc = context.Process(
             target=_worker_main, args=(worker_settings, child, os.getpid()), daemon=False
         )
@@ -147,10 +159,10 @@ def supervise(settings: Settings) -> int:
         finally:
             signal.signal(signal.SIGINT, own)
         child.close()
-        # The worker writes one byte once both of its servers serve, or closes the pipe (it
-        # has logged why).
+        # The worker sends READY once both of its servers serve, or closes the pipe (it has
+        # logged why).
         try:
-            started = parent.poll(60) and parent.recv()
+            started = parent.poll(60) and parent.recv() == READY
         except EOFError:
             started = False
         if not started:
@@ -159,46 +171,65 @@ def supervise(settings: Settings) -> int:
                 proc.terminate()
                 proc.join(10)
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
-        return proc
+        return _Worker(proc, parent)
 
-    procs: list[multiprocessing.process.BaseProcess] = []
+    started: list[_Worker] = []
     try:
-        while len(procs) < count and not stopping.is_set():
-            procs.append(spawn())
+        while len(started) < count and not stopping.is_set():
+            started.append(spawn())
     except RuntimeError as exc:
         # A Ctrl-C reaches the starting workers too; then a worker that gave up is no failure.
         if not stopping.is_set():
             log.error("cannot start: %s", exc)
-            for proc in procs:
-                proc.terminate()
-                proc.join(settings.shutdown_grace + 10)
+            for worker in started:
+                worker.proc.terminate()
+                worker.proc.join(settings.shutdown_grace + 10)
             return 1
     if not stopping.is_set():
         log_ready(settings, http_port, grpc_port, count)
     while not stopping.wait(0.5):
-        for i, proc in enumerate(procs):
+        for i, worker in enumerate(started):
+            proc = worker.proc
             if not proc.is_alive() and not stopping.is_set():
                 log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
                 if proc.pid is not None:
                     _mark_dead(proc.pid)
                 time.sleep(_RESTART_BACKOFF)
                 try:
-                    procs[i] = spawn()
+                    started[i] = spawn()
+                    worker.pipe.close()
                 except RuntimeError as exc:
                     log.error("%s", exc)
-    for proc in procs:
-        if proc.is_alive() and proc.pid is not None:
-            os.kill(proc.pid, signal.SIGTERM)
+    for worker in started:
+        if worker.proc.is_alive() and worker.proc.pid is not None:
+            os.kill(worker.proc.pid, signal.SIGTERM)
+    _close_together(started, settings.shutdown_grace)
     codes = []
-    for proc in procs:
+    for worker in started:
+        proc = worker.proc
         proc.join(settings.shutdown_grace + 10)
         if proc.is_alive():
             log.error("worker %d did not stop in time; killing it", proc.pid)
             proc.kill()
             proc.join()
         codes.append(proc.exitcode)
+        worker.pipe.close()
     http_sock.close()
     grpc_sock.close()
     metrics_dir.cleanup()
     log.info("image-gateway stopped")
     return 0 if all(code == 0 for code in codes) else 1
+
+
+def _close_together(started: list[_Worker], grace: float) -> None:
+    """Wait until every worker has drained (or ended, or the grace is over), then tell all of
+    them to close: their listeners close at once, none while a sibling still answers."""
+    deadline = time.monotonic() + grace + CLOSE_SLACK
+    for worker in started:
+        with contextlib.suppress(OSError, EOFError):  # a worker that ended has nothing to say
+            while worker.pipe.poll(max(0.0, deadline - time.monotonic())):
+                if worker.pipe.recv() == DRAINED:
+                    break
+    for worker in started:
+        with contextlib.suppress(OSError):
+            worker.pipe.send(CLOSE)

@@ -289,6 +289,45 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     assert not orphans[0].exists()
 
 
+def test_workers_close_together_after_a_drain(tmp_path: Path) -> None:
+    # One worker holds a slow request, the other has nothing to do. The idle one used to close
+    # its listener at once, resetting the connections the kernel had just queued for it while
+    # its sibling still answered; now both answer until the slow request is done.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "shape", "--model", "tests.models:slow",
+    )  # fmt: skip
+    workers = [
+        p for p in children(s.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+    ]
+    png = Path(FILES[1]).read_bytes()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(
+                requests.post,
+                f"{s.http_url}/v1/models/slow/infer",
+                params={"seconds": "4"},
+                data=png,
+                timeout=30,
+            )
+            wait_for(
+                lambda: "gateway_in_flight_requests 1.0" in _metrics(s.http_url),
+                "the slow request is in its worker's model",
+            )
+            s.proc.terminate()
+            time.sleep(2)
+            assert all(Path(f"/proc/{p}").exists() for p in workers), "a worker closed early"
+            # Fresh connections, to either worker: each is answered, as draining.
+            for _ in range(10):
+                assert requests.get(f"{s.http_url}/readyz", timeout=10).status_code == 503
+            assert slow.result().status_code == 200
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
 @pytest.mark.parametrize("access_log", ["on", "off"])
 def test_access_log_lines_on_stderr(tmp_path: Path, access_log: str) -> None:
     s = launch(
