@@ -182,3 +182,18 @@ def test_requests_waiting_for_a_batch_keep_their_place_in_the_budget() -> None:
     finally:
         GATE.set()
         gw.stop()
+
+
+def test_a_batched_request_is_answered_at_its_deadline_while_its_batch_runs_on() -> None:
+    gw = start(
+        Settings(
+            http_port=0, grpc_port=0, model=("tests.models:gated_batching",), request_timeout=1
+        )
+    )
+    GATE.clear()
+    try:
+        answer = requests.post(f"{gw.http_url}/v1/infer", data=GOOD[0], timeout=20)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (504, "deadline_exceeded")
+    finally:
+        GATE.set()
+        gw.stop()
