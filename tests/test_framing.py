@@ -224,3 +224,14 @@ def test_framing_the_server_does_not_speak_gets_its_own_code_from_the_table(
     assert refused(exchange(gateway, gzip)) == (501, "unsupported_transfer_coding")
     version = b"GET /healthz HTTP/1.2\r\nHost: x\r\n\r\n"
     assert refused(exchange(gateway, version)) == (505, "unsupported_http_version")
+
+
+def test_a_tls_handshake_on_the_plain_http_port_is_closed_at_once(gateway: Gateway) -> None:
+    # The start of a TLS ClientHello: no line end will come, and the client waits for the
+    # server's handshake. The server used to wait for a line until its 10 s read timeout.
+    hello = bytes.fromhex("16030100a5010000a10303") + bytes(32)
+    with socket.create_connection(http_host_port(gateway.http_url), timeout=5) as s:
+        s.sendall(hello)
+        assert s.recv(65536) == b""
+    # The next client is served as usual.
+    assert exchange(gateway, FOLLOW_UP)[0][0] == 200

@@ -54,6 +54,8 @@ _CHEROOT_ERRORS = {
     503: ErrorCode.OVERLOADED,
     505: ErrorCode.UNSUPPORTED_HTTP_VERSION,
 }
+# The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
+_TLS_HANDSHAKE = b"\x16"
 # Connections accepted but waiting for a thread: a backstop behind the core's own queue. Past
 # it, and after ACCEPTED_QUEUE_TIMEOUT seconds, a connection is answered 503 without being read.
 ACCEPTED_QUEUE = 256
@@ -189,6 +191,17 @@ class GatewayRequest(server.HTTPRequest):
         if self.continue_owed:
             self.continue_owed = False
             self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
+
+    def read_request_line(self) -> bool:
+        # A TLS client (an https:// URL for this plain HTTP port) opens with a handshake record
+        # and then waits for the server's: no line end ever comes, and cheroot waited for one
+        # until the read timeout (10 s) before answering a 408 the client could not read.
+        # Closing at once lets the client fail at once, with its own TLS error.
+        reader = self.conn.rfile
+        if isinstance(reader, SocketReader) and reader.peek(1)[:1] == _TLS_HANDSHAKE:
+            self.close_connection = True
+            return False
+        return bool(super().read_request_line())  # type: ignore[no-untyped-call]
 
     def read_request_headers(self) -> bool:
         # cheroot's stubs leave it unannotated; it returns whether to go on with the request.
