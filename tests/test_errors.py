@@ -423,3 +423,36 @@ def test_a_stream_ends_with_its_request_id(stub: pb_grpc.ImageGatewayServiceStub
     )
     assert [r.request_id for r in call] == ["stream-id-1-0"]
     assert dict(call.trailing_metadata() or ())["x-request-id"] == "stream-id-1"
+
+
+def test_an_image_name_past_4096_characters_is_refused(
+    stub: pb_grpc.ImageGatewayServiceStub,
+) -> None:
+    # Names come back in the answer: long ones made an answer past what gRPC sends.
+    fine = pb.InferBatchRequest(images=[pb.Image(data=PNG, name="n" * 4096)])
+    assert stub.InferBatch(fine, timeout=10).results[0].name == "n" * 4096
+    long = pb.InferBatchRequest(images=[pb.Image(data=PNG, name="n" * 4097)] * 4)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.InferBatch(long, timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+    assert "4097 characters" in (info.value.details() or "")
+
+
+def test_compressed_messages_and_large_metadata_are_refused(gateway: Gateway) -> None:
+    # Images do not compress: gzip only let a small message cost megabytes to inflate.
+    request = pb.InferRequest(image=pb.Image(data=PNG))
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(request, timeout=10, compression=grpc.Compression.Gzip)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "gzip" in (info.value.details() or "")
+    options = [("grpc.absolute_max_metadata_size", 1 << 20)]
+    with grpc.insecure_channel(gateway.grpc_target, options=options) as channel:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(request, timeout=10, metadata=[("note", "v" * 70_000)])
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Under the limit, and uncompressed, as usual.
+        reply = stub.Infer(request, timeout=10, metadata=[("note", "v" * 60_000)])
+        assert grpc_result(reply.result)["output"] == [128, 128, 3]

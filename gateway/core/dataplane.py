@@ -48,6 +48,8 @@ CLIENT_CHECK_AFTER = 0.01
 
 # The most of a client's model name an error message repeats.
 _NAME_SHOWN = 64
+# The longest image name a request may give (a multipart filename fits in a part header line).
+MAX_NAME = 4096
 
 
 def resolve_policy(
@@ -159,6 +161,14 @@ class DataPlane:
                 ErrorCode.TOO_MANY_IMAGES,
                 f"the request holds {len(request.images)} images; this gateway takes at most "
                 f"{self.limits.max_images} per request",
+            )
+        long_name = next((i.name for i in request.images if len(i.name) > MAX_NAME), None)
+        if long_name is not None:
+            # Names come back in the answer: a request of long names made an answer as large,
+            # past what gRPC sends.
+            raise GatewayError(
+                ErrorCode.INVALID_REQUEST,
+                f"an image name of {len(long_name)} characters; names are at most {MAX_NAME}",
             )
         # Headers first, for every image: nothing is decoded until the whole request is known
         # to fit its pixel budget.

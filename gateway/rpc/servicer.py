@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.access import log_access
-from gateway.core.dataplane import DataPlane, new_request_id
+from gateway.core.dataplane import MAX_NAME, DataPlane, new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
 from gateway.core.types import InferResponse, ItemError, ItemResult
@@ -221,7 +221,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
                 )
                 response = self.dataplane.infer(core)
             except GatewayError as exc:
-                failed = ItemResult(message.image.name, error=ItemError(exc.error, exc.message))
+                name = message.image.name[:MAX_NAME]  # a name too long is what failed
+                failed = ItemResult(name, error=ItemError(exc.error, exc.message))
                 # Named as a served request's answer is: the default model for "".
                 model = self.dataplane.registry.get(message.model)
                 name = message.model if model is None else model.name
