@@ -713,3 +713,39 @@ def test_draining_refuses_new_requests_and_finishes_busy_ones() -> None:
             assert busy.result().status_code == 200
     finally:
         gw.stop()
+
+
+def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads() -> None:
+    # Each call sends its headers and never its one request message (a client's request
+    # iterator that never yields). grpcio gives each a thread that waits for the message with
+    # no limit: as many as the pool has threads stopped every call, health checks included.
+    settings = Settings(
+        http_port=0, grpc_port=0, request_timeout=1.5, grpc_threads=2, max_streams=2
+    )
+    gw = start(settings)
+    never = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        never.wait(60)
+        yield b""
+
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            silent = channel.stream_unary("/imagegateway.v1.ImageGatewayService/Infer")
+            calls = [silent.future(nothing(), timeout=30) for _ in range(6)]
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            # Served once the silent calls are ended, well before its own 20 s deadline.
+            reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=20)
+            assert grpc_result(reply.result)["output"] == [128, 128, 3]
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as ended:
+                    call.result()
+                assert grpc_code(ended.value) == (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "request_timeout",
+                )
+                assert "did not arrive within 1.5 s" in (ended.value.details() or "")
+        still_serving(gw)
+    finally:
+        never.set()
+        gw.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent import futures
 
 import grpc
 from google.protobuf.descriptor import Descriptor
@@ -14,6 +13,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
+from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import ImageGatewayServicer
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGatewayService"]
@@ -62,8 +62,9 @@ def build_grpc_server(
     """Bind (port 0 picks a free port); return the server (not yet started), its port, and its
     health service, which reports SERVING for the whole server ("") and for our service."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.grpc_threads + settings.max_streams,
+        WatchedPool(
+            settings.grpc_threads + settings.max_streams,
+            settings.request_timeout,
             thread_name_prefix="grpc-worker",
         ),
         options=[

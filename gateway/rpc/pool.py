@@ -1,0 +1,101 @@
+"""The gRPC server's thread pool, which also ends calls whose request message never comes.
+
+grpcio's threaded server gives a call a thread of its pool as soon as the call's headers arrive,
+and the thread then waits for the request message without any time limit. Sixteen calls that
+never sent theirs held every thread of a worker, health checks included, for as long as their
+client kept the connection open. This pool watches the calls that take one request message
+(Infer, InferBatch, GetModel, health checks, ...) while they wait for it, and ends those still
+waiting after `limit` seconds with DEADLINE_EXCEEDED and the `request_timeout` code, as the HTTP
+side answers a body that stops arriving. Streams of requests are not watched: an InferStream
+may rightly wait for its client's next message (`--max-streams` bounds those).
+
+grpcio has no hook for this. The pool recognises grpcio's own request reader among what the
+server submits to it, and ends a call the way grpcio's own aborts do, through grpc._server's call
+state; tests/test_faults.py checks it against the installed grpcio.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from grpc import _server as grpc_server  # private: see the module's docstring
+from grpc._cython import cygrpc
+
+from gateway.core.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+# Seconds between two looks at the calls waiting for their message.
+WATCH_INTERVAL = 0.5
+# The name grpcio gives the function that waits for a call's one request message.
+_REQUEST_READER = "unary_request"
+
+
+class WatchedPool(ThreadPoolExecutor):
+    def __init__(self, max_workers: int, limit: float, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self.limit = limit
+        # id(call state) -> (when it gives up, the call's event, its state)
+        self._waiting: dict[int, tuple[float, Any, Any]] = {}
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch, name="grpc-request-watch", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        # grpcio submits (context.run, handler-in-pool, rpc_event, state, behaviour,
+        # request reader, ...); the reader of a one-message request is the function to watch.
+        if len(args) > 4 and getattr(args[4], "__name__", "") == _REQUEST_READER:
+            args = (*args[:4], self._watched(args[4], args[1], args[2]), *args[5:])
+        return super().submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._stopped.set()
+        super().shutdown(wait, cancel_futures=cancel_futures)
+
+    def _watched(self, read: Callable[[], Any], event: Any, state: Any) -> Callable[[], Any]:
+        def unary_request() -> Any:
+            key = id(state)
+            self._waiting[key] = (time.monotonic() + self.limit, event, state)
+            try:
+                return read()
+            finally:
+                self._waiting.pop(key, None)
+
+        return unary_request
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(WATCH_INTERVAL):
+            now = time.monotonic()
+            for key, (gives_up, event, state) in list(self._waiting.items()):
+                if now > gives_up and self._waiting.pop(key, None) is not None:
+                    try:
+                        _end(event, state, self.limit)
+                    except Exception:  # a grpcio whose internals moved: leave the call be
+                        log.exception("could not end a gRPC call waiting for its message")
+
+
+def _end(event: Any, state: Any, limit: float) -> None:
+    with state.condition:
+        if state.request is not None or state.client is not grpc_server._OPEN:
+            return  # it came, or the call ended, meanwhile
+        error = ErrorCode.REQUEST_TIMEOUT
+        state.trailing_metadata = (("error-code", error.code),)
+        grpc_server._abort(
+            state,
+            event.call,
+            cygrpc.StatusCode.deadline_exceeded,
+            f"the request message did not arrive within {limit:g} s".encode(),
+        )
+        # The waiting thread returns without a request, and without a second status.
+        state.client = grpc_server._CANCELLED
+        state.condition.notify_all()
+    method = event.call_details.method
+    log.warning(
+        "ended a gRPC call to %s whose request message did not arrive within %g s",
+        method.decode("latin-1") if isinstance(method, bytes) else method,
+        limit,
+    )
