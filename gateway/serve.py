@@ -69,7 +69,9 @@ class Gateway:
         checks; return once no request is at work any more, or at the deadline."""
         self.dataplane.admission.drain()  # /readyz answers 503 from here on
         self.health.enter_graceful_shutdown()  # grpc.health.v1: NOT_SERVING
-        while self.dataplane.admission.active and time.monotonic() < deadline:
+        admission = self.dataplane.admission
+        # Waiting requests too: they were admitted before the drain, and take a slot next.
+        while (admission.active or admission.waiting) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def close(self, deadline: float) -> None:

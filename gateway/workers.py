@@ -152,12 +152,16 @@ def supervise(settings: Settings) -> int:
         # A Ctrl-C reaches every process of the terminal's group; one that came while the
         # worker still imported was a KeyboardInterrupt traceback. The worker starts with
         # SIGINT ignored (an ignored signal stays so across exec) until its own handler is in
-        # place; the supervisor, which gets the same Ctrl-C, stops it then.
+        # place; the supervisor, which gets the same Ctrl-C, stops it then. The supervisor
+        # holds SIGINT back meanwhile, so that one coming just then reaches its own handler
+        # afterwards instead of being ignored (a blocked signal is never discarded).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         own = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             proc.start()
         finally:
             signal.signal(signal.SIGINT, own)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         child.close()
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).

@@ -19,6 +19,8 @@ import grpc
 import numpy as np
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
@@ -745,6 +747,38 @@ def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads()
                     "request_timeout",
                 )
                 assert "did not arrive within 1.5 s" in (ended.value.details() or "")
+        still_serving(gw)
+    finally:
+        never.set()
+        gw.stop()
+
+
+def test_idle_reflection_streams_take_stream_slots_and_cannot_starve_the_pool() -> None:
+    # A reflection stream holds a thread as long as its client keeps it open. Uncounted, a few
+    # idle ones held every thread of the pool, health checks included.
+    gw = start(Settings(http_port=0, grpc_port=0, grpc_threads=2, max_streams=2))
+    never = threading.Event()
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    def one_then_nothing() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield ask
+        never.wait(60)
+
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            idle = [stub.ServerReflectionInfo(one_then_nothing(), timeout=30) for _ in range(2)]
+            for call in idle:  # answered: each holds its slot, and then waits
+                assert next(call).list_services_response.service
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.ServerReflectionInfo(one_then_nothing(), timeout=10))
+            assert grpc_code(refused.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            for call in idle:
+                call.cancel()
         still_serving(gw)
     finally:
         never.set()

@@ -298,3 +298,16 @@ def test_mutated_headers(seed: int, mutations: list[tuple[str, int, int]]) -> No
         elif pos < len(buf):
             del buf[pos]
     parse_or_refuse(bytes(buf), fmt)
+
+
+def test_a_tiff_declaring_absurd_depth_weighs_at_most_64_bits_times_8_samples() -> None:
+    ok, encoded = cv2.imencode(".tiff", np.zeros((4, 4, 3), np.float64))
+    assert ok
+    assert dimensions(encoded.tobytes(), "tiff").pixel_bytes == 24
+    # SamplesPerPixel 65,535: a tiny image would have waited for the whole pixel budget.
+    entries = [(256, 3, 1, 4), (257, 3, 1, 4), (258, 3, 1, 64), (277, 3, 1, 65535)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHIHH", tag, kind, count, value, 0) for tag, kind, count, value in entries
+    )
+    data = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 4
+    assert dimensions(data, "tiff").pixel_bytes == 64

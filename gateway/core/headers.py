@@ -250,7 +250,7 @@ _TIFF_INTEGERS = {
 # libtiff rejects a directory with more entries than this as not being one.
 _TIFF_MAX_ENTRIES = 4096
 # More samples a pixel than any image OpenCV decodes has; a bound on the BitsPerSample list read.
-_TIFF_MAX_SAMPLES = 64
+_TIFF_MAX_SAMPLES = 8
 
 
 def _tiff(view: memoryview) -> Dimensions:
@@ -274,20 +274,23 @@ def _tiff(view: memoryview) -> Dimensions:
     if count > _TIFF_MAX_ENTRIES or first + count * entry_size > len(view):
         raise HeaderError("the first TIFF directory is truncated or implausibly long")
     sizes: dict[int, int] = {}
-    bits, samples = 8, 1  # libtiff's defaults
+    bits: int | None = None
+    samples: int | None = None
     for entry in range(first, first + count * entry_size, entry_size):
         tag = _int(view, entry, 2, order)
         if tag in (_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH):
             # libtiff keeps the first of duplicate tags; the largest is at least as large.
             value = _tiff_integer(view, entry, order, field_size)
             sizes[tag] = max(sizes.get(tag, 0), value)
-        elif tag == _TIFF_SAMPLES:
+        # libtiff keeps the first of duplicate tags; these only weigh the image's cost, so an
+        # odd value is taken as the deepest one rather than refused (libtiff decides).
+        elif tag == _TIFF_SAMPLES and samples is None:
             try:
-                samples = max(samples, _tiff_integer(view, entry, order, field_size))
-            except HeaderError:  # only weighs the image's cost: libtiff decides
-                samples = 4
-        elif tag == _TIFF_BITS:
-            bits = max(bits, _tiff_bits(view, entry, order, field_size))
+                samples = _tiff_integer(view, entry, order, field_size)
+            except HeaderError:
+                samples = _TIFF_MAX_SAMPLES
+        elif tag == _TIFF_BITS and bits is None:
+            bits = _tiff_bits(view, entry, order, field_size)
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise HeaderError("the first TIFF directory has no ImageWidth or ImageLength")
     # OpenCV reads a tiled TIFF through a buffer of one whole tile, which is filled even where
@@ -295,7 +298,11 @@ def _tiff(view: memoryview) -> Dimensions:
     width = max(sizes[_TIFF_WIDTH], sizes.get(_TIFF_TILE_WIDTH, 0))
     height = max(sizes[_TIFF_LENGTH], sizes.get(_TIFF_TILE_LENGTH, 0))
     size = _dims(width, height)
-    # A 64-bit float RGB TIFF decodes to 24 bytes a pixel, three times 16-bit RGBA.
+    # A 64-bit float RGB TIFF decodes to 24 bytes a pixel, three times 16-bit RGBA. 64 bits and
+    # 8 samples bound the weight (OpenCV's images have at most four channels), so that a header
+    # claiming 65,535 samples does not make a tiny image wait for the whole budget.
+    bits = min(max(bits or 8, 1), 64)
+    samples = min(max(samples or 1, 1), _TIFF_MAX_SAMPLES)
     return Dimensions(size.width, size.height, max(8, -(-bits * samples // 8)))
 
 

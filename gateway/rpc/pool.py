@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -43,7 +44,11 @@ class WatchedPool(ThreadPoolExecutor):
         # id(call state) -> (when it gives up, the call's event, its state)
         self._waiting: dict[int, tuple[float, Any, Any]] = {}
         self._stopped = threading.Event()
-        threading.Thread(target=self._watch, name="grpc-request-watch", daemon=True).start()
+        # The watcher holds the pool weakly: a pool nobody uses any more is collected, and its
+        # threads end, as a plain ThreadPoolExecutor's do.
+        threading.Thread(
+            target=_watch, args=(weakref.ref(self),), name="grpc-request-watch", daemon=True
+        ).start()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         # grpcio submits (context.run, handler-in-pool, rpc_event, state, behaviour,
@@ -61,26 +66,35 @@ class WatchedPool(ThreadPoolExecutor):
             key = id(state)
             self._waiting[key] = (time.monotonic() + self.limit, event, state)
             try:
-                return read()
+                request = read()
             finally:
                 self._waiting.pop(key, None)
+            # A message that came as the call was ended: the client has had its answer.
+            return None if state.client is grpc_server._CANCELLED else request
 
         return unary_request
 
-    def _watch(self) -> None:
-        while not self._stopped.wait(WATCH_INTERVAL):
-            now = time.monotonic()
-            for key, (gives_up, event, state) in list(self._waiting.items()):
-                if now > gives_up and self._waiting.pop(key, None) is not None:
-                    try:
-                        _end(event, state, self.limit)
-                    except Exception:  # a grpcio whose internals moved: leave the call be
-                        log.exception("could not end a gRPC call waiting for its message")
+    def _ended_waits(self) -> None:
+        now = time.monotonic()
+        for key, (gives_up, event, state) in list(self._waiting.items()):
+            if now > gives_up and self._waiting.pop(key, None) is not None:
+                try:
+                    _end(event, state, self.limit)
+                except Exception:  # a grpcio whose internals moved: leave the call be
+                    log.exception("could not end a gRPC call waiting for its message")
+
+
+def _watch(pool_ref: weakref.ReferenceType[WatchedPool]) -> None:
+    while (pool := pool_ref()) is not None and not pool._stopped.is_set():
+        pool._ended_waits()
+        stopped = pool._stopped
+        del pool
+        stopped.wait(WATCH_INTERVAL)
 
 
 def _end(event: Any, state: Any, limit: float) -> None:
     with state.condition:
-        if state.request is not None or state.client is not grpc_server._OPEN:
+        if state.request is not None or state.client is not grpc_server._OPEN or state.statused:
             return  # it came, or the call ended, meanwhile
         error = ErrorCode.REQUEST_TIMEOUT
         state.trailing_metadata = (("error-code", error.code),)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.dataplane import DataPlane
+from gateway.core.errors import ErrorCode
 from gateway.rpc import wire
 from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import ImageGatewayServicer
@@ -56,6 +59,28 @@ def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+# grpc_reflection has no type stubs.
+class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
+    """Reflection's stream holds a thread of the pool for as long as its client keeps it open,
+    as an InferStream does: it takes one of the same `--max-streams` slots, and is refused when
+    none is free. Uncounted, a few idle reflection streams held every thread of the worker."""
+
+    def __init__(self, service_names: tuple[str, ...], streams: threading.BoundedSemaphore):
+        super().__init__(service_names)
+        self._slots = streams
+
+    def ServerReflectionInfo(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        if not self._slots.acquire(blocking=False):
+            context.set_trailing_metadata((("error-code", ErrorCode.OVERLOADED.code),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "every stream slot of this worker is taken")
+        try:
+            yield from super().ServerReflectionInfo(request_iterator, context)
+        finally:
+            self._slots.release()
+
+
 def build_grpc_server(
     settings: Settings, dataplane: DataPlane, reuse_port: bool = False
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
@@ -87,8 +112,11 @@ def build_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        _CountedReflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), servicer.streams
+        ),
+        server,
     )
     port = server.add_insecure_port(f"{url_host(settings.host)}:{settings.grpc_port}")
     if port == 0:

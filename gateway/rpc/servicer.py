@@ -111,7 +111,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # grpcio's threaded server gives an open stream a thread until it ends, even while the
         # client sends nothing; the server's pool has max_streams threads more than unary calls
         # need, and a stream past that count is refused at once.
-        self._streams = threading.BoundedSemaphore(max_streams)
+        self.streams = threading.BoundedSemaphore(max_streams)
 
     def _log_call(
         self,
@@ -178,7 +178,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = _request_id(context)
-        if not self._streams.acquire(blocking=False):
+        if not self.streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
             refused = ErrorCode.OVERLOADED.grpc_status
             self._log_call("InferStream", None, None, refused, stream_id, time.perf_counter())
@@ -194,7 +194,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             # The stream's id, as a unary call's: its messages' ids are derived from it.
             context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
         finally:
-            self._streams.release()
+            self.streams.release()
 
     def _stream(
         self,
