@@ -86,7 +86,7 @@ _HELP = {
     "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE, per worker",
     "http_threads": "HTTP threads per worker",
     "grpc_threads": "gRPC threads per worker for unary calls",
-    "max_streams": "InferStream (and reflection) streams open at once per worker, each with a thread",
+    "max_streams": "InferStream and reflection streams open at once per worker, a thread each",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "on or off: one JSON line per request on stderr",
