@@ -32,6 +32,7 @@ import numpy as np
 
 from gateway import metrics
 from gateway.core.errors import GatewayError
+from gateway.core.outputs import check_outputs
 from gateway.models.base import JSONValue, Model
 
 log = logging.getLogger(__name__)
@@ -189,10 +190,7 @@ class Batcher:
             return
         images = [_read_only(image) for job in batch for image in job.images]
         try:
-            outputs = self.model.predict(images, batch[0].params)
-            # Checked again for each request's share (and why) once it is back in the core.
-            if isinstance(outputs, (str, bytes, Mapping)) or len(outputs) != len(images):
-                raise ValueError("not one output per image")
+            outputs = check_outputs(self.model.predict(images, batch[0].params), len(images))
         except BaseException:  # SystemExit from a model is its bug too, and fails only its own
             log.warning(
                 "model %r failed on a merged batch of %d requests; retrying each alone",

@@ -11,8 +11,6 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from gateway import metrics
 from gateway.core.admission import Admission
 from gateway.core.batching import (
@@ -25,7 +23,7 @@ from gateway.core.batching import (
 from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import Limits, check_image_bytes
-from gateway.core.outputs import to_json_value
+from gateway.core.outputs import check_outputs, to_json_value
 from gateway.core.types import (
     Buffer,
     ColorMode,
@@ -320,14 +318,7 @@ class DataPlane:
 
 def _json_outputs(outputs: object, count: int) -> list[JSONValue]:
     """One JSON value an image, or ValueError/NotJSONError naming what the model got wrong."""
-    # A str, bytes or dict has a length too: one of 1 would pass for one image's output.
-    if isinstance(outputs, (str, bytes, bytearray, Mapping)) or not isinstance(
-        outputs, (Sequence, np.ndarray)
-    ):
-        raise ValueError(f"returned a {type(outputs).__name__}, not a list of outputs")
-    if len(outputs) != count:
-        raise ValueError(f"returned {len(outputs)} outputs for {count} images")
-    return [to_json_value(o) for o in outputs]
+    return [to_json_value(o) for o in check_outputs(outputs, count)]
 
 
 def _cost(items: Sequence[Probe | ItemError], color_mode: ColorMode) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -25,6 +25,18 @@ MAX_EXACT_INT = 2**53
 
 class NotJSONError(TypeError):
     pass
+
+
+def check_outputs(outputs: object, count: int) -> Sequence[Any]:
+    """A model's `outputs` for `count` images, or ValueError saying what is wrong with them."""
+    # A str, bytes or dict has a length too: one of 1 would pass for one image's output.
+    if isinstance(outputs, (str, bytes, bytearray, Mapping)) or not isinstance(
+        outputs, (Sequence, np.ndarray)
+    ):
+        raise ValueError(f"returned a {type(outputs).__name__}, not a list of outputs")
+    if len(outputs) != count:
+        raise ValueError(f"returned {len(outputs)} outputs for {count} images")
+    return cast(Sequence[Any], outputs)  # an array indexes and slices as a sequence does
 
 
 def to_json_value(value: Any, depth: int = 0) -> JSONValue:
