@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,8 +12,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.config import Settings, published_limits, url_host
-from gateway.core.dataplane import DataPlane
-from gateway.core.errors import ErrorCode
+from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rpc import wire
 from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import ImageGatewayServicer
@@ -62,23 +60,18 @@ def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
 # grpc_reflection has no type stubs.
 class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
     """Reflection's stream holds a thread of the pool for as long as its client keeps it open,
-    as an InferStream does: it takes one of the same `--max-streams` slots, and is refused when
-    none is free. Uncounted, a few idle reflection streams held every thread of the worker."""
+    as an InferStream does, and takes one of the same stream slots. Uncounted, a few idle
+    reflection streams held every thread of the worker."""
 
-    def __init__(self, service_names: tuple[str, ...], streams: threading.BoundedSemaphore):
+    def __init__(self, service_names: tuple[str, ...], servicer: ImageGatewayServicer):
         super().__init__(service_names)
-        self._slots = streams
+        self._servicer = servicer
 
     def ServerReflectionInfo(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
-        if not self._slots.acquire(blocking=False):
-            context.set_trailing_metadata((("error-code", ErrorCode.OVERLOADED.code),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, "every stream slot of this worker is taken")
-        try:
+        with self._servicer.stream_slot("ServerReflectionInfo", context, new_request_id()):
             yield from super().ServerReflectionInfo(request_iterator, context)
-        finally:
-            self._slots.release()
 
 
 def build_grpc_server(
@@ -113,9 +106,7 @@ def build_grpc_server(
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        _CountedReflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), servicer.streams
-        ),
+        _CountedReflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), servicer),
         server,
     )
     port = server.add_insecure_port(f"{url_host(settings.host)}:{settings.grpc_port}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -111,7 +112,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # grpcio's threaded server gives an open stream a thread until it ends, even while the
         # client sends nothing; the server's pool has max_streams threads more than unary calls
         # need, and a stream past that count is refused at once.
-        self.streams = threading.BoundedSemaphore(max_streams)
+        self._streams = threading.BoundedSemaphore(max_streams)
 
     def _log_call(
         self,
@@ -178,10 +179,21 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = _request_id(context)
-        if not self.streams.acquire(blocking=False):
+        with self.stream_slot("InferStream", context, stream_id):
+            yield from self._stream(request_iterator, context, stream_id)
+            # The stream's id, as a unary call's: its messages' ids are derived from it.
+            context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
+
+    @contextlib.contextmanager
+    def stream_slot(
+        self, method: str, context: grpc.ServicerContext, stream_id: str
+    ) -> Iterator[None]:
+        """Hold one of the worker's stream slots for a stream's life (any stream of requests:
+        InferStream, reflection), or refuse the stream at once with `overloaded`."""
+        if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
             refused = ErrorCode.OVERLOADED.grpc_status
-            self._log_call("InferStream", None, None, refused, stream_id, time.perf_counter())
+            self._log_call(method, None, None, refused, stream_id, time.perf_counter())
             _abort(
                 context,
                 ErrorCode.OVERLOADED,
@@ -190,11 +202,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
                 stream_id,
             )
         try:
-            yield from self._stream(request_iterator, context, stream_id)
-            # The stream's id, as a unary call's: its messages' ids are derived from it.
-            context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
+            yield
         finally:
-            self.streams.release()
+            self._streams.release()
 
     def _stream(
         self,
