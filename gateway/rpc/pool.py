@@ -28,6 +28,7 @@ from grpc import _server as grpc_server  # private: see the module's docstring
 from grpc._cython import cygrpc
 
 from gateway.core.errors import ErrorCode
+from gateway.rpc.servicer import ERROR_CODE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def _end(event: Any, state: Any, limit: float) -> None:
         if state.request is not None or state.client is not grpc_server._OPEN or state.statused:
             return  # it came, or the call ended, meanwhile
         error = ErrorCode.REQUEST_TIMEOUT
-        state.trailing_metadata = (("error-code", error.code),)
+        state.trailing_metadata = ((ERROR_CODE_KEY, error.code),)
         grpc_server._abort(
             state,
             event.call,
