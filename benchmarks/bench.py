@@ -461,8 +461,8 @@ def batching_rows(
     message = grpc_frame(pb.InferRequest(image=pb.Image(data=image.data)).SerializeToString())
     for label, flag in (("off", "embedding=off"), ("on, 16 / 2 ms", "embedding=16:2")):
         args = ["--model", "benchmarks.models:embedding", "--batching", flag]
-        # One BLAS thread per worker process, as a server of concurrent requests wants.
-        with gateway(args, {"OPENBLAS_NUM_THREADS": "1"}) as (http_url, grpc_target, _):
+        # As served: one BLAS thread per worker (--model-threads' default).
+        with gateway(args) as (http_url, grpc_target, _):
             reply = pb.InferResponse.FromString(
                 check_grpc(grpc_target, f"{SERVICE}/Infer", message[5:], False)
             )

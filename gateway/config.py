@@ -56,6 +56,9 @@ class Settings:
     # grpcio's threaded server holds a thread for each open stream, for as long as it is open;
     # streams get threads of their own, so open streams never take those of unary calls.
     max_streams: int = 8
+    # Threads of each native math library (BLAS, OpenMP) a model uses, per worker; 0 leaves the
+    # libraries' own defaults (see gateway/model_threads.py).
+    model_threads: int = 1
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
     # One JSON line per request on the gateway.access logger ("on" or "off").
@@ -87,6 +90,9 @@ _HELP = {
     "http_threads": "HTTP threads per worker",
     "grpc_threads": "gRPC threads per worker for unary calls",
     "max_streams": "InferStream and reflection streams open at once per worker, a thread each",
+    "model_threads": "threads of each native math library (OpenBLAS, MKL, OpenMP) a model "
+    "uses, per worker; 0 leaves the libraries' defaults; ignored when OMP_NUM_THREADS or "
+    "another library's thread variable is set",
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "on or off: one JSON line per request on stderr",
@@ -222,6 +228,7 @@ _TYPES: dict[str, Any] = {
     "http_threads": _at_least_one,
     "grpc_threads": _at_least_one,
     "max_streams": _at_least_one,
+    "model_threads": _non_negative_int,
     "shutdown_grace": _positive_float,
 }
 

@@ -21,7 +21,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health
 
-from gateway import allocator, config, workers
+from gateway import allocator, config, model_threads, workers
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
@@ -217,6 +217,8 @@ def _serve_until_signal(
     for signum in workers.STOP_SIGNALS:
         signal.signal(signum, _on_signal)
     allocator.tune()
+    # Before the models load: a library a model imports reads its thread count as it loads.
+    model_threads.limit(settings.model_threads)
     try:
         gateway = start(settings, reuse_port=reuse_port)
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:

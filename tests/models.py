@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -211,3 +212,22 @@ def misbehaving() -> Misbehaving:
 
 def misbehaving_batched() -> BatchedMisbehaving:
     return BatchedMisbehaving()
+
+
+class ThreadPools:
+    """Answers, for each image, the thread counts of the math libraries loaded in its worker and
+    the OMP_NUM_THREADS a library loaded now would read."""
+
+    name = "thread-pools"
+    description = "the worker's BLAS thread counts"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        from threadpoolctl import threadpool_info
+
+        blas = sorted({pool["num_threads"] for pool in threadpool_info()})
+        answer = {"pools": blas, "omp_env": os.environ.get("OMP_NUM_THREADS")}
+        return [answer for _ in images]
+
+
+def thread_pools() -> ThreadPools:
+    return ThreadPools()

@@ -22,6 +22,7 @@ import requests
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway import model_threads
 from tests.conftest import DATA, wait_for
 from tests.test_qrcode import encode, qr_image
 
@@ -549,3 +550,42 @@ def _metrics(http_url: str) -> str:
         return requests.get(f"{http_url}/metrics", timeout=5).text
     except requests.ConnectionError:
         return ""
+
+
+@pytest.mark.parametrize(
+    ("workers", "args", "env", "pools", "omp_env"),
+    [
+        # Each worker's pools get one thread, and a library loaded later reads 1 as well.
+        ("1", [], {}, [1], "1"),
+        ("2", [], {}, [1], "1"),
+        ("1", ["--model-threads", "2"], {}, [2], "2"),
+        # 0: the libraries' own default, a thread per core.
+        ("1", ["--model-threads", "0"], {}, [len(os.sched_getaffinity(0))], None),
+        # A thread count in the environment is the operator's: every pool is left to it.
+        ("2", [], {"OPENBLAS_NUM_THREADS": "2"}, [2], None),
+    ],
+)
+def test_model_threads_size_the_math_libraries_pools(
+    tmp_path: Path,
+    workers: str,
+    args: list[str],
+    env: dict[str, str],
+    pools: list[int],
+    omp_env: str | None,
+) -> None:
+    base = {k: v for k, v in os.environ.items() if k not in model_threads.VARIABLES}
+    served = launch(
+        tmp_path,
+        *("--http-port", "0", "--grpc-port", "0", "--workers", workers),
+        *("--model", "tests.models:thread_pools", *args),
+        env={**base, **env},
+    )
+    try:
+        png = (DATA / "images" / "hopper.png").read_bytes()
+        # New connections, so that both workers of two are asked.
+        for _ in range(6):
+            answer = requests.post(f"{served.http_url}/v1/infer", data=png, timeout=10).json()
+            assert answer["result"]["output"] == {"pools": pools, "omp_env": omp_env}
+    finally:
+        served.proc.terminate()
+        assert served.proc.wait(timeout=30) == 0
