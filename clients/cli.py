@@ -14,14 +14,15 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from clients.client import COLOR_MODES, GatewayClient
+from clients.client import COLOR_MODES, MAX_TIMEOUT, GatewayClient
 from clients.results import GatewayClientError
 
 DEFAULT_URL = os.environ.get("IMAGE_GATEWAY_URL", "http://127.0.0.1:5000")
 
 
 def _emit(text: str) -> None:
-    """Print to stdout. A reader that stops early (`| head`) is no error of ours."""
+    """Print to stdout. A reader that stops early (`| head`) is no error of ours; any other
+    failure to write (a full disk) raises OSError."""
     try:
         print(text, flush=True)
     except BrokenPipeError:
@@ -31,9 +32,14 @@ def _emit(text: str) -> None:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds over 0 and at most {MAX_TIMEOUT:g}"
+        )
     return value
 
 
@@ -74,14 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _emit(json.dumps(asdict(client.limits()), indent=2))
                 return 0
             results = client.infer_batch(args.files, model=args.model, color_mode=args.color_mode)
+        rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]
+        _emit(json.dumps(rows, indent=2))
     except GatewayClientError as exc:
         print(json.dumps({"error": {"code": exc.code, "message": exc.message}}), file=sys.stderr)
         return 2
-    except (OSError, ValueError) as exc:  # a file it cannot read, a URL it cannot use
+    except (OSError, ValueError) as exc:  # a file it cannot read, a URL it cannot use, stdout
         print(f"image-gateway-client: {exc}", file=sys.stderr)
         return 2
-    rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]
-    _emit(json.dumps(rows, indent=2))
+    except KeyboardInterrupt:
+        return 130  # as a shell reports SIGINT, without Python's traceback
     return 0 if all(r.ok for r in results) else 1
 
 

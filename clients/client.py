@@ -35,6 +35,8 @@ def encode_image(image: ImageLike) -> bytes:
         import cv2  # only arrays need OpenCV on the client side
 
         _check_array(image)
+        if not image.dtype.isnative:  # a big-endian uint16, say: the same values, swapped
+            image = image.astype(image.dtype.newbyteorder("="))
         ok, encoded = cv2.imencode(".png", image)
         if not ok:
             raise ValueError(f"cannot encode an array of shape {image.shape} as PNG")
@@ -45,7 +47,7 @@ def encode_image(image: ImageLike) -> bytes:
 def _check_array(image: np.ndarray) -> None:
     """What PNG holds without loss. OpenCV would turn any other array into 8 bits silently
     (float 0.7 becomes 1, int64 1000 becomes 255), and the answer would be for another image."""
-    if image.dtype not in (np.uint8, np.uint16):
+    if image.dtype.newbyteorder("=") not in (np.uint8, np.uint16):
         raise ValueError(
             f"an array of {image.dtype} cannot be sent as it is: PNG holds uint8 or uint16 "
             "(convert it first, e.g. with np.clip and astype)"
@@ -71,6 +73,8 @@ class _Source:
     def of(cls, index: int, image: ImageLike) -> _Source:
         if isinstance(image, (str, os.PathLike)):
             path = Path(image)
+            if path.is_dir():  # found now, before any request of the batch is sent
+                raise IsADirectoryError(f"{path} is a directory, not an image file")
             return cls(index, path.stat().st_size, path)
         data = encode_image(image)
         return cls(index, len(data), data)
@@ -110,7 +114,11 @@ class GatewayClient:
         channels: int = DEFAULT_CHANNELS,
     ) -> None:
         parts = urlsplit(url)
+        # Read here so that a port out of range is refused: grpc took "host:71248" for 5712.
+        parts.port  # noqa: B018 - raises ValueError
+        _check_timeout(timeout)
         self.model = model
+        self._closed = False
         self._transport: _Transport
         self._limits: Limits | None = None
         # What this client itself will send in one message; HTTP has no such cap.
@@ -135,11 +143,19 @@ class GatewayClient:
         color_mode: str = "color",
         params: Mapping[str, str] | None = None,
     ) -> ImageResult:
-        """The model's result for one image; raises GatewayClientError if the image fails."""
+        """The model's result for one image; raises GatewayClientError if the image fails.
+
+        An image over the gateway's per-image byte cap, or too large for any request, raises
+        the error `infer_batch` would give it, without being sent (a file is not even read)."""
+        self._check_open()
         _check_color_mode(color_mode)
-        return self._transport.infer(
-            encode_image(image), self._model(model), color_mode, params or {}
-        )
+        params = _checked_params(params)
+        source = _Source.of(0, image)
+        limits = self._published_limits()
+        error = _too_large(source.size, limits.max_image_bytes, self._room(limits, params))
+        if error is not None:
+            raise GatewayClientError(error.code, error.message, "")
+        return self._transport.infer(source.load(), self._model(model), color_mode, params)
 
     def infer_batch(
         self,
@@ -159,16 +175,15 @@ class GatewayClient:
         (`payload_too_large`), without being sent. An error of a whole request (an unknown
         model, an overloaded gateway, ...) raises GatewayClientError.
         """
+        self._check_open()
         _check_color_mode(color_mode)
+        params = _checked_params(params)
         sources = [_Source.of(i, image) for i, image in enumerate(images)]
         if not sources:
             return []
-        call = _Call(self._transport, self._model(model), color_mode, params or {})
+        call = _Call(self._transport, self._model(model), color_mode, params)
         limits = self._published_limits()
-        room = limits.max_request_bytes
-        if self._max_send is not None:
-            room = min(room, self._max_send)
-        room -= _REQUEST_OVERHEAD + sum(len(k) + len(v) for k, v in call.params.items())
+        room = self._room(limits, params)
         results: list[ImageResult | None] = [None] * len(sources)
         sendable = []
         for source in sources:
@@ -183,6 +198,13 @@ class GatewayClient:
                 results[i] = result
         return [r for r in results if r is not None]
 
+    def _room(self, limits: Limits, params: Mapping[str, str]) -> int:
+        """Bytes of images one request may carry, besides their own framing."""
+        room = limits.max_request_bytes
+        if self._max_send is not None:
+            room = min(room, self._max_send)
+        return room - _REQUEST_OVERHEAD - sum(len(k) + len(v) for k, v in params.items())
+
     def _published_limits(self) -> Limits:
         # Asked once per client: a gateway's limits are fixed while it runs.
         if self._limits is None:
@@ -190,14 +212,23 @@ class GatewayClient:
         return self._limits
 
     def list_models(self) -> list[ModelInfo]:
+        self._check_open()
         return self._transport.list_models()
 
     def limits(self) -> Limits:
         """The gateway's limits: request and image bytes, images, parts, pixels, timeout."""
+        self._check_open()
         return self._transport.limits()
 
     def close(self) -> None:
+        self._closed = True
         self._transport.close()
+
+    def _check_open(self) -> None:
+        # Alike on both protocols: a closed requests session would quietly open new
+        # connections, a closed grpc channel raise its own ValueError.
+        if self._closed:
+            raise ValueError("the client is closed")
 
     def __enter__(self) -> GatewayClient:
         return self
@@ -283,6 +314,32 @@ class _Call:
 
 # Request errors that one image alone can cause: too many pixels in all, or a body too large.
 _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
+
+
+# Seconds: a deadline grpc and urllib3 can still compute (urllib3 overflowed at about 9e9).
+MAX_TIMEOUT = 1_000_000.0
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+        raise ValueError(
+            f"timeout must be a number of seconds over 0 and at most {MAX_TIMEOUT:g}, or None "
+            f"for none, not {timeout!r}"
+        )
+
+
+def _checked_params(params: Mapping[str, str] | None) -> dict[str, str]:
+    """Model parameters travel as text on both protocols (HTTP query parameters, gRPC string
+    values), so a model reads the same values whichever way they came."""
+    params = dict(params or {})
+    for key, value in params.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"parameters are str -> str; {key!r}: {value!r} is not")
+        if key == "color_mode":
+            raise ValueError("color_mode is an argument of its own, not a model parameter")
+    return params
 
 
 def _check_color_mode(color_mode: str) -> None:

@@ -29,11 +29,16 @@ _COLOR_MODES = {
 }
 
 
+# From here on a double is not exact as an integer, and the gateway sends such numbers as
+# floats (1e16 goes over HTTP as 1e+16).
+MAX_EXACT_INT = 2**53
+
+
 def normalise_json(value: Any) -> Any:
-    """gRPC carries every number as a double; the gateway only sends integral numbers as ints,
-    so turning integral doubles back into ints gives exactly what the HTTP front sends. Object
+    """gRPC carries every number as a double; the gateway sends integral numbers below 2**53 as
+    ints, so turning those doubles back into ints gives exactly what the HTTP front sends. Object
     keys come sorted, as `canonical_output` sorts them over HTTP, in the same pass."""
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_EXACT_INT:
         return int(value)
     if isinstance(value, list):
         return [normalise_json(v) for v in value]
@@ -75,6 +80,9 @@ def error_from_rpc(exc: grpc.RpcError) -> GatewayClientError:
     )
 
 
+MAX_RECONNECT_BACKOFF_MS = 2000
+
+
 class GrpcTransport:
     """Calls go round `channels` channels, each its own TCP connection: a gateway with several
     worker processes gives each connection to one of them, so a client calling from several
@@ -89,8 +97,13 @@ class GrpcTransport:
         self.timeout = timeout
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
+            # Answers are not capped, as over HTTP: a model's large output refused on arrival
+            # would have been computed for nothing (and a batch split and computed again).
+            ("grpc.max_receive_message_length", -1),
             ("grpc.use_local_subchannel_pool", 1),
+            # grpc's backoff between connection attempts grows to 120 s: a gateway back after
+            # a 40 s restart stayed "unreachable" to this client for 26 s more.
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
         self.channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
         stubs = [pb_grpc.ImageGatewayServiceStub(channel) for channel in self.channels]

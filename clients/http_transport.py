@@ -99,7 +99,7 @@ class HttpTransport:
 
     def limits(self) -> Limits:
         response = self._send("GET", f"{self.base_url}/v1/limits")
-        return Limits(**self._check(response))
+        return Limits.from_dict(self._check(response))
 
     def close(self) -> None:
         self.session.close()

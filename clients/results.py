@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T")
 
 
 def canonical_output(value: Any) -> Any:
@@ -15,6 +21,16 @@ def canonical_output(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: canonical_output(value[k]) for k in sorted(value)}
     return value
+
+
+def _known(cls: Callable[..., T], names: Iterable[str], body: dict[str, Any]) -> T:
+    """`cls` from the fields of a JSON object it knows: a newer gateway may send more, as a
+    protobuf message read by older code skips fields it does not know."""
+    return cls(**{name: body[name] for name in names if name in body})
+
+
+def _names(cls: type[DataclassInstance]) -> list[str]:
+    return [f.name for f in fields(cls)]
 
 
 @dataclass(frozen=True)
@@ -58,7 +74,7 @@ class ImageResult:
         error = body.get("error")
         return cls(
             name=body.get("name", ""),
-            info=ImageInfo(**info) if info else None,
+            info=_known(ImageInfo, _names(ImageInfo), info) if info else None,
             output=canonical_output(body.get("output")),
             error=ErrorInfo(error["code"], error["message"]) if error else None,
         )
@@ -112,3 +128,7 @@ class Limits:
     max_image_pixels: int
     max_request_pixels: int
     request_timeout_seconds: float
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> Limits:
+        return _known(cls, _names(cls), body)

@@ -36,8 +36,8 @@ class Settings:
     cors_origin: tuple[str, ...] = ()
     # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per core.
     workers: int = 0
-    # One cap for both fronts: an HTTP body, and a gRPC message in either direction. gRPC's own
-    # default is 4 MiB, too small for a single phone photo.
+    # One cap for both fronts: an HTTP body, and a gRPC request message (answers are not
+    # capped, on either front). gRPC's own default is 4 MiB, too small for a phone photo.
     max_request_bytes: int = 64 * MiB
     # One encoded image (a multipart file part, one gRPC Image); never more than the above.
     max_image_bytes: int = 64 * MiB

@@ -35,6 +35,7 @@ MODELS = (
     "tests.models:spy",
     "tests.models:batching_spy",
     "tests.models:small_input",
+    "tests.models:outputs",
 )
 
 

@@ -231,3 +231,20 @@ class ThreadPools:
 
 def thread_pools() -> ThreadPools:
     return ThreadPools()
+
+
+class Outputs:
+    """Answers what its "give" parameter names: numbers only floats can carry, or a text of
+    "bytes" characters."""
+
+    name = "outputs"
+    description = "answers large numbers, or a long text"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        if params.get("give") == "text":
+            return ["x" * int(params["bytes"]) for _ in images]
+        return [[1e16, -1e300, 2.0**53, 2.0**53 - 1, 3.0, 2.5] for _ in images]
+
+
+def outputs() -> Outputs:
+    return Outputs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,8 +13,9 @@ import pytest
 import requests
 
 from clients.client import GatewayClient
-from clients.results import GatewayClientError, ImageInfo, ImageResult
-from gateway.serve import Gateway
+from clients.results import GatewayClientError, ImageInfo, ImageResult, Limits
+from gateway.config import Settings
+from gateway.serve import Gateway, start
 from tests.conftest import DATA, IMAGES
 
 JPEG_PATH = DATA / "images" / "rocket.jpg"
@@ -211,3 +213,137 @@ def test_no_gateway_is_the_same_error_on_both_protocols() -> None:
         with GatewayClient(url, timeout=5) as client, pytest.raises(GatewayClientError) as caught:
             client.limits()
         assert caught.value.code == "unreachable"
+
+
+def test_numbers_only_floats_carry_come_back_alike(clients: dict[str, GatewayClient]) -> None:
+    # gRPC carries every number as a double; the client made 1e16 an int, where HTTP gives a
+    # float, and -1e300 a 301-digit int.
+    outputs = [client.infer(JPEG_PATH, model="outputs").output for client in clients.values()]
+    assert outputs[0] == outputs[1] == [1e16, -1e300, 2.0**53, 2**53 - 1, 3, 2.5]
+    for output in outputs:
+        assert [type(v) for v in output] == [float, float, float, int, int, float]
+
+
+@pytest.fixture(scope="module")
+def small_gateway() -> Iterator[Gateway]:
+    gw = start(
+        Settings(
+            http_port=0, grpc_port=0, model=("tests.models:outputs",), max_request_bytes=100_000
+        )
+    )
+    yield gw
+    gw.stop()
+
+
+def test_answers_larger_than_a_request_may_be_come_back_on_both_protocols(
+    small_gateway: Gateway,
+) -> None:
+    # A gRPC answer over --max-request-bytes was refused by the server's grpc after the model
+    # had run, and the client, taking RESOURCE_EXHAUSTED for a request too large, sent a batch
+    # again in halves: every image computed again.
+    params = {"give": "text", "bytes": "300000"}
+    small = DATA / "images" / "hopper.jpg"
+    for url in (small_gateway.http_url, f"grpc://{small_gateway.grpc_target}"):
+        with GatewayClient(url) as client:
+            assert client.infer(small, params=params).output == "x" * 300_000
+            results = client.infer_batch([small, small], params=params)
+            assert [r.output for r in results] == ["x" * 300_000] * 2
+
+
+def test_an_image_over_the_caps_is_refused_without_being_sent(
+    small_gateway: Gateway, tmp_path: Path
+) -> None:
+    # infer() read the whole file, then sent it (over gRPC holding it about four times over):
+    # a 1 GB file took 4 GB and 12 s to be refused. It now fails as infer_batch fails it.
+    big = tmp_path / "big.jpg"
+    with big.open("wb") as f:
+        f.truncate(1_000_000)
+    for url in (small_gateway.http_url, f"grpc://{small_gateway.grpc_target}"):
+        with GatewayClient(url) as client:
+            with pytest.raises(GatewayClientError) as caught:
+                client.infer(big)
+            assert (caught.value.code, caught.value.status) == ("image_too_large", "")
+            [result] = client.infer_batch([big])
+            assert result.error is not None
+            assert result.error.code == caught.value.code
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e10])
+def test_a_timeout_neither_protocol_can_keep_is_refused(timeout: float) -> None:
+    # HTTP raised ValueError or, for 1e10, OverflowError mid-call; gRPC used no deadline for 0
+    # and failed every call at once for the rest.
+    for url in ("http://127.0.0.1:1", "grpc://127.0.0.1:1"):
+        with pytest.raises(ValueError, match="timeout"):
+            GatewayClient(url, timeout=timeout)
+
+
+def test_a_port_out_of_range_is_refused() -> None:
+    # grpc took "127.0.0.1:71248" for port 5712 (71248 - 65536).
+    for url in ("http://127.0.0.1:71248", "grpc://127.0.0.1:71248"):
+        with pytest.raises(ValueError, match="out of range"):
+            GatewayClient(url)
+
+
+def test_a_closed_client_refuses_calls_alike(gateway: Gateway) -> None:
+    # HTTP went on calling after close(); gRPC raised grpc's own ValueError from its channel.
+    for url in (gateway.http_url, f"grpc://{gateway.grpc_target}"):
+        client = GatewayClient(url)
+        client.close()
+        client.close()
+        with pytest.raises(ValueError, match="closed"):
+            client.infer(JPEG_PATH)
+        with pytest.raises(ValueError, match="closed"):
+            client.infer_batch([JPEG_PATH])
+        with pytest.raises(ValueError, match="closed"):
+            client.list_models()
+        with pytest.raises(ValueError, match="closed"):
+            client.limits()
+
+
+def test_parameters_are_text_on_both_protocols(clients: dict[str, GatewayClient]) -> None:
+    # {"a": 1} reached a model as "1" over HTTP (a query parameter) and 1 over gRPC; a
+    # color_mode parameter was dropped over HTTP and given to the model over gRPC.
+    for client in clients.values():
+        with pytest.raises(TypeError, match="str -> str"):
+            client.infer(JPEG_PATH, params={"a": 1})  # type: ignore[dict-item]
+        with pytest.raises(TypeError, match="str -> str"):
+            client.infer_batch([JPEG_PATH], params={"a": 1})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match="color_mode"):
+            client.infer(JPEG_PATH, params={"color_mode": "grayscale"})
+
+
+def test_a_directory_in_a_batch_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    # Found only when its request was due: earlier requests of the batch had been sent and
+    # their results thrown away. Here nothing listens, so only a check made before any call
+    # can answer.
+    with GatewayClient("http://127.0.0.1:1") as client, pytest.raises(IsADirectoryError):
+        client.infer_batch([JPEG_PATH, tmp_path])
+
+
+def test_fields_a_newer_gateway_adds_are_skipped() -> None:
+    limits = dict.fromkeys(
+        (
+            "max_request_bytes",
+            "max_image_bytes",
+            "max_images",
+            "max_parts",
+            "max_image_pixels",
+            "max_request_pixels",
+        ),
+        5,
+    )
+    assert Limits.from_dict({**limits, "request_timeout_seconds": 2.5, "max_streams": 8}) == Limits(
+        **limits, request_timeout_seconds=2.5
+    )
+    result = ImageResult.from_dict(
+        {"name": "0", "info": {"width": 1, "height": 2, "channels": 3, "format": "png", "dpi": 72}}
+    )
+    assert result.info == ImageInfo(1, 2, 3, "png")
+
+
+def test_a_big_endian_array_is_sent_as_its_values(clients: dict[str, GatewayClient]) -> None:
+    native = (np.arange(12 * 10, dtype=np.uint16) * 500).reshape(12, 10)
+    swapped = native.astype(">u2")
+    for client in clients.values():
+        got = client.infer_batch([native, swapped], model="spy", color_mode="unchanged")
+        assert [r.output for r in got] == [{"checksum": int(native.sum())}] * 2

@@ -589,3 +589,32 @@ def test_model_threads_size_the_math_libraries_pools(
     finally:
         served.proc.terminate()
         assert served.proc.wait(timeout=30) == 0
+
+
+def test_cli_output_it_cannot_write_is_an_error_of_its_own(served: Served) -> None:
+    # A full disk: a traceback and exit 1, which says a file failed, though none had.
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [str(BIN / "image-gateway-client"), "infer", FILES[0], "--url", served.http_url],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert done.stderr.startswith("image-gateway-client: ") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--timeout", "inf", "limits"],
+        ["--timeout", "1e10", "limits"],
+        ["--url", "grpc://127.0.0.1:71248", "limits"],
+        ["--url", "http://127.0.0.1:71248", "limits"],
+    ],
+)
+def test_cli_refuses_a_timeout_or_port_it_cannot_use(args: list[str]) -> None:
+    done = cli(*args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr

@@ -87,7 +87,10 @@ def build_grpc_server(
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
-            ("grpc.max_send_message_length", settings.max_request_bytes),
+            # Answers are not capped, as over HTTP. Capped, a large output was refused by grpc
+            # after the model had run, logged as OK, and answered with grpc's own
+            # RESOURCE_EXHAUSTED, which a client takes for a request too large.
+            ("grpc.max_send_message_length", -1),
             # Workers share the port on purpose; a single process refuses a port already taken.
             ("grpc.so_reuseport", 1 if reuse_port else 0),
             # Identity only. Images are compressed already; a gzip message gained nothing and
