@@ -456,3 +456,60 @@ def test_compressed_messages_and_large_metadata_are_refused(gateway: Gateway) ->
         # Under the limit, and uncompressed, as usual.
         reply = stub.Infer(request, timeout=10, metadata=[("note", "v" * 60_000)])
         assert grpc_result(reply.result)["output"] == [128, 128, 3]
+
+
+def _with_parameters(message: Any, **values: Any) -> Any:
+    for key, value in values.items():
+        message.parameters[key] = value
+    return message
+
+
+def test_grpc_parameters_reach_the_model_as_json(stub: pb_grpc.ImageGatewayServiceStub) -> None:
+    from tests.models import SPY
+
+    # json_format gave 3 as 3.0.
+    request = pb.InferRequest(model="spy", image=pb.Image(data=PNG))
+    request.parameters.update({"k": 3, "t": 0.5, "s": "x", "on": True, "l": [1, "a"]})
+    stub.Infer(request, timeout=10)
+    params = SPY.calls[-1]["params"]
+    assert params == {"k": 3, "t": 0.5, "s": "x", "on": True, "l": [1, "a"]}
+    assert type(params["k"]) is int and type(params["l"][0]) is int
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "color_mode"])
+def test_a_parameter_no_json_holds_is_invalid_request_and_a_stream_goes_on(
+    stub: pb_grpc.ImageGatewayServiceStub, value: Any
+) -> None:
+    # A NaN failed the call as `internal` (json_format raised ValueError), and ended an
+    # InferStream with UNKNOWN. A color_mode parameter reached the model over gRPC only.
+    bad = {"color_mode": "grayscale"} if value == "color_mode" else {"x": value}
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(_with_parameters(pb.InferRequest(image=pb.Image(data=PNG)), **bad), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+    messages = [
+        _with_parameters(pb.InferStreamRequest(image=pb.Image(data=PNG)), **params)
+        for params in ({"x": 1}, bad, {"x": 2})
+    ]
+    replies = list(stub.InferStream(iter(messages), timeout=10))
+    assert [r.result.WhichOneof("outcome") for r in replies] == ["output", "error", "output"]
+    assert replies[1].result.error.code == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    ("query", "fields"),
+    [("?q=1&q=2", []), ("?q=1", [("q", "2")]), ("?color_mode=color", [("color_mode", "color")])],
+    ids=["query twice", "query and field", "color_mode"],
+)
+def test_a_parameter_given_twice_is_invalid_request(
+    http_url: str, query: str, fields: list[tuple[str, str]]
+) -> None:
+    # The model got one of the values, silently. (Two text fields of one name are
+    # duplicate_part.)
+    from tests.hostile import file_part, multipart, text_part
+    from tests.test_hostile import post_multipart_body
+
+    body = multipart([file_part("0", PNG), *(text_part(k, v) for k, v in fields)])
+    resp = post_multipart_body(http_url, body, f"/v1/models/spy/infer{query}")
+    assert resp.status_code == 400
+    assert resp.json()["error"]["code"] == "invalid_request"
+    assert "is given twice" in resp.json()["error"]["message"]

@@ -96,7 +96,10 @@ def multipart_request(model: str) -> InferRequest:
         )
     parts = _read_parts()
     files = [p for p in parts if p.filename is not None]
-    fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
+    fields: dict[str, str] = {}
+    for part in parts:
+        if part.filename is None:
+            _add_parameter(fields, part.name, part.data.decode("utf-8", "replace"))
     if not files:
         raise GatewayError(
             ErrorCode.NO_IMAGES, "the multipart body has no file part; send each image as a file"
@@ -110,8 +113,16 @@ def multipart_request(model: str) -> InferRequest:
 def _infer_request(
     model: str, images: tuple[ImageInput, ...], form_fields: dict[str, str]
 ) -> InferRequest:
-    params: dict[str, Any] = {k: v for k, v in request.args.items() if k not in RESERVED_QUERY}
-    params.update(form_fields)
+    params: dict[str, Any] = {}
+    for key, value in request.args.items(multi=True):
+        if key not in RESERVED_QUERY:
+            _add_parameter(params, key, value)
+    if len(request.args.getlist("color_mode")) > 1:
+        raise _given_twice("color_mode")
+    for key, value in form_fields.items():
+        if key == "color_mode" and "color_mode" in request.args:
+            raise _given_twice(key)
+        _add_parameter(params, key, value)
     color_mode = params.pop("color_mode", None) or request.args.get("color_mode", "color")
     try:
         mode = ColorMode(color_mode)
@@ -129,6 +140,21 @@ def _infer_request(
         request_id=request_id(),
         deadline=g.deadline,
         client_gone=request.environ.get(CLIENT_GONE_KEY),
+    )
+
+
+def _add_parameter(params: dict[str, Any], key: str, value: str) -> None:
+    # Twice (?q=1&q=2, or a query parameter and a text field): the model would get one of
+    # them, the client meant something else.
+    if key in params:
+        raise _given_twice(key)
+    params[key] = value
+
+
+def _given_twice(key: str) -> GatewayError:
+    return GatewayError(
+        ErrorCode.INVALID_REQUEST,
+        f"parameter {key!r} is given twice (query parameters and text fields are one set)",
     )
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Union
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
+from gateway.core.outputs import MAX_EXACT_INT
 from gateway.core.types import (
     ColorMode,
     ImageInput,
@@ -37,7 +39,36 @@ def _image(image: pb.Image, data: memoryview) -> ImageInput:
 
 
 def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct) if struct.fields else {}
+    """The request's parameters as JSON values. Numbers come as doubles: integral ones below
+    2**53 become ints, as in outputs (gateway.core.outputs), so that 3 reaches a model as 3,
+    not 3.0. json_format.MessageToDict raised ValueError on a NaN, which failed a call as
+    `internal` and ended an InferStream with it."""
+    if "color_mode" in struct.fields:
+        # Over HTTP a color_mode parameter is the decode mode, and never reaches the model.
+        raise GatewayError(
+            ErrorCode.INVALID_REQUEST,
+            "color_mode is a field of the request, not a parameter (as over HTTP, where it is "
+            "the decode mode)",
+        )
+    return {key: _json(value, key) for key, value in struct.fields.items()}
+
+
+def _json(value: struct_pb2.Value, key: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise GatewayError(
+                ErrorCode.INVALID_REQUEST, f"parameter {key!r} holds {number}, which JSON cannot"
+            )
+        return int(number) if number.is_integer() and abs(number) < MAX_EXACT_INT else number
+    if kind == "list_value":
+        return [_json(v, key) for v in value.list_value.values]
+    if kind == "struct_value":
+        return {k: _json(v, key) for k, v in value.struct_value.fields.items()}
+    if kind == "null_value" or kind is None:
+        return None
+    return getattr(value, kind)
 
 
 def _color_mode(value: int) -> ColorMode:
