@@ -7,9 +7,10 @@ a numpy model doing one matrix product a request (benchmarks/models.py:embedding
 requests/s at concurrency 16 on two workers with the pools as they come, and 356 with one
 thread each. Serving systems' users meet the same with PyTorch (kserve/kserve#1031).
 
-A worker therefore gives each library `--model-threads` threads (1 by default: the request
-threads and the workers already use every core), unless the environment names a thread count
-itself, which then stands for every library.
+A worker therefore gives each library, and OpenCV's own pool (used by cv2.resize and the like
+in model code), `--model-threads` threads (1 by default: the request threads and the workers
+already use every core), unless the environment names a thread count itself, which then stands
+for every library.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import logging
 import os
 from collections.abc import MutableMapping
 
+import cv2
 from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
 # What the libraries read when they load: OpenMP, OpenBLAS, MKL, BLIS, Apple's Accelerate,
-# numexpr.
+# numexpr, OpenCV.
 VARIABLES = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -31,13 +33,16 @@ VARIABLES = (
     "BLIS_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
+    "OPENCV_FOR_THREADS_NUM",
 )
 
 
 def limit(threads: int, environ: MutableMapping[str, str] = os.environ) -> None:
-    """Size the pools of this process's math libraries: those loaded already (numpy's OpenBLAS,
-    OpenCV's) at once, and those a model loads later through the environment they read."""
-    chosen = sorted(f"{name}={environ[name]}" for name in VARIABLES if name in environ)
+    """Size the pools of this process's math libraries: those loaded already (numpy's and
+    OpenCV's OpenBLAS, OpenCV's own pool) at once, and those a model loads later through the
+    environment they read."""
+    # Empty is unset, to the libraries too.
+    chosen = sorted(f"{name}={environ[name]}" for name in VARIABLES if environ.get(name))
     if chosen:
         log.info("model threads left to the environment (%s)", ", ".join(chosen))
         return
@@ -46,3 +51,4 @@ def limit(threads: int, environ: MutableMapping[str, str] = os.environ) -> None:
     for name in VARIABLES:
         environ[name] = str(threads)
     threadpool_limits(threads)
+    cv2.setNumThreads(threads)

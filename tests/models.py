@@ -222,10 +222,15 @@ class ThreadPools:
     description = "the worker's BLAS thread counts"
 
     def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        import cv2
         from threadpoolctl import threadpool_info
 
         blas = sorted({pool["num_threads"] for pool in threadpool_info()})
-        answer = {"pools": blas, "omp_env": os.environ.get("OMP_NUM_THREADS")}
+        answer = {
+            "pools": blas,
+            "opencv": cv2.getNumThreads(),
+            "omp_env": os.environ.get("OMP_NUM_THREADS"),
+        }
         return [answer for _ in images]
 
 

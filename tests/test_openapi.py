@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,8 +31,9 @@ def test_document_is_served(gateway: Gateway) -> None:
 
 def test_every_route_is_documented(gateway: Gateway) -> None:
     documented = set(SPEC["paths"])
+    # "<model_name:model>" (a converter's name, then the variable's) is "{model}".
     app_rules = {
-        rule.rule.replace("<", "{").replace(">", "}")
+        re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for rule in gateway.http.wsgi_app.url_map.iter_rules()
         if rule.endpoint != "static"
     }

@@ -552,17 +552,22 @@ def _metrics(http_url: str) -> str:
         return ""
 
 
+CORES = len(os.sched_getaffinity(0))
+
+
 @pytest.mark.parametrize(
-    ("workers", "args", "env", "pools", "omp_env"),
+    ("workers", "args", "env", "pools", "opencv", "omp_env"),
     [
         # Each worker's pools get one thread, and a library loaded later reads 1 as well.
-        ("1", [], {}, [1], "1"),
-        ("2", [], {}, [1], "1"),
-        ("1", ["--model-threads", "2"], {}, [2], "2"),
+        ("1", [], {}, [1], 1, "1"),
+        ("2", [], {}, [1], 1, "1"),
+        ("1", ["--model-threads", "2"], {}, [2], 2, "2"),
         # 0: the libraries' own default, a thread per core.
-        ("1", ["--model-threads", "0"], {}, [len(os.sched_getaffinity(0))], None),
+        ("1", ["--model-threads", "0"], {}, [CORES], CORES, None),
         # A thread count in the environment is the operator's: every pool is left to it.
-        ("2", [], {"OPENBLAS_NUM_THREADS": "2"}, [2], None),
+        ("2", [], {"OPENBLAS_NUM_THREADS": "2"}, [2], CORES, None),
+        # Empty is unset, to the libraries as to the gateway.
+        ("1", [], {"OMP_NUM_THREADS": ""}, [1], 1, "1"),
     ],
 )
 def test_model_threads_size_the_math_libraries_pools(
@@ -571,6 +576,7 @@ def test_model_threads_size_the_math_libraries_pools(
     args: list[str],
     env: dict[str, str],
     pools: list[int],
+    opencv: int,
     omp_env: str | None,
 ) -> None:
     base = {k: v for k, v in os.environ.items() if k not in model_threads.VARIABLES}
@@ -585,7 +591,11 @@ def test_model_threads_size_the_math_libraries_pools(
         # New connections, so that both workers of two are asked.
         for _ in range(6):
             answer = requests.post(f"{served.http_url}/v1/infer", data=png, timeout=10).json()
-            assert answer["result"]["output"] == {"pools": pools, "omp_env": omp_env}
+            assert answer["result"]["output"] == {
+                "pools": pools,
+                "opencv": opencv,
+                "omp_env": omp_env,
+            }
     finally:
         served.proc.terminate()
         assert served.proc.wait(timeout=30) == 0

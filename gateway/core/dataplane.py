@@ -33,7 +33,7 @@ from gateway.core.types import (
     ItemResult,
     ModelInfo,
 )
-from gateway.models.base import JSONValue, Model, min_input_size
+from gateway.models.base import JSONValue, Model, batching_attributes, min_input_size
 from gateway.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,8 @@ def resolve_policy(
     `max_batch_wait_ms` attributes; else no batching."""
     if model.name in configured:
         return configured[model.name]
-    size = getattr(model, "max_batch_size", 0)
-    if isinstance(size, int) and size > 1:
-        wait_ms = float(getattr(model, "max_batch_wait_ms", 2.0))
-        return BatchPolicy(size, wait_ms / 1000)
-    return None
+    declared = batching_attributes(model)
+    return None if declared is None else BatchPolicy(declared[0], declared[1] / 1000)
 
 
 def new_request_id(given: str | None = None) -> str:

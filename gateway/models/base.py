@@ -35,6 +35,85 @@ class Model(Protocol):
         ...
 
 
+# Sizes travel as int32 in the proto.
+_MAX_INT32 = 2**31 - 1
+# Longest model name: names come back in every answer, label metrics and fill error messages.
+MAX_NAME = 256
+# The metrics and access-log label of a name no model has (gateway.models.registry).
+UNKNOWN_LABEL = "-"
+# Longest batching wait a model may declare, as --batching takes (ms).
+MAX_BATCH_WAIT_MS = 99_999.0
+
+
+def check_model(model: object, spec: str) -> Model:
+    """`model` as a Model, or TypeError / ValueError naming what is wrong, so that a model
+    declaring something wrongly fails at start, not on a request (or on a listing)."""
+    if isinstance(model, type):
+        raise TypeError(f"{spec!r} returned the class {model.__name__}; return an instance")
+    missing = [a for a in ("name", "description", "predict") if not hasattr(model, a)]
+    if missing or not callable(getattr(model, "predict", None)):
+        raise TypeError(
+            f"{spec!r} returned {type(model).__name__}, which lacks "
+            f"{', '.join(missing) or 'a callable predict'}: a model has name, description and "
+            "predict(images, params)"
+        )
+    name, description = getattr(model, "name"), getattr(model, "description")  # noqa: B009
+    if not isinstance(name, str) or not isinstance(description, str):
+        raise TypeError(f"{spec!r}: name and description are str, not {name!r}, {description!r}")
+    _check_name(name)
+    checked: Model = model  # type: ignore[assignment]
+    min_input_size(checked)
+    batching_attributes(checked)
+    return checked
+
+
+def _check_name(name: str) -> None:
+    # "/" is allowed ("org/model", as model hubs name them; HTTP routes take it), but no
+    # segment a URL would resolve away or leave empty.
+    segments = name.split("/")
+    if (
+        not 0 < len(name) <= MAX_NAME
+        or not name.isprintable()
+        or name == UNKNOWN_LABEL
+        # What an HTTP route reads as "/", and its infer route's tail
+        # (gateway.rest.routes.ModelName).
+        or "%2f" in name.lower()
+        or name.endswith("/infer")
+        or any(seg in ("", ".", "..") for seg in segments)
+    ):
+        raise ValueError(
+            f"model name {name[:MAX_NAME]!r}: a name is 1 to {MAX_NAME} printable characters, "
+            f"not {UNKNOWN_LABEL!r} (the label of unknown names), without '%2F' or a last "
+            "segment 'infer', and with no empty, '.' or '..' segment between slashes"
+        )
+
+
+def batching_attributes(model: Model) -> tuple[int, float] | None:
+    """The model's own `max_batch_size` and `max_batch_wait_ms` (default 2) as (size, wait in
+    ms), None when it does not ask for batching; ValueError for values that are not a size and
+    a wait (an infinite wait killed the batcher's thread, NaN never ended, 8.0 turned batching
+    off without a word)."""
+    size = getattr(model, "max_batch_size", None)
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+        raise ValueError(
+            f"model {model.name!r}: max_batch_size must be an int from 1 to 4096, or None, "
+            f"not {size!r}"
+        )
+    wait = getattr(model, "max_batch_wait_ms", 2.0)
+    if (
+        isinstance(wait, bool)
+        or not isinstance(wait, (int, float))
+        or not 0 <= wait <= MAX_BATCH_WAIT_MS
+    ):
+        raise ValueError(
+            f"model {model.name!r}: max_batch_wait_ms must be a number of ms from 0 to "
+            f"{MAX_BATCH_WAIT_MS:g}, not {wait!r}"
+        )
+    return (size, float(wait)) if size > 1 else None
+
+
 def min_input_size(model: Model) -> tuple[int, int] | None:
     """The model's `min_input_size` as (width, height), None when it has none; ValueError for
     anything else, so that a model declaring it wrongly fails at start, not on a request."""
@@ -44,10 +123,12 @@ def min_input_size(model: Model) -> tuple[int, int] | None:
     if (
         isinstance(size, (tuple, list))
         and len(size) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= _MAX_INT32 for v in size
+        )
     ):
         return (size[0], size[1])
     raise ValueError(
-        f"model {model.name!r}: min_input_size must be (width, height) in positive integers or "
-        f"None, not {size!r}"
+        f"model {model.name!r}: min_input_size must be (width, height) in integers from 1 to "
+        f"{_MAX_INT32}, or None, not {size!r}"
     )

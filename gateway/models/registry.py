@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterator
 
-from gateway.models.base import Model, min_input_size
+from gateway.models.base import UNKNOWN_LABEL, Model, check_model
 
 # The label of a model name the gateway does not serve.
-UNKNOWN = "-"
+UNKNOWN = UNKNOWN_LABEL
 
 BUILTINS: dict[str, str] = {
     "shape": "gateway.models.shape:create",
@@ -29,10 +29,7 @@ def load_model(spec: str) -> Model:
         factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load model {spec!r}: {exc}") from exc
-    model = factory()
-    if not isinstance(model, Model):
-        raise TypeError(f"{spec!r} returned {type(model).__name__}, which has no name/predict")
-    return model
+    return check_model(factory(), spec)
 
 
 class ModelRegistry:
@@ -43,9 +40,9 @@ class ModelRegistry:
             raise ValueError("a gateway needs at least one model")
         self._models: dict[str, Model] = {}
         for model in models:
+            check_model(model, repr(model))
             if model.name in self._models:
                 raise ValueError(f"two models are named {model.name!r}")
-            min_input_size(model)
             self._models[model.name] = model
         self.default_name = models[0].name
 

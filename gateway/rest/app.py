@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +24,13 @@ def _method_label() -> str:
     """The method and route of a request that matched a route; "-" for any other, whose method
     token (any the client likes, for a 404 or 405) must not become a label value."""
     rule = request.url_rule
-    return f"{request.method} {rule.rule}" if rule is not None else "-"
+    return f"{request.method} {_route(rule.rule)}" if rule is not None else "-"
+
+
+@functools.lru_cache(maxsize=64)
+def _route(rule: str) -> str:
+    # "<model_name:model>" is "<model>" in labels, as in the routes' documentation.
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"<\1>", rule)
 
 
 def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
@@ -80,6 +88,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
+    app.url_map.converters["model_name"] = routes.ModelName
     app.register_blueprint(routes.probes)
     app.register_blueprint(routes.v1)
     app.register_blueprint(routes.minimal)

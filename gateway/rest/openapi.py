@@ -55,7 +55,13 @@ _COLOR_MODE = {
     "schema": {"type": "string", "enum": ["color", "grayscale", "unchanged"], "default": "color"},
 }
 
-_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_MODEL = {
+    "name": "model",
+    "in": "path",
+    "required": True,
+    "description": "a model name; one with slashes (org/model) may send them as they are or as %2F",
+    "schema": {"type": "string"},
+}
 
 
 def _infer(summary: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from flask import Blueprint, Response, current_app, jsonify
+from werkzeug.routing import PathConverter
 
 from gateway import metrics
 from gateway.config import published_limits
@@ -20,6 +21,19 @@ v1 = Blueprint("v1", __name__, url_prefix="/v1")
 minimal = Blueprint("minimal", __name__)
 
 DATAPLANE_KEY = "image_gateway.dataplane"
+
+
+class ModelName(PathConverter):
+    """A model name in a route: slashes included ("org/model"), sent as they are or as %2F,
+    which cheroot leaves encoded in the path it hands over (to keep "a%2Fb" apart from "a/b";
+    model names cannot hold a "%2F" of their own, gateway.models.base)."""
+
+    # Never ending in "/infer": that is the infer route's path (no name ends so,
+    # gateway.models.base), where GET must be 405 and OPTIONS must not offer GET.
+    regex = r"[^/].*?(?<!/infer)"
+
+    def to_python(self, value: str) -> str:
+        return value.replace("%2F", "/").replace("%2f", "/")
 
 
 def dataplane() -> DataPlane:
@@ -67,13 +81,13 @@ def list_models() -> Response:
     return jsonify({"models": [model_json(m) for m in dataplane().list_models()]})
 
 
-@v1.get("/models/<model>")
+@v1.get("/models/<model_name:model>")
 def get_model(model: str) -> Response:
     return jsonify(model_json(dataplane().get_model(model)))
 
 
 @v1.post("/infer", defaults={"model": ""})
-@v1.post("/models/<model>/infer")
+@v1.post("/models/<model_name:model>/infer")
 def infer(model: str) -> Response:
     dataplane().model(model)  # an unknown model fails before its body is read
     if http_requests.is_multipart():

@@ -1,0 +1,136 @@
+"""A model declaring something wrongly fails at start, with its name and what is wrong; one
+declaring it rightly is served alike over both protocols."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from clients.client import GatewayClient
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.config import Settings
+from gateway.models.registry import ModelRegistry
+from gateway.serve import Gateway, start
+from tests.conftest import DATA
+
+PNG = DATA / "images" / "hopper.png"
+
+
+class Declared:
+    """A model whose attributes are whatever a test sets."""
+
+    def __init__(self, name: object = "m", description: object = "d", **attrs: Any) -> None:
+        self.name = name
+        self.description = description
+        for key, value in attrs.items():
+            setattr(self, key, value)
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        return [list(i.shape) for i in images]
+
+
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        # Listed over HTTP, INTERNAL over gRPC (int32), and every model hidden from ListModels.
+        ({"min_input_size": (2**31, 10)}, "min_input_size"),
+        # An infinite wait killed the batcher's thread: every request then waited 30 s for a 504.
+        ({"max_batch_size": 8, "max_batch_wait_ms": float("inf")}, "max_batch_wait_ms"),
+        # NaN never ended a wait.
+        ({"max_batch_size": 8, "max_batch_wait_ms": float("nan")}, "max_batch_wait_ms"),
+        ({"max_batch_size": 8, "max_batch_wait_ms": "abc"}, "max_batch_wait_ms"),
+        ({"max_batch_size": 8, "max_batch_wait_ms": -1}, "max_batch_wait_ms"),
+        # Batching was off without a word.
+        ({"max_batch_size": 8.0}, "max_batch_size"),
+        ({"max_batch_size": "8"}, "max_batch_size"),
+        ({"max_batch_size": np.int64(8)}, "max_batch_size"),
+        ({"max_batch_size": True}, "max_batch_size"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        # Not a str: ListModels was INTERNAL, and any unknown name over HTTP a 500.
+        ({"name": 123}, "name and description are str"),
+        ({"description": None}, "name and description are str"),
+        # Listed, but no route reaches it.
+        ({"name": ""}, "model name"),
+        # The label of unknown names: its counts and theirs would be one.
+        ({"name": "-"}, "model name"),
+        ({"name": "a//b"}, "model name"),
+        ({"name": "a/../b"}, "model name"),
+        ({"name": "/a"}, "model name"),
+        ({"name": "a%2Fb"}, "model name"),
+        # Its GET route would be the POST route of model "a".
+        ({"name": "a/infer"}, "model name"),
+        ({"name": "tab\there"}, "model name"),
+        ({"name": "x" * 257}, "model name"),
+    ],
+)
+def test_a_model_declared_wrongly_fails_at_start(attrs: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        ModelRegistry([Declared(**attrs)])  # type: ignore[list-item]
+
+
+def test_a_class_or_a_model_without_description_is_named_for_what_it_lacks() -> None:
+    class NoDescription:
+        name = "n"
+
+        def predict(self, images: Any, params: Any) -> list[Any]:
+            return []
+
+    with pytest.raises(TypeError, match="returned the class Declared; return an instance"):
+        ModelRegistry([Declared])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="lacks description"):
+        ModelRegistry([NoDescription()])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"max_batch_size": 8, "max_batch_wait_ms": 0},
+        {"max_batch_size": 1},
+        {"max_batch_size": None},
+        {"min_input_size": (2**31 - 1, 1)},
+        {"name": "org/model"},
+        {"name": "a model, with spaces and \u00e9"},
+    ],
+)
+def test_a_model_declared_rightly_is_accepted(attrs: dict[str, Any]) -> None:
+    ModelRegistry([Declared(**attrs)])  # type: ignore[list-item]
+
+
+@pytest.fixture(scope="module")
+def slashed() -> Iterator[Gateway]:
+    registry = ModelRegistry([Declared("shape-like"), Declared("org/model")])  # type: ignore[list-item]
+    gw = start(Settings(http_port=0, grpc_port=0), registry=registry)
+    yield gw
+    gw.stop()
+
+
+def test_a_model_named_with_a_slash_is_reached_over_both_protocols(slashed: Gateway) -> None:
+    # Listed, and served over gRPC, but over HTTP "org/model" matched no route (404) and
+    # "org%2Fmodel", as the client and the browser page send it, no model (cheroot leaves %2F
+    # encoded).
+    body = PNG.read_bytes()
+    for path in ("org/model", "org%2Fmodel", "org%2fmodel"):
+        url = f"{slashed.http_url}/v1/models/{path}"
+        answer = requests.post(f"{url}/infer", data=body, timeout=10).json()
+        assert (answer["model"], answer["result"]["output"]) == ("org/model", [128, 128, 3])
+        assert requests.get(url, timeout=10).json()["name"] == "org/model"
+    with grpc.insecure_channel(slashed.grpc_target) as channel:
+        reply = pb_grpc.ImageGatewayServiceStub(channel).Infer(
+            pb.InferRequest(model="org/model", image=pb.Image(data=body)), timeout=10
+        )
+    assert reply.model == "org/model"
+    for url in (slashed.http_url, f"grpc://{slashed.grpc_target}"):
+        with GatewayClient(url) as client:
+            assert client.infer(PNG, model="org/model").output == [128, 128, 3]
+
+
+def test_get_on_an_infer_route_is_405(slashed: Gateway) -> None:
+    resp = requests.get(f"{slashed.http_url}/v1/models/org/model/infer", timeout=10)
+    assert resp.status_code == 405
+    assert resp.json()["error"]["code"] == "method_not_allowed"
