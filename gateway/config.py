@@ -148,7 +148,8 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-_BATCHING = re.compile(r"([^=\s]+)=(?:off|([0-9]{1,4}):([0-9]{1,5}(?:\.[0-9]+)?))\Z")
+# Any model name (spaces and "=" included) before the last "=".
+_BATCHING = re.compile(r"(.+)=(?:off|([0-9]{1,4}):([0-9]{1,5}(?:\.[0-9]+)?))\Z")
 
 
 def _batching(text: str) -> str:

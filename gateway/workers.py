@@ -40,6 +40,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # grace.
 READY, DRAINED, CLOSE = "ready", "drained", "close"
 CLOSE_SLACK = 1.0
+# Seconds a worker has to serve after its start, its models loaded.
+START_TIMEOUT = 60.0
 
 
 @dataclass
@@ -166,7 +168,7 @@ def supervise(settings: Settings) -> int:
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).
         try:
-            started = parent.poll(60) and parent.recv() == READY
+            started = parent.poll(START_TIMEOUT) and parent.recv() == READY
         except EOFError:
             started = False
         if not started:
@@ -174,6 +176,10 @@ def supervise(settings: Settings) -> int:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(10)
+                raise RuntimeError(
+                    f"worker {proc.pid} was not serving {START_TIMEOUT:g} s after its start "
+                    "(loading its models, perhaps); stopped it"
+                )
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
         return _Worker(proc, parent)
 

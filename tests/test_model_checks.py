@@ -14,7 +14,9 @@ import requests
 from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway import config
 from gateway.config import Settings
+from gateway.core.batching import BatchPolicy
 from gateway.models.registry import ModelRegistry
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
@@ -134,3 +136,29 @@ def test_get_on_an_infer_route_is_405(slashed: Gateway) -> None:
     resp = requests.get(f"{slashed.http_url}/v1/models/org/model/infer", timeout=10)
     assert resp.status_code == 405
     assert resp.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_an_unknown_name_lists_a_bounded_number_of_models() -> None:
+    # Every served name, whole: 9 KB of message for one long name.
+    names = [f"{i:02d}-" + "n" * 250 for i in range(20)]
+    registry = ModelRegistry([Declared(n) for n in names])  # type: ignore[misc]
+    gw = start(Settings(http_port=0, grpc_port=0), registry=registry)
+    try:
+        resp = requests.post(f"{gw.http_url}/v1/models/nope/infer", data=b"x", timeout=10)
+        message = resp.json()["error"]["message"]
+        assert resp.status_code == 404 and len(message) < 1500
+        assert message.endswith("and 4 more (GET /v1/models, ListModels)")
+    finally:
+        gw.stop()
+
+
+def test_batching_can_name_a_model_whose_name_has_spaces() -> None:
+    # "my model=off" was refused as malformed, so such a model's own batching stayed on.
+    settings = config.parse(["--batching", "my model=off", "--batching", "a=b=4:2"])
+    assert config.batch_policies(settings) == {"my model": None, "a=b": BatchPolicy(4, 0.002)}
+    registry = ModelRegistry([Declared("my model", max_batch_size=8)])  # type: ignore[list-item]
+    gw = start(Settings(http_port=0, grpc_port=0, batching=("my model=off",)), registry)
+    try:
+        assert gw.dataplane.batchers == {}
+    finally:
+        gw.stop()

@@ -50,6 +50,16 @@ _NAME_SHOWN = 64
 MAX_NAME = 4096
 
 
+def _listed(names: list[str], most: int = 16) -> str:
+    # Names of up to 256 characters each, and any number of models: an error message listed
+    # them all, 9 KB for one long name.
+    shown = [n if len(n) <= _NAME_SHOWN else n[:_NAME_SHOWN] + "..." for n in names[:most]]
+    more = (
+        f" and {len(names) - most} more (GET /v1/models, ListModels)" if len(names) > most else ""
+    )
+    return ", ".join(shown) + more
+
+
 def resolve_policy(
     model: Model, configured: Mapping[str, BatchPolicy | None]
 ) -> BatchPolicy | None:
@@ -118,7 +128,7 @@ class DataPlane:
                 ErrorCode.MODEL_NOT_FOUND,
                 # The name is the client's: a gRPC request may carry megabytes of it.
                 f"no model named {name[:_NAME_SHOWN]!r}{'...' if len(name) > _NAME_SHOWN else ''}; "
-                f"this gateway serves: {', '.join(self.registry.names())}",
+                f"this gateway serves: {_listed(self.registry.names())}",
             )
         return model
 
