@@ -114,8 +114,7 @@ class GatewayClient:
         channels: int = DEFAULT_CHANNELS,
     ) -> None:
         parts = urlsplit(url)
-        # Read here so that a port out of range is refused: grpc took "host:71248" for 5712.
-        parts.port  # noqa: B018 - raises ValueError
+        _check_port(parts.port)  # .port raises ValueError for one out of range
         _check_timeout(timeout)
         self.model = model
         self._closed = False
@@ -150,12 +149,16 @@ class GatewayClient:
         self._check_open()
         _check_color_mode(color_mode)
         params = _checked_params(params)
+        model = self._model(model)
         source = _Source.of(0, image)
         limits = self._published_limits()
-        error = _too_large(source.size, limits.max_image_bytes, self._room(limits, params))
+        cap = self._cap(limits)
+        # Over HTTP the image is the whole body; over gRPC a message has a few fields around it.
+        framing = 0 if self._max_send is None else _IMAGE_OVERHEAD + len(model) + _size(params)
+        error = _too_large(source.size, limits.max_image_bytes, cap - framing, cap)
         if error is not None:
             raise GatewayClientError(error.code, error.message, "")
-        return self._transport.infer(source.load(), self._model(model), color_mode, params)
+        return self._transport.infer(source.load(), model, color_mode, params)
 
     def infer_batch(
         self,
@@ -183,11 +186,12 @@ class GatewayClient:
             return []
         call = _Call(self._transport, self._model(model), color_mode, params)
         limits = self._published_limits()
-        room = self._room(limits, params)
+        cap = self._cap(limits)
+        room = cap - _REQUEST_OVERHEAD - len(call.model) - _size(params)
         results: list[ImageResult | None] = [None] * len(sources)
         sendable = []
         for source in sources:
-            error = _too_large(source.size, limits.max_image_bytes, room)
+            error = _too_large(source.size, limits.max_image_bytes, room - _IMAGE_OVERHEAD, cap)
             if error is not None:
                 results[source.index] = ImageResult(str(source.index), None, error=error)
             else:
@@ -198,12 +202,11 @@ class GatewayClient:
                 results[i] = result
         return [r for r in results if r is not None]
 
-    def _room(self, limits: Limits, params: Mapping[str, str]) -> int:
-        """Bytes of images one request may carry, besides their own framing."""
-        room = limits.max_request_bytes
-        if self._max_send is not None:
-            room = min(room, self._max_send)
-        return room - _REQUEST_OVERHEAD - sum(len(k) + len(v) for k, v in params.items())
+    def _cap(self, limits: Limits) -> int:
+        """The most one request may carry: the gateway's cap, and this client's own over gRPC."""
+        if self._max_send is None:
+            return limits.max_request_bytes
+        return min(limits.max_request_bytes, self._max_send)
 
     def _published_limits(self) -> Limits:
         # Asked once per client: a gateway's limits are fixed while it runs.
@@ -250,22 +253,26 @@ _REQUEST_OVERHEAD = 4096
 _Item = tuple[int, bytes]
 
 
-def _too_large(size: int, max_image_bytes: int, room: int) -> ErrorInfo | None:
+def _size(params: Mapping[str, str]) -> int:
+    return sum(len(k) + len(v) for k, v in params.items())
+
+
+def _too_large(size: int, max_image_bytes: int, fits: int, cap: int) -> ErrorInfo | None:
     """The error an image gets without being sent: the gateway's own (gateway/core/limits.py)
-    for one over its per-image cap, or payload_too_large for one that cannot fit in a request
-    with the request around it (over gRPC grpc itself would refuse the message, without the
-    gateway's error code)."""
+    for one over its per-image cap, or payload_too_large for one over the `fits` bytes its
+    request leaves it of the `cap` (over gRPC grpc itself would refuse the message, without
+    the gateway's error code)."""
     if size > max_image_bytes:
         message = (
             f"the image is {size} bytes; this gateway takes at most {max_image_bytes} bytes per "
             "image"
         )
         return ErrorInfo("image_too_large", message)
-    if size + _IMAGE_OVERHEAD > room:
+    if size > fits:
         message = (
-            f"the image is {size} bytes; with its request around it that is over the "
-            f"{room + _REQUEST_OVERHEAD} bytes a request may carry (the gateway's "
-            "max_request_bytes, or this client's max_message_bytes)"
+            f"the image is {size} bytes; with its request around it that is over the {cap} "
+            "bytes a request may carry (the gateway's max_request_bytes, or this client's "
+            "max_message_bytes)"
         )
         return ErrorInfo("payload_too_large", message)
     return None
@@ -316,6 +323,12 @@ class _Call:
 _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
 
 
+def _check_port(port: int | None) -> None:
+    # grpc itself would take a port past 65535 modulo 65536: another service, silently.
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range 1-65535")
+
+
 # Seconds: a deadline grpc and urllib3 can still compute (urllib3 overflowed at about 9e9).
 MAX_TIMEOUT = 1_000_000.0
 
@@ -323,7 +336,9 @@ MAX_TIMEOUT = 1_000_000.0
 def _check_timeout(timeout: float | None) -> None:
     if timeout is None:
         return
-    if not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+    if isinstance(timeout, bool) or not (
+        isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT
+    ):
         raise ValueError(
             f"timeout must be a number of seconds over 0 and at most {MAX_TIMEOUT:g}, or None "
             f"for none, not {timeout!r}"

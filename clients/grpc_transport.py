@@ -29,16 +29,16 @@ _COLOR_MODES = {
 }
 
 
-# From here on a double is not exact as an integer, and the gateway sends such numbers as
-# floats (1e16 goes over HTTP as 1e+16).
+# Past this a double is not exact as an integer; the gateway sends integral numbers up to it
+# as ints and larger ones as floats (1e16 goes over HTTP as 1e+16).
 MAX_EXACT_INT = 2**53
 
 
 def normalise_json(value: Any) -> Any:
-    """gRPC carries every number as a double; the gateway sends integral numbers below 2**53 as
+    """gRPC carries every number as a double; the gateway sends integral numbers up to 2**53 as
     ints, so turning those doubles back into ints gives exactly what the HTTP front sends. Object
     keys come sorted, as `canonical_output` sorts them over HTTP, in the same pass."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < MAX_EXACT_INT:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXACT_INT:
         return int(value)
     if isinstance(value, list):
         return [normalise_json(v) for v in value]

@@ -137,7 +137,9 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (such as 2.5)")
     value = float(text)
     if not 0 < value <= _MAX_SECONDS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and {_MAX_SECONDS:g} seconds")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds above 0 and at most {_MAX_SECONDS:g}"
+        )
     return value
 
 

@@ -4,13 +4,13 @@ OpenBLAS, MKL and OpenMP each start a pool of one thread per core, made for one 
 time. The gateway calls its models from many request threads at once, in one worker per core, so
 those pools oversubscribe the cores many times over, and OpenBLAS's threads spin while they wait:
 a numpy model doing one matrix product a request (benchmarks/models.py:embedding) served 52
-requests/s at concurrency 16 on two workers with the pools as they come, and 356 with one
+requests/s at concurrency 16 on two workers with the pools as they come, and 358 with one
 thread each. Serving systems' users meet the same with PyTorch (kserve/kserve#1031).
 
 A worker therefore gives each library, and OpenCV's own pool (used by cv2.resize and the like
 in model code), `--model-threads` threads (1 by default: the request threads and the workers
-already use every core), unless the environment names a thread count itself, which then stands
-for every library.
+already use every core). If the environment names a thread count for any of them, the operator
+has chosen: every pool is then left as the libraries set it from the environment.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # grace.
 READY, DRAINED, CLOSE = "ready", "drained", "close"
 CLOSE_SLACK = 1.0
-# Seconds a worker has to serve after its start, its models loaded.
+# Seconds a worker has to load its models and serve: past them a start that hangs (a model
+# waiting on a network share, say) stops the gateway rather than leaving it half up.
 START_TIMEOUT = 60.0
 
 
@@ -167,8 +168,9 @@ def supervise(settings: Settings) -> int:
         child.close()
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).
+        answered = parent.poll(START_TIMEOUT)
         try:
-            started = parent.poll(START_TIMEOUT) and parent.recv() == READY
+            started = answered and parent.recv() == READY
         except EOFError:
             started = False
         if not started:
@@ -176,6 +178,7 @@ def supervise(settings: Settings) -> int:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(10)
+            if not answered:
                 raise RuntimeError(
                     f"worker {proc.pid} was not serving {START_TIMEOUT:g} s after its start "
                     "(loading its models, perhaps); stopped it"

@@ -53,7 +53,9 @@ class Declared:
         ({"max_batch_size": "8"}, "max_batch_size"),
         ({"max_batch_size": np.int64(8)}, "max_batch_size"),
         ({"max_batch_size": True}, "max_batch_size"),
-        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"max_batch_size": 10_000}, "max_batch_size"),
+        ({"max_batch_size": 8, "max_batch_wait_ms": 100_000}, "max_batch_wait_ms"),
         # Not a str: ListModels was INTERNAL, and any unknown name over HTTP a 500.
         ({"name": 123}, "name and description are str"),
         ({"description": None}, "name and description are str"),
@@ -94,6 +96,8 @@ def test_a_class_or_a_model_without_description_is_named_for_what_it_lacks() -> 
     [
         {"max_batch_size": 8, "max_batch_wait_ms": 0},
         {"max_batch_size": 1},
+        {"max_batch_size": 0},
+        {"max_batch_size": 9999, "max_batch_wait_ms": 99_999.5},
         {"max_batch_size": None},
         {"min_input_size": (2**31 - 1, 1)},
         {"name": "org/model"},

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +41,20 @@ class Served:
 
 
 def launch(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+    tmp_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    unset: Sequence[str] = (),
 ) -> Served:
+    """`image-gateway serve` with this environment, `env` added and `unset` taken out."""
     log = tmp_path / "server.log"
+    environ = {k: v for k, v in os.environ.items() if k not in unset}
     proc = subprocess.Popen(
         [str(BIN / "image-gateway"), "serve", *args],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
-        env={**os.environ, **(env or {})},
+        env={**environ, **(env or {})},
         cwd=cwd,
     )
     deadline = time.monotonic() + 30
@@ -564,8 +570,9 @@ CORES = len(os.sched_getaffinity(0))
         ("1", ["--model-threads", "2"], {}, [2], 2, "2"),
         # 0: the libraries' own default, a thread per core.
         ("1", ["--model-threads", "0"], {}, [CORES], CORES, None),
-        # A thread count in the environment is the operator's: every pool is left to it.
-        ("2", [], {"OPENBLAS_NUM_THREADS": "2"}, [2], CORES, None),
+        # A thread count in the environment is the operator's: every pool is left as the
+        # libraries set it, the flag notwithstanding.
+        ("2", ["--model-threads", "2"], {"OPENBLAS_NUM_THREADS": "1"}, [1], CORES, None),
         # Empty is unset, to the libraries as to the gateway.
         ("1", [], {"OMP_NUM_THREADS": ""}, [1], 1, "1"),
     ],
@@ -579,12 +586,12 @@ def test_model_threads_size_the_math_libraries_pools(
     opencv: int,
     omp_env: str | None,
 ) -> None:
-    base = {k: v for k, v in os.environ.items() if k not in model_threads.VARIABLES}
     served = launch(
         tmp_path,
         *("--http-port", "0", "--grpc-port", "0", "--workers", workers),
         *("--model", "tests.models:thread_pools", *args),
-        env={**base, **env},
+        env=env,
+        unset=model_threads.VARIABLES,
     )
     try:
         png = (DATA / "images" / "hopper.png").read_bytes()
@@ -628,3 +635,4 @@ def test_cli_refuses_a_timeout_or_port_it_cannot_use(args: list[str]) -> None:
     done = cli(*args)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
+    assert "out of range" in done.stderr or "at most 1e+06" in done.stderr

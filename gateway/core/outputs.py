@@ -59,7 +59,7 @@ def to_json_value(value: Any, depth: int = 0) -> JSONValue:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise NotJSONError(f"{value} has no JSON form")
-        return int(value) if value.is_integer() and abs(value) < MAX_EXACT_INT else value
+        return int(value) if value.is_integer() and abs(value) <= MAX_EXACT_INT else value
     if depth >= MAX_DEPTH:
         raise NotJSONError(f"lists and objects nested more than {MAX_DEPTH} deep")
     if isinstance(value, np.ndarray):

@@ -41,8 +41,9 @@ _MAX_INT32 = 2**31 - 1
 MAX_NAME = 256
 # The metrics and access-log label of a name no model has (gateway.models.registry).
 UNKNOWN_LABEL = "-"
-# Longest batching wait a model may declare, as --batching takes (ms).
-MAX_BATCH_WAIT_MS = 99_999.0
+# What --batching takes too (gateway.config): at most 4 digits of batch size and 5 of ms.
+MAX_BATCH_SIZE = 9999
+MAX_BATCH_WAIT_MS = 100_000.0  # exclusive
 
 
 def check_model(model: object, spec: str) -> Model:
@@ -91,25 +92,25 @@ def _check_name(name: str) -> None:
 def batching_attributes(model: Model) -> tuple[int, float] | None:
     """The model's own `max_batch_size` and `max_batch_wait_ms` (default 2) as (size, wait in
     ms), None when it does not ask for batching; ValueError for values that are not a size and
-    a wait (an infinite wait killed the batcher's thread, NaN never ended, 8.0 turned batching
-    off without a word)."""
+    a wait the batcher can keep (not an infinite or NaN wait, nor a float or numpy size that
+    would turn batching off without a word)."""
     size = getattr(model, "max_batch_size", None)
     if size is None:
         return None
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_BATCH_SIZE:
         raise ValueError(
-            f"model {model.name!r}: max_batch_size must be an int from 1 to 4096, or None, "
-            f"not {size!r}"
+            f"model {model.name!r}: max_batch_size must be an int from 0 to {MAX_BATCH_SIZE} "
+            f"(0 or 1: no batching), or None, not {size!r}"
         )
     wait = getattr(model, "max_batch_wait_ms", 2.0)
     if (
         isinstance(wait, bool)
         or not isinstance(wait, (int, float))
-        or not 0 <= wait <= MAX_BATCH_WAIT_MS
+        or not 0 <= wait < MAX_BATCH_WAIT_MS
     ):
         raise ValueError(
-            f"model {model.name!r}: max_batch_wait_ms must be a number of ms from 0 to "
-            f"{MAX_BATCH_WAIT_MS:g}, not {wait!r}"
+            f"model {model.name!r}: max_batch_wait_ms must be a number of ms, at least 0 and "
+            f"below {MAX_BATCH_WAIT_MS:g}, not {wait!r}"
         )
     return (size, float(wait)) if size > 1 else None
 

@@ -40,7 +40,7 @@ class ModelRegistry:
             raise ValueError("a gateway needs at least one model")
         self._models: dict[str, Model] = {}
         for model in models:
-            check_model(model, repr(model))
+            check_model(model, f"model {getattr(model, 'name', type(model).__name__)!r}")
             if model.name in self._models:
                 raise ValueError(f"two models are named {model.name!r}")
             self._models[model.name] = model

@@ -96,10 +96,8 @@ def multipart_request(model: str) -> InferRequest:
         )
     parts = _read_parts()
     files = [p for p in parts if p.filename is not None]
-    fields: dict[str, str] = {}
-    for part in parts:
-        if part.filename is None:
-            _add_parameter(fields, part.name, part.data.decode("utf-8", "replace"))
+    # Two text parts of one name are duplicate_part already (_read_parts).
+    fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
     if not files:
         raise GatewayError(
             ErrorCode.NO_IMAGES, "the multipart body has no file part; send each image as a file"

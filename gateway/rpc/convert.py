@@ -39,10 +39,10 @@ def _image(image: pb.Image, data: memoryview) -> ImageInput:
 
 
 def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """The request's parameters as JSON values. Numbers come as doubles: integral ones below
-    2**53 become ints, as in outputs (gateway.core.outputs), so that 3 reaches a model as 3,
-    not 3.0. json_format.MessageToDict raised ValueError on a NaN, which failed a call as
-    `internal` and ended an InferStream with it."""
+    """The request's parameters as JSON values. Numbers come as doubles: integral ones up to
+    2**53 become ints, as in outputs (gateway.core.outputs), so that 3 reaches a model as 3, not
+    3.0. Walked here because json_format.MessageToDict raises ValueError on a NaN, which
+    would fail the call as `internal` and end an InferStream."""
     if "color_mode" in struct.fields:
         # Over HTTP a color_mode parameter is the decode mode, and never reaches the model.
         raise GatewayError(
@@ -61,7 +61,7 @@ def _json(value: struct_pb2.Value, key: str) -> Any:
             raise GatewayError(
                 ErrorCode.INVALID_REQUEST, f"parameter {key!r} holds {number}, which JSON cannot"
             )
-        return int(number) if number.is_integer() and abs(number) < MAX_EXACT_INT else number
+        return int(number) if number.is_integer() and abs(number) <= MAX_EXACT_INT else number
     if kind == "list_value":
         return [_json(v, key) for v in value.list_value.values]
     if kind == "struct_value":
