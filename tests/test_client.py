@@ -251,6 +251,17 @@ def test_answers_larger_than_a_request_may_be_come_back_on_both_protocols(
             assert [r.output for r in results] == ["x" * 300_000] * 2
 
 
+def test_an_image_that_fits_its_request_is_sent(small_gateway: Gateway) -> None:
+    # infer() held back the 4 KB a multipart batch reserves for its framing: a 97.6 KB PNG the
+    # gateway takes under its 100 KB cap was refused by the client as payload_too_large.
+    noise = np.random.default_rng(0).integers(0, 256, (180, 180, 3), dtype=np.uint8)
+    png = cv2.imencode(".png", noise)[1].tobytes()
+    assert 100_000 - 4352 < len(png) < 100_000 - 256
+    for url in (small_gateway.http_url, f"grpc://{small_gateway.grpc_target}"):
+        with GatewayClient(url) as client:
+            assert client.infer(png, model="outputs").output[-1] == 2.5
+
+
 def test_an_image_over_the_caps_is_refused_without_being_sent(
     small_gateway: Gateway, tmp_path: Path
 ) -> None:
