@@ -184,6 +184,45 @@ def test_idle_streams_cannot_take_the_threads_of_unary_calls() -> None:
         gw.stop()
 
 
+def test_health_checks_and_streams_keep_their_threads_while_unary_calls_hold_theirs() -> None:
+    # One pool of grpc_threads + max_streams (here 4) ran every call: four slow unary calls held
+    # it all, and a health check or a new stream waited behind them.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            grpc_threads=2,
+            max_streams=2,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    GATE.clear()
+    channel = grpc.insecure_channel(gw.grpc_target)
+    try:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        gated = pb.InferRequest(model="gated", image=pb.Image(data=PNG))
+        held = [stub.Infer.future(gated, timeout=30) for _ in range(4)]
+        admission = gw.dataplane.admission
+        wait_for(lambda: admission.active == 2, "two gated calls hold the unary threads")
+        check = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        one = pb.InferStreamRequest(image=pb.Image(data=PNG))
+        replies = list(stub.InferStream(iter([one]), timeout=5))
+        assert grpc_result(replies[0].result)["output"] == [128, 128, 3]
+        # Unary calls get --grpc-threads, no more: the other two wait for a thread.
+        assert admission.active == 2 and not any(f.done() for f in held)
+        GATE.set()
+        for future in held:
+            assert grpc_result(future.result().result)["output"] == [128, 128, 3]
+    finally:
+        GATE.set()
+        channel.close()
+        gw.stop()
+
+
 @pytest.fixture(scope="module")
 def strict_gateway() -> Iterator[Gateway]:
     gw = start(

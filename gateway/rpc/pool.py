@@ -1,4 +1,12 @@
-"""The gRPC server's thread pool, which also ends calls whose request message never comes.
+"""The gRPC server's thread pools, which also end calls whose request message never comes.
+
+grpcio's threaded server runs every call, health checks included, on the one pool it is given.
+Unary calls could then take every thread, the ones meant for streams among them, and a health
+check waited behind inference: 16 slow Infer calls on a worker made a 1 s liveness probe fail.
+So the pool given to grpcio hands each call to one of three: unary calls to `--grpc-threads`
+threads, calls that stream requests (InferStream, reflection) to `--max-streams` threads and
+two more (which refuse the streams past the servicer's slots at once), and health checks to two
+threads of their own.
 
 grpcio's threaded server gives a call a thread of its pool as soon as the call's headers arrive,
 and the thread then waits for the request message without any time limit. Sixteen calls that
@@ -26,6 +34,7 @@ from typing import Any
 
 from grpc import _server as grpc_server  # private: see the module's docstring
 from grpc._cython import cygrpc
+from grpc_health.v1 import health
 
 from gateway.core.errors import ErrorCode
 from gateway.rpc.servicer import ERROR_CODE_KEY
@@ -36,14 +45,28 @@ log = logging.getLogger(__name__)
 WATCH_INTERVAL = 0.5
 # The name grpcio gives the function that waits for a call's one request message.
 _REQUEST_READER = "unary_request"
+# Health checks answer from the servicer's own state, at once: two threads never wait long.
+PROBE_THREADS = 2
+# Stream threads past the servicer's slots: a stream over them is refused on one of these.
+STREAM_SPARE = 2
 
 
 class WatchedPool(ThreadPoolExecutor):
-    def __init__(self, max_workers: int, limit: float, thread_name_prefix: str = "") -> None:
-        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+    """The pool of unary calls (`unary_threads`), with those of streams and health checks."""
+
+    def __init__(
+        self, unary_threads: int, stream_slots: int, limit: float, thread_name_prefix: str = ""
+    ) -> None:
+        super().__init__(max_workers=unary_threads, thread_name_prefix=thread_name_prefix)
+        self._streams = ThreadPoolExecutor(
+            stream_slots + STREAM_SPARE, thread_name_prefix=f"{thread_name_prefix}-stream"
+        )
+        self._probes = ThreadPoolExecutor(
+            PROBE_THREADS, thread_name_prefix=f"{thread_name_prefix}-health"
+        )
         self.limit = limit
-        # id(call state) -> (when it gives up, the call's event, its state)
-        self._waiting: dict[int, tuple[float, Any, Any]] = {}
+        # id(call state) -> (when it gives up, the call's event, its state, its handler's name)
+        self._waiting: dict[int, tuple[float, Any, Any, str]] = {}
         self._stopped = threading.Event()
         # The watcher holds the pool weakly: a pool nobody uses any more is collected, and its
         # threads end, as a plain ThreadPoolExecutor's do.
@@ -55,17 +78,29 @@ class WatchedPool(ThreadPoolExecutor):
         # grpcio submits (context.run, handler-in-pool, rpc_event, state, behaviour,
         # request reader, ...); the reader of a one-message request is the function to watch.
         if len(args) > 4 and getattr(args[4], "__name__", "") == _REQUEST_READER:
-            args = (*args[:4], self._watched(args[4], args[1], args[2]), *args[5:])
+            watched = self._watched(args[4], args[1], args[2], _name(args[3]))
+            args = (*args[:4], watched, *args[5:])
+            # The handler, not the method's name: grpcio leaves call_details.method empty
+            # for registered methods.
+            if isinstance(getattr(args[3], "__self__", None), health.HealthServicer):
+                return self._probes.submit(fn, *args, **kwargs)
+            return super().submit(fn, *args, **kwargs)
+        if len(args) > 1:  # a call whose requests stream
+            return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._stopped.set()
+        for pool in (self._streams, self._probes):
+            pool.shutdown(wait, cancel_futures=cancel_futures)
         super().shutdown(wait, cancel_futures=cancel_futures)
 
-    def _watched(self, read: Callable[[], Any], event: Any, state: Any) -> Callable[[], Any]:
+    def _watched(
+        self, read: Callable[[], Any], event: Any, state: Any, name: str
+    ) -> Callable[[], Any]:
         def unary_request() -> Any:
             key = id(state)
-            self._waiting[key] = (time.monotonic() + self.limit, event, state)
+            self._waiting[key] = (time.monotonic() + self.limit, event, state, name)
             try:
                 request = read()
             finally:
@@ -77,10 +112,10 @@ class WatchedPool(ThreadPoolExecutor):
 
     def _ended_waits(self) -> None:
         now = time.monotonic()
-        for key, (gives_up, event, state) in list(self._waiting.items()):
+        for key, (gives_up, event, state, name) in list(self._waiting.items()):
             if now > gives_up and self._waiting.pop(key, None) is not None:
                 try:
-                    _end(event, state, self.limit)
+                    _end(event, state, self.limit, name)
                 except Exception:  # a grpcio whose internals moved: leave the call be
                     log.exception("could not end a gRPC call waiting for its message")
 
@@ -93,7 +128,12 @@ def _watch(pool_ref: weakref.ReferenceType[WatchedPool]) -> None:
         stopped.wait(WATCH_INTERVAL)
 
 
-def _end(event: Any, state: Any, limit: float) -> None:
+def _name(behaviour: Any) -> str:
+    # grpcio leaves call_details.method empty for registered methods; the handler names it.
+    return str(getattr(behaviour, "__qualname__", "") or "a method")
+
+
+def _end(event: Any, state: Any, limit: float, name: str) -> None:
     with state.condition:
         if state.request is not None or state.client is not grpc_server._OPEN or state.statused:
             return  # it came, or the call ended, meanwhile
@@ -108,9 +148,6 @@ def _end(event: Any, state: Any, limit: float) -> None:
         # The waiting thread returns without a request, and without a second status.
         state.client = grpc_server._CANCELLED
         state.condition.notify_all()
-    method = event.call_details.method
     log.warning(
-        "ended a gRPC call to %s whose request message did not arrive within %g s",
-        method.decode("latin-1") if isinstance(method, bytes) else method,
-        limit,
+        "ended a gRPC call to %s whose request message did not arrive within %g s", name, limit
     )

@@ -81,7 +81,8 @@ def build_grpc_server(
     health service, which reports SERVING for the whole server ("") and for our service."""
     server = grpc.server(
         WatchedPool(
-            settings.grpc_threads + settings.max_streams,
+            settings.grpc_threads,
+            settings.max_streams,
             settings.request_timeout,
             thread_name_prefix="grpc-worker",
         ),
