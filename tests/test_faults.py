@@ -223,6 +223,53 @@ def test_health_checks_and_streams_keep_their_threads_while_unary_calls_hold_the
         gw.stop()
 
 
+def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
+    # The deadline, the recorded duration and the client check counted from when a thread took
+    # the request up: behind one slow request, another waited past --request-timeout in
+    # cheroot's or grpcio's queue and was then served in full, its wait recorded nowhere.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            http_threads=1,
+            grpc_threads=1,
+            max_concurrency=8,
+            request_timeout=1.0,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    GATE.clear()
+    admission = gw.dataplane.admission
+    channel = grpc.insecure_channel(gw.grpc_target)
+    try:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        with ThreadPoolExecutor(2) as pool:
+            held_http = pool.submit(post_octet, gw.http_url, "gated", PNG)
+            held_grpc = stub.Infer.future(
+                pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=30
+            )
+            wait_for(lambda: admission.active == 2, "the gated requests hold both threads")
+            queued_http = pool.submit(post_octet, gw.http_url, "shape", PNG)
+            queued_grpc = stub.Infer.future(pb.InferRequest(image=pb.Image(data=PNG)), timeout=30)
+            time.sleep(1.5)  # past the request timeout, while they wait for a thread
+            GATE.set()
+            assert held_http.result().status_code == 504
+            response = queued_http.result()
+            assert (response.status_code, response.json()["error"]["code"]) == (
+                504,
+                "deadline_exceeded",
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                queued_grpc.result()
+            assert grpc_code(info.value) == (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded")
+            with pytest.raises(grpc.RpcError):
+                held_grpc.result()
+    finally:
+        GATE.set()
+        channel.close()
+        gw.stop()
+
+
 @pytest.fixture(scope="module")
 def strict_gateway() -> Iterator[Gateway]:
     gw = start(
@@ -775,9 +822,6 @@ def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads()
             silent = channel.stream_unary("/imagegateway.v1.ImageGatewayService/Infer")
             calls = [silent.future(nothing(), timeout=30) for _ in range(6)]
             stub = pb_grpc.ImageGatewayServiceStub(channel)
-            # Served once the silent calls are ended, well before its own 20 s deadline.
-            reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=20)
-            assert grpc_result(reply.result)["output"] == [128, 128, 3]
             for call in calls:
                 with pytest.raises(grpc.RpcError) as ended:
                     call.result()
@@ -786,6 +830,10 @@ def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads()
                     "request_timeout",
                 )
                 assert "did not arrive within 1.5 s" in (ended.value.details() or "")
+            # Their threads serve again, well before the silent calls' own 30 s deadline. (A
+            # call sent with them would have waited for a thread past the 1.5 s timeout.)
+            reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=20)
+            assert grpc_result(reply.result)["output"] == [128, 128, 3]
         still_serving(gw)
     finally:
         never.set()

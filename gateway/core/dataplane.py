@@ -110,9 +110,10 @@ class DataPlane:
             if policy is not None:
                 self.batchers[model.name] = Batcher(model, policy)
 
-    def deadline(self, client_deadline: float | None = None) -> float:
-        """The request's deadline: the server's timeout, or the client's if that is sooner."""
-        ours = time.monotonic() + self.limits.request_timeout
+    def deadline(self, client_deadline: float | None = None, since: float | None = None) -> float:
+        """The request's deadline: the server's timeout from `since` (its arrival; now by
+        default), or the client's if that is sooner."""
+        ours = (time.monotonic() if since is None else since) + self.limits.request_timeout
         return ours if client_deadline is None else min(ours, client_deadline)
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from gateway.core.access import log_access
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
+from gateway.rest.server import QUEUED_KEY
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -43,9 +44,12 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
 
     @app.before_request
     def _assign_request_id() -> None:
-        g.started = time.perf_counter()
+        # From arrival: the wait for a thread in cheroot's queue is the request's time too.
+        now = time.monotonic()
+        g.received = request.environ.get(QUEUED_KEY, now)
+        g.started = time.perf_counter() - (now - g.received)
         g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
-        g.deadline = dataplane.deadline()
+        g.deadline = dataplane.deadline(since=g.received)
         # Every route about a model has a `model` value ("" for the default one): its label in
         # the access record and the metrics, also for a request refused before the route runs.
         if request.view_args is not None and "model" in request.view_args:

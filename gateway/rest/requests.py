@@ -56,6 +56,7 @@ def is_multipart() -> bool:
 
 def single_image_request(model: str) -> InferRequest:
     """The body as one image."""
+    _check_waited()
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
         raise GatewayError(
@@ -88,6 +89,7 @@ def single_image_request(model: str) -> InferRequest:
 
 def multipart_request(model: str) -> InferRequest:
     """Every file part as one image, in index order when all names are indices."""
+    _check_waited()
     if request.mimetype != "multipart/form-data":
         raise GatewayError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -138,6 +140,7 @@ def _infer_request(
         request_id=request_id(),
         deadline=g.deadline,
         client_gone=request.environ.get(CLIENT_GONE_KEY),
+        received=g.received,
     )
 
 
@@ -154,6 +157,16 @@ def _given_twice(key: str) -> GatewayError:
         ErrorCode.INVALID_REQUEST,
         f"parameter {key!r} is given twice (query parameters and text fields are one set)",
     )
+
+
+def _check_waited() -> None:
+    # Past the deadline before its body is read: the request waited for a thread (its body
+    # may have come long ago), which is the server's delay, not a body that stopped arriving.
+    if time.monotonic() > g.deadline:
+        raise GatewayError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            "the request waited for a server thread past its deadline (--request-timeout)",
+        )
 
 
 def _check_deadline() -> None:

@@ -62,6 +62,9 @@ ACCEPTED_QUEUE = 256
 ACCEPTED_QUEUE_TIMEOUT = 1.0
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
+# The monotonic time cheroot queued the request's connection for a thread: the wait for one is
+# the request's time too (its deadline, duration and "is the client still there" count from it).
+QUEUED_KEY = "image_gateway.queued_at"
 
 
 class Watchdog:
@@ -131,6 +134,11 @@ def _gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
                 req.rfile.before_first_read = req.send_continue
             env: dict[str, Any] = super().get_environ()  # type: ignore[no-untyped-call]
             env[CLIENT_GONE_KEY] = functools.partial(peer_closed, req.conn.socket)
+            # Once: a next request on the connection, read by the same thread, was not queued.
+            queued = getattr(req.conn, "queued_at", None)
+            if queued is not None:
+                req.conn.queued_at = None
+                env[QUEUED_KEY] = queued
             return env
 
         def respond(self) -> Any:
@@ -342,6 +350,11 @@ class HttpServer(wsgi.Server):
             super().stop()
         finally:
             self.watchdog.stop()
+
+    def process_conn(self, conn: Any) -> None:
+        # A connection with a request to read, handed to the threads' queue.
+        conn.queued_at = time.monotonic()
+        super().process_conn(conn)
 
     def _serve_unservicable(self) -> None:
         # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest.

@@ -112,6 +112,7 @@ def single_request(
     request_id: str,
     deadline: float | None,
     client_gone: Callable[[], bool] | None = None,
+    received: float | None = None,
 ) -> InferRequest:
     msg = detached.message
     if not msg.HasField("image"):
@@ -125,7 +126,12 @@ def single_request(
         request_id=request_id,
         deadline=deadline,
         client_gone=client_gone,
+        **_received(received),
     )
+
+
+def _received(received: float | None) -> dict[str, float]:
+    return {} if received is None else {"received": received}
 
 
 def batch_request(
@@ -133,6 +139,7 @@ def batch_request(
     request_id: str,
     deadline: float | None,
     client_gone: Callable[[], bool] | None = None,
+    received: float | None = None,
 ) -> InferRequest:
     msg = detached.message
     return InferRequest(
@@ -143,6 +150,7 @@ def batch_request(
         request_id=request_id,
         deadline=deadline,
         client_gone=client_gone,
+        **_received(received),
     )
 
 

@@ -37,6 +37,7 @@ from grpc._cython import cygrpc
 from grpc_health.v1 import health
 
 from gateway.core.errors import ErrorCode
+from gateway.rpc.arrival import run_arrived
 from gateway.rpc.servicer import ERROR_CODE_KEY
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class WatchedPool(ThreadPoolExecutor):
             # for registered methods.
             if isinstance(getattr(args[3], "__self__", None), health.HealthServicer):
                 return self._probes.submit(fn, *args, **kwargs)
-            return super().submit(fn, *args, **kwargs)
+            return super().submit(run_arrived, time.monotonic(), fn, *args, **kwargs)
         if len(args) > 1:  # a call whose requests stream
             return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)

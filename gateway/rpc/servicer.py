@@ -21,6 +21,7 @@ from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
 from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
+from gateway.rpc.arrival import arrived
 from gateway.rpc.wire import Detached, Malformed
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def unary(
 
     @functools.wraps(method)
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
-        started = time.perf_counter()
+        # From arrival: the wait for a thread is part of the call (gateway.rpc.arrival).
+        started = time.perf_counter() - (time.monotonic() - arrived())
         request_id = _request_id(context, request)
         status, response = "OK", None
         try:
@@ -153,8 +155,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         core = convert.single_request(
             request,
             request_id,
-            self.dataplane.deadline(_client_deadline(context)),
+            self.dataplane.deadline(_client_deadline(context), since=arrived()),
             _client_gone(context),
+            received=arrived(),
         )
         return convert.infer_response(self.dataplane.infer_one(core))
 
@@ -168,8 +171,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         core = convert.batch_request(
             request,
             request_id,
-            self.dataplane.deadline(_client_deadline(context)),
+            self.dataplane.deadline(_client_deadline(context), since=arrived()),
             _client_gone(context),
+            received=arrived(),
         )
         return convert.batch_response(self.dataplane.infer(core))
 
