@@ -4,6 +4,8 @@ only the image over it."""
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -19,6 +21,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError, ImageResult
 from gateway.config import Settings, published_limits
+from gateway.core.admission import Admission
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE
@@ -316,3 +319,36 @@ def test_an_image_that_decodes_deep_takes_more_of_the_pixel_budget() -> None:
     finally:
         GATE.set()
         gw.stop()
+
+
+def test_waiting_requests_are_let_in_in_the_order_they_came() -> None:
+    # Woken together and let in by whoever fit first, small requests overtook a large one
+    # waiting for the whole budget; under a steady stream of them it waited until its deadline.
+    admission = Admission(max_concurrency=1, max_queue=8, max_request_pixels=100)
+    release = {name: threading.Event() for name in ("a1", "a2", "big", "small")}
+    admitted: list[str] = []
+
+    def request(name: str, pixels: int) -> None:
+        with admission.slot(pixels, deadline=None):
+            admitted.append(name)
+            release[name].wait(10)
+
+    with ThreadPoolExecutor(4) as pool:
+        pool.submit(request, "a1", 10)
+        pool.submit(request, "a2", 10)
+        wait_for(lambda: admission.active == 2, "two small requests hold 20 of 100 pixels")
+        pool.submit(request, "big", 100)
+        wait_for(lambda: admission.waiting == 1, "the large one waits for the whole budget")
+        pool.submit(request, "small", 10)
+        wait_for(lambda: admission.waiting == 2, "a small one waits behind it")
+        release["a1"].set()
+        wait_for(lambda: admission.active == 1, "one small request has left")
+        # 90 pixels are free and the small one would fit, but the large one is first in line.
+        time.sleep(0.3)
+        assert admitted == ["a1", "a2"] and admission.waiting == 2
+        release["a2"].set()
+        wait_for(lambda: admitted == ["a1", "a2", "big"], "the large one goes in first")
+        assert admission.waiting == 1
+        release["big"].set()
+        wait_for(lambda: admitted[-1] == "small", "then the small one")
+        release["small"].set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -36,7 +37,8 @@ class Admission:
         self._room = threading.Condition(threading.Lock())
         self._used = 0
         self._active = 0
-        self._waiting = 0
+        # Tickets of the waiting requests, oldest first: they are let in in that order.
+        self._queue: deque[object] = deque()
         self._draining = False
 
     @property
@@ -53,7 +55,7 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._queue)
 
     @contextmanager
     def slot(
@@ -73,7 +75,7 @@ class Admission:
             with self._room:
                 self._used -= cost
                 self._active -= 1
-                if self._waiting:
+                if self._queue:
                     self._room.notify_all()
 
     def _acquire(
@@ -85,21 +87,23 @@ class Admission:
         with self._room:
             if self._draining:
                 raise GatewayError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
-            # Those already waiting go first: a stream of small requests must not starve a
-            # large one.
-            if not self._waiting and self._used + cost <= self.budget:
+            # Those already waiting go first, and in the order they came: a stream of small
+            # requests must not starve a large one. (Woken together and let in by whoever fit
+            # first, small ones overtook a waiting 36-megapixel image until its deadline.)
+            if not self._queue and self._used + cost <= self.budget:
                 self._used += cost
                 self._active += 1
                 return
-            if self._waiting >= self.max_queue:
+            if len(self._queue) >= self.max_queue:
                 raise GatewayError(
                     ErrorCode.OVERLOADED,
-                    f"the gateway is at capacity ({self._active} running, {self._waiting} "
+                    f"the gateway is at capacity ({self._active} running, {len(self._queue)} "
                     f"waiting); retry later",
                 )
-            self._waiting += 1
+            ticket = object()
+            self._queue.append(ticket)
             try:
-                while self._used + cost > self.budget:
+                while self._queue[0] is not ticket or self._used + cost > self.budget:
                     timeout = None if deadline is None else deadline - time.monotonic()
                     if timeout is not None and timeout <= 0:
                         raise GatewayError(
@@ -116,6 +120,9 @@ class Admission:
                             timeout = STOP_CHECK_INTERVAL
                     self._room.wait(timeout)
             finally:
-                self._waiting -= 1
+                self._queue.remove(ticket)
+                if self._queue:
+                    # The next in line may fit too, or is the head now.
+                    self._room.notify_all()
             self._used += cost
             self._active += 1
