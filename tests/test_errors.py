@@ -513,3 +513,34 @@ def test_a_parameter_given_twice_is_invalid_request(
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == "invalid_request"
     assert "is given twice" in resp.json()["error"]["message"]
+
+
+def test_an_unknown_model_is_found_out_before_a_missing_image(
+    stub: pb_grpc.ImageGatewayServiceStub,
+) -> None:
+    # Infer and InferStream answered no_images, InferBatch and HTTP model_not_found.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(model="nope"), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.NOT_FOUND, "model_not_found")
+    [reply] = stub.InferStream(iter([pb.InferStreamRequest(model="nope")]), timeout=10)
+    assert reply.result.error.code == "model_not_found"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "no_images")
+
+
+def test_an_unusable_request_id_field_leaves_the_metadata_id_and_ids_stay_short(
+    stub: pb_grpc.ImageGatewayServiceStub,
+) -> None:
+    # A 129-character field replaced a usable x-request-id with a fresh id; a stream's ids,
+    # derived from a 128-character stream id, were 130 characters long.
+    request = pb.InferRequest(image=pb.Image(data=PNG), request_id="x" * 129)
+    _, call = stub.Infer.with_call(request, metadata=(("x-request-id", "md-id"),), timeout=10)
+    assert dict(call.trailing_metadata())["x-request-id"] == "md-id"
+    long_id = "s" * 128
+    messages = [pb.InferStreamRequest(image=pb.Image(data=PNG)) for _ in range(2)]
+    replies = list(
+        stub.InferStream(iter(messages), metadata=(("x-request-id", long_id),), timeout=10)
+    )
+    ids = [r.request_id for r in replies]
+    assert [len(i) for i in ids] == [128, 128] and ids[0].endswith("-0") and ids[1].endswith("-1")

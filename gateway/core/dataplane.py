@@ -71,9 +71,21 @@ def resolve_policy(
     return None if declared is None else BatchPolicy(declared[0], declared[1] / 1000)
 
 
+MAX_REQUEST_ID = 128
+
+
+def usable_request_id(given: object) -> bool:
+    return (
+        isinstance(given, str)
+        and 0 < len(given) <= MAX_REQUEST_ID
+        and given.isprintable()
+        and given.isascii()
+    )
+
+
 def new_request_id(given: str | None = None) -> str:
     """The client's id when it sent a usable one, else a fresh one."""
-    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+    if given is not None and usable_request_id(given):
         return given
     # Not os.urandom: it lets go of the GIL for its system call, and on a busy worker taking it
     # back costs two thread switches per request. An id only has to be unique, and every

@@ -115,12 +115,12 @@ def single_request(
     received: float | None = None,
 ) -> InferRequest:
     msg = detached.message
-    if not msg.HasField("image"):
-        # As InferBatch without images; an image field set with no data is empty_image.
-        raise GatewayError(ErrorCode.NO_IMAGES, "the request holds no image (no image field)")
+    # No image field is no image, which the core answers no_images after it has looked the
+    # model up, as for InferBatch and HTTP; an image field set with no data is empty_image.
+    has_image = msg.HasField("image")
     return InferRequest(
         model=msg.model,
-        images=(_image(msg.image, detached.datas[0]),),
+        images=(_image(msg.image, detached.datas[0]),) if has_image else (),
         parameters=_parameters(msg.parameters),
         color_mode=_color_mode(msg.color_mode),
         request_id=request_id,

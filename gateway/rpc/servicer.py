@@ -16,7 +16,13 @@ from google.protobuf.message import Message
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.access import log_access
-from gateway.core.dataplane import MAX_NAME, DataPlane, new_request_id
+from gateway.core.dataplane import (
+    MAX_NAME,
+    MAX_REQUEST_ID,
+    DataPlane,
+    new_request_id,
+    usable_request_id,
+)
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
 from gateway.core.types import InferResponse, ItemError, ItemResult
@@ -35,13 +41,25 @@ Resp = TypeVar("Resp")
 
 
 def _request_id(context: grpc.ServicerContext, request: object = None) -> str:
-    """The request message's own `request_id` when it has one set, else the x-request-id
-    metadata, else a fresh id."""
+    """The request message's own `request_id` when it is usable, else the x-request-id
+    metadata when that is, else a fresh id (an unusable field had replaced usable metadata)."""
     message = request.message if isinstance(request, Detached) else request
-    given = getattr(message, "request_id", None) or dict(context.invocation_metadata()).get(
-        REQUEST_ID_KEY
-    )
-    return new_request_id(given if isinstance(given, str) else None)
+    for given in (
+        getattr(message, "request_id", None),
+        dict(context.invocation_metadata()).get(REQUEST_ID_KEY),
+    ):
+        if usable_request_id(given):
+            return str(given)
+    return new_request_id()
+
+
+def _message_id(message: pb.InferStreamRequest, stream_id: str, index: int) -> str:
+    """A stream message's id: its own when usable, else the stream's with its index, kept
+    within the 128 characters an id may have."""
+    if usable_request_id(message.request_id):
+        return message.request_id
+    suffix = f"-{index}"
+    return stream_id[: MAX_REQUEST_ID - len(suffix)] + suffix
 
 
 def _client_deadline(context: grpc.ServicerContext) -> float | None:
@@ -220,9 +238,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             # Each message is its own request: its failure is its own response, and the stream
             # goes on.
             message = request.message if isinstance(request, Detached) else pb.InferStreamRequest()
-            request_id = (
-                new_request_id(message.request_id) if message.request_id else f"{stream_id}-{index}"
-            )
+            request_id = _message_id(message, stream_id, index)
             started = time.perf_counter()
             try:
                 if isinstance(request, Malformed):
