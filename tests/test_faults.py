@@ -270,6 +270,46 @@ def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
         gw.stop()
 
 
+def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_computed() -> None:
+    # Its time counted from when a thread took it up, so the first check of its client came too
+    # late: a small image reached the model for nobody, and a retry storm did the work twice.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            http_threads=1,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated", "tests.models:spy"),
+        )
+    )
+    GATE.clear()
+    SPY.calls.clear()
+    try:
+        before = request_counts(gw.http_url)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+            with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+                s.sendall(
+                    b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/octet-stream\r\n"
+                    + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
+                    + PNG
+                )
+                time.sleep(0.2)  # queued for the thread, then its client leaves
+            GATE.set()
+            assert held.result().status_code == 200
+        route = ("http", "POST /v1/models/<model>/infer", "spy")
+        wait_for(
+            lambda: delta(request_counts(gw.http_url), before)[(*route, "499")] == 1,
+            "the request is counted as cancelled",
+        )
+        assert SPY.calls == []
+    finally:
+        GATE.set()
+        gw.stop()
+
+
 @pytest.fixture(scope="module")
 def strict_gateway() -> Iterator[Gateway]:
     gw = start(
