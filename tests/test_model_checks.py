@@ -17,6 +17,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
 from gateway.config import Settings
 from gateway.core.batching import BatchPolicy
+from gateway.core.dataplane import DataPlane
 from gateway.models.registry import ModelRegistry
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
@@ -75,7 +76,18 @@ class Declared:
 )
 def test_a_model_declared_wrongly_fails_at_start(attrs: dict[str, Any], message: str) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
-        ModelRegistry([Declared(**attrs)])  # type: ignore[list-item]
+        load(Declared(**attrs))
+
+
+def load(model: Declared, batching: dict[str, BatchPolicy | None] | None = None) -> None:
+    """What a gateway's start does with a model: register it, then build the core around it."""
+    DataPlane(ModelRegistry([model]), batching=batching).close()  # type: ignore[list-item]
+
+
+def test_batching_set_by_the_operator_overrides_a_wrong_declaration() -> None:
+    wrong = {"max_batch_size": 8, "max_batch_wait_ms": float("inf")}
+    load(Declared(**wrong), batching={"m": None})
+    load(Declared(**wrong), batching={"m": BatchPolicy(4, 0.002)})
 
 
 def test_a_class_or_a_model_without_description_is_named_for_what_it_lacks() -> None:
@@ -105,7 +117,7 @@ def test_a_class_or_a_model_without_description_is_named_for_what_it_lacks() -> 
     ],
 )
 def test_a_model_declared_rightly_is_accepted(attrs: dict[str, Any]) -> None:
-    ModelRegistry([Declared(**attrs)])  # type: ignore[list-item]
+    load(Declared(**attrs))
 
 
 @pytest.fixture(scope="module")

@@ -64,7 +64,8 @@ def check_model(model: object, spec: str) -> Model:
     _check_name(name)
     checked: Model = model  # type: ignore[assignment]
     min_input_size(checked)
-    batching_attributes(checked)
+    # Batching attributes are checked where they are used (gateway.core.dataplane), only when
+    # --batching does not set the model's policy itself.
     return checked
 
 
