@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Union
@@ -12,7 +11,7 @@ from google.protobuf import struct_pb2
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
-from gateway.core.outputs import MAX_EXACT_INT
+from gateway.core.outputs import NotJSONError, to_json_value
 from gateway.core.types import (
     ColorMode,
     ImageInput,
@@ -39,10 +38,10 @@ def _image(image: pb.Image, data: memoryview) -> ImageInput:
 
 
 def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """The request's parameters as JSON values. Numbers come as doubles: integral ones up to
-    2**53 become ints, as in outputs (gateway.core.outputs), so that 3 reaches a model as 3, not
-    3.0. Walked here because json_format.MessageToDict raises ValueError on a NaN, which
-    would fail the call as `internal` and end an InferStream."""
+    """The request's parameters as canonical JSON, by the rule outputs follow
+    (gateway.core.outputs): 3 reaches a model as 3, not as the double 3.0, and a NaN is refused.
+    Walked here because json_format.MessageToDict raises ValueError on a NaN, which would fail
+    the call as `internal` and end an InferStream."""
     if "color_mode" in struct.fields:
         # Over HTTP a color_mode parameter is the decode mode, and never reaches the model.
         raise GatewayError(
@@ -50,22 +49,20 @@ def _parameters(struct: struct_pb2.Struct) -> dict[str, Any]:
             "color_mode is a field of the request, not a parameter (as over HTTP, where it is "
             "the decode mode)",
         )
-    return {key: _json(value, key) for key, value in struct.fields.items()}
+    try:
+        return {key: to_json_value(_python(value)) for key, value in struct.fields.items()}
+    except NotJSONError as exc:
+        raise GatewayError(
+            ErrorCode.INVALID_REQUEST, f"a parameter has no JSON form: {exc}"
+        ) from None
 
 
-def _json(value: struct_pb2.Value, key: str) -> Any:
+def _python(value: struct_pb2.Value) -> Any:
     kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        if not math.isfinite(number):
-            raise GatewayError(
-                ErrorCode.INVALID_REQUEST, f"parameter {key!r} holds {number}, which JSON cannot"
-            )
-        return int(number) if number.is_integer() and abs(number) <= MAX_EXACT_INT else number
     if kind == "list_value":
-        return [_json(v, key) for v in value.list_value.values]
+        return [_python(v) for v in value.list_value.values]
     if kind == "struct_value":
-        return {k: _json(v, key) for k, v in value.struct_value.fields.items()}
+        return {k: _python(v) for k, v in value.struct_value.fields.items()}
     if kind == "null_value" or kind is None:
         return None
     return getattr(value, kind)
