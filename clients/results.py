@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -23,14 +19,11 @@ def canonical_output(value: Any) -> Any:
     return value
 
 
-def _known(cls: Callable[..., T], names: Iterable[str], body: dict[str, Any]) -> T:
-    """`cls` from the fields of a JSON object it knows: a newer gateway may send more, as a
-    protobuf message read by older code skips fields it does not know."""
-    return cls(**{name: body[name] for name in names if name in body})
-
-
-def _names(cls: type[DataclassInstance]) -> list[str]:
-    return [f.name for f in fields(cls)]
+def _known(cls: type[T], body: dict[str, Any]) -> T:
+    """The dataclass `cls` from the fields of a JSON object it knows: a newer gateway may send
+    more, as a protobuf message read by older code skips fields it does not know."""
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in body.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,7 @@ class ImageResult:
         error = body.get("error")
         return cls(
             name=body.get("name", ""),
-            info=_known(ImageInfo, _names(ImageInfo), info) if info else None,
+            info=_known(ImageInfo, info) if info else None,
             output=canonical_output(body.get("output")),
             error=ErrorInfo(error["code"], error["message"]) if error else None,
         )
@@ -131,4 +124,4 @@ class Limits:
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Limits:
-        return _known(cls, _names(cls), body)
+        return _known(cls, body)

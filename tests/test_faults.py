@@ -43,6 +43,14 @@ from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 PNG = (DATA / "images" / "hopper.png").read_bytes()
 
 
+def raw_post(model: str, body: bytes, content_type: str = "application/octet-stream") -> bytes:
+    """An HTTP/1.1 POST of `body` to a model's infer route, as bytes to send on a socket."""
+    return (
+        f"POST /v1/models/{model}/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
 def still_serving(gw: Gateway) -> None:
     assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
     with grpc.insecure_channel(gw.grpc_target) as ch:
@@ -290,12 +298,7 @@ def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_compute
             held = pool.submit(post_octet, gw.http_url, "gated", PNG)
             wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
             with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
-                s.sendall(
-                    b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: application/octet-stream\r\n"
-                    + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
-                    + PNG
-                )
+                s.sendall(raw_post("spy", PNG))
                 time.sleep(0.2)  # queued for the thread, then its client leaves
             GATE.set()
             assert held.result().status_code == 200
@@ -439,12 +442,7 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
             # An HTTP client sends its whole request, then closes its connection while it waits:
             # the request leaves the queue though the slot is still taken.
             with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
-                s.sendall(
-                    b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
-                    b"Content-Type: application/octet-stream\r\n"
-                    + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
-                    + PNG
-                )
+                s.sendall(raw_post("spy", PNG))
                 wait_for(lambda: admission.waiting == 1, "the HTTP request waits")
             wait_for(lambda: admission.waiting == 0, "the HTTP request leaves the queue")
             # So does a gRPC call cancelled by its client while it waits.
@@ -566,12 +564,7 @@ def test_a_request_stops_decoding_once_its_client_has_left() -> None:
     try:
         before = request_counts(gw.http_url)
         with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
-            s.sendall(
-                b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\n"
-                + f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode()
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
+            s.sendall(raw_post("spy", body, f"multipart/form-data; boundary={boundary}"))
         route = ("http", "POST /v1/models/<model>/infer", "spy")
         wait_for(
             lambda: delta(request_counts(gw.http_url), before)[(*route, "499")] == 1,
