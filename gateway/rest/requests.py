@@ -35,7 +35,6 @@ SETTINGS_KEY = "image_gateway.settings"
 # Field names a client meant as indices: "0", "1", ... in ASCII digits, no sign, no padding.
 _INDEX = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z", re.ASCII)
 _SNIFFED_TYPES = {"", "application/x-www-form-urlencoded"}
-RESERVED_QUERY = {"color_mode"}
 
 
 @dataclass(frozen=True)
@@ -113,17 +112,12 @@ def multipart_request(model: str) -> InferRequest:
 def _infer_request(
     model: str, images: tuple[ImageInput, ...], form_fields: dict[str, str]
 ) -> InferRequest:
+    # Query parameters and text fields are one set, color_mode among them (the decode mode,
+    # not the model's).
     params: dict[str, Any] = {}
-    for key, value in request.args.items(multi=True):
-        if key not in RESERVED_QUERY:
-            _add_parameter(params, key, value)
-    if len(request.args.getlist("color_mode")) > 1:
-        raise _given_twice("color_mode")
-    for key, value in form_fields.items():
-        if key == "color_mode" and "color_mode" in request.args:
-            raise _given_twice(key)
+    for key, value in [*request.args.items(multi=True), *form_fields.items()]:
         _add_parameter(params, key, value)
-    color_mode = params.pop("color_mode", None) or request.args.get("color_mode", "color")
+    color_mode = params.pop("color_mode", "color")
     try:
         mode = ColorMode(color_mode)
     except ValueError:
