@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeGuard
 
 from gateway import metrics
 from gateway.core.admission import Admission
@@ -74,7 +75,7 @@ def resolve_policy(
 MAX_REQUEST_ID = 128
 
 
-def usable_request_id(given: object) -> bool:
+def usable_request_id(given: object) -> TypeGuard[str]:
     return (
         isinstance(given, str)
         and 0 < len(given) <= MAX_REQUEST_ID
@@ -85,7 +86,7 @@ def usable_request_id(given: object) -> bool:
 
 def new_request_id(given: str | None = None) -> str:
     """The client's id when it sent a usable one, else a fresh one."""
-    if given is not None and usable_request_id(given):
+    if usable_request_id(given):
         return given
     # Not os.urandom: it lets go of the GIL for its system call, and on a busy worker taking it
     # back costs two thread switches per request. An id only has to be unique, and every

@@ -49,7 +49,7 @@ def _request_id(context: grpc.ServicerContext, request: object = None) -> str:
         dict(context.invocation_metadata()).get(REQUEST_ID_KEY),
     ):
         if usable_request_id(given):
-            return str(given)
+            return given
     return new_request_id()
 
 
