@@ -680,7 +680,7 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
         # ... while more connections send a request than may wait for a thread.
         waiting = [socket.create_connection(address, timeout=30) for _ in range(ACCEPTED_QUEUE + 2)]
         for s in waiting:
-            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         with selectors.DefaultSelector() as selector:
             for s in waiting:
                 selector.register(s, selectors.EVENT_READ, s)
@@ -706,6 +706,53 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
         GATE.set()
         for s in waiting:
             s.close()
+        gw.stop()
+
+
+def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
+    # cheroot gave a /healthz the next thread of its one pool: while the HTTP threads held slow
+    # requests, liveness probes, readiness probes and metric scrapes waited behind them.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            http_threads=1,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    GATE.clear()
+    try:
+        with ThreadPoolExecutor(2) as pool, requests.Session() as session:
+            held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+            # A probe thread answers one request: a request pipelined behind the probe, on the
+            # same connection, waits for the HTTP threads like any other.
+            pipelined = socket.create_connection(http_host_port(gw.http_url), timeout=10)
+            pipelined.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + raw_post("shape", PNG))
+            answers = b""
+            while b'{"status":"ok"}' not in answers:
+                answers += pipelined.recv(65536)
+            pipelined.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                answers += pipelined.recv(65536)
+            # Probes with requests waiting in the HTTP threads' queue too.
+            queued = pool.submit(post_octet, gw.http_url, "shape", PNG)
+            for path in ("/healthz", "/readyz", "/metrics", "/healthz?verbose=1"):
+                response = session.get(gw.http_url + path, timeout=5)
+                assert response.status_code == 200, (path, response.text)
+            assert session.get(gw.http_url + "/readyz", timeout=5).json()["status"] == "ready"
+            assert not queued.done()
+            GATE.set()
+            assert held.result().status_code == 200
+            assert queued.result().json()["result"]["output"] == [128, 128, 3]
+            pipelined.settimeout(10)
+            while answers.count(b"HTTP/1.1 200") < 2 or not answers.endswith(b"\n"):
+                answers += pipelined.recv(65536)
+            pipelined.close()
+        still_serving(gw)
+    finally:
+        GATE.set()
         gw.stop()
 
 

@@ -30,6 +30,7 @@ from gateway.core.access import log_access
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
+from gateway.rest.probe_threads import ProbeThreads, is_probe, request_start
 from gateway.rest.responses import error_headers, error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, SocketReader, peer_closed
 
@@ -344,16 +345,29 @@ class HttpServer(wsgi.Server):
         self.max_body = max_body
         self.watchdog = Watchdog(request_timeout)
         self.gateway = _gateway_with(self.watchdog)
+        self.probes = ProbeThreads(self)
 
     def stop(self) -> None:
         try:
             super().stop()
         finally:
             self.watchdog.stop()
+            self.probes.stop()
 
     def process_conn(self, conn: Any) -> None:
-        # A connection with a request to read, handed to the threads' queue.
+        # A connection with a request to read, handed to the threads' queue, or to the probe
+        # threads when a probe would wait for a thread there (gateway.rest.probe_threads).
         conn.queued_at = time.monotonic()
+        threads = self.requests
+        if threads.qsize or not threads.idle:
+            start = request_start(conn)
+            if start is None and self.ready:
+                # Accepted, its request not sent yet: the selector hands it back once it is.
+                self._connections.put(conn)  # type: ignore[attr-defined]
+                return
+            if start and is_probe(start):
+                self.probes.put(conn)
+                return
         super().process_conn(conn)
 
     def _serve_unservicable(self) -> None:

@@ -211,6 +211,9 @@ class Connection(server.HTTPConnection):
     to one client in a loop (64x64 PNG, one worker, three alternating pairs).
     """
 
+    # Set while a probe thread answers it: that thread answers one request, no more.
+    probe_only = False
+
     def __init__(self, srv: Any, sock: socket.socket, makefile: Any = make_file) -> None:
         plain = makefile is cheroot_makefile.MakeFile
         super().__init__(srv, sock, make_file if plain else makefile)
@@ -234,7 +237,7 @@ class Connection(server.HTTPConnection):
         connection waits for a thread: a client pipelining many requests goes back in line
         after each, as with cheroot alone."""
         threads = self.server.requests
-        if not self.server.ready or threads.qsize:
+        if not self.server.ready or threads.qsize or self.probe_only:
             return False
         if self.rfile.has_data():
             return True
