@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
-from gateway.rest.server import ACCEPTED_QUEUE
+from gateway.core.admission import THREAD_QUEUE
 from gateway.rest.socketfile import (
     SocketReader,
     SocketWriter,
@@ -228,6 +228,57 @@ def test_health_checks_and_streams_keep_their_threads_while_unary_calls_hold_the
     finally:
         GATE.set()
         channel.close()
+        gw.stop()
+
+
+def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
+    # grpcio queued unary calls waiting for a thread without bound: under overload they waited
+    # until their deadline instead of being refused at once, as HTTP refuses connections past
+    # the same number.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            grpc_threads=1,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    GATE.clear()
+    before = request_counts(gw.http_url)
+    channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(4)]
+    try:
+        stubs = [pb_grpc.ImageGatewayServiceStub(ch) for ch in channels]
+        held = stubs[0].Infer.future(
+            pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=60
+        )
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the only gRPC thread is held")
+        plain = pb.InferRequest(image=pb.Image(data=PNG))
+        calls = [stubs[i % 4].Infer.future(plain, timeout=60) for i in range(THREAD_QUEUE + 3)]
+        wait_for(lambda: sum(f.done() for f in calls) == 3, "the calls past the queue end")
+        for future in calls:
+            if future.done():
+                error = future.exception()
+                assert isinstance(error, grpc.RpcError)
+                assert grpc_code(error) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+                assert "retry later" in error.details()
+                assert dict(error.trailing_metadata())["x-request-id"]
+        check = health_pb2_grpc.HealthStub(channels[1]).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        GATE.set()
+        assert grpc_result(held.result().result)["output"] == [128, 128, 3]
+        served = [f.result() for f in calls if f.exception() is None]
+        assert len(served) == THREAD_QUEUE
+        counted = delta(request_counts(gw.http_url), before)
+        assert counted[("grpc", "Infer", "", "UNAVAILABLE")] == 3
+        assert counted[("grpc", "Infer", "shape", "OK")] == THREAD_QUEUE
+        still_serving(gw)
+    finally:
+        GATE.set()
+        for ch in channels:
+            ch.close()
         gw.stop()
 
 
@@ -678,7 +729,7 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
         )
         wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
         # ... while more connections send a request than may wait for a thread.
-        waiting = [socket.create_connection(address, timeout=30) for _ in range(ACCEPTED_QUEUE + 2)]
+        waiting = [socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + 2)]
         for s in waiting:
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         with selectors.DefaultSelector() as selector:

@@ -25,6 +25,10 @@ from gateway.core.errors import ErrorCode, GatewayError
 
 # Seconds between two checks of whether a waiting request should stop.
 STOP_CHECK_INTERVAL = 0.1
+# Requests of one protocol waiting for a thread of that protocol, per worker: a backstop behind
+# the queue below, which a request joins only once it has a thread. Past it the answer is
+# `overloaded` at once, from the HTTP server or the gRPC server.
+THREAD_QUEUE = 256
 
 
 class Admission:

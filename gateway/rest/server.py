@@ -27,6 +27,7 @@ from cheroot import errors, server, wsgi
 from flask import Flask
 
 from gateway.core.access import log_access
+from gateway.core.admission import THREAD_QUEUE
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
@@ -51,15 +52,14 @@ _CHEROOT_ERRORS = {
     414: ErrorCode.HEADERS_TOO_LARGE,
     500: ErrorCode.INTERNAL,
     501: ErrorCode.UNSUPPORTED_TRANSFER_CODING,
-    # Every thread busy and ACCEPTED_QUEUE connections waiting for one.
+    # Every thread busy and THREAD_QUEUE connections waiting for one.
     503: ErrorCode.OVERLOADED,
     505: ErrorCode.UNSUPPORTED_HTTP_VERSION,
 }
 # The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
 _TLS_HANDSHAKE = b"\x16"
-# Connections accepted but waiting for a thread: a backstop behind the core's own queue. Past
+# Connections accepted with a request and waiting for a thread: the core's THREAD_QUEUE. Past
 # it, and after ACCEPTED_QUEUE_TIMEOUT seconds, a connection is answered 503 without being read.
-ACCEPTED_QUEUE = 256
 ACCEPTED_QUEUE_TIMEOUT = 1.0
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
@@ -289,7 +289,7 @@ class GatewayRequest(server.HTTPRequest):
             message = "an HTTP version this server does not speak; it serves HTTP/1.0 and 1.1"
         elif error is ErrorCode.OVERLOADED:
             message = (
-                f"every HTTP thread of this worker is busy and {ACCEPTED_QUEUE} connections "
+                f"every HTTP thread of this worker is busy and {THREAD_QUEUE} connections "
                 "wait for one; retry later"
             )
         request_id = new_request_id()
@@ -413,7 +413,7 @@ def build_http_server(
         # Seconds one socket read or write may block, and an idle keep-alive connection lives.
         timeout=10,
         shutdown_timeout=math.ceil(shutdown_grace),
-        accepted_queue_size=ACCEPTED_QUEUE,
+        accepted_queue_size=THREAD_QUEUE,
         accepted_queue_timeout=ACCEPTED_QUEUE_TIMEOUT,
         reuse_port=reuse_port,
     )

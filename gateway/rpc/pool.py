@@ -6,7 +6,10 @@ check waited behind inference: 16 slow Infer calls on a worker made a 1 s livene
 So the pool given to grpcio hands each call to one of three: unary calls to `--grpc-threads`
 threads, calls that stream requests (InferStream, reflection) to `--max-streams` threads and
 two more (which refuse the streams past the servicer's slots at once), and health checks to two
-threads of their own.
+threads of their own. A unary call that finds THREAD_QUEUE others waiting for a thread is
+refused at once with `overloaded`, as the HTTP server refuses connections past the same number;
+grpcio's own bound (`maximum_concurrent_rpcs`) answers RESOURCE_EXHAUSTED, which means "too
+large" here.
 
 grpcio's threaded server gives a call a thread of its pool as soon as the call's headers arrive,
 and the thread then waits for the request message without any time limit. Sixteen calls that
@@ -32,13 +35,17 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from grpc import _server as grpc_server  # private: see the module's docstring
-from grpc._cython import cygrpc
+import grpc
+from grpc import _common as grpc_common  # private: see the module's docstring
+from grpc import _server as grpc_server
 from grpc_health.v1 import health
 
+from gateway.core.access import log_access
+from gateway.core.admission import THREAD_QUEUE
+from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode
 from gateway.rpc.arrival import run_arrived
-from gateway.rpc.servicer import ERROR_CODE_KEY
+from gateway.rpc.servicer import ERROR_CODE_KEY, REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +86,16 @@ class WatchedPool(ThreadPoolExecutor):
         # grpcio submits (context.run, handler-in-pool, rpc_event, state, behaviour,
         # request reader, ...); the reader of a one-message request is the function to watch.
         if len(args) > 4 and getattr(args[4], "__name__", "") == _REQUEST_READER:
-            watched = self._watched(args[4], args[1], args[2], _name(args[3]))
-            args = (*args[:4], watched, *args[5:])
             # The handler, not the method's name: grpcio leaves call_details.method empty
             # for registered methods.
-            if isinstance(getattr(args[3], "__self__", None), health.HealthServicer):
+            probe = isinstance(getattr(args[3], "__self__", None), health.HealthServicer)
+            if not probe and self._work_queue.qsize() >= THREAD_QUEUE:
+                # Refused on a probe thread: it only sends the status, reading nothing.
+                refuse = _refusal(args[1], args[2], args[3])
+                return self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
+            watched = self._watched(args[4], args[1], args[2], _name(args[3]))
+            args = (*args[:4], watched, *args[5:])
+            if probe:
                 return self._probes.submit(fn, *args, **kwargs)
             return super().submit(run_arrived, time.monotonic(), fn, *args, **kwargs)
         if len(args) > 1:  # a call whose requests stream
@@ -129,6 +141,50 @@ def _watch(pool_ref: weakref.ReferenceType[WatchedPool]) -> None:
         stopped.wait(WATCH_INTERVAL)
 
 
+def _refusal(event: Any, state: Any, behaviour: Any) -> Callable[[], None]:
+    """A request reader that answers the call `overloaded` instead, and reads nothing: grpcio
+    then runs no handler. Counted and logged like any other answer."""
+    started = time.perf_counter()
+
+    def unary_request() -> None:
+        error = ErrorCode.OVERLOADED
+        request_id = new_request_id()
+        with state.condition:
+            if state.client is not grpc_server._OPEN or state.statused:
+                return None  # the client has gone meanwhile
+            state.trailing_metadata = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
+            grpc_server._abort(
+                state,
+                event.call,
+                _status(error),
+                (
+                    f"every gRPC thread of this worker is busy and {THREAD_QUEUE} calls wait for "
+                    "one; retry later"
+                ).encode(),
+            )
+            state.client = grpc_server._CANCELLED
+            state.condition.notify_all()
+        log_access(
+            request_id=request_id,
+            protocol="grpc",
+            method=str(getattr(behaviour, "__name__", "") or "-"),
+            model="",
+            images=0,
+            status=error.grpc_status,
+            bytes_in=0,
+            bytes_out=0,
+            started=started,
+        )
+        return None
+
+    return unary_request
+
+
+def _status(error: ErrorCode) -> Any:
+    # The table names the status; grpcio's own mapping gives its core's code for it.
+    return grpc_common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.grpc_status]]
+
+
 def _name(behaviour: Any) -> str:
     # grpcio leaves call_details.method empty for registered methods; the handler names it.
     return str(getattr(behaviour, "__qualname__", "") or "a method")
@@ -143,7 +199,7 @@ def _end(event: Any, state: Any, limit: float, name: str) -> None:
         grpc_server._abort(
             state,
             event.call,
-            cygrpc.StatusCode.deadline_exceeded,
+            _status(error),
             f"the request message did not arrive within {limit:g} s".encode(),
         )
         # The waiting thread returns without a request, and without a second status.
