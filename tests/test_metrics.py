@@ -17,7 +17,7 @@ from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import DATA
 from tests.test_process import launch
-from tests.wire import post_octet
+from tests.wire import post_multipart, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
 
@@ -220,3 +220,17 @@ def test_requests_refused_before_their_route_runs_keep_their_model_label() -> No
         assert image_errors(gw.http_url) - errors_before == {"image_too_large": 1}
     finally:
         gw.stop()
+
+
+def test_images_a_model_failed_on_count_as_image_errors(gateway: Gateway) -> None:
+    # The request fails whole as model_error; its images were not counted anywhere.
+    before = image_errors(gateway.http_url)
+    assert post_octet(gateway.http_url, "failing", PNG).status_code == 500
+    answer = post_multipart(gateway.http_url, "failing", [PNG, b"not an image", PNG])
+    assert answer.json()["error"]["code"] == "model_error"
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        request = pb.InferBatchRequest(model="failing", images=[pb.Image(data=PNG)])
+        with contextlib.suppress(grpc.RpcError):
+            pb_grpc.ImageGatewayServiceStub(channel).InferBatch(request, timeout=10)
+    counted = image_errors(gateway.http_url) - before
+    assert counted == {"model_error": 4, "undecodable_image": 1}

@@ -212,7 +212,16 @@ class DataPlane:
         with self.admission.slot(_cost(items, request.color_mode), request.deadline, stopped):
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
             good = [d for d in decoded if isinstance(d, DecodedImage)]
-            outputs = self._predict(model, batcher, good, request) if good else []
+            try:
+                outputs = self._predict(model, batcher, good, request) if good else []
+            except GatewayError as exc:
+                if exc.error is ErrorCode.MODEL_ERROR:
+                    # The whole request fails, but its images failed each for a reason: the
+                    # model for those it was given, their own for the others.
+                    for item in decoded:
+                        code = item.code if isinstance(item, ItemError) else exc.code
+                        metrics.inc(metrics.IMAGE_ERRORS, (code,))
+                raise
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
         _check_request(request)
