@@ -282,6 +282,51 @@ def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
         gw.stop()
 
 
+def test_grpc_calls_that_end_while_they_wait_for_a_thread_are_recorded() -> None:
+    # grpcio ends a call whose client's deadline passes or who cancels it while it waits for a
+    # thread; no handler ran, so it was neither logged nor counted (HTTP counts such a client
+    # as 499).
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            grpc_threads=1,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    GATE.clear()
+    before = request_counts(gw.http_url)
+    channel = grpc.insecure_channel(gw.grpc_target)
+    try:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        held = stub.Infer.future(
+            pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=30
+        )
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the only gRPC thread is held")
+        plain = pb.InferRequest(image=pb.Image(data=PNG))
+        late = stub.Infer.future(plain, timeout=0.5)
+        left = stub.Infer.future(plain, timeout=30)
+        with pytest.raises(grpc.RpcError) as info:
+            late.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        left.cancel()
+        GATE.set()
+        assert grpc_result(held.result().result)["output"] == [128, 128, 3]
+        route = ("grpc", "Infer", "")
+        wait_for(
+            lambda: delta(request_counts(gw.http_url), before)[(*route, "CANCELLED")] == 1,
+            "the cancelled call is recorded",
+        )
+        counted = delta(request_counts(gw.http_url), before)
+        assert counted[(*route, "DEADLINE_EXCEEDED")] == 1
+        still_serving(gw)
+    finally:
+        GATE.set()
+        channel.close()
+        gw.stop()
+
+
 def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
     # The deadline, the recorded duration and the client check counted from when a thread took
     # the request up: behind one slow request, another waited past --request-timeout in
@@ -943,6 +988,7 @@ def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads()
     )
     gw = start(settings)
     never = threading.Event()
+    before = request_counts(gw.http_url)
 
     def nothing() -> Iterator[bytes]:
         never.wait(60)
@@ -965,6 +1011,9 @@ def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads()
             # call sent with them would have waited for a thread past the 1.5 s timeout.)
             reply = stub.Infer(pb.InferRequest(image=pb.Image(data=PNG)), timeout=20)
             assert grpc_result(reply.result)["output"] == [128, 128, 3]
+        # Recorded, as any other answer: no handler ran for them.
+        counted = delta(request_counts(gw.http_url), before)
+        assert counted[("grpc", "Infer", "", "DEADLINE_EXCEEDED")] == 6
         still_serving(gw)
     finally:
         never.set()

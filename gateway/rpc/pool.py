@@ -44,7 +44,7 @@ from gateway.core.access import log_access
 from gateway.core.admission import THREAD_QUEUE
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode
-from gateway.rpc.arrival import run_arrived
+from gateway.rpc.arrival import arrived, run_arrived
 from gateway.rpc.servicer import ERROR_CODE_KEY, REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class WatchedPool(ThreadPoolExecutor):
                 # Refused on a probe thread: it only sends the status, reading nothing.
                 refuse = _refusal(args[1], args[2], args[3])
                 return self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
-            watched = self._watched(args[4], args[1], args[2], _name(args[3]))
+            watched = self._watched(args[4], args[1], args[2], args[3])
             args = (*args[:4], watched, *args[5:])
             if probe:
                 return self._probes.submit(fn, *args, **kwargs)
@@ -109,17 +109,26 @@ class WatchedPool(ThreadPoolExecutor):
         super().shutdown(wait, cancel_futures=cancel_futures)
 
     def _watched(
-        self, read: Callable[[], Any], event: Any, state: Any, name: str
+        self, read: Callable[[], Any], event: Any, state: Any, behaviour: Any
     ) -> Callable[[], Any]:
+        name = _name(behaviour)
+
         def unary_request() -> Any:
             key = id(state)
             self._waiting[key] = (time.monotonic() + self.limit, event, state, name)
             try:
                 request = read()
             finally:
-                self._waiting.pop(key, None)
-            # A message that came as the call was ended: the client has had its answer.
-            return None if state.client is grpc_server._CANCELLED else request
+                # Gone from the watch already: the watcher took it to end it.
+                ended = self._waiting.pop(key, None) is None
+            if request is not None and state.client is not grpc_server._CANCELLED:
+                return request
+            # A message that came as the call was ended: the client has had its answer. No
+            # handler runs, so the call is recorded here, as HTTP records a client that left
+            # (health checks, which the servicer does not record either, excepted).
+            if not isinstance(getattr(behaviour, "__self__", None), health.HealthServicer):
+                _record_unserved(event, state, behaviour, ended)
+            return None
 
         return unary_request
 
@@ -167,7 +176,7 @@ def _refusal(event: Any, state: Any, behaviour: Any) -> Callable[[], None]:
         log_access(
             request_id=request_id,
             protocol="grpc",
-            method=str(getattr(behaviour, "__name__", "") or "-"),
+            method=_method(behaviour),
             model="",
             images=0,
             status=error.grpc_status,
@@ -178,6 +187,37 @@ def _refusal(event: Any, state: Any, behaviour: Any) -> Callable[[], None]:
         return None
 
     return unary_request
+
+
+def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> None:
+    """Count and log a call that ended before its handler could run: ended here for want of its
+    message, past its client's deadline or cancelled by its client while it waited for a thread
+    or its message, or closed by its client without a message (grpcio answers UNIMPLEMENTED)."""
+    if ended:
+        status = ErrorCode.REQUEST_TIMEOUT.grpc_status
+    elif state.client is grpc_server._CANCELLED:
+        deadline = getattr(event.call_details, "deadline", None)
+        late = deadline is not None and time.time() >= deadline
+        status = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+    else:
+        status = "UNIMPLEMENTED"
+    given = dict(event.invocation_metadata or ()).get(REQUEST_ID_KEY)
+    log_access(
+        request_id=new_request_id(given if isinstance(given, str) else None),
+        protocol="grpc",
+        method=_method(behaviour),
+        model="",
+        images=0,
+        status=status,
+        bytes_in=0,
+        bytes_out=0,
+        started=time.perf_counter() - (time.monotonic() - arrived()),
+    )
+
+
+def _method(behaviour: Any) -> str:
+    # The label the servicer gives the same method (its name), for the same series.
+    return str(getattr(behaviour, "__name__", "") or "-")
 
 
 def _status(error: ErrorCode) -> Any:
