@@ -216,7 +216,7 @@ def misbehaving_batched() -> BatchedMisbehaving:
 
 class ThreadPools:
     """Answers, for each image, the thread counts of the math libraries loaded in its worker and
-    the OMP_NUM_THREADS a library loaded now would read."""
+    the OMP_NUM_THREADS a library loaded now would read, and which worker answered."""
 
     name = "thread-pools"
     description = "the worker's BLAS thread counts"
@@ -230,6 +230,7 @@ class ThreadPools:
             "pools": blas,
             "opencv": cv2.getNumThreads(),
             "omp_env": os.environ.get("OMP_NUM_THREADS"),
+            "pid": os.getpid(),
         }
         return [answer for _ in images]
 
