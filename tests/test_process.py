@@ -625,6 +625,35 @@ def test_cli_output_it_cannot_write_is_an_error_of_its_own(served: Served) -> No
     assert done.stderr.startswith("image-gateway-client: ") and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_cli_interrupted_exits_130_without_a_traceback(scheme: str) -> None:
+    # Ctrl-C while waiting for a gateway that never answers: a traceback and exit 1 before.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+        port = listener.getsockname()[1]
+        proc = subprocess.Popen(
+            [
+                str(BIN / "image-gateway-client"),
+                "infer",
+                FILES[0],
+                "--url",
+                f"{scheme}://127.0.0.1:{port}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            connection, _ = listener.accept()  # the client waits for its answer now
+            with connection:
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130
+    assert out == "" and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args",
     [
