@@ -455,6 +455,29 @@ def test_trickling_client_is_cut_off_with_an_answer(strict_gateway: Gateway) -> 
     still_serving(strict_gateway)
 
 
+def test_a_client_trickling_its_headers_is_cut_off_with_an_answer(strict_gateway: Gateway) -> None:
+    # cheroot's read timeout applies to each read: a header byte every few seconds held a thread
+    # for ever, and ten such clients stopped every request of a worker.
+    with socket.create_connection(http_host_port(strict_gateway.http_url), timeout=10) as s:
+        s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        answer = b""
+        s.settimeout(0.1)
+        for _ in range(200):
+            s.sendall(b"a")
+            with contextlib.suppress(TimeoutError):
+                answer = s.recv(65536)
+                break
+        assert answer, "no answer while the client went on sending its headers for 20 s"
+        s.settimeout(10)
+        answer += _until_closed(s)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer[:200]
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout"
+    assert error["message"] == "the request line and headers did not arrive within 1 s"
+    still_serving(strict_gateway)
+
+
 def test_overload_answers_503_and_unavailable(strict_gateway: Gateway) -> None:
     slow = pb.InferRequest(model="slow", image=pb.Image(data=PNG))
     slow.parameters.update({"seconds": 0.8})

@@ -61,6 +61,11 @@ _TLS_HANDSHAKE = b"\x16"
 # Connections accepted with a request and waiting for a thread: the core's THREAD_QUEUE. Past
 # it, and after ACCEPTED_QUEUE_TIMEOUT seconds, a connection is answered 503 without being read.
 ACCEPTED_QUEUE_TIMEOUT = 1.0
+# Seconds (at most the request timeout) a request line and its headers may take to arrive, from
+# when a thread starts reading them. cheroot's read timeout applies to each read, so a client
+# sending a header byte every few seconds held a thread for ever: ten of them stopped a worker.
+# Real clients send the whole head at once.
+HEAD_SECONDS = 10.0
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
 # The monotonic time cheroot queued the request's connection for a thread: the wait for one is
@@ -73,6 +78,7 @@ class Watchdog:
         # The core answers 504 at `limit`; the cut comes a little later, for requests stuck in
         # a read that only closing the socket can end.
         self.limit = limit + min(5.0, limit / 2)
+        self.head_limit = min(HEAD_SECONDS, limit)
         self.interval = min(0.5, limit / 4)
         self._lock = threading.Lock()
         self._active: dict[int, tuple[float, Any]] = {}
@@ -80,10 +86,10 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="http-watchdog", daemon=True)
         self._thread.start()
 
-    def watch(self, req: Any) -> int:
+    def watch(self, req: Any, limit: float | None = None) -> int:
         key = id(req)
         with self._lock:
-            self._active[key] = (time.monotonic() + self.limit, req)
+            self._active[key] = (time.monotonic() + (limit or self.limit), req)
         return key
 
     def release(self, key: int) -> None:
@@ -100,7 +106,9 @@ class Watchdog:
                 expired = [k for k, (deadline, _) in self._active.items() if deadline < now]
                 reqs = [self._active.pop(k)[1] for k in expired]
             for req in reqs:
-                if _still_uploading(req):
+                if req.reading_head:
+                    req.head_cut = True
+                if req.reading_head or _still_uploading(req):
                     with contextlib.suppress(OSError):  # the client may have closed it already
                         _cut(req.conn)
 
@@ -183,6 +191,19 @@ class GatewayRequest(server.HTTPRequest):
     _strict_headers = StrictHeaderReader()
     # The client asked to be told to send its body (Expect: 100-continue), and has not been yet.
     continue_owed = False
+    # Set while the request line and headers are read, and once the watchdog has cut them off.
+    reading_head = False
+    head_cut = False
+
+    def parse_request(self) -> None:
+        watchdog = self.server.watchdog
+        self.reading_head = True
+        key = watchdog.watch(self, watchdog.head_limit)
+        try:
+            super().parse_request()
+        finally:
+            self.reading_head = False
+            watchdog.release(key)
 
     def header_reader(self, rfile: Any, hdict: dict[bytes, bytes]) -> dict[bytes, bytes]:
         """Strict headers, and Expect kept from cheroot, which answers 100 Continue as soon as
@@ -279,7 +300,12 @@ class GatewayRequest(server.HTTPRequest):
         error = _CHEROOT_ERRORS.get(cheroot_status, ErrorCode.INVALID_REQUEST)
         sent = error.http_status
         message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg)
-        if error is ErrorCode.REQUEST_TIMEOUT:
+        if error is ErrorCode.REQUEST_TIMEOUT and self.head_cut:
+            message = (
+                "the request line and headers did not arrive within "
+                f"{self.server.watchdog.head_limit:g} s"
+            )
+        elif error is ErrorCode.REQUEST_TIMEOUT:
             message = f"the request stopped arriving: nothing came for {self.server.timeout} s"
         elif error is ErrorCode.HEADERS_TOO_LARGE:
             message = f"the request line and headers are over {MAX_HEADER_BYTES // 1024} KiB"
