@@ -254,7 +254,10 @@ def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
         )
         wait_for(lambda: gw.dataplane.admission.active == 1, "the only gRPC thread is held")
         plain = pb.InferRequest(image=pb.Image(data=PNG))
-        calls = [stubs[i % 4].Infer.future(plain, timeout=60) for i in range(THREAD_QUEUE + 3)]
+        calls = [
+            stubs[i % 4].Infer.future(plain, timeout=60, metadata=(("x-request-id", f"c-{i}"),))
+            for i in range(THREAD_QUEUE + 3)
+        ]
         wait_for(lambda: sum(f.done() for f in calls) == 3, "the calls past the queue end")
         for future in calls:
             if future.done():
@@ -262,7 +265,7 @@ def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
                 assert isinstance(error, grpc.RpcError)
                 assert grpc_code(error) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
                 assert "retry later" in error.details()
-                assert dict(error.trailing_metadata())["x-request-id"]
+                assert dict(error.trailing_metadata())["x-request-id"] == f"c-{calls.index(future)}"
         check = health_pb2_grpc.HealthStub(channels[1]).Check(
             health_pb2.HealthCheckRequest(), timeout=5
         )
@@ -797,15 +800,33 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
         )
         wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
         # ... while more connections send a request than may wait for a thread.
-        waiting = [socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + 2)]
+        extra = 6
+        waiting = [
+            socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + extra)
+        ]
         for s in waiting:
             s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # cheroot's selector waited up to 1 s for a place for each of them in turn, accepting
+        # nothing else meanwhile: a probe then waited too.
+        assert requests.get(gw.http_url + "/healthz", timeout=3).status_code == 200
+        refused: list[socket.socket] = []
         with selectors.DefaultSelector() as selector:
             for s in waiting:
                 selector.register(s, selectors.EVENT_READ, s)
             # Answered while the thread is still held: the connections the queue had no room for.
-            refused = [key.data for key, _ in selector.select(timeout=20)]
-        assert refused, "no connection was refused"
+            give_up = time.monotonic() + 30
+            while len(refused) < extra and time.monotonic() < give_up:
+                for key, _ in selector.select(timeout=1):
+                    selector.unregister(key.fileobj)
+                    refused.append(key.data)
+        assert len(refused) == extra
+        # Clients that leave before sending anything, with the queue full: closed, not answered
+        # 503 and counted for nobody.
+        before = request_counts(gw.http_url)
+        for _ in range(5):
+            socket.create_connection(address, timeout=5).close()
+        time.sleep(0.5)
+        assert delta(request_counts(gw.http_url), before)[("http", "-", "", "503")] == 0
         # A client need not read at once: a reset sent after the answer would destroy it by then.
         time.sleep(0.5)
         for s in refused:
@@ -828,6 +849,16 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
         gw.stop()
 
 
+def _answer_to(sock: socket.socket, end: bytes) -> bytes:
+    """Bytes from `sock` until they hold `end`; fails if the connection closes first."""
+    answers = b""
+    while end not in answers:
+        data = sock.recv(65536)
+        assert data, f"closed before {end!r} came: {answers[:300]!r}"
+        answers += data
+    return answers
+
+
 def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
     # cheroot gave a /healthz the next thread of its one pool: while the HTTP threads held slow
     # requests, liveness probes, readiness probes and metric scrapes waited behind them.
@@ -840,6 +871,7 @@ def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
             model=("shape", "tests.models:gated"),
         )
     )
+    address = http_host_port(gw.http_url)
     GATE.clear()
     try:
         with ThreadPoolExecutor(2) as pool, requests.Session() as session:
@@ -847,31 +879,87 @@ def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
             wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
             # A probe thread answers one request: a request pipelined behind the probe, on the
             # same connection, waits for the HTTP threads like any other.
-            pipelined = socket.create_connection(http_host_port(gw.http_url), timeout=10)
+            pipelined = socket.create_connection(address, timeout=10)
             pipelined.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + raw_post("shape", PNG))
-            answers = b""
-            while b'{"status":"ok"}' not in answers:
-                answers += pipelined.recv(65536)
-            pipelined.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                answers += pipelined.recv(65536)
-            # Probes with requests waiting in the HTTP threads' queue too.
+            answers = _answer_to(pipelined, b'{"status":"ok"}')
             queued = pool.submit(post_octet, gw.http_url, "shape", PNG)
+            wait_for(lambda: gw.http.requests.qsize == 2, "two requests wait for the thread")
+            # Probes, on new and kept-alive connections, with requests waiting for the thread.
             for path in ("/healthz", "/readyz", "/metrics", "/healthz?verbose=1"):
                 response = session.get(gw.http_url + path, timeout=5)
                 assert response.status_code == 200, (path, response.text)
+                response = requests.get(gw.http_url + path, timeout=5)
+                assert response.status_code == 200, (path, response.text)
             assert session.get(gw.http_url + "/readyz", timeout=5).json()["status"] == "ready"
+            # Only the probe routes: another GET waits for the thread.
+            with socket.create_connection(address, timeout=0.5) as other:
+                other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+                with pytest.raises(TimeoutError):
+                    other.recv(65536)
+            pipelined.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                pipelined.recv(65536)
             assert not queued.done()
             GATE.set()
             assert held.result().status_code == 200
             assert queued.result().json()["result"]["output"] == [128, 128, 3]
             pipelined.settimeout(10)
-            while answers.count(b"HTTP/1.1 200") < 2 or not answers.endswith(b"\n"):
-                answers += pipelined.recv(65536)
+            answers += _answer_to(pipelined, b'"output":[128,128,3]')
+            assert answers.count(b"HTTP/1.1 200") == 2
             pipelined.close()
         still_serving(gw)
     finally:
         GATE.set()
+        gw.stop()
+
+
+def test_slow_clients_cannot_hold_the_probe_threads() -> None:
+    # A probe thread took any connection starting "GET /healthz ", then read the rest of its
+    # head and body, and wrote its answer, with the 10 s timeouts of any request: two clients
+    # trickling their headers, or never reading their answers, held both probe threads.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            http_threads=1,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    address = http_host_port(gw.http_url)
+    GATE.clear()
+    slow: list[socket.socket] = []
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+            for head in (
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ",  # its head never ends
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",  # no body
+            ):
+                for _ in range(2):
+                    s = socket.create_connection(address, timeout=10)
+                    s.sendall(head)
+                    slow.append(s)
+            for _ in range(2):
+                # A tiny receive window, many answers asked for, none read.
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(address)
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 1500)
+                slow.append(s)
+            time.sleep(0.5)
+            for _ in range(3):
+                assert requests.get(gw.http_url + "/healthz", timeout=5).status_code == 200
+            GATE.set()
+            assert held.result().status_code == 200
+        for s in slow:
+            s.close()
+        still_serving(gw)
+    finally:
+        GATE.set()
+        for s in slow:
+            s.close()
         gw.stop()
 
 

@@ -30,8 +30,8 @@ from gateway.core.access import log_access
 from gateway.core.admission import THREAD_QUEUE
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
+from gateway.rest.dispatch import Dispatcher
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
-from gateway.rest.probe_threads import ProbeThreads, is_probe, request_start
 from gateway.rest.responses import error_headers, error_json
 from gateway.rest.socketfile import Connection, KnownLengthBody, SocketReader, peer_closed
 
@@ -58,9 +58,6 @@ _CHEROOT_ERRORS = {
 }
 # The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
 _TLS_HANDSHAKE = b"\x16"
-# Connections accepted with a request and waiting for a thread: the core's THREAD_QUEUE. Past
-# it, and after ACCEPTED_QUEUE_TIMEOUT seconds, a connection is answered 503 without being read.
-ACCEPTED_QUEUE_TIMEOUT = 1.0
 # Seconds (at most the request timeout) a request line and its headers may take to arrive, from
 # when a thread starts reading them. cheroot's read timeout applies to each read, so a client
 # sending a header byte every few seconds held a thread for ever: ten of them stopped a worker.
@@ -371,30 +368,20 @@ class HttpServer(wsgi.Server):
         self.max_body = max_body
         self.watchdog = Watchdog(request_timeout)
         self.gateway = _gateway_with(self.watchdog)
-        self.probes = ProbeThreads(self)
+        self.dispatcher = Dispatcher(self)
 
     def stop(self) -> None:
         try:
             super().stop()
         finally:
             self.watchdog.stop()
-            self.probes.stop()
+            self.dispatcher.stop()
 
     def process_conn(self, conn: Any) -> None:
-        # A connection with a request to read, handed to the threads' queue, or to the probe
-        # threads when a probe would wait for a thread there (gateway.rest.probe_threads).
+        # A connection with a request to read, on the selector thread (or one handing back a
+        # connection with a pipelined request). Never blocks: gateway.rest.dispatch.
         conn.queued_at = time.monotonic()
-        threads = self.requests
-        if threads.qsize or not threads.idle:
-            start = request_start(conn)
-            if start is None and self.ready:
-                # Accepted, its request not sent yet: the selector hands it back once it is.
-                self._connections.put(conn)  # type: ignore[attr-defined]
-                return
-            if start and is_probe(start):
-                self.probes.put(conn)
-                return
-        super().process_conn(conn)
+        self.dispatcher.dispatch(conn)
 
     def _serve_unservicable(self) -> None:
         # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest.
@@ -439,8 +426,9 @@ def build_http_server(
         # Seconds one socket read or write may block, and an idle keep-alive connection lives.
         timeout=10,
         shutdown_timeout=math.ceil(shutdown_grace),
+        # Connections with a request waiting for a thread; past it, one is answered 503 at once
+        # without being read (gateway.rest.dispatch).
         accepted_queue_size=THREAD_QUEUE,
-        accepted_queue_timeout=ACCEPTED_QUEUE_TIMEOUT,
         reuse_port=reuse_port,
     )
     # cheroot keeps at most 10 idle keep-alive connections and closes the rest after each

@@ -45,11 +45,19 @@ def move_timeout_to_kernel(sock: socket.socket) -> None:
     timeout = sock.gettimeout()
     if not timeout:
         return
-    seconds = int(timeout)
-    timeval = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+    set_send_timeout(sock, timeout)
     sock.settimeout(None)
+
+
+def set_send_timeout(sock: socket.socket, seconds: float) -> None:
+    """The kernel's limit on one send of a blocking socket."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
 
 
 class _SocketIO(socket.SocketIO):
@@ -213,6 +221,8 @@ class Connection(server.HTTPConnection):
 
     # Set while a probe thread answers it: that thread answers one request, no more.
     probe_only = False
+    # Handed back to the selector before its first request came (gateway.rest.dispatch).
+    parked = False
 
     def __init__(self, srv: Any, sock: socket.socket, makefile: Any = make_file) -> None:
         plain = makefile is cheroot_makefile.MakeFile
@@ -221,6 +231,8 @@ class Connection(server.HTTPConnection):
             move_timeout_to_kernel(sock)
 
     def close(self) -> None:
+        if self.parked:  # closed by the selector, idle too long
+            self.server.dispatcher.unpark(self)
         if isinstance(self.rfile, SocketReader):
             self.rfile.drop_unread()
         super().close()

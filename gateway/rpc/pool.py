@@ -157,7 +157,7 @@ def _refusal(event: Any, state: Any, behaviour: Any) -> Callable[[], None]:
 
     def unary_request() -> None:
         error = ErrorCode.OVERLOADED
-        request_id = new_request_id()
+        request_id = _request_id(event)
         with state.condition:
             if state.client is not grpc_server._OPEN or state.statused:
                 return None  # the client has gone meanwhile
@@ -201,9 +201,8 @@ def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> Non
         status = "DEADLINE_EXCEEDED" if late else "CANCELLED"
     else:
         status = "UNIMPLEMENTED"
-    given = dict(event.invocation_metadata or ()).get(REQUEST_ID_KEY)
     log_access(
-        request_id=new_request_id(given if isinstance(given, str) else None),
+        request_id=_request_id(event),
         protocol="grpc",
         method=_method(behaviour),
         model="",
@@ -213,6 +212,12 @@ def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> Non
         bytes_out=0,
         started=time.perf_counter() - (time.monotonic() - arrived()),
     )
+
+
+def _request_id(event: Any) -> str:
+    # The message is not read: only the metadata can name the call's id.
+    given = dict(event.invocation_metadata or ()).get(REQUEST_ID_KEY)
+    return new_request_id(given if isinstance(given, str) else None)
 
 
 def _method(behaviour: Any) -> str:

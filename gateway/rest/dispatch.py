@@ -1,0 +1,165 @@
+"""Which thread answers a connection whose request is due, without ever blocking the selector.
+
+cheroot's selector thread hands every connection with a request to read to one pool of
+`--http-threads` threads. Two things went wrong there while every thread was busy:
+
+- A `/healthz` waited behind slow requests: a 1 s liveness probe failed on a worker that was only
+  busy (Kubernetes would restart it), and Prometheus scrapes of `/metrics` timed out just when
+  the numbers mattered. (gRPC health checks have threads of their own for the same reason.)
+- With the pool's queue full, cheroot's selector waited up to 1 s for a place for each further
+  connection, one after another, accepting and answering nothing else meanwhile: under a burst
+  of 300 slow requests a probe took 35 s, and the 503s went out one a second.
+
+So while the pool has no idle thread or a queue, the dispatcher peeks at a connection's first
+bytes, without reading them. A probe (`GET` of one of PROBE_PATHS whose whole head has arrived,
+with no body) goes to PROBE_THREADS threads of its own, which answer that one request with a
+short send timeout, so that a client cannot hold them. A new connection that has sent nothing
+yet is handed back to the selector until it has (at most PARKED_MAX at a time), and one its
+client has closed is closed (cheroot would have queued it, then answered it 503 for nobody).
+Anything else goes to the pool's queue, or, when that is full, is answered 503 `overloaded` at
+once by cheroot's refusing thread, as gRPC refuses calls past the same number. While the pool
+has an idle thread and no queue, nothing is peeked at: a request costs what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+from typing import Any
+
+from gateway.rest.socketfile import set_send_timeout
+
+log = logging.getLogger(__name__)
+
+PROBE_THREADS = 2
+PROBE_PATHS = (b"/healthz", b"/readyz", b"/metrics")
+# Seconds a probe thread waits for a client to take its answer.
+PROBE_SEND_TIMEOUT = 1.0
+# New connections with nothing sent yet, handed back to the selector at once; past this many,
+# they go to the pool's queue as they did (each counts as an open connection of the server).
+PARKED_MAX = 128
+# A probe's request line and headers fit in this; a longer head is not taken for one.
+_PEEK_BYTES = 4096
+_PREFIXES = tuple(b"GET " + path + end for path in PROBE_PATHS for end in (b" ", b"?"))
+_BODY_HEADERS = (b"transfer-encoding", b"expect")
+_STOP = object()
+
+
+# What request_start answers for a connection it cannot peek at (TLS): no request starts so.
+UNREADABLE = b"\0"
+
+
+def request_start(conn: Any) -> bytes | None:
+    """The first bytes of the request due on `conn`, left unread for whichever thread answers
+    it; None when none have come yet (cheroot hands a connection over as soon as it is
+    accepted), b"" for a connection its client has closed."""
+    reader = conn.rfile
+    has_data = getattr(reader, "has_data", None)
+    try:
+        if has_data is not None and has_data():
+            # A pipelined request already in the reader's buffer: peek returns it unread.
+            return bytes(reader.peek(_PEEK_BYTES)[:_PEEK_BYTES])
+        # The socket is blocking with its timeouts kept by the kernel (socketfile), so
+        # MSG_DONTWAIT is all it takes not to wait; a Python timeout would poll first.
+        start: bytes = conn.socket.recv(_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        return start
+    except BlockingIOError:
+        return None
+    except OSError:  # reset: as good as closed
+        return b""
+    except ValueError:  # a TLS socket takes no flags
+        return UNREADABLE
+
+
+def is_probe(start: bytes) -> bool:
+    """Whether `start` holds a whole probe request: a GET of a probe path, its head complete,
+    without a body. Anything a thread would have to wait for is not one."""
+    if not start.startswith(_PREFIXES):
+        return False
+    head, end, _ = start.partition(b"\r\n\r\n")
+    if not end:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name in _BODY_HEADERS or (name == b"content-length" and value.strip() != b"0"):
+            return False
+    return True
+
+
+class Dispatcher:
+    def __init__(self, server: Any) -> None:
+        self._server = server
+        self._probes: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.parked = 0
+        for i in range(PROBE_THREADS):
+            threading.Thread(
+                target=self._answer_probes, name=f"http-probe-{i}", daemon=True
+            ).start()
+
+    def dispatch(self, conn: Any) -> None:
+        if conn.parked:
+            self.unpark(conn)
+        threads = self._server.requests
+        if threads.qsize or not threads.idle:
+            start = request_start(conn)
+            if start is None and self._park(conn):
+                return
+            if start == b"":
+                conn.close()
+                return
+            if start and is_probe(start):
+                conn.probe_only = True
+                self._probes.put(conn)
+                return
+        try:
+            threads._queue.put_nowait(conn)
+        except queue.Full:
+            self._server._unservicable_conns.put(conn)  # answered 503 overloaded, then closed
+
+    def unpark(self, conn: Any) -> None:
+        with self._lock:
+            if conn.parked:
+                conn.parked = False
+                self.parked -= 1
+
+    def stop(self) -> None:
+        for _ in range(PROBE_THREADS):
+            self._probes.put(_STOP)
+
+    def _park(self, conn: Any) -> bool:
+        if not self._server.ready:
+            return False
+        with self._lock:
+            if self.parked >= PARKED_MAX:
+                return False
+            self.parked += 1
+            conn.parked = True
+        # The selector hands it back once its request arrives, or closes it when idle too long.
+        self._server._connections.put(conn)
+        return True
+
+    def _answer_probes(self) -> None:
+        while (conn := self._probes.get()) is not _STOP:
+            keep = False
+            try:
+                set_send_timeout(conn.socket, PROBE_SEND_TIMEOUT)
+                keep = conn.communicate()
+                set_send_timeout(conn.socket, self._server.timeout)
+            except Exception:
+                # These threads must outlive any one connection, as cheroot's own do.
+                log.exception("answering a probe failed")
+            try:
+                conn.probe_only = False
+                if keep:
+                    # Its next request is dispatched afresh (a pipelined one at once).
+                    self._server.put_conn(conn)
+                else:
+                    conn.close()
+            except Exception:
+                with contextlib.suppress(Exception):
+                    conn.close()
