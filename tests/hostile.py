@@ -132,8 +132,13 @@ def _multipart_cases() -> list[MultipartCase]:
             ErrorCode.MALFORMED_MULTIPART,
         ),
         MultipartCase(
-            "duplicate field names",
-            multipart([file_part("0", png), file_part("0", png)]),
+            "a text field named as a file part",
+            multipart([file_part("0", png), text_part("0", "1")]),
+            ErrorCode.DUPLICATE_PART,
+        ),
+        MultipartCase(
+            "two text fields of one name",
+            multipart([file_part("0", png), text_part("q", "1"), text_part("q", "2")]),
             ErrorCode.DUPLICATE_PART,
         ),
         MultipartCase("only text fields", multipart([text_part("a", "1")]), ErrorCode.NO_IMAGES),
@@ -141,6 +146,11 @@ def _multipart_cases() -> list[MultipartCase]:
         MultipartCase(
             "thousands of tiny parts",
             multipart([file_part(str(i), b"x") for i in range(5000)]),
+            ErrorCode.TOO_MANY_PARTS,
+        ),
+        MultipartCase(
+            "thousands of tiny parts of one name",
+            multipart([file_part("f", b"x") for _ in range(5000)]),
             ErrorCode.TOO_MANY_PARTS,
         ),
         MultipartCase(

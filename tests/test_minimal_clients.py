@@ -68,4 +68,27 @@ def test_multi_fails_whole_request_naming_the_bad_part(http_url: str) -> None:
     error = resp.json()["error"]
     assert error["code"] == "undecodable_image"
     assert error["part"] == "1"
+    assert error["index"] == 1
     assert "'1'" in error["message"]
+
+
+def test_file_parts_of_one_name_are_images_in_the_order_sent(http_url: str) -> None:
+    # What <input type="file" name="images" multiple> and repeated FormData.append send: they
+    # were refused as duplicate_part, so such forms always failed.
+    files = [("images", ("a.png", PNG)), ("images", ("b.jpg", JPEG)), ("images", ("c.png", PNG))]
+    resp = requests.post(f"{http_url}/multi", files=files, timeout=30)
+    assert resp.json() == [[128, 128, 3], [427, 640, 3], [128, 128, 3]]
+    full = requests.post(f"{http_url}/v1/infer", files=files, timeout=30).json()
+    assert [(r["name"], r["output"]) for r in full["results"]] == [
+        ("images", [128, 128, 3]),
+        ("images", [427, 640, 3]),
+        ("images", [128, 128, 3]),
+    ]
+    # Indices given twice keep the order sent too: there is no one numeric order of them.
+    files = [("1", ("a.jpg", JPEG)), ("0", ("b.png", PNG)), ("1", ("c.png", PNG))]
+    resp = requests.post(f"{http_url}/multi", files=files, timeout=30)
+    assert resp.json() == [[427, 640, 3], [128, 128, 3], [128, 128, 3]]
+    # A bad one among them is named by its place.
+    files = [("images", ("a.png", PNG)), ("images", ("junk.bin", b"not an image"))]
+    error = requests.post(f"{http_url}/multi", files=files, timeout=30).json()["error"]
+    assert (error["part"], error["index"]) == ("images", 1)

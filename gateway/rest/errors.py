@@ -23,11 +23,13 @@ _WERKZEUG = {
 
 
 class PartError(GatewayError):
-    """An image's error that fails a whole request (the bare /multi route), naming its part."""
+    """An image's error that fails a whole request (the bare /multi route), naming its part and
+    giving its place among the images (file parts may share a name)."""
 
-    def __init__(self, part: str, error: ErrorCode, message: str) -> None:
-        super().__init__(error, f"part {part!r}: {message}")
+    def __init__(self, part: str, index: int, error: ErrorCode, message: str) -> None:
+        super().__init__(error, f"part {part!r} (image {index}): {message}")
         self.part = part
+        self.index = index
 
 
 def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
@@ -38,7 +40,7 @@ def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
 
 
 def _gateway_error(exc: GatewayError) -> Response:
-    extra = {"part": exc.part} if isinstance(exc, PartError) else {}
+    extra = {"part": exc.part, "index": exc.index} if isinstance(exc, PartError) else {}
     return error_response(exc.error, exc.message, **extra)
 
 

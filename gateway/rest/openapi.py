@@ -41,7 +41,8 @@ _MULTIPART_CONTENT: dict[str, Any] = {
         "schema": {
             "type": "object",
             "description": "One image per file part; text parts are model parameters. "
-            "Parts named 0, 1, 2... are answered in index order, others in the order sent.",
+            "Parts named 0, 1, 2... (each once) are answered in index order, others in the "
+            "order sent; file parts may share a name, text parts may not.",
             "additionalProperties": {"type": "string", "format": "binary"},
         }
     }
@@ -109,6 +110,7 @@ SPEC: dict[str, Any] = {
             },
             "post": {
                 "summary": "One raw image; the bare model output, as a plain Flask server answers",
+                "parameters": [_COLOR_MODE],
                 "requestBody": _IMAGE_BODY,
                 "responses": {
                     "200": _json({}, "The model's output, such as [h, w, c]."),
@@ -119,6 +121,7 @@ SPEC: dict[str, Any] = {
         "/multi": {
             "post": {
                 "summary": "A multipart batch; a list of bare model outputs in part order",
+                "parameters": [_COLOR_MODE],
                 "requestBody": _MULTIPART_BODY,
                 "responses": {
                     "200": _json({"type": "array"}, "One output per file part."),
@@ -238,6 +241,7 @@ SPEC: dict[str, Any] = {
                             "message": {"type": "string"},
                             "request_id": {"type": "string"},
                             "part": {"type": "string"},
+                            "index": {"type": "integer", "minimum": 0},
                         },
                     }
                 },

@@ -103,7 +103,7 @@ def multipart_request(model: str) -> InferRequest:
         raise GatewayError(
             ErrorCode.NO_IMAGES, "the multipart body has no file part; send each image as a file"
         )
-    if all(_INDEX.match(p.name) for p in files):
+    if all(_INDEX.match(p.name) for p in files) and len({p.name for p in files}) == len(files):
         files.sort(key=lambda p: int(p.name))
     images = tuple(ImageInput(p.data, p.name, p.content_type) for p in files)
     return _infer_request(model, images, fields)
@@ -240,7 +240,7 @@ def _read_parts() -> list[Part]:
         ) from None
     max_parts: int = current_app.extensions[SETTINGS_KEY].max_parts
     parts: list[Part] = []
-    names: set[str] = set()
+    names = _PartNames()
     current: MultipartSegment | None = None
     chunks: list[bytes] = []
     size = 0
@@ -251,7 +251,12 @@ def _read_parts() -> list[Part]:
             _check_deadline()
             for event in parser.parse(data):
                 if isinstance(event, MultipartSegment):
-                    _check_new_part(event, names, max_parts)
+                    if len(parts) >= max_parts:
+                        raise GatewayError(
+                            ErrorCode.TOO_MANY_PARTS,
+                            f"the multipart body has more than {max_parts} parts",
+                        )
+                    names.add(event)
                     current, chunks, size = event, [], 0
                 elif event is None:
                     assert current is not None
@@ -280,19 +285,24 @@ def _read_parts() -> list[Part]:
     return parts
 
 
-def _check_new_part(segment: MultipartSegment, names: set[str], max_parts: int) -> None:
-    if len(names) >= max_parts:
-        raise GatewayError(
-            ErrorCode.TOO_MANY_PARTS,
-            f"the multipart body has more than {max_parts} parts",
-        )
-    name = segment.name or ""
-    if name in names:
-        # Two parts of one name make the result names, and index order, ambiguous.
-        raise GatewayError(
-            ErrorCode.DUPLICATE_PART, f"the multipart body has two parts named {name!r}"
-        )
-    names.add(name)
+class _PartNames:
+    """Field names seen so far. File parts may share one (`<input type="file" multiple>` and
+    repeated FormData.append send every file under one name); a text part may not share its name
+    with any other part, as the model would get one of two values."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self.texts: set[str] = set()
+
+    def add(self, segment: MultipartSegment) -> None:
+        name = segment.name or ""
+        is_text = segment.filename is None
+        if name in self.texts or (is_text and name in self.files):
+            raise GatewayError(
+                ErrorCode.DUPLICATE_PART,
+                f"the multipart body has two parts named {name!r}, one of them a text field",
+            )
+        (self.texts if is_text else self.files).add(name)
 
 
 def _part(segment: MultipartSegment, chunks: list[bytes]) -> Part:

@@ -110,7 +110,7 @@ def infer_bare(model: str) -> Response:
 @minimal.post("/multi", defaults={"model": ""})
 def infer_multi_bare(model: str) -> Response:
     response = dataplane().infer(http_requests.multipart_request(model))
-    for result in response.results:
+    for index, result in enumerate(response.results):
         if result.error is not None:
-            raise PartError(result.name, result.error.error, result.error.message)
+            raise PartError(result.name, index, result.error.error, result.error.message)
     return jsonify([result.output for result in response.results])
