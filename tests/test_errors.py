@@ -544,3 +544,21 @@ def test_an_unusable_request_id_field_leaves_the_metadata_id_and_ids_stay_short(
     )
     ids = [r.request_id for r in replies]
     assert [len(i) for i in ids] == [128, 128] and ids[0].endswith("-0") and ids[1].endswith("-1")
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br", "gzip, identity"])
+def test_a_body_with_a_content_coding_is_415(http_url: str, coding: str) -> None:
+    # The header was not read: a gzipped JPEG was refused as the format "gzip", and a plain one
+    # labelled gzip was decoded as if the label were not there.
+    import gzip
+
+    for body in (JPEG, gzip.compress(JPEG)):
+        resp = post_octet(http_url, "shape", body, headers={"Content-Encoding": coding})
+        assert resp.status_code == 415
+        assert resp.json()["error"]["code"] == "unsupported_media_type"
+        assert "Content-Encoding" in resp.json()["error"]["message"]
+        assert resp.headers["Accept-Encoding"] == "identity"
+    resp = post_multipart(http_url, "shape", [JPEG], headers={"Content-Encoding": coding})
+    assert resp.status_code == 415
+    identity = post_octet(http_url, "shape", JPEG, headers={"Content-Encoding": "identity"})
+    assert identity.json()["result"]["output"] == [427, 640, 3]

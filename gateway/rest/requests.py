@@ -56,6 +56,7 @@ def is_multipart() -> bool:
 def single_image_request(model: str) -> InferRequest:
     """The body as one image."""
     _check_waited()
+    _check_content_coding()
     mimetype = request.mimetype
     if mimetype == "multipart/form-data":
         raise GatewayError(
@@ -89,6 +90,7 @@ def single_image_request(model: str) -> InferRequest:
 def multipart_request(model: str) -> InferRequest:
     """Every file part as one image, in index order when all names are indices."""
     _check_waited()
+    _check_content_coding()
     if request.mimetype != "multipart/form-data":
         raise GatewayError(
             ErrorCode.UNSUPPORTED_MEDIA_TYPE,
@@ -160,6 +162,18 @@ def _check_waited() -> None:
         raise GatewayError(
             ErrorCode.DEADLINE_EXCEEDED,
             "the request waited for a server thread past its deadline (--request-timeout)",
+        )
+
+
+def _check_content_coding() -> None:
+    # A gzip body was decoded as what its bytes are (unsupported_format "gzip"), and a plain one
+    # labelled gzip as an image: the label was not read at all. RFC 9110 15.5.16: 415.
+    coding = request.headers.get("Content-Encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        raise GatewayError(
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Encoding {coding[:64]!r}: this gateway takes bodies without a content "
+            "coding (images are compressed already)",
         )
 
 

@@ -56,6 +56,9 @@ def error_headers(http_status: int) -> dict[str, str]:
     if http_status == 503:
         # Overload and shutdown are both short-lived here: a retry soon may well succeed.
         return {"Retry-After": "1"}
+    if http_status == 415:
+        # The one content coding a request body may have (RFC 9110 15.5.16, 12.5.3).
+        return {"Accept-Encoding": "identity"}
     if http_status == 408:
         # The rest of the request may never come: the connection ends with this answer (RFC
         # 9110 15.5.9), rather than the server waiting to read it out.
