@@ -562,3 +562,38 @@ def test_a_body_with_a_content_coding_is_415(http_url: str, coding: str) -> None
     assert resp.status_code == 415
     identity = post_octet(http_url, "shape", JPEG, headers={"Content-Encoding": "identity"})
     assert identity.json()["result"]["output"] == [427, 640, 3]
+
+
+def test_parameters_are_utf8_text_or_refused(http_url: str) -> None:
+    # Werkzeug put an escape that did not decode back as it came: ?x=%FF and ?x=%25FF both
+    # reached the model as "%FF"; a text field's bad byte became U+FFFD.
+    from tests.hostile import file_part, multipart, text_part
+    from tests.models import SPY
+    from tests.test_hostile import post_multipart_body
+
+    for query, sent in [("x=%25FF", "%FF"), ("x=%C3%A9&y=a+b&z", "é"), ("x=%E2%82%AC", "€")]:
+        SPY.calls.clear()
+        resp = requests.post(
+            f"{http_url}/v1/models/spy/infer?{query}",
+            data=PNG,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=10,
+        )
+        assert resp.status_code == 200
+        assert SPY.calls[-1]["params"]["x"] == sent
+        if "y=" in query:
+            assert (SPY.calls[-1]["params"]["y"], SPY.calls[-1]["params"]["z"]) == ("a b", "")
+    for query in ("x=%FF", "%FF=1", "x=%C3"):
+        resp = requests.post(
+            f"{http_url}/v1/models/spy/infer?{query}",
+            data=PNG,
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=10,
+        )
+        assert resp.status_code == 400
+        assert resp.json()["error"]["code"] == "invalid_request"
+        assert "UTF-8" in resp.json()["error"]["message"]
+    body = multipart([file_part("0", PNG), text_part("x", "\xe9")])
+    resp = post_multipart_body(http_url, body.replace(b"\xc3\xa9", b"\xe9"), "/v1/models/spy/infer")
+    assert resp.status_code == 400
+    assert "text field 'x' is not UTF-8" in resp.json()["error"]["message"]

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import unquote_to_bytes
 
 from flask import current_app, g, request
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
@@ -100,7 +101,7 @@ def multipart_request(model: str) -> InferRequest:
     parts = _read_parts()
     files = [p for p in parts if p.filename is not None]
     # Two text parts of one name are duplicate_part already (_read_parts).
-    fields = {p.name: p.data.decode("utf-8", "replace") for p in parts if p.filename is None}
+    fields = {p.name: _text(p.data, f"text field {p.name!r}") for p in parts if p.filename is None}
     if not files:
         raise GatewayError(
             ErrorCode.NO_IMAGES, "the multipart body has no file part; send each image as a file"
@@ -117,7 +118,7 @@ def _infer_request(
     # Query parameters and text fields are one set, color_mode among them (the decode mode,
     # not the model's).
     params: dict[str, Any] = {}
-    for key, value in [*request.args.items(multi=True), *form_fields.items()]:
+    for key, value in [*_query_parameters(), *form_fields.items()]:
         _add_parameter(params, key, value)
     color_mode = params.pop("color_mode", "color")
     try:
@@ -138,6 +139,29 @@ def _infer_request(
         client_gone=request.environ.get(CLIENT_GONE_KEY),
         received=g.received,
     )
+
+
+def _query_parameters() -> list[tuple[str, str]]:
+    """The query's name=value pairs, strictly UTF-8. Werkzeug's parser puts an escape that does
+    not decode back as it came, so `?x=%FF` and `?x=%25FF` both reached the model as "%FF"."""
+    pairs = []
+    for item in request.query_string.split(b"&"):
+        if item:
+            name, _, value = item.partition(b"=")
+            pairs.append(
+                (
+                    _text(unquote_to_bytes(name.replace(b"+", b" ")), "a query parameter name"),
+                    _text(unquote_to_bytes(value.replace(b"+", b" ")), "a query parameter"),
+                )
+            )
+    return pairs
+
+
+def _text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GatewayError(ErrorCode.INVALID_REQUEST, f"{what} is not UTF-8 text") from None
 
 
 def _add_parameter(params: dict[str, Any], key: str, value: str) -> None:
