@@ -92,6 +92,16 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             expose_headers=[REQUEST_ID_HEADER],
             max_age=600,
         )
+
+        @app.after_request
+        def vary_by_origin(response: Response) -> Response:
+            # Whether the CORS headers are sent depends on the request's Origin; flask-cors says
+            # so (Vary: Origin) only when several origins are allowed, so a shared cache could
+            # hand one origin's answer to another.
+            if "*" not in settings.cors_origin:
+                response.vary.add("Origin")
+            return response
+
     app.url_map.converters["model_name"] = routes.ModelName
     app.register_blueprint(routes.probes)
     app.register_blueprint(routes.v1)
