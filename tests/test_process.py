@@ -625,6 +625,17 @@ def test_cli_output_it_cannot_write_is_an_error_of_its_own(served: Served) -> No
     assert done.stderr.startswith("image-gateway-client: ") and "Traceback" not in done.stderr
 
 
+def test_python_dash_m_clients_is_the_cli(served: Served) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "clients", "--url", served.http_url, "limits"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads(cli("--url", served.http_url, "limits").stdout)
+
+
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_cli_interrupted_exits_130_without_a_traceback(scheme: str) -> None:
     # Ctrl-C while waiting for a gateway that never answers: a traceback and exit 1 before.
