@@ -113,6 +113,7 @@ def start(
         settings.shutdown_grace,
         settings.max_request_bytes,
         reuse_port,
+        lambda: dataplane.admission.draining,
     )
     grpc_server.start()
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)

@@ -29,6 +29,8 @@ STOP_CHECK_INTERVAL = 0.1
 # the queue below, which a request joins only once it has a thread. Past it the answer is
 # `overloaded` at once, from the HTTP server or the gRPC server.
 THREAD_QUEUE = 256
+# Why a request that waited for a thread past its deadline is answered deadline_exceeded.
+WAITED_TOO_LONG = "the request waited for a server thread past its deadline (--request-timeout)"
 
 
 class Admission:

@@ -23,6 +23,7 @@ from werkzeug.exceptions import ClientDisconnected
 
 from gateway import allocator, metrics
 from gateway.core import formats
+from gateway.core.admission import WAITED_TOO_LONG
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import check_image_bytes
 from gateway.core.types import ColorMode, ImageInput, InferRequest
@@ -183,10 +184,7 @@ def _check_waited() -> None:
     # Past the deadline before its body is read: the request waited for a thread (its body
     # may have come long ago), which is the server's delay, not a body that stopped arriving.
     if time.monotonic() > g.deadline:
-        raise GatewayError(
-            ErrorCode.DEADLINE_EXCEEDED,
-            "the request waited for a server thread past its deadline (--request-timeout)",
-        )
+        raise GatewayError(ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG)
 
 
 def _check_content_coding() -> None:

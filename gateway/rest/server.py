@@ -20,6 +20,7 @@ import math
 import socket
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -27,7 +28,7 @@ from cheroot import errors, server, wsgi
 from flask import Flask
 
 from gateway.core.access import log_access
-from gateway.core.admission import THREAD_QUEUE
+from gateway.core.admission import THREAD_QUEUE, WAITED_TOO_LONG
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.dispatch import Dispatcher
@@ -71,12 +72,14 @@ QUEUED_KEY = "image_gateway.queued_at"
 
 
 class Watchdog:
-    def __init__(self, limit: float) -> None:
+    def __init__(self, limit: float, tick: Callable[[], None] = lambda: None) -> None:
         # The core answers 504 at `limit`; the cut comes a little later, for requests stuck in
         # a read that only closing the socket can end.
         self.limit = limit + min(5.0, limit / 2)
         self.head_limit = min(HEAD_SECONDS, limit)
         self.interval = min(0.5, limit / 4)
+        # Something else to do every interval (the server's sweep of waiting requests).
+        self._tick = tick
         self._lock = threading.Lock()
         self._active: dict[int, tuple[float, Any]] = {}
         self._stop = threading.Event()
@@ -108,6 +111,10 @@ class Watchdog:
                 if req.reading_head or _still_uploading(req):
                     with contextlib.suppress(OSError):  # the client may have closed it already
                         _cut(req.conn)
+            try:
+                self._tick()
+            except Exception:  # the watchdog must outlive anything it is given to do
+                log.exception("the HTTP watchdog's sweep failed")
 
 
 def _cut(conn: Any) -> None:
@@ -290,11 +297,11 @@ class GatewayRequest(server.HTTPRequest):
                 reader.body_left = True
         super().send_headers()
 
-    def simple_response(self, status: Any, msg: Any = "") -> None:
+    def simple_response(self, status: Any, msg: Any = "", error: ErrorCode | None = None) -> None:
         started = time.perf_counter()
-        cheroot_status = int(str(status)[:3])
-        # Any status cheroot may add later is still answered with a code and status of the table.
-        error = _CHEROOT_ERRORS.get(cheroot_status, ErrorCode.INVALID_REQUEST)
+        if error is None:
+            # Any status cheroot may add later is answered with a code and status of the table.
+            error = _CHEROOT_ERRORS.get(int(str(status)[:3]), ErrorCode.INVALID_REQUEST)
         sent = error.http_status
         message = msg.decode("latin-1") if isinstance(msg, bytes) else str(msg)
         if error is ErrorCode.REQUEST_TIMEOUT and self.head_cut:
@@ -310,7 +317,7 @@ class GatewayRequest(server.HTTPRequest):
             message = "a Transfer-Encoding other than chunked; this server reads only chunked"
         elif error is ErrorCode.UNSUPPORTED_HTTP_VERSION:
             message = "an HTTP version this server does not speak; it serves HTTP/1.0 and 1.1"
-        elif error is ErrorCode.OVERLOADED:
+        elif error is ErrorCode.OVERLOADED and not message:
             message = (
                 f"every HTTP thread of this worker is busy and {THREAD_QUEUE} connections "
                 "wait for one; retry later"
@@ -361,12 +368,21 @@ class HttpServer(wsgi.Server):
 
     ConnectionClass = HttpConnection
 
-    def __init__(self, *args: Any, request_timeout: float, max_body: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        request_timeout: float,
+        max_body: int,
+        draining: Callable[[], bool] = lambda: False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         # The largest body the app takes; an unread one up to this is read out (see
         # GatewayRequest.send_headers).
         self.max_body = max_body
-        self.watchdog = Watchdog(request_timeout)
+        self.request_timeout = request_timeout
+        self._draining = draining
+        self.watchdog = Watchdog(request_timeout, self._sweep_waiting)
         self.gateway = _gateway_with(self.watchdog)
         self.dispatcher = Dispatcher(self)
 
@@ -383,15 +399,43 @@ class HttpServer(wsgi.Server):
         conn.queued_at = time.monotonic()
         self.dispatcher.dispatch(conn)
 
+    def _sweep_waiting(self) -> None:
+        """Answer at once the requests waiting for a thread that will not be served: those past
+        their deadline (`deadline_exceeded`), and while draining all (`shutting_down`). They
+        waited for a thread to say so, after the deadline or past the shutdown grace."""
+        draining = self._draining()
+        expired = time.monotonic() - self.request_timeout
+        waiting = self.requests._queue
+        with waiting.mutex:
+            out = [
+                conn
+                for conn in waiting.queue
+                if getattr(conn, "queued_at", None) is not None
+                and (draining or conn.queued_at < expired)
+            ]
+            for conn in out:
+                waiting.queue.remove(conn)
+            if out:
+                waiting.not_full.notify(len(out))
+        for conn in out:
+            if draining:
+                refusal = (ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
+            else:
+                refusal = (ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG)
+            self._unservicable_conns.put((conn, *refusal))  # type: ignore[attr-defined]
+
     def _serve_unservicable(self) -> None:
-        # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest.
+        # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest:
+        # cheroot's refusals (503 overloaded), and the sweep's, which name their error.
         # (Its type stubs leave out the private names.)
         while self.ready:
-            conn = self._unservicable_conns.get()  # type: ignore[attr-defined]
-            if conn is server._STOPPING_FOR_INTERRUPT:  # type: ignore[attr-defined]
+            item = self._unservicable_conns.get()  # type: ignore[attr-defined]
+            if item is server._STOPPING_FOR_INTERRUPT:  # type: ignore[attr-defined]
                 return
+            conn, error, message = item if isinstance(item, tuple) else (item, None, "")
             try:
-                GatewayRequest(self, conn).simple_response("503 Service Unavailable")
+                status = f"{error.http_status}" if error else "503 Service Unavailable"
+                GatewayRequest(self, conn).simple_response(status, message, error)
             except OSError:
                 pass  # the answer is a courtesy; the client may be gone
             except Exception:
@@ -399,7 +443,10 @@ class HttpServer(wsgi.Server):
                 log.exception("answering a refused connection failed")
             # cheroot sets `linger` here, leaving the socket to the garbage collector: closed
             # later with the request unread in it, it sends a reset, which destroyed the answer
-            # before the test's client read it. Closed now, it ends with a FIN after the answer.
+            # before the test's client read it. Closed now, with what has come of the request
+            # dropped first, it ends with a FIN after the answer.
+            if isinstance(conn.rfile, SocketReader):
+                conn.rfile.body_left = True
             with contextlib.suppress(OSError):
                 conn.close()
 
@@ -413,6 +460,7 @@ def build_http_server(
     shutdown_grace: float,
     max_body: int,
     reuse_port: bool = False,
+    draining: Callable[[], bool] = lambda: False,
 ) -> tuple[HttpServer, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
     server = HttpServer(
@@ -420,6 +468,7 @@ def build_http_server(
         app,
         request_timeout=request_timeout,
         max_body=max_body,
+        draining=draining,
         numthreads=threads,
         server_name="image-gateway",
         request_queue_size=128,

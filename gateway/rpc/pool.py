@@ -27,6 +27,7 @@ state; tests/test_faults.py checks it against the installed grpcio.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -41,7 +42,7 @@ from grpc import _server as grpc_server
 from grpc_health.v1 import health
 
 from gateway.core.access import log_access
-from gateway.core.admission import THREAD_QUEUE
+from gateway.core.admission import THREAD_QUEUE, WAITED_TOO_LONG
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode
 from gateway.rpc.arrival import arrived, run_arrived
@@ -63,7 +64,12 @@ class WatchedPool(ThreadPoolExecutor):
     """The pool of unary calls (`unary_threads`), with those of streams and health checks."""
 
     def __init__(
-        self, unary_threads: int, stream_slots: int, limit: float, thread_name_prefix: str = ""
+        self,
+        unary_threads: int,
+        stream_slots: int,
+        limit: float,
+        thread_name_prefix: str = "",
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         super().__init__(max_workers=unary_threads, thread_name_prefix=thread_name_prefix)
         self._streams = ThreadPoolExecutor(
@@ -73,6 +79,12 @@ class WatchedPool(ThreadPoolExecutor):
             PROBE_THREADS, thread_name_prefix=f"{thread_name_prefix}-health"
         )
         self.limit = limit
+        self.draining = draining
+        # Unary calls waiting for a thread, oldest first: key -> (arrival, what to run).
+        self._queued: dict[
+            int, tuple[float, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+        ] = {}
+        self._keys = itertools.count()
         # id(call state) -> (when it gives up, the call's event, its state, its handler's name)
         self._waiting: dict[int, tuple[float, Any, Any, str]] = {}
         self._stopped = threading.Event()
@@ -89,7 +101,7 @@ class WatchedPool(ThreadPoolExecutor):
             # The handler, not the method's name: grpcio leaves call_details.method empty
             # for registered methods.
             probe = isinstance(getattr(args[3], "__self__", None), health.HealthServicer)
-            if not probe and self._work_queue.qsize() >= THREAD_QUEUE:
+            if not probe and len(self._queued) >= THREAD_QUEUE:
                 # Refused on a probe thread: it only sends the status, reading nothing.
                 refuse = _refusal(args[1], args[2], args[3])
                 return self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
@@ -97,10 +109,38 @@ class WatchedPool(ThreadPoolExecutor):
             args = (*args[:4], watched, *args[5:])
             if probe:
                 return self._probes.submit(fn, *args, **kwargs)
-            return super().submit(run_arrived, time.monotonic(), fn, *args, **kwargs)
+            key, at = next(self._keys), time.monotonic()
+            self._queued[key] = (at, fn, args, kwargs)
+            return super().submit(self._run_queued, key, at, fn, *args, **kwargs)
         if len(args) > 1:  # a call whose requests stream
             return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)
+
+    def _run_queued(
+        self, key: int, at: float, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Any:
+        # Whoever takes the call from the queue answers it: this thread, or the sweep.
+        if self._queued.pop(key, None) is None:
+            return None
+        return run_arrived(at, fn, *args, **kwargs)
+
+    def _sweep_queued(self) -> None:
+        """Answer at once the unary calls waiting for a thread that will not be served: those
+        past `--request-timeout` from arrival (`deadline_exceeded`), and while draining all
+        (`shutting_down`). They waited for a thread to be told so, as long as it took."""
+        draining = self.draining()
+        expired = time.monotonic() - self.limit
+        for key, (at, fn, args, kwargs) in list(self._queued.items()):
+            if not draining and at >= expired:
+                break  # the rest came later
+            if self._queued.pop(key, None) is None:
+                continue  # a thread took it meanwhile
+            if draining:
+                error, message = ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry"
+            else:
+                error, message = ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG
+            refuse = _refusal(args[1], args[2], args[3], error, message, at)
+            self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._stopped.set()
@@ -145,34 +185,47 @@ class WatchedPool(ThreadPoolExecutor):
 def _watch(pool_ref: weakref.ReferenceType[WatchedPool]) -> None:
     while (pool := pool_ref()) is not None and not pool._stopped.is_set():
         pool._ended_waits()
+        try:
+            pool._sweep_queued()
+        except Exception:  # a grpcio whose internals moved: leave the calls to their threads
+            log.exception("could not answer gRPC calls waiting for a thread")
         stopped = pool._stopped
         del pool
         stopped.wait(WATCH_INTERVAL)
 
 
-def _refusal(event: Any, state: Any, behaviour: Any) -> Callable[[], None]:
-    """A request reader that answers the call `overloaded` instead, and reads nothing: grpcio
-    then runs no handler. Counted and logged like any other answer."""
-    started = time.perf_counter()
+_BUSY = (
+    f"every gRPC thread of this worker is busy and {THREAD_QUEUE} calls wait for one; retry later"
+)
+
+
+def _refusal(
+    event: Any,
+    state: Any,
+    behaviour: Any,
+    error: ErrorCode = ErrorCode.OVERLOADED,
+    message: str = _BUSY,
+    arrived_at: float | None = None,
+) -> Callable[[], None]:
+    """A request reader that answers the call `error` instead, and reads nothing: grpcio then
+    runs no handler. Counted and logged like any other answer."""
+    started = time.perf_counter() - (0.0 if arrived_at is None else time.monotonic() - arrived_at)
 
     def unary_request() -> None:
-        error = ErrorCode.OVERLOADED
         request_id = _request_id(event)
         with state.condition:
-            if state.client is not grpc_server._OPEN or state.statused:
-                return None  # the client has gone meanwhile
-            state.trailing_metadata = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
-            grpc_server._abort(
-                state,
-                event.call,
-                _status(error),
-                (
-                    f"every gRPC thread of this worker is busy and {THREAD_QUEUE} calls wait for "
-                    "one; retry later"
-                ).encode(),
-            )
-            state.client = grpc_server._CANCELLED
-            state.condition.notify_all()
+            gone = state.client is not grpc_server._OPEN or state.statused
+            if not gone:
+                state.trailing_metadata = (
+                    (ERROR_CODE_KEY, error.code),
+                    (REQUEST_ID_KEY, request_id),
+                )
+                grpc_server._abort(state, event.call, _status(error), message.encode())
+                state.client = grpc_server._CANCELLED
+                state.condition.notify_all()
+        if gone:  # its deadline passed or its client cancelled it meanwhile
+            _record_unserved(event, state, behaviour, ended=False)
+            return None
         log_access(
             request_id=request_id,
             protocol="grpc",

@@ -85,6 +85,7 @@ def build_grpc_server(
             settings.max_streams,
             settings.request_timeout,
             thread_name_prefix="grpc-worker",
+            draining=lambda: dataplane.admission.draining,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
