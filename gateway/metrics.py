@@ -49,6 +49,12 @@ IN_FLIGHT = Gauge(
     "Requests inside the core (queued, decoding or in the model).",
     multiprocess_mode="livesum",
 )
+WAITING_FOR_THREAD = Gauge(
+    "gateway_waiting_for_thread_requests",
+    "Requests waiting for a thread of their protocol, before the core (sampled twice a second).",
+    ["protocol"],
+    multiprocess_mode="livesum",
+)
 DECODE_SECONDS = Histogram("gateway_decode_seconds", "Time to decode one image.", buckets=_LATENCY)
 IMAGE_BYTES = Histogram(
     "gateway_image_bytes",

@@ -259,6 +259,10 @@ def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
             for i in range(THREAD_QUEUE + 3)
         ]
         wait_for(lambda: sum(f.done() for f in calls) == 3, "the calls past the queue end")
+        wait_for(
+            lambda: waiting_for_thread(gw.http_url, "grpc") == THREAD_QUEUE,
+            "the metrics show the calls waiting",
+        )
         for future in calls:
             if future.done():
                 error = future.exception()
@@ -904,6 +908,18 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
         gw.stop()
 
 
+def waiting_for_thread(http_url: str, protocol: str) -> float:
+    text = requests.get(f"{http_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (sample.name, sample.labels.get("protocol")) == (
+                "gateway_waiting_for_thread_requests",
+                protocol,
+            ):
+                return float(sample.value)
+    return -1.0
+
+
 def _answer_to(sock: socket.socket, end: bytes) -> bytes:
     """Bytes from `sock` until they hold `end`; fails if the connection closes first."""
     answers = b""
@@ -946,6 +962,10 @@ def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
                 response = requests.get(gw.http_url + path, timeout=5)
                 assert response.status_code == 200, (path, response.text)
             assert session.get(gw.http_url + "/readyz", timeout=5).json()["status"] == "ready"
+            wait_for(
+                lambda: waiting_for_thread(gw.http_url, "http") == 2,
+                "the metrics show the two requests waiting",
+            )
             # Only the probe routes: another GET waits for the thread.
             with socket.create_connection(address, timeout=0.5) as other:
                 other.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -27,6 +27,7 @@ from typing import Any
 from cheroot import errors, server, wsgi
 from flask import Flask
 
+from gateway import metrics
 from gateway.core.access import log_access
 from gateway.core.admission import THREAD_QUEUE, WAITED_TOO_LONG
 from gateway.core.dataplane import new_request_id
@@ -417,6 +418,7 @@ class HttpServer(wsgi.Server):
                 waiting.queue.remove(conn)
             if out:
                 waiting.not_full.notify(len(out))
+        metrics.WAITING_FOR_THREAD.labels("http").set(self.requests.qsize)
         for conn in out:
             if draining:
                 refusal = (ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")

@@ -41,6 +41,7 @@ from grpc import _common as grpc_common  # private: see the module's docstring
 from grpc import _server as grpc_server
 from grpc_health.v1 import health
 
+from gateway import metrics
 from gateway.core.access import log_access
 from gateway.core.admission import THREAD_QUEUE, WAITED_TOO_LONG
 from gateway.core.dataplane import new_request_id
@@ -141,6 +142,7 @@ class WatchedPool(ThreadPoolExecutor):
                 error, message = ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG
             refuse = _refusal(args[1], args[2], args[3], error, message, at)
             self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
+        metrics.WAITING_FOR_THREAD.labels("grpc").set(len(self._queued))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._stopped.set()
