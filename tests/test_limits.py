@@ -136,6 +136,47 @@ def test_a_raw_body_over_the_image_cap_is_refused_before_it_is_read(capped: Gate
     assert b'"image_too_large"' in answer and b"100000 bytes" in answer
 
 
+@pytest.mark.parametrize("case", ["image over its cap", "too many parts", "chunked, unknown model"])
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_answer(
+    capped: Gateway, case: str
+) -> None:
+    # What Python's http.client does: the whole body, then the answer. The gateway answered from
+    # what it had read and closed with the rest unread: the reset that sent made the client's
+    # sendall fail with a broken pipe, or its kernel drop the answer.
+    from tests.hostile import BOUNDARY, file_part, multipart
+
+    host, port = capped.http_url.removeprefix("http://").split(":")
+    if case == "image over its cap":
+        body = b"\xff\xd8\xff" + b"\0" * 900_000
+        head = "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        expected = b'"image_too_large"'
+    elif case == "too many parts":
+        body = multipart([file_part(str(i), b"\0" * 100_000) for i in range(9)])
+        head = "POST /v1/infer HTTP/1.1\r\nHost: x\r\n"
+        head += f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        expected = b'"too_many_parts"'
+    else:
+        data = b"\0" * 900_000
+        body = f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n"
+        head = "POST /v1/models/nope/infer HTTP/1.1\r\nHost: x\r\n"
+        head += "Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+        expected = b'"model_not_found"'
+    for _ in range(3):
+        with socket.socket() as sock:
+            # A small send buffer, as over a real network: the body cannot all be on its way
+            # before the gateway answers.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+            sock.settimeout(10)
+            sock.connect((host, int(port)))
+            sock.sendall(head.encode() + body)
+            answer = b""
+            while chunk := sock.recv(1 << 16):
+                answer += chunk
+        assert expected in answer, answer[:300]
+
+
 TIGHT = Settings(
     http_port=0,
     grpc_port=0,

@@ -449,6 +449,8 @@ class HttpServer(wsgi.Server):
             # dropped first, it ends with a FIN after the answer.
             if isinstance(conn.rfile, SocketReader):
                 conn.rfile.body_left = True
+                # One thread answers every refusal: it cannot wait on any one client.
+                conn.linger_close = 0.0
             with contextlib.suppress(OSError):
                 conn.close()
 

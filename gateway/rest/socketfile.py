@@ -27,6 +27,7 @@ import io
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,8 +37,8 @@ from cheroot import server
 # How long a worker thread waits on a keep-alive connection it has just answered for that
 # client's next request, before handing the connection back to the selector thread.
 LINGER_MS = 2
-# At most 4 MiB dropped before a cut connection closes, against a client that keeps sending.
-_MAX_DROPPED_READS = 64
+# Seconds a connection closing with its request's body unread goes on reading and dropping it.
+LINGER_CLOSE_SECONDS = 1.0
 
 
 def move_timeout_to_kernel(sock: socket.socket) -> None:
@@ -110,16 +111,29 @@ class SocketReader(io.BufferedReader):
     def was_cut(self) -> bool:
         return self._socket_io.cut
 
-    def drop_unread(self) -> None:
-        """When a body is left unread (`body_left`), drop what of it has arrived before the
-        connection closes: a socket closed with bytes unread sends a reset, and the client's
-        kernel then discards the answer it has not read yet. What arrives later still can."""
+    def drop_unread(self, linger: float = LINGER_CLOSE_SECONDS) -> None:
+        """When a body is left unread (`body_left`), read and drop the rest of it once the
+        answer is sent, before the connection closes (a lingering close, as nginx does): a
+        socket closed with bytes unread sends a reset, and the client's kernel then discards the
+        answer it has not read yet. A client that sends its whole body before it reads (Python's
+        http.client) got a broken pipe instead of a 413. For at most `linger` seconds; with 0,
+        only what has already come."""
         if not self.body_left:
             return
-        with contextlib.suppress(OSError):  # EAGAIN: nothing more queued
-            for _ in range(_MAX_DROPPED_READS):
-                if not self._socket.recv(1 << 16, socket.MSG_DONTWAIT):
-                    return
+        sock = self._socket
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)  # the answer is whole: the client may stop sending
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            ends = time.monotonic() + linger
+            while True:
+                try:
+                    if not sock.recv(1 << 16, socket.MSG_DONTWAIT):
+                        return  # the client has ended it
+                except BlockingIOError:
+                    left = ends - time.monotonic()
+                    if left <= 0 or not poller.poll(left * 1000):
+                        return
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
@@ -223,6 +237,8 @@ class Connection(server.HTTPConnection):
     probe_only = False
     # Handed back to the selector before its first request came (gateway.rest.dispatch).
     parked = False
+    # Seconds a close goes on reading a body left unread (SocketReader.drop_unread).
+    linger_close = LINGER_CLOSE_SECONDS
 
     def __init__(self, srv: Any, sock: socket.socket, makefile: Any = make_file) -> None:
         plain = makefile is cheroot_makefile.MakeFile
@@ -234,7 +250,7 @@ class Connection(server.HTTPConnection):
         if self.parked:  # closed by the selector, idle too long
             self.server.dispatcher.unpark(self)
         if isinstance(self.rfile, SocketReader):
-            self.rfile.drop_unread()
+            self.rfile.drop_unread(self.linger_close)
         super().close()
 
     def communicate(self) -> bool:
