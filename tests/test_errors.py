@@ -597,3 +597,39 @@ def test_parameters_are_utf8_text_or_refused(http_url: str) -> None:
     resp = post_multipart_body(http_url, body.replace(b"\xc3\xa9", b"\xe9"), "/v1/models/spy/infer")
     assert resp.status_code == 400
     assert "text field 'x' is not UTF-8" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["//v1/infer", "/v1//models/shape//infer", "http://x/v1/infer", "HTTP://x:1/v1/infer?y=1"],
+)
+def test_request_targets_a_server_must_take(http_url: str, target: str) -> None:
+    # cheroot refused an absolute-form target (RFC 9112 3.2.2: a server must accept it) and one
+    # starting "//" (a base URL ending in "/" joined to a path) as "Absolute URI not allowed";
+    # Werkzeug answered "//" inside a path with an HTML redirect.
+    connection = http.client.HTTPConnection(*http_host_port(http_url), timeout=10)
+    try:
+        connection.request("POST", target, PNG, {"Content-Type": "image/png"})
+        answer = connection.getresponse()
+        assert answer.status == 200
+        assert json.loads(answer.read())["result"]["output"] == [128, 128, 3]
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/shape/infer/", "/v1/models/shape%2Finfer", "/v1/models/nope/infer/"],
+)
+def test_paths_that_cannot_hold_a_model_name_are_not_found(http_url: str, path: str) -> None:
+    # They were taken for a model name of the GET route, and a POST answered 405 offering GET,
+    # which then said there was no such model.
+    connection = http.client.HTTPConnection(*http_host_port(http_url), timeout=10)
+    try:
+        connection.request("POST", path, PNG, {"Content-Type": "image/png"})
+        answer = connection.getresponse()
+        body = json.loads(answer.read())
+        assert (answer.status, body["error"]["code"]) == (404, "not_found")
+        assert answer.getheader("Allow") is None
+    finally:
+        connection.close()

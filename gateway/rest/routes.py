@@ -23,14 +23,25 @@ minimal = Blueprint("minimal", __name__)
 DATAPLANE_KEY = "image_gateway.dataplane"
 
 
+# One segment of a model name in a path: not empty, without "/" or "%2F". ("." and ".." are
+# no model's name, but a client sends them as %2E: they are answered model_not_found, as over
+# gRPC.)
+_SEGMENT = r"(?:(?!%2[Ff])[^/])+"
+
+
 class ModelName(PathConverter):
     """A model name in a route: slashes included ("org/model"), sent as they are or as %2F,
     which cheroot leaves encoded in the path it hands over (to keep "a%2Fb" apart from "a/b";
     model names cannot hold a "%2F" of their own, gateway.models.base)."""
 
-    # Never ending in "/infer": that is the infer route's path (no name ends so,
-    # gateway.models.base), where GET must be 405 and OPTIONS must not offer GET.
-    regex = r"[^/].*?(?<!/infer)"
+    # Only what a name can be (gateway.models.base): segments between "/" (or "%2F"), none
+    # empty, and never ending in "/infer", the infer route's path, where GET must
+    # be 405 and OPTIONS must not offer GET. Anything else is no route (404): "shape/infer/"
+    # was taken for a name, and a POST there answered 405 offering GET.
+    regex = (
+        rf"{_SEGMENT}(?:(?:/|%2[Ff]){_SEGMENT})*"
+        r"(?<!/infer)(?<!%2[Ff]infer)"
+    )
 
     def to_python(self, value: str) -> str:
         return value.replace("%2F", "/").replace("%2f", "/")

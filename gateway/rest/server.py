@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -228,15 +229,31 @@ class GatewayRequest(server.HTTPRequest):
             self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
 
     def read_request_line(self) -> bool:
-        # A TLS client (an https:// URL for this plain HTTP port) opens with a handshake record
-        # and then waits for the server's: no line end ever comes, and cheroot waited for one
-        # until the read timeout (10 s) before answering a 408 the client could not read.
-        # Closing at once lets the client fail at once, with its own TLS error.
         reader = self.conn.rfile
-        if isinstance(reader, SocketReader) and reader.peek(1)[:1] == _TLS_HANDSHAKE:
-            self.close_connection = True
-            return False
+        if isinstance(reader, SocketReader):
+            buffered = reader.peek(1)
+            # A TLS client (an https:// URL for this plain HTTP port) opens with a handshake
+            # record and then waits for the server's: no line end ever comes, and cheroot
+            # waited for one until the read timeout (10 s) before answering a 408 the client
+            # could not read. Closing at once lets the client fail at once, with its own error.
+            if buffered[:1] == _TLS_HANDSHAKE:
+                self.close_connection = True
+                return False
+            if b"//" in buffered[: buffered.find(b"\n")]:
+                return self._read_request_line_in_origin_form()
         return bool(super().read_request_line())  # type: ignore[no-untyped-call]
+
+    def _read_request_line_in_origin_form(self) -> bool:
+        """cheroot refused a request-target in absolute form (`http://host/path`), which RFC
+        9112 3.2.2 says a server must accept, and one starting `//` (`//v1/infer`, from a base
+        URL ending in "/" joined to a path), which it took for a host name. The target is made
+        a plain path, runs of slashes in it merged into one, as nginx does."""
+        rest = self.rfile
+        self.rfile = _FirstLine(origin_form(rest.readline()), rest)
+        try:
+            return bool(super().read_request_line())  # type: ignore[no-untyped-call]
+        finally:
+            self.rfile = rest
 
     def read_request_headers(self) -> bool:
         # cheroot's stubs leave it unannotated; it returns whether to go on with the request.
@@ -357,6 +374,39 @@ class GatewayRequest(server.HTTPRequest):
                 bytes_out=len(body),
                 started=started,
             )
+
+
+class _FirstLine:
+    """A reader that gives `line` to the first readline, then reads from `rest`."""
+
+    def __init__(self, line: bytes, rest: Any) -> None:
+        self._line: bytes | None = line
+        self._rest = rest
+
+    def readline(self, size: int = -1) -> bytes:
+        line, self._line = self._line, None
+        return self._rest.readline(size) if line is None else line
+
+
+_ABSOLUTE_FORM = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
+_SLASHES = re.compile(rb"//+")
+
+
+def origin_form(line: bytes) -> bytes:
+    """A request line with its target as a path: the scheme and host of an absolute-form
+    target dropped, runs of slashes in the path merged. Anything that is not
+    METHOD SP target SP version is left for cheroot to refuse."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        return line
+    method, target, version = parts
+    if absolute := _ABSOLUTE_FORM.match(target):
+        target = target[absolute.end() :]
+    path, question, query = target.partition(b"?")
+    path = _SLASHES.sub(b"/", path)
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return b" ".join((method, path + question + query, version))
 
 
 class HttpConnection(Connection):
