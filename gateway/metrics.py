@@ -38,6 +38,11 @@ REQUESTS = Counter(
     "Requests answered, by protocol, method or route, model and status code.",
     ["protocol", "method", "model", "code"],
 )
+REQUEST_ERRORS = Counter(
+    "gateway_request_errors_total",
+    "Requests that failed, by protocol and the error table's code.",
+    ["protocol", "code"],
+)
 REQUEST_SECONDS = Histogram(
     "gateway_request_duration_seconds",
     "Time from arrival to answer.",

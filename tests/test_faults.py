@@ -36,7 +36,7 @@ from gateway.rest.socketfile import (
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
-from tests.test_metrics import delta, request_counts
+from tests.test_metrics import delta, request_counts, request_errors
 from tests.test_process import launch
 from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
@@ -399,6 +399,7 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
         )
     )
     GATE.clear()
+    errors_before = request_errors(gw.http_url)
     channel = grpc.insecure_channel(gw.grpc_target)
     try:
         stub = pb_grpc.ImageGatewayServiceStub(channel)
@@ -424,6 +425,9 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
             assert grpc_code(info.value) == (status, expected[0])
             # Answered while the threads were still held.
             assert not held_http.done() and not held_grpc.done()
+            # Counted by their code, which the status (503, UNAVAILABLE) alone does not tell.
+            errors = request_errors(gw.http_url) - errors_before
+            assert errors == {("http", expected[0]): 1, ("grpc", expected[0]): 1}
             GATE.set()
             held_http.result()
             with contextlib.suppress(grpc.RpcError):  # past its deadline by now, or served

@@ -195,6 +195,16 @@ def image_errors(http_url: str) -> Counter[str]:
     return counts
 
 
+def request_errors(http_url: str) -> Counter[tuple[str, str]]:
+    text = requests.get(f"{http_url}/metrics", timeout=10).text
+    counts: Counter[tuple[str, str]] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_request_errors_total":
+                counts[sample.labels["protocol"], sample.labels["code"]] += int(sample.value)
+    return counts
+
+
 def test_requests_refused_before_their_route_runs_keep_their_model_label() -> None:
     gw = start(Settings(http_port=0, grpc_port=0, max_request_bytes=50_000, max_image_bytes=20_000))
     try:

@@ -149,7 +149,7 @@ def test_one_access_record_per_request_on_both_protocols(
     )
     assert http_ok["method"] == "POST /v1/models/<model>/infer"
     assert http_ok["bytes_in"] == len(PNG) and http_ok["bytes_out"] > 0
-    assert http_bad["status"] == "422"
+    assert (http_bad["status"], http_bad["error"]) == ("422", "undecodable_image")
     grpc_ok, grpc_bad = records["log-grpc-1"], records["log-grpc-2"]
     assert (grpc_ok["protocol"], grpc_ok["method"], grpc_ok["status"], grpc_ok["images"]) == (
         "grpc",
@@ -157,9 +157,12 @@ def test_one_access_record_per_request_on_both_protocols(
         "OK",
         2,
     )
-    assert grpc_bad["status"] == "INVALID_ARGUMENT"
+    # The table's code tells what the status alone does not.
+    assert (grpc_bad["status"], grpc_bad["error"]) == ("INVALID_ARGUMENT", "undecodable_image")
+    assert http_ok["error"] == grpc_ok["error"] == ""
     for record in (http_ok, grpc_ok):
         assert set(record) == {
+            "error",
             "ts",
             "request_id",
             "protocol",

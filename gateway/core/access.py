@@ -30,11 +30,16 @@ def log_access(
     bytes_in: int,
     bytes_out: int,
     started: float,
+    error: str = "",
 ) -> None:
     """Count the request in the metrics and write its access record. `started` is the
-    request's time.perf_counter() at arrival; `status` the HTTP status or the gRPC status name."""
+    request's time.perf_counter() at arrival; `status` the HTTP status or the gRPC status name;
+    `error` the error table's code of a request that failed ("" otherwise): statuses alone do
+    not tell `overloaded` from `shutting_down`."""
     elapsed = time.perf_counter() - started
     metrics.inc(metrics.REQUESTS, (protocol, method, model, status))
+    if error:
+        metrics.inc(metrics.REQUEST_ERRORS, (protocol, error))
     metrics.observe(metrics.REQUEST_SECONDS, elapsed, (protocol, method))
     if not log.isEnabledFor(logging.INFO):
         return
@@ -46,6 +51,7 @@ def log_access(
         "model": model,
         "images": images,
         "status": status,
+        "error": error,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "duration_ms": round(elapsed * 1000, 3),

@@ -79,6 +79,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
                 bytes_in=getattr(request.environ.get("wsgi.input"), "bytes_read", 0),
                 bytes_out=response.calculate_content_length() or 0,
                 started=g.started,
+                error=g.get("error", ""),
             )
         return response
 

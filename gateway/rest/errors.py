@@ -33,6 +33,7 @@ class PartError(GatewayError):
 
 
 def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
+    g.error = error.code  # for the access record and the error count
     response = jsonify(error_json(error.code, message, str(g.get("request_id", "")), **extra))
     response.status_code = error.http_status
     response.headers.update(error_headers(error.http_status))

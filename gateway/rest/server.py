@@ -373,6 +373,7 @@ class GatewayRequest(server.HTTPRequest):
                 bytes_in=0,
                 bytes_out=len(body),
                 started=started,
+                error=error.code,
             )
 
 

@@ -238,6 +238,7 @@ def _refusal(
             bytes_in=0,
             bytes_out=0,
             started=started,
+            error=error.code,
         )
         return None
 
@@ -249,13 +250,14 @@ def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> Non
     message, past its client's deadline or cancelled by its client while it waited for a thread
     or its message, or closed by its client without a message (grpcio answers UNIMPLEMENTED)."""
     if ended:
-        status = ErrorCode.REQUEST_TIMEOUT.grpc_status
+        status, error = ErrorCode.REQUEST_TIMEOUT.grpc_status, ErrorCode.REQUEST_TIMEOUT.code
     elif state.client is grpc_server._CANCELLED:
         deadline = getattr(event.call_details, "deadline", None)
         late = deadline is not None and time.time() >= deadline
-        status = "DEADLINE_EXCEEDED" if late else "CANCELLED"
+        gone = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.CANCELLED
+        status, error = gone.grpc_status, gone.code
     else:
-        status = "UNIMPLEMENTED"
+        status, error = "UNIMPLEMENTED", ""  # grpcio's own answer, not one of the table
     log_access(
         request_id=_request_id(event),
         protocol="grpc",
@@ -266,6 +268,7 @@ def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> Non
         bytes_in=0,
         bytes_out=0,
         started=time.perf_counter() - (time.monotonic() - arrived()),
+        error=error,
     )
 
 

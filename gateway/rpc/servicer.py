@@ -89,16 +89,16 @@ def unary(
         # From arrival: the wait for a thread is part of the call (gateway.rpc.arrival).
         started = time.perf_counter() - (time.monotonic() - arrived())
         request_id = _request_id(context, request)
-        status, response = "OK", None
+        status, error, response = "OK", "", None
         try:
             if isinstance(request, Malformed):
                 raise request.error()
             response = method(self, request, context, request_id)
         except GatewayError as exc:
-            status = exc.error.grpc_status
+            status, error = exc.error.grpc_status, exc.error.code
             _abort(context, exc.error, exc.message, request_id)
         except Exception:
-            status = "INTERNAL"
+            status, error = "INTERNAL", ErrorCode.INTERNAL.code
             log.exception("unhandled error, request id %s", request_id)
             _abort(
                 context,
@@ -107,7 +107,7 @@ def unary(
                 request_id,
             )
         finally:
-            self._log_call(method.__name__, request, response, status, request_id, started)
+            self._log_call(method.__name__, request, response, status, request_id, started, error)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return response
 
@@ -142,6 +142,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         status: str,
         request_id: str,
         started: float,
+        error: str = "",
     ) -> None:
         if request is None:
             images, bytes_in, message = 0, 0, None
@@ -164,6 +165,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             bytes_in=bytes_in,
             bytes_out=response.ByteSize() if isinstance(response, Message) else 0,
             started=started,
+            error=error,
         )
 
     @unary
@@ -214,8 +216,16 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         InferStream, reflection), or refuse the stream at once with `overloaded`."""
         if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
-            refused = ErrorCode.OVERLOADED.grpc_status
-            self._log_call(method, None, None, refused, stream_id, time.perf_counter())
+            refused = ErrorCode.OVERLOADED
+            self._log_call(
+                method,
+                None,
+                None,
+                refused.grpc_status,
+                stream_id,
+                time.perf_counter(),
+                refused.code,
+            )
             _abort(
                 context,
                 ErrorCode.OVERLOADED,
@@ -260,7 +270,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             reply = convert.stream_response(response)
             (result,) = response.results
             status = result.error.error.grpc_status if result.error is not None else "OK"
-            self._log_call("InferStream", request, reply, status, request_id, started)
+            error = result.error.code if result.error is not None else ""
+            self._log_call("InferStream", request, reply, status, request_id, started, error)
             yield reply
 
     @unary
