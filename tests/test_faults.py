@@ -440,6 +440,77 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
         gw.stop()
 
 
+def test_clients_that_left_while_waiting_for_a_thread_give_their_places_up() -> None:
+    # Their requests kept their places in the 256 until a thread or the deadline came: live
+    # clients behind them were refused overloaded, and the leavers were answered and counted.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            http_threads=1,
+            grpc_threads=1,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+        )
+    )
+    GATE.clear()
+    address = http_host_port(gw.http_url)
+    channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(4)]
+    try:
+        stubs = [pb_grpc.ImageGatewayServiceStub(ch) for ch in channels]
+        with ThreadPoolExecutor(1) as pool:
+            held_http = pool.submit(post_octet, gw.http_url, "gated", PNG)
+            held_grpc = stubs[0].Infer.future(
+                pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=60
+            )
+            wait_for(lambda: gw.dataplane.admission.active == 2, "the gated requests hold both")
+            before = request_errors(gw.http_url)
+            leavers = []
+            for _ in range(THREAD_QUEUE):
+                s = socket.create_connection(address, timeout=10)
+                s.sendall(raw_post("shape", PNG))
+                leavers.append(s)
+            plain = pb.InferRequest(image=pb.Image(data=PNG))
+            calls = [stubs[i % 4].Infer.future(plain, timeout=1) for i in range(THREAD_QUEUE)]
+            wait_for(
+                lambda: waiting_for_thread(gw.http_url, "http") == THREAD_QUEUE,
+                "the HTTP leavers wait",
+            )
+            for s in leavers:
+                s.close()
+            for call in calls:
+                with pytest.raises(grpc.RpcError):
+                    call.result()  # past the client's own deadline
+            for protocol in ("http", "grpc"):
+                wait_for(
+                    lambda protocol=protocol: waiting_for_thread(gw.http_url, protocol) == 0,
+                    f"the {protocol} places are given up",
+                )
+            # Counted as clients that left, not answered overloaded or deadline_exceeded.
+            errors = request_errors(gw.http_url) - before
+            assert errors[("http", "cancelled")] == THREAD_QUEUE
+            assert errors[("grpc", "deadline_exceeded")] == THREAD_QUEUE
+            assert not {code for _, code in errors} - {"cancelled", "deadline_exceeded"}
+            # Live clients get the places.
+            live_http = pool.submit(post_octet, gw.http_url, "shape", PNG)
+            live_grpc = stubs[1].Infer.future(plain, timeout=60)
+            wait_for(
+                lambda: waiting_for_thread(gw.http_url, "grpc") == 1,
+                "the live call waits for a thread",
+            )
+            GATE.set()
+            assert live_http.result().json()["result"]["output"] == [128, 128, 3]
+            assert grpc_result(live_grpc.result().result)["output"] == [128, 128, 3]
+            held_http.result()
+            held_grpc.result()
+        still_serving(gw)
+    finally:
+        GATE.set()
+        for ch in channels:
+            ch.close()
+        gw.stop()
+
+
 def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_computed() -> None:
     # Its time counted from when a thread took it up, so the first check of its client came too
     # late: a small image reached the model for nobody, and a retry storm did the work twice.

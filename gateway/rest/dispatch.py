@@ -14,7 +14,8 @@ So while the pool has no idle thread or a queue, the dispatcher peeks at a conne
 bytes, without reading them. A probe (`GET` of one of PROBE_PATHS whose whole head has arrived,
 with no body) goes to PROBE_THREADS threads of its own, which answer that one request with a
 short send timeout, so that a client cannot hold them. A new connection that has sent nothing
-yet is handed back to the selector until it has (at most PARKED_MAX at a time), and one its
+yet is handed back to the selector until it has (at most PARKED_MAX at a time; past that it is
+refused), and one its
 client has closed is closed (cheroot would have queued it, then answered it 503 for nobody).
 Anything else goes to the pool's queue, or, when that is full, is answered 503 `overloaded` at
 once by cheroot's refusing thread, as gRPC refuses calls past the same number. While the pool
@@ -38,9 +39,11 @@ PROBE_THREADS = 2
 PROBE_PATHS = (b"/healthz", b"/readyz", b"/metrics")
 # Seconds a probe thread waits for a client to take its answer.
 PROBE_SEND_TIMEOUT = 1.0
-# New connections with nothing sent yet, handed back to the selector at once; past this many,
-# they go to the pool's queue as they did (each counts as an open connection of the server).
-PARKED_MAX = 128
+# New connections with nothing sent yet, handed back to the selector at once (which closes
+# those idle for its timeout, 10 s). Past this many, a new one that has sent nothing is refused
+# 503 `overloaded`: it went to the pool's queue, where it held a thread while it sent nothing,
+# and 130 idle connections made probes on new connections wait 5 s and more.
+PARKED_MAX = 1024
 # A probe's request line and headers fit in this; a longer head is not taken for one.
 _PEEK_BYTES = 4096
 _PREFIXES = tuple(b"GET " + path + end for path in PROBE_PATHS for end in (b" ", b"?"))
@@ -107,7 +110,10 @@ class Dispatcher:
         threads = self._server.requests
         if threads.qsize or not threads.idle:
             start = request_start(conn)
-            if start is None and self._park(conn):
+            if start is None and self._server.ready:
+                if not self._park(conn):
+                    # PARKED_MAX connections that send nothing: a flood of them, not clients.
+                    self._server._unservicable_conns.put(conn)  # 503 overloaded, not read
                 return
             if start == b"":
                 conn.close()
@@ -132,8 +138,6 @@ class Dispatcher:
             self._probes.put(_STOP)
 
     def _park(self, conn: Any) -> bool:
-        if not self._server.ready:
-            return False
         with self._lock:
             if self.parked >= PARKED_MAX:
                 return False

@@ -316,7 +316,7 @@ class GatewayRequest(server.HTTPRequest):
         super().send_headers()
 
     def simple_response(self, status: Any, msg: Any = "", error: ErrorCode | None = None) -> None:
-        started = time.perf_counter()
+        started = _arrival(self.conn)
         if error is None:
             # Any status cheroot may add later is answered with a code and status of the table.
             error = _CHEROOT_ERRORS.get(int(str(status)[:3]), ErrorCode.INVALID_REQUEST)
@@ -459,23 +459,28 @@ class HttpServer(wsgi.Server):
         expired = time.monotonic() - self.request_timeout
         waiting = self.requests._queue
         with waiting.mutex:
-            out = [
-                conn
-                for conn in waiting.queue
-                if getattr(conn, "queued_at", None) is not None
-                and (draining or conn.queued_at < expired)
-            ]
-            for conn in out:
-                waiting.queue.remove(conn)
-            if out:
-                waiting.not_full.notify(len(out))
+            queued = [c for c in waiting.queue if getattr(c, "queued_at", None) is not None]
+        # Outside the lock: a poll each. A client gone gives its place up now, not when a
+        # thread or its deadline comes (hundreds that had left took every place from live ones).
+        out = []
+        for conn in queued:
+            if peer_closed(conn.socket):
+                out.append((conn, ErrorCode.CANCELLED, ""))
+            elif draining:
+                out.append((conn, ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry"))
+            elif conn.queued_at < expired:
+                out.append((conn, ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG))
+        with waiting.mutex:
+            taken = []
+            for item in out:
+                with contextlib.suppress(ValueError):  # a thread took it meanwhile
+                    waiting.queue.remove(item[0])
+                    taken.append(item)
+            if taken:
+                waiting.not_full.notify(len(taken))
         metrics.WAITING_FOR_THREAD.labels("http").set(self.requests.qsize)
-        for conn in out:
-            if draining:
-                refusal = (ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
-            else:
-                refusal = (ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG)
-            self._unservicable_conns.put((conn, *refusal))  # type: ignore[attr-defined]
+        for item in taken:
+            self._unservicable_conns.put(item)  # type: ignore[attr-defined]
 
     def _serve_unservicable(self) -> None:
         # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest:
@@ -487,8 +492,13 @@ class HttpServer(wsgi.Server):
                 return
             conn, error, message = item if isinstance(item, tuple) else (item, None, "")
             try:
-                status = f"{error.http_status}" if error else "503 Service Unavailable"
-                GatewayRequest(self, conn).simple_response(status, message, error)
+                if error is ErrorCode.CANCELLED or peer_closed(conn.socket):
+                    # Nobody to answer: counted as a client that left (499), as when a thread
+                    # finds one gone.
+                    _record_gone(conn)
+                else:
+                    status = f"{error.http_status}" if error else "503 Service Unavailable"
+                    GatewayRequest(self, conn).simple_response(status, message, error)
             except OSError:
                 pass  # the answer is a courtesy; the client may be gone
             except Exception:
@@ -504,6 +514,29 @@ class HttpServer(wsgi.Server):
                 conn.linger_close = 0.0
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+def _record_gone(conn: Any) -> None:
+    log_access(
+        request_id=new_request_id(),
+        protocol="http",
+        method="-",
+        model="",
+        images=0,
+        status=str(ErrorCode.CANCELLED.http_status),
+        bytes_in=0,
+        bytes_out=0,
+        started=_arrival(conn),
+        error=ErrorCode.CANCELLED.code,
+    )
+
+
+def _arrival(conn: Any) -> float:
+    """The perf_counter time a connection's request came, if the server stamped it (a request
+    answered without a thread: its recorded duration is its wait), else now."""
+    queued = getattr(conn, "queued_at", None)
+    now = time.perf_counter()
+    return now if queued is None else now - (time.monotonic() - queued)
 
 
 def build_http_server(

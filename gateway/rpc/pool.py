@@ -132,10 +132,16 @@ class WatchedPool(ThreadPoolExecutor):
         draining = self.draining()
         expired = time.monotonic() - self.limit
         for key, (at, fn, args, kwargs) in list(self._queued.items()):
-            if not draining and at >= expired:
-                break  # the rest came later
+            # Ended by its client (a cancel, its deadline): its place is given up now, not when
+            # a thread or the server's deadline comes (hundreds of them took every place).
+            gone = args[2].client is grpc_server._CANCELLED
+            if not (gone or draining or at < expired):
+                continue
             if self._queued.pop(key, None) is None:
                 continue  # a thread took it meanwhile
+            if gone:
+                _record_unserved(args[1], args[2], args[3], ended=False, arrived_at=at)
+                continue
             if draining:
                 error, message = ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry"
             else:
@@ -226,7 +232,7 @@ def _refusal(
                 state.client = grpc_server._CANCELLED
                 state.condition.notify_all()
         if gone:  # its deadline passed or its client cancelled it meanwhile
-            _record_unserved(event, state, behaviour, ended=False)
+            _record_unserved(event, state, behaviour, ended=False, arrived_at=arrived_at)
             return None
         log_access(
             request_id=request_id,
@@ -245,7 +251,9 @@ def _refusal(
     return unary_request
 
 
-def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> None:
+def _record_unserved(
+    event: Any, state: Any, behaviour: Any, ended: bool, arrived_at: float | None = None
+) -> None:
     """Count and log a call that ended before its handler could run: ended here for want of its
     message, past its client's deadline or cancelled by its client while it waited for a thread
     or its message, or closed by its client without a message (grpcio answers UNIMPLEMENTED)."""
@@ -267,7 +275,7 @@ def _record_unserved(event: Any, state: Any, behaviour: Any, ended: bool) -> Non
         status=status,
         bytes_in=0,
         bytes_out=0,
-        started=time.perf_counter() - (time.monotonic() - arrived()),
+        started=time.perf_counter() - (time.monotonic() - (arrived_at or arrived())),
         error=error,
     )
 
