@@ -104,6 +104,9 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             return response
 
     app.url_map.converters["model_name"] = routes.ModelName
+    # The server merges runs of slashes itself (gateway.rest.server.origin_form); Werkzeug's
+    # own merging answered with a redirect in HTML.
+    app.url_map.merge_slashes = False
     app.register_blueprint(routes.probes)
     app.register_blueprint(routes.v1)
     app.register_blueprint(routes.minimal)

@@ -25,6 +25,7 @@ has an idle thread and no queue, nothing is peeked at: a request costs what it d
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import socket
@@ -37,8 +38,11 @@ log = logging.getLogger(__name__)
 
 PROBE_THREADS = 2
 PROBE_PATHS = (b"/healthz", b"/readyz", b"/metrics")
-# Seconds a probe thread waits for a client to take its answer.
-PROBE_SEND_TIMEOUT = 1.0
+# Seconds a probe thread waits for a client to take any of its answer, and for all of it (the
+# watchdog ends the connection then, within its interval): a client that reads slowly, or
+# pipelines many /metrics and reads none, does not hold a probe thread.
+PROBE_SEND_TIMEOUT = 0.2
+PROBE_ANSWER_SECONDS = 1.0
 # New connections with nothing sent yet, handed back to the selector at once (which closes
 # those idle for its timeout, 10 s). Past this many, a new one that has sent nothing is refused
 # 503 `overloaded`: it went to the pool's queue, where it held a thread while it sent nothing,
@@ -75,6 +79,11 @@ def request_start(conn: Any) -> bytes | None:
         return b""
     except ValueError:  # a TLS socket takes no flags
         return UNREADABLE
+
+
+def _end(sock: socket.socket) -> None:
+    # Both ways: a send waiting on a full window fails at once.
+    sock.shutdown(socket.SHUT_RDWR)
 
 
 def is_probe(start: bytes) -> bool:
@@ -150,6 +159,8 @@ class Dispatcher:
     def _answer_probes(self) -> None:
         while (conn := self._probes.get()) is not _STOP:
             keep = False
+            watchdog = self._server.watchdog
+            key = watchdog.watch(functools.partial(_end, conn.socket), PROBE_ANSWER_SECONDS)
             try:
                 set_send_timeout(conn.socket, PROBE_SEND_TIMEOUT)
                 keep = conn.communicate()
@@ -157,6 +168,8 @@ class Dispatcher:
             except Exception:
                 # These threads must outlive any one connection, as cheroot's own do.
                 log.exception("answering a probe failed")
+            finally:
+                watchdog.release(key)
             try:
                 conn.probe_only = False
                 if keep:

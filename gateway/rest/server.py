@@ -36,7 +36,13 @@ from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.dispatch import Dispatcher
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
 from gateway.rest.responses import error_headers, error_json
-from gateway.rest.socketfile import Connection, KnownLengthBody, SocketReader, peer_closed
+from gateway.rest.socketfile import (
+    Connection,
+    KnownLengthBody,
+    SocketReader,
+    peer_closed,
+    set_send_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +72,8 @@ _TLS_HANDSHAKE = b"\x16"
 # sending a header byte every few seconds held a thread for ever: ten of them stopped a worker.
 # Real clients send the whole head at once.
 HEAD_SECONDS = 10.0
+# Seconds the refusal thread waits for a client to take a refusal's few hundred bytes.
+REFUSAL_SEND_TIMEOUT = 0.2
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
 # The monotonic time cheroot queued the request's connection for a thread: the wait for one is
@@ -89,6 +97,9 @@ class Watchdog:
         self._thread.start()
 
     def watch(self, req: Any, limit: float | None = None) -> int:
+        """Cut the request's head or body off if it is still arriving after `limit` seconds
+        (the request timeout and its margin by default); `req` may instead be a callable,
+        called then."""
         key = id(req)
         with self._lock:
             self._active[key] = (time.monotonic() + (limit or self.limit), req)
@@ -108,6 +119,10 @@ class Watchdog:
                 expired = [k for k, (deadline, _) in self._active.items() if deadline < now]
                 reqs = [self._active.pop(k)[1] for k in expired]
             for req in reqs:
+                if callable(req):
+                    with contextlib.suppress(OSError):
+                        req()
+                    continue
                 if req.reading_head:
                     req.head_cut = True
                 if req.reading_head or _still_uploading(req):
@@ -231,7 +246,7 @@ class GatewayRequest(server.HTTPRequest):
     def read_request_line(self) -> bool:
         reader = self.conn.rfile
         if isinstance(reader, SocketReader):
-            buffered = reader.peek(1)
+            buffered = bytes(reader.peek(1))
             # A TLS client (an https:// URL for this plain HTTP port) opens with a handshake
             # record and then waits for the server's: no line end ever comes, and cheroot
             # waited for one until the read timeout (10 s) before answering a 408 the client
@@ -239,7 +254,11 @@ class GatewayRequest(server.HTTPRequest):
             if buffered[:1] == _TLS_HANDSHAKE:
                 self.close_connection = True
                 return False
-            if b"//" in buffered[: buffered.find(b"\n")]:
+            # The first line, past the one empty line cheroot skips; all of what has come if
+            # the line is not whole yet.
+            start = 2 if buffered.startswith(b"\r\n") else 0
+            end = buffered.find(b"\n", start)
+            if b"//" in buffered[start : end if end >= 0 else None]:
                 return self._read_request_line_in_origin_form()
         return bool(super().read_request_line())  # type: ignore[no-untyped-call]
 
@@ -249,7 +268,10 @@ class GatewayRequest(server.HTTPRequest):
         URL ending in "/" joined to a path), which it took for a host name. The target is made
         a plain path, runs of slashes in it merged into one, as nginx does."""
         rest = self.rfile
-        self.rfile = _FirstLine(origin_form(rest.readline()), rest)
+        lines = [rest.readline()]
+        if lines[0] == b"\r\n":
+            lines.append(rest.readline())
+        self.rfile = _FirstLines([*lines[:-1], origin_form(lines[-1])], rest)
         try:
             return bool(super().read_request_line())  # type: ignore[no-untyped-call]
         finally:
@@ -377,16 +399,15 @@ class GatewayRequest(server.HTTPRequest):
             )
 
 
-class _FirstLine:
-    """A reader that gives `line` to the first readline, then reads from `rest`."""
+class _FirstLines:
+    """A reader that gives `lines` to the first readlines, then reads from `rest`."""
 
-    def __init__(self, line: bytes, rest: Any) -> None:
-        self._line: bytes | None = line
+    def __init__(self, lines: list[bytes], rest: Any) -> None:
+        self._lines = lines
         self._rest = rest
 
     def readline(self, size: int = -1) -> bytes:
-        line, self._line = self._line, None
-        return self._rest.readline(size) if line is None else line
+        return self._lines.pop(0) if self._lines else self._rest.readline(size)
 
 
 _ABSOLUTE_FORM = re.compile(rb"https?://[^/?#]*", re.IGNORECASE)
@@ -403,10 +424,10 @@ def origin_form(line: bytes) -> bytes:
     method, target, version = parts
     if absolute := _ABSOLUTE_FORM.match(target):
         target = target[absolute.end() :]
+        if not target.startswith(b"/"):
+            target = b"/" + target
     path, question, query = target.partition(b"?")
     path = _SLASHES.sub(b"/", path)
-    if not path.startswith(b"/"):
-        path = b"/" + path
     return b" ".join((method, path + question + query, version))
 
 
@@ -444,6 +465,17 @@ class HttpServer(wsgi.Server):
         finally:
             self.watchdog.stop()
             self.dispatcher.stop()
+            # Refusals put after the refusal thread's stop signal (a sweep that began as the
+            # server stopped): closed, not left open.
+            leftover = self._unservicable_conns  # type: ignore[attr-defined]
+            while not leftover.empty():
+                item = leftover.get_nowait()
+                if item is server._STOPPING_FOR_INTERRUPT:  # type: ignore[attr-defined]
+                    leftover.put(item)  # the refusal thread's, still to come to it
+                    break
+                conn = item[0] if isinstance(item, tuple) else item
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     def process_conn(self, conn: Any) -> None:
         # A connection with a request to read, on the selector thread (or one handing back a
@@ -455,6 +487,10 @@ class HttpServer(wsgi.Server):
         """Answer at once the requests waiting for a thread that will not be served: those past
         their deadline (`deadline_exceeded`), and while draining all (`shutting_down`). They
         waited for a thread to say so, after the deadline or past the shutdown grace."""
+        if not self.ready:
+            # Stopping: the threads take what waits ahead of cheroot's stop signals, as before;
+            # the refusal thread is ending and would leave these unanswered.
+            return
         draining = self._draining()
         expired = time.monotonic() - self.request_timeout
         waiting = self.requests._queue
@@ -486,12 +522,15 @@ class HttpServer(wsgi.Server):
         # cheroot's own loop, answering with GatewayRequest instead of its plain HTTPRequest:
         # cheroot's refusals (503 overloaded), and the sweep's, which name their error.
         # (Its type stubs leave out the private names.)
-        while self.ready:
+        while True:  # to cheroot's stop signal, so that nothing put before it is left
             item = self._unservicable_conns.get()  # type: ignore[attr-defined]
             if item is server._STOPPING_FOR_INTERRUPT:  # type: ignore[attr-defined]
                 return
             conn, error, message = item if isinstance(item, tuple) else (item, None, "")
             try:
+                # The answer is a courtesy, and this thread answers every refusal: a client
+                # that does not read does not hold it.
+                set_send_timeout(conn.socket, REFUSAL_SEND_TIMEOUT)
                 if error is ErrorCode.CANCELLED or peer_closed(conn.socket):
                     # Nobody to answer: counted as a client that left (499), as when a thread
                     # finds one gone.

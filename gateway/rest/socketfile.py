@@ -37,8 +37,10 @@ from cheroot import server
 # How long a worker thread waits on a keep-alive connection it has just answered for that
 # client's next request, before handing the connection back to the selector thread.
 LINGER_MS = 2
-# Seconds a connection closing with its request's body unread goes on reading and dropping it.
+# Seconds a connection closing with its request's body unread goes on reading and dropping it,
+# and at most 64 MiB (the default body limit) of it.
 LINGER_CLOSE_SECONDS = 1.0
+_MAX_DROPPED_READS = 1024
 
 
 def move_timeout_to_kernel(sock: socket.socket) -> None:
@@ -126,13 +128,17 @@ class SocketReader(io.BufferedReader):
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             ends = time.monotonic() + linger
-            while True:
+            # Also a bound for a client that sends faster than it can be read.
+            for _ in range(_MAX_DROPPED_READS):
                 try:
                     if not sock.recv(1 << 16, socket.MSG_DONTWAIT):
                         return  # the client has ended it
                 except BlockingIOError:
                     left = ends - time.monotonic()
                     if left <= 0 or not poller.poll(left * 1000):
+                        return
+                else:
+                    if time.monotonic() > ends:
                         return
 
     def read(self, size: int | None = -1) -> bytes:

@@ -51,6 +51,8 @@ from gateway.rpc.servicer import ERROR_CODE_KEY, REQUEST_ID_KEY
 
 log = logging.getLogger(__name__)
 
+# Seconds before a call's deadline within which its client's cancel is taken for the deadline.
+_DEADLINE_SLACK = 0.25
 # Seconds between two looks at the calls waiting for their message.
 WATCH_INTERVAL = 0.5
 # The name grpcio gives the function that waits for a call's one request message.
@@ -110,19 +112,21 @@ class WatchedPool(ThreadPoolExecutor):
             args = (*args[:4], watched, *args[5:])
             if probe:
                 return self._probes.submit(fn, *args, **kwargs)
-            key, at = next(self._keys), time.monotonic()
-            self._queued[key] = (at, fn, args, kwargs)
-            return super().submit(self._run_queued, key, at, fn, *args, **kwargs)
+            key = next(self._keys)
+            self._queued[key] = (time.monotonic(), fn, args, kwargs)
+            # The call itself stays in _queued: one the sweep answers leaves only its key
+            # in the executor's queue, until a thread comes to it.
+            return super().submit(self._run_queued, key)
         if len(args) > 1:  # a call whose requests stream
             return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)
 
-    def _run_queued(
-        self, key: int, at: float, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-    ) -> Any:
+    def _run_queued(self, key: int) -> Any:
         # Whoever takes the call from the queue answers it: this thread, or the sweep.
-        if self._queued.pop(key, None) is None:
+        queued = self._queued.pop(key, None)
+        if queued is None:
             return None
+        at, fn, args, kwargs = queued
         return run_arrived(at, fn, *args, **kwargs)
 
     def _sweep_queued(self) -> None:
@@ -261,7 +265,9 @@ def _record_unserved(
         status, error = ErrorCode.REQUEST_TIMEOUT.grpc_status, ErrorCode.REQUEST_TIMEOUT.code
     elif state.client is grpc_server._CANCELLED:
         deadline = getattr(event.call_details, "deadline", None)
-        late = deadline is not None and time.time() >= deadline
+        # A client's deadline reaches the server as a cancel, a moment before the server's own
+        # copy of it (counted from the call's arrival) passes.
+        late = deadline is not None and time.time() >= deadline - _DEADLINE_SLACK
         gone = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.CANCELLED
         status, error = gone.grpc_status, gone.code
     else:
