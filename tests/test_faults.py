@@ -1159,7 +1159,7 @@ def test_a_cut_read_times_out_and_the_answer_still_reaches_the_client() -> None:
         client.sendall(b"more of the body")
         wait_for(lambda: bool(select.select([served], [], [], 0)[0]), "the bytes arrive")
         served.sendall(b"the answer")
-        reader.drop_unread()
+        reader.drop_arrived()
         served.close()
         client.settimeout(5)
         assert _until_closed(client) == b"the answer"

@@ -177,6 +177,30 @@ def test_a_client_that_sends_its_whole_body_before_reading_gets_the_answer(
         assert expected in answer, answer[:300]
 
 
+def test_a_slow_client_sending_a_refused_body_whole_gets_the_answer(capped: Gateway) -> None:
+    # As above, over a slow link: the body still arrives 2 s after the answer. The closing
+    # thread lingered 1 s at most, then closed with bytes unread: a reset, and a broken pipe.
+    host, port = capped.http_url.removeprefix("http://").split(":")
+    body = b"\0" * 3_000_000  # over max_request_bytes: refused from its Content-Length
+    head = (
+        "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        sock.settimeout(10)
+        sock.connect((host, int(port)))
+        sock.sendall(head)
+        for start in range(0, len(body), 100_000):  # about 1.5 MB/s
+            sock.sendall(body[start : start + 100_000])
+            time.sleep(0.06)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b'"payload_too_large"' in answer
+
+
 TIGHT = Settings(
     http_port=0,
     grpc_port=0,

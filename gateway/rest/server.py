@@ -35,6 +35,7 @@ from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.dispatch import Dispatcher
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
+from gateway.rest.linger import Lingerer
 from gateway.rest.responses import error_headers, error_json
 from gateway.rest.socketfile import (
     Connection,
@@ -458,6 +459,7 @@ class HttpServer(wsgi.Server):
         self.watchdog = Watchdog(request_timeout, self._sweep_waiting)
         self.gateway = _gateway_with(self.watchdog)
         self.dispatcher = Dispatcher(self)
+        self.lingerer = Lingerer()
 
     def stop(self) -> None:
         try:
@@ -465,6 +467,7 @@ class HttpServer(wsgi.Server):
         finally:
             self.watchdog.stop()
             self.dispatcher.stop()
+            self.lingerer.stop()
             # Refusals put after the refusal thread's stop signal (a sweep that began as the
             # server stopped): closed, not left open.
             leftover = self._unservicable_conns  # type: ignore[attr-defined]
@@ -549,8 +552,6 @@ class HttpServer(wsgi.Server):
             # dropped first, it ends with a FIN after the answer.
             if isinstance(conn.rfile, SocketReader):
                 conn.rfile.body_left = True
-                # One thread answers every refusal: it cannot wait on any one client.
-                conn.linger_close = 0.0
             with contextlib.suppress(OSError):
                 conn.close()
 

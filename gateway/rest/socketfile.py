@@ -22,12 +22,10 @@ body of known length can be read straight into the caller's buffer (`KnownLength
 
 from __future__ import annotations
 
-import contextlib
 import io
 import select
 import socket
 import struct
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,10 +35,9 @@ from cheroot import server
 # How long a worker thread waits on a keep-alive connection it has just answered for that
 # client's next request, before handing the connection back to the selector thread.
 LINGER_MS = 2
-# Seconds a connection closing with its request's body unread goes on reading and dropping it,
-# and at most 64 MiB (the default body limit) of it.
-LINGER_CLOSE_SECONDS = 1.0
-_MAX_DROPPED_READS = 1024
+# At most 4 MiB of a body left unread dropped on the closing thread (gateway.rest.linger reads
+# the rest, if any comes).
+_MAX_DROPPED_READS = 64
 
 
 def move_timeout_to_kernel(sock: socket.socket) -> None:
@@ -113,33 +110,24 @@ class SocketReader(io.BufferedReader):
     def was_cut(self) -> bool:
         return self._socket_io.cut
 
-    def drop_unread(self, linger: float = LINGER_CLOSE_SECONDS) -> None:
-        """When a body is left unread (`body_left`), read and drop the rest of it once the
-        answer is sent, before the connection closes (a lingering close, as nginx does): a
-        socket closed with bytes unread sends a reset, and the client's kernel then discards the
-        answer it has not read yet. A client that sends its whole body before it reads (Python's
-        http.client) got a broken pipe instead of a 413. For at most `linger` seconds; with 0,
-        only what has already come."""
+    def drop_arrived(self) -> bool:
+        """When a body is left unread (`body_left`), end the sending side (the answer is whole)
+        and drop what of the body has arrived; whether the client has ended its side too, so
+        that closing now sends no reset. Closed with bytes unread, a socket sends a reset, and
+        the client's kernel then discards the answer it has not read yet."""
         if not self.body_left:
-            return
+            return True
         sock = self._socket
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)  # the answer is whole: the client may stop sending
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            ends = time.monotonic() + linger
-            # Also a bound for a client that sends faster than it can be read.
+        try:
+            sock.shutdown(socket.SHUT_WR)
             for _ in range(_MAX_DROPPED_READS):
-                try:
-                    if not sock.recv(1 << 16, socket.MSG_DONTWAIT):
-                        return  # the client has ended it
-                except BlockingIOError:
-                    left = ends - time.monotonic()
-                    if left <= 0 or not poller.poll(left * 1000):
-                        return
-                else:
-                    if time.monotonic() > ends:
-                        return
+                if not sock.recv(1 << 16, socket.MSG_DONTWAIT):
+                    return True
+        except BlockingIOError:
+            return False  # more may come
+        except OSError:
+            return True  # gone
+        return False
 
     def read(self, size: int | None = -1) -> bytes:
         data = super().read(size)
@@ -243,8 +231,6 @@ class Connection(server.HTTPConnection):
     probe_only = False
     # Handed back to the selector before its first request came (gateway.rest.dispatch).
     parked = False
-    # Seconds a close goes on reading a body left unread (SocketReader.drop_unread).
-    linger_close = LINGER_CLOSE_SECONDS
 
     def __init__(self, srv: Any, sock: socket.socket, makefile: Any = make_file) -> None:
         plain = makefile is cheroot_makefile.MakeFile
@@ -255,8 +241,13 @@ class Connection(server.HTTPConnection):
     def close(self) -> None:
         if self.parked:  # closed by the selector, idle too long
             self.server.dispatcher.unpark(self)
-        if isinstance(self.rfile, SocketReader):
-            self.rfile.drop_unread(self.linger_close)
+        reader = self.rfile
+        if isinstance(reader, SocketReader) and not reader.drop_arrived():
+            # The rest of the body is read out by the server's lingering thread, which closes
+            # the socket after; cheroot's close then leaves it alone (its `linger`).
+            lingerer = getattr(self.server, "lingerer", None)
+            if lingerer is not None and lingerer.add(self.socket):
+                self.linger = True
         super().close()
 
     def communicate(self) -> bool:
