@@ -95,7 +95,7 @@ class SocketReader(io.BufferedReader):
         super().__init__(self._socket_io, bufsize)
         self.bytes_read = 0
 
-    # The connection closes with its request's body not wholly read: see drop_unread.
+    # The connection closes with its request's body not wholly read: see drop_arrived.
     body_left = False
 
     def cut(self) -> None:
