@@ -19,6 +19,13 @@ log = logging.getLogger("gateway.access")
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def started_at(arrived: float | None) -> float:
+    """The time.perf_counter() (the clock of log_access's `started`) of a request that arrived
+    at `arrived`, a time.monotonic(); now when that is not known."""
+    now = time.perf_counter()
+    return now if arrived is None else now - (time.monotonic() - arrived)
+
+
 def log_access(
     *,
     request_id: str,

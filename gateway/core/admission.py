@@ -31,6 +31,23 @@ STOP_CHECK_INTERVAL = 0.1
 THREAD_QUEUE = 256
 # Why a request that waited for a thread past its deadline is answered deadline_exceeded.
 WAITED_TOO_LONG = "the request waited for a server thread past its deadline (--request-timeout)"
+SHUTTING_DOWN = "the gateway is shutting down; retry"
+
+
+def waiting_verdict(
+    arrived: float, *, gone: bool, draining: bool, timeout: float
+) -> GatewayError | None:
+    """What becomes of a request still waiting for a thread of its protocol (arrived at
+    `arrived`, a time.monotonic()): None to wait on, else the error it ends with: `cancelled`
+    when its client has gone (recorded, not answered), `shutting_down` while draining,
+    `deadline_exceeded` past its deadline. Both fronts sweep their waiting requests with it."""
+    if gone:
+        return GatewayError(ErrorCode.CANCELLED, "the client left while it waited for a thread")
+    if draining:
+        return GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
+    if time.monotonic() - arrived > timeout:
+        return GatewayError(ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG)
+    return None
 
 
 class Admission:
@@ -92,7 +109,7 @@ class Admission:
     ) -> None:
         with self._room:
             if self._draining:
-                raise GatewayError(ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry")
+                raise GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
             # Those already waiting go first, and in the order they came: a stream of small
             # requests must not starve a large one. (Woken together and let in by whoever fit
             # first, small ones overtook a waiting 36-megapixel image until its deadline.)

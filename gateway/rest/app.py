@@ -12,7 +12,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from gateway.config import Settings
-from gateway.core.access import log_access
+from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
@@ -45,9 +45,8 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
     @app.before_request
     def _assign_request_id() -> None:
         # From arrival: the wait for a thread in cheroot's queue is the request's time too.
-        now = time.monotonic()
-        g.received = request.environ.get(QUEUED_KEY, now)
-        g.started = time.perf_counter() - (now - g.received)
+        g.received = request.environ.get(QUEUED_KEY, time.monotonic())
+        g.started = started_at(g.received)
         g.request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
         g.deadline = dataplane.deadline(since=g.received)
         # Every route about a model has a `model` value ("" for the default one): its label in

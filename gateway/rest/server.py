@@ -29,8 +29,8 @@ from cheroot import errors, server, wsgi
 from flask import Flask
 
 from gateway import metrics
-from gateway.core.access import log_access
-from gateway.core.admission import THREAD_QUEUE, WAITED_TOO_LONG
+from gateway.core.access import log_access, started_at
+from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.dispatch import Dispatcher
@@ -495,7 +495,6 @@ class HttpServer(wsgi.Server):
             # the refusal thread is ending and would leave these unanswered.
             return
         draining = self._draining()
-        expired = time.monotonic() - self.request_timeout
         waiting = self.requests._queue
         with waiting.mutex:
             queued = [c for c in waiting.queue if getattr(c, "queued_at", None) is not None]
@@ -503,12 +502,12 @@ class HttpServer(wsgi.Server):
         # thread or its deadline comes (hundreds that had left took every place from live ones).
         out = []
         for conn in queued:
-            if peer_closed(conn.socket):
-                out.append((conn, ErrorCode.CANCELLED, ""))
-            elif draining:
-                out.append((conn, ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry"))
-            elif conn.queued_at < expired:
-                out.append((conn, ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG))
+            gone = peer_closed(conn.socket)
+            verdict = waiting_verdict(
+                conn.queued_at, gone=gone, draining=draining, timeout=self.request_timeout
+            )
+            if verdict is not None:
+                out.append((conn, verdict.error, verdict.message))
         with waiting.mutex:
             taken = []
             for item in out:
@@ -572,11 +571,9 @@ def _record_gone(conn: Any) -> None:
 
 
 def _arrival(conn: Any) -> float:
-    """The perf_counter time a connection's request came, if the server stamped it (a request
-    answered without a thread: its recorded duration is its wait), else now."""
-    queued = getattr(conn, "queued_at", None)
-    now = time.perf_counter()
-    return now if queued is None else now - (time.monotonic() - queued)
+    # When the connection's request came, if the server stamped it (a request answered without
+    # a thread: its recorded duration is its wait).
+    return started_at(getattr(conn, "queued_at", None))
 
 
 def build_http_server(

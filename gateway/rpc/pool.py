@@ -42,8 +42,8 @@ from grpc import _server as grpc_server
 from grpc_health.v1 import health
 
 from gateway import metrics
-from gateway.core.access import log_access
-from gateway.core.admission import THREAD_QUEUE, WAITED_TOO_LONG
+from gateway.core.access import log_access, started_at
+from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode
 from gateway.rpc.arrival import arrived, run_arrived
@@ -101,9 +101,7 @@ class WatchedPool(ThreadPoolExecutor):
         # grpcio submits (context.run, handler-in-pool, rpc_event, state, behaviour,
         # request reader, ...); the reader of a one-message request is the function to watch.
         if len(args) > 4 and getattr(args[4], "__name__", "") == _REQUEST_READER:
-            # The handler, not the method's name: grpcio leaves call_details.method empty
-            # for registered methods.
-            probe = isinstance(getattr(args[3], "__self__", None), health.HealthServicer)
+            probe = _is_health(args[3])
             if not probe and len(self._queued) >= THREAD_QUEUE:
                 # Refused on a probe thread: it only sends the status, reading nothing.
                 refuse = _refusal(args[1], args[2], args[3])
@@ -134,23 +132,17 @@ class WatchedPool(ThreadPoolExecutor):
         past `--request-timeout` from arrival (`deadline_exceeded`), and while draining all
         (`shutting_down`). They waited for a thread to be told so, as long as it took."""
         draining = self.draining()
-        expired = time.monotonic() - self.limit
         for key, (at, fn, args, kwargs) in list(self._queued.items()):
             # Ended by its client (a cancel, its deadline): its place is given up now, not when
             # a thread or the server's deadline comes (hundreds of them took every place).
             gone = args[2].client is grpc_server._CANCELLED
-            if not (gone or draining or at < expired):
-                continue
-            if self._queued.pop(key, None) is None:
-                continue  # a thread took it meanwhile
+            verdict = waiting_verdict(at, gone=gone, draining=draining, timeout=self.limit)
+            if verdict is None or self._queued.pop(key, None) is None:
+                continue  # waits on, or a thread took it meanwhile
             if gone:
                 _record_unserved(args[1], args[2], args[3], ended=False, arrived_at=at)
                 continue
-            if draining:
-                error, message = ErrorCode.SHUTTING_DOWN, "the gateway is shutting down; retry"
-            else:
-                error, message = ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG
-            refuse = _refusal(args[1], args[2], args[3], error, message, at)
+            refuse = _refusal(args[1], args[2], args[3], verdict.error, verdict.message, at)
             self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
         metrics.WAITING_FOR_THREAD.labels("grpc").set(len(self._queued))
 
@@ -178,7 +170,7 @@ class WatchedPool(ThreadPoolExecutor):
             # A message that came as the call was ended: the client has had its answer. No
             # handler runs, so the call is recorded here, as HTTP records a client that left
             # (health checks, which the servicer does not record either, excepted).
-            if not isinstance(getattr(behaviour, "__self__", None), health.HealthServicer):
+            if not _is_health(behaviour):
                 _record_unserved(event, state, behaviour, ended)
             return None
 
@@ -221,20 +213,14 @@ def _refusal(
 ) -> Callable[[], None]:
     """A request reader that answers the call `error` instead, and reads nothing: grpcio then
     runs no handler. Counted and logged like any other answer."""
-    started = time.perf_counter() - (0.0 if arrived_at is None else time.monotonic() - arrived_at)
+    started = started_at(arrived_at)
 
     def unary_request() -> None:
         request_id = _request_id(event)
         with state.condition:
             gone = state.client is not grpc_server._OPEN or state.statused
             if not gone:
-                state.trailing_metadata = (
-                    (ERROR_CODE_KEY, error.code),
-                    (REQUEST_ID_KEY, request_id),
-                )
-                grpc_server._abort(state, event.call, _status(error), message.encode())
-                state.client = grpc_server._CANCELLED
-                state.condition.notify_all()
+                _abort_unread(event, state, error, message, request_id)
         if gone:  # its deadline passed or its client cancelled it meanwhile
             _record_unserved(event, state, behaviour, ended=False, arrived_at=arrived_at)
             return None
@@ -281,7 +267,7 @@ def _record_unserved(
         status=status,
         bytes_in=0,
         bytes_out=0,
-        started=time.perf_counter() - (time.monotonic() - (arrived_at or arrived())),
+        started=started_at(arrived_at or arrived()),
         error=error,
     )
 
@@ -297,9 +283,30 @@ def _method(behaviour: Any) -> str:
     return str(getattr(behaviour, "__name__", "") or "-")
 
 
+def _abort_unread(
+    event: Any, state: Any, error: ErrorCode, message: str, request_id: str | None = None
+) -> None:
+    """End a call whose message is not read with `error`, the way grpcio's own aborts do; the
+    caller holds state.condition. Its request reader then returns without a request, and grpcio
+    sends no second status."""
+    metadata: tuple[tuple[str, str], ...] = ((ERROR_CODE_KEY, error.code),)
+    if request_id is not None:
+        metadata += ((REQUEST_ID_KEY, request_id),)
+    state.trailing_metadata = metadata
+    grpc_server._abort(state, event.call, _status(error), message.encode())
+    state.client = grpc_server._CANCELLED
+    state.condition.notify_all()
+
+
 def _status(error: ErrorCode) -> Any:
     # The table names the status; grpcio's own mapping gives its core's code for it.
     return grpc_common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.grpc_status]]
+
+
+def _is_health(behaviour: Any) -> bool:
+    # The handler, not the method's name: grpcio leaves call_details.method empty for
+    # registered methods.
+    return isinstance(getattr(behaviour, "__self__", None), health.HealthServicer)
 
 
 def _name(behaviour: Any) -> str:
@@ -311,17 +318,8 @@ def _end(event: Any, state: Any, limit: float, name: str) -> None:
     with state.condition:
         if state.request is not None or state.client is not grpc_server._OPEN or state.statused:
             return  # it came, or the call ended, meanwhile
-        error = ErrorCode.REQUEST_TIMEOUT
-        state.trailing_metadata = ((ERROR_CODE_KEY, error.code),)
-        grpc_server._abort(
-            state,
-            event.call,
-            _status(error),
-            f"the request message did not arrive within {limit:g} s".encode(),
-        )
-        # The waiting thread returns without a request, and without a second status.
-        state.client = grpc_server._CANCELLED
-        state.condition.notify_all()
+        message = f"the request message did not arrive within {limit:g} s"
+        _abort_unread(event, state, ErrorCode.REQUEST_TIMEOUT, message)
     log.warning(
         "ended a gRPC call to %s whose request message did not arrive within %g s", name, limit
     )

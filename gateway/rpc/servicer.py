@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.core.access import log_access
+from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import (
     MAX_NAME,
     MAX_REQUEST_ID,
@@ -87,7 +87,7 @@ def unary(
     @functools.wraps(method)
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
         # From arrival: the wait for a thread is part of the call (gateway.rpc.arrival).
-        started = time.perf_counter() - (time.monotonic() - arrived())
+        started = started_at(arrived())
         request_id = _request_id(context, request)
         status, error, response = "OK", "", None
         try:
