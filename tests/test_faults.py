@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import grpc
@@ -41,6 +42,22 @@ from tests.test_process import launch
 from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
+
+
+def gated_gateway(**settings: Any) -> Gateway:
+    """A gateway serving shape and the gated model, with the gate shut: the test opens it (in
+    its finally too) and stops the gateway."""
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            max_concurrency=8,
+            model=("shape", "tests.models:gated"),
+            **settings,
+        )
+    )
+    GATE.clear()
+    return gw
 
 
 def raw_post(model: str, body: bytes, content_type: str = "application/octet-stream") -> bytes:
@@ -195,17 +212,7 @@ def test_idle_streams_cannot_take_the_threads_of_unary_calls() -> None:
 def test_health_checks_and_streams_keep_their_threads_while_unary_calls_hold_theirs() -> None:
     # One pool of grpc_threads + max_streams (here 4) ran every call: four slow unary calls held
     # it all, and a health check or a new stream waited behind them.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            grpc_threads=2,
-            max_streams=2,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-        )
-    )
-    GATE.clear()
+    gw = gated_gateway(grpc_threads=2, max_streams=2)
     channel = grpc.insecure_channel(gw.grpc_target)
     try:
         stub = pb_grpc.ImageGatewayServiceStub(channel)
@@ -235,16 +242,7 @@ def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
     # grpcio queued unary calls waiting for a thread without bound: under overload they waited
     # until their deadline instead of being refused at once, as HTTP refuses connections past
     # the same number.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            grpc_threads=1,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-        )
-    )
-    GATE.clear()
+    gw = gated_gateway(grpc_threads=1)
     before = request_counts(gw.http_url)
     channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(4)]
     try:
@@ -293,16 +291,7 @@ def test_grpc_calls_that_end_while_they_wait_for_a_thread_are_recorded() -> None
     # grpcio ends a call whose client's deadline passes or who cancels it while it waits for a
     # thread; no handler ran, so it was neither logged nor counted (HTTP counts such a client
     # as 499).
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            grpc_threads=1,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-        )
-    )
-    GATE.clear()
+    gw = gated_gateway(grpc_threads=1)
     before = request_counts(gw.http_url)
     channel = grpc.insecure_channel(gw.grpc_target)
     try:
@@ -338,18 +327,7 @@ def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
     # The deadline, the recorded duration and the client check counted from when a thread took
     # the request up: behind one slow request, another waited past --request-timeout in
     # cheroot's or grpcio's queue and was then served in full, its wait recorded nowhere.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            http_threads=1,
-            grpc_threads=1,
-            max_concurrency=8,
-            request_timeout=1.0,
-            model=("shape", "tests.models:gated"),
-        )
-    )
-    GATE.clear()
+    gw = gated_gateway(http_threads=1, grpc_threads=1, request_timeout=1.0)
     admission = gw.dataplane.admission
     channel = grpc.insecure_channel(gw.grpc_target)
     try:
@@ -387,18 +365,9 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
 ) -> None:
     # They were answered only once a thread came free: past their deadline (clients without a
     # timeout of their own waited on), or at a shutdown past the grace, as a reset.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            http_threads=1,
-            grpc_threads=1,
-            max_concurrency=8,
-            request_timeout=1.0 if not draining else 30.0,
-            model=("shape", "tests.models:gated"),
-        )
+    gw = gated_gateway(
+        http_threads=1, grpc_threads=1, request_timeout=1.0 if not draining else 30.0
     )
-    GATE.clear()
     errors_before = request_errors(gw.http_url)
     channel = grpc.insecure_channel(gw.grpc_target)
     try:
@@ -443,17 +412,7 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
 def test_clients_that_left_while_waiting_for_a_thread_give_their_places_up() -> None:
     # Their requests kept their places in the 256 until a thread or the deadline came: live
     # clients behind them were refused overloaded, and the leavers were answered and counted.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            http_threads=1,
-            grpc_threads=1,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-        )
-    )
-    GATE.clear()
+    gw = gated_gateway(http_threads=1, grpc_threads=1)
     address = http_host_port(gw.http_url)
     channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(4)]
     try:
@@ -1008,17 +967,8 @@ def _answer_to(sock: socket.socket, end: bytes) -> bytes:
 def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
     # cheroot gave a /healthz the next thread of its one pool: while the HTTP threads held slow
     # requests, liveness probes, readiness probes and metric scrapes waited behind them.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            http_threads=1,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-        )
-    )
+    gw = gated_gateway(http_threads=1)
     address = http_host_port(gw.http_url)
-    GATE.clear()
     try:
         with ThreadPoolExecutor(2) as pool, requests.Session() as session:
             held = pool.submit(post_octet, gw.http_url, "gated", PNG)
@@ -1067,17 +1017,8 @@ def test_slow_clients_cannot_hold_the_probe_threads() -> None:
     # A probe thread took any connection starting "GET /healthz ", then read the rest of its
     # head and body, and wrote its answer, with the 10 s timeouts of any request: two clients
     # trickling their headers, or never reading their answers, held both probe threads.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            http_threads=1,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-        )
-    )
+    gw = gated_gateway(http_threads=1)
     address = http_host_port(gw.http_url)
-    GATE.clear()
     slow: list[socket.socket] = []
     try:
         with ThreadPoolExecutor(1) as pool:
