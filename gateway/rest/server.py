@@ -259,7 +259,7 @@ class GatewayRequest(server.HTTPRequest):
             # the line is not whole yet.
             start = 2 if buffered.startswith(b"\r\n") else 0
             end = buffered.find(b"\n", start)
-            if b"//" in buffered[start : end if end >= 0 else None]:
+            if buffered.find(b"//", start, end if end >= 0 else len(buffered)) >= 0:
                 return self._read_request_line_in_origin_form()
         return bool(super().read_request_line())  # type: ignore[no-untyped-call]
 
