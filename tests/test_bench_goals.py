@@ -42,7 +42,7 @@ def _two_runs() -> dict[str, Any]:
             _row("64x64 PNG", "embedding model, batching off, HTTP octet-stream", 16, off, run),
             _row(
                 "64x64 PNG",
-                "embedding model, batching on, 16 / 2 ms, HTTP octet-stream",
+                "embedding model, batching on, 8 / 4 ms, HTTP octet-stream",
                 16,
                 on,
                 run,
