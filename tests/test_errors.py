@@ -655,3 +655,48 @@ def test_request_lines_with_slashes_in_awkward_places(http_url: str) -> None:
     assert split.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 404 ")), split[:100]
     assert b"application/json" in split.partition(b"\r\n\r\n")[0]
     assert answer(b"GET healthz//x HTTP/1.1\r\n" + close).startswith(b"HTTP/1.1 400 ")
+
+
+def _raw_exchange(http_url: str, request: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    """Send `request` as it is; the answer's status line, headers and body (read to close)."""
+    with socket.create_connection(http_host_port(http_url), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *fields = head.split(b"\r\n")
+    headers = {
+        k.decode().lower(): v.decode().strip() for k, _, v in (f.partition(b":") for f in fields)
+    }
+    return status, headers, body
+
+
+def test_connect_is_refused_with_what_is_allowed(http_url: str) -> None:
+    # cheroot's 405 for CONNECT carried no Allow (RFC 9110 15.5.6: a 405 must) and said only
+    # "Method Not Allowed".
+    status, headers, body = _raw_exchange(
+        http_url, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+    )
+    assert status.startswith(b"HTTP/1.1 405 ")
+    assert headers["allow"] == "GET, HEAD, POST, OPTIONS"
+    error = json.loads(body)["error"]
+    assert error["code"] == "method_not_allowed"
+    assert "proxies" in error["message"]
+    assert error["request_id"] == headers["x-request-id"]
+
+
+def test_options_asterisk_describes_the_server(http_url: str) -> None:
+    # `OPTIONS *` asks about the server as a whole (RFC 9110 9.3.7); it was answered 404.
+    status, headers, body = _raw_exchange(
+        http_url, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status.startswith(b"HTTP/1.1 200 ")
+    assert headers["allow"] == "GET, HEAD, POST, OPTIONS"
+    assert headers["x-request-id"]
+    assert body == b""
+    # A path that only looks like it is a route's business, as before.
+    status, _, _ = _raw_exchange(
+        http_url, b"OPTIONS /* HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status.startswith(b"HTTP/1.1 404 ")

@@ -16,6 +16,7 @@ from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
+from gateway.rest.responses import SERVER_METHODS
 from gateway.rest.server import QUEUED_KEY
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -62,6 +63,14 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             # can know the body has ended: a body of exactly the cap was refused. The chunked
             # reader (gateway.rest.framing) keeps the exact cap.
             request.max_content_length = settings.max_request_bytes + 1
+
+    @app.before_request
+    def _about_the_server() -> Response | None:
+        # `OPTIONS *` asks what the server as a whole supports (RFC 9110 9.3.7); it has no
+        # route, and was answered 404. (cheroot gives its path as "/*", as for `OPTIONS /*`.)
+        if request.method == "OPTIONS" and request.environ.get("REQUEST_URI") == "*":
+            return Response(status=200, headers={"Allow": SERVER_METHODS})
+        return None
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:

@@ -51,6 +51,11 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
     }
 
 
+# Every method some route of the server takes: the Allow of a question about the whole server
+# (`OPTIONS *`) and of a method no route takes (CONNECT, which is for proxies).
+SERVER_METHODS = "GET, HEAD, POST, OPTIONS"
+
+
 def error_headers(http_status: int) -> dict[str, str]:
     """Headers an error answer carries by its status, whichever layer writes it."""
     if http_status == 503:

@@ -36,7 +36,7 @@ from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.dispatch import Dispatcher
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
 from gateway.rest.linger import Lingerer
-from gateway.rest.responses import error_headers, error_json
+from gateway.rest.responses import SERVER_METHODS, error_headers, error_json
 from gateway.rest.socketfile import (
     Connection,
     KnownLengthBody,
@@ -358,6 +358,11 @@ class GatewayRequest(server.HTTPRequest):
             message = "a Transfer-Encoding other than chunked; this server reads only chunked"
         elif error is ErrorCode.UNSUPPORTED_HTTP_VERSION:
             message = "an HTTP version this server does not speak; it serves HTTP/1.0 and 1.1"
+        elif error is ErrorCode.METHOD_NOT_ALLOWED:
+            # cheroot's one 405: CONNECT, which asks a proxy for a tunnel.
+            message = (
+                f"CONNECT is for proxies, and this server is not one; it serves {SERVER_METHODS}"
+            )
         elif error is ErrorCode.OVERLOADED and not message:
             message = (
                 f"every HTTP thread of this worker is busy and {THREAD_QUEUE} connections "
@@ -372,6 +377,8 @@ class GatewayRequest(server.HTTPRequest):
             "Content-Length": str(len(body)),
             "X-Request-ID": request_id,
             **error_headers(sent),
+            # A 405 says what is allowed (RFC 9110 15.5.6).
+            **({"Allow": SERVER_METHODS} if sent == 405 else {}),
             # Whatever the status: the request was not (wholly) read.
             "Connection": "close",
         }
