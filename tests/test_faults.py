@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,9 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
+from gateway.rest.server import Watchdog
 from gateway.rest.socketfile import (
+    KnownLengthBody,
     SocketReader,
     SocketWriter,
     move_timeout_to_kernel,
@@ -572,6 +575,38 @@ def test_a_client_trickling_its_headers_is_cut_off_with_an_answer(strict_gateway
     assert error["code"] == "request_timeout"
     assert error["message"] == "the request line and headers did not arrive within 1 s"
     still_serving(strict_gateway)
+
+
+def test_a_head_watch_that_expires_as_the_head_completes_leaves_the_body_alone() -> None:
+    # The watchdog took an expired head watch, and by the time it looked, the head had come and
+    # the body was arriving: it cut the body, at the head's 10 s instead of the body's limit.
+    # The request is cheroot's in all it reads; the socket pair stands for the client.
+    client, server_side = socket.socketpair()
+    watchdog = Watchdog(2.0)
+    try:
+        reader = SocketReader(server_side)
+        req = types.SimpleNamespace(
+            conn=types.SimpleNamespace(rfile=reader, socket=server_side),
+            rfile=KnownLengthBody(reader, 1000),  # the body, 1000 bytes still to come
+            reading_head=False,  # the head has just come in
+            head_cut=False,
+        )
+        watchdog.watch(req, 0.01, head=True)
+        time.sleep(3 * watchdog.interval)  # past several ticks; not a timing assert
+        assert not reader.was_cut and not req.head_cut
+        # The same request's body watch does cut it, and a head still arriving is cut as one.
+        watchdog.watch(req, 0.01)
+        wait_for(lambda: reader.was_cut, "the body's watch cut the body")
+        assert not req.head_cut
+        head_reader = SocketReader(server_side)
+        req.conn.rfile, req.reading_head = head_reader, True
+        watchdog.watch(req, 0.01, head=True)
+        wait_for(lambda: head_reader.was_cut, "a head still arriving was cut")
+        assert req.head_cut
+    finally:
+        watchdog.stop()
+        client.close()
+        server_side.close()
 
 
 def test_overload_answers_503_and_unavailable(strict_gateway: Gateway) -> None:

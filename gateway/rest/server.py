@@ -92,18 +92,19 @@ class Watchdog:
         # Something else to do every interval (the server's sweep of waiting requests).
         self._tick = tick
         self._lock = threading.Lock()
-        self._active: dict[int, tuple[float, Any]] = {}
+        # key -> (when it expires, the request or callable, whether it watches a head)
+        self._active: dict[int, tuple[float, Any, bool]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="http-watchdog", daemon=True)
         self._thread.start()
 
-    def watch(self, req: Any, limit: float | None = None) -> int:
-        """Cut the request's head or body off if it is still arriving after `limit` seconds
-        (the request timeout and its margin by default); `req` may instead be a callable,
-        called then."""
+    def watch(self, req: Any, limit: float | None = None, head: bool = False) -> int:
+        """Cut the request's body off if it is still arriving after `limit` seconds (the
+        request timeout and its margin by default), or with `head`, its request line and
+        headers; `req` may instead be a callable, called then."""
         key = id(req)
         with self._lock:
-            self._active[key] = (time.monotonic() + (limit or self.limit), req)
+            self._active[key] = (time.monotonic() + (limit or self.limit), req, head)
         return key
 
     def release(self, key: int) -> None:
@@ -117,16 +118,17 @@ class Watchdog:
         while not self._stop.wait(self.interval):
             now = time.monotonic()
             with self._lock:
-                expired = [k for k, (deadline, _) in self._active.items() if deadline < now]
-                reqs = [self._active.pop(k)[1] for k in expired]
-            for req in reqs:
+                expired = [k for k, (deadline, *_) in self._active.items() if deadline < now]
+                watches = [self._active.pop(k)[1:] for k in expired]
+            for req, head in watches:
                 if callable(req):
                     with contextlib.suppress(OSError):
                         req()
                     continue
-                if req.reading_head:
-                    req.head_cut = True
-                if req.reading_head or _still_uploading(req):
+                # A head's watch that expired as the head came in is no reason to cut the body
+                # that follows it: the body has a watch (and a limit) of its own.
+                if req.reading_head if head else _still_uploading(req):
+                    req.head_cut = head
                     with contextlib.suppress(OSError):  # the client may have closed it already
                         _cut(req.conn)
             try:
@@ -220,7 +222,7 @@ class GatewayRequest(server.HTTPRequest):
     def parse_request(self) -> None:
         watchdog = self.server.watchdog
         self.reading_head = True
-        key = watchdog.watch(self, watchdog.head_limit)
+        key = watchdog.watch(self, watchdog.head_limit, head=True)
         try:
             super().parse_request()
         finally:
