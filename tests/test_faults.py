@@ -47,20 +47,34 @@ from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 PNG = (DATA / "images" / "hopper.png").read_bytes()
 
 
-def gated_gateway(**settings: Any) -> Gateway:
-    """A gateway serving shape and the gated model, with the gate shut: the test opens it (in
-    its finally too) and stops the gateway."""
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated"),
-            **settings,
-        )
-    )
+@contextlib.contextmanager
+def gated_gateway(**settings: Any) -> Iterator[Gateway]:
+    """A gateway serving shape and the gated model (`settings` may change either), with the gate
+    shut for the test to open; on the way out the gate opens and the gateway stops."""
+    defaults: dict[str, Any] = {
+        "http_port": 0,
+        "grpc_port": 0,
+        "max_concurrency": 8,
+        "model": ("shape", "tests.models:gated"),
+    }
+    gw = start(Settings(**{**defaults, **settings}))
     GATE.clear()
-    return gw
+    try:
+        yield gw
+    finally:
+        GATE.set()
+        gw.stop()
+
+
+@contextlib.contextmanager
+def grpc_channels(gw: Gateway, count: int) -> Iterator[list[grpc.Channel]]:
+    """`count` channels to the gateway, each its own connection; closed on the way out."""
+    channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(count)]
+    try:
+        yield channels
+    finally:
+        for channel in channels:
+            channel.close()
 
 
 def raw_post(model: str, body: bytes, content_type: str = "application/octet-stream") -> bytes:
@@ -215,9 +229,7 @@ def test_idle_streams_cannot_take_the_threads_of_unary_calls() -> None:
 def test_health_checks_and_streams_keep_their_threads_while_unary_calls_hold_theirs() -> None:
     # One pool of grpc_threads + max_streams (here 4) ran every call: four slow unary calls held
     # it all, and a health check or a new stream waited behind them.
-    gw = gated_gateway(grpc_threads=2, max_streams=2)
-    channel = grpc.insecure_channel(gw.grpc_target)
-    try:
+    with gated_gateway(grpc_threads=2, max_streams=2) as gw, grpc_channels(gw, 1) as (channel,):
         stub = pb_grpc.ImageGatewayServiceStub(channel)
         gated = pb.InferRequest(model="gated", image=pb.Image(data=PNG))
         held = [stub.Infer.future(gated, timeout=30) for _ in range(4)]
@@ -235,20 +247,14 @@ def test_health_checks_and_streams_keep_their_threads_while_unary_calls_hold_the
         GATE.set()
         for future in held:
             assert grpc_result(future.result().result)["output"] == [128, 128, 3]
-    finally:
-        GATE.set()
-        channel.close()
-        gw.stop()
 
 
 def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
     # grpcio queued unary calls waiting for a thread without bound: under overload they waited
     # until their deadline instead of being refused at once, as HTTP refuses connections past
     # the same number.
-    gw = gated_gateway(grpc_threads=1)
-    before = request_counts(gw.http_url)
-    channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(4)]
-    try:
+    with gated_gateway(grpc_threads=1) as gw, grpc_channels(gw, 4) as channels:
+        before = request_counts(gw.http_url)
         stubs = [pb_grpc.ImageGatewayServiceStub(ch) for ch in channels]
         held = stubs[0].Infer.future(
             pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=60
@@ -283,21 +289,14 @@ def test_grpc_calls_past_the_thread_queue_are_refused_overloaded() -> None:
         assert counted[("grpc", "Infer", "", "UNAVAILABLE")] == 3
         assert counted[("grpc", "Infer", "shape", "OK")] == THREAD_QUEUE
         still_serving(gw)
-    finally:
-        GATE.set()
-        for ch in channels:
-            ch.close()
-        gw.stop()
 
 
 def test_grpc_calls_that_end_while_they_wait_for_a_thread_are_recorded() -> None:
     # grpcio ends a call whose client's deadline passes or who cancels it while it waits for a
     # thread; no handler ran, so it was neither logged nor counted (HTTP counts such a client
     # as 499).
-    gw = gated_gateway(grpc_threads=1)
-    before = request_counts(gw.http_url)
-    channel = grpc.insecure_channel(gw.grpc_target)
-    try:
+    with gated_gateway(grpc_threads=1) as gw, grpc_channels(gw, 1) as (channel,):
+        before = request_counts(gw.http_url)
         stub = pb_grpc.ImageGatewayServiceStub(channel)
         held = stub.Infer.future(
             pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=30
@@ -320,20 +319,17 @@ def test_grpc_calls_that_end_while_they_wait_for_a_thread_are_recorded() -> None
         counted = delta(request_counts(gw.http_url), before)
         assert counted[(*route, "DEADLINE_EXCEEDED")] == 1
         still_serving(gw)
-    finally:
-        GATE.set()
-        channel.close()
-        gw.stop()
 
 
 def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
     # The deadline, the recorded duration and the client check counted from when a thread took
     # the request up: behind one slow request, another waited past --request-timeout in
     # cheroot's or grpcio's queue and was then served in full, its wait recorded nowhere.
-    gw = gated_gateway(http_threads=1, grpc_threads=1, request_timeout=1.0)
-    admission = gw.dataplane.admission
-    channel = grpc.insecure_channel(gw.grpc_target)
-    try:
+    with (
+        gated_gateway(http_threads=1, grpc_threads=1, request_timeout=1.0) as gw,
+        grpc_channels(gw, 1) as (channel,),
+    ):
+        admission = gw.dataplane.admission
         stub = pb_grpc.ImageGatewayServiceStub(channel)
         with ThreadPoolExecutor(2) as pool:
             held_http = pool.submit(post_octet, gw.http_url, "gated", PNG)
@@ -356,10 +352,6 @@ def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
             assert grpc_code(info.value) == (grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded")
             with pytest.raises(grpc.RpcError):
                 held_grpc.result()
-    finally:
-        GATE.set()
-        channel.close()
-        gw.stop()
 
 
 @pytest.mark.parametrize("draining", [False, True], ids=["deadline", "draining"])
@@ -368,12 +360,13 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
 ) -> None:
     # They were answered only once a thread came free: past their deadline (clients without a
     # timeout of their own waited on), or at a shutdown past the grace, as a reset.
-    gw = gated_gateway(
-        http_threads=1, grpc_threads=1, request_timeout=1.0 if not draining else 30.0
-    )
-    errors_before = request_errors(gw.http_url)
-    channel = grpc.insecure_channel(gw.grpc_target)
-    try:
+    with (
+        gated_gateway(
+            http_threads=1, grpc_threads=1, request_timeout=1.0 if not draining else 30.0
+        ) as gw,
+        grpc_channels(gw, 1) as (channel,),
+    ):
+        errors_before = request_errors(gw.http_url)
         stub = pb_grpc.ImageGatewayServiceStub(channel)
         with ThreadPoolExecutor(2) as pool:
             held_http = pool.submit(post_octet, gw.http_url, "gated", PNG)
@@ -406,19 +399,13 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
                 held_grpc.result()
         if not draining:
             still_serving(gw)
-    finally:
-        GATE.set()
-        channel.close()
-        gw.stop()
 
 
 def test_clients_that_left_while_waiting_for_a_thread_give_their_places_up() -> None:
     # Their requests kept their places in the 256 until a thread or the deadline came: live
     # clients behind them were refused overloaded, and the leavers were answered and counted.
-    gw = gated_gateway(http_threads=1, grpc_threads=1)
-    address = http_host_port(gw.http_url)
-    channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(4)]
-    try:
+    with gated_gateway(http_threads=1, grpc_threads=1) as gw, grpc_channels(gw, 4) as channels:
+        address = http_host_port(gw.http_url)
         stubs = [pb_grpc.ImageGatewayServiceStub(ch) for ch in channels]
         with ThreadPoolExecutor(1) as pool:
             held_http = pool.submit(post_octet, gw.http_url, "gated", PNG)
@@ -466,28 +453,15 @@ def test_clients_that_left_while_waiting_for_a_thread_give_their_places_up() -> 
             held_http.result()
             held_grpc.result()
         still_serving(gw)
-    finally:
-        GATE.set()
-        for ch in channels:
-            ch.close()
-        gw.stop()
 
 
 def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_computed() -> None:
     # Its time counted from when a thread took it up, so the first check of its client came too
     # late: a small image reached the model for nobody, and a retry storm did the work twice.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            http_threads=1,
-            max_concurrency=8,
-            model=("shape", "tests.models:gated", "tests.models:spy"),
-        )
-    )
-    GATE.clear()
-    SPY.calls.clear()
-    try:
+    with gated_gateway(
+        http_threads=1, model=("shape", "tests.models:gated", "tests.models:spy")
+    ) as gw:
+        SPY.calls.clear()
         before = request_counts(gw.http_url)
         with ThreadPoolExecutor(1) as pool:
             held = pool.submit(post_octet, gw.http_url, "gated", PNG)
@@ -503,9 +477,6 @@ def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_compute
             "the request is counted as cancelled",
         )
         assert SPY.calls == []
-    finally:
-        GATE.set()
-        gw.stop()
 
 
 @pytest.fixture(scope="module")
@@ -670,20 +641,14 @@ def test_request_timeout_gives_504(strict_gateway: Gateway) -> None:
 
 def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
     # One slot, held by the gated model until the test opens the gate; requests behind it queue.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            model=("shape", "tests.models:gated", "tests.models:spy"),
-            max_concurrency=1,
-            max_queue=4,
-            max_request_pixels=128 * 128,
-        )
-    )
-    admission = gw.dataplane.admission
-    GATE.clear()
-    SPY.calls.clear()
-    try:
+    with gated_gateway(
+        model=("shape", "tests.models:gated", "tests.models:spy"),
+        max_concurrency=1,
+        max_queue=4,
+        max_request_pixels=128 * 128,
+    ) as gw:
+        admission = gw.dataplane.admission
+        SPY.calls.clear()
         before = request_counts(gw.http_url)
         with grpc.insecure_channel(gw.grpc_target) as ch:
             stub = pb_grpc.ImageGatewayServiceStub(ch)
@@ -721,9 +686,6 @@ def test_requests_of_clients_that_left_are_dropped_unrun() -> None:
         assert counts["grpc", "Infer", "spy", "OK"] == 1
         assert counts["http", "POST /v1/models/<model>/infer", "spy", "200"] == 1
         still_serving(gw)
-    finally:
-        GATE.set()
-        gw.stop()
 
 
 def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
@@ -731,18 +693,16 @@ def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
     # requests behind it wait in the batcher's queue, where one's deadline passes and another's
     # client leaves. Neither is computed once the batcher is free: only the request whose client
     # still waits is.
-    gw = start(Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:gated_batching")))
-    model = "gated-batching"
-    batcher = gw.dataplane.batchers[model]
-    GATE.clear()
-    GATED_BATCHING.tags.clear()
+    with gated_gateway(model=("shape", "tests.models:gated_batching")) as gw:
+        model = "gated-batching"
+        batcher = gw.dataplane.batchers[model]
+        GATED_BATCHING.tags.clear()
 
-    def grpc_call(tag: str) -> pb.InferRequest:
-        call = pb.InferRequest(model=model, image=pb.Image(data=PNG))
-        call.parameters.update({"tag": tag})
-        return call
+        def grpc_call(tag: str) -> pb.InferRequest:
+            call = pb.InferRequest(model=model, image=pb.Image(data=PNG))
+            call.parameters.update({"tag": tag})
+            return call
 
-    try:
         before = request_counts(gw.http_url)
         with grpc.insecure_channel(gw.grpc_target) as ch, ThreadPoolExecutor(1) as pool:
             stub = pb_grpc.ImageGatewayServiceStub(ch)
@@ -778,9 +738,6 @@ def test_batched_requests_given_up_on_are_left_out_of_the_next_batch() -> None:
         assert counts["grpc", "Infer", model, "OK"] == 1
         assert counts["grpc", "Infer", model, "DEADLINE_EXCEEDED"] == 1
         still_serving(gw)
-    finally:
-        GATE.set()
-        gw.stop()
 
 
 def test_a_request_stops_decoding_once_its_client_has_left() -> None:
@@ -911,70 +868,67 @@ def test_malformed_and_oversized_request_heads_get_json_errors(gateway: Gateway)
 
 
 def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
-    gw = start(
-        Settings(http_port=0, grpc_port=0, model=("shape", "tests.models:gated"), http_threads=1)
-    )
-    address = http_host_port(gw.http_url)
-    GATE.clear()
-    waiting: list[socket.socket] = []
-    try:
-        # The only HTTP thread is held by the gated model ...
-        busy = socket.create_connection(address, timeout=30)
-        busy.sendall(
-            b"POST /v1/models/gated/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Content-Type: application/octet-stream\r\n"
-            + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
-            + PNG
-        )
-        wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
-        # ... while more connections send a request than may wait for a thread.
-        extra = 6
-        waiting = [
-            socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + extra)
-        ]
-        for s in waiting:
-            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        # cheroot's selector waited up to 1 s for a place for each of them in turn, accepting
-        # nothing else meanwhile: a probe then waited too.
-        assert requests.get(gw.http_url + "/healthz", timeout=3).status_code == 200
-        refused: list[socket.socket] = []
-        with selectors.DefaultSelector() as selector:
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
+        waiting: list[socket.socket] = []
+        try:
+            # The only HTTP thread is held by the gated model ...
+            busy = socket.create_connection(address, timeout=30)
+            busy.sendall(
+                b"POST /v1/models/gated/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Content-Type: application/octet-stream\r\n"
+                + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
+                + PNG
+            )
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
+            # ... while more connections send a request than may wait for a thread.
+            extra = 6
+            waiting = [
+                socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + extra)
+            ]
             for s in waiting:
-                selector.register(s, selectors.EVENT_READ, s)
-            # Answered while the thread is still held: the connections the queue had no room for.
-            give_up = time.monotonic() + 30
-            while len(refused) < extra and time.monotonic() < give_up:
-                for key, _ in selector.select(timeout=1):
-                    selector.unregister(key.fileobj)
-                    refused.append(key.data)
-        assert len(refused) == extra
-        # Clients that leave before sending anything, with the queue full: closed, not answered
-        # 503 and counted for nobody.
-        before = request_counts(gw.http_url)
-        for _ in range(5):
-            socket.create_connection(address, timeout=5).close()
-        time.sleep(0.5)
-        assert delta(request_counts(gw.http_url), before)[("http", "-", "", "503")] == 0
-        # A client need not read at once: a reset sent after the answer would destroy it by then.
-        time.sleep(0.5)
-        for s in refused:
-            head, _, body = _until_closed(s).partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 503"), head
-            assert b"\r\nRetry-After: 1\r\n" in head
-            assert json.loads(body)["error"]["code"] == "overloaded"
-        GATE.set()
-        assert _until_closed(busy).startswith(b"HTTP/1.1 200")
-        # The queued connections are served once the thread is free.
-        for s in waiting:
-            if s not in refused:
-                assert _until_closed(s).startswith(b"HTTP/1.1 200")
-        busy.close()
-        still_serving(gw)
-    finally:
-        GATE.set()
-        for s in waiting:
-            s.close()
-        gw.stop()
+                s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            # cheroot's selector waited up to 1 s for a place for each of them in turn, accepting
+            # nothing else meanwhile: a probe then waited too.
+            assert requests.get(gw.http_url + "/healthz", timeout=3).status_code == 200
+            refused: list[socket.socket] = []
+            with selectors.DefaultSelector() as selector:
+                for s in waiting:
+                    selector.register(s, selectors.EVENT_READ, s)
+                # Answered while the thread is still held: the connections the queue had no
+                # room for.
+                give_up = time.monotonic() + 30
+                while len(refused) < extra and time.monotonic() < give_up:
+                    for key, _ in selector.select(timeout=1):
+                        selector.unregister(key.fileobj)
+                        refused.append(key.data)
+            assert len(refused) == extra
+            # Clients that leave before sending anything, with the queue full: closed, not answered
+            # 503 and counted for nobody.
+            before = request_counts(gw.http_url)
+            for _ in range(5):
+                socket.create_connection(address, timeout=5).close()
+            time.sleep(0.5)
+            assert delta(request_counts(gw.http_url), before)[("http", "-", "", "503")] == 0
+            # A client need not read at once: a reset sent after the answer would destroy it by
+            # then.
+            time.sleep(0.5)
+            for s in refused:
+                head, _, body = _until_closed(s).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503"), head
+                assert b"\r\nRetry-After: 1\r\n" in head
+                assert json.loads(body)["error"]["code"] == "overloaded"
+            GATE.set()
+            assert _until_closed(busy).startswith(b"HTTP/1.1 200")
+            # The queued connections are served once the thread is free.
+            for s in waiting:
+                if s not in refused:
+                    assert _until_closed(s).startswith(b"HTTP/1.1 200")
+            busy.close()
+            still_serving(gw)
+        finally:
+            for s in waiting:
+                s.close()
 
 
 def waiting_for_thread(http_url: str, protocol: str) -> float:
@@ -1002,9 +956,8 @@ def _answer_to(sock: socket.socket, end: bytes) -> bytes:
 def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
     # cheroot gave a /healthz the next thread of its one pool: while the HTTP threads held slow
     # requests, liveness probes, readiness probes and metric scrapes waited behind them.
-    gw = gated_gateway(http_threads=1)
-    address = http_host_port(gw.http_url)
-    try:
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
         with ThreadPoolExecutor(2) as pool, requests.Session() as session:
             held = pool.submit(post_octet, gw.http_url, "gated", PNG)
             wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
@@ -1043,51 +996,46 @@ def test_probes_are_answered_while_every_http_thread_is_busy() -> None:
             assert answers.count(b"HTTP/1.1 200") == 2
             pipelined.close()
         still_serving(gw)
-    finally:
-        GATE.set()
-        gw.stop()
 
 
 def test_slow_clients_cannot_hold_the_probe_threads() -> None:
     # A probe thread took any connection starting "GET /healthz ", then read the rest of its
     # head and body, and wrote its answer, with the 10 s timeouts of any request: two clients
     # trickling their headers, or never reading their answers, held both probe threads.
-    gw = gated_gateway(http_threads=1)
-    address = http_host_port(gw.http_url)
-    slow: list[socket.socket] = []
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(post_octet, gw.http_url, "gated", PNG)
-            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
-            for head in (
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ",  # its head never ends
-                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",  # no body
-            ):
-                for _ in range(2):
-                    s = socket.create_connection(address, timeout=10)
-                    s.sendall(head)
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
+        slow: list[socket.socket] = []
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+                wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+                for head in (
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ",  # its head never ends
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",  # no body
+                ):
+                    for _ in range(2):
+                        s = socket.create_connection(address, timeout=10)
+                        s.sendall(head)
+                        slow.append(s)
+                for _ in range(20):
+                    # A tiny receive window, many answers asked for, none read: each answer's send
+                    # waited up to 10 s, and then the next pipelined one.
+                    s = socket.socket()
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+                    s.connect(address)
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 600)
                     slow.append(s)
-            for _ in range(20):
-                # A tiny receive window, many answers asked for, none read: each answer's send
-                # waited up to 10 s, and then the next pipelined one.
-                s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-                s.connect(address)
-                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 600)
-                slow.append(s)
-            for _ in range(10):
-                time.sleep(0.5)
-                assert requests.get(gw.http_url + "/healthz", timeout=4).status_code == 200
-            GATE.set()
-            assert held.result().status_code == 200
-        for s in slow:
-            s.close()
-        still_serving(gw)
-    finally:
-        GATE.set()
-        for s in slow:
-            s.close()
-        gw.stop()
+                for _ in range(10):
+                    time.sleep(0.5)
+                    assert requests.get(gw.http_url + "/healthz", timeout=4).status_code == 200
+                GATE.set()
+                assert held.result().status_code == 200
+            for s in slow:
+                s.close()
+            still_serving(gw)
+        finally:
+            for s in slow:
+                s.close()
 
 
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
