@@ -53,6 +53,9 @@ class Settings:
     max_queue: int = 32
     http_threads: int = 8
     grpc_threads: int = 8
+    # Unary gRPC calls a worker takes at once, from the start of their message to their
+    # answer: their messages are read without a thread, so slow uploads hold none.
+    grpc_calls: int = 8
     # grpcio's threaded server holds a thread for each open stream, for as long as it is open;
     # streams get threads of their own, so open streams never take those of unary calls.
     max_streams: int = 8
@@ -88,7 +91,9 @@ _HELP = {
     ),
     "max_queue": "requests waiting for a slot before new ones get 503 / UNAVAILABLE, per worker",
     "http_threads": "HTTP threads per worker",
-    "grpc_threads": "gRPC threads per worker for unary calls",
+    "grpc_threads": "gRPC threads per worker running unary calls",
+    "grpc_calls": "unary gRPC calls per worker taken at once, from their message's first byte "
+    "to their answer (at least --grpc-threads); each may hold --max-request-bytes",
     "max_streams": "InferStream and reflection streams open at once per worker, a thread each",
     "model_threads": "threads of each native math library (OpenBLAS, MKL, OpenMP) a model "
     "uses, per worker; 0 leaves the libraries' defaults; ignored when OMP_NUM_THREADS or "
@@ -230,6 +235,7 @@ _TYPES: dict[str, Any] = {
     "max_queue": _non_negative_int,
     "http_threads": _at_least_one,
     "grpc_threads": _at_least_one,
+    "grpc_calls": _at_least_one,
     "max_streams": _at_least_one,
     "model_threads": _non_negative_int,
     "shutdown_grace": _positive_float,

@@ -56,7 +56,8 @@ IN_FLIGHT = Gauge(
 )
 WAITING_FOR_THREAD = Gauge(
     "gateway_waiting_for_thread_requests",
-    "Requests waiting for a thread of their protocol, before the core (sampled twice a second).",
+    "Requests waiting for a thread of their protocol (gRPC: or for a --grpc-calls place), before "
+    "the core (sampled twice a second).",
     ["protocol"],
     multiprocess_mode="livesum",
 )

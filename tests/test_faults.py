@@ -309,13 +309,14 @@ def test_grpc_calls_that_end_while_they_wait_for_a_thread_are_recorded() -> None
             late.result()
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         left.cancel()
-        GATE.set()
-        assert grpc_result(held.result().result)["output"] == [128, 128, 3]
         route = ("grpc", "Infer", "")
+        # Recorded while it waits, not once a thread comes to it.
         wait_for(
             lambda: delta(request_counts(gw.http_url), before)[(*route, "CANCELLED")] == 1,
             "the cancelled call is recorded",
         )
+        GATE.set()
+        assert grpc_result(held.result().result)["output"] == [128, 128, 3]
         counted = delta(request_counts(gw.http_url), before)
         assert counted[(*route, "DEADLINE_EXCEEDED")] == 1
         still_serving(gw)
@@ -1246,6 +1247,42 @@ def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads()
         # Recorded, as any other answer: no handler ran for them.
         counted = delta(request_counts(gw.http_url), before)
         assert counted[("grpc", "Infer", "", "DEADLINE_EXCEEDED")] == 6
+        still_serving(gw)
+    finally:
+        never.set()
+        gw.stop()
+
+
+def test_grpc_calls_hold_no_thread_while_their_message_arrives() -> None:
+    # grpcio gave a call its thread when its headers came, and the thread then waited for the
+    # message: as many slow or silent uploads as threads stopped every other unary call. Now
+    # a call takes one of --grpc-calls places while its message arrives, and a thread after.
+    settings = Settings(http_port=0, grpc_port=0, grpc_threads=1, grpc_calls=3)
+    gw = start(settings)
+    never = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        never.wait(60)
+        yield b""
+
+    plain = pb.InferRequest(image=pb.Image(data=PNG))
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            silent = channel.stream_unary("/imagegateway.v1.ImageGatewayService/Infer")
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            uploads = [silent.future(nothing(), timeout=60) for _ in range(2)]
+            # The only thread is free while two messages are awaited.
+            reply = stub.Infer(plain, timeout=10)
+            assert grpc_result(reply.result)["output"] == [128, 128, 3]
+            uploads.append(silent.future(nothing(), timeout=60))
+            # Every place is taken: this call waits, unread, for one.
+            queued = stub.Infer.future(plain, timeout=30)
+            wait_for(lambda: waiting_for_thread(gw.http_url, "grpc") == 1, "the call waits")
+            assert not queued.done()
+            uploads[0].cancel()
+            assert grpc_result(queued.result().result)["output"] == [128, 128, 3]
+            for upload in uploads[1:]:
+                upload.cancel()
         still_serving(gw)
     finally:
         never.set()

@@ -14,19 +14,27 @@ large" here.
 grpcio's threaded server gives a call a thread of its pool as soon as the call's headers arrive,
 and the thread then waits for the request message without any time limit. Sixteen calls that
 never sent theirs held every thread of a worker, health checks included, for as long as their
-client kept the connection open. This pool watches the calls that take one request message
-(Infer, InferBatch, GetModel, health checks, ...) while they wait for it, and ends those still
-waiting after `limit` seconds with DEADLINE_EXCEEDED and the `request_timeout` code, as the HTTP
-side answers a body that stops arriving. Streams of requests are not watched: an InferStream
-may rightly wait for its client's next message (`--max-streams` bounds those).
+client kept the connection open; as many slow uploads as threads stopped every other unary call.
+So this pool reads the message of a call that takes one (Infer, InferBatch, GetModel, ...)
+before giving it a thread: the call takes one of `calls` places (`--grpc-calls`, which bound the
+memory its messages can hold) from the start of its message to its answer, and a thread only once
+the message is in. Calls past the places wait unread, in the same queue as calls waiting for a
+thread. A call whose message is still missing after `limit` seconds is ended with
+DEADLINE_EXCEEDED and the `request_timeout` code, as the HTTP side answers a body that stops
+arriving. Health checks are read on their own two threads, also watched. Streams of requests are
+not watched: an InferStream may rightly wait for its client's next message (`--max-streams`
+bounds those).
 
 grpcio has no hook for this. The pool recognises grpcio's own request reader among what the
-server submits to it, and ends a call the way grpcio's own aborts do, through grpc._server's call
-state; tests/test_faults.py checks it against the installed grpcio.
+server submits to it, starts the read with grpcio's own message callback, and ends a call the way
+grpcio's own aborts do, through grpc._server's call state; tests/test_faults.py checks it against
+the installed grpcio.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import logging
 import threading
@@ -63,6 +71,38 @@ PROBE_THREADS = 2
 STREAM_SPARE = 2
 
 
+class _Call:
+    """A unary call grpcio handed to the pool, from its arrival until its handler has run."""
+
+    __slots__ = ("admitted", "args", "arrived", "done", "ended", "fn", "kwargs")
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.arrived = time.monotonic()
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        # What grpcio counts the call by: done once the call no longer needs the pool.
+        self.done: Future[None] = Future()
+        # Whether it holds one of the `calls` places (from the start of its receive).
+        self.admitted = False
+        # Whether the watch ended it for want of its message.
+        self.ended = False
+
+    @property
+    def event(self) -> Any:
+        return self.args[1]
+
+    @property
+    def state(self) -> Any:
+        return self.args[2]
+
+    @property
+    def behaviour(self) -> Any:
+        return self.args[3]
+
+
 class WatchedPool(ThreadPoolExecutor):
     """The pool of unary calls (`unary_threads`), with those of streams and health checks."""
 
@@ -73,6 +113,7 @@ class WatchedPool(ThreadPoolExecutor):
         limit: float,
         thread_name_prefix: str = "",
         draining: Callable[[], bool] = lambda: False,
+        calls: int | None = None,
     ) -> None:
         super().__init__(max_workers=unary_threads, thread_name_prefix=thread_name_prefix)
         self._streams = ThreadPoolExecutor(
@@ -83,10 +124,14 @@ class WatchedPool(ThreadPoolExecutor):
         )
         self.limit = limit
         self.draining = draining
-        # Unary calls waiting for a thread, oldest first: key -> (arrival, what to run).
-        self._queued: dict[
-            int, tuple[float, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-        ] = {}
+        # Unary calls a worker holds at once, from the start of their message to their answer.
+        self.calls = max(calls or unary_threads, unary_threads)
+        self._lock = threading.Lock()
+        self._admitted = 0
+        # Unary calls waiting for a place (not yet reading) or, read, for a thread: key -> call.
+        self._queued: dict[int, _Call] = {}
+        # Keys of the calls waiting for a place, oldest first.
+        self._pending: collections.deque[int] = collections.deque()
         self._keys = itertools.count()
         # id(call state) -> (when it gives up, the call's event, its state, its handler's name)
         self._waiting: dict[int, tuple[float, Any, Any, str]] = {}
@@ -99,52 +144,152 @@ class WatchedPool(ThreadPoolExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         # grpcio submits (context.run, handler-in-pool, rpc_event, state, behaviour,
-        # request reader, ...); the reader of a one-message request is the function to watch.
-        if len(args) > 4 and getattr(args[4], "__name__", "") == _REQUEST_READER:
-            probe = _is_health(args[3])
-            if not probe and len(self._queued) >= THREAD_QUEUE:
+        # request reader, request deserializer, ...); the reader of a one-message request is
+        # the one to replace.
+        if len(args) > 5 and getattr(args[4], "__name__", "") == _REQUEST_READER:
+            if _is_health(args[3]):
+                watched = self._watched(args[4], args[1], args[2], args[3])
+                return self._probes.submit(fn, *args[:4], watched, *args[5:], **kwargs)
+            if len(self._queued) >= THREAD_QUEUE:
                 # Refused on a probe thread: it only sends the status, reading nothing.
                 refuse = _refusal(args[1], args[2], args[3])
                 return self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
-            watched = self._watched(args[4], args[1], args[2], args[3])
-            args = (*args[:4], watched, *args[5:])
-            if probe:
-                return self._probes.submit(fn, *args, **kwargs)
-            key = next(self._keys)
-            self._queued[key] = (time.monotonic(), fn, args, kwargs)
-            # The call itself stays in _queued: one the sweep answers leaves only its key
-            # in the executor's queue, until a thread comes to it.
-            return super().submit(self._run_queued, key)
+            call = _Call(fn, args, kwargs)
+            with self._lock:
+                call.admitted = self._admitted < self.calls
+                if call.admitted:
+                    self._admitted += 1
+                else:
+                    key = next(self._keys)
+                    self._queued[key] = call
+                    self._pending.append(key)
+            if call.admitted:
+                self._receive(call)
+            return call.done
         if len(args) > 1:  # a call whose requests stream
             return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)
 
+    def _receive(self, call: _Call) -> None:
+        """Start reading the call's message now; it gets a thread once the message is in. A
+        thread that waited for the message could wait as long as its client took to send it."""
+        event, state = call.event, call.state
+        self._waiting[id(state)] = (
+            time.monotonic() + self.limit,
+            event,
+            state,
+            _name(call.behaviour),
+        )
+        with state.condition:
+            active = grpc_server._is_rpc_state_active(state)
+            if active:
+                received = grpc_server._receive_message(state, event.call, call.args[5])
+
+                def on_message(message_event: Any) -> Any:
+                    outcome = received(message_event)
+                    call.ended = self._waiting.pop(id(state), None) is None
+                    self._ready(call)
+                    return outcome
+
+                event.call.start_server_batch(
+                    (grpc_server.cygrpc.ReceiveMessageOperation(grpc_server._EMPTY_FLAGS),),
+                    on_message,
+                )
+                state.due.add(grpc_server._RECEIVE_MESSAGE_TOKEN)
+        if not active:
+            self._waiting.pop(id(state), None)
+            self._ready(call)
+
+    def _ready(self, call: _Call) -> None:
+        """Queue a call whose message is in (or will not come) for a thread."""
+        key = next(self._keys)
+        self._queued[key] = call
+        try:
+            super().submit(self._run_queued, key)
+        except RuntimeError:  # the pool is shut down: the server stops, and cancels its calls
+            if self._queued.pop(key, None) is not None:
+                self._finish(call)
+
     def _run_queued(self, key: int) -> Any:
         # Whoever takes the call from the queue answers it: this thread, or the sweep.
-        queued = self._queued.pop(key, None)
-        if queued is None:
+        call = self._queued.pop(key, None)
+        if call is None:
             return None
-        at, fn, args, kwargs = queued
-        return run_arrived(at, fn, *args, **kwargs)
+        args = (*call.args[:4], self._taken(call), *call.args[5:])
+        try:
+            return run_arrived(call.arrived, call.fn, *args, **call.kwargs)
+        finally:
+            self._finish(call)
+
+    def _taken(self, call: _Call) -> Callable[[], Any]:
+        """The request reader for a call whose message was read before it had a thread."""
+        event, state, behaviour = call.event, call.state, call.behaviour
+
+        def unary_request() -> Any:
+            with state.condition:
+                request, state.request = state.request, None
+                if request is None and state.client is grpc_server._CLOSED and not state.statused:
+                    # What grpcio's own reader answers a call closed without its message.
+                    details = f'"{event.call_details.method}" requires exactly one request message.'
+                    grpc_server._abort(
+                        state,
+                        event.call,
+                        grpc_server.cygrpc.StatusCode.unimplemented,
+                        details.encode(),
+                    )
+            if request is not None and state.client is not grpc_server._CANCELLED:
+                return request
+            _record_unserved(event, state, behaviour, call.ended, call.arrived)
+            return None
+
+        return unary_request
+
+    def _finish(self, call: _Call) -> None:
+        """The call no longer needs the pool: its place goes to the oldest call waiting."""
+        call.done.set_result(None)
+        if not call.admitted:
+            return
+        following: _Call | None = None
+        with self._lock:
+            while self._pending and following is None:
+                # Gone from the queue: the sweep answered it meanwhile.
+                following = self._queued.pop(self._pending.popleft(), None)
+            if following is None:
+                self._admitted -= 1
+            else:
+                following.admitted = True
+        if following is not None:
+            self._receive(following)
 
     def _sweep_queued(self) -> None:
-        """Answer at once the unary calls waiting for a thread that will not be served: those
-        past `--request-timeout` from arrival (`deadline_exceeded`), and while draining all
+        """Answer at once the unary calls waiting that will not be served: those past
+        `--request-timeout` from arrival (`deadline_exceeded`), and while draining all
         (`shutting_down`). They waited for a thread to be told so, as long as it took."""
         draining = self.draining()
-        for key, (at, fn, args, kwargs) in list(self._queued.items()):
+        for key, call in list(self._queued.items()):
             # Ended by its client (a cancel, its deadline): its place is given up now, not when
             # a thread or the server's deadline comes (hundreds of them took every place).
-            gone = args[2].client is grpc_server._CANCELLED
-            verdict = waiting_verdict(at, gone=gone, draining=draining, timeout=self.limit)
+            gone = call.state.client is grpc_server._CANCELLED
+            verdict = waiting_verdict(
+                call.arrived, gone=gone, draining=draining, timeout=self.limit
+            )
             if verdict is None or self._queued.pop(key, None) is None:
                 continue  # waits on, or a thread took it meanwhile
             if gone:
-                _record_unserved(args[1], args[2], args[3], ended=False, arrived_at=at)
+                _record_unserved(call.event, call.state, call.behaviour, False, call.arrived)
+                self._finish(call)
                 continue
-            refuse = _refusal(args[1], args[2], args[3], verdict.error, verdict.message, at)
-            self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
+            refuse = _refusal(
+                call.event, call.state, call.behaviour, verdict.error, verdict.message, call.arrived
+            )
+            answered = self._probes.submit(
+                call.fn, *call.args[:4], refuse, *call.args[5:], **call.kwargs
+            )
+            answered.add_done_callback(functools.partial(self._after_refusal, call))
         metrics.WAITING_FOR_THREAD.labels("grpc").set(len(self._queued))
+
+    def _after_refusal(self, call: _Call, _answered: Future[Any]) -> None:
+        self._finish(call)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._stopped.set()
@@ -163,16 +308,8 @@ class WatchedPool(ThreadPoolExecutor):
             try:
                 request = read()
             finally:
-                # Gone from the watch already: the watcher took it to end it.
-                ended = self._waiting.pop(key, None) is None
-            if request is not None and state.client is not grpc_server._CANCELLED:
-                return request
-            # A message that came as the call was ended: the client has had its answer. No
-            # handler runs, so the call is recorded here, as HTTP records a client that left
-            # (health checks, which the servicer does not record either, excepted).
-            if not _is_health(behaviour):
-                _record_unserved(event, state, behaviour, ended)
-            return None
+                self._waiting.pop(key, None)
+            return request if state.client is not grpc_server._CANCELLED else None
 
         return unary_request
 

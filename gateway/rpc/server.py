@@ -86,6 +86,7 @@ def build_grpc_server(
             settings.request_timeout,
             thread_name_prefix="grpc-worker",
             draining=lambda: dataplane.admission.draining,
+            calls=settings.grpc_calls,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
