@@ -1289,6 +1289,42 @@ def test_grpc_calls_hold_no_thread_while_their_message_arrives() -> None:
         gw.stop()
 
 
+def test_a_call_ended_for_want_of_its_message_is_recorded_so_while_it_waits_for_a_thread() -> None:
+    # Its message is read without a thread; ended for want of it while the only thread is
+    # busy, it waits for a thread only to be recorded, and was recorded as cancelled by its
+    # client (which it was not) when the sweep of waiting calls came to it first.
+    with (
+        gated_gateway(grpc_threads=1, request_timeout=1.5) as gw,
+        grpc_channels(gw, 1) as (channel,),
+    ):
+        before = request_counts(gw.http_url)
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        held = stub.Infer.future(
+            pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=30
+        )
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the only gRPC thread is held")
+        never = threading.Event()
+
+        def nothing() -> Iterator[bytes]:
+            never.wait(60)
+            yield b""
+
+        silent = channel.stream_unary("/imagegateway.v1.ImageGatewayService/Infer")
+        try:
+            with pytest.raises(grpc.RpcError) as ended:
+                silent.future(nothing(), timeout=30).result()
+        finally:
+            never.set()
+        assert grpc_code(ended.value) == (grpc.StatusCode.DEADLINE_EXCEEDED, "request_timeout")
+        route = ("grpc", "Infer", "")
+        wait_for(
+            lambda: delta(request_counts(gw.http_url), before)[(*route, "DEADLINE_EXCEEDED")] == 1,
+            "the ended call is recorded",
+        )
+        assert delta(request_counts(gw.http_url), before)[(*route, "CANCELLED")] == 0
+        assert not held.done()
+
+
 def test_idle_reflection_streams_take_stream_slots_and_cannot_starve_the_pool() -> None:
     # A reflection stream holds a thread as long as its client keeps it open. Uncounted, a few
     # idle ones held every thread of the pool, health checks included.

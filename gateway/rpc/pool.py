@@ -276,7 +276,8 @@ class WatchedPool(ThreadPoolExecutor):
             if verdict is None or self._queued.pop(key, None) is None:
                 continue  # waits on, or a thread took it meanwhile
             if gone:
-                _record_unserved(call.event, call.state, call.behaviour, False, call.arrived)
+                # Ended here for want of its message (call.ended), or by its client.
+                _record_unserved(call.event, call.state, call.behaviour, call.ended, call.arrived)
                 self._finish(call)
                 continue
             refuse = _refusal(
