@@ -203,6 +203,8 @@ class WatchedPool(ThreadPoolExecutor):
     def _ready(self, call: _Call) -> None:
         """Queue a call whose message is in (or will not come) for a thread."""
         key = next(self._keys)
+        # The call itself stays in _queued: one the sweep answers leaves only its key in the
+        # executor's queue, until a thread comes to it.
         self._queued[key] = call
         try:
             super().submit(self._run_queued, key)
