@@ -174,12 +174,9 @@ class WatchedPool(ThreadPoolExecutor):
         """Start reading the call's message now; it gets a thread once the message is in. A
         thread that waited for the message could wait as long as its client took to send it."""
         event, state = call.event, call.state
-        self._waiting[id(state)] = (
-            time.monotonic() + self.limit,
-            event,
-            state,
-            _name(call.behaviour),
-        )
+        # From arrival, as the rest of the call's time: a call that waited for a place has
+        # that much less left for its message.
+        self._waiting[id(state)] = (call.arrived + self.limit, event, state, _name(call.behaviour))
         with state.condition:
             active = grpc_server._is_rpc_state_active(state)
             if active:
