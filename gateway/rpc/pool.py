@@ -207,6 +207,7 @@ class WatchedPool(ThreadPoolExecutor):
             super().submit(self._run_queued, key)
         except RuntimeError:  # the pool is shut down: the server stops, and cancels its calls
             if self._queued.pop(key, None) is not None:
+                _record_unserved(call.event, call.state, call.behaviour, call.ended, call.arrived)
                 self._finish(call)
 
     def _run_queued(self, key: int) -> Any:
