@@ -102,6 +102,13 @@ class _Call:
     def behaviour(self) -> Any:
         return self.args[3]
 
+    def args_with(self, reader: Callable[[], Any]) -> tuple[Any, ...]:
+        """grpcio's arguments, with `reader` for its request reader."""
+        return (*self.args[:4], reader, *self.args[5:])
+
+    def record_unserved(self) -> None:
+        _record_unserved(self.event, self.state, self.behaviour, self.ended, self.arrived)
+
 
 class WatchedPool(ThreadPoolExecutor):
     """The pool of unary calls (`unary_threads`), with those of streams and health checks."""
@@ -207,7 +214,7 @@ class WatchedPool(ThreadPoolExecutor):
             super().submit(self._run_queued, key)
         except RuntimeError:  # the pool is shut down: the server stops, and cancels its calls
             if self._queued.pop(key, None) is not None:
-                _record_unserved(call.event, call.state, call.behaviour, call.ended, call.arrived)
+                call.record_unserved()
                 self._finish(call)
 
     def _run_queued(self, key: int) -> Any:
@@ -215,15 +222,16 @@ class WatchedPool(ThreadPoolExecutor):
         call = self._queued.pop(key, None)
         if call is None:
             return None
-        args = (*call.args[:4], self._taken(call), *call.args[5:])
         try:
-            return run_arrived(call.arrived, call.fn, *args, **call.kwargs)
+            return run_arrived(
+                call.arrived, call.fn, *call.args_with(self._taken(call)), **call.kwargs
+            )
         finally:
             self._finish(call)
 
     def _taken(self, call: _Call) -> Callable[[], Any]:
         """The request reader for a call whose message was read before it had a thread."""
-        event, state, behaviour = call.event, call.state, call.behaviour
+        event, state = call.event, call.state
 
         def unary_request() -> Any:
             with state.condition:
@@ -239,7 +247,7 @@ class WatchedPool(ThreadPoolExecutor):
                     )
             if request is not None and state.client is not grpc_server._CANCELLED:
                 return request
-            _record_unserved(event, state, behaviour, call.ended, call.arrived)
+            call.record_unserved()
             return None
 
         return unary_request
@@ -277,15 +285,13 @@ class WatchedPool(ThreadPoolExecutor):
                 continue  # waits on, or a thread took it meanwhile
             if gone:
                 # Ended here for want of its message (call.ended), or by its client.
-                _record_unserved(call.event, call.state, call.behaviour, call.ended, call.arrived)
+                call.record_unserved()
                 self._finish(call)
                 continue
             refuse = _refusal(
                 call.event, call.state, call.behaviour, verdict.error, verdict.message, call.arrived
             )
-            answered = self._probes.submit(
-                call.fn, *call.args[:4], refuse, *call.args[5:], **call.kwargs
-            )
+            answered = self._probes.submit(call.fn, *call.args_with(refuse), **call.kwargs)
             answered.add_done_callback(functools.partial(self._after_refusal, call))
         metrics.WAITING_FOR_THREAD.labels("grpc").set(len(self._queued))
 
