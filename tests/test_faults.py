@@ -29,6 +29,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
+from gateway.rest.linger import Lingerer
 from gateway.rest.server import Watchdog
 from gateway.rest.socketfile import (
     KnownLengthBody,
@@ -36,6 +37,7 @@ from gateway.rest.socketfile import (
     SocketWriter,
     move_timeout_to_kernel,
     peer_closed,
+    send_now,
 )
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
@@ -1039,6 +1041,59 @@ def test_slow_clients_cannot_hold_the_probe_threads() -> None:
                 s.close()
 
 
+def _whole_answers(received: bytes) -> list[bytes]:
+    """The bodies of the 200 answers in `received`, each whole, but for a last one cut short."""
+    bodies = []
+    while received:
+        head, sep, rest = received.partition(b"\r\n\r\n")
+        if not sep:
+            break  # cut short in its head
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        fields = dict(line.lower().split(b":", 1) for line in head.split(b"\r\n")[1:])
+        length = int(fields[b"content-length"])
+        if len(rest) < length:
+            break  # cut short in its body
+        bodies.append(rest[:length])
+        received = rest[length:]
+    return bodies
+
+
+def test_a_client_that_takes_no_answers_gets_no_more_from_the_probe_threads() -> None:
+    # A probe thread sent each answer itself, waiting up to 0.2 s for the client to take any of
+    # it and 1 s for all, and answered every probe a connection pipelined: forty connections
+    # asking for /metrics 600 times each and reading none had it made about 85 times each within
+    # two seconds, with 290 KB left unsent on each, and other probes waited behind them.
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
+        flood: list[socket.socket] = []
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+                wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+                for _ in range(40):
+                    s = socket.socket()
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+                    s.connect(address)
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 600)
+                    flood.append(s)
+                for _ in range(5):
+                    assert requests.get(gw.http_url + "/healthz", timeout=2).status_code == 200
+                # No more answers are made for a connection that leaves 64 KiB of them untaken;
+                # the ones made still reach their client (the last may be cut short, if the
+                # client took nothing for a second), then the end of the connection.
+                for s in flood:
+                    s.settimeout(10)
+                    bodies = _whole_answers(_until_closed(s))
+                    assert 1 <= len(bodies) <= 40, len(bodies)
+                    assert all(b"gateway_requests_total" in body for body in bodies)
+                GATE.set()
+                assert held.result().status_code == 200
+            still_serving(gw)
+        finally:
+            for s in flood:
+                s.close()
+
+
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
     served, peer = socket.socketpair()
     with served, peer:
@@ -1059,6 +1114,35 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
         client = socket.create_connection(listener.getsockname())
         served, _ = listener.accept()
     return served, client
+
+
+def test_the_lingering_thread_sends_the_rest_of_an_answer_then_ends_the_connection() -> None:
+    lingerer = Lingerer()
+    answer = bytes(range(256)) * (16 << 10)  # 4 MiB: more than a socket takes at once
+    try:
+        served, client = _tcp_pair()
+        with client:
+            sent = send_now(served, answer)
+            assert 0 < sent < len(answer)
+            assert lingerer.add(served, answer[sent:], within=10)
+            # Requests the client sends on meanwhile are read out, not left to reset the
+            # connection when it closes.
+            client.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+            client.settimeout(10)
+            assert _until_closed(client) == answer
+        wait_for(lambda: lingerer.unsent == 0, "the answer's rest sent")
+        # A client that takes nothing: the connection ends when its time is up.
+        served, client = _tcp_pair()
+        with client:
+            sent = send_now(served, answer)
+            assert lingerer.add(served, answer[sent:], within=0.2)
+            wait_for(lambda: lingerer.unsent == 0, "the answer's rest given up")
+            client.settimeout(10)
+            received = _until_closed(client)
+            assert sent <= len(received) < len(answer)
+            assert answer.startswith(received)
+    finally:
+        lingerer.stop()
 
 
 def test_a_cut_read_times_out_and_the_answer_still_reaches_the_client() -> None:

@@ -12,8 +12,10 @@ cheroot's selector thread hands every connection with a request to read to one p
 
 So while the pool has no idle thread or a queue, the dispatcher peeks at a connection's first
 bytes, without reading them. A probe (`GET` of one of PROBE_PATHS whose whole head has arrived,
-with no body) goes to PROBE_THREADS threads of its own, which answer that one request with a
-short send timeout, so that a client cannot hold them. A new connection that has sent nothing
+with no body) goes to PROBE_THREADS threads of its own, which answer that one request without
+ever waiting for the client: the answer is made in memory and sent as far as the socket takes it,
+the rest by the lingering thread (gateway.rest.linger), and a connection that leaves
+PROBE_BACKLOG bytes of answers untaken gets no more. A new connection that has sent nothing
 yet is handed back to the selector until it has (at most PARKED_MAX at a time; past that it is
 refused), and one its
 client has closed is closed (cheroot would have queued it, then answered it 503 for nobody).
@@ -32,17 +34,23 @@ import socket
 import threading
 from typing import Any
 
-from gateway.rest.socketfile import set_send_timeout
+from gateway.rest.socketfile import AnswerBuffer, send_now, unsent_bytes
 
 log = logging.getLogger(__name__)
 
 PROBE_THREADS = 2
 PROBE_PATHS = (b"/healthz", b"/readyz", b"/metrics")
-# Seconds a probe thread waits for a client to take any of its answer, and for all of it (the
-# watchdog ends the connection then, within its interval): a client that reads slowly, or
-# pipelines many /metrics and reads none, does not hold a probe thread.
-PROBE_SEND_TIMEOUT = 0.2
+# Seconds a client has to take all of a probe's answer; the part it does not take at once is
+# sent by the lingering thread, so that a client that reads slowly, or pipelines many /metrics
+# and reads none, holds no probe thread. (The watchdog ends a probe's connection after as long,
+# should reading its whole head ever wait.)
 PROBE_ANSWER_SECONDS = 1.0
+# The largest answer a probe is given (/metrics is some kilobytes).
+PROBE_ANSWER_MAX = 4 << 20
+# Bytes of answers a connection may leave untaken and still have its next probe answered. A
+# client pipelining /metrics and reading none had the probe threads make hundreds of answers for
+# it, as many as the kernel would buffer (290 KB and more a connection).
+PROBE_BACKLOG = 64 << 10
 # New connections with nothing sent yet, handed back to the selector at once (which closes
 # those idle for its timeout, 10 s). Past this many, a new one that has sent nothing is refused
 # 503 `overloaded`: it went to the pool's queue, where it held a thread while it sent nothing,
@@ -146,6 +154,33 @@ class Dispatcher:
         for _ in range(PROBE_THREADS):
             self._probes.put(_STOP)
 
+    def _send(self, conn: Any, answer: bytes) -> bool:
+        """Send a probe's answer without waiting for its client; whether the connection can
+        take its next request. What a client does not take at once (it reads slowly, or not at
+        all) goes to the lingering thread, which gives it PROBE_ANSWER_SECONDS and then closes
+        the connection: a probe thread never waits for a client."""
+        sent = send_now(conn.socket, answer)
+        if sent == len(answer):
+            return True
+        if self._server.lingerer.add(conn.socket, answer[sent:], PROBE_ANSWER_SECONDS):
+            conn.linger = True  # the socket is the lingering thread's now
+        return False
+
+    def _let_go(self, conn: Any) -> None:
+        """End a connection whose client does not take the answers it asks for: no more are
+        made for it. Those already sent still reach it, then the end of the connection; the
+        requests it sent on are read and dropped by the lingering thread (closing with them
+        unread would reset the connection, and the client would lose the answers)."""
+        conn.probe_only = False
+        try:
+            conn.socket.shutdown(socket.SHUT_WR)
+            if self._server.lingerer.add(conn.socket):
+                conn.linger = True
+        except OSError:  # gone
+            pass
+        with contextlib.suppress(Exception):
+            conn.close()
+
     def _park(self, conn: Any) -> bool:
         with self._lock:
             if self.parked >= PARKED_MAX:
@@ -158,17 +193,21 @@ class Dispatcher:
 
     def _answer_probes(self) -> None:
         while (conn := self._probes.get()) is not _STOP:
+            if unsent_bytes(conn.socket) > PROBE_BACKLOG:
+                self._let_go(conn)
+                continue
             keep = False
             watchdog = self._server.watchdog
             key = watchdog.watch(functools.partial(_end, conn.socket), PROBE_ANSWER_SECONDS)
+            writer, conn.wfile = conn.wfile, AnswerBuffer(PROBE_ANSWER_MAX)
             try:
-                set_send_timeout(conn.socket, PROBE_SEND_TIMEOUT)
                 keep = conn.communicate()
-                set_send_timeout(conn.socket, self._server.timeout)
+                keep = self._send(conn, b"".join(conn.wfile.parts)) and keep
             except Exception:
                 # These threads must outlive any one connection, as cheroot's own do.
                 log.exception("answering a probe failed")
             finally:
+                conn.wfile = writer
                 watchdog.release(key)
             try:
                 conn.probe_only = False

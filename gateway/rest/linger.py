@@ -7,6 +7,10 @@ http.client) got a broken pipe instead of the 413 or 503. nginx lingers the same
 lingering_time and lingering_timeout). One thread with a selector does it for every such
 connection, so a slow client holds no request thread: each connection gets LINGER_SECONDS at
 most, and LINGER_IDLE without a byte, and at most MAX_LINGERING linger at once.
+
+The same thread finishes sending answers a client is slow to take (the probe threads'
+answers, gateway.rest.dispatch): it sends what is left as the client makes room, within the
+time it is given, then lingers as above. At most MAX_UNSENT bytes wait to be sent at once.
 """
 
 from __future__ import annotations
@@ -21,27 +25,43 @@ import time
 LINGER_SECONDS = 10.0
 LINGER_IDLE = 2.0
 MAX_LINGERING = 1024
+MAX_UNSENT = 16 << 20
 # Seconds between two looks at the connections' time limits.
 _TICK = 0.1
 
 
 class Lingerer:
     def __init__(self) -> None:
-        self._new: queue.SimpleQueue[socket.socket] = queue.SimpleQueue()
+        self._new: queue.SimpleQueue[tuple[socket.socket, bytes, float]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._count = 0
+        self._unsent = 0
+        # socket -> what is left to send of its answer, while some is (the thread's own)
+        self._sending: dict[socket.socket, memoryview] = {}
         self._stop = threading.Event()
         threading.Thread(target=self._run, name="http-linger", daemon=True).start()
 
-    def add(self, sock: socket.socket) -> bool:
-        """Take `sock` over (its answer sent, its sending side shut) to read out and close;
-        False, leaving it to the caller, when MAX_LINGERING are lingering already."""
+    def add(self, sock: socket.socket, unsent: bytes = b"", within: float = 0.0) -> bool:
+        """Take `sock` over to read out and close: its answer sent and its sending side shut,
+        or, given `unsent`, once that rest of its answer is sent (then its sending side is shut
+        here) within `within` seconds. False, leaving it to the caller, when MAX_LINGERING
+        are lingering already or MAX_UNSENT bytes wait to be sent."""
         with self._lock:
-            if self._count >= MAX_LINGERING or self._stop.is_set():
+            if (
+                self._count >= MAX_LINGERING
+                or self._unsent + len(unsent) > MAX_UNSENT
+                or self._stop.is_set()
+            ):
                 return False
             self._count += 1
-        self._new.put(sock)
+            self._unsent += len(unsent)
+        self._new.put((sock, unsent, within))
         return True
+
+    @property
+    def unsent(self) -> int:
+        """Bytes of answers waiting to be sent."""
+        return self._unsent
 
     def stop(self) -> None:
         self._stop.set()
@@ -54,29 +74,28 @@ class Lingerer:
             now = time.monotonic()
             with contextlib.suppress(queue.Empty):
                 while True:
-                    sock = self._new.get_nowait()
+                    sock, unsent, within = self._new.get_nowait()
+                    events = selectors.EVENT_READ
+                    if unsent:
+                        self._sending[sock] = memoryview(unsent)
+                        limits[sock] = [now + within, now + within]
+                        events |= selectors.EVENT_WRITE
+                    else:
+                        limits[sock] = [now + LINGER_SECONDS, now + LINGER_IDLE]
                     try:
-                        selector.register(sock, selectors.EVENT_READ)
+                        selector.register(sock, events)
                     except (OSError, ValueError):  # closed meanwhile
                         self._close(sock, selector, limits)
-                        continue
-                    limits[sock] = [now + LINGER_SECONDS, now + LINGER_IDLE]
             if not limits:
                 self._stop.wait(_TICK)
                 continue
-            for key, _ in selector.select(_TICK):
+            for key, events in selector.select(_TICK):
                 ready = key.fileobj
                 assert isinstance(ready, socket.socket)
-                try:
-                    data = ready.recv(1 << 16, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data = b""
-                if data:
-                    limits[ready][1] = time.monotonic() + LINGER_IDLE
-                else:  # the client has ended its side
-                    self._close(ready, selector, limits)
+                if events & selectors.EVENT_READ:
+                    self._read(ready, selector, limits)
+                if events & selectors.EVENT_WRITE and ready in self._sending:
+                    self._send(ready, selector, limits)
             now = time.monotonic()
             for sock, (ends, idle_ends) in list(limits.items()):
                 if now > ends or now > idle_ends:
@@ -84,6 +103,65 @@ class Lingerer:
         for sock in list(limits):
             self._close(sock, selector, limits)
         selector.close()
+
+    def _read(
+        self,
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        limits: dict[socket.socket, list[float]],
+    ) -> None:
+        """Drop what the client sent. While its answer is still being sent, that is read out
+        too (closed with bytes unread, the socket would reset and lose the answer), but it does
+        not buy the client more time, and its end of input does not end the answer."""
+        try:
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        sending = sock in self._sending
+        if data:
+            if not sending:
+                limits[sock][1] = time.monotonic() + LINGER_IDLE
+        elif not sending:  # the client has ended its side
+            self._close(sock, selector, limits)
+        else:
+            try:
+                selector.modify(sock, selectors.EVENT_WRITE)
+            except (OSError, ValueError):
+                self._close(sock, selector, limits)
+
+    def _send(
+        self,
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        limits: dict[socket.socket, list[float]],
+    ) -> None:
+        left = self._sending[sock]
+        try:
+            sent = sock.send(left, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:  # gone
+            self._close(sock, selector, limits)
+            return
+        self._sent(sent)
+        if len(left) > sent:
+            self._sending[sock] = left[sent:]
+            return
+        del self._sending[sock]
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            selector.modify(sock, selectors.EVENT_READ)
+        except (OSError, ValueError):
+            self._close(sock, selector, limits)
+            return
+        now = time.monotonic()
+        limits[sock] = [now + LINGER_IDLE, now + LINGER_IDLE]
+
+    def _sent(self, count: int) -> None:
+        with self._lock:
+            self._unsent -= count
 
     def _close(
         self,
@@ -94,6 +172,9 @@ class Lingerer:
         with contextlib.suppress(KeyError, ValueError, OSError):
             selector.unregister(sock)
         limits.pop(sock, None)
+        left = self._sending.pop(sock, None)
+        if left is not None:
+            self._sent(len(left))
         with contextlib.suppress(OSError):
             sock.close()
         with self._lock:

@@ -22,10 +22,12 @@ body of known length can be read straight into the caller's buffer (`KnownLength
 
 from __future__ import annotations
 
+import fcntl
 import io
 import select
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -206,6 +208,51 @@ class SocketWriter(cheroot_makefile.StreamWriter):
         self.bytes_written = 0
 
 
+class AnswerBuffer:
+    """Stands in for a connection's writer while a probe thread answers it: the answer is kept
+    in memory, up to `limit` bytes, to be sent without waiting for the client afterwards."""
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.bytes_written = 0
+        self._limit = limit
+
+    def write(self, data: bytes) -> int:
+        if self.bytes_written + len(data) > self._limit:
+            raise ConnectionError(f"an answer of over {self._limit} bytes to a probe")
+        self.parts.append(bytes(data))
+        self.bytes_written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def send_now(sock: socket.socket, data: bytes) -> int:
+    """Send what the socket takes of `data` without waiting; how many bytes it took."""
+    sent = 0
+    with memoryview(data) as view:
+        while sent < len(data):
+            try:
+                sent += sock.send(view[sent:], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+    return sent
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes sent on `sock` that its client has not taken yet (the kernel's send queue, on
+    Linux; 0 where that cannot be asked)."""
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", queued)[0])
+
+
 def make_file(sock: socket.socket, mode: str = "r", bufsize: int = io.DEFAULT_BUFFER_SIZE) -> Any:
     if "r" in mode:
         return SocketReader(sock, bufsize)
@@ -242,7 +289,8 @@ class Connection(server.HTTPConnection):
         if self.parked:  # closed by the selector, idle too long
             self.server.dispatcher.unpark(self)
         reader = self.rfile
-        if isinstance(reader, SocketReader) and not reader.drop_arrived():
+        # Lingering already: the rest of its answer is being sent (gateway.rest.dispatch).
+        if isinstance(reader, SocketReader) and not self.linger and not reader.drop_arrived():
             # The rest of the body is read out by the server's lingering thread, which closes
             # the socket after; cheroot's close then leaves it alone (its `linger`).
             lingerer = getattr(self.server, "lingerer", None)
