@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import select
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 import types
@@ -1114,6 +1116,29 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
         client = socket.create_connection(listener.getsockname())
         served, _ = listener.accept()
     return served, client
+
+
+def test_a_probe_client_that_resets_its_connection_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+            for _ in range(20):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.connect(address)
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+                s.close()  # a reset, with the answers on their way
+            for _ in range(3):
+                assert requests.get(gw.http_url + "/healthz", timeout=5).status_code == 200
+            GATE.set()
+            assert held.result().status_code == 200
+        still_serving(gw)
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not failures, failures[0].getMessage()
 
 
 def test_the_lingering_thread_sends_the_rest_of_an_answer_then_ends_the_connection() -> None:

@@ -159,7 +159,10 @@ class Dispatcher:
         take its next request. What a client does not take at once (it reads slowly, or not at
         all) goes to the lingering thread, which gives it PROBE_ANSWER_SECONDS and then closes
         the connection: a probe thread never waits for a client."""
-        sent = send_now(conn.socket, answer)
+        try:
+            sent = send_now(conn.socket, answer)
+        except OSError:  # the client has gone
+            return False
         if sent == len(answer):
             return True
         if self._server.lingerer.add(conn.socket, answer[sent:], PROBE_ANSWER_SECONDS):
