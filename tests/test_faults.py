@@ -1168,6 +1168,16 @@ def test_the_lingering_thread_sends_the_rest_of_an_answer_then_ends_the_connecti
             assert answer.startswith(received)
     finally:
         lingerer.stop()
+    # Connections it was given just before the server stopped are ended too, not left open.
+    stopping = Lingerer()
+    served, client = _tcp_pair()
+    with client:
+        assert stopping.add(served, b"the rest of an answer", within=10)
+        stopping.stop()
+        with socket.socket() as other:
+            assert not stopping.add(other, b"more", within=10)
+        client.settimeout(10)
+        assert b"the rest of an answer".startswith(_until_closed(client))
 
 
 def test_a_cut_read_times_out_and_the_answer_still_reaches_the_client() -> None:

@@ -34,7 +34,13 @@ import socket
 import threading
 from typing import Any
 
-from gateway.rest.socketfile import AnswerBuffer, send_now, unsent_bytes
+from gateway.rest.socketfile import (
+    AnswerBuffer,
+    send_now,
+    send_within,
+    set_send_timeout,
+    unsent_bytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +51,15 @@ PROBE_PATHS = (b"/healthz", b"/readyz", b"/metrics")
 # and reads none, holds no probe thread. (The watchdog ends a probe's connection after as long,
 # should reading its whole head ever wait.)
 PROBE_ANSWER_SECONDS = 1.0
+# Seconds a probe thread waits for a client to take any of an answer, when the lingering thread
+# has no room for it (MAX_LINGERING connections, or MAX_UNSENT bytes) and it is sent from here.
+PROBE_SEND_TIMEOUT = 0.2
 # The largest answer a probe is given (/metrics is some kilobytes).
 PROBE_ANSWER_MAX = 4 << 20
-# Bytes of answers a connection may leave untaken and still have its next probe answered. A
-# client pipelining /metrics and reading none had the probe threads make hundreds of answers for
-# it, as many as the kernel would buffer (290 KB and more a connection).
+# Bytes of answers a connection may leave unacknowledged by its client's kernel and still have
+# its next probe answered: a client that reads none of its answers fills its own receive buffer,
+# then this. Such a client, pipelining /metrics, had the probe threads make hundreds of answers
+# for it, as many as the kernel would buffer (290 KB and more a connection).
 PROBE_BACKLOG = 64 << 10
 # New connections with nothing sent yet, handed back to the selector at once (which closes
 # those idle for its timeout, 10 s). Past this many, a new one that has sent nothing is refused
@@ -157,17 +167,26 @@ class Dispatcher:
     def _send(self, conn: Any, answer: bytes) -> bool:
         """Send a probe's answer without waiting for its client; whether the connection can
         take its next request. What a client does not take at once (it reads slowly, or not at
-        all) goes to the lingering thread, which gives it PROBE_ANSWER_SECONDS and then closes
-        the connection: a probe thread never waits for a client."""
+        all) goes to the lingering thread, which gives it PROBE_ANSWER_SECONDS and then ends
+        the connection: a probe thread never waits for a client. Only when that thread has no
+        room is the rest sent from here, as before it could take answers: waiting at most
+        PROBE_SEND_TIMEOUT for the client to take any of it, PROBE_ANSWER_SECONDS in all."""
+        sock = conn.socket
         try:
-            sent = send_now(conn.socket, answer)
-        except OSError:  # the client has gone
+            sent = send_now(sock, answer)
+            if sent == len(answer):
+                return True
+            if self._server.lingerer.add(sock, answer[sent:], PROBE_ANSWER_SECONDS):
+                conn.linger = True  # the socket is the lingering thread's now
+                return False
+            set_send_timeout(sock, PROBE_SEND_TIMEOUT)
+            try:
+                send_within(sock, answer[sent:], PROBE_ANSWER_SECONDS)
+            finally:
+                set_send_timeout(sock, self._server.timeout)
+        except OSError:  # the client has gone, or did not take the answer in time
             return False
-        if sent == len(answer):
-            return True
-        if self._server.lingerer.add(conn.socket, answer[sent:], PROBE_ANSWER_SECONDS):
-            conn.linger = True  # the socket is the lingering thread's now
-        return False
+        return True
 
     def _let_go(self, conn: Any) -> None:
         """End a connection whose client does not take the answers it asks for: no more are
@@ -203,17 +222,22 @@ class Dispatcher:
             watchdog = self._server.watchdog
             key = watchdog.watch(functools.partial(_end, conn.socket), PROBE_ANSWER_SECONDS)
             writer, conn.wfile = conn.wfile, AnswerBuffer(PROBE_ANSWER_MAX)
+            answer: bytes | None = None
             try:
                 keep = conn.communicate()
-                keep = self._send(conn, b"".join(conn.wfile.parts)) and keep
+                answer = b"".join(conn.wfile.parts)
             except Exception:
                 # These threads must outlive any one connection, as cheroot's own do.
                 log.exception("answering a probe failed")
             finally:
                 conn.wfile = writer
+                # Released before the answer is sent: the socket may be the lingering
+                # thread's then, which the watch must not end.
                 watchdog.release(key)
             try:
                 conn.probe_only = False
+                if answer is not None and not self._send(conn, answer):
+                    keep = False
                 if keep:
                     # Its next request is dispatched afresh (a pipelined one at once).
                     self._server.put_conn(conn)

@@ -28,6 +28,7 @@ import select
 import socket
 import struct
 import termios
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -243,9 +244,24 @@ def send_now(sock: socket.socket, data: bytes) -> int:
     return sent
 
 
+def send_within(sock: socket.socket, data: bytes, seconds: float) -> None:
+    """Send all of `data` on a blocking socket within `seconds`; each send waits as long as the
+    socket's send timeout. TimeoutError when either runs out."""
+    deadline = time.monotonic() + seconds
+    sent = 0
+    with memoryview(data) as view:
+        while sent < len(data):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the client did not take the answer within {seconds:g} s")
+            try:
+                sent += sock.send(view[sent:])
+            except BlockingIOError as exc:  # the kernel's send timeout
+                raise TimeoutError("the client took none of the answer") from exc
+
+
 def unsent_bytes(sock: socket.socket) -> int:
-    """Bytes sent on `sock` that its client has not taken yet (the kernel's send queue, on
-    Linux; 0 where that cannot be asked)."""
+    """Bytes sent on `sock` that its client's kernel has not acknowledged yet (the send queue,
+    on Linux; 0 where that cannot be asked). What that kernel holds unread is not counted."""
     try:
         queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except (OSError, ValueError):
