@@ -35,6 +35,9 @@ log = logging.getLogger("gateway")
 
 # Seconds the answers of finished gRPC calls have to leave once a drain has no request at work.
 ANSWER_TAIL = 1.0
+# Seconds between the main thread's looks for a stop signal handled elsewhere (see
+# _serve_until_signal).
+SIGNAL_LOOK = 0.5
 
 
 @dataclass
@@ -229,7 +232,10 @@ def _serve_until_signal(
     # the supervisor's log without a ready line, or the single process's.
     if parent is not None or not stopping.is_set():
         on_ready(gateway)
-    stopping.wait()
+    # With a timeout: the kernel may give a stop signal to another thread, and Python then runs
+    # its handler only once the main thread wakes; waiting without one, it never did.
+    while not stopping.wait(SIGNAL_LOOK):
+        pass
     deadline = time.monotonic() + settings.shutdown_grace
     gateway.drain(deadline)
     if drained is not None:
