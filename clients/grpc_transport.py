@@ -69,13 +69,20 @@ _GRPC_OWN = {
 }
 
 
+# What grpc raises when no answer came: no gateway there, or the client's own deadline.
+_NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def error_from_rpc(exc: grpc.RpcError) -> GatewayClientError:
     trailing = dict(exc.trailing_metadata() or ())
     code = trailing.get("error-code") or _GRPC_OWN.get(exc.code(), "unknown")
+    # The gateway names its refusals in the trailers; without them, such a status is grpc's
+    # own, made on this side, and no answer came: status "", as over HTTP.
+    answered = "error-code" in trailing or exc.code() not in _NO_ANSWER
     return GatewayClientError(
         str(code),
         exc.details() or "",
-        exc.code().name,
+        exc.code().name if answered else "",
         str(trailing.get("x-request-id", "")),
     )
 

@@ -212,7 +212,17 @@ def test_no_gateway_is_the_same_error_on_both_protocols() -> None:
     for url in (f"http://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
         with GatewayClient(url, timeout=5) as client, pytest.raises(GatewayClientError) as caught:
             client.limits()
-        assert caught.value.code == "unreachable"
+        # No answer came: no status either (grpc's own UNAVAILABLE was given as one).
+        assert (caught.value.code, caught.value.status) == ("unreachable", "")
+
+
+def test_a_client_timeout_is_the_same_error_on_both_protocols(gateway: Gateway) -> None:
+    for url in (f"http://127.0.0.1:{gateway.http_port}", f"grpc://127.0.0.1:{gateway.grpc_port}"):
+        with GatewayClient(url, timeout=0.3) as client, pytest.raises(GatewayClientError) as caught:
+            client.infer(JPEG_PATH, model="slow", params={"seconds": "2"})
+        # The client gave up; no answer came, so no status (grpc's own DEADLINE_EXCEEDED was
+        # given as one).
+        assert (caught.value.code, caught.value.status) == ("deadline_exceeded", ""), url
 
 
 def test_numbers_only_floats_carry_come_back_alike(clients: dict[str, GatewayClient]) -> None:
