@@ -891,8 +891,11 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
             waiting = [
                 socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + extra)
             ]
-            for s in waiting:
-                s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            for i, s in enumerate(waiting):
+                s.sendall(
+                    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    + f"X-Request-ID: waiting-{i}\r\n\r\n".encode()
+                )
             # cheroot's selector waited up to 1 s for a place for each of them in turn, accepting
             # nothing else meanwhile: a probe then waited too.
             assert requests.get(gw.http_url + "/healthz", timeout=3).status_code == 200
@@ -923,6 +926,11 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
                 assert head.startswith(b"HTTP/1.1 503"), head
                 assert b"\r\nRetry-After: 1\r\n" in head
                 assert json.loads(body)["error"]["code"] == "overloaded"
+                # The request was not read, but the id its client chose comes back (it had a
+                # fresh one).
+                sent_id = f"waiting-{waiting.index(s)}"
+                assert json.loads(body)["error"]["request_id"] == sent_id
+                assert f"\r\nX-Request-ID: {sent_id}\r\n".encode() in head
             GATE.set()
             assert _until_closed(busy).startswith(b"HTTP/1.1 200")
             # The queued connections are served once the thread is free.

@@ -226,6 +226,17 @@ def test_framing_the_server_does_not_speak_gets_its_own_code_from_the_table(
     assert refused(exchange(gateway, version)) == (505, "unsupported_http_version")
 
 
+def test_errors_of_the_server_itself_carry_the_id_the_client_chose(gateway: Gateway) -> None:
+    # Answers the HTTP server gives itself, not the app, had a fresh id whatever the client sent.
+    gzip = post(OCTET + b"Transfer-Encoding: gzip\r\nX-Request-ID: te-1\r\n", b"12345")
+    answers = exchange(gateway, gzip)
+    assert refused(answers) == (501, "unsupported_transfer_coding")
+    assert answers[0][1]["X-Request-ID"] == answers[0][2]["error"]["request_id"] == "te-1"
+    # An id that breaks the rules is replaced, as on any route.
+    bad = post(OCTET + b"Transfer-Encoding: gzip\r\nX-Request-ID: caf\xe9\r\n", b"12345")
+    assert len(exchange(gateway, bad)[0][2]["error"]["request_id"]) == 32
+
+
 def test_a_tls_handshake_on_the_plain_http_port_is_closed_at_once(gateway: Gateway) -> None:
     # The start of a TLS ClientHello: no line end will come, and the client waits for the
     # server's handshake. The server used to wait for a line until its 10 s read timeout.

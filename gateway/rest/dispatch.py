@@ -120,6 +120,20 @@ def is_probe(start: bytes) -> bool:
     return True
 
 
+def header_value(start: bytes, name: bytes) -> str | None:
+    """The value of header field `name` (lower case) in the head that `start` begins, if the
+    field is there whole; for a request that is answered without being read."""
+    head, ended, _ = start.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not ended:
+        lines = lines[:-1]  # the last line may be cut short
+    for line in lines[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return None
+
+
 class Dispatcher:
     def __init__(self, server: Any) -> None:
         self._server = server

@@ -33,7 +33,7 @@ from gateway.core.access import log_access, started_at
 from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.rest.dispatch import Dispatcher
+from gateway.rest.dispatch import Dispatcher, header_value, request_start
 from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
 from gateway.rest.linger import Lingerer
 from gateway.rest.responses import SERVER_METHODS, error_headers, error_json
@@ -340,6 +340,21 @@ class GatewayRequest(server.HTTPRequest):
                 reader.body_left = True
         super().send_headers()
 
+    # Set on a request answered without being read (refused): its head is still in the socket.
+    unread = False
+
+    def _client_request_id(self) -> str | None:
+        """The X-Request-ID the client sent, where its head can be had: read already, or, for
+        a request refused unread, still waiting in the socket (peeked at, not read). None for
+        a head that could not be read (its id would be a guess)."""
+        for name, value in self.inheaders.items():
+            if name.lower() == b"x-request-id":
+                return bytes(value).decode("latin-1")
+        if not self.unread:
+            return None
+        start = request_start(self.conn)
+        return header_value(start, b"x-request-id") if start else None
+
     def simple_response(self, status: Any, msg: Any = "", error: ErrorCode | None = None) -> None:
         started = _arrival(self.conn)
         if error is None:
@@ -370,7 +385,7 @@ class GatewayRequest(server.HTTPRequest):
                 f"every HTTP thread of this worker is busy and {THREAD_QUEUE} connections "
                 "wait for one; retry later"
             )
-        request_id = new_request_id()
+        request_id = new_request_id(self._client_request_id())
         error_body = error_json(error.code, message or HTTPStatus(sent).phrase, request_id)
         # As Flask writes JSON: compact, one line.
         body = json.dumps(error_body, separators=(",", ":")) + "\n"
@@ -548,7 +563,9 @@ class HttpServer(wsgi.Server):
                     _record_gone(conn)
                 else:
                     status = f"{error.http_status}" if error else "503 Service Unavailable"
-                    GatewayRequest(self, conn).simple_response(status, message, error)
+                    refusal = GatewayRequest(self, conn)
+                    refusal.unread = True
+                    refusal.simple_response(status, message, error)
             except OSError:
                 pass  # the answer is a courtesy; the client may be gone
             except Exception:
