@@ -232,6 +232,12 @@ def test_errors_of_the_server_itself_carry_the_id_the_client_chose(gateway: Gate
     answers = exchange(gateway, gzip)
     assert refused(answers) == (501, "unsupported_transfer_coding")
     assert answers[0][1]["X-Request-ID"] == answers[0][2]["error"]["request_id"] == "te-1"
+    # Refused at the request line, with the headers still unread.
+    version = b"GET /healthz HTTP/1.2\r\nHost: x\r\nX-Request-ID: v-1\r\n\r\n"
+    connect = b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\nX-Request-ID: c-1\r\n\r\n"
+    for request, sent_id in ((version, "v-1"), (connect, "c-1")):
+        answers = exchange(gateway, request)
+        assert answers[0][1]["X-Request-ID"] == answers[0][2]["error"]["request_id"] == sent_id
     # An id that breaks the rules is replaced, as on any route.
     bad = post(OCTET + b"Transfer-Encoding: gzip\r\nX-Request-ID: caf\xe9\r\n", b"12345")
     assert len(exchange(gateway, bad)[0][2]["error"]["request_id"]) == 32

@@ -344,15 +344,20 @@ class GatewayRequest(server.HTTPRequest):
     unread = False
 
     def _client_request_id(self) -> str | None:
-        """The X-Request-ID the client sent, where its head can be had: read already, or, for
-        a request refused unread, still waiting in the socket (peeked at, not read). None for
-        a head that could not be read (its id would be a guess)."""
+        """The X-Request-ID the client sent, where its head can be had: read already, or still
+        to be read (peeked at, not read) for a request refused unread or at its request line.
+        None when it has not arrived."""
         for name, value in self.inheaders.items():
             if name.lower() == b"x-request-id":
                 return bytes(value).decode("latin-1")
-        if not self.unread:
+        if self.unread:
+            start = request_start(self.conn)
+        elif self.started_request and not self.inheaders:
+            # Its request line is read: its header lines come next. A line in its place lets
+            # them be read as any head's.
+            start = b"-\r\n" + (request_start(self.conn) or b"")
+        else:
             return None
-        start = request_start(self.conn)
         return header_value(start, b"x-request-id") if start else None
 
     def simple_response(self, status: Any, msg: Any = "", error: ErrorCode | None = None) -> None:
