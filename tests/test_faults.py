@@ -71,6 +71,29 @@ def gated_gateway(**settings: Any) -> Iterator[Gateway]:
 
 
 @contextlib.contextmanager
+def only_http_thread_held(gw: Gateway) -> Iterator[None]:
+    """While the block runs, the one HTTP thread of a `gated_gateway(http_threads=1)` is held
+    by a gated request; after it the gate opens and that request must be answered."""
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(post_octet, gw.http_url, "gated", PNG)
+        try:
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+            yield
+        finally:
+            GATE.set()
+        assert held.result().status_code == 200
+
+
+def metrics_asker(address: tuple[str, int], times: int) -> socket.socket:
+    """A connection with a tiny receive window that has asked for /metrics `times` times."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    s.connect(address)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * times)
+    return s
+
+
+@contextlib.contextmanager
 def grpc_channels(gw: Gateway, count: int) -> Iterator[list[grpc.Channel]]:
     """`count` channels to the gateway, each its own connection; closed on the way out."""
     channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(count)]
@@ -1019,9 +1042,7 @@ def test_slow_clients_cannot_hold_the_probe_threads() -> None:
         address = http_host_port(gw.http_url)
         slow: list[socket.socket] = []
         try:
-            with ThreadPoolExecutor(1) as pool:
-                held = pool.submit(post_octet, gw.http_url, "gated", PNG)
-                wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+            with only_http_thread_held(gw):
                 for head in (
                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ",  # its head never ends
                     b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",  # no body
@@ -1030,19 +1051,12 @@ def test_slow_clients_cannot_hold_the_probe_threads() -> None:
                         s = socket.create_connection(address, timeout=10)
                         s.sendall(head)
                         slow.append(s)
-                for _ in range(20):
-                    # A tiny receive window, many answers asked for, none read: each answer's send
-                    # waited up to 10 s, and then the next pipelined one.
-                    s = socket.socket()
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-                    s.connect(address)
-                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 600)
-                    slow.append(s)
+                # Many answers asked for, none read: each answer's send waited up to 10 s, and
+                # then the next pipelined one.
+                slow += [metrics_asker(address, 600) for _ in range(20)]
                 for _ in range(10):
                     time.sleep(0.5)
                     assert requests.get(gw.http_url + "/healthz", timeout=4).status_code == 200
-                GATE.set()
-                assert held.result().status_code == 200
             for s in slow:
                 s.close()
             still_serving(gw)
@@ -1077,15 +1091,8 @@ def test_a_client_that_takes_no_answers_gets_no_more_from_the_probe_threads() ->
         address = http_host_port(gw.http_url)
         flood: list[socket.socket] = []
         try:
-            with ThreadPoolExecutor(1) as pool:
-                held = pool.submit(post_octet, gw.http_url, "gated", PNG)
-                wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
-                for _ in range(40):
-                    s = socket.socket()
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-                    s.connect(address)
-                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 600)
-                    flood.append(s)
+            with only_http_thread_held(gw):
+                flood += [metrics_asker(address, 600) for _ in range(40)]
                 for _ in range(5):
                     assert requests.get(gw.http_url + "/healthz", timeout=2).status_code == 200
                 # No more answers are made for a connection that leaves 64 KiB of them untaken;
@@ -1096,8 +1103,6 @@ def test_a_client_that_takes_no_answers_gets_no_more_from_the_probe_threads() ->
                     bodies = _whole_answers(_until_closed(s))
                     assert 1 <= len(bodies) <= 40, len(bodies)
                     assert all(b"gateway_requests_total" in body for body in bodies)
-                GATE.set()
-                assert held.result().status_code == 200
             still_serving(gw)
         finally:
             for s in flood:
@@ -1131,9 +1136,7 @@ def test_a_probe_client_that_resets_its_connection_is_no_error(
 ) -> None:
     with gated_gateway(http_threads=1) as gw:
         address = http_host_port(gw.http_url)
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(post_octet, gw.http_url, "gated", PNG)
-            wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
+        with only_http_thread_held(gw):
             for _ in range(20):
                 s = socket.socket()
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -1142,8 +1145,6 @@ def test_a_probe_client_that_resets_its_connection_is_no_error(
                 s.close()  # a reset, with the answers on their way
             for _ in range(3):
                 assert requests.get(gw.http_url + "/healthz", timeout=5).status_code == 200
-            GATE.set()
-            assert held.result().status_code == 200
         still_serving(gw)
     failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not failures, failures[0].getMessage()

@@ -104,33 +104,39 @@ def _end(sock: socket.socket) -> None:
     sock.shutdown(socket.SHUT_RDWR)
 
 
+def _fields(start: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The header fields (lower-case name, value) whole in the head that `start` begins, and
+    whether the head has ended there."""
+    head, ended, _ = start.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")[1:]
+    if not ended:
+        lines = lines[:-1]  # the last line may be cut short
+    fields = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if sep:
+            fields.append((name.strip().lower(), value.strip()))
+    return fields, bool(ended)
+
+
 def is_probe(start: bytes) -> bool:
     """Whether `start` holds a whole probe request: a GET of a probe path, its head complete,
     without a body. Anything a thread would have to wait for is not one."""
     if not start.startswith(_PREFIXES):
         return False
-    head, end, _ = start.partition(b"\r\n\r\n")
-    if not end:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name in _BODY_HEADERS or (name == b"content-length" and value.strip() != b"0"):
-            return False
-    return True
+    fields, ended = _fields(start)
+    return ended and not any(
+        name in _BODY_HEADERS or (name == b"content-length" and value != b"0")
+        for name, value in fields
+    )
 
 
 def header_value(start: bytes, name: bytes) -> str | None:
     """The value of header field `name` (lower case) in the head that `start` begins, if the
     field is there whole; for a request that is answered without being read."""
-    head, ended, _ = start.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    if not ended:
-        lines = lines[:-1]  # the last line may be cut short
-    for line in lines[1:]:
-        key, sep, value = line.partition(b":")
-        if sep and key.strip().lower() == name:
-            return value.strip().decode("latin-1")
+    for key, value in _fields(start)[0]:
+        if key == name:
+            return value.decode("latin-1")
     return None
 
 

@@ -40,7 +40,11 @@ class Lingerer:
         self._count = 0
         self._unsent = 0
         self._stopped = False
-        # socket -> what is left to send of its answer, while some is (the thread's own)
+        # The thread's own: the connections it watches; socket -> [when it is closed whatever
+        # comes, when it is closed if nothing comes]; socket -> what is left to send of its
+        # answer, while some is.
+        self._selector = selectors.DefaultSelector()
+        self._limits: dict[socket.socket, list[float]] = {}
         self._sending: dict[socket.socket, memoryview] = {}
         # Wakes the thread when a connection is added or the server stops; it would otherwise
         # see either only at its next tick (85 ms more for each answer it finished sending).
@@ -85,28 +89,23 @@ class Lingerer:
             self._wake_out.send(b"\0")
 
     def _run(self) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(self._wake_in, selectors.EVENT_READ)
-        # socket -> [when it is closed whatever comes, when it is closed if nothing comes]
-        limits: dict[socket.socket, list[float]] = {}
+        self._selector.register(self._wake_in, selectors.EVENT_READ)
         while not self._stopped:
             try:
-                self._turn(selector, limits)
+                self._turn()
             except Exception:
                 # This thread must outlive any one connection, as the request threads do.
                 log.exception("lingering over a connection failed")
-        self._take_new(selector, limits)
-        for sock in list(limits):
-            self._close(sock, selector, limits)
-        selector.close()
+        self._take_new()
+        for sock in list(self._limits):
+            self._close(sock)
+        self._selector.close()
         for end in (self._wake_in, self._wake_out):
             end.close()
 
-    def _turn(
-        self, selector: selectors.BaseSelector, limits: dict[socket.socket, list[float]]
-    ) -> None:
-        self._take_new(selector, limits)
-        for key, events in selector.select(_TICK):
+    def _turn(self) -> None:
+        self._take_new()
+        for key, events in self._selector.select(_TICK):
             ready = key.fileobj
             assert isinstance(ready, socket.socket)
             if ready is self._wake_in:
@@ -114,17 +113,15 @@ class Lingerer:
                     ready.recv(4096)
                 continue
             if events & selectors.EVENT_READ:
-                self._read(ready, selector, limits)
+                self._read(ready)
             if events & selectors.EVENT_WRITE and ready in self._sending:
-                self._send(ready, selector, limits)
+                self._send(ready)
         now = time.monotonic()
-        for sock, (ends, idle_ends) in list(limits.items()):
+        for sock, (ends, idle_ends) in list(self._limits.items()):
             if now > ends or now > idle_ends:
-                self._close(sock, selector, limits)
+                self._close(sock)
 
-    def _take_new(
-        self, selector: selectors.BaseSelector, limits: dict[socket.socket, list[float]]
-    ) -> None:
+    def _take_new(self) -> None:
         now = time.monotonic()
         with contextlib.suppress(queue.Empty):
             while True:
@@ -132,21 +129,16 @@ class Lingerer:
                 events = selectors.EVENT_READ
                 if unsent:
                     self._sending[sock] = memoryview(unsent)
-                    limits[sock] = [now + within, now + within]
+                    self._limits[sock] = [now + within, now + within]
                     events |= selectors.EVENT_WRITE
                 else:
-                    limits[sock] = [now + LINGER_SECONDS, now + LINGER_IDLE]
+                    self._limits[sock] = [now + LINGER_SECONDS, now + LINGER_IDLE]
                 try:
-                    selector.register(sock, events)
+                    self._selector.register(sock, events)
                 except (OSError, ValueError, KeyError):  # closed meanwhile
-                    self._close(sock, selector, limits)
+                    self._close(sock)
 
-    def _read(
-        self,
-        sock: socket.socket,
-        selector: selectors.BaseSelector,
-        limits: dict[socket.socket, list[float]],
-    ) -> None:
+    def _read(self, sock: socket.socket) -> None:
         """Drop what the client sent. While its answer is still being sent, that is read out
         too (closed with bytes unread, the socket would reset and lose the answer), but it does
         not buy the client more time, and its end of input does not end the answer."""
@@ -159,28 +151,23 @@ class Lingerer:
         sending = sock in self._sending
         if data:
             if not sending:
-                limits[sock][1] = time.monotonic() + LINGER_IDLE
+                self._limits[sock][1] = time.monotonic() + LINGER_IDLE
         elif not sending:  # the client has ended its side
-            self._close(sock, selector, limits)
+            self._close(sock)
         else:
             try:
-                selector.modify(sock, selectors.EVENT_WRITE)
+                self._selector.modify(sock, selectors.EVENT_WRITE)
             except (OSError, ValueError):
-                self._close(sock, selector, limits)
+                self._close(sock)
 
-    def _send(
-        self,
-        sock: socket.socket,
-        selector: selectors.BaseSelector,
-        limits: dict[socket.socket, list[float]],
-    ) -> None:
+    def _send(self, sock: socket.socket) -> None:
         left = self._sending[sock]
         try:
             sent = sock.send(left, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:  # gone
-            self._close(sock, selector, limits)
+            self._close(sock)
             return
         self._sent(sent)
         if len(left) > sent:
@@ -189,26 +176,21 @@ class Lingerer:
         del self._sending[sock]
         try:
             sock.shutdown(socket.SHUT_WR)
-            selector.modify(sock, selectors.EVENT_READ)
+            self._selector.modify(sock, selectors.EVENT_READ)
         except (OSError, ValueError):
-            self._close(sock, selector, limits)
+            self._close(sock)
             return
         now = time.monotonic()
-        limits[sock] = [now + LINGER_IDLE, now + LINGER_IDLE]
+        self._limits[sock] = [now + LINGER_IDLE, now + LINGER_IDLE]
 
     def _sent(self, count: int) -> None:
         with self._lock:
             self._unsent -= count
 
-    def _close(
-        self,
-        sock: socket.socket,
-        selector: selectors.BaseSelector,
-        limits: dict[socket.socket, list[float]],
-    ) -> None:
+    def _close(self, sock: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError, OSError):
-            selector.unregister(sock)
-        limits.pop(sock, None)
+            self._selector.unregister(sock)
+        self._limits.pop(sock, None)
         left = self._sending.pop(sock, None)
         if left is not None:
             self._sent(len(left))
