@@ -17,6 +17,7 @@ import numpy as np
 from gateway.core import formats
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.headers import Dimensions, HeaderError, dimensions
+from gateway.core.tiff_planes import opencv_reads_deep_separate_planes
 from gateway.core.types import Buffer, ColorMode, ImageInfo
 
 # Every failure becomes a GatewayError with its own message; OpenCV's stderr lines about the same
@@ -121,6 +122,18 @@ def decode(
     """Decode a probed image or raise GatewayError with a stable code. With `min_size`, a JPEG
     may be decoded reduced (see `reduction`); its info still gives the size it was sent at."""
     name = probed.format.name
+    if (
+        color_mode is ColorMode.UNCHANGED
+        and probed.size.deep_separate_planes
+        and not opencv_reads_deep_separate_planes()
+    ):
+        # OpenCV would answer with memory it never wrote, some of it earlier requests' pixels.
+        raise GatewayError(
+            ErrorCode.UNDECODABLE_IMAGE,
+            f"the {name} image stores its channels in separate planes at more than 8 bits a "
+            "sample, which this gateway's OpenCV misreads in unchanged mode; send it in color "
+            "or grayscale mode, or with its channels interleaved (PlanarConfiguration 1)",
+        )
     scale = reduction(probed, color_mode, min_size)
     flags = _FLAGS[color_mode]
     if scale > 1:

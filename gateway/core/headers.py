@@ -32,6 +32,10 @@ class Dimensions:
     # IMREAD_UNCHANGED): 16-bit RGBA for most formats, more for float ones. Not part of the
     # size: two Dimensions are equal when they are the same size.
     pixel_bytes: int = field(default=8, compare=False)
+    # A TIFF whose three or more samples a pixel are each stored in a plane of their own
+    # (PlanarConfiguration 2), at more than 8 bits a sample: OpenCV's own TIFF reader, which
+    # takes such samples in `unchanged` mode, may misread it (see gateway/core/tiff_planes.py).
+    deep_separate_planes: bool = field(default=False, compare=False)
 
     @property
     def pixels(self) -> int:
@@ -235,7 +239,8 @@ def _sun_raster(view: memoryview) -> Dimensions:
 # TIFF ------------------------------------------------------------------------------------------
 
 _TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 256, 257, 322, 323
-_TIFF_BITS, _TIFF_SAMPLES = 258, 277
+_TIFF_BITS, _TIFF_SAMPLES, _TIFF_PLANAR = 258, 277, 284
+_TIFF_PLANAR_SEPARATE = 2
 # Integer field types libtiff accepts for a size: type -> (bytes, signed).
 _TIFF_INTEGERS = {
     1: (1, False),  # BYTE
@@ -276,6 +281,7 @@ def _tiff(view: memoryview) -> Dimensions:
     sizes: dict[int, int] = {}
     bits: int | None = None
     samples: int | None = None
+    planar: int | None = None
     for entry in range(first, first + count * entry_size, entry_size):
         tag = _int(view, entry, 2, order)
         if tag in (_TIFF_WIDTH, _TIFF_LENGTH, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH):
@@ -291,6 +297,11 @@ def _tiff(view: memoryview) -> Dimensions:
                 samples = _TIFF_MAX_SAMPLES
         elif tag == _TIFF_BITS and bits is None:
             bits = _tiff_bits(view, entry, order, field_size)
+        elif tag == _TIFF_PLANAR and planar is None:
+            try:
+                planar = _tiff_integer(view, entry, order, field_size)
+            except HeaderError:
+                planar = 0  # libtiff refuses the directory; nothing to flag
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise HeaderError("the first TIFF directory has no ImageWidth or ImageLength")
     # OpenCV reads a tiled TIFF through a buffer of one whole tile, which is filled even where
@@ -303,7 +314,8 @@ def _tiff(view: memoryview) -> Dimensions:
     # claiming 65,535 samples does not make a tiny image wait for the whole budget.
     bits = min(max(bits or 8, 1), 64)
     samples = min(max(samples or 1, 1), _TIFF_MAX_SAMPLES)
-    return Dimensions(size.width, size.height, max(8, -(-bits * samples // 8)))
+    separate = planar == _TIFF_PLANAR_SEPARATE and samples >= 3 and bits > 8
+    return Dimensions(size.width, size.height, max(8, -(-bits * samples // 8)), separate)
 
 
 def _tiff_bits(view: memoryview, entry: int, order: _Order, field_size: int) -> int:
