@@ -1,9 +1,9 @@
 """TIFFs whose channels are stored in separate planes decode to the same pixels as their
 interleaved twins, or are refused: never to memory the decoder did not write.
 
-OpenCV (4.14.0 and 5.0.0 at least) reads separate planes deeper than 8 bits as interleaved samples in
-`unchanged` mode, and fills the rest of the image from whatever memory it gets, another
-request's pixels included. The images are built here so that each has an interleaved twin
+OpenCV (4.14.0 and 5.0.0 at least) reads separate planes deeper than 8 bits as interleaved
+samples in `unchanged` mode, and fills the rest of the image from whatever memory it gets,
+another request's pixels included. The images are built here so that each has an interleaved twin
 holding the same pixels.
 """
 

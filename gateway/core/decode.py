@@ -14,7 +14,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from gateway.core import formats
+from gateway.core import apng, formats
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.headers import Dimensions, HeaderError, dimensions
 from gateway.core.tiff_planes import opencv_reads_deep_separate_planes
@@ -138,8 +138,16 @@ def decode(
     flags = _FLAGS[color_mode]
     if scale > 1:
         flags = _REDUCED[color_mode][scale] | cv2.IMREAD_IGNORE_ORIENTATION
+    frame = None
+    if probed.format is formats.PNG:
+        try:
+            frame = apng.first_frame(data)
+        except apng.ApngError as exc:
+            raise GatewayError(
+                ErrorCode.UNDECODABLE_IMAGE, f"the animated {name} image is malformed: {exc}"
+            ) from None
     try:
-        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+        array = cv2.imdecode(np.frombuffer(data if frame is None else frame.png, np.uint8), flags)
     except cv2.error as exc:
         # OpenCV raises (instead of returning None) for some headers it refuses.
         raise GatewayError(
@@ -151,6 +159,10 @@ def decode(
             ErrorCode.UNDECODABLE_IMAGE,
             f"the {name} image could not be decoded (corrupt, truncated or an unsupported variant)",
         )
+    if frame is not None and not frame.covers_image:
+        canvas = np.zeros((frame.image_height, frame.image_width, *array.shape[2:]), array.dtype)
+        canvas[frame.y : frame.y + frame.height, frame.x : frame.x + frame.width] = array
+        array = canvas
     height, width = array.shape[:2]
     if scale > 1:
         # A JPEG decodes whole at exactly its header's size (orientation is ignored).
