@@ -161,7 +161,7 @@ _BATCHING = re.compile(r"(.+)=(?:off|([0-9]{1,4}):([0-9]{1,5}(?:\.[0-9]+)?))\Z")
 
 def _batching(text: str) -> str:
     match = _BATCHING.match(text.strip())
-    if not match or (match.group(2) is not None and int(match.group(2)) < 1):
+    if not match:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not NAME=MAX_BATCH:MAX_WAIT_MS (such as embed=16:5) or NAME=off"
         )
@@ -198,7 +198,10 @@ def batch_policies(settings: Settings) -> dict[str, BatchPolicy | None]:
         match = _BATCHING.match(entry)
         assert match, entry  # validated when parsed
         name, size, wait_ms = match.groups()
-        policies[name] = None if size is None else BatchPolicy(int(size), float(wait_ms) / 1000)
+        # A batch of at most one image is no batching, as a model's own max_batch_size of 0 or 1
+        # is: a batcher would only make every call of the model wait for its single thread.
+        off = size is None or int(size) <= 1
+        policies[name] = None if off else BatchPolicy(int(size), float(wait_ms) / 1000)
     return policies
 
 

@@ -119,11 +119,14 @@ class BatchingSpy:
 
     def __init__(self) -> None:
         self.batch_sizes: list[int] = []
+        # The array shapes of every call, past the first two (height, width) axes.
+        self.layouts: list[set[tuple[int, ...]]] = []
         self.lock = threading.Lock()
 
     def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
         with self.lock:
             self.batch_sizes.append(len(images))
+            self.layouts.append({i.shape[2:] for i in images})
         if any(i.shape[1] == 13 for i in images):
             raise ValueError("an image 13 pixels wide")
         return [{"width": int(i.shape[1]), "tag": params.get("tag")} for i in images]

@@ -21,8 +21,9 @@ from gateway.core.batching import Batcher, BatchPolicy, DroppedError, WaitTimeou
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.serve import Gateway, start
 from tests.conftest import wait_for
-from tests.models import BATCHING_SPY
-from tests.wire import grpc_result
+from tests.models import BATCHING_SPY, GATE, GATED_BATCHING
+from tests.test_faults import gated_gateway
+from tests.wire import grpc_result, post_octet
 
 MODEL = "batching-spy"
 
@@ -87,12 +88,71 @@ def test_different_parameters_are_never_merged(
     assert [r["output"]["tag"] for r in results] == ["a", "b", "a", "b", "a", "b"]
 
 
+def test_requests_of_different_color_modes_are_never_merged(
+    gateway: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # Without batching a call gets one request's images, all of one color mode: a model that
+    # stacks its batch must not get 2-D grayscale and 3-D color arrays, or 8 and 16 bits, at once.
+    modes = ["color", "grayscale", "unchanged"]
+
+    def one(i: int) -> int:
+        mode = modes[i % 3]
+        if i % 2:
+            request = pb.InferRequest(
+                model=MODEL, image=pb.Image(data=png(30 + i)), color_mode=_GRPC_MODES[mode]
+            )
+            return int(grpc_result(stub.Infer(request, timeout=30).result)["output"]["width"])
+        resp = requests.post(
+            f"{gateway.http_url}/v1/models/{MODEL}/infer",
+            data=png(30 + i),
+            params={"color_mode": mode},
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
+        return int(resp.json()["result"]["output"]["width"])
+
+    before = len(BATCHING_SPY.layouts)
+    with ThreadPoolExecutor(12) as pool:
+        assert list(pool.map(one, range(12))) == [30 + i for i in range(12)]
+    calls = BATCHING_SPY.layouts[before:]
+    assert all(len(layouts) == 1 for layouts in calls), calls
+    # Still batched: twelve requests in fewer calls.
+    assert len(calls) < 12, calls
+
+
+_GRPC_MODES = {
+    "color": pb.COLOR_MODE_COLOR,
+    "grayscale": pb.COLOR_MODE_GRAYSCALE,
+    "unchanged": pb.COLOR_MODE_UNCHANGED,
+}
+
+
+def test_a_batch_of_at_most_one_image_is_no_batching() -> None:
+    # As a model's own max_batch_size of 0 or 1 is: every call at once, none waiting for the
+    # batcher's single thread.
+    settings = config.parse(["--batching", "embed=0:5", "--batching", "shape=1:0"], {})
+    assert config.batch_policies(settings) == {"embed": None, "shape": None}
+    with gated_gateway(
+        model=("shape", "tests.models:gated_batching"), batching=("gated-batching=1:0",)
+    ) as gw:
+        assert gw.dataplane.batchers == {}
+        before = len(GATED_BATCHING.tags)
+        with ThreadPoolExecutor(2) as pool:
+            answers = [
+                pool.submit(post_octet, gw.http_url, "gated-batching", png(10)) for _ in range(2)
+            ]
+            # Both requests are inside the model at once: neither waits for the other.
+            wait_for(lambda: len(GATED_BATCHING.tags) == before + 2, "two calls run together")
+            GATE.set()
+            assert [a.result().status_code for a in answers] == [200, 200]
+
+
 def test_batching_settings() -> None:
     settings = config.parse(["--batching", "embed=16:5", "--batching", "shape=off"], {})
     assert config.batch_policies(settings) == {"embed": BatchPolicy(16, 0.005), "shape": None}
     env = config.parse([], {"IMAGE_GATEWAY_BATCHING": "embed=8:2.5"})
     assert config.batch_policies(env) == {"embed": BatchPolicy(8, 0.0025)}
-    for bad in ("embed", "embed=0:5", "embed=16", "=16:5", "embed=16:x"):
+    for bad in ("embed", "embed=-1:5", "embed=16", "=16:5", "embed=16:x"):
         try:
             config.parse(["--batching", bad], {})
         except SystemExit:
@@ -170,6 +230,75 @@ def test_jobs_given_up_on_never_reach_the_model() -> None:
                 unwanted.result()
         assert model.calls == [["x"], ["kept"]]
         assert batcher.waiting == 0
+    finally:
+        batcher.close()
+
+
+def test_a_job_whose_client_leaves_while_it_waits_for_a_batch_leaves_the_queue() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.001))
+    image = np.zeros((2, 2, 3), np.uint8)
+    left = threading.Event()
+    gone = GatewayError(ErrorCode.CANCELLED, "the client went away")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(batcher.predict, [image], {"tag": "x"}, 10)
+            wait_for(lambda: bool(model.calls), "the first call holds the batcher")
+            waiting = pool.submit(
+                batcher.predict, [image], {"tag": "y"}, 10, lambda: gone if left.is_set() else None
+            )
+            wait_for(lambda: batcher.waiting == 1, "the second job queues")
+            left.set()
+            # Dropped while the batch ahead of it still runs: its thread and its share of the
+            # pixel budget are not held until a batch would take it.
+            with pytest.raises(DroppedError):
+                waiting.result(timeout=5)
+            assert batcher.waiting == 0
+            model.release.set()
+            assert first.result() == ["x"]
+        assert model.calls == [["x"]]
+    finally:
+        model.release.set()
+        batcher.close()
+
+
+class FailsMerged:
+    """Fails every call of more than one image, setting `merged`; records every call's tags."""
+
+    name = "fails-merged"
+    description = "for retry tests"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.merged = threading.Event()
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        self.calls.append([str(params["tag"])] * len(images))
+        if len(images) > 1:
+            self.merged.set()
+            raise ValueError("merged")
+        return [params["tag"]]
+
+
+def test_the_retries_after_a_failed_merged_call_skip_jobs_nobody_waits_for() -> None:
+    model = FailsMerged()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.3))
+    image = np.zeros((2, 2, 3), np.uint8)
+    gone = GatewayError(ErrorCode.CANCELLED, "the client went away")
+
+    def stopped_once_merged() -> GatewayError | None:
+        # The second job's client leaves while the merged call runs.
+        return gone if model.merged.is_set() else None
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            kept = pool.submit(batcher.predict, [image], {"tag": "t"}, 10, lambda: None)
+            left = pool.submit(batcher.predict, [image], {"tag": "t"}, 10, stopped_once_merged)
+            assert kept.result() == ["t"]
+            with pytest.raises(DroppedError):
+                left.result()
+        # The merged call, then the one retry somebody still waits for.
+        assert model.calls == [["t", "t"], ["t"]]
     finally:
         batcher.close()
 

@@ -4,7 +4,9 @@ A model that gains from batches (one call on 16 images costing far less than 16 
 Batcher: each request hands its decoded images to it and waits; a single thread collects the
 requests that arrive within `max_wait` of the first, up to `max_batch_size` images, calls
 `predict` once, and gives each request its own slice of the outputs. Requests with different
-parameters are never merged. Model code does not change: it already takes a list.
+parameters, or of different groups (the data plane groups them by color mode), are never merged:
+a model sees in one call what one request would give it. Model code does not change: it already
+takes a list.
 
 If the merged call fails, each request of the batch is retried on its own, so one bad request
 fails alone instead of failing every other client merged with it. The merged call gets read-only
@@ -12,8 +14,10 @@ views of the images, so that a model that writes to its input cannot hand a retr
 pixels it changed for another (it then gets each request alone, and works as without batching).
 
 A request that stops waiting (its deadline passed) or that nobody wants any more (its client has
-gone) is left out of the next batch rather than computed for nobody: under overload, work done
-for requests that already failed is what keeps the live ones failing too.
+gone) is left out of the next batch rather than computed for nobody, and leaves the queue as soon
+as its waiting thread sees it (every STOP_CHECK_INTERVAL): under overload, work done for
+requests that already failed is what keeps the live ones failing too. The retries after a
+merged call failed skip such requests as well.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from gateway import metrics
+from gateway.core.admission import STOP_CHECK_INTERVAL
 from gateway.core.errors import GatewayError
 from gateway.core.outputs import check_outputs
 from gateway.models.base import JSONValue, Model
@@ -61,26 +66,30 @@ class ModelRaisedError(Exception):
         self.error = error
 
 
-def _params_key(params: Mapping[str, Any]) -> str:
+def _merge_key(params: Mapping[str, Any], group: str) -> str:
     # Not ==: True == 1 == 1.0 in Python, and a model may tell them apart.
-    return json.dumps(params, sort_keys=True, default=repr)
+    return json.dumps([group, params], sort_keys=True, default=repr)
 
 
 @dataclass(eq=False)  # jobs are compared by identity; their images are arrays
 class _Job:
     images: Sequence[np.ndarray]
     params: Mapping[str, Any]
+    group: str = ""
     # Asked when the job would join a batch; an error drops it (see Batcher.predict).
     stopped: Callable[[], GatewayError | None] | None = None
     future: Future[Sequence[JSONValue]] = field(default_factory=Future)
     key: str = ""
 
     def __post_init__(self) -> None:
-        self.key = _params_key(self.params)
+        self.key = _merge_key(self.params, self.group)
+
+    def is_stopped(self) -> bool:
+        return self.stopped is not None and self.stopped() is not None
 
     def claim(self) -> bool:
         """True if the job goes into a batch; False once it is cancelled, or dropped now."""
-        if self.stopped is not None and self.stopped() is not None:
+        if self.is_stopped():
             self.future.cancel()
         return self.future.set_running_or_notify_cancel()
 
@@ -106,34 +115,53 @@ class Batcher:
         params: Mapping[str, Any],
         timeout: float | None = None,
         stopped: Callable[[], GatewayError | None] | None = None,
+        group: str = "",
     ) -> Sequence[JSONValue]:
-        """Like model.predict, but possibly sharing one call with concurrent requests.
+        """Like model.predict, but possibly sharing one call with concurrent requests of the
+        same parameters and `group`.
 
         Raises WaitTimeoutError if no answer comes within `timeout` seconds; the job is then dropped
-        unless a batch has already taken it. `stopped`, if given, is called from the batcher's
-        thread when the job would join a batch: if it returns an error (why the request should
-        stop) the job is dropped, and this raises DroppedError. Whatever the model raised comes out
-        as ModelRaisedError, so that it is never taken for one of those two.
+        unless a batch has already taken it. `stopped`, if given, is asked while the job waits for
+        a batch (every STOP_CHECK_INTERVAL, and when a batch would take it or retry it alone): if
+        it returns an error (why the request should stop) the job is dropped, and this raises
+        DroppedError. Whatever the model raised comes out as ModelRaisedError, so that it is never
+        taken for one of those two.
         """
-        job = _Job(images, params, stopped)
+        job = _Job(images, params, group, stopped)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(job)
             self._ready.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return job.future.result(timeout)
-        except TimeoutError:
-            if job.future.cancel():
-                # Out of the queue now, images and all: a model that hangs takes no batch,
-                # and the queue would keep every dropped request's pixels until it did.
-                with self._ready:
-                    if job in self._pending:
-                        self._pending.remove(job)
-            # Else a batch runs it: its answer will come too late for anyone.
-            raise WaitTimeoutError() from None
+            while True:
+                step = STOP_CHECK_INTERVAL
+                if deadline is not None:
+                    step = min(step, max(0.0, deadline - time.monotonic()))
+                try:
+                    return job.future.result(step)
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self._drop(job)
+                        # Else a batch runs it: its answer will come too late for anyone.
+                        raise WaitTimeoutError() from None
+                    if job.is_stopped() and self._drop(job):
+                        raise DroppedError() from None
+                    # Else still wanted, or already in a batch, whose answer it waits for.
         except CancelledError:
             raise DroppedError() from None
+
+    def _drop(self, job: _Job) -> bool:
+        """Take a job no batch has taken out of the queue, images and all (a model that hangs
+        takes no batch, and the queue would keep every dropped request's pixels until it did);
+        False if a batch already runs it."""
+        if not job.future.cancel():
+            return False
+        with self._ready:
+            if job in self._pending:
+                self._pending.remove(job)
+        return True
 
     def close(self) -> None:
         with self._ready:
@@ -198,7 +226,11 @@ class Batcher:
                 len(batch),
             )
             for job in batch:
-                self._run_alone(job, retried=True)
+                if job.is_stopped():
+                    # Nobody waits for this answer any more; its thread says why.
+                    job.future.set_exception(DroppedError())
+                else:
+                    self._run_alone(job, retried=True)
             return
         start = 0
         for job in batch:

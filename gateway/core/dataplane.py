@@ -315,7 +315,10 @@ class DataPlane:
                 if request.deadline is not None:
                     remaining = max(0.0, request.deadline - time.monotonic())
                 stopped = functools.partial(_stopped, request)
-                outputs = batcher.predict(arrays, request.parameters, remaining, stopped)
+                # One color mode a call, as a request gives the model without batching.
+                outputs = batcher.predict(
+                    arrays, request.parameters, remaining, stopped, request.color_mode.value
+                )
             return _json_outputs(outputs, len(arrays))
         except GatewayError:
             raise
