@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from clients.client import GatewayClient
+from clients.client import GatewayClient, GatewayClientError
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
@@ -146,6 +146,35 @@ def test_a_model_named_with_a_slash_is_reached_over_both_protocols(slashed: Gate
     for url in (slashed.http_url, f"grpc://{slashed.grpc_target}"):
         with GatewayClient(url) as client:
             assert client.infer(PNG, model="org/model").output == [128, 128, 3]
+
+
+def test_a_literal_percent_2f_in_a_path_names_no_model(slashed: Gateway) -> None:
+    # "org%252Fmodel" spells the name "org%2Fmodel", which no model has (a proxy or an access
+    # rule in front reads it so); cheroot decodes it to "org%2Fmodel", which was taken for
+    # "org/model". Over gRPC that name is model_not_found too.
+    body = PNG.read_bytes()
+    for path in ("org%252Fmodel", "org%252fmodel"):
+        url = f"{slashed.http_url}/v1/models/{path}"
+        for resp in (
+            requests.post(f"{url}/infer", data=body, timeout=10),
+            requests.get(url, timeout=10),
+        ):
+            assert resp.status_code == 404, resp.text
+            assert resp.json()["error"]["code"] == "model_not_found"
+            assert "org%2" in resp.json()["error"]["message"]
+    with (
+        grpc.insecure_channel(slashed.grpc_target) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        pb_grpc.ImageGatewayServiceStub(channel).Infer(
+            pb.InferRequest(model="org%2Fmodel", image=pb.Image(data=body)), timeout=10
+        )
+    assert dict(info.value.trailing_metadata())["error-code"] == "model_not_found"
+    # The client sends such a name escaped once more, and gets the same answer over both.
+    for url in (slashed.http_url, f"grpc://{slashed.grpc_target}"):
+        with GatewayClient(url) as client, pytest.raises(GatewayClientError) as failed:
+            client.infer(PNG, model="org%2Fmodel")
+        assert failed.value.code == "model_not_found"
 
 
 def test_get_on_an_infer_route_is_405(slashed: Gateway) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
+from urllib.parse import unquote, urlsplit
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.routing import PathConverter
 
 from gateway import metrics
@@ -45,6 +47,21 @@ class ModelName(PathConverter):
 
     def to_python(self, value: str) -> str:
         return value.replace("%2F", "/").replace("%2f", "/")
+
+
+# "%2F" spelt in a path as "%252F": cheroot decodes "%25" and hands over "%2F", which would be
+# taken for a slash, so "org%252Fm" reached the model "org/m", a name a proxy or an access rule
+# in front never saw. No model's name holds "%2F": such a request names no model.
+_ESCAPED_ESCAPE = re.compile(r"%252F", re.IGNORECASE)
+
+
+def _named(model: str, suffix: str = "") -> str:
+    """The model a path names, decoded once, as the client and anything in between read it."""
+    raw = urlsplit(request.environ.get("REQUEST_URI", "")).path
+    if not _ESCAPED_ESCAPE.search(raw):
+        return model
+    spelt = raw.split("/models/", 1)[-1]
+    return unquote(spelt.removesuffix(suffix))
 
 
 def dataplane() -> DataPlane:
@@ -94,12 +111,13 @@ def list_models() -> Response:
 
 @v1.get("/models/<model_name:model>")
 def get_model(model: str) -> Response:
-    return jsonify(model_json(dataplane().get_model(model)))
+    return jsonify(model_json(dataplane().get_model(_named(model))))
 
 
 @v1.post("/infer", defaults={"model": ""})
 @v1.post("/models/<model_name:model>/infer")
 def infer(model: str) -> Response:
+    model = _named(model, "/infer")
     dataplane().model(model)  # an unknown model fails before its body is read
     if http_requests.is_multipart():
         return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
