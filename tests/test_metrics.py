@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,6 +16,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
+from tests.bombs import bomb
 from tests.conftest import DATA
 from tests.test_process import launch
 from tests.wire import post_multipart, post_octet
@@ -244,3 +246,22 @@ def test_images_a_model_failed_on_count_as_image_errors(gateway: Gateway) -> Non
             pb_grpc.ImageGatewayServiceStub(channel).InferBatch(request, timeout=10)
     counted = image_errors(gateway.http_url) - before
     assert counted == {"model_error": 4, "undecodable_image": 1}
+
+
+def test_images_refused_in_a_request_that_fails_whole_count_as_image_errors(
+    gateway: Gateway,
+) -> None:
+    # An undecodable image counted when its request succeeded or its model failed, and not
+    # when the request was refused for its pixels, its deadline or the load.
+    before = image_errors(gateway.http_url)
+    heavy = bomb("png", 7000, 7000)  # 49 megapixels: three are past the request's 100
+    answer = post_multipart(gateway.http_url, "shape", [heavy, b"not an image", heavy, heavy])
+    assert answer.json()["error"]["code"] == "too_many_pixels"
+    with grpc.insecure_channel(gateway.grpc_target) as channel:
+        request = pb.InferBatchRequest(
+            images=[pb.Image(data=d) for d in (heavy, heavy, b"", heavy)]
+        )
+        with pytest.raises(grpc.RpcError):
+            pb_grpc.ImageGatewayServiceStub(channel).InferBatch(request, timeout=10)
+    counted = image_errors(gateway.http_url) - before
+    assert counted == {"undecodable_image": 1, "empty_image": 1}

@@ -192,6 +192,27 @@ class DataPlane:
         # Headers first, for every image: nothing is decoded until the whole request is known
         # to fit its pixel budget.
         items: list[Probe | ItemError] = [self._probe(image.data) for image in request.images]
+        # What is known of each image so far, for the image errors of a request that fails whole.
+        known: list[Probe | ItemError | DecodedImage] = list(items)
+        try:
+            return self._infer_probed(request, model, items, known)
+        except GatewayError as exc:
+            # The request fails whole, but its images failed each for a reason: their own for
+            # those refused or undecodable, the model's for those it was given.
+            for item in known:
+                if isinstance(item, ItemError):
+                    metrics.inc(metrics.IMAGE_ERRORS, (item.code,))
+                elif isinstance(item, DecodedImage) and exc.error is ErrorCode.MODEL_ERROR:
+                    metrics.inc(metrics.IMAGE_ERRORS, (exc.code,))
+            raise
+
+    def _infer_probed(
+        self,
+        request: InferRequest,
+        model: Model,
+        items: list[Probe | ItemError],
+        known: list[Probe | ItemError | DecodedImage],
+    ) -> InferResponse:
         metrics.observe(metrics.IMAGES_PER_REQUEST, len(items))
         for image, probed in zip(request.images, items, strict=True):
             metrics.observe(metrics.IMAGE_BYTES, len(image.data))
@@ -211,17 +232,9 @@ class DataPlane:
         # behind it past the budget and --max-queue.
         with self.admission.slot(_cost(items, request.color_mode), request.deadline, stopped):
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
+            known[:] = decoded
             good = [d for d in decoded if isinstance(d, DecodedImage)]
-            try:
-                outputs = self._predict(model, batcher, good, request) if good else []
-            except GatewayError as exc:
-                if exc.error is ErrorCode.MODEL_ERROR:
-                    # The whole request fails, but its images failed each for a reason: the
-                    # model for those it was given, their own for the others.
-                    for item in decoded:
-                        code = item.code if isinstance(item, ItemError) else exc.code
-                        metrics.inc(metrics.IMAGE_ERRORS, (code,))
-                raise
+            outputs = self._predict(model, batcher, good, request) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
         _check_request(request)
