@@ -303,6 +303,17 @@ def test_the_retries_after_a_failed_merged_call_skip_jobs_nobody_waits_for() -> 
         batcher.close()
 
 
+def test_a_deadline_shorter_than_the_batch_wait_still_gets_its_answer() -> None:
+    # The batch used to wait its whole window (30 s here), and the request failed at its 2 s.
+    model = FailsMerged()
+    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=30))
+    image = np.zeros((2, 2, 3), np.uint8)
+    try:
+        assert batcher.predict([image], {"tag": "t"}, timeout=2) == ["t"]
+    finally:
+        batcher.close()
+
+
 def test_batching_for_a_model_not_served_stops_the_start() -> None:
     with pytest.raises(ValueError, match="embeding"):
         start(Settings(http_port=0, grpc_port=0, batching=("embeding=16:2",)))

@@ -78,6 +78,8 @@ class _Job:
     group: str = ""
     # Asked when the job would join a batch; an error drops it (see Batcher.predict).
     stopped: Callable[[], GatewayError | None] | None = None
+    # When its caller stops waiting (time.monotonic()), if ever.
+    deadline: float | None = None
     future: Future[Sequence[JSONValue]] = field(default_factory=Future)
     key: str = ""
 
@@ -127,13 +129,13 @@ class Batcher:
         DroppedError. Whatever the model raised comes out as ModelRaisedError, so that it is never
         taken for one of those two.
         """
-        job = _Job(images, params, group, stopped)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = _Job(images, params, group, stopped, deadline=deadline)
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
             self._pending.append(job)
             self._ready.notify()
-        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while True:
                 step = STOP_CHECK_INTERVAL
@@ -179,7 +181,7 @@ class Batcher:
                 if first.claim():
                     break
             batch, size = [first], len(first.images)
-            deadline = time.monotonic() + self.policy.max_wait
+            deadline = self._wait_until(first, time.monotonic() + self.policy.max_wait)
             while size < self.policy.max_batch_size:
                 match = next(
                     (
@@ -194,12 +196,22 @@ class Batcher:
                     if match.claim():
                         batch.append(match)
                         size += len(match.images)
+                        deadline = self._wait_until(match, deadline)
                     continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 self._ready.wait(remaining)
             return batch
+
+    @staticmethod
+    def _wait_until(job: _Job, until: float) -> float:
+        """How long a batch holding `job` may wait for more: at most half the time its caller
+        has left, so that a deadline shorter than the policy's wait still leaves the model time
+        to answer, rather than running the batch when nobody waits for it any more."""
+        if job.deadline is None:
+            return until
+        return min(until, time.monotonic() + (job.deadline - time.monotonic()) / 2)
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
