@@ -174,6 +174,56 @@ def test_expect_100_continue_refused_from_the_headers_sends_no_continue(gateway:
         assert refused(answers) == expected
 
 
+def first_answer(s: socket.socket) -> tuple[int, dict[str, str], Any]:
+    """The first answer on a connection (an interim 100 Continue included), read without
+    waiting for the connection to close."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = s.recv(65536)
+        assert chunk, received
+        received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    if status == 100:
+        return status, {}, None
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    length = int(headers["Content-Length"])
+    while len(rest) < length:
+        chunk = s.recv(65536)
+        assert chunk, rest
+        rest += chunk
+    return status, headers, json.loads(rest[:length])
+
+
+QUERY_ERRORS = {
+    "an unknown color_mode": (b"?color_mode=rgb", "color_mode 'rgb' is not one of"),
+    "a name given twice": (b"?q=1&q=2", "parameter 'q' is given twice"),
+    "an escape that is not UTF-8": (b"?x=%FF", "a query parameter is not UTF-8"),
+}
+BODY_TYPES = {
+    "octet-stream": b"application/octet-stream",
+    "multipart": b"multipart/form-data; boundary=b0undary",
+}
+
+
+@pytest.mark.parametrize("content_type", BODY_TYPES.values(), ids=BODY_TYPES.keys())
+@pytest.mark.parametrize(("query", "message"), QUERY_ERRORS.values(), ids=QUERY_ERRORS.keys())
+def test_a_query_refused_on_its_own_is_answered_before_the_body(
+    gateway: Gateway, content_type: bytes, query: bytes, message: str
+) -> None:
+    # The query was read only with the body: the server sent 100 Continue and read the whole
+    # 20 MB before it answered 400. Here nothing of the body is sent.
+    head = b"Content-Type: %s\r\nExpect: 100-continue\r\nContent-Length: 20000000\r\n"
+    with socket.create_connection(http_host_port(gateway.http_url), timeout=10) as s:
+        s.sendall(post(head % content_type, path=b"/v1/infer" + query))
+        status, headers, body = first_answer(s)
+    assert status == 400  # not 100 Continue
+    assert body["error"]["code"] == "invalid_request"
+    assert body["error"]["message"].startswith(message)
+    assert headers["Connection"] == "close"
+
+
 def test_expect_100_continue_is_answered_when_the_body_is_wanted(gateway: Gateway) -> None:
     head = post(OCTET + b"Expect: 100-continue\r\nContent-Length: %d\r\n" % len(PNG))
     with socket.create_connection(http_host_port(gateway.http_url), timeout=10) as s:
