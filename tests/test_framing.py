@@ -9,11 +9,13 @@ import contextlib
 import json
 import socket
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
 from gateway.serve import Gateway
 from tests.conftest import DATA
+from tests.hostile import BOUNDARY, file_part, multipart, text_part
 from tests.wire import http_host_port
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -30,6 +32,11 @@ def exchange(gw: Gateway, data: bytes) -> list[tuple[int, dict[str, str], Any]]:
         received = b""
         while chunk := s.recv(65536):
             received += chunk
+    return parse_answers(received)
+
+
+def parse_answers(received: bytes) -> list[tuple[int, dict[str, str], Any]]:
+    """Every answer in what a connection received, parsed (JSON bodies)."""
     answers = []
     while received:
         head, _, rest = received.partition(b"\r\n\r\n")
@@ -238,6 +245,45 @@ def test_expect_100_continue_is_answered_when_the_body_is_wanted(gateway: Gatewa
             received += chunk
     assert received.startswith(b"HTTP/1.1 200 OK\r\n")
     assert received.count(b"HTTP/1.1 200 OK\r\n") == 2  # the follow-up, on the same connection
+
+
+def half_closed(gw: Gateway, request: bytes) -> list[tuple[int, dict[str, str], Any]]:
+    """Send a request, end the sending side (the client waits for the answer), read the
+    answers until the server closes."""
+    with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    return parse_answers(received)
+
+
+def test_a_body_shorter_than_its_content_length_is_invalid_request(gateway: Gateway) -> None:
+    # The multipart reader took the end of input for the end of the body: the parts that came
+    # were answered 200 as if they were all (a body cut inside a part, malformed_multipart),
+    # where an octet-stream body was refused invalid_request.
+    form = b"Content-Type: multipart/form-data; boundary=" + BOUNDARY.encode() + b"\r\n"
+    whole = multipart([file_part("0", PNG), text_part("note", "hi")])
+    for headers, body in (
+        (OCTET, PNG),
+        (form, whole),
+        (form, whole[: len(whole) // 2]),
+    ):
+        declared = len(body) + 1000
+        answers = half_closed(gateway, post(headers + b"Content-Length: %d\r\n" % declared, body))
+        message = (
+            f"the body ended after {len(body)} of the {declared} bytes its Content-Length says"
+        )
+        assert [(status, answer.get("error")) for status, _, answer in answers] == [
+            (400, {"code": "invalid_request", "message": message, "request_id": ANY})
+        ]
+        assert answers[0][1]["Connection"] == "close"
+    # A chunked body has no Content-Length: it ends at its last chunk, half-closed or not.
+    answers = half_closed(gateway, post(form + b"Transfer-Encoding: chunked\r\n", chunked(whole)))
+    assert [(status, body["results"][0]["output"]) for status, _, body in answers] == [
+        (200, [128, 128, 3])
+    ]
 
 
 CONNECTION_OPTIONS = {
