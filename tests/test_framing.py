@@ -322,6 +322,15 @@ def test_framing_the_server_does_not_speak_gets_its_own_code_from_the_table(
     assert refused(exchange(gateway, version)) == (505, "unsupported_http_version")
 
 
+@pytest.mark.parametrize("value", [b"", b" ", b",", b" , ,"], ids=repr)
+def test_a_transfer_encoding_naming_no_coding_is_refused(gateway: Gateway, value: bytes) -> None:
+    # An empty Transfer-Encoding was taken for none: the request was answered as bodiless and
+    # the request inside its body as the next one, a request a proxy in front never saw.
+    inner = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = post(b"Transfer-Encoding:" + value + b"\r\n", inner, path=b"/nope")
+    assert refused(exchange(gateway, request + FOLLOW_UP)) == (501, "unsupported_transfer_coding")
+
+
 def test_errors_of_the_server_itself_carry_the_id_the_client_chose(gateway: Gateway) -> None:
     # Answers the HTTP server gives itself, not the app, had a fresh id whatever the client sent.
     gzip = post(OCTET + b"Transfer-Encoding: gzip\r\nX-Request-ID: te-1\r\n", b"12345")

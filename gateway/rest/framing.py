@@ -7,7 +7,9 @@ also lets a client grow a worker's memory without bound. What it did, each fixed
 - header fields: the last of two different Content-Length headers won; Content-Length and
   Transfer-Encoding together were taken (chunked winning, the connection kept); a space before
   the colon was ignored; a folded line replaced the value it continued; Content-Length accepted
-  `+5`, `-1` and `5_0`; NUL and a bare CR passed in values;
+  `+5`, `-1` and `5_0`; NUL and a bare CR passed in values; a Transfer-Encoding naming no
+  coding (an empty value, or commas) was taken for none, so the request was framed as
+  bodiless and its body read as the next request;
 - a chunked body: the chunk-size line was read without a length limit; sizes such as `0x5`,
   `+5` and `-1` passed; the trailer section was never read, so it was taken for the next
   request; each chunk was read whole into memory, then sliced off a piece at a time (a 16 MiB
@@ -87,6 +89,15 @@ class StrictHeaderReader(server.HeaderReader):
 def _list(value: bytes) -> list[bytes]:
     """A comma-separated field's members, lowercased, as cheroot splits them."""
     return [m.strip(b" \t").lower() for m in value.split(b",") if m.strip(b" \t")]
+
+
+def names_no_coding(headers: dict[bytes, bytes]) -> bool:
+    """Whether a request has a Transfer-Encoding field that names no coding (empty, or commas
+    only). Its final coding is then not chunked: RFC 9112 6.3 says such a body has no length a
+    server can rely on, so it is refused as any coding other than chunked is (501), with the
+    connection closed."""
+    value = headers.get(b"Transfer-Encoding")
+    return value is not None and not _list(value)
 
 
 def expects_continue(value: bytes) -> bool:

@@ -34,7 +34,12 @@ from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.rest.dispatch import Dispatcher, header_value, request_start
-from gateway.rest.framing import ChunkedBody, StrictHeaderReader, expects_continue
+from gateway.rest.framing import (
+    ChunkedBody,
+    StrictHeaderReader,
+    expects_continue,
+    names_no_coding,
+)
 from gateway.rest.linger import Lingerer
 from gateway.rest.responses import SERVER_METHODS, error_headers, error_json
 from gateway.rest.socketfile import (
@@ -301,6 +306,11 @@ class GatewayRequest(server.HTTPRequest):
             # cheroot reads no Transfer-Encoding from HTTP/1.0 and frames the body as empty;
             # RFC 9112 6.1: such framing is faulty, and the connection must close.
             self.simple_response("400 Bad Request", "Transfer-Encoding in an HTTP/1.0 request")
+            return False
+        if names_no_coding(self.inheaders):
+            # cheroot refuses every coding but chunked (501), but takes an empty list of them
+            # for no Transfer-Encoding at all: the body was read as the next request.
+            self.simple_response("501 Not Implemented")
             return False
         return True
 
