@@ -115,6 +115,9 @@ class GatewayClient:
     ) -> None:
         parts = urlsplit(url)
         _check_port(parts.port)  # .port raises ValueError for one out of range
+        if parts.scheme in ("grpc", "http", "https") and not parts.hostname:
+            # grpc would fail each call as if a gateway had answered UNKNOWN.
+            raise ValueError(f"{url!r} names no host: use grpc://host:port or http://host:port")
         _check_timeout(timeout)
         self.model = model
         self._closed = False

@@ -118,6 +118,14 @@ def test_bad_url_scheme() -> None:
         GatewayClient("ftp://127.0.0.1:1")
 
 
+@pytest.mark.parametrize("url", ["grpc://", "grpc://:50051", "http://", "http://:5000"])
+def test_a_url_without_a_host_is_refused_at_once(url: str) -> None:
+    # Over gRPC every call failed as if a gateway had answered UNKNOWN; over HTTP with requests'
+    # own error at the first call.
+    with pytest.raises(ValueError, match="no host"):
+        GatewayClient(url)
+
+
 def _client_ports(port: int) -> set[int]:
     """Local ports of the TCP connections on this machine, in any process, established to
     `port`."""

@@ -461,6 +461,7 @@ def test_a_signal_during_start_up_stops_without_a_ready_line(
 def test_cli_refuses_what_it_cannot_use_without_a_traceback() -> None:
     for args in (
         ("--url", "localhost:5000", "limits"),  # no scheme
+        ("--url", "grpc://", "limits"),  # no host
         ("--timeout", "0", "limits"),
         ("--url", "http://127.0.0.1:9", "limits"),  # nothing listens
     ):
