@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
+import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,6 +102,67 @@ def test_page_sends_two_images_and_shows_each_result(
     assert green > 50
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "browser-page.png"), full_page=True)
+    page.close()
+
+
+def exif_jpeg(photo: np.ndarray, orientation: int) -> bytes:
+    """`photo` as a JPEG whose EXIF Orientation tag is `orientation`."""
+    ok, encoded = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1)
+    tiff += struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    data = encoded.tobytes()
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_outlines_land_on_the_code_of_a_photo_the_browser_turns(
+    browser: Browser, qr_gateway: Gateway, tmp_path: Path, orientation: int
+) -> None:
+    # The gateway finds the code in the pixels as stored; Chromium shows a JPEG turned by its
+    # EXIF orientation, and the outline was drawn unturned, off the code.
+    photo = np.full((300, 600, 3), 200, np.uint8)
+    code = cv2.QRCodeEncoder.create().encode("turned")
+    code = cv2.resize(code, None, fx=6, fy=6, interpolation=cv2.INTER_NEAREST)
+    code = cv2.copyMakeBorder(code, 12, 12, 12, 12, cv2.BORDER_CONSTANT, value=255)
+    h, w = code.shape
+    photo[10 : 10 + h, 10 : 10 + w] = cv2.cvtColor(code, cv2.COLOR_GRAY2BGR)
+    path = tmp_path / f"turned-{orientation}.jpg"
+    path.write_bytes(exif_jpeg(photo, orientation))
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(qr_gateway.http_url + "/")
+    page.wait_for_selector("#model option[value=qrcode]", state="attached")
+    page.set_input_files("#files", [str(path)])
+    page.click("#run")
+    page.wait_for_selector(".card canvas[data-drawn='1']")
+    assert "QR: turned" in page.inner_text(".card pre")
+    boxes = page.evaluate(
+        """() => {
+            const c = document.querySelector(".card canvas");
+            const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            const box = (test) => {
+                let b = [1e9, 1e9, -1, -1];
+                for (let y = 0; y < c.height; y++)
+                    for (let x = 0; x < c.width; x++) {
+                        const i = (y * c.width + x) * 4;
+                        if (test(d[i], d[i + 1], d[i + 2]))
+                            b = [Math.min(b[0], x), Math.min(b[1], y),
+                                 Math.max(b[2], x), Math.max(b[3], y)];
+                    }
+                return b;
+            };
+            return {
+                green: box((r, g, b) => r < 60 && g > 150 && b < 120),
+                code: box((r, g, b) => r < 40 && g < 40 && b < 40),
+            };
+        }"""
+    )
+    green, dark = boxes["green"], boxes["code"]
+    assert green[2] >= 0, "no outline drawn"
+    # The outline goes round the code's dark modules, wherever the turn put them.
+    centre = [(green[0] + green[2]) / 2, (green[1] + green[3]) / 2]
+    assert dark[0] <= centre[0] <= dark[2] and dark[1] <= centre[1] <= dark[3], boxes
     page.close()
 
 

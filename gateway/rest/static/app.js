@@ -18,7 +18,50 @@ function choose(files) {
   $("status").textContent = `${state.files.length} image(s) chosen`;
 }
 
-function drawImage(canvas, url, result) {
+// The gateway decodes pixels as stored (it ignores EXIF orientation), but the browser draws a
+// JPEG turned by its Orientation tag: outlines go through the same turn.
+async function jpegOrientation(file) {
+  const view = new DataView(await file.slice(0, 131072).arrayBuffer());
+  if (view.byteLength < 4 || view.getUint16(0) !== 0xffd8) return 1;
+  let pos = 2;
+  while (pos + 4 <= view.byteLength) {
+    const marker = view.getUint16(pos);
+    if ((marker & 0xff00) !== 0xff00 || marker === 0xffda) return 1;  // no more metadata
+    const exif = pos + 10 <= view.byteLength && view.getUint32(pos + 4) === 0x45786966;
+    if (marker === 0xffe1 && exif) return tiffOrientation(view, pos + 10);
+    pos += 2 + view.getUint16(pos + 2);
+  }
+  return 1;
+}
+
+function tiffOrientation(view, tiff) {
+  if (tiff + 8 > view.byteLength) return 1;
+  const little = view.getUint16(tiff) === 0x4949;
+  const ifd = tiff + view.getUint32(tiff + 4, little);
+  if (ifd + 2 > view.byteLength) return 1;
+  for (let i = 0, count = view.getUint16(ifd, little); i < count; i++) {
+    const entry = ifd + 2 + i * 12;
+    if (entry + 12 > view.byteLength) return 1;
+    if (view.getUint16(entry, little) === 0x0112) {
+      const value = view.getUint16(entry + 8, little);
+      return value >= 1 && value <= 8 ? value : 1;
+    }
+  }
+  return 1;
+}
+
+// Stored (x, y) of a w x h image -> where the browser shows it, as [a, b, c, d, e, f]:
+// x' = a x + c y + e, y' = b x + d y + f (the canvas transform's order).
+function turn(orientation, w, h) {
+  return [
+    [1, 0, 0, 1, 0, 0],
+    [1, 0, 0, 1, 0, 0], [-1, 0, 0, 1, w, 0], [-1, 0, 0, -1, w, h], [1, 0, 0, -1, 0, h],
+    [0, 1, 1, 0, 0, 0], [0, 1, -1, 0, h, 0], [0, -1, -1, 0, h, w], [0, -1, 1, 0, 0, w],
+  ][orientation];
+}
+
+async function drawImage(canvas, file, result) {
+  const orientation = await jpegOrientation(file);
   const img = new Image();
   img.onload = () => {
     const scale = Math.min(1, 260 / img.naturalWidth);
@@ -26,6 +69,12 @@ function drawImage(canvas, url, result) {
     canvas.height = img.naturalHeight * scale;
     const ctx = canvas.getContext("2d");
     ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+    // The turn the browser applied, judged by the size it shows against the size as stored.
+    const w = result.info ? result.info.width : img.naturalWidth;
+    const h = result.info ? result.info.height : img.naturalHeight;
+    const swapped = orientation >= 5;
+    const applied = img.naturalWidth === (swapped ? h : w) && img.naturalHeight === (swapped ? w : h);
+    const [a, b, c, d, e, f] = turn(applied ? orientation : 1, w, h);
     // qrcode results: outline each code's four corners.
     if (Array.isArray(result.output)) {
       for (const code of result.output) {
@@ -34,7 +83,7 @@ function drawImage(canvas, url, result) {
         ctx.lineWidth = 3;
         ctx.beginPath();
         code.points.forEach(([x, y], i) => {
-          const px = x * scale, py = y * scale;
+          const px = (a * x + c * y + e) * scale, py = (b * x + d * y + f) * scale;
           if (i === 0) ctx.moveTo(px, py); else ctx.lineTo(px, py);
         });
         ctx.closePath();
@@ -43,7 +92,7 @@ function drawImage(canvas, url, result) {
     }
     canvas.dataset.drawn = "1";
   };
-  img.src = url;
+  img.src = URL.createObjectURL(file);
 }
 
 function render(results) {
@@ -69,7 +118,7 @@ function render(results) {
     }
     card.append(title, canvas, text);
     list.append(card);
-    drawImage(canvas, URL.createObjectURL(state.files[i]), result);
+    drawImage(canvas, state.files[i], result);
   });
 }
 
