@@ -121,6 +121,23 @@ def access_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
 
 
+def test_access_records_count_the_body_bytes_sent(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The page and its script were logged as 0 bytes out, and a HEAD as the body it did not send.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    sent = {}
+    for method, path in (("GET", "/"), ("GET", "/static/app.js"), ("HEAD", "/v1/models")):
+        resp = requests.request(
+            method, gateway.http_url + path, headers={"X-Request-ID": f"out-{path}"}, timeout=10
+        )
+        assert resp.status_code == 200
+        sent[f"out-{path}"] = len(resp.content)
+    records = {r["request_id"]: r["bytes_out"] for r in access_records(caplog)}
+    assert {k: records[k] for k in sent} == sent
+    assert sent["out-/"] > 0 and sent["out-/v1/models"] == 0
+
+
 def test_one_access_record_per_request_on_both_protocols(
     gateway: Gateway, channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -85,7 +85,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
                 status=str(response.status_code),
                 # What was read, not what was declared: a refused body was mostly not read.
                 bytes_in=getattr(request.environ.get("wsgi.input"), "bytes_read", 0),
-                bytes_out=response.calculate_content_length() or 0,
+                bytes_out=_bytes_out(response),
                 started=g.started,
                 error=g.get("error", ""),
             )
@@ -120,3 +120,11 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
     app.register_blueprint(routes.minimal)
     errors.register(app)
     return app
+
+
+def _bytes_out(response: Response) -> int:
+    """The body bytes the answer sends: none for HEAD; a file's (the page, its script) from
+    its Content-Length, which Werkzeug cannot count from a body it streams."""
+    if request.method == "HEAD":
+        return 0
+    return response.calculate_content_length() or response.content_length or 0
