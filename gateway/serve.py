@@ -117,6 +117,7 @@ def start(
         settings.max_request_bytes,
         reuse_port,
         lambda: dataplane.admission.draining,
+        settings.cors_origin,
     )
     grpc_server.start()
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)

@@ -29,6 +29,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
+from tests.test_framing import exchange
 from tests.wire import http_host_port, post_octet
 
 SERVICE = "imagegateway.v1.ImageGatewayService"
@@ -231,6 +232,29 @@ def test_cors_allows_only_configured_origins() -> None:
         # so only when several origins were allowed.
         for answer in (preflight, posted, other):
             assert "Origin" in answer.headers["Vary"]
+    finally:
+        gw.stop()
+
+
+def test_answers_the_http_server_makes_itself_carry_cors_headers() -> None:
+    # 431, 501, 505, 503 overloaded, 408: made by the server, not the app, they had no CORS
+    # headers, so a page on an allowed origin got a network error instead of the JSON error.
+    gw = start(Settings(http_port=0, grpc_port=0, cors_origin=("http://app.example:8080",)))
+    try:
+        allowed, other = b"Origin: http://app.example:8080\r\n", b"Origin: http://evil.example\r\n"
+        for origin, expected in ((allowed, "http://app.example:8080"), (other, None)):
+            gzip = (
+                b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+                b"\r\nTransfer-Encoding: gzip\r\n" + origin + b"\r\n12345"
+            )
+            version = b"GET /healthz HTTP/1.2\r\nHost: x\r\n" + origin + b"\r\n"
+            for request, status in ((gzip, 501), (version, 505)):
+                ((code, headers, _),) = exchange(gw, request)
+                assert code == status
+                assert headers.get("Access-Control-Allow-Origin") == expected, headers
+                assert "Origin" in headers["Vary"]
+                if expected:
+                    assert "X-Request-ID" in headers["Access-Control-Expose-Headers"]
     finally:
         gw.stop()
 

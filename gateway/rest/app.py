@@ -16,10 +16,8 @@ from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
-from gateway.rest.responses import SERVER_METHODS
+from gateway.rest.responses import REQUEST_ID_HEADER, SERVER_METHODS
 from gateway.rest.server import QUEUED_KEY
-
-REQUEST_ID_HEADER = "X-Request-ID"
 
 
 def _method_label() -> str:

@@ -53,6 +53,7 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
 
 # Every method some route of the server takes: the Allow of a question about the whole server
 # (`OPTIONS *`) and of a method no route takes (CONNECT, which is for proxies).
+REQUEST_ID_HEADER = "X-Request-ID"
 SERVER_METHODS = "GET, HEAD, POST, OPTIONS"
 
 

@@ -41,7 +41,7 @@ from gateway.rest.framing import (
     names_no_coding,
 )
 from gateway.rest.linger import Lingerer
-from gateway.rest.responses import SERVER_METHODS, error_headers, error_json
+from gateway.rest.responses import REQUEST_ID_HEADER, SERVER_METHODS, error_headers, error_json
 from gateway.rest.socketfile import (
     Connection,
     KnownLengthBody,
@@ -353,12 +353,12 @@ class GatewayRequest(server.HTTPRequest):
     # Set on a request answered without being read (refused): its head is still in the socket.
     unread = False
 
-    def _client_request_id(self) -> str | None:
-        """The X-Request-ID the client sent, where its head can be had: read already, or still
-        to be read (peeked at, not read) for a request refused unread or at its request line.
-        None when it has not arrived."""
+    def _client_header(self, field: bytes) -> str | None:
+        """A header field the client sent (`field` in lower case), where its head can be had:
+        read already, or still to be read (peeked at, not read) for a request refused unread or
+        at its request line. None when it has not arrived."""
         for name, value in self.inheaders.items():
-            if name.lower() == b"x-request-id":
+            if name.lower() == field:
                 return bytes(value).decode("latin-1")
         if self.unread:
             start = request_start(self.conn)
@@ -368,7 +368,7 @@ class GatewayRequest(server.HTTPRequest):
             start = b"-\r\n" + (request_start(self.conn) or b"")
         else:
             return None
-        return header_value(start, b"x-request-id") if start else None
+        return header_value(start, field) if start else None
 
     def simple_response(self, status: Any, msg: Any = "", error: ErrorCode | None = None) -> None:
         started = _arrival(self.conn)
@@ -400,7 +400,7 @@ class GatewayRequest(server.HTTPRequest):
                 f"every HTTP thread of this worker is busy and {THREAD_QUEUE} connections "
                 "wait for one; retry later"
             )
-        request_id = new_request_id(self._client_request_id())
+        request_id = new_request_id(self._client_header(b"x-request-id"))
         error_body = error_json(error.code, message or HTTPStatus(sent).phrase, request_id)
         # As Flask writes JSON: compact, one line.
         body = json.dumps(error_body, separators=(",", ":")) + "\n"
@@ -411,6 +411,9 @@ class GatewayRequest(server.HTTPRequest):
             **error_headers(sent),
             # A 405 says what is allowed (RFC 9110 15.5.6).
             **({"Allow": SERVER_METHODS} if sent == 405 else {}),
+            # As the app's answers have them: else a page on an allowed origin gets a network
+            # error instead of this answer (and a 503's Retry-After).
+            **cors_headers(self._client_header(b"origin"), self.server.cors_origins),
             # Whatever the status: the request was not (wholly) read.
             "Connection": "close",
         }
@@ -487,9 +490,11 @@ class HttpServer(wsgi.Server):
         request_timeout: float,
         max_body: int,
         draining: Callable[[], bool] = lambda: False,
+        cors_origins: tuple[str, ...] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.cors_origins = cors_origins
         # The largest body the app takes; an unread one up to this is read out (see
         # GatewayRequest.send_headers).
         self.max_body = max_body
@@ -627,6 +632,7 @@ def build_http_server(
     max_body: int,
     reuse_port: bool = False,
     draining: Callable[[], bool] = lambda: False,
+    cors_origins: tuple[str, ...] = (),
 ) -> tuple[HttpServer, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
     server = HttpServer(
@@ -635,6 +641,7 @@ def build_http_server(
         request_timeout=request_timeout,
         max_body=max_body,
         draining=draining,
+        cors_origins=cors_origins,
         numthreads=threads,
         server_name="image-gateway",
         request_queue_size=128,
@@ -653,3 +660,15 @@ def build_http_server(
     server.max_request_header_size = MAX_HEADER_BYTES
     server.prepare()
     return server, int(server.bind_addr[1])
+
+
+def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The CORS headers flask-cors gives the app's answers (gateway.rest.app), for the answers
+    the server makes itself: the origin echoed when allowed, X-Request-ID readable."""
+    if not origin or not allowed:
+        return {}
+    headers = {} if "*" in allowed else {"Vary": "Origin"}
+    if "*" in allowed or origin.casefold() in {o.casefold() for o in allowed}:
+        headers["Access-Control-Allow-Origin"] = origin
+        headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+    return headers
