@@ -221,6 +221,7 @@ def test_cors_allows_only_configured_origins() -> None:
         )
         assert posted.headers["Access-Control-Allow-Origin"] == "http://app.example:8080"
         assert "X-Request-ID" in posted.headers["Access-Control-Expose-Headers"]
+        assert "Retry-After" in posted.headers["Access-Control-Expose-Headers"]
         other = requests.post(
             url,
             data=PNG,
@@ -254,7 +255,8 @@ def test_answers_the_http_server_makes_itself_carry_cors_headers() -> None:
                 assert headers.get("Access-Control-Allow-Origin") == expected, headers
                 assert "Origin" in headers["Vary"]
                 if expected:
-                    assert "X-Request-ID" in headers["Access-Control-Expose-Headers"]
+                    exposed = headers["Access-Control-Expose-Headers"]
+                    assert "X-Request-ID" in exposed and "Retry-After" in exposed
     finally:
         gw.stop()
 

@@ -16,7 +16,7 @@ from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
-from gateway.rest.responses import REQUEST_ID_HEADER, SERVER_METHODS
+from gateway.rest.responses import EXPOSED_HEADERS, REQUEST_ID_HEADER, SERVER_METHODS
 from gateway.rest.server import QUEUED_KEY
 
 
@@ -96,7 +96,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             origins=list(settings.cors_origin),
             methods=["GET", "POST"],
             allow_headers=["Content-Type", REQUEST_ID_HEADER],
-            expose_headers=[REQUEST_ID_HEADER],
+            expose_headers=list(EXPOSED_HEADERS),
             max_age=600,
         )
 

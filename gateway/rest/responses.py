@@ -54,6 +54,8 @@ def model_json(info: ModelInfo) -> dict[str, Any]:
 # Every method some route of the server takes: the Allow of a question about the whole server
 # (`OPTIONS *`) and of a method no route takes (CONNECT, which is for proxies).
 REQUEST_ID_HEADER = "X-Request-ID"
+# Readable by a page's script on an allowed origin (CORS): the id, and when to retry a 503.
+EXPOSED_HEADERS = (REQUEST_ID_HEADER, "Retry-After")
 SERVER_METHODS = "GET, HEAD, POST, OPTIONS"
 
 

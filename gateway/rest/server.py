@@ -41,7 +41,7 @@ from gateway.rest.framing import (
     names_no_coding,
 )
 from gateway.rest.linger import Lingerer
-from gateway.rest.responses import REQUEST_ID_HEADER, SERVER_METHODS, error_headers, error_json
+from gateway.rest.responses import EXPOSED_HEADERS, SERVER_METHODS, error_headers, error_json
 from gateway.rest.socketfile import (
     Connection,
     KnownLengthBody,
@@ -664,11 +664,12 @@ def build_http_server(
 
 def cors_headers(origin: str | None, allowed: tuple[str, ...]) -> dict[str, str]:
     """The CORS headers flask-cors gives the app's answers (gateway.rest.app), for the answers
-    the server makes itself: the origin echoed when allowed, X-Request-ID readable."""
+    the server makes itself: the origin echoed when allowed, X-Request-ID and Retry-After
+    readable."""
     if not origin or not allowed:
         return {}
     headers = {} if "*" in allowed else {"Vary": "Origin"}
     if "*" in allowed or origin.casefold() in {o.casefold() for o in allowed}:
         headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+        headers["Access-Control-Expose-Headers"] = ", ".join(EXPOSED_HEADERS)
     return headers
