@@ -41,6 +41,7 @@ from gateway.rest.socketfile import (
     peer_closed,
     send_now,
 )
+from gateway.rpc import pool as rpc_pool
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
@@ -102,6 +103,23 @@ def grpc_channels(gw: Gateway, count: int) -> Iterator[list[grpc.Channel]]:
     finally:
         for channel in channels:
             channel.close()
+
+
+@contextlib.contextmanager
+def silent_calls(channel: grpc.Channel, method: str, count: int, **kw: Any) -> Iterator[list[Any]]:
+    """`count` calls of the unary `method` that send their headers and never their message (a
+    request iterator that never yields), as futures; let go of on the way out."""
+    never = threading.Event()
+
+    def nothing() -> Iterator[bytes]:
+        never.wait(60)
+        yield b""
+
+    call = channel.stream_unary(method)
+    try:
+        yield [call.future(nothing(), timeout=30, **kw) for _ in range(count)]
+    finally:
+        never.set()
 
 
 def raw_post(model: str, body: bytes, content_type: str = "application/octet-stream") -> bytes:
@@ -1451,6 +1469,76 @@ def test_a_call_ended_for_want_of_its_message_is_recorded_so_while_it_waits_for_
         )
         assert delta(request_counts(gw.http_url), before)[(*route, "CANCELLED")] == 0
         assert not held.done()
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def test_health_checks_whose_message_never_comes_hold_no_probe_thread() -> None:
+    # A health check's message was read on one of the two probe threads: two checks that sent
+    # their headers and never their message held both until --request-timeout, and every other
+    # check, and the overloaded refusals answered on the same threads, waited behind them.
+    with (
+        gated_gateway(grpc_threads=1, request_timeout=8.0) as gw,
+        grpc_channels(gw, 4) as channels,
+        silent_calls(channels[0], HEALTH_CHECK, 2) as silent,
+    ):
+        health = health_pb2_grpc.HealthStub(channels[0])
+        for _ in range(3):
+            check = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        # The only unary thread held and THREAD_QUEUE calls waiting for it: the next is refused
+        # at once, not once the silent checks end.
+        stubs = [pb_grpc.ImageGatewayServiceStub(ch) for ch in channels]
+        held = stubs[0].Infer.future(
+            pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=60
+        )
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the only gRPC thread is held")
+        plain = pb.InferRequest(image=pb.Image(data=PNG))
+        calls = [stubs[i % 4].Infer.future(plain, timeout=3) for i in range(THREAD_QUEUE + 1)]
+        wait_for(lambda: any(f.done() for f in calls), "a call is answered")
+        refused = [f.exception() for f in calls if f.done()]
+        assert [grpc_code(e) for e in refused] == [(grpc.StatusCode.UNAVAILABLE, "overloaded")]
+        GATE.set()
+        assert grpc_result(held.result().result)["output"] == [128, 128, 3]
+        for future in calls:
+            with contextlib.suppress(grpc.RpcError):  # served, or past its own deadline
+                future.result()
+        # The silent checks still end at --request-timeout, as any call whose message never
+        # comes.
+        for call in silent:
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result()
+            assert grpc_code(ended.value) == (grpc.StatusCode.DEADLINE_EXCEEDED, "request_timeout")
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+def test_a_health_check_past_the_reading_places_ends_the_oldest_silent_one() -> None:
+    # Health messages are read rpc_pool.PROBE_READS at once (each may be up to --max-request-bytes).
+    # When silent checks hold every place, a new check takes the oldest one's.
+    gw = start(Settings(http_port=0, grpc_port=0))
+    try:
+        with (
+            grpc_channels(gw, 1) as (channel,),
+            silent_calls(channel, HEALTH_CHECK, rpc_pool.PROBE_READS) as silent,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            wait_for(lambda: any(c.done() for c in silent), "a silent check is ended")
+            ended = [c.exception() for c in silent if c.done()]
+            assert [grpc_code(e) for e in ended] == [(grpc.StatusCode.UNAVAILABLE, "overloaded")]
+            assert "newer health checks" in ended[0].details()
+            # The others wait on, for their message or --request-timeout; the place the check
+            # gave back serves the next one (a Watch, read the same way).
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            assert sum(c.done() for c in silent) == 1
+    finally:
+        gw.stop()
 
 
 def test_idle_reflection_streams_take_stream_slots_and_cannot_starve_the_pool() -> None:

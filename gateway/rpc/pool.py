@@ -21,8 +21,16 @@ memory its messages can hold) from the start of its message to its answer, and a
 the message is in. Calls past the places wait unread, in the same queue as calls waiting for a
 thread. A call whose message is still missing after `limit` seconds is ended with
 DEADLINE_EXCEEDED and the `request_timeout` code, as the HTTP side answers a body that stops
-arriving. Health checks are read on their own two threads, also watched. Streams of requests are
-not watched: an InferStream may rightly wait for its client's next message (`--max-streams`
+arriving. A health check's message is read the same way, without a thread, on one of
+PROBE_READS places of its own, and watched the same; the check then takes one of the two probe
+threads, which therefore never wait for a client: health answers and the refusals that share
+those threads come at once. (Read on the probe threads themselves, two checks that never sent
+their message held both, and every other check and refusal waited behind them until
+`--request-timeout`.) A check arriving when every one of those places is held by a check whose
+message has not come ends the oldest such check (`overloaded`): a check's message comes with
+its headers, so only silent ones hold a place for long, and however many of them there are,
+they neither stop the other checks nor hold more than PROBE_READS messages. Streams of requests
+are not watched: an InferStream may rightly wait for its client's next message (`--max-streams`
 bounds those).
 
 grpcio has no hook for this. The pool recognises grpcio's own request reader among what the
@@ -67,6 +75,8 @@ WATCH_INTERVAL = 0.5
 _REQUEST_READER = "unary_request"
 # Health checks answer from the servicer's own state, at once: two threads never wait long.
 PROBE_THREADS = 2
+# Health checks whose message is read at once (each may hold `--max-request-bytes` meanwhile).
+PROBE_READS = 4
 # Stream threads past the servicer's slots: a stream over them is refused on one of these.
 STREAM_SPARE = 2
 
@@ -74,10 +84,14 @@ STREAM_SPARE = 2
 class _Call:
     """A unary call grpcio handed to the pool, from its arrival until its handler has run."""
 
-    __slots__ = ("admitted", "args", "arrived", "done", "ended", "fn", "kwargs")
+    __slots__ = ("admitted", "args", "arrived", "done", "ended", "fn", "kwargs", "probe")
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        probe: bool = False,
     ) -> None:
         self.arrived = time.monotonic()
         self.fn = fn
@@ -89,6 +103,9 @@ class _Call:
         self.admitted = False
         # Whether the watch ended it for want of its message.
         self.ended = False
+        # A health check: read on places of its own, run on a probe thread, and not recorded
+        # (health checks have no access record, answered or not).
+        self.probe = probe
 
     @property
     def event(self) -> Any:
@@ -107,6 +124,8 @@ class _Call:
         return (*self.args[:4], reader, *self.args[5:])
 
     def record_unserved(self) -> None:
+        if self.probe:
+            return
         _record_unserved(self.event, self.state, self.behaviour, self.ended, self.arrived)
 
 
@@ -140,8 +159,11 @@ class WatchedPool(ThreadPoolExecutor):
         # Keys of the calls waiting for a place, oldest first.
         self._pending: collections.deque[int] = collections.deque()
         self._keys = itertools.count()
-        # id(call state) -> (when it gives up, the call's event, its state, its handler's name)
-        self._waiting: dict[int, tuple[float, Any, Any, str]] = {}
+        # id(call state) -> the call, while its message is awaited (unary calls and health
+        # checks); it gives up `limit` seconds after its arrival.
+        self._waiting: dict[int, _Call] = {}
+        # id(call state) -> the health check, while its message is read, oldest first.
+        self._probe_reads: dict[int, _Call] = {}
         self._stopped = threading.Event()
         # The watcher holds the pool weakly: a pool nobody uses any more is collected, and its
         # threads end, as a plain ThreadPoolExecutor's do.
@@ -155,8 +177,9 @@ class WatchedPool(ThreadPoolExecutor):
         # the one to replace.
         if len(args) > 5 and getattr(args[4], "__name__", "") == _REQUEST_READER:
             if _is_health(args[3]):
-                watched = self._watched(args[4], args[1], args[2], args[3])
-                return self._probes.submit(fn, *args[:4], watched, *args[5:], **kwargs)
+                check = _Call(fn, args, kwargs, probe=True)
+                self._read_probe(check)
+                return check.done
             if len(self._queued) >= THREAD_QUEUE:
                 # Refused on a probe thread: it only sends the status, reading nothing.
                 refuse = _refusal(args[1], args[2], args[3])
@@ -177,13 +200,33 @@ class WatchedPool(ThreadPoolExecutor):
             return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)
 
+    def _read_probe(self, call: _Call) -> None:
+        """Start reading a health check's message on one of PROBE_READS places; when every
+        place is held by a check whose message has not come, the oldest of them is ended."""
+        with self._lock:
+            oldest = None
+            if len(self._probe_reads) >= PROBE_READS:
+                oldest = self._probe_reads.pop(next(iter(self._probe_reads)))
+            self._probe_reads[id(call.state)] = call
+        if oldest is not None and self._waiting.pop(id(oldest.state), None) is not None:
+            message = (
+                f"its request message had not arrived when {PROBE_READS} newer health checks "
+                "needed their places; retry later"
+            )
+            try:
+                if _end(oldest, ErrorCode.OVERLOADED, message):
+                    log.warning("ended a gRPC health check whose request message had not come")
+            except Exception:  # a grpcio whose internals moved: leave the call be
+                log.exception("could not end a gRPC health check waiting for its message")
+        self._receive(call)
+
     def _receive(self, call: _Call) -> None:
         """Start reading the call's message now; it gets a thread once the message is in. A
         thread that waited for the message could wait as long as its client took to send it."""
         event, state = call.event, call.state
         # From arrival, as the rest of the call's time: a call that waited for a place has
         # that much less left for its message.
-        self._waiting[id(state)] = (call.arrived + self.limit, event, state, _name(call.behaviour))
+        self._waiting[id(state)] = call
         with state.condition:
             active = grpc_server._is_rpc_state_active(state)
             if active:
@@ -206,6 +249,14 @@ class WatchedPool(ThreadPoolExecutor):
 
     def _ready(self, call: _Call) -> None:
         """Queue a call whose message is in (or will not come) for a thread."""
+        if call.probe:
+            with self._lock:
+                self._probe_reads.pop(id(call.state), None)
+            try:
+                self._probes.submit(self._run, call)
+            except RuntimeError:  # the pool is shut down: the server stops, and cancels its calls
+                self._finish(call)
+            return
         key = next(self._keys)
         # The call itself stays in _queued: one the sweep answers leaves only its key in the
         # executor's queue, until a thread comes to it.
@@ -222,6 +273,9 @@ class WatchedPool(ThreadPoolExecutor):
         call = self._queued.pop(key, None)
         if call is None:
             return None
+        return self._run(call)
+
+    def _run(self, call: _Call) -> Any:
         try:
             return run_arrived(
                 call.arrived, call.fn, *call.args_with(self._taken(call)), **call.kwargs
@@ -304,28 +358,19 @@ class WatchedPool(ThreadPoolExecutor):
             pool.shutdown(wait, cancel_futures=cancel_futures)
         super().shutdown(wait, cancel_futures=cancel_futures)
 
-    def _watched(
-        self, read: Callable[[], Any], event: Any, state: Any, behaviour: Any
-    ) -> Callable[[], Any]:
-        name = _name(behaviour)
-
-        def unary_request() -> Any:
-            key = id(state)
-            self._waiting[key] = (time.monotonic() + self.limit, event, state, name)
-            try:
-                request = read()
-            finally:
-                self._waiting.pop(key, None)
-            return request if state.client is not grpc_server._CANCELLED else None
-
-        return unary_request
-
     def _ended_waits(self) -> None:
         now = time.monotonic()
-        for key, (gives_up, event, state, name) in list(self._waiting.items()):
-            if now > gives_up and self._waiting.pop(key, None) is not None:
+        message = f"the request message did not arrive within {self.limit:g} s"
+        for key, call in list(self._waiting.items()):
+            if now > call.arrived + self.limit and self._waiting.pop(key, None) is not None:
                 try:
-                    _end(event, state, self.limit, name)
+                    if _end(call, ErrorCode.REQUEST_TIMEOUT, message):
+                        log.warning(
+                            "ended a gRPC call to %s whose request message did not arrive "
+                            "within %g s",
+                            _name(call.behaviour),
+                            self.limit,
+                        )
                 except Exception:  # a grpcio whose internals moved: leave the call be
                     log.exception("could not end a gRPC call waiting for its message")
 
@@ -458,12 +503,12 @@ def _name(behaviour: Any) -> str:
     return str(getattr(behaviour, "__qualname__", "") or "a method")
 
 
-def _end(event: Any, state: Any, limit: float, name: str) -> None:
+def _end(call: _Call, error: ErrorCode, message: str) -> bool:
+    """End with `error` a call whose message has not come; False if it came, or the call
+    ended, meanwhile."""
+    state = call.state
     with state.condition:
         if state.request is not None or state.client is not grpc_server._OPEN or state.statused:
-            return  # it came, or the call ended, meanwhile
-        message = f"the request message did not arrive within {limit:g} s"
-        _abort_unread(event, state, ErrorCode.REQUEST_TIMEOUT, message)
-    log.warning(
-        "ended a gRPC call to %s whose request message did not arrive within %g s", name, limit
-    )
+            return False
+        _abort_unread(call.event, state, error, message)
+    return True
