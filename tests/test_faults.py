@@ -46,6 +46,7 @@ from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
 from tests.test_metrics import delta, request_counts, request_errors
+from tests.test_operability import access_records
 from tests.test_process import launch
 from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
@@ -1537,6 +1538,48 @@ def test_a_health_check_past_the_reading_places_ends_the_oldest_silent_one() -> 
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
             assert sum(c.done() for c in silent) == 1
+    finally:
+        gw.stop()
+
+
+def test_a_call_ended_for_want_of_its_message_carries_its_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its trailer had only error-code, though every failed call carries x-request-id, and its
+    # access record got an id made for it later, different from any the client could see.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    gw = start(Settings(http_port=0, grpc_port=0, request_timeout=1.5))
+    infer = "/imagegateway.v1.ImageGatewayService/Infer"
+    try:
+        with (
+            grpc_channels(gw, 1) as (channel,),
+            silent_calls(channel, infer, 1, metadata=(("x-request-id", "silent-named"),)) as named,
+            silent_calls(channel, infer, 1) as unnamed,
+            silent_calls(
+                channel, HEALTH_CHECK, 1, metadata=(("x-request-id", "silent-check"),)
+            ) as check,
+        ):
+            ids = []
+            for call in (*named, *unnamed, *check):
+                with pytest.raises(grpc.RpcError) as ended:
+                    call.result()
+                code = grpc_code(ended.value)
+                assert code == (grpc.StatusCode.DEADLINE_EXCEEDED, "request_timeout")
+                ids.append(dict(ended.value.trailing_metadata())["x-request-id"])
+        assert ids[0] == "silent-named" and ids[2] == "silent-check"
+
+        # The same ids in the access log, one record each (health checks have none).
+        def records() -> list[tuple[str, str, str, str]]:
+            return sorted(
+                (r["request_id"], r["method"], r["status"], r["error"])
+                for r in access_records(caplog)
+                if r["request_id"] in ids
+            )
+
+        wait_for(lambda: len(records()) >= 2, "the two Infer calls are recorded")
+        assert records() == sorted(
+            (request_id, "Infer", "DEADLINE_EXCEEDED", "request_timeout") for request_id in ids[:2]
+        )
     finally:
         gw.stop()
 

@@ -84,7 +84,17 @@ STREAM_SPARE = 2
 class _Call:
     """A unary call grpcio handed to the pool, from its arrival until its handler has run."""
 
-    __slots__ = ("admitted", "args", "arrived", "done", "ended", "fn", "kwargs", "probe")
+    __slots__ = (
+        "_request_id",
+        "admitted",
+        "args",
+        "arrived",
+        "done",
+        "ended",
+        "fn",
+        "kwargs",
+        "probe",
+    )
 
     def __init__(
         self,
@@ -106,6 +116,7 @@ class _Call:
         # A health check: read on places of its own, run on a probe thread, and not recorded
         # (health checks have no access record, answered or not).
         self.probe = probe
+        self._request_id: str | None = None
 
     @property
     def event(self) -> Any:
@@ -119,6 +130,14 @@ class _Call:
     def behaviour(self) -> Any:
         return self.args[3]
 
+    @property
+    def request_id(self) -> str:
+        """The id the call's trailer and its record both carry: its client's `x-request-id`
+        metadata when usable, else a fresh one, made once (the message is not read)."""
+        if self._request_id is None:
+            self._request_id = _request_id(self.event)
+        return self._request_id
+
     def args_with(self, reader: Callable[[], Any]) -> tuple[Any, ...]:
         """grpcio's arguments, with `reader` for its request reader."""
         return (*self.args[:4], reader, *self.args[5:])
@@ -126,7 +145,9 @@ class _Call:
     def record_unserved(self) -> None:
         if self.probe:
             return
-        _record_unserved(self.event, self.state, self.behaviour, self.ended, self.arrived)
+        _record_unserved(
+            self.event, self.state, self.behaviour, self.request_id, self.ended, self.arrived
+        )
 
 
 class WatchedPool(ThreadPoolExecutor):
@@ -343,7 +364,13 @@ class WatchedPool(ThreadPoolExecutor):
                 self._finish(call)
                 continue
             refuse = _refusal(
-                call.event, call.state, call.behaviour, verdict.error, verdict.message, call.arrived
+                call.event,
+                call.state,
+                call.behaviour,
+                verdict.error,
+                verdict.message,
+                call.arrived,
+                call.request_id,
             )
             answered = self._probes.submit(call.fn, *call.args_with(refuse), **call.kwargs)
             answered.add_done_callback(functools.partial(self._after_refusal, call))
@@ -399,22 +426,24 @@ def _refusal(
     error: ErrorCode = ErrorCode.OVERLOADED,
     message: str = _BUSY,
     arrived_at: float | None = None,
+    request_id: str | None = None,
 ) -> Callable[[], None]:
     """A request reader that answers the call `error` instead, and reads nothing: grpcio then
-    runs no handler. Counted and logged like any other answer."""
+    runs no handler. Counted and logged like any other answer, under `request_id` (by default
+    the client's, else a fresh one)."""
     started = started_at(arrived_at)
 
     def unary_request() -> None:
-        request_id = _request_id(event)
+        call_id = request_id or _request_id(event)
         with state.condition:
             gone = state.client is not grpc_server._OPEN or state.statused
             if not gone:
-                _abort_unread(event, state, error, message, request_id)
+                _abort_unread(event, state, error, message, call_id)
         if gone:  # its deadline passed or its client cancelled it meanwhile
-            _record_unserved(event, state, behaviour, ended=False, arrived_at=arrived_at)
+            _record_unserved(event, state, behaviour, call_id, ended=False, arrived_at=arrived_at)
             return None
         log_access(
-            request_id=request_id,
+            request_id=call_id,
             protocol="grpc",
             method=_method(behaviour),
             model="",
@@ -431,7 +460,12 @@ def _refusal(
 
 
 def _record_unserved(
-    event: Any, state: Any, behaviour: Any, ended: bool, arrived_at: float | None = None
+    event: Any,
+    state: Any,
+    behaviour: Any,
+    request_id: str,
+    ended: bool,
+    arrived_at: float | None = None,
 ) -> None:
     """Count and log a call that ended before its handler could run: ended here for want of its
     message, past its client's deadline or cancelled by its client while it waited for a thread
@@ -448,7 +482,7 @@ def _record_unserved(
     else:
         status, error = "UNIMPLEMENTED", ""  # grpcio's own answer, not one of the table
     log_access(
-        request_id=_request_id(event),
+        request_id=request_id,
         protocol="grpc",
         method=_method(behaviour),
         model="",
@@ -472,16 +506,11 @@ def _method(behaviour: Any) -> str:
     return str(getattr(behaviour, "__name__", "") or "-")
 
 
-def _abort_unread(
-    event: Any, state: Any, error: ErrorCode, message: str, request_id: str | None = None
-) -> None:
+def _abort_unread(event: Any, state: Any, error: ErrorCode, message: str, request_id: str) -> None:
     """End a call whose message is not read with `error`, the way grpcio's own aborts do; the
     caller holds state.condition. Its request reader then returns without a request, and grpcio
     sends no second status."""
-    metadata: tuple[tuple[str, str], ...] = ((ERROR_CODE_KEY, error.code),)
-    if request_id is not None:
-        metadata += ((REQUEST_ID_KEY, request_id),)
-    state.trailing_metadata = metadata
+    state.trailing_metadata = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
     grpc_server._abort(state, event.call, _status(error), message.encode())
     state.client = grpc_server._CANCELLED
     state.condition.notify_all()
@@ -510,5 +539,5 @@ def _end(call: _Call, error: ErrorCode, message: str) -> bool:
     with state.condition:
         if state.request is not None or state.client is not grpc_server._OPEN or state.statused:
             return False
-        _abort_unread(call.event, state, error, message)
+        _abort_unread(call.event, state, error, message, call.request_id)
     return True
