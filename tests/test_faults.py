@@ -1614,3 +1614,45 @@ def test_idle_reflection_streams_take_stream_slots_and_cannot_starve_the_pool() 
     finally:
         never.set()
         gw.stop()
+
+
+def test_a_refused_reflection_stream_carries_its_clients_request_id(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A reflection stream past --max-streams was refused under a fresh id, in its trailer and
+    # its access record, where a refused InferStream carries the one its client sent.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    gw = start(Settings(http_port=0, grpc_port=0, max_streams=1))
+    never = threading.Event()
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+
+    def one_then_nothing() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield ask
+        never.wait(60)
+
+    try:
+        with grpc_channels(gw, 1) as (channel,):
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            idle = stub.ServerReflectionInfo(one_then_nothing(), timeout=30)
+            assert next(idle).list_services_response.service  # it holds the only stream slot
+            refused = stub.ServerReflectionInfo(
+                one_then_nothing(), timeout=10, metadata=(("x-request-id", "reflection-7"),)
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                next(refused)
+            assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+            assert dict(info.value.trailing_metadata())["x-request-id"] == "reflection-7"
+            idle.cancel()
+
+        def recorded() -> list[tuple[str, str]]:
+            return [
+                (r["method"], r["error"])
+                for r in access_records(caplog)
+                if r["request_id"] == "reflection-7"
+            ]
+
+        wait_for(lambda: recorded() != [], "the refused stream is recorded")
+        assert recorded() == [("ServerReflectionInfo", "overloaded")]
+    finally:
+        never.set()
+        gw.stop()

@@ -12,10 +12,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.config import Settings, published_limits, url_host
-from gateway.core.dataplane import DataPlane, new_request_id
+from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
 from gateway.rpc.pool import WatchedPool
-from gateway.rpc.servicer import ImageGatewayServicer
+from gateway.rpc.servicer import ImageGatewayServicer, call_request_id
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGatewayService"]
 SERVICE_NAME = SERVICE.full_name
@@ -70,7 +70,8 @@ class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
     def ServerReflectionInfo(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
-        with self._servicer.stream_slot("ServerReflectionInfo", context, new_request_id()):
+        # The client's x-request-id when usable, as an InferStream's: a refusal carries it.
+        with self._servicer.stream_slot("ServerReflectionInfo", context, call_request_id(context)):
             yield from super().ServerReflectionInfo(request_iterator, context)
 
 

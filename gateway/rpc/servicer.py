@@ -40,7 +40,7 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 
-def _request_id(context: grpc.ServicerContext, request: object = None) -> str:
+def call_request_id(context: grpc.ServicerContext, request: object = None) -> str:
     """The request message's own `request_id` when it is usable, else the x-request-id
     metadata when that is, else a fresh id (an unusable field had replaced usable metadata)."""
     message = request.message if isinstance(request, Detached) else request
@@ -88,7 +88,7 @@ def unary(
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
         # From arrival: the wait for a thread is part of the call (gateway.rpc.arrival).
         started = started_at(arrived())
-        request_id = _request_id(context, request)
+        request_id = call_request_id(context, request)
         status, error, response = "OK", "", None
         try:
             if isinstance(request, Malformed):
@@ -202,7 +202,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         request_iterator: Iterator[Detached[pb.InferStreamRequest] | Malformed],
         context: grpc.ServicerContext,
     ) -> Iterator[pb.InferStreamResponse]:
-        stream_id = _request_id(context)
+        stream_id = call_request_id(context)
         with self.stream_slot("InferStream", context, stream_id):
             yield from self._stream(request_iterator, context, stream_id)
             # The stream's id, as a unary call's: its messages' ids are derived from it.
