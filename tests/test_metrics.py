@@ -17,7 +17,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.bombs import bomb
-from tests.conftest import DATA
+from tests.conftest import DATA, wait_for
 from tests.test_process import launch
 from tests.wire import post_multipart, post_octet
 
@@ -265,3 +265,22 @@ def test_images_refused_in_a_request_that_fails_whole_count_as_image_errors(
             pb_grpc.ImageGatewayServiceStub(channel).InferBatch(request, timeout=10)
     counted = image_errors(gateway.http_url) - before
     assert counted == {"undecodable_image": 1, "empty_image": 1}
+
+
+def test_a_grpc_message_over_the_limit_is_counted_as_cancelled() -> None:
+    # grpc refuses it before the gateway sees it, and gives no sign but the call's end: the
+    # gateway, already reading the message, records a call that ended before its message came.
+    gw = start(Settings(http_port=0, grpc_port=0, max_request_bytes=100_000))
+    try:
+        before = request_errors(gw.http_url)
+        with grpc.insecure_channel(gw.grpc_target) as channel, pytest.raises(grpc.RpcError) as info:
+            request = pb.InferRequest(image=pb.Image(data=bytes(200_000)))
+            pb_grpc.ImageGatewayServiceStub(channel).Infer(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "error-code" not in dict(info.value.trailing_metadata() or ())
+        wait_for(
+            lambda: request_errors(gw.http_url) - before == Counter({("grpc", "cancelled"): 1}),
+            "the call is counted",
+        )
+    finally:
+        gw.stop()

@@ -94,6 +94,7 @@ class _Call:
         "fn",
         "kwargs",
         "probe",
+        "unreceived",
     )
 
     def __init__(
@@ -113,6 +114,9 @@ class _Call:
         self.admitted = False
         # Whether the watch ended it for want of its message.
         self.ended = False
+        # Whether the read of its message failed: the call ended under it, cancelled, past its
+        # deadline, or refused by grpc (a message over the size limit; grpc says no more).
+        self.unreceived = False
         # A health check: read on places of its own, run on a probe thread, and not recorded
         # (health checks have no access record, answered or not).
         self.probe = probe
@@ -146,7 +150,13 @@ class _Call:
         if self.probe:
             return
         _record_unserved(
-            self.event, self.state, self.behaviour, self.request_id, self.ended, self.arrived
+            self.event,
+            self.state,
+            self.behaviour,
+            self.request_id,
+            self.ended,
+            self.arrived,
+            self.unreceived,
         )
 
 
@@ -254,6 +264,7 @@ class WatchedPool(ThreadPoolExecutor):
                 received = grpc_server._receive_message(state, event.call, call.args[5])
 
                 def on_message(message_event: Any) -> Any:
+                    call.unreceived = not message_event.success
                     outcome = received(message_event)
                     call.ended = self._waiting.pop(id(state), None) is None
                     self._ready(call)
@@ -311,7 +322,8 @@ class WatchedPool(ThreadPoolExecutor):
         def unary_request() -> Any:
             with state.condition:
                 request, state.request = state.request, None
-                if request is None and state.client is grpc_server._CLOSED and not state.statused:
+                closed = state.client is grpc_server._CLOSED and not call.unreceived
+                if request is None and closed and not state.statused:
                     # What grpcio's own reader answers a call closed without its message.
                     details = f'"{event.call_details.method}" requires exactly one request message.'
                     grpc_server._abort(
@@ -466,13 +478,16 @@ def _record_unserved(
     request_id: str,
     ended: bool,
     arrived_at: float | None = None,
+    unreceived: bool = False,
 ) -> None:
     """Count and log a call that ended before its handler could run: ended here for want of its
     message, past its client's deadline or cancelled by its client while it waited for a thread
-    or its message, or closed by its client without a message (grpcio answers UNIMPLEMENTED)."""
+    or its message, or closed by its client without a message (grpcio answers UNIMPLEMENTED).
+    A call whose message grpc refused (over the size limit) looks cancelled: grpc gives no sign
+    of why the read failed, and the call may not yet show as cancelled when this runs."""
     if ended:
         status, error = ErrorCode.REQUEST_TIMEOUT.grpc_status, ErrorCode.REQUEST_TIMEOUT.code
-    elif state.client is grpc_server._CANCELLED:
+    elif unreceived or state.client is grpc_server._CANCELLED:
         deadline = getattr(event.call_details, "deadline", None)
         # A client's deadline reaches the server as a cancel, a moment before the server's own
         # copy of it (counted from the call's arrival) passes.
