@@ -410,6 +410,34 @@ def test_a_model_module_in_the_working_directory_is_found(tmp_path: Path) -> Non
         assert served.proc.wait(timeout=30) == 0
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_model_that_fails_to_load_is_named_without_a_traceback(
+    tmp_path: Path, workers: str
+) -> None:
+    (tmp_path / "brokenmodels.py").write_text("def create():\n    return {}['weights']\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ["--http-port", "0", "--grpc-port", "0", "--workers", workers]
+    done = subprocess.run(
+        [
+            str(BIN / "image-gateway"),
+            "serve",
+            *args,
+            "--model",
+            "shape",
+            "--model",
+            "brokenmodels:create",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "model 'brokenmodels:create' did not load: KeyError: 'weights'" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("workers", "ctrl_c"), [("1", False), ("2", False), ("2", True)], ids=["1", "2", "2-ctrl-c"]
 )

@@ -29,7 +29,14 @@ def load_model(spec: str) -> Model:
         factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load model {spec!r}: {exc}") from exc
-    return check_model(factory(), spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        # Named, and no traceback: with several --model flags the message said only what the
+        # factory said ("weights file missing"), and a KeyError stopped the start with a
+        # traceback instead of the one-line error every other bad setting gets.
+        raise ValueError(f"model {spec!r} did not load: {type(exc).__name__}: {exc}") from exc
+    return check_model(model, spec)
 
 
 class ModelRegistry:
