@@ -148,9 +148,9 @@ class Batcher:
                         self._drop(job)
                         # Else a batch runs it: its answer will come too late for anyone.
                         raise WaitTimeoutError() from None
-                    if job.is_stopped() and self._drop(job):
+                    # A job a batch runs waits for its answer: the model is not interrupted.
+                    if not job.future.running() and job.is_stopped() and self._drop(job):
                         raise DroppedError() from None
-                    # Else still wanted, or already in a batch, whose answer it waits for.
         except CancelledError:
             raise DroppedError() from None
 
