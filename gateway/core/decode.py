@@ -122,30 +122,12 @@ def decode(
     """Decode a probed image or raise GatewayError with a stable code. With `min_size`, a JPEG
     may be decoded reduced (see `reduction`); its info still gives the size it was sent at."""
     name = probed.format.name
-    if (
-        color_mode is ColorMode.UNCHANGED
-        and probed.size.deep_separate_planes
-        and not opencv_reads_deep_separate_planes()
-    ):
-        # OpenCV would answer with memory it never wrote, some of it earlier requests' pixels.
-        raise GatewayError(
-            ErrorCode.UNDECODABLE_IMAGE,
-            f"the {name} image stores its channels in separate planes at more than 8 bits a "
-            "sample, which this gateway's OpenCV misreads in unchanged mode; send it in color "
-            "or grayscale mode, or with its channels interleaved (PlanarConfiguration 1)",
-        )
+    _refuse_misread_planes(probed, color_mode)
     scale = reduction(probed, color_mode, min_size)
     flags = _FLAGS[color_mode]
     if scale > 1:
         flags = _REDUCED[color_mode][scale] | cv2.IMREAD_IGNORE_ORIENTATION
-    frame = None
-    if probed.format is formats.PNG:
-        try:
-            frame = apng.first_frame(data)
-        except apng.ApngError as exc:
-            raise GatewayError(
-                ErrorCode.UNDECODABLE_IMAGE, f"the animated {name} image is malformed: {exc}"
-            ) from None
+    frame = _first_frame(data) if probed.format is formats.PNG else None
     try:
         array = cv2.imdecode(np.frombuffer(data if frame is None else frame.png, np.uint8), flags)
     except cv2.error as exc:
@@ -169,6 +151,34 @@ def decode(
         width, height = probed.size.width, probed.size.height
     channels = array.shape[2] if array.ndim == 3 else 1
     return DecodedImage(array, ImageInfo(width, height, channels, name))
+
+
+def _refuse_misread_planes(probed: Probe, color_mode: ColorMode) -> None:
+    """Refuse a TIFF the installed OpenCV would answer with memory it never wrote, some of it
+    earlier requests' pixels (gateway.core.tiff_planes)."""
+    if (
+        color_mode is ColorMode.UNCHANGED
+        and probed.size.deep_separate_planes
+        and not opencv_reads_deep_separate_planes()
+    ):
+        raise GatewayError(
+            ErrorCode.UNDECODABLE_IMAGE,
+            f"the {probed.format.name} image stores its channels in separate planes at more "
+            "than 8 bits a sample, which this gateway's OpenCV misreads in unchanged mode; send "
+            "it in color or grayscale mode, or with its channels interleaved "
+            "(PlanarConfiguration 1)",
+        )
+
+
+def _first_frame(data: Buffer) -> apng.FirstFrame | None:
+    """An animated PNG's first frame as a still PNG, for OpenCV to read on its ordinary path
+    (gateway.core.apng); None for any other PNG."""
+    try:
+        return apng.first_frame(data)
+    except apng.ApngError as exc:
+        raise GatewayError(
+            ErrorCode.UNDECODABLE_IMAGE, f"the animated png image is malformed: {exc}"
+        ) from None
 
 
 def _first_line(exc: cv2.error) -> str:
