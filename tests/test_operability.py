@@ -152,6 +152,18 @@ def test_the_page_and_its_script_come_whole_whatever_range_is_asked(
         assert (resp.status_code, resp.content) == (200, whole.content)
 
 
+def test_an_infer_without_its_image_is_logged_with_no_image(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with pytest.raises(grpc.RpcError):
+        pb_grpc.ImageGatewayServiceStub(channel).Infer(
+            pb.InferRequest(), metadata=[("x-request-id", "no-image-1")], timeout=10
+        )
+    records = {r["request_id"]: r for r in access_records(caplog)}
+    assert (records["no-image-1"]["error"], records["no-image-1"]["images"]) == ("no_images", 0)
+
+
 def test_one_access_record_per_request_on_both_protocols(
     gateway: Gateway, channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:

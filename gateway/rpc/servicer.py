@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -149,7 +149,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         elif isinstance(request, Malformed):
             images, bytes_in, message = 0, request.size, None
         elif isinstance(request, Detached):
-            images, bytes_in, message = len(request.datas), request.size, request.message
+            images, bytes_in, message = _images(request), request.size, request.message
         else:
             images = 0
             bytes_in = request.ByteSize() if isinstance(request, Message) else 0
@@ -293,3 +293,12 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         self, request: pb.GetLimitsRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.GetLimitsResponse:
         return self._limits
+
+
+def _images(request: Detached[Any]) -> int:
+    """Images a request holds: an Infer without its image has none, though its one data field
+    reads as empty."""
+    message = request.message
+    if isinstance(message, pb.InferRequest) and not message.HasField("image"):
+        return 0
+    return len(request.datas)
