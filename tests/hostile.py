@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import random
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+
+import cv2
+import numpy as np
 
 from gateway.core.errors import ErrorCode
 from tests.bombs import BOMB_FORMATS, bomb
@@ -20,6 +25,38 @@ class Case:
     # None: the image is valid and must decode.
     error: ErrorCode | None
     shape: list[int] | None = None
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_with_text_chunks(count: int) -> bytes:
+    """A 1x1 gray PNG with `count` zTXt chunks, each inflating to 4 MB of text."""
+    text = b"Comment\0\0" + zlib.compress(b"A" * 4_000_000, 9)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+        + _chunk(b"zTXt", text) * count
+        + _chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def progressive_jpeg_with_scans(extra: int, side: int = 64) -> bytes:
+    """A gray progressive JPEG with `extra` more AC scans, each 14 bytes: one EOB run over every
+    block, through a Huffman table of that one symbol. libjpeg decodes each over the image."""
+    encoded = cv2.imencode(
+        ".jpg", np.full((side, side), 128, np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]
+    )[1].tobytes()
+    component = encoded[encoded.index(b"\xff\xc2") + 10]
+    blocks = ((side + 7) // 8) ** 2
+    assert blocks < 16384
+    # AC table 1: one code of length 1, symbol 0xE0 (an EOB run of 2^14 + 14 more bits).
+    table = b"\xff\xc4" + struct.pack(">HB", 20, 0x11) + bytes([1] + [0] * 15) + b"\xe0"
+    run = int("0" + format(0, "014b") + "1", 2).to_bytes(2, "big")  # a run of 16384 blocks
+    scan = b"\xff\xda" + struct.pack(">HBBBBBB", 8, 1, component, 0x01, 1, 63, 0) + run
+    return encoded[:-2] + table + scan * extra + b"\xff\xd9"
 
 
 def _bomb_size(fmt: str) -> tuple[int, int]:
@@ -78,6 +115,18 @@ def cases() -> list[Case]:
             (DATA / "unsupported" / "sdl_sample.jxl").read_bytes(),
             ErrorCode.UNSUPPORTED_FORMAT,
         ),
+        # Cheap to send, dear to decode: libpng inflates every text chunk (4 MB each here),
+        # libjpeg decodes every scan.
+        Case(
+            "png of 9 compressed text chunks", png_with_text_chunks(9), ErrorCode.UNDECODABLE_IMAGE
+        ),
+        Case("png of 8 compressed text chunks", png_with_text_chunks(8), None, [1, 1, 3]),
+        Case(
+            "progressive jpeg of 300 scans",
+            progressive_jpeg_with_scans(300),
+            ErrorCode.UNDECODABLE_IMAGE,
+        ),
+        Case("progressive jpeg of 200 scans", progressive_jpeg_with_scans(200), None, [64, 64, 3]),
         # A GIF/JavaScript polyglot: its "screen size" is the bytes of "=1;/": 12605x12091.
         Case("gif/js polyglot", b"GIF89a=1;/*" + bytes(20) + b"*/=1;", ErrorCode.IMAGE_TOO_LARGE),
         Case("png signature, nothing else", b"\x89PNG\r\n\x1a\n", ErrorCode.UNDECODABLE_IMAGE),

@@ -17,9 +17,16 @@ from hypothesis import strategies as st
 
 from gateway.core import formats
 from gateway.core.formats import sniff
-from gateway.core.headers import Dimensions, HeaderError, dimensions
+from gateway.core.headers import (
+    MAX_JPEG_SCANS,
+    MAX_PNG_TEXT_CHUNKS,
+    Dimensions,
+    HeaderError,
+    dimensions,
+)
 from tests.bombs import BOMB_FORMATS, VARIANTS, bomb, fits
 from tests.conftest import IMAGES
+from tests.hostile import png_with_text_chunks, progressive_jpeg_with_scans
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,6 +175,27 @@ def test_a_jpeg_height_left_to_dnl_is_refused() -> None:
 def test_jpeg_scan_data_before_any_sof_is_refused() -> None:
     with pytest.raises(HeaderError):
         dimensions(b"\xff\xd8\xff\xda\x00\x02" + b"\x00" * 32, "jpeg")
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused() -> None:
+    # 8,000 such scans over a 7000x7000 image took 45 s to decode; a baseline JPEG stops at its
+    # first whole scan, whatever follows.
+    assert dimensions(progressive_jpeg_with_scans(MAX_JPEG_SCANS - 10), "jpeg") == Dimensions(
+        64, 64
+    )
+    with pytest.raises(HeaderError, match="scans"):
+        dimensions(progressive_jpeg_with_scans(MAX_JPEG_SCANS), "jpeg")
+    baseline = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+    scan = baseline[baseline.index(b"\xff\xda") : -2]
+    repeated = baseline[:-2] + scan * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    assert dimensions(repeated, "jpeg") == Dimensions(8, 8)
+
+
+def test_a_png_of_too_many_compressed_text_chunks_is_refused() -> None:
+    # A 1x1 PNG of 100 zTXt chunks (771 KB) took 798 MB to decode.
+    assert dimensions(png_with_text_chunks(MAX_PNG_TEXT_CHUNKS), "png") == Dimensions(1, 1)
+    with pytest.raises(HeaderError, match="text chunks"):
+        dimensions(png_with_text_chunks(MAX_PNG_TEXT_CHUNKS + 1), "png")
 
 
 def test_a_gif_without_a_reachable_frame_has_its_screen_size() -> None:
