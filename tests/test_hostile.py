@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import grpc
 import pytest
 import requests
@@ -161,3 +162,23 @@ def test_text_fields_reach_the_model_as_parameters(http_url: str) -> None:
 def test_every_error_code_is_reachable_and_documented() -> None:
     codes = {c.error.code for c in CASES if c.error}
     assert codes <= {e.code for e in ErrorCode}
+
+
+def test_openexr_without_the_codec_is_an_unsupported_format(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # OpenEXR is optional in OpenCV's builds: without it, an OpenEXR image was answered as
+    # corrupt (undecodable_image). A bomb is still refused for its size first.
+    small = bomb("openexr", 10, 10)  # a header and no pixel data
+    built_with = "OpenEXR: NO" not in " ".join(cv2.getBuildInformation().split())
+    error = ErrorCode.UNDECODABLE_IMAGE if built_with else ErrorCode.UNSUPPORTED_FORMAT
+    resp = post_octet(http_url, "shape", small)
+    assert (resp.status_code, resp.json()["error"]["code"]) == (error.http_status, error.code)
+    if not built_with:
+        # Not offered as a format to send instead.
+        assert "built without" in resp.json()["error"]["message"]
+        assert "OpenEXR" not in resp.json()["error"]["message"]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.InferRequest(image=pb.Image(data=small)), timeout=10)
+    assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, error.code)
+    assert post_octet(http_url, "shape", bomb("openexr", 30000, 30000)).status_code == 413

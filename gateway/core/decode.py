@@ -8,6 +8,7 @@ memory); `decode` runs OpenCV only on a probed image within the pixel limit.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,10 +50,16 @@ _REDUCED = {
     },
 }
 
-DECODABLE = (
-    "JPEG, PNG, WebP, GIF, BMP, TIFF, JPEG 2000, AVIF, PNM or PFM, Sun raster, OpenEXR "
-    "or Radiance HDR"
-)
+# OpenEXR is optional in OpenCV's builds, and PyPI's 5.0.0 wheel has none: a valid OpenEXR image
+# was "corrupt, truncated or an unsupported variant". (Its size is still checked first, as for
+# every format, so that a bomb is refused as one whatever the build.)
+HAS_OPENEXR = re.search(r"OpenEXR:\s+NO\b", cv2.getBuildInformation()) is None
+
+_DECODED = [
+    *("JPEG", "PNG", "WebP", "GIF", "BMP", "TIFF", "JPEG 2000", "AVIF", "PNM or PFM"),
+    *("Sun raster", *(("OpenEXR",) if HAS_OPENEXR else ()), "Radiance HDR"),
+]
+DECODABLE = ", ".join(_DECODED[:-1]) + " or " + _DECODED[-1]
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,12 @@ def probe(data: Buffer, max_pixels: int) -> Probe:
             ErrorCode.IMAGE_TOO_LARGE,
             f"the {fmt.name} image is {size.width}x{size.height} ({size.pixels} pixels); "
             f"this gateway decodes at most {max_pixels} pixels per image",
+        )
+    if fmt is formats.OPENEXR and not HAS_OPENEXR:
+        raise GatewayError(
+            ErrorCode.UNSUPPORTED_FORMAT,
+            "the bytes are openexr, which this gateway's OpenCV is built without; send "
+            + DECODABLE,
         )
     return Probe(fmt, size)
 
