@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import requests
 
-from clients.client import GatewayClient, GatewayClientError
+from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from clients.results import GatewayClientError
 from gateway import config
 from gateway.config import Settings
 from gateway.core.batching import BatchPolicy
