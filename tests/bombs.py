@@ -224,6 +224,23 @@ def _tiff_built(entries: dict[int, int], big: bool) -> bytes:
 _TIFF_GRAY = {258: 8, 259: 1, 262: 1, 277: 1}  # 8 bits, uncompressed, min-is-black, 1 sample
 
 
+def tiff_directories(count: int, big: bool = False, loop: bool = False) -> bytes:
+    """A 1x1 TIFF or BigTIFF of `count` directories: the image's, then empty ones, each
+    pointing to the next. With `loop`, the last points back to the second."""
+    data = bytearray(_tiff_built({256: 1, 257: 1, 278: 1, **_TIFF_GRAY}, big))
+    count_format, offset_format = ("<Q", "<Q") if big else ("<H", "<I")
+    first = struct.unpack_from(offset_format, data, 8 if big else 4)[0]
+    entries = struct.unpack_from(count_format, data, first)[0]
+    next_at = first + struct.calcsize(count_format) + entries * (20 if big else 12)
+    size = struct.calcsize(count_format) + struct.calcsize(offset_format)  # no entries
+    start = len(data)
+    struct.pack_into(offset_format, data, next_at, start if count > 1 else 0)
+    for i in range(count - 1):
+        following = start + size * (i + 1) if i < count - 2 else (start if loop else 0)
+        data += struct.pack(count_format, 0) + struct.pack(offset_format, following)
+    return bytes(data)
+
+
 @_variant("tiff", "g4", U32)
 def _tiff_g4(width: int, height: int) -> bytes:
     return _tiff_patched("hopper_g4.tif", width, height)

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from gateway.core.errors import ErrorCode
-from tests.bombs import BOMB_FORMATS, bomb
+from tests.bombs import BOMB_FORMATS, bomb, tiff_directories
 
 DATA = Path(__file__).parent / "data"
 IMAGES = DATA / "images"
@@ -144,6 +144,8 @@ def cases() -> list[Case]:
             None,
             [128, 128, 3],
         ),
+        # OpenCV has libtiff count (and record) every directory before it decodes the first.
+        Case("tiff of 5000 directories", tiff_directories(5000), ErrorCode.UNDECODABLE_IMAGE),
     ]
     return out
 

@@ -24,7 +24,7 @@ from gateway.core.headers import (
     HeaderError,
     dimensions,
 )
-from tests.bombs import BOMB_FORMATS, VARIANTS, bomb, fits
+from tests.bombs import BOMB_FORMATS, VARIANTS, bomb, fits, tiff_directories
 from tests.conftest import IMAGES
 from tests.hostile import png_with_text_chunks, progressive_jpeg_with_scans
 
@@ -339,3 +339,19 @@ def test_a_tiff_declaring_absurd_depth_weighs_at_most_64_bits_times_8_samples() 
     )
     data = b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 4
     assert dimensions(data, "tiff").pixel_bytes == 64
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["tiff", "bigtiff"])
+def test_a_tiff_of_more_than_4096_directories_is_refused(big: bool, tmp_path: Path) -> None:
+    # OpenCV has libtiff count every directory (page) before it decodes the first, and each
+    # costs memory: a chain of a million empty ones (6 MB) took 115 MB to decode a 1x1 image.
+    path = tmp_path / "pages.tif"
+    path.write_bytes(tiff_directories(4097, big))
+    assert cv2.imcount(str(path)) == 4097  # what the decoder would walk
+    with pytest.raises(HeaderError, match="more than 4096 directories"):
+        dimensions(path.read_bytes(), "tiff")
+    assert dimensions(tiff_directories(4096, big), "tiff") == Dimensions(1, 1)
+    # A loop ends the chain, as libtiff takes it to, and the walk with it.
+    assert dimensions(tiff_directories(3, big, loop=True), "tiff") == Dimensions(1, 1)
+    with pytest.raises(HeaderError, match="more than 4096 directories"):
+        dimensions(tiff_directories(5000, big, loop=True), "tiff")

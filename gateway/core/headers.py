@@ -294,6 +294,10 @@ _TIFF_INTEGERS = {
 _TIFF_MAX_ENTRIES = 4096
 # More samples a pixel than any image OpenCV decodes has; a bound on the BitsPerSample list read.
 _TIFF_MAX_SAMPLES = 8
+# OpenCV counts a TIFF's directories (pages) before it decodes the first, and libtiff keeps a
+# record of each one it passes: a chain of a million empty directories, 6 MB, cost 115 MB. No
+# real multipage TIFF has more directories than this.
+_TIFF_MAX_DIRECTORIES = 4096
 
 
 def _tiff(view: memoryview) -> Dimensions:
@@ -311,7 +315,7 @@ def _tiff(view: memoryview) -> Dimensions:
         ifd, count_size, entry_size, field_size = _int(view, 8, 8, order), 8, 20, 8  # BigTIFF
     else:
         raise HeaderError("not a TIFF or BigTIFF header")
-    # Only the first directory matters: OpenCV decodes page 0.
+    # Only the first directory's fields matter: OpenCV decodes page 0. The others are counted.
     count = _int(view, ifd, count_size, order)
     first = ifd + count_size
     if count > _TIFF_MAX_ENTRIES or first + count * entry_size > len(view):
@@ -342,6 +346,7 @@ def _tiff(view: memoryview) -> Dimensions:
                 planar = 0  # libtiff refuses the directory; nothing to flag
     if _TIFF_WIDTH not in sizes or _TIFF_LENGTH not in sizes:
         raise HeaderError("the first TIFF directory has no ImageWidth or ImageLength")
+    _tiff_count_directories(view, ifd, order, count_size, entry_size, field_size)
     # OpenCV reads a tiled TIFF through a buffer of one whole tile, which is filled even where
     # the tile overhangs the image, so a tile larger than the image counts as its size.
     width = max(sizes[_TIFF_WIDTH], sizes.get(_TIFF_TILE_WIDTH, 0))
@@ -354,6 +359,29 @@ def _tiff(view: memoryview) -> Dimensions:
     samples = min(max(samples or 1, 1), _TIFF_MAX_SAMPLES)
     separate = planar == _TIFF_PLANAR_SEPARATE and samples >= 3 and bits > 8
     return Dimensions(size.width, size.height, max(8, -(-bits * samples // 8)), separate)
+
+
+def _tiff_count_directories(
+    view: memoryview, ifd: int, order: _Order, count_size: int, entry_size: int, field_size: int
+) -> None:
+    """Refuse a chain of more than _TIFF_MAX_DIRECTORIES directories, the first at `ifd`.
+
+    The walk follows libtiff's count: it ends at a next-directory offset of 0, at a directory
+    already visited (a loop, which libtiff takes as the end) or at one that cannot be read.
+    """
+    seen: set[int] = set()
+    while ifd != 0 and ifd not in seen:
+        if len(seen) == _TIFF_MAX_DIRECTORIES:
+            raise HeaderError(
+                f"the TIFF has more than {_TIFF_MAX_DIRECTORIES} directories (pages), "
+                "which the decoder would all go through before it decodes the first"
+            )
+        seen.add(ifd)
+        try:
+            count = _int(view, ifd, count_size, order)
+            ifd = _int(view, ifd + count_size + count * entry_size, field_size, order)
+        except HeaderError:
+            return
 
 
 def _tiff_bits(view: memoryview, entry: int, order: _Order, field_size: int) -> int:
