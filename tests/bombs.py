@@ -9,6 +9,7 @@ a variant picks the first that can encode the requested size.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import zlib
@@ -330,31 +331,161 @@ def _pfm(width: int, height: int) -> bytes:
 # AVIF ------------------------------------------------------------------------------------------
 
 
-def _avif_patched(name: str, width: int, height: int) -> bytearray:
-    """The sample with every ispe property rewritten."""
+def av1_obu(kind: int, body: bytes) -> bytes:
+    """An AV1 OBU of the type, with its size field."""
+    size = bytearray()
+    length = len(body)
+    while True:  # LEB128
+        size.append((length & 0x7F) | (0x80 if length > 0x7F else 0))
+        length >>= 7
+        if not length:
+            return bytes([kind << 3 | 2]) + bytes(size) + body
+
+
+def bits(value: int, count: int) -> str:
+    """value as `count` binary digits: the fields of a sequence header are written as text."""
+    assert 0 <= value < 1 << count
+    return format(value, f"0{count}b") if count else ""
+
+
+# The fields of a still picture's sequence header before its frame size: profile 0, a still
+# picture, the reduced header, level 0.
+REDUCED_SEQUENCE_FIELDS = "000" + "1" + "1" + bits(0, 5)
+
+
+def av1_sequence_header(
+    width: int, height: int, fields: str = REDUCED_SEQUENCE_FIELDS, rest: str = ""
+) -> bytes:
+    """A sequence header OBU declaring a largest frame of width x height: the fields before the
+    frame size, the size in as few bits as it takes, the fields after it, the trailing bits."""
+    width_bits, height_bits = max((width - 1).bit_length(), 1), max((height - 1).bit_length(), 1)
+    text = fields + bits(width_bits - 1, 4) + bits(height_bits - 1, 4)
+    text += bits(width - 1, width_bits) + bits(height - 1, height_bits) + rest + "1"
+    text += "0" * (-len(text) % 8)
+    return av1_obu(1, int(text, 2).to_bytes(len(text) // 8, "big"))
+
+
+def _av1_resized(av1: bytes, width: int, height: int) -> bytes:
+    """The OBUs of av1, each (reduced) sequence header rewritten to declare width x height."""
+    out, pos = b"", 0
+    while pos < len(av1):
+        header = av1[pos]
+        assert header & 2 and not header & 4  # a size field, no extension
+        size, at = 0, pos + 1
+        for shift in range(0, 56, 7):
+            size |= (av1[at] & 0x7F) << shift
+            at += 1
+            if not av1[at - 1] & 0x80:
+                break
+        body, pos = av1[at : at + size], at + size
+        if (header >> 3) & 15 != 1:
+            out += av1_obu((header >> 3) & 15, body)
+            continue
+        text = bits(int.from_bytes(body, "big"), 8 * len(body))
+        fields = text[:10]
+        assert fields[3:5] == "11"  # a still picture with the reduced header
+        width_bits, height_bits = int(text[10:14], 2) + 1, int(text[14:18], 2) + 1
+        rest = text[18 + width_bits + height_bits : text.rindex("1")]  # up to the trailing bits
+        out += av1_sequence_header(width, height, fields, rest)
+    return out
+
+
+def avif_with_ispe(data: bytes | bytearray, width: int, height: int) -> bytes:
+    """An AVIF with every ispe property rewritten to width x height."""
+    out = bytearray(data)
+    for match in re.finditer(rb"\x00\x00\x00\x14ispe", out):
+        struct.pack_into(">II", out, match.start() + 12, width, height)
+    return bytes(out)
+
+
+def avif_sample(
+    name: str, frame: tuple[int, int] = (1, 1), ispe: tuple[int, int] | None = None
+) -> bytes:
+    """The sample with the AV1 sequence header of its one item declaring a frame of `frame`
+    (1x1 unless asked, so that the size a bomb states elsewhere is the largest), and its ispe
+    properties rewritten if asked."""
     data = _sample(name)
-    for match in re.finditer(rb"\x00\x00\x00\x14ispe", data):
-        struct.pack_into(">II", data, match.start() + 12, width, height)
-    return data
+    if ispe is not None:
+        data = bytearray(avif_with_ispe(data, *ispe))
+    top = _boxes(data, 0, len(data))
+    start, end = top[b"mdat"]
+    assert end == len(data)  # the item's data is the whole of the last box
+    av1 = _av1_resized(bytes(data[start:end]), *frame)
+    # iloc (version 0, one item of one extent): the extent's length, after its offset.
+    iloc = _boxes(data, top[b"meta"][0] + 4, top[b"meta"][1])[b"iloc"][0]
+    assert data[iloc] == 0 and struct.unpack_from(">H", data, iloc + 6)[0] == 1
+    offset_size, length_size, base_size = (
+        data[iloc + 4] >> 4,
+        data[iloc + 4] & 15,
+        data[iloc + 5] >> 4,
+    )
+    assert length_size == 4
+    length_at = iloc + 8 + 2 + 2 + base_size + 2 + offset_size
+    struct.pack_into(">I", data, length_at, len(av1))
+    return bytes(data[: start - 8]) + _box(b"mdat", av1)
+
+
+def avif_built(av1: bytes, ispe: tuple[int, int], config: bytes = b"", pieces: int = 1) -> bytes:
+    """A still AVIF of one AV1 item of 8-bit RGB whose data is av1, stored in `pieces` extents
+    that lie in the file in reverse order, with the OBUs `config` in its av1C property."""
+    cuts = [len(av1) * i // pieces for i in range(pieces + 1)]
+    chunks = [av1[a:b] for a, b in itertools.pairwise(cuts)]
+    stored = b"".join(reversed(chunks))
+    ipco = _full_box(b"ispe", 0, struct.pack(">II", *ispe))
+    ipco += _full_box(b"pixi", 0, bytes([3, 8, 8, 8]))
+    ipco += _box(b"av1C", bytes([0x81, 0x00, 0x0C, 0x00]) + config)
+    ipma = struct.pack(">IHBBBB", 1, 1, 3, 0x01, 0x02, 0x83)  # item 1: ispe, pixi, av1C
+
+    def meta_box(mdat: int) -> bytes:
+        ends = [len(stored) - sum(len(c) for c in chunks[:i]) for i in range(pieces)]
+        extents = b"".join(
+            struct.pack(">II", mdat + end - len(chunk), len(chunk))
+            for end, chunk in zip(ends, chunks, strict=True)
+        )
+        iloc = struct.pack(">BBHHHH", 0x44, 0x00, 1, 1, 0, pieces) + extents
+        return _full_box(
+            b"meta",
+            0,
+            _full_box(b"hdlr", 0, struct.pack(">I4s12x", 0, b"pict") + b"\0")
+            + _full_box(b"pitm", 0, struct.pack(">H", 1))
+            + _full_box(
+                b"iinf",
+                0,
+                struct.pack(">H", 1)
+                + _full_box(b"infe", 2, struct.pack(">HH4s", 1, 0, b"av01") + b"\0"),
+            )
+            + _full_box(b"iloc", 0, iloc)
+            + _box(b"iprp", _box(b"ipco", ipco) + _full_box(b"ipma", 0, ipma)),
+        )
+
+    ftyp = _box(b"ftyp", b"avif" + bytes(4) + b"avifmif1miaf")
+    mdat = len(ftyp) + len(meta_box(0)) + 8
+    return ftyp + meta_box(mdat) + _box(b"mdat", stored)
 
 
 @_variant("avif", "ispe", U32)
 def _avif_ispe(width: int, height: int) -> bytes:
-    return bytes(_avif_patched("hopper.avif", width, height))
+    return avif_sample("hopper.avif", ispe=(width, height))
+
+
+@_variant("avif", "sequence-header", 1 << 16)
+def _avif_sequence_header(width: int, height: int) -> bytes:
+    # ispe says 1x1; the AV1 sequence header, which libaom allocates the frame by, says more.
+    return avif_sample("hopper.avif", (width, height), ispe=(1, 1))
 
 
 @_variant("avif", "track", U16)
 def _avif_track(width: int, height: int) -> bytes:
     # ispe says 1x1; a track header (image sequences are sized by it) says width x height.
-    data = _avif_patched("sdl_sample.avif", 1, 1)
+    data = avif_sample("sdl_sample.avif", ispe=(1, 1))
     tkhd = struct.pack(">5I8xHHHH36xII", 0, 0, 1, 0, 0, 0, 0, 0, 0, width << 16, height << 16)
-    return bytes(data) + _box(b"moov", _box(b"trak", _full_box(b"tkhd", 0, tkhd)))
+    return data + _box(b"moov", _box(b"trak", _full_box(b"tkhd", 0, tkhd)))
 
 
 @_variant("avif", "grid", U32)
 def _avif_grid(width: int, height: int) -> bytes:
     # Item 1 is a grid of one 1x1 tile, item 2, whose output is width x height.
-    sample = _sample("sdl_sample.avif")
+    sample = bytearray(avif_sample("sdl_sample.avif"))
     top = _boxes(sample, 0, len(sample))
     meta_start, meta_end = top[b"meta"]
     properties = _boxes(sample, *_boxes(sample, meta_start + 4, meta_end)[b"iprp"])

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from gateway.core.errors import ErrorCode
-from tests.bombs import BOMB_FORMATS, bomb, tiff_directories
+from tests.bombs import BOMB_FORMATS, avif_sample, bomb, tiff_directories
 
 DATA = Path(__file__).parent / "data"
 IMAGES = DATA / "images"
@@ -146,6 +146,13 @@ def cases() -> list[Case]:
         ),
         # OpenCV has libtiff count (and record) every directory before it decodes the first.
         Case("tiff of 5000 directories", tiff_directories(5000), ErrorCode.UNDECODABLE_IMAGE),
+        # libaom allocates the frame an AV1 sequence header declares, whatever ispe says (one
+        # declaring 16384x16384 in a 314-byte file peaked at 3.6 GB).
+        Case(
+            "avif whose AV1 sequence header declares 8192x8192, its ispe 128x128",
+            avif_sample("hopper.avif", (8192, 8192)),
+            ErrorCode.IMAGE_TOO_LARGE,
+        ),
     ]
     return out
 

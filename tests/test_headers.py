@@ -24,7 +24,19 @@ from gateway.core.headers import (
     HeaderError,
     dimensions,
 )
-from tests.bombs import BOMB_FORMATS, VARIANTS, bomb, fits, tiff_directories
+from tests.bombs import (
+    BOMB_FORMATS,
+    VARIANTS,
+    av1_obu,
+    av1_sequence_header,
+    avif_built,
+    avif_sample,
+    avif_with_ispe,
+    bits,
+    bomb,
+    fits,
+    tiff_directories,
+)
 from tests.conftest import IMAGES
 from tests.hostile import png_with_text_chunks, progressive_jpeg_with_scans
 
@@ -213,6 +225,184 @@ def test_avif_without_ispe_is_refused() -> None:
     data = sample("sdl_sample.avif").replace(b"ispe", b"free")
     with pytest.raises(HeaderError):
         dimensions(data, "avif")
+
+
+# AV1 sequence headers: libaom allocates the frame one declares, whatever the ispe property says.
+# A 314-byte AVIF whose ispe said 64x64 and whose sequence header said 16384x16384 peaked at 3.6 GB.
+
+
+def test_an_avif_is_sized_by_its_av1_sequence_header_when_that_is_larger() -> None:
+    assert dimensions(avif_sample("hopper.avif", (16384, 16384)), "avif") == Dimensions(
+        16384, 16384
+    )
+    # ispe says 128x128: each side is the larger of the two.
+    assert dimensions(avif_sample("hopper.avif", (65536, 3)), "avif") == Dimensions(65536, 128)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "params"),
+    [
+        ((37, 53, 3), np.uint8, []),
+        ((37, 53), np.uint8, []),
+        ((64, 48, 4), np.uint8, []),  # an alpha item of its own
+        ((31, 29, 3), np.uint16, [cv2.IMWRITE_AVIF_DEPTH, 10]),
+        ((1, 2, 3), np.uint8, []),
+        ((300, 2000, 3), np.uint8, [cv2.IMWRITE_AVIF_QUALITY, 100]),
+    ],
+)
+def test_a_real_avif_declares_its_own_size_whatever_its_ispe_says(
+    shape: tuple[int, ...], dtype: type, params: list[int]
+) -> None:
+    try:
+        ok, encoded = cv2.imencode(".avif", np.full(shape, 100, dtype), params)
+    except cv2.error:
+        ok = False
+    if not ok:
+        pytest.skip("this OpenCV cannot encode AVIF")
+    data = encoded.tobytes()
+    decoded = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
+    size = Dimensions(shape[1], shape[0])
+    assert decoded is not None and decoded.shape[:2] == shape[:2]
+    assert dimensions(data, "avif") == size
+    # A real 2048x2048 AVIF whose ispe said 64x64 decoded the whole 2048x2048 frame.
+    assert dimensions(avif_with_ispe(data, 1, 1), "avif") == size
+
+
+def uvlc(value: int) -> str:
+    """AV1's uvlc(): as many zeros as value + 1 has bits after its first, then value + 1."""
+    length = (value + 1).bit_length() - 1
+    return "0" * length + bits(value + 1, length + 1)
+
+
+def full_sequence_fields(
+    timing: bool = False,
+    ticks: int | None = None,
+    decoder_model: bool = False,
+    points: int = 1,
+    level: int = 0,
+    display_delay: bool = False,
+) -> str:
+    """The fields before the frame size of a sequence header that is not reduced (AV1 5.5.1):
+    timing info if asked (with equal picture intervals of `ticks` + 1 if given), a decoder model
+    of 12-bit buffer delays with parameters for every operating point, then `points` operating
+    points at `level`, each with an initial display delay if asked."""
+    text = "000" + "0" + "0"  # seq_profile, still_picture, reduced_still_picture_header
+    text += "1" if timing else "0"
+    if timing:
+        text += bits(1, 32) + bits(30, 32)  # num_units_in_display_tick, time_scale
+        text += "0" if ticks is None else "1" + uvlc(ticks)  # equal_picture_interval
+        text += "1" if decoder_model else "0"
+        if decoder_model:  # buffer_delay_length_minus_1, a tick, two more lengths
+            text += bits(11, 5) + bits(1, 32) + bits(4, 5) + bits(4, 5)
+    text += "1" if display_delay else "0"  # initial_display_delay_present_flag
+    text += bits(points - 1, 5)
+    for _ in range(points):
+        text += bits(0x101, 12) + bits(level, 5) + ("1" if level > 7 else "")  # idc, level, tier
+        if decoder_model:  # present, decoder and encoder buffer delays, low_delay_mode_flag
+            text += "1" + bits(5, 12) + bits(7, 12) + "0"
+        if display_delay:
+            text += "1" + bits(3, 4)  # initial_display_delay_minus_1
+    return text
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        full_sequence_fields(),
+        full_sequence_fields(timing=True),
+        *(full_sequence_fields(timing=True, ticks=t) for t in (0, 1, 1000, 2**32 - 2)),
+        full_sequence_fields(timing=True, decoder_model=True, points=3, level=9),
+        full_sequence_fields(points=3, level=13, display_delay=True),
+        # The longest: 32 operating points with every optional field.
+        full_sequence_fields(
+            timing=True, ticks=2**31, decoder_model=True, points=32, level=31, display_delay=True
+        ),
+    ],
+    ids=[
+        "plain",
+        "timing",
+        *(f"ticks {t}" for t in (0, 1, 1000, 2**32 - 2)),
+        "decoder model",
+        "display delays",
+        "longest",
+    ],
+)
+def test_a_full_av1_sequence_header_is_read_to_its_frame_size(fields: str) -> None:
+    data = avif_built(av1_sequence_header(5000, 3000, fields), (64, 64))
+    assert dimensions(data, "avif") == Dimensions(5000, 3000)
+
+
+def test_every_av1_sequence_header_counts_wherever_it_is() -> None:
+    small, large = av1_sequence_header(64, 64), av1_sequence_header(3000, 2000)
+    padding = av1_obu(15, bytes(300))  # a two-byte size field
+    # An OBU extension header (temporal and spatial layer IDs) before the size field.
+    extended = bytes([large[0] | 4, 0x28]) + large[1:]
+    for av1 in (
+        small + padding + large,  # a later sequence header: libaom sizes later frames by it
+        large + small,
+        padding + extended + small,
+        small + bytes(100) + large,  # libaom skips zero bytes after a frame
+    ):
+        assert dimensions(avif_built(av1, (64, 64)), "avif") == Dimensions(3000, 2000)
+    # The item's data in three pieces, which lie in the file in reverse order.
+    assert dimensions(avif_built(small + large, (64, 64), pieces=3), "avif") == Dimensions(
+        3000, 2000
+    )
+    # A copy of a sequence header in the av1C property counts too.
+    assert dimensions(avif_built(small, (64, 64), config=large), "avif") == Dimensions(3000, 2000)
+
+
+@pytest.mark.parametrize(
+    ("av1", "reason"),
+    [
+        (b"", "no sequence header"),
+        (av1_obu(15, b"padding"), "no sequence header"),
+        (bytes([1 << 3]) + av1_sequence_header(64, 64)[2:], "no size field"),
+        (bytes([0x80]) + av1_sequence_header(64, 64)[1:], "forbidden bit"),
+        (av1_sequence_header(64, 64)[:-1], "past the end"),
+        (av1_obu(1, b"\x18\x15"), "truncated"),
+        (bytes([0x0A]) + b"\x80" * 8 + b"\x00", "longer than 8 bytes"),
+        # Timing info up to equal_picture_interval, set, then an uvlc() of 32 leading zeros,
+        # a value libaom refuses.
+        (
+            av1_sequence_header(64, 64, full_sequence_fields(timing=True)[:70] + "1" + "0" * 40),
+            "uvlc",
+        ),
+        # 20,000 empty OBUs before the sequence header: more than one parse may visit
+        (av1_obu(15, b"") * 20000 + av1_sequence_header(64, 64), "too many structures"),
+        # zero bytes are skipped, but as structures a few dozen bytes at a time
+        (av1_sequence_header(64, 64) + bytes(2 << 20), "too many structures"),
+    ],
+    ids=[
+        "empty",
+        "padding only",
+        "no size field",
+        "forbidden bit",
+        "overrun",
+        "truncated",
+        "long size",
+        "uvlc",
+        "many OBUs",
+        "many zeros",
+    ],
+)
+def test_an_avif_item_whose_av1_sequence_header_cannot_be_read_is_refused(
+    av1: bytes, reason: str
+) -> None:
+    with pytest.raises(HeaderError, match=reason):
+        dimensions(avif_built(av1, (64, 64)), "avif")
+
+
+def test_an_avif_item_with_data_outside_the_file_or_no_location_is_refused() -> None:
+    data = avif_built(av1_sequence_header(64, 64), (64, 64))
+    extent = data.index(struct.pack(">HHH", 1, 0, 1)) + 6  # item 1: offset, then length
+    length = struct.unpack_from(">I", data, extent + 4)[0]
+    longer = data[: extent + 4] + struct.pack(">I", length + 1) + data[extent + 8 :]
+    with pytest.raises(HeaderError, match="outside"):
+        dimensions(longer, "avif")
+    other = data.replace(struct.pack(">HHH", 1, 0, 1), struct.pack(">HHH", 2, 0, 1))
+    with pytest.raises(HeaderError, match="no location"):
+        dimensions(other, "avif")
 
 
 @pytest.mark.parametrize("token", ["\u0663", "+2", "1_000", "0x10", "1e3", "-5", "9" * 19])
