@@ -463,6 +463,42 @@ def avif_built(av1: bytes, ispe: tuple[int, int], config: bytes = b"", pieces: i
     return ftyp + meta_box(mdat) + _box(b"mdat", stored)
 
 
+def avif_sequence(
+    frame: tuple[int, int], sample: bytes | None = None, config: bytes = b""
+) -> bytes:
+    """An image sequence ("avis", which libavif decodes from its track) of one frame whose
+    sequence header declares `frame` (or whose data is `sample`), with the OBUs `config` in its
+    sample entry's av1C; its ispe property, its still item and its track header say 1x1."""
+    data = bytearray(avif_sample("sdl_sample.avif", ispe=(1, 1)))
+    data[8:12] = b"avis"  # the major brand
+    if sample is None:
+        sample = _av1_resized(bytes(data[slice(*_boxes(data, 0, len(data))[b"mdat"])]), *frame)
+    # A VisualSampleEntry: reserved, data reference 1, then 1x1 at 72 dpi, one frame, 24 bits.
+    entry = struct.pack(">6xH16xHHII4xH32xHh", 1, 1, 1, 0x480000, 0x480000, 1, 0x18, -1)
+    entry += _box(b"av1C", bytes([0x81, 0x00, 0x0C, 0x00]) + config)
+    tkhd = struct.pack(">5I8xHHHH36xII", 0, 0, 1, 0, 0, 0, 0, 0, 0, 1 << 16, 1 << 16)
+    mvhd = struct.pack(">IIIIIH10x36x24xI", 0, 0, 1000, 100, 0x10000, 0x100, 2)
+
+    def moov(offset: int) -> bytes:
+        stbl = (
+            _full_box(b"stsd", 0, struct.pack(">I", 1) + _box(b"av01", entry))
+            + _full_box(b"stts", 0, struct.pack(">III", 1, 1, 100))
+            + _full_box(b"stsc", 0, struct.pack(">IIII", 1, 1, 1, 1))
+            + _full_box(b"stsz", 0, struct.pack(">III", 0, 1, len(sample)))
+            + _full_box(b"stco", 0, struct.pack(">II", 1, offset))
+        )
+        mdia = (
+            _full_box(b"mdhd", 0, struct.pack(">IIIIHH", 0, 0, 1000, 100, 0, 0))
+            + _full_box(b"hdlr", 0, struct.pack(">I4s12x", 0, b"pict") + b"\0")
+            + _box(b"minf", _box(b"stbl", stbl))
+        )
+        trak = _full_box(b"tkhd", 0, tkhd) + _box(b"mdia", mdia)
+        return _box(b"moov", _full_box(b"mvhd", 0, mvhd) + _box(b"trak", trak))
+
+    offset = len(data) + len(moov(0)) + 8
+    return bytes(data) + moov(offset) + _box(b"mdat", sample)
+
+
 @_variant("avif", "ispe", U32)
 def _avif_ispe(width: int, height: int) -> bytes:
     return avif_sample("hopper.avif", ispe=(width, height))
@@ -472,6 +508,12 @@ def _avif_ispe(width: int, height: int) -> bytes:
 def _avif_sequence_header(width: int, height: int) -> bytes:
     # ispe says 1x1; the AV1 sequence header, which libaom allocates the frame by, says more.
     return avif_sample("hopper.avif", (width, height), ispe=(1, 1))
+
+
+@_variant("avif", "first-sample", 1 << 16)
+def _avif_first_sample(width: int, height: int) -> bytes:
+    # An image sequence's first frame is sized by the sequence header of its track's first sample.
+    return avif_sequence((width, height))
 
 
 @_variant("avif", "track", U16)

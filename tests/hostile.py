@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from gateway.core.errors import ErrorCode
-from tests.bombs import BOMB_FORMATS, avif_sample, bomb, tiff_directories
+from tests.bombs import BOMB_FORMATS, avif_sample, avif_sequence, bomb, tiff_directories
 
 DATA = Path(__file__).parent / "data"
 IMAGES = DATA / "images"
@@ -151,6 +151,12 @@ def cases() -> list[Case]:
         Case(
             "avif whose AV1 sequence header declares 8192x8192, its ispe 128x128",
             avif_sample("hopper.avif", (8192, 8192)),
+            ErrorCode.IMAGE_TOO_LARGE,
+        ),
+        # The same in an image sequence: libavif decodes its track's first sample.
+        Case(
+            "avif sequence whose first sample declares 8192x8192, all else 1x1",
+            avif_sequence((8192, 8192)),
             ErrorCode.IMAGE_TOO_LARGE,
         ),
     ]

@@ -31,6 +31,7 @@ from tests.bombs import (
     av1_sequence_header,
     avif_built,
     avif_sample,
+    avif_sequence,
     avif_with_ispe,
     bits,
     bomb,
@@ -403,6 +404,29 @@ def test_an_avif_item_with_data_outside_the_file_or_no_location_is_refused() -> 
     other = data.replace(struct.pack(">HHH", 1, 0, 1), struct.pack(">HHH", 2, 0, 1))
     with pytest.raises(HeaderError, match="no location"):
         dimensions(other, "avif")
+
+
+def test_an_image_sequence_is_sized_by_the_sequence_header_of_its_first_sample() -> None:
+    # libavif decodes an "avis" file from its track: an 898-byte one whose ispe, item and track
+    # header said 1x1 and whose first sample's sequence header said 16384x16384 peaked at 3.6 GB.
+    real = avif_sequence((23, 42))
+    decoded = cv2.imdecode(np.frombuffer(real, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded is not None  # the first frame, cut to the track header's 1x1
+    assert dimensions(real, "avif") == Dimensions(23, 42)
+    assert dimensions(avif_sequence((3000, 2000)), "avif") == Dimensions(3000, 2000)
+    # A sequence header in the sample entry's av1C counts too.
+    config = av1_sequence_header(5000, 10)
+    assert dimensions(avif_sequence((23, 42), config=config), "avif") == Dimensions(5000, 42)
+    with pytest.raises(HeaderError, match="first sample of an AV1 track has no sequence header"):
+        dimensions(avif_sequence((1, 1), sample=av1_obu(15, b"padding")), "avif")
+    # Real sequences, one with an alpha track, declare their own size.
+    for channels in (3, 4):
+        animation = cv2.Animation()
+        animation.frames = [np.full((48, 80, channels), i * 40, np.uint8) for i in range(3)]
+        animation.durations = [100] * 3
+        ok, encoded = cv2.imencodeanimation(".avif", animation)
+        assert ok
+        assert dimensions(encoded.tobytes(), "avif") == Dimensions(80, 48)
 
 
 @pytest.mark.parametrize("token", ["\u0663", "+2", "1_000", "0x10", "1e3", "-5", "9" * 19])

@@ -477,8 +477,13 @@ def _larger(a: Dimensions, b: Dimensions) -> Dimensions:
 
 
 # The boxes walked into, to reach ispe and av1C properties (meta/iprp/ipco), image items
-# (meta/iinf, meta/iloc, meta/idat) and track headers (moov/trak/tkhd).
-_AVIF_CONTAINERS = frozenset({b"meta", b"meta/iprp", b"meta/iprp/ipco", b"moov", b"moov/trak"})
+# (meta/iinf, meta/iloc, meta/idat) and tracks (moov/trak).
+_AVIF_CONTAINERS = frozenset({b"meta", b"meta/iprp", b"meta/iprp/ipco", b"moov"})
+# Within a track, the boxes walked into to reach its header (tkhd) and sample table
+# (mdia/minf/stbl).
+_AVIF_TRACK_CONTAINERS = frozenset({b"mdia", b"mdia/minf", b"mdia/minf/stbl"})
+# The size of a VisualSampleEntry's own fields, before the boxes it holds (av1C).
+_AVIF_VISUAL_SAMPLE_ENTRY = 78
 # The item types whose data the decoder sizes an image by: an AV1 image, a grid of them.
 _AVIF_AV1, _AVIF_GRID = b"av01", b"grid"
 
@@ -487,7 +492,7 @@ def _avif(view: memoryview) -> Dimensions:
     if bytes(view[4:8]) != b"ftyp":
         raise HeaderError("no ftyp box")
     budget = _Budget()
-    boxes = _avif_boxes(view, 0, len(view), b"", budget)
+    boxes = _avif_boxes(view, 0, len(view), b"", _AVIF_CONTAINERS, budget)
     sizes = [_avif_ispe(view, start) for start, _ in boxes.get(b"meta/iprp/ipco/ispe", [])]
     if not sizes:
         raise HeaderError("no ispe property")
@@ -500,22 +505,29 @@ def _avif(view: memoryview) -> Dimensions:
         if end - start < 4:
             raise HeaderError("an av1C box is truncated")
         sizes += _av1_frame_sizes(_Stream(view, [(start + 4, end - start - 4)]), budget)
-    sizes += [_avif_track(view, start, end) for start, end in boxes.get(b"moov/trak/tkhd", [])]
+    for start, end in boxes.get(b"moov/trak", []):
+        sizes += _avif_track(view, start, end, budget)
     return _dims(max(w for w, _ in sizes), max(h for _, h in sizes))
 
 
 def _avif_boxes(
-    view: memoryview, start: int, end: int, parent: bytes, budget: _Budget
+    view: memoryview,
+    start: int,
+    end: int,
+    parent: bytes,
+    containers: frozenset[bytes],
+    budget: _Budget,
 ) -> dict[bytes, list[tuple[int, int]]]:
-    """Payload ranges of the boxes met on the way, by path ("meta/iinf")."""
+    """Payload ranges of the boxes met on the way into `containers`, by path ("meta/iinf")."""
     found: dict[bytes, list[tuple[int, int]]] = {}
     for kind, payload, box_end in _boxes(view, start, end, budget):
         path = parent + kind
         found.setdefault(path, []).append((payload, box_end))
-        if path in _AVIF_CONTAINERS:
+        if path in containers:
             if kind == b"meta":  # a full box: version and flags come first
                 payload += 4
-            for sub, ranges in _avif_boxes(view, payload, box_end, path + b"/", budget).items():
+            inner = _avif_boxes(view, payload, box_end, path + b"/", containers, budget)
+            for sub, ranges in inner.items():
                 found.setdefault(sub, []).extend(ranges)
     return found
 
@@ -524,12 +536,62 @@ def _avif_ispe(view: memoryview, start: int) -> tuple[int, int]:
     return _int(view, start + 4, 4), _int(view, start + 8, 4)  # after version and flags
 
 
-def _avif_track(view: memoryview, start: int, end: int) -> tuple[int, int]:
+def _avif_tkhd(view: memoryview, start: int, end: int) -> tuple[int, int]:
     # Width and height as 16.16 fixed point, after fields whose size depends on the version.
     at = start + (88 if _int(view, start, 1) == 1 else 76)
     if at + 8 > end:
         raise HeaderError("a tkhd box is truncated")
     return _int(view, at, 4) >> 16, _int(view, at + 4, 4) >> 16
+
+
+def _avif_track(view: memoryview, start: int, end: int, budget: _Budget) -> list[tuple[int, int]]:
+    """The sizes a track states: its header's, and the frames the AV1 sequence headers in its
+    sample entries' av1C and in its first sample (an image sequence's first frame) declare.
+
+    libavif decodes a track whose sample entry is av01 (the image sequence of an "avis" file),
+    its samples laid out by the sample table: the first chunk's offset (stco or co64, in order)
+    and a size every sample has, or the first sample's own (stsz).
+    """
+    boxes = _avif_boxes(view, start, end, b"", _AVIF_TRACK_CONTAINERS, budget)
+    sizes = [_avif_tkhd(view, tkhd, tkhd_end) for tkhd, tkhd_end in boxes.get(b"tkhd", [])]
+    av1 = False
+    for stsd, stsd_end in boxes.get(b"mdia/minf/stbl/stsd", []):
+        for kind, entry, entry_end in _boxes(view, stsd + 8, stsd_end, budget):  # after count
+            if kind != _AVIF_AV1:
+                continue
+            av1 = True
+            children = entry + _AVIF_VISUAL_SAMPLE_ENTRY
+            if children > entry_end:
+                raise HeaderError("an av01 sample entry is truncated")
+            for child, payload, child_end in _boxes(view, children, entry_end, budget):
+                if child == b"av1C":
+                    if child_end - payload < 4:
+                        raise HeaderError("an av1C box is truncated")
+                    config = _Stream(view, [(payload + 4, child_end - payload - 4)])
+                    sizes += _av1_frame_sizes(config, budget)
+    chunks = [  # (chunk offset box, the size of an offset), in the order libavif reads them
+        (box, 8 if kind == b"co64" else 4)
+        for kind in (b"stco", b"co64")
+        for box, _ in boxes.get(b"mdia/minf/stbl/" + kind, [])
+    ]
+    chunks.sort()
+    first = next(((at, size) for at, size in chunks if _int(view, at + 4, 4)), None)
+    if not av1 or first is None:
+        return sizes  # libavif decodes no sample of this track
+    offset = _int(view, first[0] + 8, first[1])
+    length = None
+    for stsz, _ in boxes.get(b"mdia/minf/stbl/stsz", []):
+        every, count = _int(view, stsz + 4, 4), _int(view, stsz + 8, 4)
+        if every:
+            length = every  # the last such box sets it for every sample
+        elif count and length is None:
+            length = _int(view, stsz + 12, 4)
+    if length is None:
+        raise HeaderError("a track's first sample has no size")
+    found = _av1_frame_sizes(_Stream(view, [(offset, length)]), budget)
+    if not found:
+        raise HeaderError("the first sample of an AV1 track has no sequence header")
+    return sizes + found
 
 
 def _avif_items(
