@@ -13,6 +13,7 @@ import numpy as np
 
 from gateway.core.errors import ErrorCode
 from tests.bombs import BOMB_FORMATS, avif_sample, avif_sequence, bomb, tiff_directories
+from tests.jpeg2000 import codestream, jp2
 
 DATA = Path(__file__).parent / "data"
 IMAGES = DATA / "images"
@@ -160,7 +161,21 @@ def cases() -> list[Case]:
             ErrorCode.IMAGE_TOO_LARGE,
         ),
     ]
-    return out
+    return out + _jpeg2000_cases()
+
+
+def _jpeg2000_cases() -> list[Case]:
+    """JPEG 2000 files within the pixel limit that cost OpenJPEG far more memory than their
+    pixels: refused from the header."""
+    return [
+        # OpenJPEG expands the image into a 32-bit plane a palette column, 255 MB here, before
+        # OpenCV keeps three of them.
+        Case(
+            "jp2 whose palette has 255 columns",
+            jp2(codestream(500, 500), palette=255),
+            ErrorCode.UNDECODABLE_IMAGE,
+        ),
+    ]
 
 
 BOUNDARY = "b0undary"

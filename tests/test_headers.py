@@ -40,6 +40,7 @@ from tests.bombs import (
 )
 from tests.conftest import IMAGES
 from tests.hostile import png_with_text_chunks, progressive_jpeg_with_scans
+from tests.jpeg2000 import codestream, jp2
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -569,3 +570,22 @@ def test_a_tiff_of_more_than_4096_directories_is_refused(big: bool, tmp_path: Pa
     assert dimensions(tiff_directories(3, big, loop=True), "tiff") == Dimensions(1, 1)
     with pytest.raises(HeaderError, match="more than 4096 directories"):
         dimensions(tiff_directories(5000, big, loop=True), "tiff")
+
+
+# JPEG 2000: what OpenJPEG allocates beyond the image ---------------------------------------------
+
+
+@pytest.mark.parametrize("columns", [5, 255])
+def test_a_jp2_palette_of_more_columns_than_opencv_outputs_is_refused(columns: int) -> None:
+    # OpenJPEG expands the image into one 32-bit plane a column before OpenCV keeps at most four:
+    # 255 columns took a 1000x1000 image to 1 GB.
+    with pytest.raises(HeaderError, match=f"{columns} columns"):
+        dimensions(jp2(codestream(1000, 1000), palette=columns), "jpeg2000")
+
+
+@pytest.mark.parametrize("columns", [1, 3, 4])
+def test_a_jp2_palette_of_up_to_four_columns_decodes(columns: int) -> None:
+    data = jp2(codestream(64, 48), palette=columns)
+    assert dimensions(data, "jpeg2000") == Dimensions(64, 48)
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded is not None and decoded.shape == (48, 64, 3)
