@@ -26,6 +26,9 @@ class Case:
     # None: the image is valid and must decode.
     error: ErrorCode | None
     shape: list[int] | None = None
+    # Words the error message must hold, where the code alone does not tell why it came (the
+    # header's refusal, or the decoder's after paying for it).
+    reason: str | None = None
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -174,6 +177,21 @@ def _jpeg2000_cases() -> list[Case]:
             "jp2 whose palette has 255 columns",
             jp2(codestream(500, 500), palette=255),
             ErrorCode.UNDECODABLE_IMAGE,
+        ),
+        # OpenJPEG keeps records of every tile from the main header on: this 90-byte file of
+        # 255x257 in 1x1 tiles cost 791 MB before a pixel was decoded.
+        Case(
+            "jpeg2000 in 65,535 tiles",
+            codestream(255, 257, components=3, tile=(1, 1), written_tiles=1),
+            ErrorCode.IMAGE_TOO_LARGE,
+        ),
+        # OpenCV refuses more than 4 components, once OpenJPEG has kept records of every
+        # tile-component: 106 MB for this one.
+        Case(
+            "jpeg2000 of 16 components in 4,096 tiles",
+            codestream(64, 64, components=16, tile=(1, 1), written_tiles=1),
+            ErrorCode.UNDECODABLE_IMAGE,
+            reason="16 components",
         ),
     ]
 

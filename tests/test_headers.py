@@ -20,6 +20,7 @@ from gateway.core.formats import sniff
 from gateway.core.headers import (
     MAX_JPEG_SCANS,
     MAX_PNG_TEXT_CHUNKS,
+    CostlyImageError,
     Dimensions,
     HeaderError,
     dimensions,
@@ -589,3 +590,56 @@ def test_a_jp2_palette_of_up_to_four_columns_decodes(columns: int) -> None:
     assert dimensions(data, "jpeg2000") == Dimensions(64, 48)
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     assert decoded is not None and decoded.shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tile"),
+    [(255, 257, (1, 1)), (17, 241, (1, 1)), (8193, 4097, (2, 4)), (50_000, 50_000, (64, 64))],
+)
+def test_a_jpeg2000_of_more_than_4096_tiles_is_refused(
+    width: int, height: int, tile: tuple[int, int]
+) -> None:
+    # OpenJPEG keeps about 10 KB a tile from the main header on: 65,535 tiles of 3 components, an
+    # 87-byte file of 255x257, cost 791 MB before OpenCV saw anything.
+    data = codestream(width, height, components=3, tile=tile, written_tiles=1)
+    with pytest.raises(CostlyImageError, match="tiles"):
+        dimensions(data, "jpeg2000")
+    with pytest.raises(CostlyImageError, match="tiles"):
+        dimensions(jp2(data), "jpeg2000")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "tile"),
+    [(64, 64, (1, 1)), (8192, 4096, (128, 128)), (7071, 7071, (1024, 512))],
+)
+def test_a_jpeg2000_of_up_to_4096_tiles_is_read(
+    width: int, height: int, tile: tuple[int, int]
+) -> None:
+    data = codestream(width, height, components=4, tile=tile, written_tiles=1)
+    assert dimensions(data, "jpeg2000") == Dimensions(width, height)
+
+
+def test_jpeg2000_tiles_are_counted_from_the_tile_grid_origin() -> None:
+    # A 128x128 image whose corner is at (1, 1): 2x2 tiles from (0, 0) make a grid of 65x65
+    # tiles, the first of which holds one pixel of the image.
+    data = bytearray(codestream(128, 128, tile=(2, 2), written_tiles=1))
+    struct.pack_into(">4I", data, 8, 129, 129, 1, 1)  # Xsiz, Ysiz, XOsiz, YOsiz
+    with pytest.raises(CostlyImageError, match="4225 tiles"):
+        dimensions(data, "jpeg2000")
+    struct.pack_into(">2I", data, 32, 1, 1)  # XTOsiz, YTOsiz: the grid starts at the image
+    assert dimensions(data, "jpeg2000") == Dimensions(128, 128)
+    struct.pack_into(">2I", data, 32, 2, 2)  # a grid that starts past the image's corner
+    with pytest.raises(HeaderError, match="corner"):
+        dimensions(data, "jpeg2000")
+
+
+@pytest.mark.parametrize("components", [0, 5, 16, 16384])
+def test_a_jpeg2000_of_more_components_than_opencv_decodes_is_refused(components: int) -> None:
+    # OpenCV refuses them too, but only after OpenJPEG has read the main header and kept records
+    # of every tile-component: 16 components in 65,535 tiles peaked at 1.7 GB.
+    data = codestream(64, 64, components=components)
+    with pytest.raises(HeaderError, match=f"{components} components") as info:
+        dimensions(data, "jpeg2000")
+    assert not isinstance(info.value, CostlyImageError)
+    for fine in range(1, 5):
+        assert dimensions(codestream(64, 64, components=fine), "jpeg2000") == Dimensions(64, 64)

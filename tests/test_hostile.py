@@ -56,6 +56,9 @@ def test_hostile_image(
         with pytest.raises(grpc.RpcError) as info:
             stub.Infer(request, timeout=10)
         assert grpc_code(info.value) == (grpc.StatusCode[case.error.grpc_status], case.error.code)
+        if case.reason is not None:
+            assert case.reason in resp.json()["error"]["message"], resp.text
+            assert case.reason in (info.value.details() or ""), info.value.details()
     assert_still_serving(http_url, stub)
 
 

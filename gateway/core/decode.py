@@ -17,7 +17,7 @@ import numpy as np
 
 from gateway.core import apng, formats
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.core.headers import Dimensions, HeaderError, dimensions
+from gateway.core.headers import CostlyImageError, Dimensions, HeaderError, dimensions
 from gateway.core.tiff_planes import opencv_reads_deep_separate_planes
 from gateway.core.types import Buffer, ColorMode, ImageInfo
 
@@ -91,6 +91,11 @@ def probe(data: Buffer, max_pixels: int) -> Probe:
         )
     try:
         size = dimensions(data, fmt.name)
+    except CostlyImageError as exc:
+        raise GatewayError(
+            ErrorCode.IMAGE_TOO_LARGE,
+            f"the {fmt.name} image would cost its decoder far more memory than its pixels: {exc}",
+        ) from None
     except HeaderError as exc:
         raise GatewayError(
             ErrorCode.UNDECODABLE_IMAGE, f"the {fmt.name} header cannot be read: {exc}"

@@ -4,7 +4,9 @@ OpenCV allocates the whole declared image before it decodes a pixel, so a few hu
 claim 30000x30000 pixels cost gigabytes. dimensions() reads the size a header declares so that the
 caller can refuse an image over its pixel limit first. Where a file states its size in more than
 one place, the largest is returned, since the decoder may allocate by any of them. Any malformed
-input raises HeaderError, and the work done is bounded whatever the input.
+input raises HeaderError, and the work done is bounded whatever the input. A header declaring what
+would cost its decoder far more memory than its pixels (a JPEG 2000 in 65,535 tiles) raises
+CostlyImageError, a HeaderError.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 
 class HeaderError(ValueError):
     """The header is missing, truncated, inconsistent or unreadable."""
+
+
+class CostlyImageError(HeaderError):
+    """The header declares an image whose decoder would hold far more memory than its pixels
+    (a JPEG 2000 of tens of thousands of tiles): too large an image, whatever its pixel count."""
 
 
 @dataclass(frozen=True)
@@ -441,6 +448,13 @@ def _boxes(
 
 # OpenCV's JPEG 2000 images have at most four channels (gray, gray and alpha, RGB, RGBA).
 _J2K_MAX_CHANNELS = 4
+# OpenJPEG keeps records of every tile and tile-component from the main header on, before it
+# decodes a pixel and before OpenCV can refuse anything: about 9 KB a tile and 1.1 KB a
+# tile-component (measured: 16,384 1x1 tiles peaked at 162 MB with one component, 215 MB with
+# four; 65,535 tiles of 3 components, an 87-byte file, at 791 MB). Real files are one tile, or
+# tiles of 128 to 1024 samples a side: a 50-megapixel image in 128x128 tiles has about 3,100.
+# 4096 tiles of four components peaked at 53 MB.
+_J2K_MAX_TILES = 4096
 
 
 def _jpeg2000(view: memoryview) -> Dimensions:
@@ -488,12 +502,32 @@ def _jp2_palette(view: memoryview, start: int, end: int) -> int:
 
 
 def _j2k_siz(view: memoryview, start: int) -> Dimensions:
-    """The image area of a codestream: SIZ must follow SOC directly."""
+    """The image area of a codestream: SIZ must follow SOC directly. Its tiles and components
+    are checked too."""
     if bytes(view[start : start + 4]) != b"\xff\x4f\xff\x51":
         raise HeaderError("the codestream does not start with SOC and SIZ")
     x_end, y_end = _int(view, start + 8, 4), _int(view, start + 12, 4)
     x_origin, y_origin = _int(view, start + 16, 4), _int(view, start + 20, 4)
-    return _dims(x_end - x_origin, y_end - y_origin)
+    size = _dims(x_end - x_origin, y_end - y_origin)
+    tile_width, tile_height = _int(view, start + 24, 4), _int(view, start + 28, 4)
+    tile_x, tile_y = _int(view, start + 32, 4), _int(view, start + 36, 4)
+    components = _int(view, start + 40, 2)
+    # OpenCV refuses these itself, but only once OpenJPEG has read the main header, with its
+    # records of every tile-component.
+    if not 1 <= components <= _J2K_MAX_CHANNELS:
+        raise HeaderError(
+            f"{components} components; OpenCV decodes 1 to {_J2K_MAX_CHANNELS} components"
+        )
+    # As OpenJPEG: the first tile must hold the image's top left corner.
+    if not (tile_x <= x_origin < tile_x + tile_width and tile_y <= y_origin < tile_y + tile_height):
+        raise HeaderError("the tiles do not cover the image's top left corner")
+    tiles = -(-(x_end - tile_x) // tile_width) * -(-(y_end - tile_y) // tile_height)
+    if tiles > _J2K_MAX_TILES:
+        raise CostlyImageError(
+            f"{tiles} tiles of {tile_width}x{tile_height}; OpenJPEG keeps 10 to 13 KB for each "
+            f"before decoding anything, and this gateway takes at most {_J2K_MAX_TILES} tiles"
+        )
+    return size
 
 
 def _larger(a: Dimensions, b: Dimensions) -> Dimensions:
