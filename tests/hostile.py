@@ -13,7 +13,7 @@ import numpy as np
 
 from gateway.core.errors import ErrorCode
 from tests.bombs import BOMB_FORMATS, avif_sample, avif_sequence, bomb, tiff_directories
-from tests.jpeg2000 import codestream, jp2
+from tests.jpeg2000 import cod, codestream, jp2
 
 DATA = Path(__file__).parent / "data"
 IMAGES = DATA / "images"
@@ -192,6 +192,24 @@ def _jpeg2000_cases() -> list[Case]:
             codestream(64, 64, components=16, tile=(1, 1), written_tiles=1),
             ErrorCode.UNDECODABLE_IMAGE,
             reason="16 components",
+        ),
+        # OpenJPEG keeps about 400 bytes a code-block: in 4x4 code-blocks, this 94-byte
+        # 1000x1000 codestream cost 120 MB (122 bytes a pixel), where the image takes 16.
+        Case(
+            "jpeg2000 in 4x4 code-blocks",
+            codestream(1000, 1000, components=4, code_block=(4, 4)),
+            ErrorCode.IMAGE_TOO_LARGE,
+        ),
+        Case(
+            "jp2 whose tile-part header sets 4x4 code-blocks",
+            jp2(codestream(1000, 1000, components=4, tile_header=cod((4, 4)))),
+            ErrorCode.IMAGE_TOO_LARGE,
+        ),
+        # Precincts of 2x2 samples make code-blocks of 2x2.
+        Case(
+            "jpeg2000 in 2x2 precincts",
+            codestream(200, 200, components=4, precincts=(2, 2)),
+            ErrorCode.IMAGE_TOO_LARGE,
         ),
     ]
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import struct
 
-SOC, SIZ, COD, QCD, SOT, SOD, EOC = 0xFF4F, 0xFF51, 0xFF52, 0xFF5C, 0xFF90, 0xFF93, 0xFFD9
+# Markers: start of codestream, image and tile size, coding style (default, component),
+# quantization, start of tile-part, start of data, end of codestream.
+SOC, SIZ, COD, COC, QCD = 0xFF4F, 0xFF51, 0xFF52, 0xFF53, 0xFF5C
+SOT, SOD, EOC = 0xFF90, 0xFF93, 0xFFD9
 
 
 def segment(marker: int, payload: bytes) -> bytes:
@@ -21,14 +24,28 @@ def cod(
     """A COD segment: one quality layer, `levels` decomposition levels, code-blocks of
     `code_block` samples (width, height; powers of two) and, if given, precincts of `precincts`
     samples at every resolution level."""
+    style = struct.pack(">BBHB", 1 if precincts else 0, 0, 1, 0)
+    return segment(COD, style + _coding(code_block, levels, precincts))
+
+
+def coc(
+    component: int,
+    code_block: tuple[int, int],
+    levels: int = 0,
+    precincts: tuple[int, int] | None = None,
+) -> bytes:
+    """A COC segment: as COD, for one component of fewer than 257."""
+    style = struct.pack(">BB", component, 1 if precincts else 0)
+    return segment(COC, style + _coding(code_block, levels, precincts))
+
+
+def _coding(code_block: tuple[int, int], levels: int, precincts: tuple[int, int] | None) -> bytes:
     width, height = (size.bit_length() - 1 for size in code_block)
-    payload = struct.pack(
-        ">BBHBBBBBB", 1 if precincts else 0, 0, 1, 0, levels, width - 2, height - 2, 0, 1
-    )
+    payload = struct.pack(">BBBBB", levels, width - 2, height - 2, 0, 1)
     if precincts:
         x, y = (size.bit_length() - 1 for size in precincts)
         payload += bytes([y << 4 | x]) * (levels + 1)
-    return segment(COD, payload)
+    return payload
 
 
 def codestream(
@@ -40,19 +57,21 @@ def codestream(
     code_block: tuple[int, int] = (64, 64),
     levels: int = 0,
     precincts: tuple[int, int] | None = None,
-    tile_code_block: tuple[int, int] | None = None,
+    main_header: bytes = b"",
+    tile_header: bytes = b"",
     bits: int = 8,
     written_tiles: int | None = None,
 ) -> bytes:
     """A codestream of `components` components of `bits` bits, cut into tiles of `tile` samples
-    (one tile by default). With `tile_code_block`, each tile's header has a COD of its own with
-    that code-block size. Only the first `written_tiles` tiles are written, if given."""
+    (one tile by default). `main_header` and `tile_header` are more segments for the main header
+    and each tile-part's header (COD and COC segments must keep the precincts). Only the first
+    `written_tiles` tiles are written, if given."""
     tile_width, tile_height = tile or (width, height)
     siz = struct.pack(
         ">HIIIIIIIIH", 0, width, height, 0, 0, tile_width, tile_height, 0, 0, components
     )
     data = struct.pack(">H", SOC) + segment(SIZ, siz + bytes([bits - 1, 1, 1]) * components)
-    data += cod(code_block, levels, precincts)
+    data += cod(code_block, levels, precincts) + main_header
     # Reversible, no quantization: one exponent a sub-band.
     data += segment(QCD, bytes([0x40]) + bytes([(bits + 1) << 3]) * (1 + 3 * levels))
     across, down = -(-width // tile_width), -(-height // tile_height)
@@ -60,9 +79,8 @@ def codestream(
     for number in range(tiles):
         x0, y0 = number % across * tile_width, number // across * tile_height
         x1, y1 = min(x0 + tile_width, width), min(y0 + tile_height, height)
-        header = cod(tile_code_block, levels, precincts) if tile_code_block else b""
         packets = components * _precincts((x0, y0, x1, y1), levels, precincts)
-        body = header + struct.pack(">H", SOD) + bytes(packets)
+        body = tile_header + struct.pack(">H", SOD) + bytes(packets)
         data += segment(SOT, struct.pack(">HIBB", number, 12 + len(body), 0, 1)) + body
     return data + struct.pack(">H", EOC)
 

@@ -41,7 +41,7 @@ from tests.bombs import (
 )
 from tests.conftest import IMAGES
 from tests.hostile import png_with_text_chunks, progressive_jpeg_with_scans
-from tests.jpeg2000 import codestream, jp2
+from tests.jpeg2000 import SOT, coc, cod, codestream, jp2, segment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -643,3 +643,115 @@ def test_a_jpeg2000_of_more_components_than_opencv_decodes_is_refused(components
     assert not isinstance(info.value, CostlyImageError)
     for fine in range(1, 5):
         assert dimensions(codestream(64, 64, components=fine), "jpeg2000") == Dimensions(64, 64)
+
+
+def with_second_tile_header(data: bytes, segments: bytes) -> bytes:
+    """`data` with `segments` added to the header of its second tile-part."""
+    first = data.index(b"\xff\x90")  # SOT
+    second = data.index(b"\xff\x90", first + struct.unpack_from(">I", data, first + 6)[0])
+    (length,) = struct.unpack_from(">I", data, second + 6)  # Psot
+    sot = data[second : second + 6] + struct.pack(">I", length + len(segments))
+    return data[:second] + sot + data[second + 10 : second + 12] + segments + data[second + 12 :]
+
+
+SMALL_CODE_BLOCKS = {
+    # OpenJPEG keeps about 400 bytes a code-block whatever its size: a 94-byte 2000x2000
+    # codestream of 4 components in 4x4 code-blocks peaked at 487 MB, 122 bytes a pixel.
+    "4x4": codestream(256, 256, components=4, code_block=(4, 4)),
+    "8x16": codestream(256, 256, code_block=(8, 16)),
+    "4x32": codestream(256, 256, code_block=(4, 32)),
+    # Precincts cut code-blocks down: to 2x2 in the lowest resolution level, to half the
+    # precinct (8x8) in the sub-bands of the levels above it.
+    "2x2 precincts": codestream(256, 256, precincts=(2, 2)),
+    "16x16 precincts above the lowest level": codestream(256, 256, levels=1, precincts=(16, 16)),
+    # A COD or COC segment sets the code-blocks of one component, or of one tile in a tile-part's
+    # header.
+    "in a COC": codestream(256, 256, components=3, main_header=coc(1, (4, 4))),
+    "in a tile-part's COD": codestream(256, 256, components=4, tile_header=cod((4, 4))),
+    "in a tile-part's COC": codestream(256, 256, components=4, tile_header=coc(3, (4, 4))),
+    "in the second tile's COD": with_second_tile_header(
+        codestream(256, 256, tile=(128, 256)), cod((4, 4))
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SMALL_CODE_BLOCKS)
+def test_jpeg2000_code_blocks_under_256_samples_are_refused(name: str) -> None:
+    data = SMALL_CODE_BLOCKS[name]
+    with pytest.raises(CostlyImageError, match="code-blocks of"):
+        dimensions(data, "jpeg2000")
+    with pytest.raises(CostlyImageError, match="code-blocks of"):
+        dimensions(jp2(data), "jpeg2000")
+    # OpenJPEG would decode each (this one is small).
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+@pytest.mark.parametrize(
+    ("code_block", "precincts", "levels"),
+    [
+        ((64, 64), None, 5),  # OpenJPEG's default, and Kakadu's
+        ((32, 32), None, 5),  # the cinema profiles'
+        ((16, 16), None, 0),
+        ((4, 64), None, 0),
+        ((1024, 4), None, 0),  # low-latency HTJ2K's
+        ((64, 64), (32, 32), 3),  # 16x16 in the sub-bands
+        ((64, 64), (16, 16), 0),  # 16x16 in the one level
+    ],
+)
+def test_jpeg2000_code_blocks_of_256_samples_or_more_are_read(
+    code_block: tuple[int, int], precincts: tuple[int, int] | None, levels: int
+) -> None:
+    data = codestream(256, 256, code_block=code_block, precincts=precincts, levels=levels)
+    assert dimensions(data, "jpeg2000") == Dimensions(256, 256)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "planes"),
+    [
+        # One plane of 32-bit samples a component, the image OpenJPEG returns.
+        (codestream(1000, 1000), 1),
+        (codestream(1000, 1000, components=3), 3),
+        (codestream(1000, 1000, components=4, bits=16), 4),
+        # Tiled: each tile is decoded into planes of its own first (the largest is 1000x999).
+        (codestream(1000, 1000, components=4, tile=(1000, 999)), 4 + 4 * 0.999),
+        (codestream(1000, 1000, components=4, tile=(250, 250)), 4 + 4 / 16),
+        # A palette's columns are planes of their own.
+        (jp2(codestream(1000, 1000), palette=3), 1 + 3),
+    ],
+    ids=["gray", "rgb", "rgba 16-bit", "two tiles", "16 tiles", "palette"],
+)
+def test_jpeg2000_weighs_openjpeg_planes(data: bytes, planes: float) -> None:
+    size = dimensions(data, "jpeg2000")
+    records = size.decoder_bytes - 4 * planes * size.pixels  # of its tiles, about 10 KB each
+    assert 0 < records <= 16 * 14_000
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("depth", [np.uint8, np.uint16])
+def test_jpeg2000_written_by_opencv_is_read_and_weighs_its_components(
+    channels: int, depth: type
+) -> None:
+    ok, encoded = cv2.imencode(".jp2", np.zeros((300, 400, channels), depth))
+    assert ok
+    size = dimensions(encoded.tobytes(), "jpeg2000")
+    assert size == Dimensions(400, 300)
+    assert 4 * channels * size.pixels < size.decoder_bytes < (4 * channels + 1) * size.pixels
+
+
+@pytest.mark.parametrize(("parts", "refused"), [(3, False), (4, True)])
+def test_a_jpeg2000_walk_visits_a_bounded_number_of_tile_parts(parts: int, refused: bool) -> None:
+    # Every tile-part's header is read for the code-blocks it may set: 4096 tiles of 4 parts
+    # each are more segments than one parse may visit.
+    head = codestream(64, 64, tile=(1, 1), written_tiles=0)[:-2]  # no EOC
+    tile_parts = b"".join(
+        segment(SOT, struct.pack(">HIBB", tile, 15, part, parts)) + b"\xff\x93\x00"
+        for tile in range(4096)
+        for part in range(parts)
+    )
+    data = head + tile_parts + b"\xff\xd9"
+    if refused:
+        with pytest.raises(HeaderError, match="too many structures"):
+            dimensions(data, "jpeg2000")
+    else:
+        assert dimensions(data, "jpeg2000") == Dimensions(64, 64)

@@ -357,6 +357,23 @@ def test_an_image_that_decodes_deep_takes_more_of_the_pixel_budget() -> None:
     # A 9000-pixel float64 RGB TIFF decodes to 24 bytes a pixel, three times the 16-bit RGBA the
     # budget (2 x 10,000 pixels) is sized for: in `unchanged` it takes the whole budget, and a
     # small image waits for it instead of decoding beside it.
+    ok, deep = cv2.imencode(".tiff", np.zeros((90, 100, 3), np.float64))
+    assert ok
+    _decodes_alone(deep.tobytes(), "unchanged", [90, 100, 3])
+
+
+def test_a_jpeg2000_takes_the_budget_of_openjpeg_planes_in_every_mode() -> None:
+    # OpenJPEG holds a plane of 32-bit samples for each of an RGBA image's components whatever
+    # OpenCV makes of them: 16 bytes a pixel, twice the 16-bit RGBA the budget is sized for. In
+    # `color`, 9000 such pixels take the budget of 19,675, and a small image waits.
+    ok, image = cv2.imencode(".jp2", np.zeros((90, 100, 4), np.uint8))
+    assert ok
+    _decodes_alone(image.tobytes(), "color", [90, 100, 3])
+
+
+def _decodes_alone(data: bytes, color_mode: str, shape: list[int]) -> None:
+    """`data` takes so much of a budget of 2 x 10,000 pixels that a 50x50 PNG sent while it
+    decodes waits for it."""
     gw = start(
         Settings(
             http_port=0,
@@ -366,21 +383,20 @@ def test_an_image_that_decodes_deep_takes_more_of_the_pixel_budget() -> None:
             max_request_pixels=10_000,
         )
     )
-    ok, deep = cv2.imencode(".tiff", np.zeros((90, 100, 3), np.float64))
-    ok_small, small = cv2.imencode(".png", np.zeros((50, 50, 3), np.uint8))
-    assert ok and ok_small
-    url = f"{gw.http_url}/v1/infer?color_mode=unchanged"
+    ok, small = cv2.imencode(".png", np.zeros((50, 50, 3), np.uint8))
+    assert ok
+    url = f"{gw.http_url}/v1/infer?color_mode={color_mode}"
     GATE.clear()
     try:
         with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(requests.post, url, data=deep.tobytes(), timeout=30)
-            wait_for(lambda: gw.dataplane.admission.active == 1, "the deep image is admitted")
+            first = pool.submit(requests.post, url, data=data, timeout=30)
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the first image is admitted")
             second = pool.submit(requests.post, url, data=small.tobytes(), timeout=30)
             wait_for(lambda: gw.dataplane.admission.waiting == 1, "the small image waits")
             assert gw.dataplane.admission.active == 1
             GATE.set()
             outputs = [f.result().json()["result"]["output"] for f in (first, second)]
-        assert outputs == [[90, 100, 3], [50, 50, 3]]
+        assert outputs == [shape, [50, 50, 3]]
     finally:
         GATE.set()
         gw.stop()

@@ -369,12 +369,17 @@ def _json_outputs(outputs: object, count: int) -> list[JSONValue]:
 
 def _cost(items: Sequence[Probe | ItemError], color_mode: ColorMode) -> int:
     """What a request takes of the pixel budget: its pixels, each counted once for every 8 bytes
-    it decodes to. The budget is sized for 16-bit RGBA, the deepest most formats decode to
-    (`unchanged`); a float TIFF, PFM, HDR or OpenEXR decodes deeper, up to 32 bytes a pixel."""
-    probes = [p for p in items if isinstance(p, Probe)]
-    if color_mode is not ColorMode.UNCHANGED:
-        return sum(p.size.pixels for p in probes)
-    return sum(p.size.pixels * -(-p.size.pixel_bytes // 8) for p in probes)
+    it decodes to, or, where its decoder holds more, once for every 8 bytes of those. The budget
+    is sized for 16-bit RGBA, the deepest most formats decode to (`unchanged`); a float TIFF,
+    PFM, HDR or OpenEXR decodes deeper, up to 32 bytes a pixel, and OpenJPEG holds 4 bytes a
+    sample of every component in every mode (16 a pixel for RGBA, twice that when tiled)."""
+    cost = 0
+    for probed in items:
+        if isinstance(probed, Probe):
+            size = probed.size
+            decoded = size.pixel_bytes if color_mode is ColorMode.UNCHANGED else 8
+            cost += max(size.pixels * -(-decoded // 8), -(-size.decoder_bytes // 8))
+    return cost
 
 
 def _stopped(request: InferRequest) -> GatewayError | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ class Dimensions:
     # (PlanarConfiguration 2), at more than 8 bits a sample: OpenCV's own TIFF reader, which
     # takes such samples in `unchanged` mode, may misread it (see gateway/core/tiff_planes.py).
     deep_separate_planes: bool = field(default=False, compare=False)
+    # Bytes the decoder itself holds for the whole image whatever the color mode, where they are
+    # more than the image it returns (OpenJPEG's 32-bit planes); 0 for other formats.
+    decoder_bytes: int = field(default=0, compare=False)
 
     @property
     def pixels(self) -> int:
@@ -455,15 +458,26 @@ _J2K_MAX_CHANNELS = 4
 # tiles of 128 to 1024 samples a side: a 50-megapixel image in 128x128 tiles has about 3,100.
 # 4096 tiles of four components peaked at 53 MB.
 _J2K_MAX_TILES = 4096
+# What those records weigh the image with (decoder_bytes), a little over the measured cost.
+_J2K_TILE_BYTES, _J2K_TILE_COMPONENT_BYTES = 9000, 1100
+# OpenJPEG keeps a record of about 400 bytes for each code-block, and about 150 more for each
+# precinct, whatever their size: 4x4 code-blocks cost 25 bytes a sample, more than the samples
+# (a 94-byte 2000x2000 codestream of 4 components peaked at 487 MB, 122 bytes a pixel). From 256
+# samples a code-block (16x16) the records add at most about 2 bytes a sample. Encoders write
+# 64x64 (the default of OpenJPEG, Kakadu and cv2.imencode) or 32x32 (the cinema profiles); the
+# standard allows down to 4x4. Precincts smaller than the code-blocks cut them down to their size.
+_J2K_MIN_CODE_BLOCK = 8  # log2 of the samples
+_J2K_SOT, _J2K_SOD, _J2K_COD, _J2K_COC = 0xFF90, 0xFF93, 0xFF52, 0xFF53
 
 
 def _jpeg2000(view: memoryview) -> Dimensions:
+    budget = _Budget()
     if bytes(view[:4]) == b"\xff\x4f\xff\x51":
-        return _j2k_siz(view, 0)
+        return _j2k_codestream(view, 0, len(view), 0, budget)
     if bytes(view[:12]) != b"\x00\x00\x00\x0cjP  \r\n\x87\n":
         raise HeaderError("no JPEG 2000 signature")
-    budget = _Budget()
     header: Dimensions | None = None
+    palette = 0
     for kind, start, end in _boxes(view, 0, len(view), budget):
         if kind == b"jp2h":
             for sub, payload, sub_end in _boxes(view, start, end, budget):
@@ -473,13 +487,13 @@ def _jpeg2000(view: memoryview) -> Dimensions:
                     found = _dims(_int(view, payload + 4, 4), _int(view, payload, 4))
                     header = found if header is None else _larger(header, found)
                 elif sub == b"pclr":
-                    _jp2_palette(view, payload, sub_end)
+                    palette = max(palette, _jp2_palette(view, payload, sub_end))
         elif kind == b"jp2c":
             if header is None:
                 raise HeaderError("no ihdr box before the codestream")
             # The decoder sizes the image from the codestream. OpenJPEG 2.2 and later refuse an
             # ihdr that disagrees with it; the larger of the two covers any version.
-            return _larger(header, _j2k_siz(view, start))
+            return _larger(header, _j2k_codestream(view, start, end, palette, budget))
     raise HeaderError("no jp2c codestream box")
 
 
@@ -501,9 +515,11 @@ def _jp2_palette(view: memoryview, start: int, end: int) -> int:
     return columns
 
 
-def _j2k_siz(view: memoryview, start: int) -> Dimensions:
-    """The image area of a codestream: SIZ must follow SOC directly. Its tiles and components
-    are checked too."""
+def _j2k_codestream(
+    view: memoryview, start: int, end: int, palette: int, budget: _Budget
+) -> Dimensions:
+    """The image area of a codestream (SIZ must follow SOC directly), and what OpenJPEG holds to
+    decode it: its tiles, components and code-blocks are checked, and weigh the image."""
     if bytes(view[start : start + 4]) != b"\xff\x4f\xff\x51":
         raise HeaderError("the codestream does not start with SOC and SIZ")
     x_end, y_end = _int(view, start + 8, 4), _int(view, start + 12, 4)
@@ -527,11 +543,91 @@ def _j2k_siz(view: memoryview, start: int) -> Dimensions:
             f"{tiles} tiles of {tile_width}x{tile_height}; OpenJPEG keeps 10 to 13 KB for each "
             f"before decoding anything, and this gateway takes at most {_J2K_MAX_TILES} tiles"
         )
-    return size
+    siz_end = start + 4 + _int(view, start + 4, 2)
+    smallest = (10, 2)  # the smallest code-block's width and height, as powers of two
+    for marker, payload, segment_end in _j2k_segments(view, siz_end, end, budget):
+        if marker in (_J2K_COD, _J2K_COC):
+            found = _j2k_code_block(view, marker, payload, segment_end)
+            smallest = min(smallest, found, key=sum)
+    if sum(smallest) < _J2K_MIN_CODE_BLOCK:
+        raise CostlyImageError(
+            f"code-blocks of {1 << smallest[0]}x{1 << smallest[1]} samples; OpenJPEG keeps about "
+            f"400 bytes for each, and this gateway takes code-blocks of at least "
+            f"{1 << _J2K_MIN_CODE_BLOCK} samples (16x16)"
+        )
+    # OpenJPEG returns the image as one plane of 32-bit samples a component, whatever OpenCV
+    # makes of it. Unless the image is one tile from (0, 0), it decodes each tile into planes of
+    # the tile's size first, then copies them into the image. A palette's columns are planes
+    # of their own, made from the decoded ones.
+    planes = (components + palette) * size.pixels
+    grid = (tile_x, tile_y, x_origin, y_origin, tile_width, tile_height)
+    if grid != (0, 0, 0, 0, x_end, y_end):
+        planes += components * min(tile_width, size.width) * min(tile_height, size.height)
+    records = tiles * (_J2K_TILE_BYTES + components * _J2K_TILE_COMPONENT_BYTES)
+    return Dimensions(size.width, size.height, decoder_bytes=4 * planes + records)
+
+
+def _j2k_segments(
+    view: memoryview, pos: int, end: int, budget: _Budget
+) -> Iterator[tuple[int, int, int]]:
+    """(marker, payload start, end) of the segments of the main header and of each tile-part's
+    header, as OpenJPEG reads them: a tile-part's header runs up to its data (SOD), and the next
+    tile-part starts Psot bytes after its SOT. The walk ends with the data, at the last
+    tile-part (Psot 0: its data runs to the end), or at anything that is not a marker segment,
+    where OpenJPEG stops too."""
+    tile_part_end: int | None = None  # None in the main header
+    while pos + 2 <= end:
+        marker = view[pos] << 8 | view[pos + 1]
+        if marker == _J2K_SOD and tile_part_end is not None:
+            if tile_part_end <= pos:  # the last tile-part, or a length that does not advance
+                return
+            pos, tile_part_end = tile_part_end, None
+            continue
+        if marker < 0xFF00 or pos + 4 > end:
+            return
+        length = view[pos + 2] << 8 | view[pos + 3]
+        if length < 2 or pos + 2 + length > end:
+            return
+        if marker == _J2K_SOT:
+            if length != 10:
+                return
+            tile_part_end = pos + _int(view, pos + 6, 4)  # Psot, after Isot
+        budget.spend()  # one a segment: a jump past a tile-part's data follows its SOT segment
+        yield marker, pos + 4, pos + 2 + length
+        pos += 2 + length
+
+
+def _j2k_code_block(view: memoryview, marker: int, start: int, end: int) -> tuple[int, int]:
+    """The smallest code-block (width and height, as powers of two) that a COD or COC segment
+    gives any resolution level: its code-block size, cut down where its precincts are smaller
+    (a precinct of 2^n samples holds code-blocks of at most 2^n, or 2^(n-1) in the sub-bands of
+    the resolution levels above the lowest)."""
+    if marker == _J2K_COD:  # Scod, then progression order, layers and colour transform
+        style, at = _int(view, start, 1), start + 5
+    else:  # Ccoc (one byte: fewer than 257 components), Scoc
+        style, at = _int(view, start + 1, 1), start + 2
+    levels, width, height = (_int(view, at + i, 1) for i in range(3))
+    width, height = width + 2, height + 2
+    if levels > 32 or width > 10 or height > 10 or width + height > 12:
+        raise HeaderError("a COD or COC segment declares an impossible coding style")
+    precincts = levels + 1 if style & 1 else 0  # one byte a resolution level
+    if at + 5 + precincts > end:
+        raise HeaderError("a COD or COC segment is truncated")
+    smallest = width, height
+    for level in range(precincts):
+        byte = _int(view, at + 5 + level, 1)
+        x, y = byte & 15, byte >> 4
+        if level > 0:
+            if x == 0 or y == 0:
+                raise HeaderError("a precinct of one sample above the lowest resolution level")
+            x, y = x - 1, y - 1
+        smallest = min(smallest, (min(width, x), min(height, y)), key=sum)
+    return smallest
 
 
 def _larger(a: Dimensions, b: Dimensions) -> Dimensions:
-    return Dimensions(max(a.width, b.width), max(a.height, b.height))
+    """The larger width and height, with what `b` says of the decoder."""
+    return replace(b, width=max(a.width, b.width), height=max(a.height, b.height))
 
 
 # The boxes walked into, to reach ispe and av1C properties (meta/iprp/ipco), image items
