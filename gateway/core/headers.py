@@ -47,6 +47,9 @@ class Dimensions:
     # Bytes the decoder itself holds for the whole image whatever the color mode, where they are
     # more than the image it returns (OpenJPEG's 32-bit planes); 0 for other formats.
     decoder_bytes: int = field(default=0, compare=False)
+    # A PNG's compressed text chunks (zTXt, iTXt), which libpng inflates, up to 8 MB each, and
+    # holds while the image decodes (at most MAX_PNG_TEXT_CHUNKS); 0 for other formats.
+    text_chunks: int = field(default=0, compare=False)
 
     @property
     def pixels(self) -> int:
@@ -203,13 +206,15 @@ def _png(view: memoryview) -> Dimensions:
     if _int(view, 8, 4) != 13 or bytes(view[12:16]) != b"IHDR":
         raise HeaderError("the first chunk is not a 13-byte IHDR")
     texts = (m for m in _PNG_TEXT.finditer(view, 33) if view[m.start() - 1] in _PNG_COMPRESSED_TEXT)
+    count = 0
     for count, _ in enumerate(texts, 1):
         if count > MAX_PNG_TEXT_CHUNKS:
             raise HeaderError(
                 f"more than {MAX_PNG_TEXT_CHUNKS} compressed text chunks (zTXt, iTXt), which "
                 "the decoder would inflate, up to 8 MB each"
             )
-    return _dims(_int(view, 16, 4), _int(view, 20, 4))
+    size = _dims(_int(view, 16, 4), _int(view, 20, 4))
+    return Dimensions(size.width, size.height, text_chunks=count)
 
 
 def _gif(view: memoryview) -> Dimensions:
