@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -179,15 +180,24 @@ class GatedModel:
         return [params["tag"]] * len(images)
 
 
+@contextlib.contextmanager
+def running(model: Any, policy: BatchPolicy) -> Iterator[Batcher]:
+    """A batcher of `model`, closed on the way out."""
+    batcher = Batcher(model, policy)
+    try:
+        yield batcher
+    finally:
+        batcher.close()
+
+
 def test_batcher_takes_matching_jobs_from_anywhere_in_its_queue() -> None:
     model = GatedModel()
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.05))
 
     def image() -> np.ndarray:
         # A new array each time: jobs must never be compared by their contents.
         return np.zeros((2, 2, 3), np.uint8)
 
-    try:
+    with running(model, BatchPolicy(max_batch_size=8, max_wait=0.05)) as batcher:
         with ThreadPoolExecutor(7) as pool:
             first = pool.submit(batcher.predict, [image()], {"tag": "x"}, 10)
             while not model.calls:
@@ -201,15 +211,12 @@ def test_batcher_takes_matching_jobs_from_anywhere_in_its_queue() -> None:
             assert [f.result() for f in futures] == [[t] for t in tags]
         # After the first call: all the "a"s in one call and all the "b"s in another.
         assert sorted(model.calls[1:]) == [["a", "a", "a"], ["b", "b", "b"]]
-    finally:
-        batcher.close()
 
 
 def test_jobs_given_up_on_never_reach_the_model() -> None:
     model = GatedModel()
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.001))
     image = np.zeros((2, 2, 3), np.uint8)
-    try:
+    with running(model, BatchPolicy(max_batch_size=8, max_wait=0.001)) as batcher:
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(batcher.predict, [image], {"tag": "x"}, 10)
             wait_for(lambda: bool(model.calls), "the first call holds the batcher")
@@ -230,17 +237,14 @@ def test_jobs_given_up_on_never_reach_the_model() -> None:
                 unwanted.result()
         assert model.calls == [["x"], ["kept"]]
         assert batcher.waiting == 0
-    finally:
-        batcher.close()
 
 
 def test_a_job_whose_client_leaves_while_it_waits_for_a_batch_leaves_the_queue() -> None:
     model = GatedModel()
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.001))
     image = np.zeros((2, 2, 3), np.uint8)
     left = threading.Event()
     gone = GatewayError(ErrorCode.CANCELLED, "the client went away")
-    try:
+    with running(model, BatchPolicy(max_batch_size=8, max_wait=0.001)) as batcher:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(batcher.predict, [image], {"tag": "x"}, 10)
             wait_for(lambda: bool(model.calls), "the first call holds the batcher")
@@ -257,9 +261,6 @@ def test_a_job_whose_client_leaves_while_it_waits_for_a_batch_leaves_the_queue()
             model.release.set()
             assert first.result() == ["x"]
         assert model.calls == [["x"]]
-    finally:
-        model.release.set()
-        batcher.close()
 
 
 class FailsMerged:
@@ -282,7 +283,6 @@ class FailsMerged:
 
 def test_the_retries_after_a_failed_merged_call_skip_jobs_nobody_waits_for() -> None:
     model = FailsMerged()
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=0.3))
     image = np.zeros((2, 2, 3), np.uint8)
     gone = GatewayError(ErrorCode.CANCELLED, "the client went away")
 
@@ -290,7 +290,7 @@ def test_the_retries_after_a_failed_merged_call_skip_jobs_nobody_waits_for() -> 
         # The second job's client leaves while the merged call runs.
         return gone if model.merged.is_set() else None
 
-    try:
+    with running(model, BatchPolicy(max_batch_size=8, max_wait=0.3)) as batcher:
         with ThreadPoolExecutor(2) as pool:
             kept = pool.submit(batcher.predict, [image], {"tag": "t"}, 10, lambda: None)
             left = pool.submit(batcher.predict, [image], {"tag": "t"}, 10, stopped_once_merged)
@@ -299,19 +299,14 @@ def test_the_retries_after_a_failed_merged_call_skip_jobs_nobody_waits_for() -> 
                 left.result()
         # The merged call, then the one retry somebody still waits for.
         assert model.calls == [["t", "t"], ["t"]]
-    finally:
-        batcher.close()
 
 
 def test_a_deadline_shorter_than_the_batch_wait_still_gets_its_answer() -> None:
     # The batch used to wait its whole window (30 s here), and the request failed at its 2 s.
     model = FailsMerged()
-    batcher = Batcher(model, BatchPolicy(max_batch_size=8, max_wait=30))
     image = np.zeros((2, 2, 3), np.uint8)
-    try:
+    with running(model, BatchPolicy(max_batch_size=8, max_wait=30)) as batcher:
         assert batcher.predict([image], {"tag": "t"}, timeout=2) == ["t"]
-    finally:
-        batcher.close()
 
 
 def test_batching_for_a_model_not_served_stops_the_start() -> None:
