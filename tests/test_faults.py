@@ -86,6 +86,17 @@ def only_http_thread_held(gw: Gateway) -> Iterator[None]:
         assert held.result().status_code == 200
 
 
+@contextlib.contextmanager
+def closing_all() -> Iterator[list[socket.socket]]:
+    """A list for the test's sockets, each closed on the way out."""
+    held: list[socket.socket] = []
+    try:
+        yield held
+    finally:
+        for s in held:
+            s.close()
+
+
 def metrics_asker(address: tuple[str, int], times: int) -> socket.socket:
     """A connection with a tiny receive window that has asked for /metrics `times` times."""
     s = socket.socket()
@@ -1059,29 +1070,22 @@ def test_slow_clients_cannot_hold_the_probe_threads() -> None:
     # trickling their headers, or never reading their answers, held both probe threads.
     with gated_gateway(http_threads=1) as gw:
         address = http_host_port(gw.http_url)
-        slow: list[socket.socket] = []
-        try:
-            with only_http_thread_held(gw):
-                for head in (
-                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ",  # its head never ends
-                    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",  # no body
-                ):
-                    for _ in range(2):
-                        s = socket.create_connection(address, timeout=10)
-                        s.sendall(head)
-                        slow.append(s)
-                # Many answers asked for, none read: each answer's send waited up to 10 s, and
-                # then the next pipelined one.
-                slow += [metrics_asker(address, 600) for _ in range(20)]
-                for _ in range(10):
-                    time.sleep(0.5)
-                    assert requests.get(gw.http_url + "/healthz", timeout=4).status_code == 200
-            for s in slow:
-                s.close()
-            still_serving(gw)
-        finally:
-            for s in slow:
-                s.close()
+        with closing_all() as slow, only_http_thread_held(gw):
+            for head in (
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ",  # its head never ends
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n",  # no body
+            ):
+                for _ in range(2):
+                    s = socket.create_connection(address, timeout=10)
+                    s.sendall(head)
+                    slow.append(s)
+            # Many answers asked for, none read: each answer's send waited up to 10 s, and then
+            # the next pipelined one.
+            slow += [metrics_asker(address, 600) for _ in range(20)]
+            for _ in range(10):
+                time.sleep(0.5)
+                assert requests.get(gw.http_url + "/healthz", timeout=4).status_code == 200
+        still_serving(gw)
 
 
 def _whole_answers(received: bytes) -> list[bytes]:
@@ -1108,24 +1112,19 @@ def test_a_client_that_takes_no_answers_gets_no_more_from_the_probe_threads() ->
     # two seconds, with 290 KB left unsent on each, and other probes waited behind them.
     with gated_gateway(http_threads=1) as gw:
         address = http_host_port(gw.http_url)
-        flood: list[socket.socket] = []
-        try:
-            with only_http_thread_held(gw):
-                flood += [metrics_asker(address, 600) for _ in range(40)]
-                for _ in range(5):
-                    assert requests.get(gw.http_url + "/healthz", timeout=2).status_code == 200
-                # No more answers are made for a connection that leaves 64 KiB of them untaken;
-                # the ones made still reach their client (the last may be cut short, if the
-                # client took nothing for a second), then the end of the connection.
-                for s in flood:
-                    s.settimeout(10)
-                    bodies = _whole_answers(_until_closed(s))
-                    assert 1 <= len(bodies) <= 40, len(bodies)
-                    assert all(b"gateway_requests_total" in body for body in bodies)
-            still_serving(gw)
-        finally:
+        with closing_all() as flood, only_http_thread_held(gw):
+            flood += [metrics_asker(address, 600) for _ in range(40)]
+            for _ in range(5):
+                assert requests.get(gw.http_url + "/healthz", timeout=2).status_code == 200
+            # No more answers are made for a connection that leaves 64 KiB of them untaken; the
+            # ones made still reach their client (the last may be cut short, if the client took
+            # nothing for a second), then the end of the connection.
             for s in flood:
-                s.close()
+                s.settimeout(10)
+                bodies = _whole_answers(_until_closed(s))
+                assert 1 <= len(bodies) <= 40, len(bodies)
+                assert all(b"gateway_requests_total" in body for body in bodies)
+        still_serving(gw)
 
 
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
