@@ -31,7 +31,8 @@ class Case:
     reason: str | None = None
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk: length, type, data, CRC."""
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
@@ -40,10 +41,10 @@ def png_with_text_chunks(count: int) -> bytes:
     text = b"Comment\0\0" + zlib.compress(b"A" * 4_000_000, 9)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
-        + _chunk(b"zTXt", text) * count
-        + _chunk(b"IDAT", zlib.compress(b"\x00\x80"))
-        + _chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0))
+        + png_chunk(b"zTXt", text) * count
+        + png_chunk(b"IDAT", zlib.compress(b"\x00\x80"))
+        + png_chunk(b"IEND", b"")
     )
 
 

@@ -18,16 +18,13 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.errors import ErrorCode
 from tests.conftest import DATA
+from tests.hostile import png_chunk
 from tests.test_process import Served, launch
 from tests.wire import grpc_code, grpc_result, post_octet
 
 APNG = DATA / "apng"
 _MODES = {"color": pb.COLOR_MODE_COLOR, "unchanged": pb.COLOR_MODE_UNCHANGED}
 _FLAGS = {"color": cv2.IMREAD_COLOR, "unchanged": cv2.IMREAD_UNCHANGED}
-
-
-def chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def rgba_data(pixels: np.ndarray) -> bytes:
@@ -38,7 +35,7 @@ def rgba_data(pixels: np.ndarray) -> bytes:
 
 def frame_control(sequence: int, width: int, height: int, x: int, y: int) -> bytes:
     # 1/10 s delay, dispose none, blend over.
-    return chunk(b"fcTL", struct.pack(">IIIIIHHBB", sequence, width, height, x, y, 1, 10, 0, 1))
+    return png_chunk(b"fcTL", struct.pack(">IIIIIHHBB", sequence, width, height, x, y, 1, 10, 0, 1))
 
 
 def hidden_default_apng(frame: np.ndarray, at: tuple[int, int], size: tuple[int, int]) -> bytes:
@@ -50,14 +47,14 @@ def hidden_default_apng(frame: np.ndarray, at: tuple[int, int], size: tuple[int,
     green = red[..., [1, 0, 2, 3]]
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
-        + chunk(b"acTL", struct.pack(">II", 2, 0))
-        + chunk(b"IDAT", rgba_data(red))
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+        + png_chunk(b"acTL", struct.pack(">II", 2, 0))
+        + png_chunk(b"IDAT", rgba_data(red))
         + frame_control(0, frame.shape[1], frame.shape[0], *at)
-        + chunk(b"fdAT", struct.pack(">I", 1) + rgba_data(frame))
+        + png_chunk(b"fdAT", struct.pack(">I", 1) + rgba_data(frame))
         + frame_control(2, width, height, 0, 0)
-        + chunk(b"fdAT", struct.pack(">I", 3) + rgba_data(green))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"fdAT", struct.pack(">I", 3) + rgba_data(green))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -126,14 +123,14 @@ def malformed() -> Iterator[tuple[str, bytes]]:
     first = good.index(b"fdAT") - 4
     yield (
         "unknown critical chunk in the first frame",
-        (good[:first] + chunk(b"XXXX", b"1234") + good[first:]),
+        (good[:first] + png_chunk(b"XXXX", b"1234") + good[first:]),
     )
     bad_filter = zlib.compress(b"\x07" + bytes(32) * 4)
     yield (
         "bad filter type in the first frame",
         good.replace(
             good[first : good.index(b"fcTL", first) - 4],
-            chunk(b"fdAT", struct.pack(">I", 1) + bad_filter),
+            png_chunk(b"fdAT", struct.pack(">I", 1) + bad_filter),
         ),
     )
     control = good.index(b"fcTL")
@@ -143,7 +140,7 @@ def malformed() -> Iterator[tuple[str, bytes]]:
     )
     yield (
         "frame control chunk cut short",
-        (good[: control - 4] + chunk(b"fcTL", bytes(20)) + good[control + 30 :]),
+        (good[: control - 4] + png_chunk(b"fcTL", bytes(20)) + good[control + 30 :]),
     )
 
 
