@@ -108,9 +108,13 @@ def metrics_asker(address: tuple[str, int], times: int) -> socket.socket:
 
 @contextlib.contextmanager
 def grpc_channels(gw: Gateway, count: int) -> Iterator[list[grpc.Channel]]:
-    """`count` channels to the gateway, each its own connection; closed on the way out."""
+    """`count` channels to the gateway, each its own connection, connected before they are
+    given (calls made while a channel connects reach the server in any order); closed on the
+    way out."""
     channels = [grpc.insecure_channel(gw.grpc_target) for _ in range(count)]
     try:
+        for channel in channels:
+            grpc.channel_ready_future(channel).result(timeout=10)
         yield channels
     finally:
         for channel in channels:
