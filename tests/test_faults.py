@@ -1131,6 +1131,23 @@ def test_a_client_that_takes_no_answers_gets_no_more_from_the_probe_threads() ->
         still_serving(gw)
 
 
+def test_pipelined_probes_cut_by_the_read_buffer_still_go_to_the_probe_threads() -> None:
+    # The reader's buffer (8 KiB) ended inside one of the pipelined heads: that probe was not
+    # recognised as one, and waited behind the slow request holding the only HTTP thread.
+    probe = b"GET /healthz HTTP/1.1\r\nHost: xyz\r\n\r\n"  # 37 bytes: no power of two ends a head
+    count = 400  # about 15 KB: past the first buffer's end
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
+        with only_http_thread_held(gw), socket.create_connection(address, timeout=10) as s:
+            s.sendall(probe * count)
+            answers = b""
+            while answers.count(b"HTTP/1.1 200 ") < count:
+                data = s.recv(65536)
+                assert data, f"closed after {answers.count(b'HTTP/1.1 200 ')} answers"
+                answers += data
+        still_serving(gw)
+
+
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
     served, peer = socket.socketpair()
     with served, peer:

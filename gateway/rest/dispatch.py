@@ -85,8 +85,15 @@ def request_start(conn: Any) -> bytes | None:
     has_data = getattr(reader, "has_data", None)
     try:
         if has_data is not None and has_data():
-            # A pipelined request already in the reader's buffer: peek returns it unread.
-            return bytes(reader.peek(_PEEK_BYTES)[:_PEEK_BYTES])
+            # A pipelined request already in the reader's buffer: peek returns it unread. The
+            # buffer may end inside its head, the rest waiting in the socket: without that
+            # rest, a pipelined probe cut so was queued behind slow requests.
+            buffered = bytes(reader.peek(_PEEK_BYTES)[:_PEEK_BYTES])
+            if len(buffered) < _PEEK_BYTES and b"\r\n\r\n" not in buffered:
+                with contextlib.suppress(BlockingIOError, ValueError):  # nothing more; TLS
+                    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+                    buffered += conn.socket.recv(_PEEK_BYTES - len(buffered), flags)
+            return buffered
         # The socket is blocking with its timeouts kept by the kernel (socketfile), so
         # MSG_DONTWAIT is all it takes not to wait; a Python timeout would poll first.
         start: bytes = conn.socket.recv(_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
