@@ -31,6 +31,8 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
+from gateway.rest import dispatch as dispatch_module
+from gateway.rest import linger as linger_module
 from gateway.rest.linger import Lingerer
 from gateway.rest.server import Watchdog
 from gateway.rest.socketfile import (
@@ -1146,6 +1148,59 @@ def test_pipelined_probes_cut_by_the_read_buffer_still_go_to_the_probe_threads()
                 assert data, f"closed after {answers.count(b'HTTP/1.1 200 ')} answers"
                 answers += data
         still_serving(gw)
+
+
+def test_with_no_room_to_linger_probe_answers_are_sent_by_the_probe_threads_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The lingering thread takes at most MAX_LINGERING connections; past that a probe thread
+    # sends the rest of an answer itself, waiting PROBE_SEND_TIMEOUT for the client to take any
+    # of it. Clients that take nothing then cost each probe thread that long, not forever.
+    # (With no backlog bound, the answers fill the socket's send buffer and reach that path.)
+    monkeypatch.setattr(linger_module, "MAX_LINGERING", 0)
+    monkeypatch.setattr(dispatch_module, "PROBE_BACKLOG", 1 << 30)
+    with gated_gateway(http_threads=1) as gw:
+        address = http_host_port(gw.http_url)
+        with closing_all() as flood, only_http_thread_held(gw):
+            flood += [metrics_asker(address, 600) for _ in range(6)]
+            for _ in range(3):
+                assert requests.get(gw.http_url + "/healthz", timeout=10).status_code == 200
+            # Each ends once its client leaves an answer untaken for PROBE_SEND_TIMEOUT: with
+            # its requests unread, by a reset that drops the answers on their way.
+            for s in flood:
+                s.settimeout(10)
+                with contextlib.suppress(ConnectionResetError):
+                    _until_closed(s)
+            # A client that reads its answers gets them whole, from the probe threads.
+            with socket.create_connection(address, timeout=10) as reader:
+                reader.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert len(_whole_answers(_until_closed(reader))) == 1
+        still_serving(gw)
+
+
+def test_with_no_room_to_linger_a_refused_body_still_ends_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Refused with its body unread, a connection goes to the lingering thread to be read out;
+    # with no room there it is closed at once (the client may see a reset), never kept.
+    monkeypatch.setattr(linger_module, "MAX_LINGERING", 0)
+    gw = start(Settings(http_port=0, grpc_port=0, max_request_bytes=100_000))
+    try:
+        body = b"\0" * 200_000
+        head = (
+            "POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        for _ in range(3):
+            with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
+                s.sendall(head + body[:1000])
+                answer = b""
+                with contextlib.suppress(ConnectionResetError):
+                    answer = _until_closed(s)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        still_serving(gw)
+    finally:
+        gw.stop()
 
 
 def test_kernel_timeouts_end_stalled_reads_and_writes() -> None:
