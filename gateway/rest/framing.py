@@ -9,7 +9,8 @@ also lets a client grow a worker's memory without bound. What it did, each fixed
   the colon was ignored; a folded line replaced the value it continued; Content-Length accepted
   `+5`, `-1` and `5_0`; NUL and a bare CR passed in values; a Transfer-Encoding naming no
   coding (an empty value, or commas) was taken for none, so the request was framed as
-  bodiless and its body read as the next request;
+  bodiless and its body read as the next request; a VT or FF next to `chunked` was dropped
+  as if it were a space;
 - a chunked body: the chunk-size line was read without a length limit; sizes such as `0x5`,
   `+5` and `-1` passed; the trailer section was never read, so it was taken for the next
   request; each chunk was read whole into memory, then sliced off a piece at a time (a 16 MiB
@@ -91,13 +92,19 @@ def _list(value: bytes) -> list[bytes]:
     return [m.strip(b" \t").lower() for m in value.split(b",") if m.strip(b" \t")]
 
 
-def names_no_coding(headers: dict[bytes, bytes]) -> bool:
-    """Whether a request has a Transfer-Encoding field that names no coding (empty, or commas
-    only). Its final coding is then not chunked: RFC 9112 6.3 says such a body has no length a
-    server can rely on, so it is refused as any coding other than chunked is (501), with the
-    connection closed."""
+def unsupported_coding(headers: dict[bytes, bytes]) -> bool:
+    """Whether a request has a Transfer-Encoding field naming anything but chunked, read as RFC
+    9110 reads a list (members between commas, SP and HTAB around them). cheroot refuses every
+    coding but chunked (501) too, but reads the list with bytes.strip, which also drops VT and
+    FF: `\x0bchunked` was read as chunked, where a proxy in front reads a coding it does not
+    know. And it takes a field naming no coding (empty, or commas only) for no Transfer-Encoding
+    at all, whose final coding is then not chunked either: RFC 9112 6.3 says such a body has no
+    length a server can rely on. Each is refused (501), with the connection closed."""
     value = headers.get(b"Transfer-Encoding")
-    return value is not None and not _list(value)
+    if value is None:
+        return False
+    codings = _list(value)
+    return not codings or any(coding != b"chunked" for coding in codings)
 
 
 def expects_continue(value: bytes) -> bool:

@@ -38,7 +38,7 @@ from gateway.rest.framing import (
     ChunkedBody,
     StrictHeaderReader,
     expects_continue,
-    names_no_coding,
+    unsupported_coding,
 )
 from gateway.rest.linger import Lingerer
 from gateway.rest.responses import EXPOSED_HEADERS, SERVER_METHODS, error_headers, error_json
@@ -307,9 +307,10 @@ class GatewayRequest(server.HTTPRequest):
             # RFC 9112 6.1: such framing is faulty, and the connection must close.
             self.simple_response("400 Bad Request", "Transfer-Encoding in an HTTP/1.0 request")
             return False
-        if names_no_coding(self.inheaders):
+        if unsupported_coding(self.inheaders):
             # cheroot refuses every coding but chunked (501), but takes an empty list of them
-            # for no Transfer-Encoding at all: the body was read as the next request.
+            # for no Transfer-Encoding at all (the body was read as the next request), and
+            # `\x0bchunked` for chunked.
             self.simple_response("501 Not Implemented")
             return False
         return True
