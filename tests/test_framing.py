@@ -131,6 +131,16 @@ def test_a_trailer_that_is_not_a_header_field_is_refused(gateway: Gateway) -> No
     assert refused(answers) == (400, "invalid_request")
 
 
+def test_a_chunked_body_takes_up_to_64_trailers(gateway: Gateway) -> None:
+    # The empty line that ends the trailer section was counted as one of them: 64 trailers,
+    # which README allows, were refused as "more than 64".
+    head = post(OCTET + b"Transfer-Encoding: chunked\r\n")
+    for count, statuses in ((64, [200, 200]), (65, [400])):
+        trailers = b"".join(b"X-T%d: 1\r\n" % i for i in range(count))
+        answers = exchange(gateway, head + chunked(PNG, trailers=trailers) + FOLLOW_UP)
+        assert [status for status, _, _ in answers] == statuses
+
+
 @pytest.mark.parametrize("size", [b"0x10", b"+10", b"-1", b"zz", b"1" * 17])
 def test_a_bad_chunk_size_is_refused(gateway: Gateway, size: bytes) -> None:
     body = size + b"\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n"

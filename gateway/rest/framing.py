@@ -198,8 +198,8 @@ class ChunkedBody(io.RawIOBase):
 
     def _read_trailers(self) -> None:
         # Dropped, but each must be a field: a request line here would be read as one by a
-        # proxy that ends the body differently.
-        for _ in range(MAX_TRAILERS):
+        # proxy that ends the body differently. MAX_TRAILERS fields, then the empty line.
+        for _ in range(MAX_TRAILERS + 1):
             line = self._line("trailer line")
             if not line:
                 return
