@@ -89,6 +89,28 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(
     assert refused(answers) == (400, "invalid_request")
 
 
+BAD_REQUEST_LINES = {
+    # cheroot read the version's numbers with int(): signs, spaces, underscores and leading
+    # zeros passed. HTTP/1.-5 was served as HTTP/1.0 (no Host needed), the others as HTTP/1.1.
+    "a negative minor version": b"GET /healthz HTTP/1.-5\r\n",
+    "an underscore in the version": b"GET /healthz HTTP/1.0_0\r\n",
+    "a leading zero": b"GET /healthz HTTP/01.1\r\n",
+    "a sign": b"GET /healthz HTTP/+1.1\r\n",
+    "a space in the version": b"GET /healthz HTTP/ 1.1\r\n",
+    # Any byte but SP passed in the method (answered 405) and the target (404).
+    "a NUL before the method": b"\x00GET /healthz HTTP/1.1\r\n",
+    "a method that is not a token": b"GE(T /healthz HTTP/1.1\r\n",
+    "a NUL in the target": b"GET /heal\x00thz HTTP/1.1\r\n",
+    "a DEL in the target": b"GET /healthz\x7f HTTP/1.1\r\n",
+}
+
+
+@pytest.mark.parametrize("line", BAD_REQUEST_LINES.values(), ids=BAD_REQUEST_LINES.keys())
+def test_a_malformed_request_line_is_refused(gateway: Gateway, line: bytes) -> None:
+    answers = exchange(gateway, line + b"Host: x\r\n\r\n" + FOLLOW_UP)
+    assert refused(answers) == (400, "invalid_request")
+
+
 def test_an_http_11_request_without_host_is_refused(gateway: Gateway) -> None:
     answers = exchange(gateway, b"GET /healthz HTTP/1.1\r\n\r\n" + FOLLOW_UP)
     assert refused(answers) == (400, "invalid_request")

@@ -1,9 +1,14 @@
-"""Where an HTTP/1.1 request ends, read strictly: its header fields and a chunked body.
+"""Where an HTTP/1.1 request ends, read strictly: its request line, header fields and a chunked
+body.
 
 cheroot reads both leniently. When a server and a proxy in front of it disagree on where a
 request's body ends, the rest of one request is read as another (request smuggling), and cheroot
 also lets a client grow a worker's memory without bound. What it did, each fixed here:
 
+- the request line: the version's numbers were read with int(), which takes a sign, spaces,
+  underscores and leading zeros (`HTTP/1.-5` was served as HTTP/1.0, with no Host needed, and
+  `HTTP/01.1` as HTTP/1.1), and the method and target could hold any byte but SP (a NUL
+  before `GET` was answered 405, one in the path 404);
 - header fields: the last of two different Content-Length headers won; Content-Length and
   Transfer-Encoding together were taken (chunked winning, the connection kept); a space before
   the colon was ignored; a folded line replaced the value it continued; Content-Length accepted
@@ -41,6 +46,10 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # by optional spaces had taken seconds on a 60 KB line of spaces.
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):([^\r\n\x00]*)\r\n")
 _DIGITS = re.compile(rb"[0-9]+")
+_METHOD = re.compile(_TOKEN)
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+# Controls, SP and DEL: no request-target holds them unescaped (RFC 3986).
+_NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 # Fields whose repeats join into one comma-separated value, as cheroot joins them.
 _COMMA_SEPARATED = frozenset(server.comma_separated_headers)  # type: ignore[attr-defined]
 
@@ -85,6 +94,19 @@ class StrictHeaderReader(server.HeaderReader):
         if _list(headers.get(b"Transfer-Encoding", b"")).count(b"chunked") > 1:
             raise ValueError("chunked applied twice")
         return headers
+
+
+def request_line_error(method: bytes, target: bytes, version: bytes) -> str | None:
+    """What is wrong with a request line cheroot has taken, by RFC 9112 3: a method that is not
+    a token, a target holding a control byte, a version other than HTTP/DIGIT.DIGIT. None when
+    nothing is."""
+    if not _METHOD.fullmatch(method):
+        return f"malformed method {method[:64]!r}"
+    if _NOT_IN_TARGET.search(target):
+        return "a control byte in the request target"
+    if not _VERSION.fullmatch(version):
+        return f"malformed HTTP version {version[:64]!r}"
+    return None
 
 
 def _list(value: bytes) -> list[bytes]:

@@ -38,6 +38,7 @@ from gateway.rest.framing import (
     ChunkedBody,
     StrictHeaderReader,
     expects_continue,
+    request_line_error,
     unsupported_coding,
 )
 from gateway.rest.linger import Lingerer
@@ -252,6 +253,16 @@ class GatewayRequest(server.HTTPRequest):
             self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
 
     def read_request_line(self) -> bool:
+        if not self._read_request_line():
+            return False
+        # What cheroot takes leniently (gateway.rest.framing).
+        error = request_line_error(self.method, self.uri, self.request_protocol)
+        if error is not None:
+            self.simple_response("400 Bad Request", error)
+            return False
+        return True
+
+    def _read_request_line(self) -> bool:
         reader = self.conn.rfile
         if isinstance(reader, SocketReader):
             buffered = bytes(reader.peek(1))
