@@ -170,6 +170,15 @@ def test_a_bad_chunk_size_is_refused(gateway: Gateway, size: bytes) -> None:
     assert refused(answers) == (400, "invalid_request")
 
 
+@pytest.mark.parametrize("extension", [b";a=\rb", b";a\x00", b";\x1b"], ids=repr)
+def test_a_control_byte_in_a_chunk_extension_is_refused(gateway: Gateway, extension: bytes) -> None:
+    # Extensions are ignored, and were not read at all: a bare CR in one, a line end to some
+    # readers (RFC 9112 2.2), passed.
+    body = b"%x%s\r\n%s\r\n0\r\n\r\n" % (len(PNG), extension, PNG)
+    answers = exchange(gateway, post(OCTET + b"Transfer-Encoding: chunked\r\n", body) + FOLLOW_UP)
+    assert refused(answers) == (400, "invalid_request")
+
+
 def test_a_chunk_over_the_body_limit_is_refused_from_its_size(gateway: Gateway) -> None:
     # Nothing of the terabyte is sent: the answer comes from the size line alone.
     answers = exchange(gateway, post(OCTET + b"Transfer-Encoding: chunked\r\n", b"ffffffffff\r\n"))

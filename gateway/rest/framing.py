@@ -1,7 +1,7 @@
 """Where an HTTP/1.1 request ends, read strictly: its request line, header fields and a chunked
 body.
 
-cheroot reads both leniently. When a server and a proxy in front of it disagree on where a
+cheroot reads all three leniently. When a server and a proxy in front of it disagree on where a
 request's body ends, the rest of one request is read as another (request smuggling), and cheroot
 also lets a client grow a worker's memory without bound. What it did, each fixed here:
 
@@ -17,9 +17,10 @@ also lets a client grow a worker's memory without bound. What it did, each fixed
   bodiless and its body read as the next request; a VT or FF next to `chunked` was dropped
   as if it were a space;
 - a chunked body: the chunk-size line was read without a length limit; sizes such as `0x5`,
-  `+5` and `-1` passed; the trailer section was never read, so it was taken for the next
-  request; each chunk was read whole into memory, then sliced off a piece at a time (a 16 MiB
-  chunk cost 0.76 s of CPU against 0.03 s in 1 MiB chunks).
+  `+5` and `-1` passed, and a bare CR or NUL in a chunk extension; the trailer section was
+  never read, so it was taken for the next request; each chunk was read whole into memory,
+  then sliced off a piece at a time (a 16 MiB chunk cost 0.76 s of CPU against 0.03 s in 1 MiB
+  chunks).
 
 Every refusal is a ValueError for cheroot to answer 400, or a GatewayError for the app's JSON
 error handler.
@@ -47,6 +48,8 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):([^\r\n\x00]*)\r\n")
 _DIGITS = re.compile(rb"[0-9]+")
 _METHOD = re.compile(_TOKEN)
+# Control bytes but HTAB, which RFC 9110 5.5 allows in a field's value as whitespace.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 # Controls, SP and DEL: no request-target holds them unescaped (RFC 3986).
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
@@ -212,10 +215,14 @@ class ChunkedBody(io.RawIOBase):
         return line[:-2]
 
     def _next_size(self) -> int:
-        # chunk-size [ chunk-ext ] CRLF; extensions are ignored, as RFC 9112 allows.
-        size = self._line("chunk-size line").split(b";", 1)[0].rstrip(b" \t")
+        # chunk-size [ chunk-ext ] CRLF; extensions are ignored, as RFC 9112 allows, but may
+        # not hold a control byte: a bare CR there is a line end to some readers (RFC 9112 2.2).
+        size, _, extensions = self._line("chunk-size line").partition(b";")
+        size = size.rstrip(b" \t")
         if not _HEX_SIZE.fullmatch(size):
             raise _malformed(f"bad chunk size {size[:32]!r}")
+        if _CONTROL.search(extensions):
+            raise _malformed(f"a control byte in a chunk extension: {extensions[:32]!r}")
         return int(size, 16)
 
     def _read_trailers(self) -> None:
