@@ -13,6 +13,7 @@ import struct
 import threading
 import time
 import types
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -845,6 +846,33 @@ def test_a_request_stops_decoding_once_its_client_has_left() -> None:
         still_serving(gw)
     finally:
         gw.stop()
+
+
+def test_a_client_that_half_closes_reads_why_and_nothing_after(gateway: Gateway) -> None:
+    # A client that ends its sending side counts as gone: its request is dropped as cancelled
+    # (499), at the latest when the model returns. A client that only half-closed reads that
+    # answer; the request it pipelined behind was then answered too, on a connection the
+    # server had judged gone. Now the connection ends after the 499.
+    head = (
+        b"POST /v1/models/slow/infer?seconds=0.3 HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(PNG)
+    )
+    pipelined = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    before = request_counts(gateway.http_url)
+    with socket.create_connection(http_host_port(gateway.http_url), timeout=10) as s:
+        s.sendall(head + PNG + pipelined)
+        s.shutdown(socket.SHUT_WR)
+        answer = _until_closed(s)
+    assert answer.startswith(b"HTTP/1.1 499 Client Closed Request\r\n"), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"Connection: close\r\n" in answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "cancelled"
+    route = ("http", "POST /v1/models/<model>/infer", "slow")
+    wait_for(
+        lambda: delta(request_counts(gateway.http_url), before) == Counter({(*route, "499"): 1}),
+        "the request is counted as cancelled, and nothing else",
+    )
+    still_serving(gateway)
 
 
 def test_peer_closed_tells_a_client_that_left_from_one_that_pipelines() -> None:

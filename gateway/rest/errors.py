@@ -36,6 +36,8 @@ def error_response(error: ErrorCode, message: str, **extra: object) -> Response:
     g.error = error.code  # for the access record and the error count
     response = jsonify(error_json(error.code, message, str(g.get("request_id", "")), **extra))
     response.status_code = error.http_status
+    if error is ErrorCode.CANCELLED:  # not a registered status: nginx's name, not "UNKNOWN"
+        response.status = f"{error.http_status} Client Closed Request"
     response.headers.update(error_headers(error.http_status))
     return response
 

@@ -355,8 +355,12 @@ class GatewayRequest(server.HTTPRequest):
             except (OSError, GatewayError):  # a client gone or too slow: nothing left to keep
                 pass
         reader = self.conn.rfile
+        # A cancelled answer goes to a client that has left, or half-closed its connection,
+        # which counts as leaving: such a client reads why, and a request it pipelined behind
+        # is not answered on a connection judged gone (it was).
+        cancelled = int(self.status[:3]) == ErrorCode.CANCELLED.http_status
         # The watchdog may cut a body that ends as it looks: nothing more can be read then.
-        if unread or (isinstance(reader, SocketReader) and reader.was_cut):
+        if unread or cancelled or (isinstance(reader, SocketReader) and reader.was_cut):
             self.close_connection = True
             if isinstance(reader, SocketReader):
                 reader.body_left = True
