@@ -50,7 +50,7 @@ from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
 from tests.test_metrics import delta, request_counts, request_errors
 from tests.test_operability import access_records
-from tests.test_process import launch
+from tests.test_process import _metrics, launch
 from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -404,6 +404,13 @@ def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
             wait_for(lambda: admission.active == 2, "the gated requests hold both threads")
             queued_http = pool.submit(post_octet, gw.http_url, "shape", PNG)
             queued_grpc = stub.Infer.future(pb.InferRequest(image=pb.Image(data=PNG)), timeout=30)
+            wait_for(
+                lambda: (
+                    waiting_for_thread(gw.http_url, "http") == 1
+                    and waiting_for_thread(gw.http_url, "grpc") == 1
+                ),
+                "both wait for a thread",
+            )
             time.sleep(1.5)  # past the request timeout, while they wait for a thread
             GATE.set()
             assert held_http.result().status_code == 504
@@ -537,7 +544,11 @@ def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_not_compute
             wait_for(lambda: gw.dataplane.admission.active == 1, "the only HTTP thread is held")
             with socket.create_connection(http_host_port(gw.http_url), timeout=10) as s:
                 s.sendall(raw_post("spy", PNG))
-                time.sleep(0.2)  # queued for the thread, then its client leaves
+                # Queued for the thread, then its client leaves. The request must be older than
+                # CLIENT_CHECK_AFTER (10 ms) when a thread takes it, or its client is not asked:
+                # counted from its arrival, not from when the test sent it.
+                wait_for(lambda: gw.http.requests.qsize == 1, "the request waits for the thread")
+                time.sleep(0.2)
             GATE.set()
             assert held.result().status_code == 200
         route = ("http", "POST /v1/models/<model>/infer", "spy")
@@ -649,55 +660,52 @@ def test_a_head_watch_that_expires_as_the_head_completes_leaves_the_body_alone()
         server_side.close()
 
 
-def test_overload_answers_503_and_unavailable(strict_gateway: Gateway) -> None:
-    slow = pb.InferRequest(model="slow", image=pb.Image(data=PNG))
-    slow.parameters.update({"seconds": 0.8})
-    with grpc.insecure_channel(strict_gateway.grpc_target) as ch:
-        stub = pb_grpc.ImageGatewayServiceStub(ch)
-        busy = stub.Infer.future(slow, timeout=10)
-        time.sleep(0.3)  # let it take the only slot; not a timing assert
-        resp = post_octet(strict_gateway.http_url, "shape", PNG)
+def test_overload_answers_503_and_unavailable() -> None:
+    # One slot, no queue: the gated call holds the slot until the test opens the gate.
+    with (
+        gated_gateway(max_concurrency=1, max_queue=0, max_request_pixels=128 * 128) as gw,
+        grpc_channels(gw, 1) as (channel,),
+    ):
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        busy = stub.Infer.future(
+            pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=30
+        )
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the gated call takes the only slot")
+        resp = post_octet(gw.http_url, "shape", PNG)
         assert (resp.status_code, resp.json()["error"]["code"]) == (503, "overloaded")
         assert resp.headers["Retry-After"] == "1"
         with pytest.raises(grpc.RpcError) as info:
             stub.Infer(pb.InferRequest(model="shape", image=pb.Image(data=PNG)), timeout=10)
         assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+        GATE.set()
         assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
-    still_serving(strict_gateway)
+        still_serving(gw)
 
 
 def test_small_requests_share_the_pixel_budget() -> None:
-    # Budget: one request of 4 x 128x128 pixels. A slow 128x128 request holds a quarter of it.
-    gw = start(
-        Settings(
-            http_port=0,
-            grpc_port=0,
-            model=("shape", "tests.models:slow"),
-            max_concurrency=1,
-            max_queue=0,
-            max_request_pixels=4 * 128 * 128,
+    # Budget: one request of 4 x 128x128 pixels. A gated 128x128 request holds a quarter of it
+    # until the test opens the gate.
+    with (
+        gated_gateway(max_concurrency=1, max_queue=0, max_request_pixels=4 * 128 * 128) as gw,
+        grpc_channels(gw, 1) as (channel,),
+    ):
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        busy = stub.Infer.future(
+            pb.InferRequest(model="gated", image=pb.Image(data=PNG)), timeout=30
         )
-    )
-    try:
-        slow = pb.InferRequest(model="slow", image=pb.Image(data=PNG))
-        slow.parameters.update({"seconds": 0.8})
-        with grpc.insecure_channel(gw.grpc_target) as ch:
-            stub = pb_grpc.ImageGatewayServiceStub(ch)
-            busy = stub.Infer.future(slow, timeout=10)
-            wait_for(lambda: gw.dataplane.admission.active == 1, "the slow call holds its pixels")
-            # A second small request fits beside it ...
-            resp = post_octet(gw.http_url, "shape", PNG)
-            assert resp.status_code == 200, resp.text
-            # ... a request for the whole budget does not, and there is no queue.
-            batch = pb.InferBatchRequest(model="shape", images=[pb.Image(data=PNG)] * 4)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.InferBatch(batch, timeout=10)
-            assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
-            assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
-            # Once the slow one is done, the whole budget is free again.
-            assert len(stub.InferBatch(batch, timeout=10).results) == 4
-    finally:
-        gw.stop()
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the gated call holds its pixels")
+        # A second small request fits beside it ...
+        resp = post_octet(gw.http_url, "shape", PNG)
+        assert resp.status_code == 200, resp.text
+        # ... a request for the whole budget does not, and there is no queue.
+        batch = pb.InferBatchRequest(model="shape", images=[pb.Image(data=PNG)] * 4)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.InferBatch(batch, timeout=10)
+        assert grpc_code(info.value) == (grpc.StatusCode.UNAVAILABLE, "overloaded")
+        GATE.set()
+        assert grpc_result(busy.result().result)["output"] == [128, 128, 3]
+        # Once the gated one is done, the whole budget is free again.
+        assert len(stub.InferBatch(batch, timeout=10).results) == 4
 
 
 def test_request_timeout_gives_504(strict_gateway: Gateway) -> None:
@@ -1381,7 +1389,10 @@ def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:
         with ThreadPoolExecutor(12) as pool:
             http_futures = [pool.submit(http_call) for _ in range(6)]
             grpc_futures = [pool.submit(grpc_call) for _ in range(6)]
-            time.sleep(0.5)  # all twelve are in the model now; not a timing assert
+            wait_for(
+                lambda: "gateway_in_flight_requests 12.0" in _metrics(served.http_url),
+                "all twelve are in the model",
+            )
             served.proc.send_signal(signal.SIGTERM)
             assert [f.result() for f in http_futures] == [200] * 6
             assert [f.result() for f in grpc_futures] == ["output"] * 6
@@ -1403,7 +1414,7 @@ def test_draining_refuses_new_requests_and_finishes_busy_ones() -> None:
     try:
         with ThreadPoolExecutor(1) as pool:
             busy = pool.submit(post_octet, gw.http_url, "slow", PNG, params={"seconds": "1"})
-            time.sleep(0.3)  # the busy request is in the model; not a timing assert
+            wait_for(lambda: gw.dataplane.admission.active == 1, "the busy request is in the model")
             # The first step of a shutdown, on its own so that the servers still listen.
             gw.dataplane.admission.drain()
             late = post_octet(gw.http_url, "slow", PNG, params={"seconds": "0"})
