@@ -29,6 +29,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
+from tests.models import GATE
 from tests.test_framing import exchange
 from tests.wire import http_host_port, post_octet
 
@@ -68,11 +69,18 @@ def test_reflection_lists_and_describes_the_service(channel: grpc.Channel) -> No
 
 
 def test_drain_flips_health_before_in_flight_work_ends() -> None:
-    gw = start(Settings(http_port=0, grpc_port=0, model=("tests.models:slow",), shutdown_grace=10))
-    with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(2) as pool:
+    # The gated model holds the busy request until the test opens the gate.
+    gw = start(Settings(http_port=0, grpc_port=0, model=("tests.models:gated",), shutdown_grace=10))
+    GATE.clear()
+    with (
+        grpc.insecure_channel(gw.grpc_target) as channel,
+        ThreadPoolExecutor(2) as pool,
+        contextlib.ExitStack() as opened,
+    ):
+        opened.callback(GATE.set)  # first thing on the way out: the stop must not wait 10 s
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
-        busy = pool.submit(post_octet, gw.http_url, "slow", PNG, params={"seconds": "1.5"})
-        wait_for(lambda: gw.dataplane.admission.active == 1, "the slow request runs")
+        busy = pool.submit(post_octet, gw.http_url, "gated", PNG)
+        wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
         stopping = pool.submit(gw.stop)
         wait_for(lambda: gw.dataplane.admission.draining, "the gateway drains")
         # The busy request is still in the model; both protocols already say "not serving".
@@ -88,6 +96,8 @@ def test_drain_flips_health_before_in_flight_work_ends() -> None:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
         else:
             raise AssertionError("a request during the drain was served")
+        assert not busy.done()
+        GATE.set()
         assert busy.result().status_code == 200
         stopping.result()
 
