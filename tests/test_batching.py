@@ -205,7 +205,7 @@ def test_batcher_takes_matching_jobs_from_anywhere_in_its_queue() -> None:
             # Queued behind the blocked call, with parameters interleaved.
             tags = ["a", "b", "a", "b", "a", "b"]
             futures = [pool.submit(batcher.predict, [image()], {"tag": t}, 10) for t in tags]
-            threading.Event().wait(0.2)
+            wait_for(lambda: batcher.waiting == len(tags), "all six queue")
             model.release.set()
             assert first.result() == ["x"]
             assert [f.result() for f in futures] == [[t] for t in tags]
@@ -290,7 +290,8 @@ def test_the_retries_after_a_failed_merged_call_skip_jobs_nobody_waits_for() -> 
         # The second job's client leaves while the merged call runs.
         return gone if model.merged.is_set() else None
 
-    with running(model, BatchPolicy(max_batch_size=8, max_wait=0.3)) as batcher:
+    # A batch of two is taken as soon as both jobs are in, however long apart they come.
+    with running(model, BatchPolicy(max_batch_size=2, max_wait=30)) as batcher:
         with ThreadPoolExecutor(2) as pool:
             kept = pool.submit(batcher.predict, [image], {"tag": "t"}, 10, lambda: None)
             left = pool.submit(batcher.predict, [image], {"tag": "t"}, 10, stopped_once_merged)
