@@ -13,13 +13,14 @@ from google.protobuf import json_format
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import (
-    UNREACHABLE,
     ErrorInfo,
     GatewayClientError,
     ImageInfo,
     ImageResult,
     Limits,
     ModelInfo,
+    client_deadline,
+    unreachable,
 )
 
 _COLOR_MODES = {
@@ -60,29 +61,28 @@ def result_from_pb(result: pb.ImageResult) -> ImageResult:
     return ImageResult(result.name, info, output)
 
 
-# Codes for what grpc itself answers, without the gateway's error-code metadata: a message over
-# a size limit (the gateway's, or this client's own), a deadline, no connection.
-_GRPC_OWN = {
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "payload_too_large",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline_exceeded",
-    grpc.StatusCode.UNAVAILABLE: UNREACHABLE,
-}
-
-
 # What grpc raises when no answer came: no gateway there, or the client's own deadline.
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def error_from_rpc(exc: grpc.RpcError) -> GatewayClientError:
+def error_from_rpc(exc: grpc.RpcError, target: str, timeout: float | None) -> GatewayClientError:
     trailing = dict(exc.trailing_metadata() or ())
-    code = trailing.get("error-code") or _GRPC_OWN.get(exc.code(), "unknown")
-    # The gateway names its refusals in the trailers; without them, such a status is grpc's
-    # own, made on this side, and no answer came: status "", as over HTTP.
-    answered = "error-code" in trailing or exc.code() not in _NO_ANSWER
+    code = trailing.get("error-code")
+    if code is None and exc.code() in _NO_ANSWER:
+        # The gateway names its refusals in the trailers; without them, such a status is
+        # grpc's own, made on this side, and no answer came: the error HTTP gives, status "".
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return client_deadline(timeout)
+        return unreachable(target, exc.details() or "")
+    if code is None:
+        # grpc's own answer to a message over a size limit (the gateway's, or this client's).
+        code = (
+            "payload_too_large" if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "unknown"
+        )
     return GatewayClientError(
         str(code),
         exc.details() or "",
-        exc.code().name if answered else "",
+        exc.code().name,
         str(trailing.get("x-request-id", "")),
     )
 
@@ -101,6 +101,7 @@ class GrpcTransport:
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, not {channels}")
+        self.target = target
         self.timeout = timeout
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -134,7 +135,7 @@ class GrpcTransport:
         try:
             response = self._stub().Infer(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, self.target, self.timeout) from None
         return result_from_pb(response.result)
 
     def infer_batch(
@@ -151,14 +152,14 @@ class GrpcTransport:
         try:
             response = self._stub().InferBatch(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, self.target, self.timeout) from None
         return [result_from_pb(r) for r in response.results]
 
     def list_models(self) -> list[ModelInfo]:
         try:
             response = self._stub().ListModels(pb.ListModelsRequest(), timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, self.target, self.timeout) from None
         return [
             ModelInfo(
                 m.name,
@@ -177,7 +178,7 @@ class GrpcTransport:
         try:
             response = self._stub().GetLimits(pb.GetLimitsRequest(), timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, self.target, self.timeout) from None
         got = response.limits
         return Limits(**{f.name: getattr(got, f.name) for f in fields(Limits)})
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from clients.results import UNREACHABLE, GatewayClientError, ImageResult, Limits, ModelInfo
+from clients.results import (
+    BAD_RESPONSE,
+    GatewayClientError,
+    ImageResult,
+    Limits,
+    ModelInfo,
+    client_deadline,
+    unreachable,
+)
+
+T = TypeVar("T")
 
 # Connections kept open for reuse. requests keeps 10 by default; a client calling from more
 # threads than that closed the extra ones after each call and opened new ones for the next.
@@ -17,12 +27,23 @@ POOL_SIZE = 32
 
 
 def error_from_body(body: Any, status: str) -> GatewayClientError:
-    error = body.get("error", {}) if isinstance(body, dict) else {}
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):  # not the gateway's error shape: a proxy's, say
+        return GatewayClientError("unknown", str(body)[:200], status)
     return GatewayClientError(
-        error.get("code", "unknown"),
-        error.get("message", str(body)),
+        str(error.get("code", "unknown")),
+        str(error.get("message", "")),
         status,
-        error.get("request_id", ""),
+        str(error.get("request_id", "")),
+    )
+
+
+def _bad_response(response: requests.Response) -> GatewayClientError:
+    return GatewayClientError(
+        BAD_RESPONSE,
+        f"not a gateway's answer ({response.headers.get('Content-Type', 'no Content-Type')}): "
+        f"{response.text[:200]}",
+        str(response.status_code),
     )
 
 
@@ -49,21 +70,24 @@ class HttpTransport:
         """The request, its failures to get an answer as GatewayClientError, as over gRPC."""
         try:
             return self.session.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.Timeout as exc:
-            raise GatewayClientError("deadline_exceeded", str(exc), "") from None
+        except requests.Timeout:
+            raise client_deadline(self.timeout) from None
         except requests.ConnectionError as exc:
-            raise GatewayClientError(UNREACHABLE, str(exc), "") from None
+            raise unreachable(self.base_url, str(exc)) from None
 
-    def _check(self, response: requests.Response) -> Any:
+    def _read(self, response: requests.Response, read: Callable[[Any], T]) -> T:
+        """`read` applied to the answer's JSON; an answer of another shape (another service
+        on that port, a proxy's page) is bad_response, not a KeyError or TypeError."""
         try:
             body = response.json()
         except ValueError:
-            raise GatewayClientError(
-                "bad_response", response.text[:200], str(response.status_code)
-            ) from None
+            raise _bad_response(response) from None
         if response.status_code >= 400:
             raise error_from_body(body, str(response.status_code))
-        return body
+        try:
+            return read(body)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            raise _bad_response(response) from None
 
     def infer(
         self, data: bytes, model: str, color_mode: str, params: Mapping[str, str]
@@ -75,7 +99,7 @@ class HttpTransport:
             params={**params, "color_mode": color_mode},
             headers={"Content-Type": "application/octet-stream"},
         )
-        return ImageResult.from_dict(self._check(response)["result"])
+        return self._read(response, lambda body: ImageResult.from_dict(body["result"]))
 
     def infer_batch(
         self,
@@ -91,15 +115,20 @@ class HttpTransport:
             files=files,
             params={**params, "color_mode": color_mode},
         )
-        return [ImageResult.from_dict(r) for r in self._check(response)["results"]]
+        results = self._read(
+            response, lambda body: [ImageResult.from_dict(r) for r in body["results"]]
+        )
+        if len(results) != len(images):
+            raise _bad_response(response)
+        return results
 
     def list_models(self) -> list[ModelInfo]:
         response = self._send("GET", f"{self.base_url}/v1/models")
-        return [ModelInfo.from_dict(m) for m in self._check(response)["models"]]
+        return self._read(response, lambda body: [ModelInfo.from_dict(m) for m in body["models"]])
 
     def limits(self) -> Limits:
         response = self._send("GET", f"{self.base_url}/v1/limits")
-        return Limits.from_dict(self._check(response))
+        return self._read(response, Limits.from_dict)
 
     def close(self) -> None:
         self.session.close()

@@ -93,8 +93,23 @@ class ModelInfo:
 
 
 # The code of a call that reached no gateway (refused connection, unknown host), on both
-# protocols. Every other code is the gateway's (its error table), or deadline_exceeded.
+# protocols. Every other code is the gateway's (its error table), deadline_exceeded, or
+# bad_response (an HTTP answer that is not the gateway's).
 UNREACHABLE = "unreachable"
+BAD_RESPONSE = "bad_response"
+
+
+def unreachable(where: str, detail: str) -> GatewayClientError:
+    """No answer came: nothing listens there, the connection was lost, or the name does not
+    resolve. The same words on both protocols, then the library's own."""
+    return GatewayClientError(UNREACHABLE, f"no answer from the gateway at {where}: {detail}", "")
+
+
+def client_deadline(timeout: float | None) -> GatewayClientError:
+    """The client's own timeout passed before an answer came: the same error on both
+    protocols (requests and grpc word it differently)."""
+    within = "in time" if timeout is None else f"within the client's timeout of {timeout:g} s"
+    return GatewayClientError("deadline_exceeded", f"no answer from the gateway {within}", "")
 
 
 class GatewayClientError(Exception):

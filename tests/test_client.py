@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -12,6 +16,7 @@ import numpy as np
 import pytest
 import requests
 
+from clients import cli
 from clients.client import GatewayClient
 from clients.results import GatewayClientError, ImageInfo, ImageResult, Limits
 from gateway.config import Settings
@@ -377,3 +382,77 @@ def test_a_big_endian_array_is_sent_as_its_values(clients: dict[str, GatewayClie
     for client in clients.values():
         got = client.infer_batch([native, swapped], model="spy", color_mode="unchanged")
         assert [r.output for r in got] == [{"checksum": int(native.sum())}] * 2
+
+
+@contextmanager
+def _http_server(body: bytes) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server that answers every request 200 with this JSON body, and the paths it
+    was asked for: another service on the port, or a proxy in front of a gateway."""
+    paths: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self.answer()
+
+        def do_POST(self) -> None:
+            self.answer()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", paths
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("body", [b'{"hello": 1}', b"[1, 2]", b"null", b'{"error": "nope"}'])
+def test_json_that_is_not_the_gateways_is_a_bad_response(
+    body: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another JSON service on the port gave KeyError, TypeError or AttributeError from the
+    # client, and the CLI a traceback and exit 1 (which says an image failed).
+    with _http_server(body) as (url, _), GatewayClient(url) as client:
+        for call in (
+            client.limits,
+            client.list_models,
+            lambda: client._transport.infer(b"x", "", "color", {}),
+            lambda: client._transport.infer_batch([("0", b"x")], "", "color", {}),
+        ):
+            with pytest.raises(GatewayClientError) as caught:
+                call()
+            assert (caught.value.code, caught.value.status) == ("bad_response", "200")
+        assert cli.main(["--url", url, "infer", str(JPEG_PATH)]) == 2
+        assert json.loads(capsys.readouterr().err)["error"]["code"] == "bad_response"
+
+
+def test_no_answer_is_worded_alike_on_both_protocols(gateway: Gateway) -> None:
+    # The messages were requests' and grpc's own: "HTTPConnectionPool(host=...): Read timed
+    # out. (read timeout=0.3)" against "Deadline Exceeded".
+    messages = set()
+    for url in (gateway.http_url, f"grpc://{gateway.grpc_target}"):
+        with GatewayClient(url, timeout=0.3) as client, pytest.raises(GatewayClientError) as caught:
+            client.infer(JPEG_PATH, model="slow", params={"seconds": "2"})
+        messages.add(caught.value.message)
+    assert messages == {"no answer from the gateway within the client's timeout of 0.3 s"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    for url in (f"http://127.0.0.1:{port}", f"grpc://127.0.0.1:{port}"):
+        with GatewayClient(url, timeout=5) as client, pytest.raises(GatewayClientError) as caught:
+            client.limits()
+        assert caught.value.message.startswith("no answer from the gateway at "), url
+        assert f"127.0.0.1:{port}: " in caught.value.message
