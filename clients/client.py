@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Union
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
@@ -113,11 +113,7 @@ class GatewayClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channels: int = DEFAULT_CHANNELS,
     ) -> None:
-        parts = urlsplit(url)
-        _check_port(parts.port)  # .port raises ValueError for one out of range
-        if parts.scheme in ("grpc", "http", "https") and not parts.hostname:
-            # grpc would fail each call as if a gateway had answered UNKNOWN.
-            raise ValueError(f"{url!r} names no host: use grpc://host:port or http://host:port")
+        scheme, target = _parse_url(url)
         _check_timeout(timeout)
         self.model = model
         self._closed = False
@@ -125,17 +121,15 @@ class GatewayClient:
         self._limits: Limits | None = None
         # What this client itself will send in one message; HTTP has no such cap.
         self._max_send: int | None = None
-        if parts.scheme == "grpc":
+        if scheme == "grpc":
             from clients.grpc_transport import GrpcTransport
 
-            self._transport = GrpcTransport(parts.netloc, timeout, max_message_bytes, channels)
+            self._transport = GrpcTransport(target, timeout, max_message_bytes, channels)
             self._max_send = max_message_bytes
-        elif parts.scheme in ("http", "https"):
+        else:
             from clients.http_transport import HttpTransport
 
-            self._transport = HttpTransport(url.rstrip("/"), timeout)
-        else:
-            raise ValueError(f"{url!r}: use grpc://host:port or http://host:port")
+            self._transport = HttpTransport(target, timeout)
 
     def infer(
         self,
@@ -324,6 +318,42 @@ class _Call:
 
 # Request errors that one image alone can cause: too many pixels in all, or a body too large.
 _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
+
+
+_SCHEMES = ("grpc", "http", "https")
+
+
+def _parse_url(url: str) -> tuple[str, str]:
+    """The scheme, and what the transport connects to: host:port for grpc://, the base URL
+    (a proxy's path prefix kept, trailing slashes not) for http:// and https://. What a
+    transport would drop or misread is refused here, rather than sent somewhere else."""
+    usage = "use grpc://host:port or http://host:port"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port  # raises for a port that is no number or out of range
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ValueError(f"{url!r}: {usage}")
+    _check_port(port)
+    if not parts.hostname:
+        # grpc would fail each call as if a gateway had answered UNKNOWN.
+        raise ValueError(f"{url!r} names no host: {usage}")
+    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
+        # Over HTTP "?x=1" went before each path ("/?x=1/v1/infer": the browser page).
+        raise ValueError(f"{url!r}: a gateway URL has no query or fragment")
+    if scheme != "grpc":
+        return scheme, urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
+    if parts.path.strip("/"):
+        # gRPC calls name their own paths: a prefix was dropped without a word.
+        raise ValueError(f"{url!r}: a grpc:// URL has no path, only grpc://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{url!r}: a grpc:// URL has no user or password")
+    if port is None:
+        # grpc went to 443, the port of TLS, in plaintext.
+        raise ValueError(f"{url!r} names no port: use grpc://host:port")
+    return scheme, parts.netloc
 
 
 def _check_port(port: int | None) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -456,3 +458,41 @@ def test_no_answer_is_worded_alike_on_both_protocols(gateway: Gateway) -> None:
             client.limits()
         assert caught.value.message.startswith("no answer from the gateway at "), url
         assert f"127.0.0.1:{port}: " in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # Each was taken, then dropped or misread: a gRPC path or query was ignored, a
+        # missing port was 443 (TLS's) in plaintext, user:pw@ went to the name resolver, and
+        # over HTTP "?x=1" came before each path (the browser page answered).
+        ("grpc://127.0.0.1:50051/prefix", "no path"),
+        ("grpc://127.0.0.1:50051/v1/infer", "no path"),
+        ("grpc://dns:///127.0.0.1:50051", "no path"),
+        ("grpc://127.0.0.1:50051?x=1", "no query"),
+        ("http://127.0.0.1:5000?x=1", "no query"),
+        ("http://127.0.0.1:5000/#top", "no query or fragment"),
+        ("grpc://127.0.0.1", "no port"),
+        ("grpc://[::1]", "no port"),
+        ("grpc://127.0.0.1:", "no port"),
+        ("grpc://user:pw@127.0.0.1:50051", "no user"),
+        # urllib's own words, now naming the URL.
+        ("grpc://127.0.0.1:abc", "'grpc://127.0.0.1:abc': Port could not be cast"),
+        ("http://[::1:5000", "'http://[::1:5000': Invalid IPv6 URL"),
+    ],
+)
+def test_urls_a_transport_would_misread_are_refused(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GatewayClient(url)
+
+
+def test_http_urls_keep_their_path_prefix(gateway: Gateway) -> None:
+    with GatewayClient(gateway.http_url) as client:
+        limits = json.dumps(dataclasses.asdict(client.limits())).encode()
+    with _http_server(limits) as (url, paths):
+        for base in (f"{url}/gateway", f"{url}/gateway//", f" {url.upper()}/gateway/ "):
+            with GatewayClient(base) as client:
+                client.limits()
+        assert paths == ["/gateway/v1/limits"] * 3
+    for url in ("http://[::1]:5000", "grpc://[::1]:50051", "grpc://127.0.0.1:50051/"):
+        GatewayClient(url).close()
