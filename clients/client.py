@@ -8,7 +8,9 @@ results = client.infer_batch(["a.jpg", b"...", array])
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Union
@@ -117,6 +119,10 @@ class GatewayClient:
         _check_timeout(timeout)
         self.model = model
         self._closed = False
+        # Calls under way, so that close() while other threads call lets them finish, alike
+        # on both protocols (a closed grpc channel cancels its calls; requests' do not).
+        self._lock = threading.Lock()
+        self._calls = 0
         self._transport: _Transport
         self._limits: Limits | None = None
         # What this client itself will send in one message; HTTP has no such cap.
@@ -143,7 +149,16 @@ class GatewayClient:
 
         An image over the gateway's per-image byte cap, or too large for any request, raises
         the error `infer_batch` would give it, without being sent (a file is not even read)."""
-        self._check_open()
+        with self._call():
+            return self._infer(image, model, color_mode, params)
+
+    def _infer(
+        self,
+        image: ImageLike,
+        model: str | None,
+        color_mode: str,
+        params: Mapping[str, str] | None,
+    ) -> ImageResult:
         _check_color_mode(color_mode)
         params = _checked_params(params)
         model = self._model(model)
@@ -175,7 +190,16 @@ class GatewayClient:
         (`payload_too_large`), without being sent. An error of a whole request (an unknown
         model, an overloaded gateway, ...) raises GatewayClientError.
         """
-        self._check_open()
+        with self._call():
+            return self._infer_batch(images, model, color_mode, params)
+
+    def _infer_batch(
+        self,
+        images: Sequence[ImageLike],
+        model: str | None,
+        color_mode: str,
+        params: Mapping[str, str] | None,
+    ) -> list[ImageResult]:
         _check_color_mode(color_mode)
         params = _checked_params(params)
         sources = [_Source.of(i, image) for i, image in enumerate(images)]
@@ -208,27 +232,47 @@ class GatewayClient:
     def _published_limits(self) -> Limits:
         # Asked once per client: a gateway's limits are fixed while it runs.
         if self._limits is None:
-            self._limits = self.limits()
+            self._limits = self._transport.limits()
         return self._limits
 
     def list_models(self) -> list[ModelInfo]:
-        self._check_open()
-        return self._transport.list_models()
+        with self._call():
+            return self._transport.list_models()
 
     def limits(self) -> Limits:
         """The gateway's limits: request and image bytes, images, parts, pixels, timeout."""
-        self._check_open()
-        return self._transport.limits()
+        with self._call():
+            return self._transport.limits()
 
     def close(self) -> None:
-        self._closed = True
-        self._transport.close()
+        """No new calls; the calls other threads have under way finish first, then the
+        connections close."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            idle = self._calls == 0
+        if idle:
+            self._transport.close()
 
-    def _check_open(self) -> None:
+    @contextmanager
+    def _call(self) -> Iterator[None]:
         # Alike on both protocols: a closed requests session would quietly open new
-        # connections, a closed grpc channel raise its own ValueError.
-        if self._closed:
-            raise ValueError("the client is closed")
+        # connections, and a closed grpc channel raise its own ValueError. A grpc channel
+        # closed under way also cancelled the calls of other threads, which requests let
+        # finish: it now closes when the last of them ends.
+        with self._lock:
+            if self._closed:
+                raise ValueError("the client is closed")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                last = self._closed and self._calls == 0
+            if last:
+                self._transport.close()
 
     def __enter__(self) -> GatewayClient:
         return self

@@ -8,6 +8,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from clients.client import GatewayClient
 from clients.results import GatewayClientError, ImageInfo, ImageResult, Limits
 from gateway.config import Settings
 from gateway.serve import Gateway, start
-from tests.conftest import DATA, IMAGES
+from tests.conftest import DATA, IMAGES, wait_for
 
 JPEG_PATH = DATA / "images" / "rocket.jpg"
 
@@ -458,6 +459,28 @@ def test_no_answer_is_worded_alike_on_both_protocols(gateway: Gateway) -> None:
             client.limits()
         assert caught.value.message.startswith("no answer from the gateway at "), url
         assert f"127.0.0.1:{port}: " in caught.value.message
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_close_lets_the_calls_of_other_threads_finish(gateway: Gateway, scheme: str) -> None:
+    # Over gRPC close() cancelled the calls other threads had under way (code "unknown",
+    # status CANCELLED), where over HTTP they finished; now they finish on both, and the
+    # connections close after the last of them.
+    port = gateway.http_port if scheme == "http" else gateway.grpc_port
+    before = _client_ports(port)
+    client = GatewayClient(f"{scheme}://127.0.0.1:{port}")
+    with ThreadPoolExecutor(3) as pool:
+        calls = [
+            pool.submit(client.infer, JPEG_PATH, model="slow", params={"seconds": "1"})
+            for _ in range(3)
+        ]
+        wait_for(lambda: len(_client_ports(port) - before) >= 3, "the three calls connect")
+        time.sleep(0.3)  # their requests sent; the model takes a second
+        client.close()
+        with pytest.raises(ValueError, match="closed"):
+            client.infer(JPEG_PATH)
+        assert [c.result(timeout=30).output for c in calls] == [[427, 640, 3]] * 3
+    wait_for(lambda: not _client_ports(port) - before, "the connections close")
 
 
 @pytest.mark.parametrize(
