@@ -200,6 +200,14 @@ class GatewayClient:
         color_mode: str,
         params: Mapping[str, str] | None,
     ) -> list[ImageResult]:
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or (
+            isinstance(images, np.ndarray) and images.ndim != 4
+        ):
+            # A path was sent as one image per character, an array as one per row.
+            raise TypeError(
+                f"infer_batch takes a list of images, not one {type(images).__name__}: "
+                "use infer(image) or infer_batch([image])"
+            )
         _check_color_mode(color_mode)
         params = _checked_params(params)
         sources = [_Source.of(i, image) for i, image in enumerate(images)]

@@ -519,3 +519,15 @@ def test_http_urls_keep_their_path_prefix(gateway: Gateway) -> None:
         assert paths == ["/gateway/v1/limits"] * 3
     for url in ("http://[::1]:5000", "grpc://[::1]:50051", "grpc://127.0.0.1:50051/"):
         GatewayClient(url).close()
+
+
+@pytest.mark.parametrize(
+    "image",
+    [str(JPEG_PATH), JPEG_PATH, JPEG_PATH.read_bytes(), np.zeros((4, 5, 3), np.uint8)],
+    ids=["str", "path", "bytes", "array"],
+)
+def test_infer_batch_refuses_one_image_for_a_list(image: object) -> None:
+    # A path was a batch of one file per character (FileNotFoundError: 't'), a 3-D array
+    # one image per row, each sent as a 5x3 grayscale image.
+    with GatewayClient("http://127.0.0.1:1") as client, pytest.raises(TypeError, match="list"):
+        client.infer_batch(image)  # type: ignore[arg-type]
