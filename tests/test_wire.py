@@ -129,8 +129,9 @@ def test_image_bytes_are_not_copied() -> None:
     assert detached.message.images[0].name == "a"
 
 
-def test_a_group_falls_back_to_protobuf() -> None:
-    # Wire type 3 (a deprecated group) is left to protobuf, which keeps it as an unknown field.
+def test_a_group_is_kept_as_protobuf_keeps_it() -> None:
+    # Wire type 3 (a deprecated group): walked to its end group and kept whole, for protobuf to
+    # keep as an unknown field.
     raw = pb.InferRequest(image=pb.Image(data=b"abc")).SerializeToString() + b"\x3b\x3c"
     detached = detach(pb.InferRequest, "image")(raw)
     assert bytes(detached.datas[0]) == b"abc"

@@ -38,7 +38,7 @@ def _image_field(message: Descriptor) -> str | None:
     )
 
 
-def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
+def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server, max_images: int) -> None:
     """What the generated add_ImageGatewayServiceServicer_to_server does, read from the service
     descriptor, except that a request with an Image field goes through gateway.rpc.wire, which
     leaves the image bytes where gRPC received them instead of copying them twice."""
@@ -47,7 +47,9 @@ def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server) -> None:
         request_type = getattr(pb, method.input_type.name)
         field = _image_field(method.input_type)
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
-        deserialize = wire.detach(request_type, field) if field else request_type.FromString
+        deserialize = (
+            wire.detach(request_type, field, max_images) if field else request_type.FromString
+        )
         handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=wire.tolerant(deserialize, request_type),
@@ -106,7 +108,7 @@ def build_grpc_server(
         ],
     )
     servicer = ImageGatewayServicer(dataplane, published_limits(settings), settings.max_streams)
-    _add_servicer(servicer, server)
+    _add_servicer(servicer, server, settings.max_images)
     # Health checks are answered from the calling thread, never queued behind inference.
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -7,15 +7,25 @@ over: a walk over the wire format finds each image's `data` (field 1 of `Image`)
 memoryview into that buffer, and re-encodes the message without it, small enough that protobuf
 parses the rest as usual.
 
-The walk understands only what it needs (varints and length-delimited fields); anything else,
-such as a deprecated group or a truncated field, falls back to protobuf's own parse, which also
-decides what is malformed. The fields it re-encodes are copied byte for byte, so protobuf merges
-repeated occurrences of a field exactly as it would have merged them in the original.
+The walk reads the wire types (a deprecated group as one field, up to its end); anything it
+cannot read, such as a truncated field, falls back to protobuf's own parse, which also decides
+what is malformed. The fields it keeps are copied byte for byte, runs of them in one piece, so
+protobuf merges repeated occurrences of a field exactly as it would have merged them in the
+original.
+
+The walk runs on grpc's own thread, the one that serves every call of the server, health checks
+included, and it costs a Python loop turn per field. So it refuses, before protobuf parses
+anything, what no real request holds and what would make a small message cost much: more images
+than the gateway takes (`too_many_images`), more than MAX_FIELDS fields besides the images in a
+request or in one image (`invalid_request`), or parameters of more than MAX_PARAMETERS bytes
+(`payload_too_large`). A 4 MB message of two million two-byte unknown fields had held that
+thread for 7 s and taken 670 MB; one of two million empty images, 15 s and 900 MB before it was
+refused `too_many_images`; 8 MB of empty parameter values raised the peak by 215 MB.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -27,12 +37,27 @@ from gateway.core.errors import ErrorCode, GatewayError
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_VARINT, _I64, _LEN, _START_GROUP, _END_GROUP, _I32 = 0, 1, 2, 3, 4, 5
 _IMAGE_DATA = 1  # Image.data
+# Fields of a request besides its images, and of one image: a real one has at most five.
+MAX_FIELDS = 256
+# Serialized bytes of a request's parameters, as one HTTP text field: a Struct costs some 25
+# times its size once parsed and made JSON (8 MB of empty values raised the peak by 215 MB).
+MAX_PARAMETERS = 64 * 1024
+# Groups nested in groups, as protobuf's own parser takes them.
+_MAX_DEPTH = 100
 
 
 class _FallBackError(Exception):
-    """A wire feature the walk leaves to protobuf."""
+    """Wire bytes the walk cannot read: protobuf's own parse decides what they are."""
+
+
+class _RefusedError(Exception):
+    """A request refused from its wire form, before protobuf parses it."""
+
+    def __init__(self, error: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -57,32 +82,72 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview) -> list[tuple[int, int, int, int, int]]:
-    """(field number, wire type, start of the field, start of its payload, end) for each field."""
-    out = []
+def _value_end(buf: memoryview, pos: int, wire_type: int) -> tuple[int, int]:
+    """(start of the payload, end) of a field whose key ends at `pos`; not for groups."""
+    if wire_type == _VARINT:
+        return pos, _varint(buf, pos)[1]
+    if wire_type == _LEN:
+        length, pos = _varint(buf, pos)
+        return pos, pos + length
+    if wire_type == _I64:
+        return pos, pos + 8
+    if wire_type == _I32:
+        return pos, pos + 4
+    raise _FallBackError
+
+
+def _too_many_fields() -> _RefusedError:
+    return _RefusedError(
+        ErrorCode.INVALID_REQUEST,
+        f"the message holds more than {MAX_FIELDS} fields besides its images; a request has a "
+        "handful",
+    )
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(field number, wire type, start of the field, start of its payload, end, fields read)
+    for each field. A group is one field, from its start to the end of its end group, and
+    counts every field inside it too; _RefusedError past MAX_FIELDS of them inside groups."""
     pos = 0
+    inside = 0
     while pos < len(buf):
         start = pos
         key, pos = _varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise _FallBackError
-        if wire_type == _VARINT:
-            _, end = _varint(buf, pos)
-        elif wire_type == _LEN:
-            length, pos = _varint(buf, pos)
-            end = pos + length
-        elif wire_type == _I64:
-            end = pos + 8
-        elif wire_type == _I32:
-            end = pos + 4
+        fields = 1
+        if wire_type == _START_GROUP:
+            groups = [number]
+            while groups:
+                if pos >= len(buf):
+                    raise _FallBackError
+                key, pos = _varint(buf, pos)
+                inner, inner_type = key >> 3, key & 7
+                fields += 1
+                inside += 1
+                if inside > MAX_FIELDS:
+                    raise _too_many_fields()
+                if inner == 0:
+                    raise _FallBackError
+                if inner_type == _END_GROUP:
+                    if groups.pop() != inner:
+                        raise _FallBackError
+                elif inner_type == _START_GROUP:
+                    groups.append(inner)
+                    if len(groups) > _MAX_DEPTH:
+                        raise _FallBackError
+                else:
+                    pos = _value_end(buf, pos, inner_type)[1]
+                    if pos > len(buf):
+                        raise _FallBackError
+            payload, end = start, pos
         else:
-            raise _FallBackError
+            payload, end = _value_end(buf, pos, wire_type)
         if end > len(buf):
             raise _FallBackError
-        out.append((number, wire_type, start, pos, end))
+        yield number, wire_type, start, payload, end, fields
         pos = end
-    return out
 
 
 def _encode_varint(value: int) -> bytes:
@@ -97,12 +162,19 @@ def _encode_varint(value: int) -> bytes:
 def _strip_image(buf: memoryview) -> tuple[bytes, memoryview | None]:
     """An Image's fields without `data`, and the last `data` on the wire (the one that wins)."""
     data = None
-    kept = []
-    for number, wire_type, start, payload, end in _fields(buf):
+    kept: list[memoryview] = []
+    run = 0  # where the run of fields kept since the last `data` starts
+    others = 0
+    for number, wire_type, start, payload, end, fields in _fields(buf):
         if number == _IMAGE_DATA and wire_type == _LEN:
             data = buf[payload:end]
-        else:
-            kept.append(buf[start:end])
+            kept.append(buf[run:start])
+            run = end
+            continue
+        others += fields
+        if others > MAX_FIELDS:
+            raise _too_many_fields()
+    kept.append(buf[run:])
     return b"".join(kept), data
 
 
@@ -123,13 +195,25 @@ def _moved_out(message: M, field: str, repeated: bool, raw: memoryview) -> Detac
     return Detached(message, tuple(datas), len(raw))
 
 
-def detach(message_type: type[M], field: str) -> Callable[[bytes], Detached[M]]:
+def detach(
+    message_type: type[M], field: str, max_images: int | None = None
+) -> Callable[[bytes], Detached[M]]:
     """A gRPC request deserializer for `message_type`, whose Image field (repeated or not) is
-    named `field`."""
+    named `field`. It raises _RefusedError for a request of more than `max_images` images (when
+    given), of too many other fields, or of parameters too large (see the module's docstring)."""
     descriptor = message_type.DESCRIPTOR.fields_by_name[field]
     image_field = descriptor.number
     repeated = bool(descriptor.is_repeated)
+    parameters = message_type.DESCRIPTOR.fields_by_name.get("parameters")
+    parameters_field = None if parameters is None else parameters.number
     parse: Callable[[bytes], M] = message_type.FromString
+
+    def too_many_images() -> _RefusedError:
+        return _RefusedError(
+            ErrorCode.TOO_MANY_IMAGES,
+            f"the request holds more than {max_images} images; this gateway takes at most "
+            f"{max_images} per request",
+        )
 
     def deserialize(raw: bytes) -> Detached[M]:
         if len(raw) >= allocator.TRIM_THRESHOLD:
@@ -139,23 +223,48 @@ def detach(message_type: type[M], field: str) -> Callable[[bytes], Detached[M]]:
             pieces: list[bytes | memoryview] = []
             datas: list[memoryview] = []
             last: memoryview | None = None
-            for number, wire_type, start, payload, end in _fields(buf):
+            run = 0  # where the run of fields kept as they are since the last image starts
+            others = parameter_bytes = 0
+            for number, wire_type, start, payload, end, fields in _fields(buf):
                 if number != image_field or wire_type != _LEN:
-                    pieces.append(buf[start:end])
+                    others += fields
+                    if others > MAX_FIELDS:
+                        raise _too_many_fields()
+                    if number == parameters_field and wire_type == _LEN:
+                        # Occurrences merge: their sizes add up.
+                        parameter_bytes += end - payload
+                        if parameter_bytes > MAX_PARAMETERS:
+                            raise _RefusedError(
+                                ErrorCode.PAYLOAD_TOO_LARGE,
+                                f"the parameters take more than {MAX_PARAMETERS} bytes, the most "
+                                "this gateway takes (as one HTTP text field)",
+                            )
                     continue
+                if repeated and max_images is not None and len(datas) >= max_images:
+                    raise too_many_images()
+                if not repeated:
+                    others += fields  # a singular field given again merges into one image
+                    if others > MAX_FIELDS:
+                        raise _too_many_fields()
                 rest, data = _strip_image(buf[payload:end])
+                pieces.append(buf[run:start])
                 pieces.append(
                     _encode_varint(image_field << 3 | _LEN) + _encode_varint(len(rest)) + rest
                 )
+                run = end
                 if repeated:
                     datas.append(data if data is not None else buf[0:0])
                 elif data is not None:
                     last = data  # a singular message field merges: the last data set wins
+            pieces.append(buf[run:])
             if not repeated:
                 datas = [last if last is not None else buf[0:0]]
             message = parse(b"".join(pieces))
         except _FallBackError:
-            return _moved_out(parse(raw), field, repeated, buf)
+            message = parse(raw)
+            if repeated and max_images is not None and len(getattr(message, field)) > max_images:
+                raise too_many_images() from None
+            return _moved_out(message, field, repeated, buf)
         return Detached(message, tuple(datas), len(raw))
 
     return deserialize
@@ -179,6 +288,16 @@ class Malformed:
         )
 
 
+@dataclass(frozen=True)
+class Refused(Malformed):
+    """A request refused from its wire form (see _RefusedError), answered as Malformed is."""
+
+    code: ErrorCode = ErrorCode.INVALID_REQUEST
+
+    def error(self) -> GatewayError:
+        return GatewayError(self.code, self.reason)
+
+
 def tolerant(
     deserialize: Callable[[bytes], T], message_type: type[Message]
 ) -> Callable[[bytes], T | Malformed]:
@@ -190,5 +309,7 @@ def tolerant(
             return deserialize(raw)
         except DecodeError as exc:
             return Malformed(name, str(exc) or "unparseable", len(raw))
+        except _RefusedError as exc:
+            return Refused(name, str(exc), len(raw), exc.error)
 
     return deserialize_or_malformed
