@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 import socket
 import time
@@ -13,6 +14,8 @@ from typing import Any
 import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -375,6 +378,38 @@ def test_a_message_that_is_not_protobuf_is_invalid_request(
     replies = list(stream(iter([good, garbage[0], good]), timeout=10))
     assert [r.result.WhichOneof("outcome") for r in replies] == ["output", "error", "output"]
     assert replies[1].result.error.code == "invalid_request"
+    assert_still_serving_grpc(stub)
+
+
+def test_a_health_or_reflection_message_that_is_not_protobuf_is_invalid_request(
+    channel: grpc.Channel, stub: pb_grpc.ImageGatewayServiceStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpcio answered them INTERNAL "Exception deserializing request!", without error code or
+    # request id, and logged a traceback; a reflection stream ended.
+    garbage = b"\xff\xff"
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+    with caplog.at_level(logging.ERROR):
+        for call in (check, lambda raw, **kw: list(watch(raw, **kw))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(garbage, timeout=10, metadata=[("x-request-id", "bad-health")])
+            assert grpc_code(info.value) == (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+            assert dict(info.value.trailing_metadata() or ())["x-request-id"] == "bad-health"
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        good = reflection_pb2.ServerReflectionRequest(list_services="").SerializeToString()
+        replies = list(reflect(iter([good, garbage, good]), timeout=10))
+        assert [r.WhichOneof("message_response") for r in replies] == [
+            "list_services_response",
+            "error_response",
+            "list_services_response",
+        ]
+        assert replies[1].error_response.error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
     assert_still_serving_grpc(stub)
 
 

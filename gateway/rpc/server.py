@@ -8,14 +8,14 @@ from typing import Any
 import grpc
 from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
 from gateway.rpc.pool import WatchedPool
-from gateway.rpc.servicer import ImageGatewayServicer, call_request_id
+from gateway.rpc.servicer import ImageGatewayServicer, abort, call_request_id
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGatewayService"]
 SERVICE_NAME = SERVICE.full_name
@@ -59,6 +59,60 @@ def _add_servicer(servicer: ImageGatewayServicer, server: grpc.Server, max_image
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
+class _Tolerant:
+    """A server as grpc's generated add_*_to_server functions see it: the handlers they register
+    get request deserializers that hand the servicer a gateway.rpc.wire.Malformed for a message
+    that is not valid protobuf. grpcio itself answers a deserializer that raises with INTERNAL
+    ("Exception deserializing request!") and logs a traceback, as it did for a health check or
+    reflection request of a few bad bytes."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers come to add_registered_method_handlers, and are added there
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        tolerant = {
+            name: handler._replace(
+                request_deserializer=wire.tolerant(
+                    handler.request_deserializer, handler.request_deserializer.__self__
+                )
+            )
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, tolerant),)
+        )
+        self._server.add_registered_method_handlers(service, tolerant)
+
+
+def _refuse_malformed(request: object, context: grpc.ServicerContext) -> None:
+    if isinstance(request, wire.Malformed):
+        error = request.error()
+        abort(context, error.error, error.message, call_request_id(context))
+
+
+# grpc_health has no type stubs.
+class _TolerantHealth(health.HealthServicer):  # type: ignore[misc]
+    """grpcio's health service, answering a request message that is not valid protobuf with
+    INVALID_ARGUMENT and `invalid_request`, as the gateway's own methods do."""
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _refuse_malformed(request, context)
+        return super().Check(request, context)
+
+    def List(self, request: Any, context: grpc.ServicerContext) -> Any:
+        _refuse_malformed(request, context)
+        return super().List(request, context)
+
+    def Watch(
+        self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None
+    ) -> Any:
+        _refuse_malformed(request, context)
+        return super().Watch(request, context, send_response_callback)
+
+
 # grpc_reflection has no type stubs.
 class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
     """Reflection's stream holds a thread of the pool for as long as its client keeps it open,
@@ -74,7 +128,16 @@ class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
     ) -> Iterator[Any]:
         # The client's x-request-id when usable, as an InferStream's: a refusal carries it.
         with self._servicer.stream_slot("ServerReflectionInfo", context, call_request_id(context)):
-            yield from super().ServerReflectionInfo(request_iterator, context)
+            yield from super().ServerReflectionInfo(map(_readable, request_iterator), context)
+
+
+def _readable(request: Any) -> Any:
+    """A reflection request, or for one that was not valid protobuf an empty one, which the
+    reflection service answers with an error response (INVALID_ARGUMENT), the stream going on,
+    as in an InferStream only the malformed message fails."""
+    return (
+        reflection_pb2.ServerReflectionRequest() if isinstance(request, wire.Malformed) else request
+    )
 
 
 def build_grpc_server(
@@ -110,13 +173,13 @@ def build_grpc_server(
     servicer = ImageGatewayServicer(dataplane, published_limits(settings), settings.max_streams)
     _add_servicer(servicer, server, settings.max_images)
     # Health checks are answered from the calling thread, never queued behind inference.
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer = _TolerantHealth(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _Tolerant(server))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         _CountedReflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), servicer),
-        server,
+        _Tolerant(server),
     )
     port = server.add_insecure_port(f"{url_host(settings.host)}:{settings.grpc_port}")
     if port == 0:

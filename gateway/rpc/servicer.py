@@ -71,7 +71,7 @@ def _client_gone(context: grpc.ServicerContext) -> Callable[[], bool]:
     return lambda: not context.is_active()
 
 
-def _abort(
+def abort(
     context: grpc.ServicerContext, error: ErrorCode, message: str, request_id: str
 ) -> NoReturn:
     context.set_trailing_metadata(((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id)))
@@ -96,11 +96,11 @@ def unary(
             response = method(self, request, context, request_id)
         except GatewayError as exc:
             status, error = exc.error.grpc_status, exc.error.code
-            _abort(context, exc.error, exc.message, request_id)
+            abort(context, exc.error, exc.message, request_id)
         except Exception:
             status, error = "INTERNAL", ErrorCode.INTERNAL.code
             log.exception("unhandled error, request id %s", request_id)
-            _abort(
+            abort(
                 context,
                 ErrorCode.INTERNAL,
                 f"internal error (request id {request_id}); the server log has the details",
@@ -226,7 +226,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
                 time.perf_counter(),
                 refused.code,
             )
-            _abort(
+            abort(
                 context,
                 ErrorCode.OVERLOADED,
                 f"{self.max_streams} streams are open on this worker, the most it takes; retry "
