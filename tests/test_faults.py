@@ -404,12 +404,15 @@ def test_the_wait_for_a_thread_counts_in_the_request_timeout() -> None:
             wait_for(lambda: admission.active == 2, "the gated requests hold both threads")
             queued_http = pool.submit(post_octet, gw.http_url, "shape", PNG)
             queued_grpc = stub.Infer.future(pb.InferRequest(image=pb.Image(data=PNG)), timeout=30)
+            # Each has arrived: it waits for a thread, or is answered already (at its deadline,
+            # on a machine slow enough that the wait below starts late).
             wait_for(
-                lambda: (
-                    waiting_for_thread(gw.http_url, "http") == 1
-                    and waiting_for_thread(gw.http_url, "grpc") == 1
-                ),
-                "both wait for a thread",
+                lambda: waiting_for_thread(gw.http_url, "http") == 1 or queued_http.done(),
+                "the HTTP request waits for a thread",
+            )
+            wait_for(
+                lambda: waiting_for_thread(gw.http_url, "grpc") == 1 or queued_grpc.done(),
+                "the gRPC call waits for a thread",
             )
             time.sleep(1.5)  # past the request timeout, while they wait for a thread
             GATE.set()
