@@ -672,18 +672,25 @@ def test_cli_interrupted_exits_130_without_a_traceback(scheme: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(30)
         port = listener.getsockname()[1]
-        proc = subprocess.Popen(
-            [
-                str(BIN / "image-gateway-client"),
-                "infer",
-                FILES[0],
-                "--url",
-                f"{scheme}://127.0.0.1:{port}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        # A shell's background job starts with SIGINT ignored, and an ignored signal stays so
+        # across exec: run so, the CLI would rightly ignore this test's Ctrl-C. Handled here,
+        # it is the default in the CLI, as it is under a terminal.
+        ours = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen(
+                [
+                    str(BIN / "image-gateway-client"),
+                    "infer",
+                    FILES[0],
+                    "--url",
+                    f"{scheme}://127.0.0.1:{port}",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            signal.signal(signal.SIGINT, ours)
         try:
             connection, _ = listener.accept()  # the client waits for its answer now
             with connection:
