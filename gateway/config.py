@@ -214,6 +214,14 @@ def _log_level(text: str) -> str:
     return text.strip().upper()
 
 
+def _host(text: str) -> str:
+    # An empty host is every address to Python's bind (HTTP would listen on all interfaces) and
+    # an error to grpc's.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty host is not an address (0.0.0.0 is every one)")
+    return text.strip()
+
+
 def _on_off(text: str) -> str:
     if text.strip().lower() not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
@@ -221,6 +229,7 @@ def _on_off(text: str) -> str:
 
 
 _TYPES: dict[str, Any] = {
+    "host": _host,
     "access_log": _on_off,
     "log_level": _log_level,
     "batching": _batching,
@@ -279,7 +288,16 @@ def from_namespace(
                 parser.error(f"{env_name(f.name)}={raw!r}: {exc}")
         if given is not None:
             values[f.name] = tuple(given) if isinstance(f.default, tuple) else given
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.http_port == settings.grpc_port != 0:
+        # With several workers both servers joined one SO_REUSEPORT group, and the kernel gave
+        # gRPC's connections to the HTTP server as often as not.
+        parser.error(
+            f"--http-port and --grpc-port ({env_name('http_port')}, {env_name('grpc_port')}) "
+            f"are both {settings.http_port}: "
+            "HTTP and gRPC need ports of their own"
+        )
+    return settings
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -280,6 +280,11 @@ def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
 
 def serve(settings: Settings) -> int:
     _configure_logging(settings)
+    try:
+        workers.check_host(settings.host)
+    except OSError as exc:
+        log.error("cannot start: %s", exc.strerror or exc)
+        return 1
     if worker_count(settings) > 1:
         return workers.supervise(settings)
 

@@ -13,6 +13,7 @@ dies unexpectedly.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -66,7 +67,9 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise OSError(exc.errno, f"{host}:{port} is taken ({exc.strerror})") from None
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"{host}:{port} is taken ({exc.strerror})") from None
+            raise OSError(exc.errno, f"cannot bind {host}:{port} ({exc.strerror})") from None
         port = int(probe.getsockname()[1])
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,6 +80,25 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
         sock.close()
         raise
     return sock, port
+
+
+def check_host(host: str) -> None:
+    """Raise OSError, naming --host, if `host` does not resolve or is no address of this
+    machine: found here, the error is one line saying so, where the servers' own binds said
+    "is taken" or "Failed to bind to address" after a line of grpc's own."""
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise OSError(f"--host {host!r} does not resolve ({reason})") from None
+    family, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"--host {host!r} is not an address of this machine ({exc.strerror})"
+            ) from None
 
 
 def _remove_orphaned_metrics() -> None:

@@ -101,8 +101,36 @@ def test_flags_win_and_model_repeats() -> None:
         ("IMAGE_GATEWAY_SHUTDOWN_GRACE", "1e300"),
         ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "٣"),
         ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "inf"),
+        # Every address to Python's bind, an error to grpc's.
+        ("IMAGE_GATEWAY_HOST", ""),
+        ("IMAGE_GATEWAY_HOST", " "),
     ],
 )
 def test_bad_values_are_refused(name: str, value: str) -> None:
     with pytest.raises(SystemExit):
         config.parse([], {name: value})
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["--http-port", "7000", "--grpc-port", "7000"], {}),
+        (["--http-port", "7000"], {"IMAGE_GATEWAY_GRPC_PORT": "7000"}),
+        ([], {"IMAGE_GATEWAY_HTTP_PORT": "50051"}),
+    ],
+)
+def test_one_port_for_both_protocols_is_refused(
+    argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With several workers both servers had joined one SO_REUSEPORT group on that port, and
+    # the kernel handed gRPC's connections to the HTTP server: a ready gateway no gRPC client
+    # could reach.
+    with pytest.raises(SystemExit) as exited:
+        config.parse(argv, env)
+    assert exited.value.code == 2
+    assert "--http-port and --grpc-port" in capsys.readouterr().err
+
+
+def test_both_ports_may_be_picked_free() -> None:
+    s = config.parse(["--http-port", "0", "--grpc-port", "0"], {})
+    assert (s.http_port, s.grpc_port) == (0, 0)

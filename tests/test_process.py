@@ -297,6 +297,27 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     assert not orphans[0].exists()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_a_host_that_is_not_this_machines_is_named_in_one_line(workers: str, host: str) -> None:
+    # 192.0.2.1 is a documentation address, no machine's own. One worker had logged a line of
+    # grpc's own and then "Failed to bind to address"; several, "... is taken".
+    done = subprocess.run(
+        [
+            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
+            *("--host", host, "--workers", workers),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"cannot start: --host '{host}'" in lines[0]
+    assert "taken" not in lines[0]
+
+
 def test_workers_close_together_after_a_drain(tmp_path: Path) -> None:
     # One worker holds a slow request, the other has nothing to do. The idle one used to close
     # its listener at once, resetting the connections the kernel had just queued for it while
