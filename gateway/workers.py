@@ -7,7 +7,7 @@ them. Workers are spawned, not forked, so no gRPC or OpenCV state crosses a fork
 The supervisor binds each port first (SO_REUSEPORT, not listening) to learn it when the port is 0
 and to fail early when it is taken, passes the concrete ports to the workers, logs one ready line
 once all of them serve, forwards SIGTERM/SIGINT for a graceful drain, and restarts a worker that
-dies unexpectedly.
+dies unexpectedly, waiting longer each time one dies soon after its start or fails to start.
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ from gateway.config import Settings, url_host, worker_count
 
 log = logging.getLogger("gateway")
 
+# Seconds before a dead worker's replacement starts. The wait doubles with each worker of the
+# same place that dies within _STABLE_AFTER seconds of its start, or fails to start, up to
+# _RESTART_BACKOFF_MAX: a worker that cannot start (a model whose weights are gone, say) is
+# retried ever more slowly instead of every second or two, each try a whole Python process
+# importing and loading everything. A worker that served _STABLE_AFTER seconds starts the count
+# again.
 _RESTART_BACKOFF = 1.0
+_RESTART_BACKOFF_MAX = 60.0
+_STABLE_AFTER = 60.0
 _METRICS_PREFIX = "image-gateway-metrics-"
 # Each drains the gateway. SIGHUP too (a closed terminal, or an operator's reload): its default
 # killed the process at once, requests in flight and the metrics directory left behind.
@@ -50,6 +58,14 @@ START_TIMEOUT = 60.0
 class _Worker:
     proc: multiprocessing.process.BaseProcess
     pipe: Connection
+    # time.monotonic() once it served.
+    started_at: float
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before the next start in a worker's place, after `failures` workers in a row
+    died soon after their start or did not start."""
+    return min(_RESTART_BACKOFF * 2.0 ** min(failures, 32), _RESTART_BACKOFF_MAX)
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -206,9 +222,9 @@ def supervise(settings: Settings) -> int:
                     "(loading its models, perhaps); stopped it"
                 )
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
-        return _Worker(proc, parent)
+        return _Worker(proc, parent, time.monotonic())
 
-    started: list[_Worker] = []
+    started: list[_Worker | None] = []
     try:
         while len(started) < count and not stopping.is_set():
             started.append(spawn())
@@ -217,30 +233,62 @@ def supervise(settings: Settings) -> int:
         if not stopping.is_set():
             log.error("cannot start: %s", exc)
             for worker in started:
+                assert worker is not None
                 worker.proc.terminate()
                 worker.proc.join(settings.shutdown_grace + 10)
             return 1
     if not stopping.is_set():
         log_ready(settings, http_port, grpc_port, count)
+    # Per place: workers in a row that died soon after their start or did not start, and when
+    # the next may start.
+    failures = [0] * len(started)
+    retry_at = [0.0] * len(started)
     while not stopping.wait(0.5):
         for i, worker in enumerate(started):
-            proc = worker.proc
-            if not proc.is_alive() and not stopping.is_set():
-                log.error("worker %d exited with %s; starting another", proc.pid, proc.exitcode)
+            if stopping.is_set():
+                break
+            now = time.monotonic()
+            if worker is not None:
+                proc = worker.proc
+                if proc.is_alive():
+                    continue
+                if now - worker.started_at >= _STABLE_AFTER:
+                    failures[i] = 0
+                delay = restart_delay(failures[i])
+                failures[i] += 1
+                log.error(
+                    "worker %d exited with %s; starting another in %g s",
+                    proc.pid,
+                    proc.exitcode,
+                    delay,
+                )
                 if proc.pid is not None:
                     _mark_dead(proc.pid)
-                time.sleep(_RESTART_BACKOFF)
-                try:
-                    started[i] = spawn()
-                    worker.pipe.close()
-                except RuntimeError as exc:
-                    log.error("%s", exc)
-    for worker in started:
+                worker.pipe.close()
+                started[i] = None
+                retry_at[i] = now + delay
+                continue
+            if now < retry_at[i]:
+                continue
+            try:
+                started[i] = spawn()
+            except RuntimeError as exc:
+                delay = restart_delay(failures[i])
+                failures[i] += 1
+                retry_at[i] = time.monotonic() + delay
+                log.error("%s; trying again in %g s", exc, delay)
+            else:
+                replacement = started[i]
+                assert replacement is not None
+                if not stopping.is_set():
+                    log.info("worker %d serving", replacement.proc.pid)
+    running = [worker for worker in started if worker is not None]
+    for worker in running:
         if worker.proc.is_alive() and worker.proc.pid is not None:
             os.kill(worker.proc.pid, signal.SIGTERM)
-    _close_together(started, settings.shutdown_grace)
+    _close_together(running, settings.shutdown_grace)
     codes = []
-    for worker in started:
+    for worker in running:
         proc = worker.proc
         proc.join(settings.shutdown_grace + 10)
         if proc.is_alive():

@@ -297,6 +297,57 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     assert not orphans[0].exists()
 
 
+def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: Path) -> None:
+    # The model loads while a file is missing: the first two workers start, and once "broken"
+    # exists every replacement fails to load it. The supervisor had tried again every two
+    # seconds or so for ever, each try a whole process importing everything, and had logged
+    # the first dead worker's pid as exiting again before each try.
+    (tmp_path / "flaky.py").write_text(
+        "import pathlib\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n"
+        "    if pathlib.Path('broken').exists():\n"
+        "        raise RuntimeError('weights missing')\n"
+        "    return ShapeModel()\n"
+    )
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "flaky:create", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        workers = [
+            p
+            for p in children(s.proc.pid)
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
+        assert len(workers) == 2
+        (tmp_path / "broken").touch()
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(
+            lambda: "trying again in 4 s" in s.log.read_text(),
+            "the third failed start in the killed worker's place",
+            60,
+        )
+        text = s.log.read_text()
+        assert f"worker {workers[0]} exited with -9; starting another in 1 s" in text
+        assert text.count("exited with") == 1, text
+        assert re.search(r"worker \d+ did not start \(exit code 1\); trying again in 2 s", text)
+        # The survivor serves meanwhile; once the model loads again, the place is filled.
+        assert requests.get(f"{s.http_url}/readyz", timeout=10).status_code == 200
+        (tmp_path / "broken").unlink()
+        wait_for(lambda: " serving" in s.log.read_text(), "a replacement serves", 60)
+        now = [
+            p
+            for p in children(s.proc.pid)
+            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
+        assert len(now) == 2 and workers[1] in now
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    assert "Traceback" not in s.log.read_text()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
 def test_a_host_that_is_not_this_machines_is_named_in_one_line(workers: str, host: str) -> None:
