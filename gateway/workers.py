@@ -52,6 +52,8 @@ CLOSE_SLACK = 1.0
 # Seconds a worker has to load its models and serve: past them a start that hangs (a model
 # waiting on a network share, say) stops the gateway rather than leaving it half up.
 START_TIMEOUT = 60.0
+# Seconds between two looks at a stop signal while a worker starts.
+_START_POLL = 0.1
 
 
 @dataclass
@@ -66,6 +68,20 @@ def restart_delay(failures: int) -> float:
     """Seconds before the next start in a worker's place, after `failures` workers in a row
     died soon after their start or did not start."""
     return min(_RESTART_BACKOFF * 2.0 ** min(failures, 32), _RESTART_BACKOFF_MAX)
+
+
+def _answered(pipe: Connection, stopping: threading.Event) -> bool:
+    """Whether a starting worker has sent on its pipe within START_TIMEOUT. False at once
+    when a stop signal comes: a replacement loading its models held a SIGTERM for up to
+    START_TIMEOUT, longer than orchestrators wait before they kill."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not stopping.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if pipe.poll(min(left, _START_POLL)):
+            return True
+    return False
 
 
 def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
@@ -206,16 +222,19 @@ def supervise(settings: Settings) -> int:
         child.close()
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).
-        answered = parent.poll(START_TIMEOUT)
+        answered = _answered(parent, stopping)
         try:
             started = answered and parent.recv() == READY
         except EOFError:
             started = False
         if not started:
-            proc.join(5)  # a worker that gave up exits by itself, with its own code
+            if not stopping.is_set():
+                proc.join(5)  # a worker that gave up exits by itself, with its own code
             if proc.is_alive():
                 proc.terminate()
                 proc.join(10)
+            if stopping.is_set():
+                raise RuntimeError(f"worker {proc.pid} was stopped while it started")
             if not answered:
                 raise RuntimeError(
                     f"worker {proc.pid} was not serving {START_TIMEOUT:g} s after its start "
@@ -273,6 +292,8 @@ def supervise(settings: Settings) -> int:
             try:
                 started[i] = spawn()
             except RuntimeError as exc:
+                if stopping.is_set():
+                    break
                 delay = restart_delay(failures[i])
                 failures[i] += 1
                 retry_at[i] = time.monotonic() + delay

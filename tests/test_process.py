@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -232,25 +233,29 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def spawned(pid: int) -> list[int]:
+    """The worker processes of supervisor `pid` (a process spawned by multiprocessing also has
+    a resource tracker child at most)."""
+    found = []
+    for child in children(pid):
+        try:
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                found.append(child)
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
 def test_workers_share_the_ports_and_a_dead_worker_is_replaced(tmp_path: Path) -> None:
     s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
     try:
         assert "workers=2" in s.log.read_text()
-        # A process spawned by multiprocessing also has a resource tracker child at most.
-        workers = [
-            p
-            for p in children(s.proc.pid)
-            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-        ]
+        workers = spawned(s.proc.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            now = [
-                p
-                for p in children(s.proc.pid)
-                if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-            ]
+            now = spawned(s.proc.pid)
             if len(now) == 2 and workers[0] not in now:
                 break
             time.sleep(0.2)
@@ -275,9 +280,7 @@ def test_workers_share_the_ports_and_a_dead_worker_is_replaced(tmp_path: Path) -
 
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
-    workers = [
-        p for p in children(s.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-    ]
+    workers = spawned(s.proc.pid)
     assert len(workers) == 2
     s.proc.kill()
     s.proc.wait()
@@ -315,11 +318,7 @@ def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: 
         "--model", "flaky:create", cwd=tmp_path,
     )  # fmt: skip
     try:
-        workers = [
-            p
-            for p in children(s.proc.pid)
-            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-        ]
+        workers = spawned(s.proc.pid)
         assert len(workers) == 2
         (tmp_path / "broken").touch()
         os.kill(workers[0], signal.SIGKILL)
@@ -336,16 +335,48 @@ def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: 
         assert requests.get(f"{s.http_url}/readyz", timeout=10).status_code == 200
         (tmp_path / "broken").unlink()
         wait_for(lambda: " serving" in s.log.read_text(), "a replacement serves", 60)
-        now = [
-            p
-            for p in children(s.proc.pid)
-            if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-        ]
+        now = spawned(s.proc.pid)
         assert len(now) == 2 and workers[1] in now
     finally:
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
     assert "Traceback" not in s.log.read_text()
+
+
+def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Path) -> None:
+    # The supervisor waited for a starting worker's word for up to START_TIMEOUT (60 s) and
+    # acted on a SIGTERM only then: a replacement loading its models held the stop that long.
+    (tmp_path / "slowload.py").write_text(
+        "import pathlib, time\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n"
+        "    if pathlib.Path('slow').exists():\n"
+        "        time.sleep(600)\n"
+        "    return ShapeModel()\n"
+    )
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "slowload:create", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        workers = set(spawned(s.proc.pid))
+        assert len(workers) == 2
+        (tmp_path / "slow").touch()
+        killed = workers.pop()
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: bool(set(spawned(s.proc.pid)) - workers), "a replacement starts")
+        replacement = set(spawned(s.proc.pid)) - workers
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        for pid in spawned(s.proc.pid):  # left loading its model, were the stop held
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        s.proc.kill()
+    assert all(not Path(f"/proc/{p}").exists() for p in workers | replacement)
+    text = s.log.read_text()
+    assert "image-gateway stopped" in text
+    assert "Traceback" not in text and "trying again" not in text
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -377,9 +408,7 @@ def test_workers_close_together_after_a_drain(tmp_path: Path) -> None:
         tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
         "--model", "shape", "--model", "tests.models:slow",
     )  # fmt: skip
-    workers = [
-        p for p in children(s.proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()
-    ]
+    workers = spawned(s.proc.pid)
     png = Path(FILES[1]).read_bytes()
     try:
         with ThreadPoolExecutor(1) as pool:
