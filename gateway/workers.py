@@ -232,7 +232,13 @@ def supervise(settings: Settings) -> int:
                 proc.join(5)  # a worker that gave up exits by itself, with its own code
             if proc.is_alive():
                 proc.terminate()
-                proc.join(10)
+                proc.join(1 if stopping.is_set() else 10)
+            if proc.is_alive():
+                # Its SIGTERM handler only sets a flag, which a model still loading does not
+                # look at: the worker stayed, loading, after the supervisor had gone. It has
+                # served nothing yet.
+                proc.kill()
+                proc.join()
             if stopping.is_set():
                 raise RuntimeError(f"worker {proc.pid} was stopped while it started")
             if not answered:

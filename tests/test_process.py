@@ -346,11 +346,13 @@ def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: 
 def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Path) -> None:
     # The supervisor waited for a starting worker's word for up to START_TIMEOUT (60 s) and
     # acted on a SIGTERM only then: a replacement loading its models held the stop that long.
+    # Then, stopped, such a worker went on loading after the supervisor had gone.
     (tmp_path / "slowload.py").write_text(
         "import pathlib, time\n"
         "from gateway.models.shape import ShapeModel\n"
         "def create():\n"
         "    if pathlib.Path('slow').exists():\n"
+        "        pathlib.Path('loading').touch()\n"
         "        time.sleep(600)\n"
         "    return ShapeModel()\n"
     )
@@ -364,7 +366,8 @@ def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Pa
         (tmp_path / "slow").touch()
         killed = workers.pop()
         os.kill(killed, signal.SIGKILL)
-        wait_for(lambda: bool(set(spawned(s.proc.pid)) - workers), "a replacement starts")
+        # Its SIGTERM handler is in place by then, and only sets a flag the load never reads.
+        wait_for((tmp_path / "loading").exists, "a replacement loads its model", 30)
         replacement = set(spawned(s.proc.pid)) - workers
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
