@@ -100,6 +100,18 @@ def closing_all() -> Iterator[list[socket.socket]]:
             s.close()
 
 
+@contextlib.contextmanager
+def probe_flood(askers: int) -> Iterator[tuple[Gateway, list[socket.socket]]]:
+    """A gateway whose only HTTP thread a gated request holds (so probes go to the probe
+    threads), and `askers` connections that each ask for /metrics 600 times and read nothing;
+    closed on the way out, when the held request must be answered."""
+    with gated_gateway(http_threads=1) as gw:
+        with closing_all() as flood, only_http_thread_held(gw):
+            flood += [metrics_asker(http_host_port(gw.http_url), 600) for _ in range(askers)]
+            yield gw, flood
+        still_serving(gw)
+
+
 def metrics_asker(address: tuple[str, int], times: int) -> socket.socket:
     """A connection with a tiny receive window that has asked for /metrics `times` times."""
     s = socket.socket()
@@ -1159,21 +1171,17 @@ def test_a_client_that_takes_no_answers_gets_no_more_from_the_probe_threads() ->
     # it and 1 s for all, and answered every probe a connection pipelined: forty connections
     # asking for /metrics 600 times each and reading none had it made about 85 times each within
     # two seconds, with 290 KB left unsent on each, and other probes waited behind them.
-    with gated_gateway(http_threads=1) as gw:
-        address = http_host_port(gw.http_url)
-        with closing_all() as flood, only_http_thread_held(gw):
-            flood += [metrics_asker(address, 600) for _ in range(40)]
-            for _ in range(5):
-                assert requests.get(gw.http_url + "/healthz", timeout=2).status_code == 200
-            # No more answers are made for a connection that leaves 64 KiB of them untaken; the
-            # ones made still reach their client (the last may be cut short, if the client took
-            # nothing for a second), then the end of the connection.
-            for s in flood:
-                s.settimeout(10)
-                bodies = _whole_answers(_until_closed(s))
-                assert 1 <= len(bodies) <= 40, len(bodies)
-                assert all(b"gateway_requests_total" in body for body in bodies)
-        still_serving(gw)
+    with probe_flood(40) as (gw, flood):
+        for _ in range(5):
+            assert requests.get(gw.http_url + "/healthz", timeout=2).status_code == 200
+        # No more answers are made for a connection that leaves 64 KiB of them untaken; the
+        # ones made still reach their client (the last may be cut short, if the client took
+        # nothing for a second), then the end of the connection.
+        for s in flood:
+            s.settimeout(10)
+            bodies = _whole_answers(_until_closed(s))
+            assert 1 <= len(bodies) <= 40, len(bodies)
+            assert all(b"gateway_requests_total" in body for body in bodies)
 
 
 def test_pipelined_probes_cut_by_the_read_buffer_still_go_to_the_probe_threads() -> None:
@@ -1202,23 +1210,19 @@ def test_with_no_room_to_linger_probe_answers_are_sent_by_the_probe_threads_with
     # (With no backlog bound, the answers fill the socket's send buffer and reach that path.)
     monkeypatch.setattr(linger_module, "MAX_LINGERING", 0)
     monkeypatch.setattr(dispatch_module, "PROBE_BACKLOG", 1 << 30)
-    with gated_gateway(http_threads=1) as gw:
-        address = http_host_port(gw.http_url)
-        with closing_all() as flood, only_http_thread_held(gw):
-            flood += [metrics_asker(address, 600) for _ in range(6)]
-            for _ in range(3):
-                assert requests.get(gw.http_url + "/healthz", timeout=10).status_code == 200
-            # Each ends once its client leaves an answer untaken for PROBE_SEND_TIMEOUT: with
-            # its requests unread, by a reset that drops the answers on their way.
-            for s in flood:
-                s.settimeout(10)
-                with contextlib.suppress(ConnectionResetError):
-                    _until_closed(s)
-            # A client that reads its answers gets them whole, from the probe threads.
-            with socket.create_connection(address, timeout=10) as reader:
-                reader.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                assert len(_whole_answers(_until_closed(reader))) == 1
-        still_serving(gw)
+    with probe_flood(6) as (gw, flood):
+        for _ in range(3):
+            assert requests.get(gw.http_url + "/healthz", timeout=10).status_code == 200
+        # Each ends once its client leaves an answer untaken for PROBE_SEND_TIMEOUT: with its
+        # requests unread, by a reset that drops the answers on their way.
+        for s in flood:
+            s.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                _until_closed(s)
+        # A client that reads its answers gets them whole, from the probe threads.
+        with socket.create_connection(http_host_port(gw.http_url), timeout=10) as reader:
+            reader.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert len(_whole_answers(_until_closed(reader))) == 1
 
 
 def test_with_no_room_to_linger_a_refused_body_still_ends_its_connection(

@@ -300,23 +300,30 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     assert not orphans[0].exists()
 
 
+def two_workers_serving(tmp_path: Path, before_load: str) -> Served:
+    """Two workers serving the shape model through a factory in `tmp_path` (their working
+    directory) that runs `before_load`, lines of Python, before it makes the model: a test can
+    change what a replacement worker's load does through files there."""
+    (tmp_path / "staged.py").write_text(
+        "import pathlib, time\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n" + before_load + "    return ShapeModel()\n"
+    )
+    return launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "staged:create", cwd=tmp_path,
+    )  # fmt: skip
+
+
 def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: Path) -> None:
     # The model loads while a file is missing: the first two workers start, and once "broken"
     # exists every replacement fails to load it. The supervisor had tried again every two
     # seconds or so for ever, each try a whole process importing everything, and had logged
     # the first dead worker's pid as exiting again before each try.
-    (tmp_path / "flaky.py").write_text(
-        "import pathlib\n"
-        "from gateway.models.shape import ShapeModel\n"
-        "def create():\n"
-        "    if pathlib.Path('broken').exists():\n"
-        "        raise RuntimeError('weights missing')\n"
-        "    return ShapeModel()\n"
+    s = two_workers_serving(
+        tmp_path,
+        "    if pathlib.Path('broken').exists():\n        raise RuntimeError('weights missing')\n",
     )
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--model", "flaky:create", cwd=tmp_path,
-    )  # fmt: skip
     try:
         workers = spawned(s.proc.pid)
         assert len(workers) == 2
@@ -347,19 +354,12 @@ def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Pa
     # The supervisor waited for a starting worker's word for up to START_TIMEOUT (60 s) and
     # acted on a SIGTERM only then: a replacement loading its models held the stop that long.
     # Then, stopped, such a worker went on loading after the supervisor had gone.
-    (tmp_path / "slowload.py").write_text(
-        "import pathlib, time\n"
-        "from gateway.models.shape import ShapeModel\n"
-        "def create():\n"
+    s = two_workers_serving(
+        tmp_path,
         "    if pathlib.Path('slow').exists():\n"
         "        pathlib.Path('loading').touch()\n"
-        "        time.sleep(600)\n"
-        "    return ShapeModel()\n"
+        "        time.sleep(600)\n",
     )
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--model", "slowload:create", cwd=tmp_path,
-    )  # fmt: skip
     try:
         workers = set(spawned(s.proc.pid))
         assert len(workers) == 2
