@@ -148,6 +148,25 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# Threads and processes are made at start-up, one by one: 2^31 - 1 of them spent minutes before
+# failing. A thousand a worker is past any use on one machine.
+_MAX_SMALL_COUNT = 1024
+
+
+def _small_count(text: str) -> int:
+    value = _ascii_int(text)
+    if not 1 <= value <= _MAX_SMALL_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 1 and {_MAX_SMALL_COUNT}")
+    return value
+
+
+def _small_count_or_zero(text: str) -> int:
+    value = _ascii_int(text)
+    if value > _MAX_SMALL_COUNT:
+        raise argparse.ArgumentTypeError(f"{text!r} is over {_MAX_SMALL_COUNT}")
+    return value
+
+
 def _at_least_one(text: str) -> int:
     value = _ascii_int(text)
     if not 1 <= value <= _MAX_COUNT:
@@ -235,7 +254,7 @@ _TYPES: dict[str, Any] = {
     "batching": _batching,
     "http_port": _port,
     "grpc_port": _port,
-    "workers": _non_negative_int,
+    "workers": _small_count_or_zero,
     "max_request_bytes": _at_least_one,
     "max_image_bytes": _at_least_one,
     "max_images": _at_least_one,
@@ -245,11 +264,11 @@ _TYPES: dict[str, Any] = {
     "request_timeout": _positive_float,
     "max_concurrency": _at_least_one,
     "max_queue": _non_negative_int,
-    "http_threads": _at_least_one,
-    "grpc_threads": _at_least_one,
-    "grpc_calls": _at_least_one,
-    "max_streams": _at_least_one,
-    "model_threads": _non_negative_int,
+    "http_threads": _small_count,
+    "grpc_threads": _small_count,
+    "grpc_calls": _small_count,
+    "max_streams": _small_count,
+    "model_threads": _small_count_or_zero,
     "shutdown_grace": _positive_float,
 }
 

@@ -98,6 +98,13 @@ def test_flags_win_and_model_repeats() -> None:
         ("IMAGE_GATEWAY_MAX_REQUEST_BYTES", "2147483648"),
         ("IMAGE_GATEWAY_MAX_IMAGES", "2147483648"),
         ("IMAGE_GATEWAY_WORKERS", "99999999999"),
+        # Made one by one at start-up: minutes spent before failing.
+        ("IMAGE_GATEWAY_WORKERS", "1025"),
+        ("IMAGE_GATEWAY_HTTP_THREADS", "2147483647"),
+        ("IMAGE_GATEWAY_GRPC_THREADS", "1025"),
+        ("IMAGE_GATEWAY_GRPC_CALLS", "1025"),
+        ("IMAGE_GATEWAY_MAX_STREAMS", "1025"),
+        ("IMAGE_GATEWAY_MODEL_THREADS", "1025"),
         ("IMAGE_GATEWAY_SHUTDOWN_GRACE", "1e300"),
         ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "٣"),
         ("IMAGE_GATEWAY_REQUEST_TIMEOUT", "inf"),
@@ -109,6 +116,13 @@ def test_flags_win_and_model_repeats() -> None:
 def test_bad_values_are_refused(name: str, value: str) -> None:
     with pytest.raises(SystemExit):
         config.parse([], {name: value})
+
+
+def test_a_thousand_threads_a_worker_are_allowed() -> None:
+    names = ["workers", "http_threads", "grpc_threads", "grpc_calls", "max_streams"]
+    s = config.parse([], {config.env_name(n): "1024" for n in names + ["model_threads"]})
+    assert {getattr(s, n) for n in names} == {1024}
+    assert s.model_threads == 1024
 
 
 @pytest.mark.parametrize(
