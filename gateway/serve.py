@@ -204,20 +204,35 @@ def _serve_until_signal(
     drained: Callable[[float], None] | None = None,
 ) -> int:
     stopping = threading.Event()
+    serving = threading.Event()
+
+    def _stop(why: str) -> None:
+        if serving.is_set():
+            stopping.set()
+            return
+        # Nothing is served yet, and a model still loading never reads `stopping`: the process
+        # stayed for the whole load, and a worker orphaned by a SIGKILL of its supervisor
+        # with it. Nothing is in flight, so there is nothing to drain.
+        log.info("%s before serving; %s", why, "exiting" if parent else "image-gateway stopped")
+        os._exit(0)
+
     if parent is not None:
         # A worker whose supervisor is gone (killed with SIGKILL, say) drains and exits rather
         # than holding the ports for ever.
         def _watch_parent() -> None:
             while not stopping.wait(1.0):
                 if os.getppid() != parent:
-                    log.warning("the supervisor is gone; shutting down")
-                    stopping.set()
+                    if serving.is_set():
+                        log.warning("the supervisor is gone; shutting down")
+                    _stop("the supervisor is gone")
 
         threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
 
     def _on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stopping.set()
+        name = signal.Signals(signum).name
+        if serving.is_set():
+            log.info("received %s, shutting down", name)
+        _stop(f"received {name}")
 
     for signum in workers.STOP_SIGNALS:
         signal.signal(signum, _on_signal)
@@ -229,10 +244,8 @@ def _serve_until_signal(
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    # A worker reports to its supervisor whatever happens; a signal during start-up leaves
-    # the supervisor's log without a ready line, or the single process's.
-    if parent is not None or not stopping.is_set():
-        on_ready(gateway)
+    serving.set()
+    on_ready(gateway)
     # With a timeout: the kernel may give a stop signal to another thread, and Python then runs
     # its handler only once the main thread wakes; waiting without one, it never did.
     while not stopping.wait(SIGNAL_LOOK):

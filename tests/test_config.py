@@ -120,7 +120,7 @@ def test_bad_values_are_refused(name: str, value: str) -> None:
 
 def test_a_thousand_threads_a_worker_are_allowed() -> None:
     names = ["workers", "http_threads", "grpc_threads", "grpc_calls", "max_streams"]
-    s = config.parse([], {config.env_name(n): "1024" for n in names + ["model_threads"]})
+    s = config.parse([], {config.env_name(n): "1024" for n in [*names, "model_threads"]})
     assert {getattr(s, n) for n in names} == {1024}
     assert s.model_threads == 1024
 

@@ -382,6 +382,72 @@ def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Pa
     assert "Traceback" not in text and "trying again" not in text
 
 
+def test_a_worker_loading_its_models_exits_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    # It noticed only once its load ended: an orphan for as long as the load took.
+    s = two_workers_serving(
+        tmp_path,
+        "    if pathlib.Path('slow').exists():\n"
+        "        pathlib.Path('loading').touch()\n"
+        "        time.sleep(600)\n",
+    )
+    try:
+        workers = set(spawned(s.proc.pid))
+        (tmp_path / "slow").touch()
+        killed = workers.pop()
+        os.kill(killed, signal.SIGKILL)
+        wait_for((tmp_path / "loading").exists, "a replacement loads its model", 30)
+        replacement = set(spawned(s.proc.pid)) - workers
+        assert len(replacement) == 1
+        s.proc.kill()
+        s.proc.wait()
+        wait_for(
+            lambda: not any(Path(f"/proc/{p}").exists() for p in workers | replacement),
+            "every worker exits",
+            30,
+        )
+    finally:
+        for pid in spawned(s.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        s.proc.kill()
+    text = s.log.read_text()
+    assert "the supervisor is gone before serving; exiting" in text
+    assert "Traceback" not in text
+
+
+def test_a_stop_signal_while_the_models_load_stops_a_single_process_at_once(
+    tmp_path: Path,
+) -> None:
+    # Its handler only set a flag the load never read: the stop waited for the whole load.
+    (tmp_path / "slow.py").write_text(
+        "import pathlib, time\n"
+        "def create():\n"
+        "    pathlib.Path('loading').touch()\n"
+        "    time.sleep(600)\n"
+    )
+    log = tmp_path / "server.log"
+    argv = [
+        str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+        "--workers", "1", "--model", "slow:create",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=tmp_path,
+    )
+    try:
+        wait_for((tmp_path / "loading").exists, "the model loads", 30)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert "received SIGTERM before serving; image-gateway stopped" in text
+    assert "Traceback" not in text
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
 def test_a_host_that_is_not_this_machines_is_named_in_one_line(workers: str, host: str) -> None:
