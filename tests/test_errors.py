@@ -156,6 +156,14 @@ def test_unknown_model(http_url: str, stub: pb_grpc.ImageGatewayServiceStub) -> 
     assert grpc_code(info.value) == (grpc.StatusCode.NOT_FOUND, "model_not_found")
 
 
+def test_get_model_with_an_empty_name_describes_the_default(
+    stub: pb_grpc.ImageGatewayServiceStub,
+) -> None:
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    described = stub.GetModel(pb.GetModelRequest(), timeout=10).model
+    assert described.is_default and described == models[0]
+
+
 def test_model_that_raises_gives_500_with_request_id_and_next_call_works(
     http_url: str, stub: pb_grpc.ImageGatewayServiceStub
 ) -> None:
