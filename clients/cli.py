@@ -1,6 +1,7 @@
 """image-gateway-client: call a gateway from the shell; prints JSON, the same for both protocols.
 
 image-gateway-client infer A.jpg [B.png ...] --url grpc://127.0.0.1:50051 [--model NAME]
+image-gateway-client infer A.jpg --url grpcs://gw.internal:50051 --ca-cert ca.pem
 image-gateway-client models --url http://127.0.0.1:5000
 image-gateway-client limits --url http://127.0.0.1:5000
 """
@@ -53,6 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=_seconds, default=60.0, help="seconds per call (default %(default)s)"
     )
+    tls_flags = {
+        "--ca-cert": "PEM CA certificates the gateway's must be signed by, over grpcs:// or "
+        "https:// (default: the system's)",
+        "--client-cert": "PEM certificate of this client, for a gateway that asks for one",
+        "--client-key": "PEM private key of --client-cert",
+    }
+    for flag, text in tls_flags.items():
+        parser.add_argument(flag, metavar="FILE", help=text)
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="run a model on image files, one result each")
     infer.add_argument("files", nargs="+", help="image files")
@@ -68,11 +77,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument(
             "--timeout", type=_seconds, default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
+        for flag in tls_flags:
+            sub.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     try:
         # One call at a time: one gRPC connection is all the CLI uses.
-        with GatewayClient(args.url, timeout=args.timeout, channels=1) as client:
+        with GatewayClient(
+            args.url,
+            timeout=args.timeout,
+            channels=1,
+            ca_cert=args.ca_cert,
+            client_cert=args.client_cert,
+            client_key=args.client_key,
+        ) as client:
             if args.command == "models":
                 _emit(json.dumps([asdict(m) for m in client.list_models()], indent=2))
                 return 0

@@ -1,6 +1,7 @@
 """GatewayClient: one API over grpc:// and http://, returning the same results from both.
 
 client = GatewayClient("grpc://127.0.0.1:50051")   # or "http://127.0.0.1:5000"
+client = GatewayClient("grpcs://gw.internal:50051", ca_cert="ca.pem")  # TLS
 result = client.infer("photo.jpg")                  # a path, bytes or a numpy array
 results = client.infer_batch(["a.jpg", b"...", array])
 """
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from clients.results import ErrorInfo, GatewayClientError, ImageResult, Limits, ModelInfo
+from clients.tls import TlsFiles
 
 ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
 
@@ -114,9 +116,16 @@ class GatewayClient:
         timeout: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channels: int = DEFAULT_CHANNELS,
+        ca_cert: str | os.PathLike[str] | None = None,
+        client_cert: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         scheme, target = _parse_url(url)
         _check_timeout(timeout)
+        tls = TlsFiles.of(ca_cert, client_cert, client_key)
+        if tls is not None and scheme not in ("grpcs", "https"):
+            # Sent in plaintext after all, and the files silently unused.
+            raise ValueError(f"{url!r}: certificate files need a grpcs:// or https:// URL")
         self.model = model
         self._closed = False
         # Calls under way, so that close() while other threads call lets them finish, alike
@@ -127,15 +136,17 @@ class GatewayClient:
         self._limits: Limits | None = None
         # What this client itself will send in one message; HTTP has no such cap.
         self._max_send: int | None = None
-        if scheme == "grpc":
+        if scheme in ("grpc", "grpcs"):
             from clients.grpc_transport import GrpcTransport
 
-            self._transport = GrpcTransport(target, timeout, max_message_bytes, channels)
+            self._transport = GrpcTransport(
+                target, timeout, max_message_bytes, channels, tls if scheme == "grpcs" else None
+            )
             self._max_send = max_message_bytes
         else:
             from clients.http_transport import HttpTransport
 
-            self._transport = HttpTransport(target, timeout)
+            self._transport = HttpTransport(target, timeout, tls)
 
     def infer(
         self,
@@ -372,14 +383,14 @@ class _Call:
 _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
 
 
-_SCHEMES = ("grpc", "http", "https")
+_SCHEMES = ("grpc", "grpcs", "http", "https")
 
 
 def _parse_url(url: str) -> tuple[str, str]:
     """The scheme, and what the transport connects to: host:port for grpc://, the base URL
     (a proxy's path prefix kept, trailing slashes not) for http:// and https://. What a
     transport would drop or misread is refused here, rather than sent somewhere else."""
-    usage = "use grpc://host:port or http://host:port"
+    usage = "use grpc://host:port, grpcs://host:port (TLS), http://host:port or https://..."
     try:
         parts = urlsplit(url.strip())
         port = parts.port  # raises for a port that is no number or out of range
@@ -395,16 +406,16 @@ def _parse_url(url: str) -> tuple[str, str]:
     if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
         # Over HTTP "?x=1" went before each path ("/?x=1/v1/infer": the browser page).
         raise ValueError(f"{url!r}: a gateway URL has no query or fragment")
-    if scheme != "grpc":
+    if scheme not in ("grpc", "grpcs"):
         return scheme, urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
     if parts.path.strip("/"):
         # gRPC calls name their own paths: a prefix was dropped without a word.
-        raise ValueError(f"{url!r}: a grpc:// URL has no path, only grpc://host:port")
+        raise ValueError(f"{url!r}: a {scheme}:// URL has no path, only {scheme}://host:port")
     if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{url!r}: a grpc:// URL has no user or password")
+        raise ValueError(f"{url!r}: a {scheme}:// URL has no user or password")
     if port is None:
         # grpc went to 443, the port of TLS, in plaintext.
-        raise ValueError(f"{url!r} names no port: use grpc://host:port")
+        raise ValueError(f"{url!r} names no port: use {scheme}://host:port")
     return scheme, parts.netloc
 
 

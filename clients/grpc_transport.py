@@ -22,6 +22,7 @@ from clients.results import (
     client_deadline,
     unreachable,
 )
+from clients.tls import TlsFiles
 
 _COLOR_MODES = {
     "color": pb.COLOR_MODE_COLOR,
@@ -97,7 +98,12 @@ class GrpcTransport:
     per channel is what makes grpc open a connection for each instead of sharing one."""
 
     def __init__(
-        self, target: str, timeout: float | None, max_message_bytes: int, channels: int = 1
+        self,
+        target: str,
+        timeout: float | None,
+        max_message_bytes: int,
+        channels: int = 1,
+        tls: TlsFiles | None = None,
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, not {channels}")
@@ -113,7 +119,14 @@ class GrpcTransport:
             # a 40 s restart stayed "unreachable" to this client for 26 s more.
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
         ]
-        self.channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
+        if tls is None:
+            self.channels = [grpc.insecure_channel(target, options) for _ in range(channels)]
+        else:
+            ca, key, chain = tls.read()
+            credentials = grpc.ssl_channel_credentials(ca, key, chain)
+            self.channels = [
+                grpc.secure_channel(target, credentials, options) for _ in range(channels)
+            ]
         stubs = [pb_grpc.ImageGatewayServiceStub(channel) for channel in self.channels]
         # Each call takes the next stub: one C call, safe from several threads under the GIL.
         self._stub = itertools.cycle(stubs).__next__

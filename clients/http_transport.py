@@ -18,6 +18,7 @@ from clients.results import (
     client_deadline,
     unreachable,
 )
+from clients.tls import TlsFiles
 
 T = TypeVar("T")
 
@@ -48,10 +49,18 @@ def _bad_response(response: requests.Response) -> GatewayClientError:
 
 
 class HttpTransport:
-    def __init__(self, base_url: str, timeout: float | None) -> None:
+    def __init__(self, base_url: str, timeout: float | None, tls: TlsFiles | None = None) -> None:
         self.base_url = base_url
         self.timeout = timeout
         self.session = requests.Session()
+        if tls is not None:
+            for path in (tls.ca_cert, tls.client_cert, tls.client_key):
+                if path is not None and not path.is_file():  # as over gRPC: found out now
+                    raise FileNotFoundError(f"{path}: no such file")
+            if tls.ca_cert is not None:
+                self.session.verify = str(tls.ca_cert)
+            if tls.client_cert is not None and tls.client_key is not None:
+                self.session.cert = (str(tls.client_cert), str(tls.client_key))
         adapter = HTTPAdapter(pool_maxsize=POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)

@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.core.batching import BatchPolicy
 from gateway.core.limits import Limits, PublishedLimits
+from gateway.tls import TlsFiles, load
 
 ENV_PREFIX = "IMAGE_GATEWAY_"
 MiB = 1024 * 1024
@@ -66,6 +67,16 @@ class Settings:
     log_level: str = "INFO"
     # One JSON line per request on the gateway.access logger ("on" or "off").
     access_log: str = "on"
+    # gRPC over TLS: PEM files, "" for plaintext. HTTP stays plaintext (see README, "TLS").
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
+    grpc_tls_client_ca: str = ""
+
+    @property
+    def grpc_tls(self) -> TlsFiles | None:
+        if not self.grpc_tls_cert:
+            return None
+        return TlsFiles(self.grpc_tls_cert, self.grpc_tls_key, self.grpc_tls_client_ca)
 
 
 _HELP = {
@@ -101,6 +112,11 @@ _HELP = {
     "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "on or off: one JSON line per request on stderr",
+    "grpc_tls_cert": "PEM certificate chain: gRPC is served over TLS (needs --grpc-tls-key); "
+    "read again when the file changes",
+    "grpc_tls_key": "PEM private key of --grpc-tls-cert",
+    "grpc_tls_client_ca": "PEM CA certificates: gRPC clients must present a certificate signed "
+    "by one of them (mutual TLS)",
 }
 
 
@@ -308,6 +324,7 @@ def from_namespace(
         if given is not None:
             values[f.name] = tuple(given) if isinstance(f.default, tuple) else given
     settings = Settings(**values)
+    _check_tls(settings, parser)
     if settings.http_port == settings.grpc_port != 0:
         # With several workers both servers joined one SO_REUSEPORT group, and the kernel gave
         # gRPC's connections to the HTTP server as often as not.
@@ -317,6 +334,21 @@ def from_namespace(
             "HTTP and gRPC need ports of their own"
         )
     return settings
+
+
+def _check_tls(settings: Settings, parser: argparse.ArgumentParser) -> None:
+    """A TLS setting that cannot work is a start-up error, not a handshake failure for every
+    client; the files are read again by each worker."""
+    if bool(settings.grpc_tls_cert) != bool(settings.grpc_tls_key):
+        parser.error("--grpc-tls-cert and --grpc-tls-key go together")
+    if settings.grpc_tls_client_ca and not settings.grpc_tls_cert:
+        parser.error("--grpc-tls-client-ca needs --grpc-tls-cert and --grpc-tls-key")
+    files = settings.grpc_tls
+    if files is not None:
+        try:
+            load(files)
+        except ValueError as exc:
+            parser.error(str(exc))
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -151,8 +151,10 @@ def _remove_orphaned_metrics() -> None:
 def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) -> None:
     """The one line that says the gateway serves, and where (tools wait for it)."""
     host = url_host(settings.host)
+    files = settings.grpc_tls
+    tls = "" if files is None else " grpc_tls=" + ("mutual" if files.client_ca else "on")
     log.info(
-        "image-gateway ready: http=http://%s:%d grpc=%s:%d models=%s workers=%d pid=%d",
+        "image-gateway ready: http=http://%s:%d grpc=%s:%d models=%s workers=%d pid=%d%s",
         host,
         http_port,
         host,
@@ -160,6 +162,7 @@ def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) ->
         ",".join(settings.model),
         count,
         os.getpid(),
+        tls,
     )
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 from gateway import config
 from gateway.config import Settings
+from tests.pki import Authority
 
 
 def test_defaults_bind_loopback() -> None:
@@ -17,7 +19,9 @@ def test_defaults_bind_loopback() -> None:
     assert s.max_request_bytes > 20 * 1024 * 1024
 
 
-def test_every_flag_has_an_environment_variable() -> None:
+def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
+    pki = Authority(tmp_path, "env")
+    server = pki.server()
     env = {
         "IMAGE_GATEWAY_HOST": "0.0.0.0",
         "IMAGE_GATEWAY_HTTP_PORT": "8080",
@@ -43,6 +47,9 @@ def test_every_flag_has_an_environment_variable() -> None:
         "IMAGE_GATEWAY_SHUTDOWN_GRACE": "1.5",
         "IMAGE_GATEWAY_LOG_LEVEL": "DEBUG",
         "IMAGE_GATEWAY_ACCESS_LOG": "off",
+        "IMAGE_GATEWAY_GRPC_TLS_CERT": str(server.cert),
+        "IMAGE_GATEWAY_GRPC_TLS_KEY": str(server.key),
+        "IMAGE_GATEWAY_GRPC_TLS_CLIENT_CA": str(pki.ca_cert),
     }
     assert config.parse([], env) == Settings(
         host="0.0.0.0",
@@ -69,6 +76,9 @@ def test_every_flag_has_an_environment_variable() -> None:
         shutdown_grace=1.5,
         log_level="DEBUG",
         access_log="off",
+        grpc_tls_cert=str(server.cert),
+        grpc_tls_key=str(server.key),
+        grpc_tls_client_ca=str(pki.ca_cert),
     )
     assert len(env) == len(fields(Settings))
 

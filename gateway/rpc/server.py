@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,11 +12,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from gateway import tls
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.dataplane import DataPlane
 from gateway.rpc import wire
 from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import ImageGatewayServicer, abort, call_request_id
+
+log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGatewayService"]
 SERVICE_NAME = SERVICE.full_name
@@ -181,7 +185,36 @@ def build_grpc_server(
         _CountedReflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), servicer),
         _Tolerant(server),
     )
-    port = server.add_insecure_port(f"{url_host(settings.host)}:{settings.grpc_port}")
+    address = f"{url_host(settings.host)}:{settings.grpc_port}"
+    files = settings.grpc_tls
+    if files is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, _credentials(tls.Reloader(files)))
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
     return server, port, health_servicer
+
+
+def _credentials(reloader: tls.Reloader) -> grpc.ServerCredentials:
+    """TLS credentials that take rotated certificate files at the next connection."""
+
+    def configuration(pems: tls.Pems) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(pems.key, pems.cert_chain)], root_certificates=pems.client_ca
+        )
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        # grpc calls this before each handshake; an exception here would fail the handshake.
+        try:
+            pems = reloader.changed()
+        except Exception:
+            log.exception("reading the gRPC TLS files")
+            return None
+        return None if pems is None else configuration(pems)
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(reloader.current),
+        fetch,
+        require_client_authentication=reloader.current.client_ca is not None,
+    )

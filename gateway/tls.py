@@ -1,0 +1,97 @@
+"""The gRPC server's certificate files: checked at start-up, read again when they change.
+
+Certificates are rotated in place (cert-manager, a Kubernetes Secret's volume): a server that read
+them once served an expired certificate until restarted. The files are checked with the
+standard library's ssl module, so that a key that does not match its certificate, or a file
+that is not PEM, is a start-up error naming the flag, not a handshake failure for every client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: str
+    key: str
+    # Clients must present a certificate signed by one of these (mutual TLS); "" for none.
+    client_ca: str = ""
+
+
+@dataclass(frozen=True)
+class Pems:
+    cert_chain: bytes
+    key: bytes
+    client_ca: bytes | None
+
+
+def load(files: TlsFiles) -> Pems:
+    """The files' contents, once they make a usable server certificate; ValueError naming the
+    flag and the reason otherwise."""
+    try:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        where = "--grpc-tls-cert / --grpc-tls-key"
+        context.load_cert_chain(files.cert, files.key)
+        if files.client_ca:
+            where = "--grpc-tls-client-ca"
+            context.load_verify_locations(cafile=files.client_ca)
+        with open(files.cert, "rb") as cert, open(files.key, "rb") as key:
+            cert_chain, key_pem = cert.read(), key.read()
+        client_ca = None
+        if files.client_ca:
+            with open(files.client_ca, "rb") as ca:
+                client_ca = ca.read()
+    except ssl.SSLError as exc:
+        # The ssl module's reasons ("KEY_VALUES_MISMATCH", "NO_START_LINE") name the fault.
+        raise ValueError(f"{where}: {exc.reason or exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{where}: {exc.strerror or exc}: {exc.filename}") from None
+    return Pems(cert_chain, key_pem, client_ca)
+
+
+def _signature(files: TlsFiles) -> tuple[tuple[int, int, int], ...] | None:
+    """What changes when a file is rewritten or replaced (a Secret's volume swaps a symlink)."""
+    try:
+        stats = [os.stat(path) for path in (files.cert, files.key, files.client_ca) if path]
+    except OSError:
+        return None
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+
+class Reloader:
+    """Hands out the files' contents again once they have changed and make a usable
+    certificate; until then, the last good ones stay in use."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self._seen = _signature(files)
+        self.current = load(files)
+
+    def changed(self) -> Pems | None:
+        """New contents if the files changed since last seen and are usable, else None. Cheap
+        when nothing changed (a stat per file): it is asked at every new connection."""
+        seen = _signature(self.files)
+        if seen is None or seen == self._seen:
+            return None
+        try:
+            pems = load(self.files)
+        except ValueError as exc:
+            # Half-way through a rotation the key may not match the certificate yet: keep the
+            # old pair, and try again once the files change again.
+            log.warning("gRPC TLS files changed but cannot be used (%s); keeping the old", exc)
+            self._seen = seen
+            return None
+        if _signature(self.files) != seen:
+            return None  # rewritten while read: read again at the next connection
+        self._seen = seen
+        if pems == self.current:
+            return None
+        self.current = pems
+        log.info("gRPC TLS certificate reloaded from %s", self.files.cert)
+        return pems

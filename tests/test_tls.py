@@ -1,0 +1,214 @@
+"""gRPC over TLS: server certificates, client certificates (mutual TLS), rotation, and what a
+setting that cannot work gives at start-up."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from clients.client import GatewayClient, ImageLike
+from clients.results import GatewayClientError
+from gateway import config
+from gateway.config import Settings
+from gateway.serve import Gateway, start
+from tests.conftest import IMAGES
+from tests.pki import Authority, Issued
+
+BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+IMAGE = IMAGES[0]
+
+
+def serve_tls(server: Issued, client_ca: Path | None = None) -> Gateway:
+    return start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            shutdown_grace=1.0,
+            grpc_tls_cert=str(server.cert),
+            grpc_tls_key=str(server.key),
+            grpc_tls_client_ca="" if client_ca is None else str(client_ca),
+        )
+    )
+
+
+def grpcs(gateway: Gateway) -> str:
+    return f"grpcs://{gateway.grpc_target}"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Authority:
+    return Authority(tmp_path_factory.mktemp("pki"), "main")
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(pki: Authority) -> Iterator[Gateway]:
+    gw = serve_tls(pki.server())
+    yield gw
+    gw.stop()
+
+
+def test_grpcs_answers_as_http_does(tls_gateway: Gateway, pki: Authority) -> None:
+    with (
+        GatewayClient(grpcs(tls_gateway), ca_cert=pki.ca_cert, timeout=10) as secure,
+        GatewayClient(tls_gateway.http_url, timeout=10) as plain,
+    ):
+        assert secure.infer(IMAGE) == plain.infer(IMAGE)
+        batch: list[ImageLike] = [IMAGE, b"not an image"]
+        assert secure.infer_batch(batch) == plain.infer_batch(batch)
+        assert secure.list_models() == plain.list_models()
+
+
+def test_health_checks_go_over_tls_too(tls_gateway: Gateway, pki: Authority) -> None:
+    credentials = grpc.ssl_channel_credentials(pki.ca_cert.read_bytes())
+    with grpc.secure_channel(tls_gateway.grpc_target, credentials) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("how", ["plaintext", "untrusted"])
+def test_a_client_without_the_servers_trust_gets_no_answer(
+    tls_gateway: Gateway, tmp_path: Path, how: str
+) -> None:
+    if how == "plaintext":
+        client = GatewayClient(f"grpc://{tls_gateway.grpc_target}", timeout=5)
+    else:
+        other = Authority(tmp_path, "other")
+        client = GatewayClient(grpcs(tls_gateway), ca_cert=other.ca_cert, timeout=5)
+    with client, pytest.raises(GatewayClientError) as info:
+        client.infer(IMAGE)
+    assert info.value.code == "unreachable"
+
+
+def test_mutual_tls_takes_only_clients_the_ca_signed(pki: Authority, tmp_path: Path) -> None:
+    signed = pki.issue("client", "client@example.com")
+    stranger = Authority(tmp_path, "stranger").issue("client", "client@example.com")
+    gw = serve_tls(pki.server("mutual"), client_ca=pki.ca_cert)
+    try:
+        with GatewayClient(
+            grpcs(gw), ca_cert=pki.ca_cert, client_cert=signed.cert, client_key=signed.key
+        ) as client:
+            assert client.infer(IMAGE).ok
+        for refused in (
+            GatewayClient(grpcs(gw), ca_cert=pki.ca_cert, timeout=5),
+            GatewayClient(
+                grpcs(gw),
+                ca_cert=pki.ca_cert,
+                client_cert=stranger.cert,
+                client_key=stranger.key,
+                timeout=5,
+            ),
+        ):
+            with refused, pytest.raises(GatewayClientError) as info:
+                refused.infer(IMAGE)
+            assert info.value.code == "unreachable"
+    finally:
+        gw.stop()
+
+
+def test_rotated_files_are_served_to_new_connections(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A certificate rotated in place (cert-manager, a Secret's volume) was read only at start:
+    # the gateway served the old one until restarted.
+    first, second = Authority(tmp_path, "first"), Authority(tmp_path, "second")
+    live = Issued(tmp_path / "live.pem", tmp_path / "live-key.pem")
+
+    def install(issued: Issued) -> None:
+        shutil.copyfile(issued.cert, live.cert)
+        shutil.copyfile(issued.key, live.key)
+
+    def answers(ca: Authority) -> bool:
+        with GatewayClient(grpcs(gw), ca_cert=ca.ca_cert, timeout=5) as client:
+            try:
+                return client.infer(IMAGE).ok
+            except GatewayClientError as exc:
+                assert exc.code == "unreachable"
+                return False
+
+    install(first.server())
+    gw = serve_tls(live)
+    try:
+        assert answers(first) and not answers(second)
+        install(second.server())
+        assert answers(second) and not answers(first)
+        # Half-way through a rotation: a key that is not the certificate's. The pair in use
+        # stays, and the files are tried again once they change again.
+        with caplog.at_level(logging.WARNING, logger="gateway.tls"):
+            shutil.copyfile(first.server("next").cert, live.cert)
+            assert answers(second)
+        assert "cannot be used" in caplog.text
+        install(first.server("last"))
+        assert answers(first)
+    finally:
+        gw.stop()
+
+
+PAIR = ["--grpc-tls-cert", "{cert}", "--grpc-tls-key", "{key}"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--grpc-tls-cert", "{cert}"], "--grpc-tls-cert and --grpc-tls-key go together"),
+        (["--grpc-tls-key", "{key}"], "--grpc-tls-cert and --grpc-tls-key go together"),
+        (["--grpc-tls-client-ca", "{ca}"], "--grpc-tls-client-ca needs --grpc-tls-cert"),
+        (["--grpc-tls-cert", "{cert}", "--grpc-tls-key", "{ca}"], "--grpc-tls-cert / --grpc"),
+        (["--grpc-tls-cert", "{cert}", "--grpc-tls-key", "{other_key}"], "KEY_VALUES_MISMATCH"),
+        (["--grpc-tls-cert", "{tmp}/none.pem", "--grpc-tls-key", "{key}"], "No such file"),
+        ([*PAIR, "--grpc-tls-client-ca", "{key}"], "--grpc-tls-client-ca"),
+    ],
+)
+def test_tls_settings_that_cannot_work_are_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], expected: str
+) -> None:
+    pki = Authority(tmp_path, "flags")
+    server, other = pki.server(), pki.server("other")
+    paths = {
+        "cert": server.cert,
+        "key": server.key,
+        "ca": pki.ca_cert,
+        "other_key": other.key,
+        "tmp": tmp_path,
+    }
+    with pytest.raises(SystemExit) as info:
+        config.parse([flag.format(**paths) for flag in flags], {})
+    assert info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert expected in error and "Traceback" not in error
+
+
+def test_client_certificate_files_need_a_tls_url(pki: Authority) -> None:
+    with pytest.raises(ValueError, match="grpcs:// or https://"):
+        GatewayClient("grpc://127.0.0.1:50051", ca_cert=pki.ca_cert)
+    with pytest.raises(ValueError, match="go together"):
+        GatewayClient("grpcs://127.0.0.1:50051", client_cert=pki.ca_cert)
+    with pytest.raises(FileNotFoundError):
+        GatewayClient("grpcs://127.0.0.1:50051", ca_cert="/nonexistent/ca.pem")
+    with pytest.raises(FileNotFoundError):
+        GatewayClient("https://127.0.0.1:5000", ca_cert="/nonexistent/ca.pem")
+
+
+def test_cli_over_grpcs_prints_what_it_prints_over_http(
+    tls_gateway: Gateway, pki: Authority
+) -> None:
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [str(BIN / "image-gateway-client"), *args, "infer", str(IMAGE)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    secure = cli("--url", grpcs(tls_gateway), "--ca-cert", str(pki.ca_cert))
+    assert secure == cli("--url", tls_gateway.http_url)
