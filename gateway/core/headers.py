@@ -205,16 +205,32 @@ def _png(view: memoryview) -> Dimensions:
         raise HeaderError("no PNG signature")
     if _int(view, 8, 4) != 13 or bytes(view[12:16]) != b"IHDR":
         raise HeaderError("the first chunk is not a 13-byte IHDR")
-    texts = (m for m in _PNG_TEXT.finditer(view, 33) if view[m.start() - 1] in _PNG_COMPRESSED_TEXT)
+    texts = (m for m in _PNG_TEXT.finditer(view, 33) if _png_inflated_text(view, m.start() - 1))
     count = 0
     for count, _ in enumerate(texts, 1):
         if count > MAX_PNG_TEXT_CHUNKS:
             raise HeaderError(
-                f"more than {MAX_PNG_TEXT_CHUNKS} compressed text chunks (zTXt, iTXt), which "
-                "the decoder would inflate, up to 8 MB each"
+                f"more than {MAX_PNG_TEXT_CHUNKS} compressed text chunks (zTXt, compressed "
+                "iTXt), which the decoder would inflate, up to 8 MB each"
             )
     size = _dims(_int(view, 16, 4), _int(view, 20, 4))
     return Dimensions(size.width, size.height, text_chunks=count)
+
+
+def _png_inflated_text(view: memoryview, kind: int) -> bool:
+    """Whether the text chunk whose type starts at `kind` is one libpng inflates: a zTXt, or an
+    iTXt whose compression flag is set. An iTXt may hold its text uncompressed (flag 0, after a
+    keyword of 1 to 79 bytes; Pillow writes them so by default), and libpng then only copies
+    it: counting those refused valid PNGs of nine such chunks. Whatever cannot be read as an
+    uncompressed iTXt counts, as bytes that are no chunk do."""
+    if view[kind] not in _PNG_COMPRESSED_TEXT:
+        return False
+    if view[kind] != ord("i"):
+        return True
+    length, start = _int(view, kind - 4, 4), kind + 4
+    keyword = bytes(view[start : start + min(length, 80)]).find(b"\0")
+    flag = start + keyword + 1
+    return not (keyword > 0 and flag < min(start + length, len(view)) and view[flag] == 0)
 
 
 def _gif(view: memoryview) -> Dimensions:
