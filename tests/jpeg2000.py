@@ -16,14 +16,26 @@ def segment(marker: int, payload: bytes) -> bytes:
     return struct.pack(">HH", marker, 2 + len(payload)) + payload
 
 
+# Precincts: one size (width, height; powers of two) for every resolution level, or one a level
+# from the lowest.
+Precincts = tuple[int, int] | list[tuple[int, int]] | None
+
+
+def halved_precincts(size: int, levels: int) -> list[tuple[int, int]]:
+    """Precincts of `size` samples at the highest resolution level, halved for each level below
+    (down to 2), as OpenJPEG sets them from one size (opj_compress -c [256,256], Pillow's
+    precinct_size)."""
+    return [(max(size >> (levels - level), 2),) * 2 for level in range(levels + 1)]
+
+
 def cod(
     code_block: tuple[int, int] = (64, 64),
     levels: int = 0,
-    precincts: tuple[int, int] | None = None,
+    precincts: Precincts = None,
 ) -> bytes:
     """A COD segment: one quality layer, `levels` decomposition levels, code-blocks of
     `code_block` samples (width, height; powers of two) and, if given, precincts of `precincts`
-    samples at every resolution level."""
+    samples."""
     style = struct.pack(">BBHB", 1 if precincts else 0, 0, 1, 0)
     return segment(COD, style + _coding(code_block, levels, precincts))
 
@@ -32,19 +44,27 @@ def coc(
     component: int,
     code_block: tuple[int, int],
     levels: int = 0,
-    precincts: tuple[int, int] | None = None,
+    precincts: Precincts = None,
 ) -> bytes:
     """A COC segment: as COD, for one component of fewer than 257."""
     style = struct.pack(">BB", component, 1 if precincts else 0)
     return segment(COC, style + _coding(code_block, levels, precincts))
 
 
-def _coding(code_block: tuple[int, int], levels: int, precincts: tuple[int, int] | None) -> bytes:
+def _per_level(precincts: Precincts, levels: int) -> list[tuple[int, int]] | None:
+    """The precinct sizes of each resolution level, as powers of two, from the lowest."""
+    if not precincts:
+        return None
+    sizes = precincts if isinstance(precincts, list) else [precincts] * (levels + 1)
+    assert len(sizes) == levels + 1
+    return [(w.bit_length() - 1, h.bit_length() - 1) for w, h in sizes]
+
+
+def _coding(code_block: tuple[int, int], levels: int, precincts: Precincts) -> bytes:
     width, height = (size.bit_length() - 1 for size in code_block)
     payload = struct.pack(">BBBBB", levels, width - 2, height - 2, 0, 1)
-    if precincts:
-        x, y = (size.bit_length() - 1 for size in precincts)
-        payload += bytes([y << 4 | x]) * (levels + 1)
+    for x, y in _per_level(precincts, levels) or []:
+        payload += bytes([y << 4 | x])
     return payload
 
 
@@ -56,7 +76,7 @@ def codestream(
     tile: tuple[int, int] | None = None,
     code_block: tuple[int, int] = (64, 64),
     levels: int = 0,
-    precincts: tuple[int, int] | None = None,
+    precincts: Precincts = None,
     main_header: bytes = b"",
     tile_header: bytes = b"",
     bits: int = 8,
@@ -85,14 +105,12 @@ def codestream(
     return data + struct.pack(">H", EOC)
 
 
-def _precincts(
-    tile: tuple[int, int, int, int], levels: int, precincts: tuple[int, int] | None
-) -> int:
+def _precincts(tile: tuple[int, int, int, int], levels: int, precincts: Precincts) -> int:
     """How many precincts the resolution levels of one tile-component have together."""
-    x_exp, y_exp = (s.bit_length() - 1 for s in precincts) if precincts else (15, 15)
+    sizes = _per_level(precincts, levels) or [(15, 15)] * (levels + 1)
     count = 0
-    for level in range(levels, -1, -1):  # the lowest resolution first
-        x0, y0, x1, y1 = (-(-edge >> level) for edge in tile)  # ceil(edge / 2^level)
+    for level, (x_exp, y_exp) in enumerate(sizes):  # the lowest resolution first
+        x0, y0, x1, y1 = (-(-edge >> (levels - level)) for edge in tile)  # ceil(edge / 2^n)
         if x1 > x0 and y1 > y0:
             across = -(-x1 >> x_exp) - (x0 >> x_exp)
             down = -(-y1 >> y_exp) - (y0 >> y_exp)

@@ -41,7 +41,7 @@ from tests.bombs import (
 )
 from tests.conftest import IMAGES
 from tests.hostile import png_with_text_chunks, progressive_jpeg_with_scans
-from tests.jpeg2000 import SOT, coc, cod, codestream, jp2, segment
+from tests.jpeg2000 import SOT, coc, cod, codestream, halved_precincts, jp2, segment
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -664,6 +664,11 @@ SMALL_CODE_BLOCKS = {
     # precinct (8x8) in the sub-bands of the levels above it.
     "2x2 precincts": codestream(256, 256, precincts=(2, 2)),
     "16x16 precincts above the lowest level": codestream(256, 256, levels=1, precincts=(16, 16)),
+    # Halved from 32x32 at the highest level, precincts make code-blocks of 16x16 or less in
+    # every level: one for every 67 samples. 4 components at 2000x2000 peaked at 54 bytes a pixel.
+    "precincts halved from 32x32": codestream(
+        256, 256, levels=5, precincts=halved_precincts(32, 5)
+    ),
     # A COD or COC segment sets the code-blocks of one component, or of one tile in a tile-part's
     # header.
     "in a COC": codestream(256, 256, components=3, main_header=coc(1, (4, 4))),
@@ -703,6 +708,18 @@ def test_jpeg2000_code_blocks_of_256_samples_or_more_are_read(
 ) -> None:
     data = codestream(256, 256, code_block=code_block, precincts=precincts, levels=levels)
     assert dimensions(data, "jpeg2000") == Dimensions(256, 256)
+    assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
+
+
+@pytest.mark.parametrize("size", [256, 128, 64])
+def test_jpeg2000_precincts_halved_toward_the_lowest_level_are_read(size: int) -> None:
+    # OpenJPEG halves the precincts given for the highest resolution level at each level below
+    # (opj_compress -c [256,256], Pillow's precinct_size): they cut code-blocks down to 8x8 or
+    # 4x4 only in the lowest levels, which hold a few thousandths of the samples. 4 components at
+    # 2000x2000 peaked at 20 (256), 22 (128) and 29 (64) bytes a pixel; 64x64 code-blocks at 20.
+    data = codestream(512, 512, levels=5, precincts=halved_precincts(size, 5))
+    assert dimensions(data, "jpeg2000") == Dimensions(512, 512)
+    assert dimensions(jp2(data), "jpeg2000") == Dimensions(512, 512)
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is not None
 
 

@@ -14,6 +14,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.headers import MAX_PNG_TEXT_CHUNKS, Dimensions, HeaderError, dimensions
 from tests.hostile import png_chunk
+from tests.jpeg2000 import codestream, halved_precincts, jp2
 from tests.wire import grpc_result, post_octet
 
 FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
@@ -80,3 +81,12 @@ def test_an_itxt_chunk_that_is_not_whole_counts_as_compressed() -> None:
         data = png[:33] + png_chunk(b"iTXt", body) * (MAX_PNG_TEXT_CHUNKS + 1) + png[33:]
         with pytest.raises(HeaderError, match="text chunks"):
             dimensions(data, "png")
+
+
+def test_a_jpeg2000_with_precincts_halved_by_level_decodes(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # As opj_compress -c [128,128] writes it: 4x4 precincts, and code-blocks, at the lowest of
+    # six resolution levels.
+    data = jp2(codestream(512, 384, components=3, levels=5, precincts=halved_precincts(128, 5)))
+    assert_decodes_as_opencv(http_url, stub, data)

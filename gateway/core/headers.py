@@ -487,7 +487,14 @@ _J2K_TILE_BYTES, _J2K_TILE_COMPONENT_BYTES = 9000, 1100
 # samples a code-block (16x16) the records add at most about 2 bytes a sample. Encoders write
 # 64x64 (the default of OpenJPEG, Kakadu and cv2.imencode) or 32x32 (the cinema profiles); the
 # standard allows down to 4x4. Precincts smaller than the code-blocks cut them down to their size.
+# What counts is the code-blocks the whole image has, on average at least this many samples each:
+# precincts are often set for the highest resolution only, and OpenJPEG halves them for each
+# level below (opj_compress -c [256,256], Pillow's precinct_size), down to 8x8 or 4x4 at the
+# lowest levels, which hold a few thousandths of the samples.
 _J2K_MIN_CODE_BLOCK = 8  # log2 of the samples
+# Code-blocks a sample are counted in whole numbers of 1 / (4^33 * 2^20): the share of the samples
+# of any level of up to 32 decomposition levels, over code-blocks of up to 2^20 samples, is one.
+_J2K_LEVELS, _J2K_ONE_A_SAMPLE = 32, 4**33 << 20
 _J2K_SOT, _J2K_SOD, _J2K_COD, _J2K_COC = 0xFF90, 0xFF93, 0xFF52, 0xFF53
 
 
@@ -565,16 +572,19 @@ def _j2k_codestream(
             f"before decoding anything, and this gateway takes at most {_J2K_MAX_TILES} tiles"
         )
     siz_end = start + 4 + _int(view, start + 4, 2)
-    smallest = (10, 2)  # the smallest code-block's width and height, as powers of two
+    # The segment giving the most code-blocks a sample, and its smallest code-block's width and
+    # height as powers of two.
+    density, smallest = 0, (10, 2)
     for marker, payload, segment_end in _j2k_segments(view, siz_end, end, budget):
         if marker in (_J2K_COD, _J2K_COC):
-            found = _j2k_code_block(view, marker, payload, segment_end)
-            smallest = min(smallest, found, key=sum)
-    if sum(smallest) < _J2K_MIN_CODE_BLOCK:
+            found = _j2k_code_blocks(view, marker, payload, segment_end)
+            density, smallest = max((density, smallest), found, key=lambda d: d[0])
+    if density > _J2K_ONE_A_SAMPLE >> _J2K_MIN_CODE_BLOCK:
         raise CostlyImageError(
-            f"code-blocks of {1 << smallest[0]}x{1 << smallest[1]} samples; OpenJPEG keeps about "
-            f"400 bytes for each, and this gateway takes code-blocks of at least "
-            f"{1 << _J2K_MIN_CODE_BLOCK} samples (16x16)"
+            f"code-blocks of {1 << smallest[0]}x{1 << smallest[1]} samples, one for every "
+            f"{_J2K_ONE_A_SAMPLE // density} samples of the image; OpenJPEG keeps about 400 "
+            f"bytes for each, and this gateway takes code-blocks of at least "
+            f"{1 << _J2K_MIN_CODE_BLOCK} samples (16x16) on average"
         )
     # OpenJPEG returns the image as one plane of 32-bit samples a component, whatever OpenCV
     # makes of it. Unless the image is one tile from (0, 0), it decodes each tile into planes of
@@ -618,32 +628,46 @@ def _j2k_segments(
         pos += 2 + length
 
 
-def _j2k_code_block(view: memoryview, marker: int, start: int, end: int) -> tuple[int, int]:
-    """The smallest code-block (width and height, as powers of two) that a COD or COC segment
-    gives any resolution level: its code-block size, cut down where its precincts are smaller
-    (a precinct of 2^n samples holds code-blocks of at most 2^n, or 2^(n-1) in the sub-bands of
-    the resolution levels above the lowest)."""
+def _j2k_code_blocks(
+    view: memoryview, marker: int, start: int, end: int
+) -> tuple[int, tuple[int, int]]:
+    """The code-blocks a sample that a COD or COC segment makes (in units of 1 /
+    _J2K_ONE_A_SAMPLE), and its smallest code-block (width and height, as powers of two).
+
+    Each resolution level has the segment's code-block size, cut down where its precincts are
+    smaller (a precinct of 2^n samples holds code-blocks of at most 2^n, or 2^(n-1) in the
+    sub-bands of the resolution levels above the lowest), over its share of the samples: the
+    lowest of L decomposition levels holds 1/4^L of them, the sub-bands of level r 3/4^(L-r+1).
+    """
     if marker == _J2K_COD:  # Scod, then progression order, layers and colour transform
         style, at = _int(view, start, 1), start + 5
     else:  # Ccoc (one byte: fewer than 257 components), Scoc
         style, at = _int(view, start + 1, 1), start + 2
     levels, width, height = (_int(view, at + i, 1) for i in range(3))
     width, height = width + 2, height + 2
-    if levels > 32 or width > 10 or height > 10 or width + height > 12:
+    if levels > _J2K_LEVELS or width > 10 or height > 10 or width + height > 12:
         raise HeaderError("a COD or COC segment declares an impossible coding style")
-    precincts = levels + 1 if style & 1 else 0  # one byte a resolution level
-    if at + 5 + precincts > end:
+    precincts = style & 1  # then one byte a resolution level
+    if at + 5 + precincts * (levels + 1) > end:
         raise HeaderError("a COD or COC segment is truncated")
     smallest = width, height
-    for level in range(precincts):
-        byte = _int(view, at + 5 + level, 1)
+    if not precincts:  # one code-block size for every level
+        return _J2K_ONE_A_SAMPLE >> (width + height), smallest
+    density = 0
+    # The level's share of the samples: 1/4^L for the lowest, 3/4^(L-r+1) for level r above it.
+    share = _J2K_ONE_A_SAMPLE >> 2 * levels
+    for level, byte in enumerate(view[at + 5 : at + 6 + levels]):
         x, y = byte & 15, byte >> 4
-        if level > 0:
+        if level:
             if x == 0 or y == 0:
                 raise HeaderError("a precinct of one sample above the lowest resolution level")
             x, y = x - 1, y - 1
-        smallest = min(smallest, (min(width, x), min(height, y)), key=sum)
-    return smallest
+            share = 3 * _J2K_ONE_A_SAMPLE >> 2 * (levels - level + 1)
+        x, y = (width if width < x else x), (height if height < y else y)
+        density += share >> (x + y)
+        if x + y < smallest[0] + smallest[1]:
+            smallest = x, y
+    return density, smallest
 
 
 def _larger(a: Dimensions, b: Dimensions) -> Dimensions:
