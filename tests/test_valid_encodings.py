@@ -90,3 +90,42 @@ def test_a_jpeg2000_with_precincts_halved_by_level_decodes(
     # six resolution levels.
     data = jp2(codestream(512, 384, components=3, levels=5, precincts=halved_precincts(128, 5)))
     assert_decodes_as_opencv(http_url, stub, data)
+
+
+def pam(image: np.ndarray, tuple_type: str) -> bytes:
+    """An 8-bit PAM of `image`'s samples as they are (cv2.imencode writes no 2-channel one)."""
+    height, width = image.shape[:2]
+    depth = image.shape[2] if image.ndim == 3 else 1
+    header = f"P7\nWIDTH {width}\nHEIGHT {height}\nDEPTH {depth}\nMAXVAL 255\n"
+    return f"{header}TUPLTYPE {tuple_type}\nENDHDR\n".encode() + image.tobytes()
+
+
+def test_a_pam_that_opencv_would_convert_only_in_part_is_refused_in_that_mode(
+    http_url: str, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # OpenCV converts an RGBA PAM to 3 channels a quarter of each row at a time and leaves the
+    # rest as the memory was (it changed from one call to the next); a gray and alpha one to 1
+    # channel it writes past its rows.
+    rgba = np.dstack([picture(48, 64), np.full((48, 64), 200, np.uint8)])
+    gray_alpha = rgba[..., 1:3].copy()
+    for data in (
+        pam(rgba, "RGB_ALPHA"),
+        pam(gray_alpha, "GRAYSCALE_ALPHA"),
+    ):
+        for mode in ("color", "grayscale"):
+            answer = post_octet(http_url, "spy", data, params={"color_mode": mode})
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["error"]["code"] == "undecodable_image"
+            assert "PAM" in answer.json()["error"]["message"]
+        # Kept as they are, its channels are whole.
+        answer = post_octet(http_url, "spy", data, params={"color_mode": "unchanged"})
+        assert answer.status_code == 200, answer.text
+        expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert expected is not None
+        assert answer.json()["result"]["output"] == {"checksum": int(expected.sum())}
+    # Gray and RGB PAMs convert whole, in every mode.
+    for data in (
+        pam(rgba[..., :3].copy(), "RGB"),
+        pam(gray_alpha[..., 0].copy(), "GRAYSCALE"),
+    ):
+        assert_decodes_as_opencv(http_url, stub, data)

@@ -142,6 +142,7 @@ def decode(
     may be decoded reduced (see `reduction`); its info still gives the size it was sent at."""
     name = probed.format.name
     _refuse_misread_planes(probed, color_mode)
+    _refuse_unwritten_pixels(probed, color_mode)
     scale = reduction(probed, color_mode, min_size)
     flags = _FLAGS[color_mode]
     if scale > 1:
@@ -190,6 +191,18 @@ def _refuse_misread_planes(probed: Probe, color_mode: ColorMode) -> None:
             "than 8 bits a sample, which this gateway's OpenCV misreads in unchanged mode; send "
             "it in color or grayscale mode, or with its channels interleaved "
             "(PlanarConfiguration 1)",
+        )
+
+
+def _refuse_unwritten_pixels(probed: Probe, color_mode: ColorMode) -> None:
+    """Refuse an image that OpenCV would answer in this mode with pixels it never wrote, some of
+    them earlier requests' (a PAM whose channels it converts wrongly, gateway.core.headers)."""
+    if color_mode.value in probed.size.unwritten_modes:
+        raise GatewayError(
+            ErrorCode.UNDECODABLE_IMAGE,
+            f"the {probed.format.name} image is a PAM whose channels this gateway's OpenCV "
+            f"converts to {color_mode.value} mode only in part, leaving the rest of the image "
+            "unwritten; send it in a mode that keeps its channels (unchanged), or as PNG",
         )
 
 

@@ -50,6 +50,9 @@ class Dimensions:
     # A PNG's compressed text chunks (zTXt, iTXt), which libpng inflates, up to 8 MB each, and
     # holds while the image decodes (at most MAX_PNG_TEXT_CHUNKS); 0 for other formats.
     text_chunks: int = field(default=0, compare=False)
+    # The color modes ("color", "grayscale", "unchanged") in which OpenCV's decoder would answer
+    # pixels it never wrote (a PAM whose channels it converts wrongly); empty for other formats.
+    unwritten_modes: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def pixels(self) -> int:
@@ -1198,6 +1201,7 @@ def _pam(head: memoryview) -> Dimensions:
         raise HeaderError("no line break after P7")
     budget = _Budget()
     sizes: dict[bytes, int] = {}
+    tuple_type = b""
     for line in _PAM_LINE.finditer(head, 3):
         budget.spend()
         if line.end() >= len(head):
@@ -1207,12 +1211,45 @@ def _pam(head: memoryview) -> Dimensions:
         if key == b"ENDHDR":
             if b"WIDTH" not in sizes or b"HEIGHT" not in sizes:
                 raise HeaderError("no WIDTH or HEIGHT before ENDHDR")
-            return _dims(sizes[b"WIDTH"], sizes[b"HEIGHT"])
-        if key in (b"WIDTH", b"HEIGHT"):
+            size = _dims(sizes[b"WIDTH"], sizes[b"HEIGHT"])
+            if b"DEPTH" not in sizes or b"MAXVAL" not in sizes:
+                return size  # OpenCV refuses it
+            unwritten = _pam_unwritten_modes(sizes[b"DEPTH"], sizes[b"MAXVAL"], tuple_type)
+            return replace(size, unwritten_modes=unwritten)
+        if key in (b"WIDTH", b"HEIGHT", b"DEPTH", b"MAXVAL"):
             if key in sizes or len(fields) < 2:
                 raise HeaderError(f"{key.decode()} is repeated or empty")
             sizes[key] = _number(fields[1].strip())
+        elif key == b"TUPLTYPE":  # the last one counts
+            tuple_type = fields[1].strip() if len(fields) > 1 else b""
     raise HeaderError("no ENDHDR line")
+
+
+def _pam_unwritten_modes(depth: int, maxval: int, tuple_type: bytes) -> frozenset[str]:
+    """The color modes in which OpenCV's PAM reader (4.x and 5.0.0) leaves pixels unwritten.
+
+    Where the channels it returns are not the file's, it converts each row: RGB (TUPLTYPE RGB,
+    or none with DEPTH 3 and MAXVAL under 256) by reading three samples a pixel, anything else
+    by a loop that stops after WIDTH / DEPTH pixels, writing 3 bytes each whatever the target:
+    an RGBA PAM in `color` fills a quarter of each row, and the rest is memory the decoder
+    never wrote, which can hold an earlier request's pixels; a gray and alpha one in
+    `grayscale` writes past its rows. Samples of one bit (MAXVAL 1) it unpacks only into one or
+    three channels."""
+    if tuple_type == b"" and maxval < 256:
+        tuple_type = {1: b"GRAYSCALE", 3: b"RGB"}.get(depth, b"")
+    unwritten = set()
+    for mode, channels in (("color", 3), ("grayscale", 1), ("unchanged", depth)):
+        if maxval == 1:
+            whole = channels in (1, 3)
+        elif channels == depth:
+            whole = True  # copied as they are
+        elif tuple_type == b"RGB":
+            whole = depth >= 3
+        else:
+            whole = depth == 1
+        if not whole:
+            unwritten.add(mode)
+    return frozenset(unwritten)
 
 
 def _pfm(view: memoryview) -> Dimensions:
