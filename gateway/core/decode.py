@@ -26,8 +26,9 @@ from gateway.core.types import Buffer, ColorMode, ImageInfo
 # bad input would only flood the server log.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
-# EXIF orientation is ignored for every format: OpenCV applies it to JPEG only, and one rule for
-# all formats means the same pixels reach the model whatever container the client chose.
+# EXIF orientation is ignored for every format: OpenCV applies it to JPEG and to some PNG, WebP
+# and AVIF files only, and one rule for all formats means the same pixels reach the model
+# whatever container the client chose.
 _FLAGS = {
     ColorMode.COLOR: cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION,
     ColorMode.GRAYSCALE: cv2.IMREAD_GRAYSCALE | cv2.IMREAD_IGNORE_ORIENTATION,
