@@ -4,6 +4,8 @@ setting that cannot work gives at start-up."""
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from clients.results import GatewayClientError
 from gateway import config
 from gateway.config import Settings
 from gateway.serve import Gateway, start
-from tests.conftest import IMAGES
+from tests.conftest import IMAGES, wait_for
 from tests.pki import Authority, Issued
 
 BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
@@ -212,3 +214,39 @@ def test_cli_over_grpcs_prints_what_it_prints_over_http(
 
     secure = cli("--url", grpcs(tls_gateway), "--ca-cert", str(pki.ca_cert))
     assert secure == cli("--url", tls_gateway.http_url)
+
+
+@pytest.mark.parametrize("verbosity", [None, "INFO"])
+def test_failed_handshakes_stay_out_of_the_log_unless_asked_for(
+    pki: Authority, tmp_path: Path, verbosity: str | None
+) -> None:
+    # grpc wrote a line at INFO for each: a load balancer's TCP check every few seconds, or a
+    # plaintext client, filled the log.
+    server = pki.server("logged")
+    log = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    if verbosity:
+        env["GRPC_VERBOSITY"] = verbosity
+    argv = [
+        str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+        "--workers", "1", "--grpc-tls-cert", str(server.cert), "--grpc-tls-key", str(server.key),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env=env,
+    )
+    try:
+        wait_for(lambda: "ready:" in log.read_text(), "the gateway serves", 30)
+        target = re.search(r"grpc=(\S+)", log.read_text())
+        assert target
+        plaintext = GatewayClient(f"grpc://{target[1]}", timeout=5)
+        with plaintext, pytest.raises(GatewayClientError):
+            plaintext.infer(IMAGE)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ("Handshake failed" in log.read_text()) == (verbosity == "INFO")
