@@ -31,13 +31,23 @@ class Pems:
     client_ca: bytes | None
 
 
+class _EncryptedKeyError(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback, OpenSSL asks for an encrypted key's passphrase on the terminal, and a
+    # gateway started from one waited there; grpc could not use such a key anyway.
+    raise _EncryptedKeyError
+
+
 def load(files: TlsFiles) -> Pems:
     """The files' contents, once they make a usable server certificate; ValueError naming the
     flag and the reason otherwise."""
+    where = "--grpc-tls-cert / --grpc-tls-key"
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        where = "--grpc-tls-cert / --grpc-tls-key"
-        context.load_cert_chain(files.cert, files.key)
+        context.load_cert_chain(files.cert, files.key, password=_no_passphrase)
         if files.client_ca:
             where = "--grpc-tls-client-ca"
             context.load_verify_locations(cafile=files.client_ca)
@@ -47,9 +57,15 @@ def load(files: TlsFiles) -> Pems:
         if files.client_ca:
             with open(files.client_ca, "rb") as ca:
                 client_ca = ca.read()
+    except _EncryptedKeyError:
+        raise ValueError(
+            f"--grpc-tls-key: {files.key} is encrypted; give the key without its passphrase"
+        ) from None
     except ssl.SSLError as exc:
-        # The ssl module's reasons ("KEY_VALUES_MISMATCH", "NO_START_LINE") name the fault.
-        raise ValueError(f"{where}: {exc.reason or exc}") from None
+        # The ssl module's reasons ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_OR_CRL_FOUND") name
+        # the fault; a file that is no PEM of the right kind has none ("[SSL] PEM lib").
+        reason = exc.reason or "not a PEM certificate chain and its private key"
+        raise ValueError(f"{where}: {reason}") from None
     except OSError as exc:
         raise ValueError(f"{where}: {exc.strerror or exc}: {exc.filename}") from None
     return Pems(cert_chain, key_pem, client_ca)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import GatewayClient, ImageLike
@@ -167,6 +168,9 @@ PAIR = ["--grpc-tls-cert", "{cert}", "--grpc-tls-key", "{key}"]
         (["--grpc-tls-cert", "{cert}", "--grpc-tls-key", "{other_key}"], "KEY_VALUES_MISMATCH"),
         (["--grpc-tls-cert", "{tmp}/none.pem", "--grpc-tls-key", "{key}"], "No such file"),
         ([*PAIR, "--grpc-tls-client-ca", "{key}"], "--grpc-tls-client-ca"),
+        (["--grpc-tls-cert", "{key}", "--grpc-tls-key", "{key}"], "not a PEM certificate chain"),
+        # OpenSSL had asked for the passphrase on the terminal, and the start waited there.
+        (["--grpc-tls-cert", "{cert}", "--grpc-tls-key", "{encrypted}"], "is encrypted"),
     ],
 )
 def test_tls_settings_that_cannot_work_are_refused_at_start(
@@ -174,9 +178,19 @@ def test_tls_settings_that_cannot_work_are_refused_at_start(
 ) -> None:
     pki = Authority(tmp_path, "flags")
     server, other = pki.server(), pki.server("other")
+    encrypted = tmp_path / "encrypted-key.pem"
+    key = serialization.load_pem_private_key(server.key.read_bytes(), password=None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     paths = {
         "cert": server.cert,
         "key": server.key,
+        "encrypted": encrypted,
         "ca": pki.ca_cert,
         "other_key": other.key,
         "tmp": tmp_path,
