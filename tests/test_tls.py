@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from gateway.serve import Gateway, start
 from tests.conftest import IMAGES, wait_for
 from tests.pki import Authority, Issued
 
-BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+# The checkout's own code, run by this interpreter: a console script runs whichever copy
+# of the package was installed.
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE = IMAGES[0]
 
 
@@ -218,7 +221,8 @@ def test_cli_over_grpcs_prints_what_it_prints_over_http(
 ) -> None:
     def cli(*args: str) -> str:
         done = subprocess.run(
-            [str(BIN / "image-gateway-client"), *args, "infer", str(IMAGE)],
+            [sys.executable, "-m", "clients", *args, "infer", str(IMAGE)],
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=60,
@@ -242,7 +246,7 @@ def test_failed_handshakes_stay_out_of_the_log_unless_asked_for(
     if verbosity:
         env["GRPC_VERBOSITY"] = verbosity
     argv = [
-        str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+        sys.executable, "-m", "gateway", "serve", "--http-port", "0", "--grpc-port", "0",
         "--workers", "1", "--grpc-tls-cert", str(server.cert), "--grpc-tls-key", str(server.key),
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -250,6 +254,7 @@ def test_failed_handshakes_stay_out_of_the_log_unless_asked_for(
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
         env=env,
+        cwd=ROOT,
     )
     try:
         wait_for(lambda: "ready:" in log.read_text(), "the gateway serves", 30)
