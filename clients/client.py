@@ -139,6 +139,9 @@ class GatewayClient:
         if scheme in ("grpc", "grpcs"):
             from clients.grpc_transport import GrpcTransport
 
+            if scheme == "grpcs" and tls is None:
+                # No files: the system's CAs, as over https://. Left None, it was plaintext.
+                tls = TlsFiles(None, None, None)
             self._transport = GrpcTransport(
                 target, timeout, max_message_bytes, channels, tls if scheme == "grpcs" else None
             )

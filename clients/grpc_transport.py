@@ -103,6 +103,7 @@ class GrpcTransport:
         timeout: float | None,
         max_message_bytes: int,
         channels: int = 1,
+        # None for plaintext (grpc://); a TlsFiles of no files for TLS with the system's CAs.
         tls: TlsFiles | None = None,
     ) -> None:
         if channels < 1:

@@ -269,3 +269,21 @@ def test_failed_handshakes_stay_out_of_the_log_unless_asked_for(
         proc.kill()
         proc.wait()
     assert ("Handshake failed" in log.read_text()) == (verbosity == "INFO")
+
+
+def test_grpcs_without_certificate_files_still_speaks_tls(tls_gateway: Gateway) -> None:
+    # Without ca_cert, grpcs:// went out in plaintext: a plaintext gateway answered it, and a
+    # TLS one (signed by a CA the system does not trust, as here) seemed not to be there.
+    plain = start(Settings(http_port=0, grpc_port=0, shutdown_grace=1.0))
+    try:
+        for gw in (plain, tls_gateway):
+            with (
+                GatewayClient(grpcs(gw), timeout=5) as client,
+                pytest.raises(GatewayClientError) as info,
+            ):
+                client.limits()
+            assert info.value.code == "unreachable"
+            if gw is tls_gateway:
+                assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
+    finally:
+        plain.stop()
