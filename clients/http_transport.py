@@ -53,12 +53,16 @@ class HttpTransport:
         self.base_url = base_url
         self.timeout = timeout
         self.session = requests.Session()
+        # Given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override
+        # a session's `verify`, and a client given ca_cert checked the gateway against the
+        # environment's CAs instead. None leaves requests' default (those variables, certifi).
+        self._verify: str | None = None
         if tls is not None:
             for path in (tls.ca_cert, tls.client_cert, tls.client_key):
                 if path is not None and not path.is_file():  # as over gRPC: found out now
                     raise FileNotFoundError(f"{path}: no such file")
             if tls.ca_cert is not None:
-                self.session.verify = str(tls.ca_cert)
+                self._verify = str(tls.ca_cert)
             if tls.client_cert is not None and tls.client_key is not None:
                 self.session.cert = (str(tls.client_cert), str(tls.client_key))
         adapter = HTTPAdapter(pool_maxsize=POOL_SIZE)
@@ -78,7 +82,9 @@ class HttpTransport:
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         """The request, its failures to get an answer as GatewayClientError, as over gRPC."""
         try:
-            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+            return self.session.request(
+                method, url, timeout=self.timeout, verify=self._verify, **kwargs
+            )
         except requests.Timeout:
             raise client_deadline(self.timeout) from None
         except requests.ConnectionError as exc:

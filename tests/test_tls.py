@@ -3,12 +3,16 @@ setting that cannot work gives at start-up."""
 
 from __future__ import annotations
 
+import http.server
 import logging
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,3 +291,55 @@ def test_grpcs_without_certificate_files_still_speaks_tls(tls_gateway: Gateway) 
                 assert "CERTIFICATE_VERIFY_FAILED" in info.value.message
     finally:
         plain.stop()
+
+
+@pytest.fixture
+def https_stand_in(tls_gateway: Gateway, pki: Authority) -> Iterator[str]:
+    """An https:// server on loopback, asking for a client certificate the CA signed, that
+    answers every GET with the gateway's own GET /v1/limits (the HTTP front is plaintext)."""
+    with urllib.request.urlopen(f"{tls_gateway.http_url}/v1/limits", timeout=10) as answer:
+        body = answer.read()
+
+    class Limits(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    issued = pki.server("https")
+    context.load_cert_chain(issued.cert, issued.key)
+    context.load_verify_locations(pki.ca_cert)
+    context.verify_mode = ssl.CERT_REQUIRED
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Limits)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_uses_the_given_ca_even_with_a_ca_bundle_in_the_environment(
+    https_stand_in: str, pki: Authority, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests let REQUESTS_CA_BUNDLE (set in many containers) override ca_cert, and the
+    # gateway's certificate was checked against the environment's CAs and refused.
+    other = Authority(tmp_path, "environment")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(other.ca_cert))
+    monkeypatch.setenv("CURL_CA_BUNDLE", str(other.ca_cert))
+    client = pki.issue("https-client", "client@example.com")
+    with GatewayClient(
+        https_stand_in, ca_cert=pki.ca_cert, client_cert=client.cert, client_key=client.key
+    ) as gw:
+        assert gw.limits().max_images > 0
+    # Without a client certificate the stand-in refuses: the one above was sent.
+    with GatewayClient(https_stand_in, ca_cert=pki.ca_cert, timeout=5) as gw:
+        with pytest.raises(GatewayClientError) as info:
+            gw.limits()
+        assert info.value.code == "unreachable"
