@@ -41,9 +41,23 @@ def _no_passphrase() -> bytes:
     raise _EncryptedKeyError
 
 
+def _read(path: str, flag: str) -> bytes:
+    """The file's contents; ValueError naming the flag and the file when it cannot be read (the
+    ssl module's own error names neither: "Is a directory: None")."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ValueError(f"{flag}: {exc.strerror or exc}: {path}") from None
+
+
 def load(files: TlsFiles) -> Pems:
     """The files' contents, once they make a usable server certificate; ValueError naming the
     flag and the reason otherwise."""
+    # Read first, each under its own flag; then checked by OpenSSL from the same paths.
+    cert_chain = _read(files.cert, "--grpc-tls-cert")
+    key = _read(files.key, "--grpc-tls-key")
+    client_ca = _read(files.client_ca, "--grpc-tls-client-ca") if files.client_ca else None
     where = "--grpc-tls-cert / --grpc-tls-key"
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -51,12 +65,6 @@ def load(files: TlsFiles) -> Pems:
         if files.client_ca:
             where = "--grpc-tls-client-ca"
             context.load_verify_locations(cafile=files.client_ca)
-        with open(files.cert, "rb") as cert, open(files.key, "rb") as key:
-            cert_chain, key_pem = cert.read(), key.read()
-        client_ca = None
-        if files.client_ca:
-            with open(files.client_ca, "rb") as ca:
-                client_ca = ca.read()
     except _EncryptedKeyError:
         raise ValueError(
             f"--grpc-tls-key: {files.key} is encrypted; give the key without its passphrase"
@@ -66,9 +74,9 @@ def load(files: TlsFiles) -> Pems:
         # the fault; a file that is no PEM of the right kind has none ("[SSL] PEM lib").
         reason = exc.reason or "not a PEM certificate chain and its private key"
         raise ValueError(f"{where}: {reason}") from None
-    except OSError as exc:
-        raise ValueError(f"{where}: {exc.strerror or exc}: {exc.filename}") from None
-    return Pems(cert_chain, key_pem, client_ca)
+    except OSError as exc:  # gone since read, or replaced by a directory
+        raise ValueError(f"{where}: {exc.strerror or exc}") from None
+    return Pems(cert_chain, key, client_ca)
 
 
 def _signature(files: TlsFiles) -> tuple[tuple[int, int, int], ...] | None:
