@@ -79,6 +79,53 @@ def load(files: TlsFiles) -> Pems:
     return Pems(cert_chain, key, client_ca)
 
 
+# OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED.
+_DATES = (9, 10)
+
+
+def out_of_date(files: TlsFiles) -> str | None:
+    """ "certificate has expired" or "certificate is not yet valid" when clients will refuse the
+    certificate for its dates, else None. OpenSSL's own verdict, from a handshake in memory with a
+    client that trusts the certificate itself: the standard library parses no certificate file."""
+    try:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(files.cert, files.key, password=_no_passphrase)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname = False
+        client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        client.load_verify_locations(cafile=files.cert)
+    except (_EncryptedKeyError, OSError):
+        return None  # changed since checked; the next look at the files says why
+    wires = [ssl.MemoryBIO() for _ in range(4)]
+    ends = (
+        (client.wrap_bio(wires[0], wires[1]), wires[1], wires[2]),
+        (server.wrap_bio(wires[2], wires[3], server_side=True), wires[3], wires[0]),
+    )
+    for _ in range(4):  # TLS 1.3 takes two round trips here
+        for end, sent, peer in ends:
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                return str(exc.verify_message) if exc.verify_code in _DATES else None
+            except ssl.SSLError:
+                return None
+            peer.write(sent.read())
+    return None
+
+
+def _warn_if_out_of_date(files: TlsFiles) -> None:
+    problem = out_of_date(files)
+    if problem:
+        # It is served all the same: it may be what cert-manager is about to replace.
+        log.warning(
+            "gRPC TLS certificate %s: %s; clients refuse it until it is replaced",
+            files.cert,
+            problem,
+        )
+
+
 def _signature(files: TlsFiles) -> tuple[tuple[int, int, int], ...] | None:
     """What changes when a file is rewritten or replaced (a Secret's volume swaps a symlink)."""
     try:
@@ -96,6 +143,7 @@ class Reloader:
         self.files = files
         self._seen = _signature(files)
         self.current = load(files)
+        _warn_if_out_of_date(files)
 
     def changed(self) -> Pems | None:
         """New contents if the files changed since last seen and are usable, else None. Cheap
@@ -118,4 +166,5 @@ class Reloader:
             return None
         self.current = pems
         log.info("gRPC TLS certificate reloaded from %s", self.files.cert)
+        _warn_if_out_of_date(self.files)
         return pems

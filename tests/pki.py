@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import trustme
@@ -24,10 +25,10 @@ class Authority:
         self.ca_cert = directory / f"{name}-ca.pem"
         self._ca.cert_pem.write_to_path(str(self.ca_cert))
 
-    def issue(self, label: str, *identities: str) -> Issued:
+    def issue(self, label: str, *identities: str, not_after: datetime | None = None) -> Issued:
         """A certificate for `identities` (a server's host names and addresses, or a client's
         name) and its key, in `<name>-<label>.pem` and `<name>-<label>-key.pem`."""
-        issued = self._ca.issue_cert(*identities)
+        issued = self._ca.issue_cert(*identities, not_after=not_after)
         cert = self.directory / f"{self.name}-{label}.pem"
         key = self.directory / f"{self.name}-{label}-key.pem"
         cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))

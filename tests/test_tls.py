@@ -14,6 +14,7 @@ import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -347,3 +348,26 @@ def test_https_uses_the_given_ca_even_with_a_ca_bundle_in_the_environment(
         with pytest.raises(GatewayClientError) as info:
             gw.limits()
         assert info.value.code == "unreachable"
+
+
+def test_an_expired_certificate_is_served_with_a_warning(
+    pki: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It started without a word, and every client refused the certificate.
+    expired = pki.issue("expired", "127.0.0.1", not_after=datetime.now(timezone.utc) - timedelta(1))
+    live = Issued(tmp_path / "live.pem", tmp_path / "live-key.pem")
+    shutil.copyfile(expired.cert, live.cert)
+    shutil.copyfile(expired.key, live.key)
+    with caplog.at_level(logging.WARNING, logger="gateway.tls"):
+        gw = serve_tls(live)
+    try:
+        assert f"{live.cert}: certificate has expired" in caplog.text
+        caplog.clear()
+        fresh = pki.server("fresh")
+        shutil.copyfile(fresh.cert, live.cert)
+        shutil.copyfile(fresh.key, live.key)
+        with GatewayClient(grpcs(gw), ca_cert=pki.ca_cert, timeout=5) as client:
+            assert client.infer(IMAGE).ok
+        assert "expired" not in caplog.text
+    finally:
+        gw.stop()
