@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class Reloader:
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
+        self._looking = threading.Lock()
         self._seen = _signature(files)
         self.current = load(files)
         _warn_if_out_of_date(files)
@@ -148,6 +150,16 @@ class Reloader:
     def changed(self) -> Pems | None:
         """New contents if the files changed since last seen and are usable, else None. Cheap
         when nothing changed (a stat per file): it is asked at every new connection."""
+        # Handshakes may ask from several threads at once: one looks, the others go on with
+        # the pair in use rather than wait for it.
+        if not self._looking.acquire(blocking=False):
+            return None
+        try:
+            return self._look()
+        finally:
+            self._looking.release()
+
+    def _look(self) -> Pems | None:
         seen = _signature(self.files)
         if seen is None or seen == self._seen:
             return None
