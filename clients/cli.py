@@ -62,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     for flag, text in tls_flags.items():
         parser.add_argument(flag, metavar="FILE", help=text)
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the bearer token to send (default: $IMAGE_GATEWAY_TOKEN, if set)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="run a model on image files, one result each")
     infer.add_argument("files", nargs="+", help="image files")
@@ -77,11 +82,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_argument(
             "--timeout", type=_seconds, default=argparse.SUPPRESS, help=argparse.SUPPRESS
         )
-        for flag in tls_flags:
+        for flag in [*tls_flags, "--token-file"]:
             sub.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     try:
+        token = os.environ.get("IMAGE_GATEWAY_TOKEN") or None
+        if args.token_file is not None:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.read().strip()
         # One call at a time: one gRPC connection is all the CLI uses.
         with GatewayClient(
             args.url,
@@ -90,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ca_cert=args.ca_cert,
             client_cert=args.client_cert,
             client_key=args.client_key,
+            token=token,
         ) as client:
             if args.command == "models":
                 _emit(json.dumps([asdict(m) for m in client.list_models()], indent=2))

@@ -119,9 +119,11 @@ class GatewayClient:
         ca_cert: str | os.PathLike[str] | None = None,
         client_cert: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
+        token: str | None = None,
     ) -> None:
         scheme, target = _parse_url(url)
         _check_timeout(timeout)
+        _check_token(token)
         tls = TlsFiles.of(ca_cert, client_cert, client_key)
         if tls is not None and scheme not in ("grpcs", "https"):
             # Sent in plaintext after all, and the files silently unused.
@@ -143,13 +145,18 @@ class GatewayClient:
                 # No files: the system's CAs, as over https://. Left None, it was plaintext.
                 tls = TlsFiles(None, None, None)
             self._transport = GrpcTransport(
-                target, timeout, max_message_bytes, channels, tls if scheme == "grpcs" else None
+                target,
+                timeout,
+                max_message_bytes,
+                channels,
+                tls if scheme == "grpcs" else None,
+                token,
             )
             self._max_send = max_message_bytes
         else:
             from clients.http_transport import HttpTransport
 
-            self._transport = HttpTransport(target, timeout, tls)
+            self._transport = HttpTransport(target, timeout, tls, token)
 
     def infer(
         self,
@@ -384,6 +391,13 @@ class _Call:
 
 # Request errors that one image alone can cause: too many pixels in all, or a body too large.
 _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
+
+
+def _check_token(token: str | None) -> None:
+    # What a header can carry as it is; a line break would end the header, and grpc refuses
+    # metadata with one only at the first call.
+    if token is not None and (not token or not token.isascii() or not token.isprintable()):
+        raise ValueError("token must be printable ASCII text, not empty")
 
 
 _SCHEMES = ("grpc", "grpcs", "http", "https")

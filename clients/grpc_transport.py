@@ -105,11 +105,13 @@ class GrpcTransport:
         channels: int = 1,
         # None for plaintext (grpc://); a TlsFiles of no files for TLS with the system's CAs.
         tls: TlsFiles | None = None,
+        token: str | None = None,
     ) -> None:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, not {channels}")
         self.target = target
         self.timeout = timeout
+        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             # Answers are not capped, as over HTTP: a model's large output refused on arrival
@@ -147,7 +149,7 @@ class GrpcTransport:
             image=pb.Image(data=data), **self._common(model, color_mode, params)
         )
         try:
-            response = self._stub().Infer(request, timeout=self.timeout)
+            response = self._stub().Infer(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target, self.timeout) from None
         return result_from_pb(response.result)
@@ -164,14 +166,18 @@ class GrpcTransport:
             **self._common(model, color_mode, params),
         )
         try:
-            response = self._stub().InferBatch(request, timeout=self.timeout)
+            response = self._stub().InferBatch(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target, self.timeout) from None
         return [result_from_pb(r) for r in response.results]
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            response = self._stub().ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+            response = self._stub().ListModels(
+                pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target, self.timeout) from None
         return [
@@ -190,7 +196,9 @@ class GrpcTransport:
 
     def limits(self) -> Limits:
         try:
-            response = self._stub().GetLimits(pb.GetLimitsRequest(), timeout=self.timeout)
+            response = self._stub().GetLimits(
+                pb.GetLimitsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise error_from_rpc(exc, self.target, self.timeout) from None
         got = response.limits

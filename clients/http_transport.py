@@ -49,10 +49,18 @@ def _bad_response(response: requests.Response) -> GatewayClientError:
 
 
 class HttpTransport:
-    def __init__(self, base_url: str, timeout: float | None, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float | None,
+        tls: TlsFiles | None = None,
+        token: str | None = None,
+    ) -> None:
         self.base_url = base_url
         self.timeout = timeout
         self.session = requests.Session()
+        if token is not None:
+            self.session.headers["Authorization"] = f"Bearer {token}"
         # Given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override
         # a session's `verify`, and a client given ca_cert checked the gateway against the
         # environment's CAs instead. None leaves requests' default (those variables, certifi).

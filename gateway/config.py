@@ -15,6 +15,7 @@ from typing import Any
 
 from gateway.core.batching import BatchPolicy
 from gateway.core.limits import Limits, PublishedLimits
+from gateway.core.tokens import read_tokens
 from gateway.tls import TlsFiles, load
 
 ENV_PREFIX = "IMAGE_GATEWAY_"
@@ -71,6 +72,8 @@ class Settings:
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     grpc_tls_client_ca: str = ""
+    # Bearer tokens the API takes, one a line; "" takes every call (see README, "Tokens").
+    auth_token_file: str = ""
 
     @property
     def grpc_tls(self) -> TlsFiles | None:
@@ -117,6 +120,8 @@ _HELP = {
     "grpc_tls_key": "PEM private key of --grpc-tls-cert",
     "grpc_tls_client_ca": "PEM CA certificates: gRPC clients must present a certificate signed "
     "by one of them (mutual TLS)",
+    "auth_token_file": "file of bearer tokens, one a line: API calls on both protocols must "
+    "carry one (probes and metrics need none); read again when it changes",
 }
 
 
@@ -325,6 +330,11 @@ def from_namespace(
             values[f.name] = tuple(given) if isinstance(f.default, tuple) else given
     settings = Settings(**values)
     _check_tls(settings, parser)
+    if settings.auth_token_file:
+        try:
+            read_tokens(settings.auth_token_file)
+        except ValueError as exc:
+            parser.error(str(exc))
     if settings.http_port == settings.grpc_port != 0:
         # With several workers both servers joined one SO_REUSEPORT group, and the kernel gave
         # gRPC's connections to the HTTP server as often as not.

@@ -9,10 +9,11 @@ that is not PEM, is a start-up error naming the flag, not a handshake failure fo
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 from dataclasses import dataclass
+
+from gateway.core.watch import Signature, signature
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +128,8 @@ def _warn_if_out_of_date(files: TlsFiles) -> None:
         )
 
 
-def _signature(files: TlsFiles) -> tuple[tuple[int, int, int], ...] | None:
-    """What changes when a file is rewritten or replaced (a Secret's volume swaps a symlink)."""
-    try:
-        stats = [os.stat(path) for path in (files.cert, files.key, files.client_ca) if path]
-    except OSError:
-        return None
-    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+def _signature(files: TlsFiles) -> Signature | None:
+    return signature(files.cert, files.key, files.client_ca)
 
 
 class Reloader:

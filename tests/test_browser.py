@@ -233,3 +233,24 @@ def test_cross_origin_fetch_allowed_only_for_configured_origins(
     finally:
         allowed.stop()
         closed.stop()
+
+
+def test_page_asks_a_gateway_that_takes_tokens_for_one(browser: Browser, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("browser-token-0123456789\n")
+    gw = start(Settings(http_port=0, grpc_port=0, auth_token_file=str(tokens)))
+    try:
+        page = browser.new_page()
+        page.goto(gw.http_url + "/")
+        page.wait_for_function("document.querySelector('#status').textContent !== ''")
+        assert page.inner_text("#status").startswith("unauthenticated:")
+        page.fill("#token", "browser-token-0123456789")
+        page.dispatch_event("#token", "change")
+        page.wait_for_selector("#model option[value=shape]", state="attached")
+        page.set_input_files("#files", [str(DATA / "images" / "hopper.jpg")])
+        page.click("#run")
+        page.wait_for_selector(".card[data-index='0'] canvas[data-drawn='1']")
+        assert page.inner_text("#status").startswith("done")
+        page.close()
+    finally:
+        gw.stop()

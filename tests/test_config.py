@@ -22,6 +22,8 @@ def test_defaults_bind_loopback() -> None:
 def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
     pki = Authority(tmp_path, "env")
     server = pki.server()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token-of-enough-length\n")
     env = {
         "IMAGE_GATEWAY_HOST": "0.0.0.0",
         "IMAGE_GATEWAY_HTTP_PORT": "8080",
@@ -50,6 +52,7 @@ def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
         "IMAGE_GATEWAY_GRPC_TLS_CERT": str(server.cert),
         "IMAGE_GATEWAY_GRPC_TLS_KEY": str(server.key),
         "IMAGE_GATEWAY_GRPC_TLS_CLIENT_CA": str(pki.ca_cert),
+        "IMAGE_GATEWAY_AUTH_TOKEN_FILE": str(tokens),
     }
     assert config.parse([], env) == Settings(
         host="0.0.0.0",
@@ -79,6 +82,7 @@ def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
         grpc_tls_cert=str(server.cert),
         grpc_tls_key=str(server.key),
         grpc_tls_client_ca=str(pki.ca_cert),
+        auth_token_file=str(tokens),
     )
     assert len(env) == len(fields(Settings))
 

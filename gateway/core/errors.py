@@ -18,6 +18,7 @@ class ErrorCode(Enum):
     UNDECODABLE_IMAGE = ("undecodable_image", 422, "INVALID_ARGUMENT")
     UNSUPPORTED_FORMAT = ("unsupported_format", 415, "INVALID_ARGUMENT")
     UNSUPPORTED_MEDIA_TYPE = ("unsupported_media_type", 415, "INVALID_ARGUMENT")
+    UNAUTHENTICATED = ("unauthenticated", 401, "UNAUTHENTICATED")
     MODEL_NOT_FOUND = ("model_not_found", 404, "NOT_FOUND")
     NOT_FOUND = ("not_found", 404, "NOT_FOUND")
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, "UNIMPLEMENTED")

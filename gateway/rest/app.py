@@ -14,10 +14,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from gateway.config import Settings
 from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import DataPlane, new_request_id
+from gateway.core.tokens import Tokens
 from gateway.rest import errors, routes
 from gateway.rest.requests import SETTINGS_KEY
 from gateway.rest.responses import EXPOSED_HEADERS, REQUEST_ID_HEADER, SERVER_METHODS
 from gateway.rest.server import QUEUED_KEY
+
+# Open when tokens are required: the browser page itself (its calls carry the token).
+_OPEN = frozenset({"minimal.page", "static"})
 
 
 def _method_label() -> str:
@@ -79,6 +83,20 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             return Response(status=200, headers={"Allow": SERVER_METHODS})
         return None
 
+    if settings.auth_token_file:
+        tokens = Tokens(settings.auth_token_file)
+
+        @app.before_request
+        def _authenticate() -> None:
+            # After the checks above, so that a refused call is logged with its request id.
+            # Probes, metrics and the API document answer anyone, as a load balancer or a
+            # scraper asks; a preflight carries no credentials, by the Fetch standard.
+            endpoint = request.endpoint or ""
+            if request.method == "OPTIONS" or endpoint in _OPEN or endpoint.startswith("probes."):
+                return
+            if request.url_rule is not None:  # an unknown route stays a 404
+                tokens.check(request.headers.get("Authorization"))
+
     @app.after_request
     def _return_request_id(response: Response) -> Response:
         if "request_id" in g:
@@ -104,7 +122,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             app,
             origins=list(settings.cors_origin),
             methods=["GET", "POST"],
-            allow_headers=["Content-Type", REQUEST_ID_HEADER],
+            allow_headers=["Content-Type", REQUEST_ID_HEADER, "Authorization"],
             expose_headers=list(EXPOSED_HEADERS),
             max_age=600,
         )

@@ -181,7 +181,17 @@ SPEC: dict[str, Any] = {
             }
         },
     },
+    # Tokens only when the gateway is started with --auth-token-file; the probes, /metrics, this
+    # document and the page never ask for one.
+    "security": [{}, {"bearer": []}],
     "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "a token of the gateway's --auth-token-file, when it has one",
+            }
+        },
         "schemas": {
             "ImageInfo": {
                 "type": "object",
@@ -295,6 +305,6 @@ SPEC: dict[str, Any] = {
                 "required": ["models"],
                 "properties": {"models": {"type": "array", "items": _ref("ModelInfo")}},
             },
-        }
+        },
     },
 }

@@ -67,6 +67,9 @@ def error_headers(http_status: int) -> dict[str, str]:
     if http_status == 415:
         # The one content coding a request body may have (RFC 9110 15.5.16, 12.5.3).
         return {"Accept-Encoding": "identity"}
+    if http_status == 401:
+        # The scheme a client must use (RFC 9110 11.6.1, RFC 6750 3).
+        return {"WWW-Authenticate": 'Bearer realm="image-gateway"'}
     if http_status == 408:
         # The rest of the request may never come: the connection ends with this answer (RFC
         # 9110 15.5.9), rather than the server waiting to read it out.

@@ -15,6 +15,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway import tls
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.dataplane import DataPlane
+from gateway.core.tokens import Tokens
 from gateway.rpc import wire
 from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import ImageGatewayServicer, abort, call_request_id
@@ -174,7 +175,10 @@ def build_grpc_server(
             ("grpc.absolute_max_metadata_size", 64 * 1024),
         ],
     )
-    servicer = ImageGatewayServicer(dataplane, published_limits(settings), settings.max_streams)
+    tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
+    servicer = ImageGatewayServicer(
+        dataplane, published_limits(settings), settings.max_streams, tokens
+    )
     _add_servicer(servicer, server, settings.max_images)
     # Health checks are answered from the calling thread, never queued behind inference.
     health_servicer = _TolerantHealth(experimental_non_blocking=True)

@@ -25,6 +25,7 @@ from gateway.core.dataplane import (
 )
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import PublishedLimits
+from gateway.core.tokens import Tokens
 from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
 from gateway.rpc.arrival import arrived
@@ -33,6 +34,7 @@ from gateway.rpc.wire import Detached, Malformed
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+AUTHORIZATION_KEY = "authorization"
 ERROR_CODE_KEY = "error-code"
 
 Self = TypeVar("Self", bound="ImageGatewayServicer")
@@ -91,6 +93,7 @@ def unary(
         request_id = call_request_id(context, request)
         status, error, response = "OK", "", None
         try:
+            self.authenticate(context)
             if isinstance(request, Malformed):
                 raise request.error()
             response = method(self, request, context, request_id)
@@ -125,8 +128,15 @@ def _model_named(message: object) -> str | None:
 
 # The generated servicer base has no type stubs.
 class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
-    def __init__(self, dataplane: DataPlane, limits: PublishedLimits, max_streams: int = 8) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        limits: PublishedLimits,
+        max_streams: int = 8,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.tokens = tokens
         self.max_streams = max_streams
         self._limits = pb.GetLimitsResponse(limits=convert.limits(limits))
         # grpcio's threaded server gives an open stream a thread until it ends, even while the
@@ -208,12 +218,26 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             # The stream's id, as a unary call's: its messages' ids are derived from it.
             context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
 
+    def authenticate(self, context: grpc.ServicerContext) -> None:
+        """Raise `unauthenticated` unless the call carries a token in force, when tokens are
+        required."""
+        if self.tokens is not None:
+            self.tokens.check(dict(context.invocation_metadata()).get(AUTHORIZATION_KEY))
+
     @contextlib.contextmanager
     def stream_slot(
         self, method: str, context: grpc.ServicerContext, stream_id: str
     ) -> Iterator[None]:
         """Hold one of the worker's stream slots for a stream's life (any stream of requests:
-        InferStream, reflection), or refuse the stream at once with `overloaded`."""
+        InferStream, reflection), or refuse the stream at once: `unauthenticated` without a
+        token in force (before it takes a slot), `overloaded` with no slot free."""
+        try:
+            self.authenticate(context)
+        except GatewayError as exc:
+            self._log_call(
+                method, None, None, exc.error.grpc_status, stream_id, time.perf_counter(), exc.code
+            )
+            abort(context, exc.error, exc.message, stream_id)
         if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
             refused = ErrorCode.OVERLOADED

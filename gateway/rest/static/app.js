@@ -4,8 +4,21 @@
 const state = { files: [] };
 const $ = (id) => document.getElementById(id);
 
+// A gateway started with --auth-token-file takes API calls with a bearer token only.
+function auth() {
+  const token = $("token").value.trim();
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
 async function loadModels() {
-  const body = await (await fetch("/v1/models")).json();
+  $("model").replaceChildren();
+  const response = await fetch("/v1/models", { headers: auth() });
+  const body = await response.json();
+  if (!response.ok) {
+    $("status").textContent = `${body.error.code}: ${body.error.message}`;
+    return;
+  }
+  $("status").textContent = "";
   for (const model of body.models) {
     const option = new Option(model.name, model.name, model.is_default, model.is_default);
     $("model").add(option);
@@ -127,7 +140,9 @@ async function run() {
   state.files.forEach((file, i) => form.append(String(i), file, file.name));
   $("status").textContent = "running...";
   const model = encodeURIComponent($("model").value);
-  const response = await fetch(`/v1/models/${model}/infer`, { method: "POST", body: form });
+  const response = await fetch(`/v1/models/${model}/infer`, {
+    method: "POST", body: form, headers: auth(),
+  });
   const body = await response.json();
   if (!response.ok) {
     $("status").textContent = `${body.error.code}: ${body.error.message}`;
@@ -139,6 +154,7 @@ async function run() {
 
 $("files").addEventListener("change", (e) => choose(e.target.files));
 $("run").addEventListener("click", run);
+$("token").addEventListener("change", loadModels);
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));

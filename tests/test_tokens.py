@@ -1,0 +1,276 @@
+"""Bearer tokens (--auth-token-file): API calls on both protocols need one, probes and metrics
+do not, the file is read again when it changes, and a file that cannot work stops the start."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import pytest
+import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from clients.client import GatewayClient
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from clients.results import GatewayClientError
+from gateway import config
+from gateway.config import Settings
+from gateway.serve import Gateway, start
+from tests.conftest import IMAGES, wait_for
+from tests.hostile import BOUNDARY, file_part, multipart
+from tests.wire import grpc_code
+
+TOKEN = "first-token-0123456789abcdef"
+OTHER = "second-token-0123456789abcdef"
+IMAGE = next(p for p in IMAGES if p.name == "hopper.png")
+PNG = IMAGE.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens"
+    path.write_text(f"# the gateway's callers\n{TOKEN}\n\n{OTHER}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def guarded(token_file: Path) -> Iterator[Gateway]:
+    gw = start(
+        Settings(http_port=0, grpc_port=0, shutdown_grace=1.0, auth_token_file=str(token_file))
+    )
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(guarded: Gateway) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(guarded.grpc_target) as ch:
+        grpc.channel_ready_future(ch).result(timeout=10)
+        yield ch
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+HTTP_CALLS = [
+    ("POST", "/v1/infer", PNG),
+    ("POST", "/v1/models/shape/infer", PNG),
+    ("POST", "/", PNG),
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/shape", None),
+    ("GET", "/v1/limits", None),
+    # An unknown model is not told apart from a known one without a token.
+    ("POST", "/v1/models/nope/infer", PNG),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), HTTP_CALLS)
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong-token-0123456789abcdef", f"Basic {TOKEN}", TOKEN]
+)
+def test_http_api_calls_without_a_token_in_force_are_401(
+    guarded: Gateway, method: str, path: str, body: bytes | None, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    answer = requests.request(
+        method, guarded.http_url + path, headers=headers, data=body, timeout=10
+    )
+    assert answer.status_code == 401
+    assert answer.headers["WWW-Authenticate"] == 'Bearer realm="image-gateway"'
+    error = answer.json()["error"]
+    assert error["code"] == "unauthenticated"
+    assert error["request_id"] == answer.headers["X-Request-ID"]
+    assert TOKEN not in answer.text
+
+
+@pytest.mark.parametrize(("method", "path", "body"), HTTP_CALLS[:-1])
+@pytest.mark.parametrize("token", [TOKEN, OTHER])
+def test_http_api_calls_with_a_token_in_force_are_answered(
+    guarded: Gateway, method: str, path: str, body: bytes | None, token: str
+) -> None:
+    answer = requests.request(
+        method, guarded.http_url + path, headers=bearer(token), data=body, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_the_scheme_name_is_any_case_and_the_multipart_route_takes_tokens(
+    guarded: Gateway,
+) -> None:
+    answer = requests.post(
+        guarded.http_url + "/multi",
+        data=multipart([file_part("0", PNG, "a.png")]),
+        headers={
+            "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
+            "Authorization": f"bearer {TOKEN}",
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/openapi.json", "/"])
+def test_probes_metrics_and_the_page_need_no_token(guarded: Gateway, path: str) -> None:
+    assert requests.get(guarded.http_url + path, timeout=10).status_code == 200
+
+
+def test_an_unknown_route_is_still_404(guarded: Gateway) -> None:
+    answer = requests.get(guarded.http_url + "/v2/nothing", timeout=10)
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "not_found"
+
+
+def grpc_calls(channel: grpc.Channel) -> dict[str, object]:
+    stub = pb_grpc.ImageGatewayServiceStub(channel)
+    image = pb.Image(data=PNG)
+    return {
+        "Infer": lambda **kw: stub.Infer(pb.InferRequest(image=image), **kw),
+        "InferBatch": lambda **kw: stub.InferBatch(pb.InferBatchRequest(images=[image]), **kw),
+        "ListModels": lambda **kw: stub.ListModels(pb.ListModelsRequest(), **kw),
+        "GetModel": lambda **kw: stub.GetModel(pb.GetModelRequest(name="nope"), **kw),
+        "GetLimits": lambda **kw: stub.GetLimits(pb.GetLimitsRequest(), **kw),
+        "InferStream": lambda **kw: list(
+            stub.InferStream(iter([pb.InferStreamRequest(image=image)]), **kw)
+        ),
+        "reflection": lambda **kw: list(
+            reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), **kw
+            )
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["Infer", "InferBatch", "ListModels", "GetModel", "GetLimits", "InferStream", "reflection"],
+)
+def test_grpc_calls_need_a_token_in_force(channel: grpc.Channel, method: str) -> None:
+    call = grpc_calls(channel)[method]
+    for metadata in [(), (("authorization", "Bearer wrong-token-0123456789abcdef"),)]:
+        with pytest.raises(grpc.RpcError) as info:
+            call(timeout=10, metadata=metadata)  # type: ignore[operator]
+        assert grpc_code(info.value) == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+    allowed = (("authorization", f"Bearer {OTHER}"),)
+    if method == "GetModel":  # past the token, the unknown model is found out
+        with pytest.raises(grpc.RpcError) as info:
+            call(timeout=10, metadata=allowed)  # type: ignore[operator]
+        assert grpc_code(info.value) == (grpc.StatusCode.NOT_FOUND, "model_not_found")
+    else:
+        call(timeout=10, metadata=allowed)  # type: ignore[operator]
+
+
+def test_grpc_health_needs_no_token(channel: grpc.Channel) -> None:
+    answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_the_client_sends_its_token(guarded: Gateway, scheme: str) -> None:
+    url = guarded.http_url if scheme == "http" else f"grpc://{guarded.grpc_target}"
+    with GatewayClient(url, token=TOKEN, timeout=10) as client:
+        decoded = cv2.imread(str(IMAGE))
+        assert decoded is not None
+        height, width = decoded.shape[:2]
+        assert client.infer(IMAGE).output == [height, width, 3]
+        assert client.list_models()[0].name == "shape"
+    with GatewayClient(url, timeout=10) as client, pytest.raises(GatewayClientError) as info:
+        client.infer(IMAGE)
+    assert info.value.code == "unauthenticated"
+    assert info.value.status == ("401" if scheme == "http" else "UNAUTHENTICATED")
+
+
+@pytest.mark.parametrize("token", ["", "two\nlines", "caf\u00e9"])
+def test_a_token_no_header_can_carry_is_refused_by_the_client(token: str) -> None:
+    with pytest.raises(ValueError, match="printable ASCII"):
+        GatewayClient("http://127.0.0.1:5000", token=token)
+
+
+def test_tokens_are_read_again_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(TOKEN + "\n")
+    gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=1.0, auth_token_file=str(path)))
+
+    def status(token: str) -> int:
+        url = gw.http_url + "/v1/limits"
+        return requests.get(url, headers=bearer(token), timeout=10).status_code
+
+    try:
+        assert (status(TOKEN), status(OTHER)) == (200, 401)
+        # Added, then the old one taken out, as a rotation goes; each written whole, by rename.
+        staged = tmp_path / "staged"
+        staged.write_text(f"{TOKEN}\n{OTHER}\n")
+        staged.replace(path)
+        wait_for(lambda: status(OTHER) == 200, "the added token is taken", 10)
+        assert status(TOKEN) == 200
+        staged.write_text(f"{OTHER}\n")
+        staged.replace(path)
+        wait_for(lambda: status(TOKEN) == 401, "the removed token is refused", 10)
+        # A file that holds no token keeps the tokens in force.
+        staged.write_text("# nothing yet\n")
+        staged.replace(path)
+        wait_for(lambda: path.read_text() == "# nothing yet\n", "the file is empty", 10)
+        assert status(OTHER) == 200
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "No such file"),
+        ("", "holds no token"),
+        ("# only a comment\n\n", "holds no token"),
+        ("short\n", "line 1"),
+        (f"# fine\n{TOKEN} {OTHER}\n", "line 2"),
+        (b"\xff\xfe", "not UTF-8"),
+    ],
+)
+def test_a_token_file_that_cannot_work_stops_the_start(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: str | bytes | None,
+    expected: str,
+) -> None:
+    path = tmp_path / "tokens"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as info:
+        config.parse(["--auth-token-file", str(path)], {})
+    assert info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--auth-token-file" in error and expected in error
+    assert TOKEN not in error
+
+
+def test_the_cli_takes_a_token_file_or_the_environment(guarded: Gateway, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "IMAGE_GATEWAY_TOKEN"}
+    argv = [sys.executable, "-m", "clients", "--url", guarded.http_url]
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*argv, *args, "limits"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, **extra},
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+
+    refused = run()
+    assert refused.returncode == 2
+    assert json.loads(refused.stderr)["error"]["code"] == "unauthenticated"
+    assert run("--token-file", str(token_file)).returncode == 0
+    assert run(IMAGE_GATEWAY_TOKEN=OTHER).returncode == 0
