@@ -10,15 +10,22 @@ function auth() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+// The token the model list was last asked with: a change event comes again when the field
+// loses focus (a click on Run), and the list was emptied under the run.
+let listedWith = null;
+
 async function loadModels() {
-  $("model").replaceChildren();
-  const response = await fetch("/v1/models", { headers: auth() });
+  const headers = auth();
+  if (headers.Authorization === listedWith) return;
+  listedWith = headers.Authorization;
+  const response = await fetch("/v1/models", { headers });
   const body = await response.json();
   if (!response.ok) {
     $("status").textContent = `${body.error.code}: ${body.error.message}`;
     return;
   }
   $("status").textContent = "";
+  $("model").replaceChildren();
   for (const model of body.models) {
     const option = new Option(model.name, model.name, model.is_default, model.is_default);
     $("model").add(option);
@@ -139,8 +146,10 @@ async function run() {
   const form = new FormData();
   state.files.forEach((file, i) => form.append(String(i), file, file.name));
   $("status").textContent = "running...";
-  const model = encodeURIComponent($("model").value);
-  const response = await fetch(`/v1/models/${model}/infer`, {
+  // No model listed yet (the list is still loading, or was refused): the default one.
+  const model = $("model").value;
+  const path = model ? `/v1/models/${encodeURIComponent(model)}/infer` : "/v1/infer";
+  const response = await fetch(path, {
     method: "POST", body: form, headers: auth(),
   });
   const body = await response.json();
