@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import select
 import selectors
 import signal
@@ -1414,6 +1415,63 @@ def test_sigterm_under_load_finishes_accepted_requests(tmp_path: Path) -> None:
         if served.proc.poll() is None:
             served.proc.kill()
             served.proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _answers_healthz(http_url: str) -> bool:
+    try:
+        return requests.get(f"{http_url}/healthz", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_out_of_file_descriptors_the_http_listener_waits_instead_of_spinning(
+    tmp_path: Path,
+) -> None:
+    # cheroot let accept()'s EMFILE out of its selector loop, which logged it with a traceback
+    # and went straight back to the listener, still readable: a core at 100% and a flood of
+    # tracebacks for as long as the descriptors stayed taken.
+    limit = 64
+    served = launch(
+        tmp_path,
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--workers",
+        "1",
+        "--model",
+        "shape",
+        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        nofile=limit,
+    )
+    pid = served.proc.pid
+    try:
+        with closing_all() as idle:
+            # More connections than the server has descriptors left: the rest wait in its
+            # listen queue.
+            address = http_host_port(served.http_url)
+            idle += [socket.create_connection(address, timeout=5) for _ in range(limit + 16)]
+            wait_for(lambda: _open_files(pid) >= limit, "every descriptor of the server is taken")
+            cpu = _cpu_seconds(pid)
+            time.sleep(2)
+            assert _cpu_seconds(pid) - cpu < 1.0
+            assert served.log.read_text().count("Too many open files") == 1
+        # Once those clients have gone, what waits in the listen queue is accepted, and served.
+        wait_for(lambda: _answers_healthz(served.http_url), "the server answers again")
+        assert "accepting HTTP connections again" in served.log.read_text()
+        assert "Traceback" not in served.log.read_text()
+    finally:
+        served.proc.kill()
+        served.proc.wait()
 
 
 def test_draining_refuses_new_requests_and_finishes_busy_ones() -> None:

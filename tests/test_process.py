@@ -48,12 +48,18 @@ def launch(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     unset: Sequence[str] = (),
+    nofile: int | None = None,
 ) -> Served:
-    """`image-gateway serve` with this environment, `env` added and `unset` taken out."""
+    """`image-gateway serve` with this environment, `env` added and `unset` taken out, and at
+    most `nofile` open files if given."""
     log = tmp_path / "server.log"
     environ = {k: v for k, v in os.environ.items() if k not in unset}
+    command = [str(BIN / "image-gateway"), "serve", *args]
+    if nofile is not None:
+        # The shell sets the limit and becomes the server: the process is the server's.
+        command = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(nofile), *command]
     proc = subprocess.Popen(
-        [str(BIN / "image-gateway"), "serve", *args],
+        command,
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
         env={**environ, **(env or {})},

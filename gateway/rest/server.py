@@ -13,11 +13,13 @@ in the same JSON error shape as every other, with a code from the one table (`Ga
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
 import math
 import re
+import selectors
 import socket
 import threading
 import time
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from cheroot import errors, server, wsgi
+from cheroot import connections, errors, server, wsgi
 from flask import Flask
 
 from gateway import metrics
@@ -81,6 +83,11 @@ _TLS_HANDSHAKE = b"\x16"
 HEAD_SECONDS = 10.0
 # Seconds the refusal thread waits for a client to take a refusal's few hundred bytes.
 REFUSAL_SEND_TIMEOUT = 0.2
+# What accept() fails with when the process (or the system) has no descriptor or buffer left for
+# a new connection: nothing about that client, and the listener stays readable.
+_ACCEPT_STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Seconds at least between two accepts tried while they fail so.
+ACCEPT_PAUSE = 0.5
 # The WSGI environ entry: a call answering whether the client has closed its connection.
 CLIENT_GONE_KEY = "image_gateway.client_gone"
 # The monotonic time cheroot queued the request's connection for a thread: the wait for one is
@@ -494,6 +501,63 @@ class HttpConnection(Connection):
     RequestHandlerClass = GatewayRequest
 
 
+class Listening(connections.ConnectionManager):
+    """cheroot's selector loop, which stops accepting for a moment when accept() fails for want
+    of a file descriptor (EMFILE: the process's limit reached, say by idle connections).
+
+    cheroot let that error out of its loop, which logged it with a traceback and went straight
+    back to a listener that was still readable: with `--nofile` 256 and the descriptors taken,
+    a worker spun at 98% of a core and wrote some 100,000 traceback lines a second for as long
+    as they stayed taken. Here the listener leaves the selector instead, and comes back at the
+    loop's next expiry sweep at least ACCEPT_PAUSE later (cheroot sweeps every 0.5 s): one
+    accept tried a second or two, one error line when they start failing and one when they
+    succeed again. Connections already accepted are served meanwhile; new ones wait in the
+    listen queue, as grpcio's own listener leaves them (it tries again every second)."""
+
+    def __init__(self, server: Any) -> None:
+        super().__init__(server)
+        self._resume_at: float | None = None
+        self._starved_since: float | None = None
+
+    def _from_server_socket(self, server_socket: socket.socket) -> Any:
+        try:
+            conn = super()._from_server_socket(server_socket)  # type: ignore[misc]
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_STARVED:
+                raise
+            self._pause(exc)
+            return None
+        if conn is not None and self._starved_since is not None:
+            log.warning(
+                "accepting HTTP connections again, after %.1f s without",
+                time.monotonic() - self._starved_since,
+            )
+            self._starved_since = None
+        return conn
+
+    def _pause(self, exc: OSError) -> None:
+        now = time.monotonic()
+        self._selector.unregister(self.server.socket.fileno())  # type: ignore[attr-defined]
+        self._resume_at = now + ACCEPT_PAUSE
+        if self._starved_since is None:
+            self._starved_since = now
+            log.error(
+                "cannot accept HTTP connections: %s; trying again every %g s or so, serving "
+                "the connections already open meanwhile",
+                exc.strerror or exc,
+                ACCEPT_PAUSE,
+            )
+
+    def _expire(self, threshold: float) -> None:
+        # The loop calls this every 0.5 s or so whatever else happens, listener or not.
+        super()._expire(threshold)  # type: ignore[misc]
+        if self._resume_at is not None and time.monotonic() >= self._resume_at:
+            self._resume_at = None
+            self._selector.register(  # type: ignore[attr-defined]
+                self.server.socket.fileno(), selectors.EVENT_READ, data=self.server
+            )
+
+
 class HttpServer(wsgi.Server):
     """cheroot's WSGI server, with the upload watchdog that lives and stops with it, reading
     its sockets through C io (gateway.rest.socketfile)."""
@@ -520,6 +584,12 @@ class HttpServer(wsgi.Server):
         self.gateway = _gateway_with(self.watchdog)
         self.dispatcher = Dispatcher(self)
         self.lingerer = Lingerer()
+
+    def prepare(self) -> None:
+        super().prepare()
+        # cheroot made its own connection manager, with nothing but the listener in it yet.
+        plain, self._connections = self._connections, Listening(self)  # type: ignore[has-type]
+        plain.close()
 
     def stop(self) -> None:
         try:
