@@ -1059,6 +1059,22 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
                 s.close()
 
 
+def test_connections_that_send_nothing_hold_no_http_thread() -> None:
+    # cheroot hands a connection to a thread as soon as it is accepted: while a thread was idle,
+    # a client that connected and sent nothing held it until its head timed out (10 s), so as
+    # many silent connections as threads stopped every HTTP request of the worker.
+    with gated_gateway(http_threads=2) as gw, closing_all() as silent:
+        address = http_host_port(gw.http_url)
+        silent += [socket.create_connection(address, timeout=10) for _ in range(4)]
+        wait_for(lambda: gw.http.dispatcher.parked == 4, "all four wait in the selector")
+        assert gw.http.requests.idle == 2
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        # One that speaks at last is served like any other.
+        silent[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _until_closed(silent[0]).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: gw.http.dispatcher.parked == 3, "the others still wait")
+
+
 def waiting_for_thread(http_url: str, protocol: str) -> float:
     text = requests.get(f"{http_url}/metrics", timeout=5).text
     for family in text_string_to_metric_families(text):

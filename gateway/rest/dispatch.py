@@ -11,17 +11,20 @@ cheroot's selector thread hands every connection with a request to read to one p
   of 300 slow requests a probe took 35 s, and the 503s went out one a second.
 
 So while the pool has no idle thread or a queue, the dispatcher peeks at a connection's first
-bytes, without reading them. A probe (`GET` of one of PROBE_PATHS whose whole head has arrived,
-with no body) goes to PROBE_THREADS threads of its own, which answer that one request without
-ever waiting for the client: the answer is made in memory and sent as far as the socket takes it,
-the rest by the lingering thread (gateway.rest.linger), and a connection that leaves
-PROBE_BACKLOG bytes of answers untaken gets no more. A new connection that has sent nothing
-yet is handed back to the selector until it has (at most PARKED_MAX at a time; past that it is
-refused), and one its
-client has closed is closed (cheroot would have queued it, then answered it 503 for nobody).
-Anything else goes to the pool's queue, or, when that is full, is answered 503 `overloaded` at
-once by cheroot's refusing thread, as gRPC refuses calls past the same number. While the pool
-has an idle thread and no queue, nothing is peeked at: a request costs what it did.
+bytes, without reading them (at a new connection's whatever the load: see below). A probe (`GET`
+of one of PROBE_PATHS whose whole head has arrived, with no body) goes to PROBE_THREADS threads
+of its own, which answer that one request without ever waiting for the client: the answer is
+made in memory and sent as far as the socket takes it, the rest by the lingering thread
+(gateway.rest.linger), and a connection that leaves PROBE_BACKLOG bytes of answers untaken gets
+no more. A new connection that has sent nothing yet is handed back to the selector until it has
+(at most PARKED_MAX at a time; past that it is refused), and one its client has closed is closed
+(cheroot would have queued it, then answered it 503 for nobody). Anything else goes to the
+pool's queue, or, when that is full, is answered 503 `overloaded` at once by cheroot's refusing
+thread, as gRPC refuses calls past the same number. While the pool has an idle thread and no
+queue, only a connection just accepted is peeked at (one recv, and the selector's turn if its
+request has not come yet): cheroot hands a connection over as soon as it is accepted, and one
+given a thread before its client sent anything held it until its head timed out. A keep-alive
+connection's next request costs what it did.
 """
 
 from __future__ import annotations
@@ -162,7 +165,12 @@ class Dispatcher:
         if conn.parked:
             self.unpark(conn)
         threads = self._server.requests
-        if threads.qsize or not threads.idle:
+        busy = bool(threads.qsize or not threads.idle)
+        # A connection just accepted (cheroot sets last_used once one enters its selector) is
+        # looked at whatever the load: handed to an idle thread before its client had sent
+        # anything, it held that thread until its head timed out, 10 s, so as many silent
+        # connections as threads stopped every HTTP request of the worker for that long.
+        if busy or conn.last_used is None:
             start = request_start(conn)
             if start is None and self._server.ready:
                 if not self._park(conn):
@@ -172,7 +180,7 @@ class Dispatcher:
             if start == b"":
                 conn.close()
                 return
-            if start and is_probe(start):
+            if busy and start and is_probe(start):
                 conn.probe_only = True
                 self._probes.put(conn)
                 return
