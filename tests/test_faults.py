@@ -1552,6 +1552,27 @@ def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> 
         gw.stop()
 
 
+def test_grpc_connections_that_never_send_their_preface_are_closed_within_the_head_time() -> None:
+    # grpcio kept a connection that sent nothing, or not its SETTINGS, for 60 s, six times what
+    # the HTTP side gives a request's head: each held a file descriptor all that time.
+    gw = start(Settings(http_port=0, grpc_port=0, model=("shape",), request_timeout=1.0))
+    try:
+        host, port = gw.grpc_target.rsplit(":", 1)
+        with closing_all() as held, grpc_channels(gw, 1) as (channel,):
+            states: list[grpc.ChannelConnectivity] = []
+            channel.subscribe(states.append)
+            held += [socket.create_connection((host, int(port)), timeout=20) for _ in range(2)]
+            held[1].sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the preface, no SETTINGS
+            for s in held:
+                _until_closed(s)  # the server's own SETTINGS, then the end
+            # A channel that sent both in time is not ended: it stays connected throughout.
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+            assert set(states) == {grpc.ChannelConnectivity.READY}
+    finally:
+        gw.stop()
+
+
 def test_grpc_calls_whose_message_never_comes_are_ended_and_free_their_threads() -> None:
     # Each call sends its headers and never its one request message (a client's request
     # iterator that never yields). grpcio gives each a thread that waits for the message with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,11 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageGatewayService"]
 SERVICE_NAME = SERVICE.full_name
+# Seconds (at most the request timeout) a new connection has to send the HTTP/2 preface and its
+# SETTINGS, as the HTTP side gives a request line and headers. grpcio closed such a connection
+# only after 60 s: a client that connected and sent nothing held a file descriptor six times as
+# long over gRPC as over HTTP. Real clients send both at once; it does not end idle channels.
+HANDSHAKE_SECONDS = 10.0
 
 # grpc's handler factory for each (client streams, server streams).
 _HANDLERS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
@@ -173,6 +179,10 @@ def build_grpc_server(
             # As the HTTP side's 64 KiB of headers: grpc took 500 KB of metadata on a call.
             ("grpc.max_metadata_size", 64 * 1024),
             ("grpc.absolute_max_metadata_size", 64 * 1024),
+            (
+                "grpc.server_handshake_timeout_ms",
+                math.ceil(1000 * min(HANDSHAKE_SECONDS, settings.request_timeout)),
+            ),
         ],
     )
     tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
