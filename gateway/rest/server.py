@@ -730,7 +730,11 @@ def build_http_server(
         cors_origins=cors_origins,
         numthreads=threads,
         server_name="image-gateway",
-        request_queue_size=128,
+        # Connections the kernel has taken and the selector not yet accepted. Past this, a
+        # connecting client's SYN is dropped and it tries again only 1 s later (then 3, 7, ...):
+        # with 128, 831 of 1000 clients connecting at once waited over a second for a /healthz.
+        # The kernel caps it at net.core.somaxconn (4096 since Linux 5.4), as grpcio's own.
+        request_queue_size=socket.SOMAXCONN,
         # Seconds one socket read or write may block, and an idle keep-alive connection lives.
         timeout=10,
         shutdown_timeout=math.ceil(shutdown_grace),
