@@ -1075,6 +1075,35 @@ def test_connections_that_send_nothing_hold_no_http_thread() -> None:
         wait_for(lambda: gw.http.dispatcher.parked == 3, "the others still wait")
 
 
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def test_past_the_parked_connections_the_longest_silent_one_makes_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With PARKED_MAX connections parked, a new one whose request had not come when it was
+    # accepted was refused 503: for as long as a flood of silent connections lasted, real
+    # clients and /healthz probes were refused, as the race between accept and request went.
+    monkeypatch.setattr(dispatch_module, "PARKED_MAX", 4)
+    with gated_gateway() as gw, closing_all() as silent:
+        address = http_host_port(gw.http_url)
+        silent += [socket.create_connection(address, timeout=10) for _ in range(4)]
+        wait_for(lambda: gw.http.dispatcher.parked == 4, "all four wait in the selector")
+        fresh = socket.create_connection(address, timeout=10)
+        silent.append(fresh)
+        # Accepted before its request comes: something gives.
+        wait_for(lambda: _readable(fresh) or _readable(silent[0]), "the fifth is accepted")
+        fresh.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _until_closed(fresh).startswith(b"HTTP/1.1 200")
+        # The one that had waited longest was ended, without an answer; the others wait on.
+        assert _until_closed(silent[0]) == b""
+        assert not any(_readable(s) for s in silent[1:4])
+        wait_for(lambda: gw.http.dispatcher.parked == 3, "the other three still wait")
+
+
 def waiting_for_thread(http_url: str, protocol: str) -> float:
     text = requests.get(f"{http_url}/metrics", timeout=5).text
     for family in text_string_to_metric_families(text):

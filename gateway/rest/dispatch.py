@@ -17,14 +17,14 @@ of its own, which answer that one request without ever waiting for the client: t
 made in memory and sent as far as the socket takes it, the rest by the lingering thread
 (gateway.rest.linger), and a connection that leaves PROBE_BACKLOG bytes of answers untaken gets
 no more. A new connection that has sent nothing yet is handed back to the selector until it has
-(at most PARKED_MAX at a time; past that it is refused), and one its client has closed is closed
-(cheroot would have queued it, then answered it 503 for nobody). Anything else goes to the
-pool's queue, or, when that is full, is answered 503 `overloaded` at once by cheroot's refusing
-thread, as gRPC refuses calls past the same number. While the pool has an idle thread and no
-queue, only a connection just accepted is peeked at (one recv, and the selector's turn if its
-request has not come yet): cheroot hands a connection over as soon as it is accepted, and one
-given a thread before its client sent anything held it until its head timed out. A keep-alive
-connection's next request costs what it did.
+(at most PARKED_MAX at a time; past that the oldest is ended), and one its client has closed is
+closed (cheroot would have queued it, then answered it 503 for nobody). Anything else goes to
+the pool's queue, or, when that is full, is answered 503 `overloaded` at once by cheroot's
+refusing thread, as gRPC refuses calls past the same number. While the pool has an idle thread
+and no queue, only a connection just accepted is peeked at (one recv, and the selector's turn if
+its request has not come yet): cheroot hands a connection over as soon as it is accepted, and
+one given a thread before its client sent anything held it until its head timed out. A
+keep-alive connection's next request costs what it did.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ PROBE_ANSWER_MAX = 4 << 20
 # for it, as many as the kernel would buffer (290 KB and more a connection).
 PROBE_BACKLOG = 64 << 10
 # New connections with nothing sent yet, handed back to the selector at once (which closes
-# those idle for its timeout, 10 s). Past this many, a new one that has sent nothing is refused
-# 503 `overloaded`: it went to the pool's queue, where it held a thread while it sent nothing,
-# and 130 idle connections made probes on new connections wait 5 s and more.
+# those idle for its timeout, 10 s). Past this many, the one parked longest is ended to make
+# room for the new one. (Such connections went to the pool's queue, where each held a thread
+# while it sent nothing: 130 idle connections made probes on new connections wait 5 s and more.)
 PARKED_MAX = 1024
 # A probe's request line and headers fit in this; a longer head is not taken for one.
 _PEEK_BYTES = 4096
@@ -155,7 +155,8 @@ class Dispatcher:
         self._server = server
         self._probes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self.parked = 0
+        # Connections parked before their first request, oldest first (see `_park`).
+        self._parked: dict[int, Any] = {}
         for i in range(PROBE_THREADS):
             threading.Thread(
                 target=self._answer_probes, name=f"http-probe-{i}", daemon=True
@@ -173,9 +174,7 @@ class Dispatcher:
         if busy or conn.last_used is None:
             start = request_start(conn)
             if start is None and self._server.ready:
-                if not self._park(conn):
-                    # PARKED_MAX connections that send nothing: a flood of them, not clients.
-                    self._server._unservicable_conns.put(conn)  # 503 overloaded, not read
+                self._park(conn)
                 return
             if start == b"":
                 conn.close()
@@ -189,11 +188,16 @@ class Dispatcher:
         except queue.Full:
             self._server._unservicable_conns.put(conn)  # answered 503 overloaded, then closed
 
+    @property
+    def parked(self) -> int:
+        """Connections waiting in the selector for their first request."""
+        return len(self._parked)
+
     def unpark(self, conn: Any) -> None:
         with self._lock:
             if conn.parked:
                 conn.parked = False
-                self.parked -= 1
+                del self._parked[id(conn)]
 
     def stop(self) -> None:
         for _ in range(PROBE_THREADS):
@@ -238,15 +242,25 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             conn.close()
 
-    def _park(self, conn: Any) -> bool:
+    def _park(self, conn: Any) -> None:
+        """Hand a connection whose request has not come back to the selector, which hands it
+        over again once it comes, or closes it when idle too long. With PARKED_MAX parked, the
+        one silent longest is ended to make room. Refusing the newcomer instead (503) refused
+        real clients whose request had not come yet when they were accepted, /healthz probes
+        among them, for as long as a flood of silent connections lasted."""
         with self._lock:
-            if self.parked >= PARKED_MAX:
-                return False
-            self.parked += 1
+            oldest = None
+            if len(self._parked) >= PARKED_MAX:
+                oldest = self._parked.pop(next(iter(self._parked)))
+                oldest.parked = False
+            self._parked[id(conn)] = conn
             conn.parked = True
-        # The selector hands it back once its request arrives, or closes it when idle too long.
+        if oldest is not None:
+            # Not closed here: the selector still holds it. Shut, it reads as ended, and the
+            # selector hands it over to be closed like any connection whose client has gone.
+            with contextlib.suppress(OSError):
+                oldest.socket.shutdown(socket.SHUT_RDWR)
         self._server._connections.put(conn)
-        return True
 
     def _answer_probes(self) -> None:
         while (conn := self._probes.get()) is not _STOP:
