@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import IMAGES, wait_for
 from tests.hostile import BOUNDARY, file_part, multipart
-from tests.wire import grpc_code
+from tests.wire import grpc_code, http_host_port
 
 TOKEN = "first-token-0123456789abcdef"
 OTHER = "second-token-0123456789abcdef"
@@ -274,3 +275,28 @@ def test_the_cli_takes_a_token_file_or_the_environment(guarded: Gateway, tmp_pat
     assert json.loads(refused.stderr)["error"]["code"] == "unauthenticated"
     assert run("--token-file", str(token_file)).returncode == 0
     assert run(IMAGE_GATEWAY_TOKEN=OTHER).returncode == 0
+
+
+def _answer_to_head(http_url: str, head: bytes) -> bytes:
+    """All the server sends to a request of which only `head` (line and headers) is sent, up
+    to the end of the connection."""
+    with socket.create_connection(http_host_port(http_url), timeout=5) as sock:
+        sock.sendall(head)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_401_comes_at_once_without_the_body_being_read(guarded: Gateway) -> None:
+    # The body is never sent: the answer must not wait for it (it had waited for the server
+    # to read it out, holding a thread, until the client's read timed out).
+    answer = _answer_to_head(
+        guarded.http_url,
+        b"POST /v1/infer HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Length: 50000000\r\n\r\n",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert b"\r\nConnection: close" in head
+    assert json.loads(body)["error"]["code"] == "unauthenticated"

@@ -81,6 +81,11 @@ _TLS_HANDSHAKE = b"\x16"
 # sending a header byte every few seconds held a thread for ever: ten of them stopped a worker.
 # Real clients send the whole head at once.
 HEAD_SECONDS = 10.0
+# Answers after which a body left unread closes the connection instead of being read out:
+# cheroot closes after every 413; a 401 goes to a client without a token in force, which
+# reading out its body (up to --max-request-bytes, at its own pace) let hold a thread, its
+# answer waiting until it had sent the lot.
+_NOT_READ_OUT = frozenset({401, 413})
 # Seconds the refusal thread waits for a client to take a refusal's few hundred bytes.
 REFUSAL_SEND_TIMEOUT = 0.2
 # What accept() fails with when the process (or the system) has no descriptor or buffer left for
@@ -339,8 +344,9 @@ class GatewayRequest(server.HTTPRequest):
         in one piece, however large (a Content-Length of 10^12 on a 404 route was a
         MemoryError and no answer), and left a chunked one on the connection, where it was read
         as the next request. Now a body of known length up to the server's body limit is read
-        and dropped a piece at a time, so the connection can carry the next request; any other
-        unread body closes the connection after the answer."""
+        and dropped a piece at a time, so the connection can carry the next request, unless
+        the answer is a 401 or 413 (`_NOT_READ_OUT`); any other unread body closes the
+        connection after the answer."""
         body = self.rfile
         if isinstance(body, ChunkedBody):
             unread = not body.finished
@@ -352,7 +358,7 @@ class GatewayRequest(server.HTTPRequest):
             and not self.continue_owed
             # Answers that close anyway: cheroot closes after every 413.
             and not self.close_connection
-            and int(self.status[:3]) != 413
+            and int(self.status[:3]) not in _NOT_READ_OUT
             and isinstance(body, KnownLengthBody)
             and body.remaining <= self.server.max_body
         ):
