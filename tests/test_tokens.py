@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,3 +301,39 @@ def test_a_401_comes_at_once_without_the_body_being_read(guarded: Gateway) -> No
     assert head.startswith(b"HTTP/1.1 401 ")
     assert b"\r\nConnection: close" in head
     assert json.loads(body)["error"]["code"] == "unauthenticated"
+
+
+def test_grpc_unary_calls_without_a_token_are_refused_before_their_message(
+    guarded: Gateway, channel: grpc.Channel
+) -> None:
+    # More calls than the worker takes at once (--grpc-calls), none of which ever sends its
+    # message: each had held a place until --request-timeout, and the call with a token
+    # waited behind them.
+    never = threading.Event()
+
+    def no_message() -> Iterator[bytes]:
+        never.wait()
+        yield b""
+
+    get_limits = channel.stream_unary(
+        "/imagegateway.v1.ImageGatewayService/GetLimits",
+        request_serializer=None,
+        response_deserializer=pb.GetLimitsResponse.FromString,
+    )
+    silent = [
+        get_limits.future(no_message(), timeout=60) for _ in range(guarded.settings.grpc_calls + 1)
+    ]
+    try:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        limits = stub.GetLimits(
+            pb.GetLimitsRequest(), timeout=10, metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        assert limits.limits.max_images == guarded.settings.max_images
+        for call in silent:
+            error = call.exception(timeout=10)
+            assert isinstance(error, grpc.RpcError)
+            assert grpc_code(error) == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+    finally:
+        never.set()
+        for call in silent:
+            call.cancel()

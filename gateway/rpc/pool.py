@@ -9,7 +9,8 @@ two more (which refuse the streams past the servicer's slots at once), and healt
 threads of their own. A unary call that finds THREAD_QUEUE others waiting for a thread is
 refused at once with `overloaded`, as the HTTP server refuses connections past the same number;
 grpcio's own bound (`maximum_concurrent_rpcs`) answers RESOURCE_EXHAUSTED, which means "too
-large" here.
+large" here. With --auth-token-file, a unary call without a token in force is refused the same
+way, from its metadata (`unauthenticated`), before it takes a place or its message is read.
 
 grpcio's threaded server gives a call a thread of its pool as soon as the call's headers arrive,
 and the thread then waits for the request message without any time limit. Sixteen calls that
@@ -61,9 +62,10 @@ from gateway import metrics
 from gateway.core.access import log_access, started_at
 from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
-from gateway.core.errors import ErrorCode
+from gateway.core.errors import ErrorCode, GatewayError
+from gateway.core.tokens import Tokens
 from gateway.rpc.arrival import arrived, run_arrived
-from gateway.rpc.servicer import ERROR_CODE_KEY, REQUEST_ID_KEY
+from gateway.rpc.servicer import ERROR_CODE_KEY, REQUEST_ID_KEY, authorization
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +173,11 @@ class WatchedPool(ThreadPoolExecutor):
         thread_name_prefix: str = "",
         draining: Callable[[], bool] = lambda: False,
         calls: int | None = None,
+        tokens: Tokens | None = None,
     ) -> None:
         super().__init__(max_workers=unary_threads, thread_name_prefix=thread_name_prefix)
+        # The tokens a unary call needs, checked from its metadata before its message is read.
+        self.tokens = tokens
         self._streams = ThreadPoolExecutor(
             stream_slots + STREAM_SPARE, thread_name_prefix=f"{thread_name_prefix}-stream"
         )
@@ -211,10 +216,12 @@ class WatchedPool(ThreadPoolExecutor):
                 check = _Call(fn, args, kwargs, probe=True)
                 self._read_probe(check)
                 return check.done
-            if len(self._queued) >= THREAD_QUEUE:
+            refusal = self._unauthenticated(args[1], args[2], args[3])
+            if refusal is None and len(self._queued) >= THREAD_QUEUE:
+                refusal = _refusal(args[1], args[2], args[3])
+            if refusal is not None:
                 # Refused on a probe thread: it only sends the status, reading nothing.
-                refuse = _refusal(args[1], args[2], args[3])
-                return self._probes.submit(fn, *args[:4], refuse, *args[5:], **kwargs)
+                return self._probes.submit(fn, *args[:4], refusal, *args[5:], **kwargs)
             call = _Call(fn, args, kwargs)
             with self._lock:
                 call.admitted = self._admitted < self.calls
@@ -230,6 +237,20 @@ class WatchedPool(ThreadPoolExecutor):
         if len(args) > 1:  # a call whose requests stream
             return self._streams.submit(fn, *args, **kwargs)
         return super().submit(fn, *args, **kwargs)
+
+    def _unauthenticated(self, event: Any, state: Any, behaviour: Any) -> Callable[[], None] | None:
+        """The refusal of a unary call without a token in force, when tokens are required;
+        None for any other. Checked before the call takes a place or its message is read: the
+        servicer's own check came after grpc had received the whole message (up to
+        --max-request-bytes) and it had been parsed, and calls without a token that never sent
+        it held every place until --request-timeout, stopping every other unary call."""
+        if self.tokens is None:
+            return None
+        try:
+            self.tokens.check(authorization(event.invocation_metadata or ()))
+        except GatewayError as exc:
+            return _refusal(event, state, behaviour, exc.error, exc.message)
+        return None
 
     def _read_probe(self, call: _Call) -> None:
         """Start reading a health check's message on one of PROBE_READS places; when every

@@ -156,6 +156,7 @@ def build_grpc_server(
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Bind (port 0 picks a free port); return the server (not yet started), its port, and its
     health service, which reports SERVING for the whole server ("") and for our service."""
+    tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
     server = grpc.server(
         WatchedPool(
             settings.grpc_threads,
@@ -164,6 +165,7 @@ def build_grpc_server(
             thread_name_prefix="grpc-worker",
             draining=lambda: dataplane.admission.draining,
             calls=settings.grpc_calls,
+            tokens=tokens,
         ),
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -185,7 +187,6 @@ def build_grpc_server(
             ),
         ],
     )
-    tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
     servicer = ImageGatewayServicer(
         dataplane, published_limits(settings), settings.max_streams, tokens
     )

@@ -7,7 +7,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -53,6 +53,11 @@ def call_request_id(context: grpc.ServicerContext, request: object = None) -> st
         if usable_request_id(given):
             return given
     return new_request_id()
+
+
+def authorization(metadata: Iterable[tuple[str, Any]]) -> str | None:
+    """The `authorization` metadata of a call, None without one."""
+    return dict(metadata).get(AUTHORIZATION_KEY)
 
 
 def _message_id(message: pb.InferStreamRequest, stream_id: str, index: int) -> str:
@@ -222,7 +227,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         """Raise `unauthenticated` unless the call carries a token in force, when tokens are
         required."""
         if self.tokens is not None:
-            self.tokens.check(dict(context.invocation_metadata()).get(AUTHORIZATION_KEY))
+            self.tokens.check(authorization(context.invocation_metadata()))
 
     @contextlib.contextmanager
     def stream_slot(
