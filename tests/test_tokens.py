@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
@@ -337,3 +338,61 @@ def test_grpc_unary_calls_without_a_token_are_refused_before_their_message(
         never.set()
         for call in silent:
             call.cancel()
+
+
+@pytest.fixture
+def rotating(tmp_path: Path) -> Iterator[tuple[Gateway, Path]]:
+    """A gateway of its own, taking TOKEN and OTHER from a file the test may rewrite."""
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n{OTHER}\n")
+    gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=1.0, auth_token_file=str(path)))
+    yield gw, path
+    gw.stop()
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace the token file whole, by rename, as a rotation should."""
+    staged = path.with_name("staged")
+    staged.write_text(text)
+    staged.replace(path)
+
+
+@pytest.mark.parametrize("method", ["InferStream", "reflection"])
+def test_a_token_taken_out_ends_the_streams_opened_with_it(
+    rotating: tuple[Gateway, Path], method: str
+) -> None:
+    gw, path = rotating
+    metadata = (("authorization", f"Bearer {OTHER}"),)
+    with grpc.insecure_channel(gw.grpc_target) as channel:
+        outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        requests_ = iter(outbox.get, None)
+        if method == "InferStream":
+            message: object = pb.InferStreamRequest(image=pb.Image(data=PNG))
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            answers = stub.InferStream(requests_, timeout=30, metadata=metadata)
+        else:
+            message = reflection_pb2.ServerReflectionRequest(list_services="")
+            reflection_stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answers = reflection_stub.ServerReflectionInfo(requests_, timeout=30, metadata=metadata)
+        try:
+            outbox.put(message)
+            next(answers)  # answered while the token is in force
+            _rewrite(path, f"{TOKEN}\n")
+
+            def refused() -> bool:
+                try:
+                    pb_grpc.ImageGatewayServiceStub(channel).GetLimits(
+                        pb.GetLimitsRequest(), timeout=10, metadata=metadata
+                    )
+                except grpc.RpcError as exc:
+                    return grpc_code(exc) == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+                return False
+
+            wait_for(refused, "the token taken out is refused to new calls", 10)
+            outbox.put(message)
+            with pytest.raises(grpc.RpcError) as info:
+                next(answers)
+            assert grpc_code(info.value) == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+        finally:
+            outbox.put(None)
+            answers.cancel()

@@ -139,7 +139,8 @@ class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
     ) -> Iterator[Any]:
         # The client's x-request-id when usable, as an InferStream's: a refusal carries it.
         with self._servicer.stream_slot("ServerReflectionInfo", context, call_request_id(context)):
-            yield from super().ServerReflectionInfo(map(_readable, request_iterator), context)
+            requests = self._servicer.authenticated(request_iterator, context)
+            yield from super().ServerReflectionInfo(map(_readable, requests), context)
 
 
 def _readable(request: Any) -> Any:

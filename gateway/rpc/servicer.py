@@ -219,7 +219,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     ) -> Iterator[pb.InferStreamResponse]:
         stream_id = call_request_id(context)
         with self.stream_slot("InferStream", context, stream_id):
-            yield from self._stream(request_iterator, context, stream_id)
+            yield from self._stream(
+                self.authenticated(request_iterator, context), context, stream_id
+            )
             # The stream's id, as a unary call's: its messages' ids are derived from it.
             context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
 
@@ -229,20 +231,30 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         if self.tokens is not None:
             self.tokens.check(authorization(context.invocation_metadata()))
 
+    def authenticated(
+        self, requests: Iterator[Req], context: grpc.ServicerContext
+    ) -> Iterator[Req]:
+        """A stream's messages, each taken only while the stream's token is still in force: a
+        token taken out of the file ends the streams opened with it at their next message (they
+        had gone on for as long as their clients kept them open). Raises `unauthenticated`,
+        which `stream_slot` answers."""
+        for request in requests:
+            self.authenticate(context)
+            yield request
+
     @contextlib.contextmanager
     def stream_slot(
         self, method: str, context: grpc.ServicerContext, stream_id: str
     ) -> Iterator[None]:
         """Hold one of the worker's stream slots for a stream's life (any stream of requests:
         InferStream, reflection), or refuse the stream at once: `unauthenticated` without a
-        token in force (before it takes a slot), `overloaded` with no slot free."""
+        token in force (before it takes a slot), `overloaded` with no slot free. A
+        GatewayError out of the stream (its token taken out, `authenticated`) ends it with
+        that error."""
         try:
             self.authenticate(context)
         except GatewayError as exc:
-            self._log_call(
-                method, None, None, exc.error.grpc_status, stream_id, time.perf_counter(), exc.code
-            )
-            abort(context, exc.error, exc.message, stream_id)
+            self._refuse_stream(method, context, stream_id, exc)
         if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
             refused = ErrorCode.OVERLOADED
@@ -264,8 +276,18 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             )
         try:
             yield
+        except GatewayError as exc:
+            self._refuse_stream(method, context, stream_id, exc)
         finally:
             self._streams.release()
+
+    def _refuse_stream(
+        self, method: str, context: grpc.ServicerContext, stream_id: str, exc: GatewayError
+    ) -> NoReturn:
+        self._log_call(
+            method, None, None, exc.error.grpc_status, stream_id, time.perf_counter(), exc.code
+        )
+        abort(context, exc.error, exc.message, stream_id)
 
     def _stream(
         self,
