@@ -396,3 +396,22 @@ def test_a_token_taken_out_ends_the_streams_opened_with_it(
         finally:
             outbox.put(None)
             answers.cancel()
+
+
+@pytest.mark.parametrize("first", ["Bearer wrong-token-0123456789abcdef", f"Bearer {TOKEN}"])
+def test_two_authorizations_are_no_token(
+    guarded: Gateway, channel: grpc.Channel, first: str
+) -> None:
+    # The last one had been taken, where something in front may have read the first.
+    answer = _answer_to_head(
+        guarded.http_url,
+        b"GET /v1/limits HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+        + f"Authorization: {first}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    metadata = (("authorization", first), ("authorization", f"Bearer {TOKEN}"))
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ImageGatewayServiceStub(channel).GetLimits(
+            pb.GetLimitsRequest(), timeout=10, metadata=metadata
+        )
+    assert grpc_code(info.value) == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")

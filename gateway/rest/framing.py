@@ -85,7 +85,10 @@ class StrictHeaderReader(server.HeaderReader):
                 raise ValueError("two Host headers")
             if key == b"Content-Length" and headers.get(key, value) != value:
                 raise ValueError("two different Content-Length headers")
-            if key in _COMMA_SEPARATED and headers.get(key):
+            if (key in _COMMA_SEPARATED or key == b"Authorization") and headers.get(key):
+                # Authorization is one field (RFC 9110 11.6.2), yet the last of two had won,
+                # where a proxy in front may read the first: joined, as a list, they are no
+                # credential a server takes.
                 value = headers[key] + b", " + value
             headers[key] = value
         length = headers.get(b"Content-Length")

@@ -56,8 +56,10 @@ def call_request_id(context: grpc.ServicerContext, request: object = None) -> st
 
 
 def authorization(metadata: Iterable[tuple[str, Any]]) -> str | None:
-    """The `authorization` metadata of a call, None without one."""
-    return dict(metadata).get(AUTHORIZATION_KEY)
+    """The `authorization` metadata of a call, None without one. Several are joined, as HTTP
+    joins a repeated header into a list, which no token matches: the last of them had won."""
+    given = [value for key, value in metadata if key == AUTHORIZATION_KEY]
+    return ", ".join(given) if given else None
 
 
 def _message_id(message: pb.InferStreamRequest, stream_id: str, index: int) -> str:
