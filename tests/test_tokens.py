@@ -4,6 +4,7 @@ do not, the file is read again when it changes, and a file that cannot work stop
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import socket
@@ -415,3 +416,25 @@ def test_two_authorizations_are_no_token(
             pb.GetLimitsRequest(), timeout=10, metadata=metadata
         )
     assert grpc_code(info.value) == (grpc.StatusCode.UNAUTHENTICATED, "unauthenticated")
+
+
+def test_a_token_file_taken_away_keeps_the_tokens_in_force_and_says_so(
+    rotating: tuple[Gateway, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw, path = rotating
+
+    def status(token: str) -> int:
+        url = gw.http_url + "/v1/limits"
+        return requests.get(url, headers=bearer(token), timeout=10).status_code
+
+    def warned() -> bool:
+        return any("cannot be looked at" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.WARNING, logger="gateway.core.tokens"):
+        path.unlink()
+        wait_for(lambda: status(TOKEN) == 200 and warned(), "a warning for the missing file", 10)
+        assert status(OTHER) == 200
+        # Back, it is read again.
+        _rewrite(path, f"{OTHER}\n")
+        wait_for(lambda: status(TOKEN) == 401, "the file back is read again", 10)
+        assert status(OTHER) == 200

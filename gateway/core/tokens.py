@@ -87,9 +87,20 @@ class Tokens:
         try:
             self._next_look = now + _LOOK_EVERY
             seen = signature(self.path)
-            if seen is None or seen == self._seen:
+            if seen is None and self._seen is not None:
+                # Removed, or in the middle of a replacement that is not a rename: the tokens
+                # in force stay, as for a file that cannot be used, and the file is read again
+                # once it is back. Said once, not every second it stays away.
+                log.warning(
+                    "the token file %s cannot be looked at; keeping the %d tokens in force",
+                    self.path,
+                    len(self._tokens),
+                )
+            if seen == self._seen:
                 return
             self._seen = seen
+            if seen is None:
+                return
             try:
                 tokens = read_tokens(self.path)
             except ValueError as exc:
