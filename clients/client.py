@@ -9,6 +9,7 @@ results = client.infer_batch(["a.jpg", b"...", array])
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -393,11 +394,17 @@ class _Call:
 _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
 
 
+# RFC 6750's token68, what a gateway's --auth-token-file holds: anything else is refused by
+# every gateway, and a line break would have ended the header (grpc refuses metadata with one
+# only at the first call).
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
 def _check_token(token: str | None) -> None:
-    # What a header can carry as it is; a line break would end the header, and grpc refuses
-    # metadata with one only at the first call.
-    if token is not None and (not token or not token.isascii() or not token.isprintable()):
-        raise ValueError("token must be printable ASCII text, not empty")
+    if token is not None and not _TOKEN.fullmatch(token):
+        raise ValueError(
+            "token must be A-Z a-z 0-9 - . _ ~ + / (then any '='), as a gateway's tokens are"
+        )
 
 
 _SCHEMES = ("grpc", "grpcs", "http", "https")

@@ -192,9 +192,9 @@ def test_the_client_sends_its_token(guarded: Gateway, scheme: str) -> None:
     assert info.value.status == ("401" if scheme == "http" else "UNAUTHENTICATED")
 
 
-@pytest.mark.parametrize("token", ["", "two\nlines", "caf\u00e9"])
-def test_a_token_no_header_can_carry_is_refused_by_the_client(token: str) -> None:
-    with pytest.raises(ValueError, match="printable ASCII"):
+@pytest.mark.parametrize("token", ["", "two\nlines", "caf\u00e9", "with a space"])
+def test_a_token_no_gateway_takes_is_refused_by_the_client(token: str) -> None:
+    with pytest.raises(ValueError, match="A-Z a-z 0-9"):
         GatewayClient("http://127.0.0.1:5000", token=token)
 
 

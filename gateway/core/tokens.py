@@ -107,6 +107,10 @@ class Tokens:
                 # Half-written, say: the tokens in force stay until the file changes again.
                 log.warning("the token file changed but cannot be used (%s); keeping the old", exc)
                 return
+            if signature(self.path) != seen:
+                # Written to while read, and maybe read half-written: read at the next look.
+                self._seen = None
+                return
             if tokens != self._tokens:
                 self._tokens = tokens
                 log.info("tokens read again from %s: %d in force", self.path, len(tokens))
