@@ -153,6 +153,8 @@ def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) ->
     host = url_host(settings.host)
     files = settings.grpc_tls
     tls = "" if files is None else " grpc_tls=" + ("mutual" if files.client_ca else "on")
+    if settings.auth_token_file:
+        tls += " auth=tokens"
     log.info(
         "image-gateway ready: http=http://%s:%d grpc=%s:%d models=%s workers=%d pid=%d%s",
         host,

@@ -438,3 +438,23 @@ def test_a_token_file_taken_away_keeps_the_tokens_in_force_and_says_so(
         _rewrite(path, f"{OTHER}\n")
         wait_for(lambda: status(TOKEN) == 401, "the file back is read again", 10)
         assert status(OTHER) == 200
+
+
+def test_the_ready_line_says_tokens_are_required(token_file: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    argv = [sys.executable, "-m", "gateway", "serve", "--http-port", "0", "--grpc-port", "0"]
+    proc = subprocess.Popen(
+        [*argv, "--workers", "1", "--auth-token-file", str(token_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        wait_for(lambda: "ready:" in log.read_text(), "the gateway serves", 30)
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    (ready,) = [line for line in log.read_text().splitlines() if "ready:" in line]
+    assert ready.endswith(" auth=tokens")
