@@ -25,6 +25,7 @@ from gateway import allocator, config, model_threads, workers
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
+from gateway.core.tokens import Tokens
 from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
 from gateway.rest.server import HttpServer, build_http_server
@@ -106,9 +107,13 @@ def start(
         Admission(settings.max_concurrency, settings.max_queue, settings.max_request_pixels),
         batching=config.batch_policies(settings),
     )
-    grpc_server, grpc_port, health_servicer = build_grpc_server(settings, dataplane, reuse_port)
+    # One for both fronts: a worker reads the file, and logs what it found, once.
+    tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
+    grpc_server, grpc_port, health_servicer = build_grpc_server(
+        settings, dataplane, reuse_port, tokens
+    )
     http_server, http_port = build_http_server(
-        create_app(settings, dataplane),
+        create_app(settings, dataplane, tokens),
         settings.host,
         settings.http_port,
         settings.http_threads,

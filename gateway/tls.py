@@ -173,6 +173,7 @@ class Reloader:
         if pems == self.current:
             return None
         self.current = pems
-        log.info("gRPC TLS certificate reloaded from %s", self.files.cert)
+        files = (self.files.cert, self.files.key, self.files.client_ca)
+        log.info("gRPC TLS files read again: %s", ", ".join(f for f in files if f))
         _warn_if_out_of_date(self.files)
         return pems

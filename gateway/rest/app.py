@@ -46,7 +46,7 @@ class _App(Flask):
         return send_from_directory(self.static_folder, filename, conditional=False)
 
 
-def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
+def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None = None) -> Flask:
     app = _App("gateway", static_folder=str(Path(__file__).parent / "static"))
     # Werkzeug answers 413 from Content-Length before reading, and cuts a chunked body off there.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -83,8 +83,8 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             return Response(status=200, headers={"Allow": SERVER_METHODS})
         return None
 
-    if settings.auth_token_file:
-        tokens = Tokens(settings.auth_token_file)
+    if tokens is not None:
+        required = tokens
 
         @app.before_request
         def _authenticate() -> None:
@@ -95,7 +95,7 @@ def create_app(settings: Settings, dataplane: DataPlane) -> Flask:
             if request.method == "OPTIONS" or endpoint in _OPEN or endpoint.startswith("probes."):
                 return
             if request.url_rule is not None:  # an unknown route stays a 404
-                tokens.check(request.headers.get("Authorization"))
+                required.check(request.headers.get("Authorization"))
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:

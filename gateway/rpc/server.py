@@ -153,11 +153,13 @@ def _readable(request: Any) -> Any:
 
 
 def build_grpc_server(
-    settings: Settings, dataplane: DataPlane, reuse_port: bool = False
+    settings: Settings,
+    dataplane: DataPlane,
+    reuse_port: bool = False,
+    tokens: Tokens | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Bind (port 0 picks a free port); return the server (not yet started), its port, and its
     health service, which reports SERVING for the whole server ("") and for our service."""
-    tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
     server = grpc.server(
         WatchedPool(
             settings.grpc_threads,
