@@ -32,6 +32,17 @@ def _emit(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _first_token(path: str) -> str:
+    """The first token of a file written as a gateway's --auth-token-file is (one a line, blank
+    lines and lines from "#" left out): the gateway's own file works, comments and all."""
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            token = line.strip()
+            if token and not token.startswith("#"):
+                return token
+    raise ValueError(f"{path} holds no token")
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -45,11 +56,15 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # grpc writes lines of its own to stderr (a failed TLS handshake at INFO) unless told not
+    # to before it is imported; the CLI's stderr is its one JSON error.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = argparse.ArgumentParser(prog="image-gateway-client")
     parser.add_argument(
         "--url",
         default=DEFAULT_URL,
-        help="grpc://host:port or http://host:port (env IMAGE_GATEWAY_URL, default %(default)s)",
+        help="grpc://host:port, grpcs://host:port (TLS), http://host:port or https://... "
+        "(env IMAGE_GATEWAY_URL, default %(default)s)",
     )
     parser.add_argument(
         "--timeout", type=_seconds, default=60.0, help="seconds per call (default %(default)s)"
@@ -89,8 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         token = os.environ.get("IMAGE_GATEWAY_TOKEN") or None
         if args.token_file is not None:
-            with open(args.token_file, encoding="utf-8") as file:
-                token = file.read().strip()
+            token = _first_token(args.token_file)
         # One call at a time: one gRPC connection is all the CLI uses.
         with GatewayClient(
             args.url,

@@ -398,12 +398,14 @@ _IMAGE_CAUSED = frozenset({"too_many_pixels", "payload_too_large"})
 # every gateway, and a line break would have ended the header (grpc refuses metadata with one
 # only at the first call).
 _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_MIN_TOKEN_LENGTH = 16
 
 
 def _check_token(token: str | None) -> None:
-    if token is not None and not _TOKEN.fullmatch(token):
+    if token is not None and not (_TOKEN.fullmatch(token) and len(token) >= _MIN_TOKEN_LENGTH):
         raise ValueError(
-            "token must be A-Z a-z 0-9 - . _ ~ + / (then any '='), as a gateway's tokens are"
+            f"token must be at least {_MIN_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ + / "
+            "(then any '='), as a gateway's tokens are"
         )
 
 

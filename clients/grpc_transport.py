@@ -110,6 +110,9 @@ class GrpcTransport:
         if channels < 1:
             raise ValueError(f"channels must be at least 1, not {channels}")
         self.target = target
+        # A TLS gateway that refuses this client's certificate, or its want of one, closes the
+        # connection, which grpc reports as no answer ("Socket closed"): the words say TLS.
+        self._where = target if tls is None else f"{target} over TLS"
         self.timeout = timeout
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         options = [
@@ -151,7 +154,7 @@ class GrpcTransport:
         try:
             response = self._stub().Infer(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target, self.timeout) from None
+            raise error_from_rpc(exc, self._where, self.timeout) from None
         return result_from_pb(response.result)
 
     def infer_batch(
@@ -170,7 +173,7 @@ class GrpcTransport:
                 request, timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target, self.timeout) from None
+            raise error_from_rpc(exc, self._where, self.timeout) from None
         return [result_from_pb(r) for r in response.results]
 
     def list_models(self) -> list[ModelInfo]:
@@ -179,7 +182,7 @@ class GrpcTransport:
                 pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target, self.timeout) from None
+            raise error_from_rpc(exc, self._where, self.timeout) from None
         return [
             ModelInfo(
                 m.name,
@@ -200,7 +203,7 @@ class GrpcTransport:
                 pb.GetLimitsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self.target, self.timeout) from None
+            raise error_from_rpc(exc, self._where, self.timeout) from None
         got = response.limits
         return Limits(**{f.name: getattr(got, f.name) for f in fields(Limits)})
 

@@ -4,6 +4,7 @@ setting that cannot work gives at start-up."""
 from __future__ import annotations
 
 import http.server
+import json
 import logging
 import os
 import re
@@ -97,6 +98,25 @@ def test_a_client_without_the_servers_trust_gets_no_answer(
     with client, pytest.raises(GatewayClientError) as info:
         client.infer(IMAGE)
     assert info.value.code == "unreachable"
+    # Over TLS, a refused handshake reads as no answer: the message says TLS was in play.
+    assert ("over TLS" in info.value.message) == (how == "untrusted")
+
+
+def test_the_cli_over_grpcs_writes_only_its_error_to_stderr(tls_gateway: Gateway) -> None:
+    # grpc wrote its own line for the failed handshake before the CLI's JSON error.
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    argv = [sys.executable, "-m", "clients", "--url", grpcs(tls_gateway), "--timeout", "5"]
+    done = subprocess.run(
+        [*argv, "infer", str(IMAGE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert json.loads(line)["error"]["code"] == "unreachable"
 
 
 def test_mutual_tls_takes_only_clients_the_ca_signed(pki: Authority, tmp_path: Path) -> None:

@@ -192,13 +192,17 @@ def test_the_client_sends_its_token(guarded: Gateway, scheme: str) -> None:
     assert info.value.status == ("401" if scheme == "http" else "UNAUTHENTICATED")
 
 
-@pytest.mark.parametrize("token", ["", "two\nlines", "caf\u00e9", "with a space"])
+@pytest.mark.parametrize(
+    "token", ["", "two\nlines", "caf\u00e9", "with a space-0123456789", "short-token"]
+)
 def test_a_token_no_gateway_takes_is_refused_by_the_client(token: str) -> None:
     with pytest.raises(ValueError, match="A-Z a-z 0-9"):
         GatewayClient("http://127.0.0.1:5000", token=token)
 
 
-def test_tokens_are_read_again_when_the_file_changes(tmp_path: Path) -> None:
+def test_tokens_are_read_again_when_the_file_changes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "tokens"
     path.write_text(TOKEN + "\n")
     gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=1.0, auth_token_file=str(path)))
@@ -213,8 +217,13 @@ def test_tokens_are_read_again_when_the_file_changes(tmp_path: Path) -> None:
         staged = tmp_path / "staged"
         staged.write_text(f"{TOKEN}\n{OTHER}\n")
         staged.replace(path)
-        wait_for(lambda: status(OTHER) == 200, "the added token is taken", 10)
-        assert status(TOKEN) == 200
+        with caplog.at_level(logging.INFO, logger="gateway.core.tokens"):
+            wait_for(lambda: status(OTHER) == 200, "the added token is taken", 10)
+            assert status(TOKEN) == 200
+            with GatewayClient(f"grpc://{gw.grpc_target}", token=OTHER, timeout=10) as client:
+                client.limits()
+        # Both fronts share the worker's tokens: the file is read, and logged, once.
+        assert caplog.text.count("tokens read again") == 1
         staged.write_text(f"{OTHER}\n")
         staged.replace(path)
         wait_for(lambda: status(TOKEN) == 401, "the removed token is refused", 10)
@@ -260,6 +269,9 @@ def test_a_token_file_that_cannot_work_stops_the_start(
 def test_the_cli_takes_a_token_file_or_the_environment(guarded: Gateway, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
+    # A gateway's own file, comments and all, as it is while a token is rotated: the first.
+    gateways_file = tmp_path / "gateways"
+    gateways_file.write_text(f"# callers\n\n{OTHER}\n{TOKEN}\n")
     env = {k: v for k, v in os.environ.items() if k != "IMAGE_GATEWAY_TOKEN"}
     argv = [sys.executable, "-m", "clients", "--url", guarded.http_url]
 
@@ -277,6 +289,7 @@ def test_the_cli_takes_a_token_file_or_the_environment(guarded: Gateway, tmp_pat
     assert refused.returncode == 2
     assert json.loads(refused.stderr)["error"]["code"] == "unauthenticated"
     assert run("--token-file", str(token_file)).returncode == 0
+    assert run("--token-file", str(gateways_file)).returncode == 0
     assert run(IMAGE_GATEWAY_TOKEN=OTHER).returncode == 0
 
 
