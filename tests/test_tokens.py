@@ -471,3 +471,15 @@ def test_the_ready_line_says_tokens_are_required(token_file: Path, tmp_path: Pat
         proc.wait()
     (ready,) = [line for line in log.read_text().splitlines() if "ready:" in line]
     assert ready.endswith(" auth=tokens")
+
+
+def test_a_body_over_the_cap_without_a_token_is_401_not_413(guarded: Gateway) -> None:
+    # The 413 came first, and told a caller without a token --max-request-bytes, which
+    # GET /v1/limits keeps from it.
+    with socket.create_connection(("127.0.0.1", guarded.http_port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 1000000000\r\n\r\n"
+        )
+        status_line = conn.recv(4096).split(b"\r\n")[0]
+    assert status_line.startswith(b"HTTP/1.1 401 ")

@@ -65,6 +65,24 @@ def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None =
         # the access record and the metrics, also for a request refused before the route runs.
         if request.view_args is not None and "model" in request.view_args:
             g.model = request.view_args["model"]
+
+    if tokens is not None:
+        required = tokens
+
+        @app.before_request
+        def _authenticate() -> None:
+            # Once the request has its id, so that a refusal is logged with it; before the size
+            # check, which told a caller without a token the gateway's --max-request-bytes.
+            # Probes, metrics and the API document answer anyone, as a load balancer or a
+            # scraper asks; a preflight carries no credentials, by the Fetch standard.
+            endpoint = request.endpoint or ""
+            if request.method == "OPTIONS" or endpoint in _OPEN or endpoint.startswith("probes."):
+                return
+            if request.url_rule is not None:  # an unknown route stays a 404
+                required.check(request.headers.get("Authorization"))
+
+    @app.before_request
+    def _refuse_bodies_too_large() -> None:
         # On every route, also those that never read a body (or do not exist: before
         # routing's 404), so that the server does not read it out.
         if (request.content_length or 0) > settings.max_request_bytes:
@@ -82,20 +100,6 @@ def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None =
         if request.method == "OPTIONS" and request.environ.get("REQUEST_URI") == "*":
             return Response(status=200, headers={"Allow": SERVER_METHODS})
         return None
-
-    if tokens is not None:
-        required = tokens
-
-        @app.before_request
-        def _authenticate() -> None:
-            # After the checks above, so that a refused call is logged with its request id.
-            # Probes, metrics and the API document answer anyone, as a load balancer or a
-            # scraper asks; a preflight carries no credentials, by the Fetch standard.
-            endpoint = request.endpoint or ""
-            if request.method == "OPTIONS" or endpoint in _OPEN or endpoint.startswith("probes."):
-                return
-            if request.url_rule is not None:  # an unknown route stays a 404
-                required.check(request.headers.get("Authorization"))
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:
