@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import ssl
-import threading
 from dataclasses import dataclass
 
-from gateway.core.watch import Signature, signature
+from gateway.core.watch import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -128,52 +127,27 @@ def _warn_if_out_of_date(files: TlsFiles) -> None:
         )
 
 
-def _signature(files: TlsFiles) -> Signature | None:
-    return signature(files.cert, files.key, files.client_ca)
-
-
 class Reloader:
-    """Hands out the files' contents again once they have changed and make a usable
-    certificate; until then, the last good ones stay in use."""
+    """The files' contents, read again once they have changed and make a usable certificate;
+    until then, the last good ones stay in use."""
 
     def __init__(self, files: TlsFiles) -> None:
         self.files = files
-        self._looking = threading.Lock()
-        self._seen = _signature(files)
-        self.current = load(files)
+        self._watched = WatchedFiles(
+            (files.cert, files.key, files.client_ca), lambda: load(files), "the gRPC TLS files"
+        )
         _warn_if_out_of_date(files)
 
-    def changed(self) -> Pems | None:
-        """New contents if the files changed since last seen and are usable, else None. Cheap
-        when nothing changed (a stat per file): it is asked at every new connection."""
-        # Handshakes may ask from several threads at once: one looks, the others go on with
-        # the pair in use rather than wait for it.
-        if not self._looking.acquire(blocking=False):
-            return None
-        try:
-            return self._look()
-        finally:
-            self._looking.release()
+    @property
+    def current(self) -> Pems:
+        return self._watched.current
 
-    def _look(self) -> Pems | None:
-        seen = _signature(self.files)
-        if seen is None or seen == self._seen:
-            return None
-        try:
-            pems = load(self.files)
-        except ValueError as exc:
-            # Half-way through a rotation the key may not match the certificate yet: keep the
-            # old pair, and try again once the files change again.
-            log.warning("gRPC TLS files changed but cannot be used (%s); keeping the old", exc)
-            self._seen = seen
-            return None
-        if _signature(self.files) != seen:
-            return None  # rewritten while read: read again at the next connection
-        self._seen = seen
-        if pems == self.current:
-            return None
-        self.current = pems
-        files = (self.files.cert, self.files.key, self.files.client_ca)
-        log.info("gRPC TLS files read again: %s", ", ".join(f for f in files if f))
-        _warn_if_out_of_date(self.files)
+    def changed(self) -> Pems | None:
+        """New contents if the files changed and are usable, else None; asked before every
+        handshake."""
+        pems = self._watched.changed()
+        if pems is not None:
+            files = (self.files.cert, self.files.key, self.files.client_ca)
+            log.info("gRPC TLS files read again: %s", ", ".join(f for f in files if f))
+            _warn_if_out_of_date(self.files)
         return pems

@@ -10,11 +10,9 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-import threading
-import time
 
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.core.watch import signature
+from gateway.core.watch import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +20,6 @@ log = logging.getLogger(__name__)
 _TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MIN_TOKEN_LENGTH = 16
 _BEARER = re.compile(r"bearer +(\S+) *", re.IGNORECASE)  # the scheme's name is any case
-# A look at the file at most this often, seconds: a stat per request would be a system call on
-# every request of the fastest path.
-_LOOK_EVERY = 1.0
 
 
 def read_tokens(path: str) -> tuple[bytes, ...]:
@@ -54,18 +49,17 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
 
 
 class Tokens:
-    """The tokens in force, from a file looked at again at most once a second."""
+    """The tokens in force, from a file looked at again at most once a second: a stat per
+    request would be a system call on every request of the fastest path."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._tokens = read_tokens(path)
-        self._seen = signature(path)
-        self._next_look = time.monotonic() + _LOOK_EVERY
-        self._looking = threading.Lock()
+        self._watched = WatchedFiles((path,), lambda: read_tokens(path), path, every=1.0)
 
     def check(self, authorization: str | None) -> None:
         """Raise `unauthenticated` unless `authorization` is "Bearer " and a token in force."""
-        self._refresh()
+        if (tokens := self._watched.changed()) is not None:
+            log.info("tokens read again from %s: %d in force", self.path, len(tokens))
         if authorization is None:
             raise GatewayError(
                 ErrorCode.UNAUTHENTICATED,
@@ -74,45 +68,8 @@ class Tokens:
         match = _BEARER.fullmatch(authorization)
         given = match[1].encode() if match else b""
         # Compared with every token, in time that does not tell how much of one matched.
-        if not any([hmac.compare_digest(given, token) for token in self._tokens]):
+        if not any([hmac.compare_digest(given, token) for token in self._watched.current]):
             raise GatewayError(
                 ErrorCode.UNAUTHENTICATED,
                 "the Authorization header is not 'Bearer' and a token this gateway takes",
             )
-
-    def _refresh(self) -> None:
-        now = time.monotonic()
-        if now < self._next_look or not self._looking.acquire(blocking=False):
-            return
-        try:
-            self._next_look = now + _LOOK_EVERY
-            seen = signature(self.path)
-            if seen is None and self._seen is not None:
-                # Removed, or in the middle of a replacement that is not a rename: the tokens
-                # in force stay, as for a file that cannot be used, and the file is read again
-                # once it is back. Said once, not every second it stays away.
-                log.warning(
-                    "the token file %s cannot be looked at; keeping the %d tokens in force",
-                    self.path,
-                    len(self._tokens),
-                )
-            if seen == self._seen:
-                return
-            self._seen = seen
-            if seen is None:
-                return
-            try:
-                tokens = read_tokens(self.path)
-            except ValueError as exc:
-                # Half-written, say: the tokens in force stay until the file changes again.
-                log.warning("the token file changed but cannot be used (%s); keeping the old", exc)
-                return
-            if signature(self.path) != seen:
-                # Written to while read, and maybe read half-written: read at the next look.
-                self._seen = None
-                return
-            if tokens != self._tokens:
-                self._tokens = tokens
-                log.info("tokens read again from %s: %d in force", self.path, len(tokens))
-        finally:
-            self._looking.release()
