@@ -1486,18 +1486,8 @@ def test_out_of_file_descriptors_the_http_listener_waits_instead_of_spinning(
     # tracebacks for as long as the descriptors stayed taken.
     limit = 64
     served = launch(
-        tmp_path,
-        "--http-port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--workers",
-        "1",
-        "--model",
-        "shape",
-        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-        nofile=limit,
-    )
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1", nofile=limit
+    )  # fmt: skip
     pid = served.proc.pid
     try:
         with closing_all() as idle:
@@ -1534,18 +1524,7 @@ def test_a_burst_of_connections_waits_in_the_listen_queue(tmp_path: Path) -> Non
     burst = 300
     if int(Path("/proc/sys/net/core/somaxconn").read_text()) < burst:
         pytest.skip("the kernel caps listen queues below the burst")
-    served = launch(
-        tmp_path,
-        "--http-port",
-        "0",
-        "--grpc-port",
-        "0",
-        "--workers",
-        "1",
-        "--model",
-        "shape",
-        env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-    )
+    served = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1")
     try:
         address = http_host_port(served.http_url)
         with closing_all() as burst_of:

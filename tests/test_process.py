@@ -356,10 +356,11 @@ def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: 
     assert "Traceback" not in s.log.read_text()
 
 
-def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Path) -> None:
-    # The supervisor waited for a starting worker's word for up to START_TIMEOUT (60 s) and
-    # acted on a SIGTERM only then: a replacement loading its models held the stop that long.
-    # Then, stopped, such a worker went on loading after the supervisor had gone.
+@contextlib.contextmanager
+def replacement_loading(tmp_path: Path) -> Iterator[tuple[Served, set[int], set[int]]]:
+    """Two workers serving; one is killed, and its replacement is left loading its model (a
+    sleep of 600 s). Yields the gateway, the surviving worker's pid and the replacement's;
+    whatever is still running at the end is killed."""
     s = two_workers_serving(
         tmp_path,
         "    if pathlib.Path('slow').exists():\n"
@@ -370,18 +371,26 @@ def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Pa
         workers = set(spawned(s.proc.pid))
         assert len(workers) == 2
         (tmp_path / "slow").touch()
-        killed = workers.pop()
-        os.kill(killed, signal.SIGKILL)
-        # Its SIGTERM handler is in place by then, and only sets a flag the load never reads.
+        os.kill(workers.pop(), signal.SIGKILL)
         wait_for((tmp_path / "loading").exists, "a replacement loads its model", 30)
         replacement = set(spawned(s.proc.pid)) - workers
-        s.proc.terminate()
-        assert s.proc.wait(timeout=30) == 0
+        assert len(replacement) == 1
+        yield s, workers, replacement
     finally:
         for pid in spawned(s.proc.pid):  # left loading its model, were the stop held
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         s.proc.kill()
+
+
+def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Path) -> None:
+    # The supervisor waited for a starting worker's word for up to START_TIMEOUT (60 s) and
+    # acted on a SIGTERM only then: a replacement loading its models held the stop that long.
+    # Then, stopped, such a worker went on loading after the supervisor had gone. (Its SIGTERM
+    # handler is in place by then, and only sets a flag the load never reads.)
+    with replacement_loading(tmp_path) as (s, workers, replacement):
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
     assert all(not Path(f"/proc/{p}").exists() for p in workers | replacement)
     text = s.log.read_text()
     assert "image-gateway stopped" in text
@@ -390,20 +399,7 @@ def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Pa
 
 def test_a_worker_loading_its_models_exits_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     # It noticed only once its load ended: an orphan for as long as the load took.
-    s = two_workers_serving(
-        tmp_path,
-        "    if pathlib.Path('slow').exists():\n"
-        "        pathlib.Path('loading').touch()\n"
-        "        time.sleep(600)\n",
-    )
-    try:
-        workers = set(spawned(s.proc.pid))
-        (tmp_path / "slow").touch()
-        killed = workers.pop()
-        os.kill(killed, signal.SIGKILL)
-        wait_for((tmp_path / "loading").exists, "a replacement loads its model", 30)
-        replacement = set(spawned(s.proc.pid)) - workers
-        assert len(replacement) == 1
+    with replacement_loading(tmp_path) as (s, workers, replacement):
         s.proc.kill()
         s.proc.wait()
         wait_for(
@@ -411,11 +407,6 @@ def test_a_worker_loading_its_models_exits_when_the_supervisor_is_killed(tmp_pat
             "every worker exits",
             30,
         )
-    finally:
-        for pid in spawned(s.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        s.proc.kill()
     text = s.log.read_text()
     assert "the supervisor is gone before serving; exiting" in text
     assert "Traceback" not in text

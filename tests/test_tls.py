@@ -7,7 +7,6 @@ import http.server
 import json
 import logging
 import os
-import re
 import shutil
 import ssl
 import subprocess
@@ -28,8 +27,9 @@ from clients.results import GatewayClientError
 from gateway import config
 from gateway.config import Settings
 from gateway.serve import Gateway, start
-from tests.conftest import IMAGES, wait_for
+from tests.conftest import IMAGES
 from tests.pki import Authority, Issued
+from tests.test_process import launch
 
 # The checkout's own code, run by this interpreter: a console script runs whichever copy
 # of the package was installed.
@@ -270,34 +270,21 @@ def test_failed_handshakes_stay_out_of_the_log_unless_asked_for(
     # grpc wrote a line at INFO for each: a load balancer's TCP check every few seconds, or a
     # plaintext client, filled the log.
     server = pki.server("logged")
-    log = tmp_path / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
-    if verbosity:
-        env["GRPC_VERBOSITY"] = verbosity
-    argv = [
-        sys.executable, "-m", "gateway", "serve", "--http-port", "0", "--grpc-port", "0",
-        "--workers", "1", "--grpc-tls-cert", str(server.cert), "--grpc-tls-key", str(server.key),
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        env=env,
-        cwd=ROOT,
-    )
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--grpc-tls-cert", str(server.cert), "--grpc-tls-key", str(server.key),
+        env={"GRPC_VERBOSITY": verbosity} if verbosity else None, unset=["GRPC_VERBOSITY"],
+    )  # fmt: skip
     try:
-        wait_for(lambda: "ready:" in log.read_text(), "the gateway serves", 30)
-        target = re.search(r"grpc=(\S+)", log.read_text())
-        assert target
-        plaintext = GatewayClient(f"grpc://{target[1]}", timeout=5)
+        plaintext = GatewayClient(f"grpc://{s.grpc_target}", timeout=5)
         with plaintext, pytest.raises(GatewayClientError):
             plaintext.infer(IMAGE)
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
     finally:
-        proc.kill()
-        proc.wait()
-    assert ("Handshake failed" in log.read_text()) == (verbosity == "INFO")
+        s.proc.kill()
+        s.proc.wait()
+    assert ("Handshake failed" in s.log.read_text()) == (verbosity == "INFO")
 
 
 def test_grpcs_without_certificate_files_still_speaks_tls(tls_gateway: Gateway) -> None:

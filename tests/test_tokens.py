@@ -30,6 +30,7 @@ from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import IMAGES, wait_for
 from tests.hostile import BOUNDARY, file_part, multipart
+from tests.test_process import launch
 from tests.wire import grpc_code, http_host_port
 
 TOKEN = "first-token-0123456789abcdef"
@@ -454,22 +455,17 @@ def test_a_token_file_taken_away_keeps_the_tokens_in_force_and_says_so(
 
 
 def test_the_ready_line_says_tokens_are_required(token_file: Path, tmp_path: Path) -> None:
-    log = tmp_path / "server.log"
-    argv = [sys.executable, "-m", "gateway", "serve", "--http-port", "0", "--grpc-port", "0"]
-    proc = subprocess.Popen(
-        [*argv, "--workers", "1", "--auth-token-file", str(token_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        cwd=Path(__file__).resolve().parent.parent,
-    )
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--auth-token-file", str(token_file),
+    )  # fmt: skip
     try:
-        wait_for(lambda: "ready:" in log.read_text(), "the gateway serves", 30)
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
     finally:
-        proc.kill()
-        proc.wait()
-    (ready,) = [line for line in log.read_text().splitlines() if "ready:" in line]
+        s.proc.kill()
+        s.proc.wait()
+    (ready,) = [line for line in s.log.read_text().splitlines() if "ready:" in line]
     assert ready.endswith(" auth=tokens")
 
 
