@@ -100,6 +100,8 @@ def unary(
         request_id = call_request_id(context, request)
         status, error, response = "OK", "", None
         try:
+            # The pool (gateway.rpc.pool) refuses such a call before its message is read, by
+            # the shape of grpcio's own submit; this check holds should that shape change.
             self.authenticate(context)
             if isinstance(request, Malformed):
                 raise request.error()
