@@ -36,6 +36,9 @@ log = logging.getLogger("gateway")
 
 # Seconds the answers of finished gRPC calls have to leave once a drain has no request at work.
 ANSWER_TAIL = 1.0
+# Seconds a retiring worker (see Gateway.retire) waits for the next request of HTTP connections
+# it has open, before it closes those still idle.
+LEAVE_WAIT = 1.0
 # Seconds between the main thread's looks for a stop signal handled elsewhere (see
 # _serve_until_signal).
 SIGNAL_LOOK = 0.5
@@ -78,6 +81,24 @@ class Gateway:
         while (admission.active or admission.waiting) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def retire(self, deadline: float) -> None:
+        """Leave the serving to the other workers (a reload): stop taking connections on both
+        ports at once, answer the requests under way and those clients send on connections
+        already open (each answer then closes its connection), then close."""
+        # gRPC: the listener closes, and clients are told (GOAWAY) to take their next calls
+        # elsewhere; calls under way go on, until close() shortens their grace.
+        self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        self.http.leave(LEAVE_WAIT)
+        idle_until = time.monotonic() + LEAVE_WAIT
+        admission = self.dataplane.admission
+        while time.monotonic() < deadline and (
+            admission.active
+            or admission.waiting
+            or (self.http.connections_open() and time.monotonic() < idle_until)
+        ):
+            time.sleep(0.05)
+        self.close(deadline)
+
     def close(self, deadline: float) -> None:
         """Stop both servers, giving what is still running until the deadline."""
         remaining = max(0.0, deadline - time.monotonic())
@@ -85,6 +106,7 @@ class Gateway:
         # is at work any more: what is left are answers on their way out, and streams that
         # would hold the stop for the whole grace while they wait for their client (a health
         # Watch, as grpc's client-side health checking keeps open; an idle InferStream).
+        # A second stop with a shorter grace shortens the first one's.
         grpc_done = self.grpc.stop(min(remaining, ANSWER_TAIL))
         # cheroot closes its listener, then waits up to shutdown_timeout for busy threads, and
         # then, having closed their connections, for as long as they run: a thread inside a
@@ -207,6 +229,7 @@ def _serve_until_signal(
     on_ready: Callable[[Gateway], None],
     parent: int | None = None,
     drained: Callable[[float], None] | None = None,
+    retire: threading.Event | None = None,
 ) -> int:
     stopping = threading.Event()
     serving = threading.Event()
@@ -241,6 +264,9 @@ def _serve_until_signal(
 
     for signum in workers.STOP_SIGNALS:
         signal.signal(signum, _on_signal)
+    if retire is None:
+        # Its default ends the process at once.
+        signal.signal(workers.RELOAD_SIGNAL, _refuse_reload)
     allocator.tune()
     # Before the models load: a library a model imports reads its thread count as it loads.
     model_threads.limit(settings.model_threads)
@@ -254,12 +280,17 @@ def _serve_until_signal(
     # With a timeout: the kernel may give a stop signal to another thread, and Python then runs
     # its handler only once the main thread wakes; waiting without one, it never did.
     while not stopping.wait(SIGNAL_LOOK):
-        pass
+        if retire is not None and retire.is_set():
+            break
     deadline = time.monotonic() + settings.shutdown_grace
-    gateway.drain(deadline)
-    if drained is not None:
-        drained(deadline)
-    gateway.close(deadline)
+    if retire is not None and retire.is_set():
+        log.info("replaced by a new worker; finishing the requests under way")
+        gateway.retire(deadline)
+    else:
+        gateway.drain(deadline)
+        if drained is not None:
+            drained(deadline)
+        gateway.close(deadline)
     left = gateway.dataplane.admission.active
     if left:
         # Their threads are inside a model or a decode, which cannot be interrupted; exiting
@@ -275,24 +306,60 @@ def _serve_until_signal(
     return 0
 
 
+def _refuse_reload(signum: int, _frame: object) -> None:
+    log.warning(
+        "received %s: a reload replaces worker processes, and this gateway is one process "
+        "(--workers 1); ignored",
+        signal.Signals(signum).name,
+    )
+
+
+class _SupervisorLink:
+    """What the supervisor tells a serving worker over its pipe, read on a thread of its own:
+    to retire (a reload has started its replacement), or, after a drain, to close."""
+
+    def __init__(self, pipe: Connection) -> None:
+        self.pipe = pipe
+        self.retire = threading.Event()
+        self.closed = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._read, name="supervisor-link", daemon=True).start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, EOFError):  # the supervisor is gone: close now
+            while (message := self.pipe.recv()) != workers.CLOSE:
+                if message == workers.RETIRE:
+                    self.retire.set()
+        self.closed.set()
+
+
 def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
     """One worker process of several (see gateway.workers)."""
     _configure_logging(settings)
+    # The supervisor's reload signal, sent to the whole process group, is not the worker's.
+    signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
+    link = _SupervisorLink(supervisor)
 
     def _ready(_gateway: Gateway) -> None:
         supervisor.send(workers.READY)
+        link.start()
 
     def _drained(deadline: float) -> None:
         # The workers close their listeners together, once all have drained: one that closed
         # first reset the connections the kernel had just queued for it, health checks among
         # them, while its siblings still answered.
-        with contextlib.suppress(OSError, EOFError):  # the supervisor is gone: close now
+        with contextlib.suppress(OSError):  # the supervisor is gone: close now
             supervisor.send(workers.DRAINED)
-            if supervisor.poll(max(0.0, deadline - time.monotonic()) + workers.CLOSE_SLACK):
-                supervisor.recv()
+            link.closed.wait(max(0.0, deadline - time.monotonic()) + workers.CLOSE_SLACK)
 
     return _serve_until_signal(
-        settings, reuse_port=True, on_ready=_ready, parent=parent, drained=_drained
+        settings,
+        reuse_port=True,
+        on_ready=_ready,
+        parent=parent,
+        drained=_drained,
+        retire=link.retire,
     )
 
 

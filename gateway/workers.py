@@ -44,10 +44,13 @@ _METRICS_PREFIX = "image-gateway-metrics-"
 # Each drains the gateway. SIGHUP too (a closed terminal, or an operator's reload): its default
 # killed the process at once, requests in flight and the metrics directory left behind.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Replaces the workers one at a time (a rolling reload: new model code and weights without a
+# stop). Not SIGHUP: a closed terminal sends it to every process of the gateway, which must stop.
+RELOAD_SIGNAL = signal.SIGUSR1
 # What a worker and its supervisor tell each other over the worker's pipe: the worker serves; it
-# has drained; all have, close. A worker waits for CLOSE at most CLOSE_SLACK seconds past its
-# grace.
-READY, DRAINED, CLOSE = "ready", "drained", "close"
+# has drained; all have, close; it is replaced, finish and exit. A worker waits for CLOSE at most
+# CLOSE_SLACK seconds past its grace.
+READY, DRAINED, CLOSE, RETIRE = "ready", "drained", "close", "retire"
 CLOSE_SLACK = 1.0
 # Seconds a worker has to load its models and serve: past them a start that hangs (a model
 # waiting on a network share, say) stops the gateway rather than leaving it half up.
@@ -62,6 +65,8 @@ class _Worker:
     pipe: Connection
     # time.monotonic() once it served.
     started_at: float
+    # time.monotonic() when a reload told it to retire.
+    retired_at: float | None = None
 
 
 def restart_delay(failures: int) -> float:
@@ -205,6 +210,17 @@ def supervise(settings: Settings) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
+    reloading = threading.Event()
+
+    def on_reload(signum: int, _frame: object) -> None:
+        log.info(
+            "received %s, replacing the %d workers one at a time",
+            signal.Signals(signum).name,
+            count,
+        )
+        reloading.set()
+
+    signal.signal(RELOAD_SIGNAL, on_reload)
 
     def spawn() -> _Worker:
         parent, child = context.Pipe()
@@ -217,12 +233,16 @@ def supervise(settings: Settings) -> int:
         # place; the supervisor, which gets the same Ctrl-C, stops it then. The supervisor
         # holds SIGINT back meanwhile, so that one coming just then reaches its own handler
         # afterwards instead of being ignored (a blocked signal is never discarded).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        own = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The same for the reload signal, which would end a worker that has not yet set it
+        # aside.
+        kept = (signal.SIGINT, RELOAD_SIGNAL)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, kept)
+        own = {signum: signal.signal(signum, signal.SIG_IGN) for signum in kept}
         try:
             proc.start()
         finally:
-            signal.signal(signal.SIGINT, own)
+            for signum, handler in own.items():
+                signal.signal(signum, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         child.close()
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
@@ -273,7 +293,68 @@ def supervise(settings: Settings) -> int:
     # the next may start.
     failures = [0] * len(started)
     retry_at = [0.0] * len(started)
+    # Workers a reload replaced, finishing their requests.
+    retiring: list[_Worker] = []
+    finishing = threading.Event()
+
+    def reload() -> None:
+        for i, old in enumerate(started):
+            try:
+                new = spawn()
+            except RuntimeError as exc:
+                if not stopping.is_set():
+                    log.error(
+                        "reload stopped: %s; %d of %d workers replaced, the others serve on",
+                        exc,
+                        i,
+                        count,
+                    )
+                return
+            started[i] = new
+            failures[i] = 0
+            if old is None or not old.proc.is_alive():
+                log.info("worker %d serving", new.proc.pid)
+                if old is not None:
+                    retiring.append(old)
+                continue
+            with contextlib.suppress(OSError):
+                old.pipe.send(RETIRE)
+            old.retired_at = time.monotonic()
+            retiring.append(old)
+            log.info(
+                "worker %d serving in place of worker %d, which finishes its requests and exits",
+                new.proc.pid,
+                old.proc.pid,
+            )
+        finishing.set()  # "reload done" once the workers replaced have exited
+
+    def reap() -> None:
+        for worker in list(retiring):
+            proc = worker.proc
+            if proc.is_alive():
+                since = worker.retired_at
+                if since is not None and time.monotonic() - since > settings.shutdown_grace + 10:
+                    log.error("replaced worker %d did not exit in time; killing it", proc.pid)
+                    proc.kill()
+                continue
+            retiring.remove(worker)
+            if proc.pid is not None:
+                _mark_dead(proc.pid)
+            worker.pipe.close()
+            if proc.exitcode == 0:
+                log.info("replaced worker %d exited", proc.pid)
+            else:
+                log.error("replaced worker %d exited with %s", proc.pid, proc.exitcode)
+        if finishing.is_set() and not retiring:
+            finishing.clear()
+            log.info("reload done: %d workers serving", count)
+
     while not stopping.wait(0.5):
+        reap()
+        if reloading.is_set():
+            reloading.clear()
+            reload()
+            continue
         for i, worker in enumerate(started):
             if stopping.is_set():
                 break
@@ -318,9 +399,10 @@ def supervise(settings: Settings) -> int:
     for worker in running:
         if worker.proc.is_alive() and worker.proc.pid is not None:
             os.kill(worker.proc.pid, signal.SIGTERM)
+    # Workers that are retiring drain on their own, and close without the others.
     _close_together(running, settings.shutdown_grace)
     codes = []
-    for worker in running:
+    for worker in running + retiring:
         proc = worker.proc
         proc.join(settings.shutdown_grace + 10)
         if proc.is_alive():

@@ -524,6 +524,35 @@ class Listening(connections.ConnectionManager):
         super().__init__(server)
         self._resume_at: float | None = None
         self._starved_since: float | None = None
+        self._leave = False
+        self.left = threading.Event()
+
+    def leave(self) -> None:
+        """Stop taking connections (the selector thread closes the listener at its next sweep,
+        within a second); those already open go on being served."""
+        self._leave = True
+
+    def connections_open(self) -> int:
+        """Connections waiting in the selector: idle keep-alive ones and new ones that have not
+        sent their request yet."""
+        held = self._selector.connections  # type: ignore[attr-defined]
+        return len([conn for _, conn in held if conn is not self.server])
+
+    def _close_listener(self) -> None:
+        # Connections the kernel has queued for this listener are taken first: closing a
+        # listener resets them, while the other workers' listeners (SO_REUSEPORT) would have
+        # served them. One completing between the last accept and the close is lost; the window
+        # is that of a system call.
+        listener = self.server.socket
+        with contextlib.suppress(KeyError, ValueError):  # paused (EMFILE): not registered
+            self._selector.unregister(listener.fileno())  # type: ignore[attr-defined]
+        self._resume_at = None
+        listener.setblocking(False)
+        while (conn := self._from_server_socket(listener)) is not None:
+            self.server.process_conn(conn)
+        listener.close()
+        self.server.socket = None  # cheroot's stop closes it otherwise
+        self.left.set()
 
     def _from_server_socket(self, server_socket: socket.socket) -> Any:
         try:
@@ -543,7 +572,8 @@ class Listening(connections.ConnectionManager):
 
     def _pause(self, exc: OSError) -> None:
         now = time.monotonic()
-        self._selector.unregister(self.server.socket.fileno())  # type: ignore[attr-defined]
+        with contextlib.suppress(KeyError, ValueError):  # leaving: unregistered already
+            self._selector.unregister(self.server.socket.fileno())  # type: ignore[attr-defined]
         self._resume_at = now + ACCEPT_PAUSE
         if self._starved_since is None:
             self._starved_since = now
@@ -557,6 +587,8 @@ class Listening(connections.ConnectionManager):
     def _expire(self, threshold: float) -> None:
         # The loop calls this every 0.5 s or so whatever else happens, listener or not.
         super()._expire(threshold)  # type: ignore[misc]
+        if self._leave and not self.left.is_set():
+            self._close_listener()
         if self._resume_at is not None and time.monotonic() >= self._resume_at:
             self._resume_at = None
             self._selector.register(  # type: ignore[attr-defined]
@@ -596,6 +628,27 @@ class HttpServer(wsgi.Server):
         # cheroot made its own connection manager, with nothing but the listener in it yet.
         plain, self._connections = self._connections, Listening(self)  # type: ignore[has-type]
         plain.close()
+
+    @property
+    def can_add_keepalive_connection(self) -> bool:
+        # Leaving, every answer closes its connection (`Connection: close`): the client's next
+        # request opens a new one, which reaches another worker.
+        return not self.leaving and super().can_add_keepalive_connection
+
+    leaving = False
+
+    def leave(self, timeout: float) -> None:
+        """Stop taking connections, and close each open one after its next answer; return once
+        the listener is closed (or after `timeout`)."""
+        self.leaving = True
+        listening = self._connections
+        if isinstance(listening, Listening):
+            listening.leave()
+            listening.left.wait(timeout)
+
+    def connections_open(self) -> int:
+        listening = self._connections
+        return listening.connections_open() if isinstance(listening, Listening) else 0
 
     def stop(self) -> None:
         try:

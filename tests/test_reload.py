@@ -1,0 +1,199 @@
+"""Reloads: SIGUSR1 to a gateway of several workers replaces them one at a time, each old one
+finishing its requests, so new model code and weights are served without a stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clients.client import GatewayClient, GatewayClientError
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from tests.conftest import DATA, wait_for
+from tests.test_process import Served, launch, spawned
+
+IMAGE = (DATA / "images" / "hopper.png").read_bytes()
+
+# A model that answers with the text of version.txt as it was when the model loaded, and fails
+# to load while that text is "broken".
+VERSIONED = """
+from pathlib import Path
+
+
+class Versioned:
+    name = "versioned"
+    description = "the version file's text when it loaded"
+
+    def __init__(self, version):
+        self.version = version
+
+    def predict(self, images, params):
+        return [self.version for _ in images]
+
+
+def create():
+    version = Path(__file__).with_name("version.txt").read_text().strip()
+    if version == "broken":
+        raise RuntimeError("weights missing")
+    return Versioned(version)
+"""
+
+
+def versioned(tmp_path: Path, *args: str) -> Served:
+    (tmp_path / "versioned.py").write_text(VERSIONED)
+    (tmp_path / "version.txt").write_text("v1")
+    return launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--model", "versioned:create", *args,
+        cwd=tmp_path,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path) -> Iterator[Served]:
+    s = versioned(tmp_path, "--workers", "2")
+    yield s
+    if s.proc.poll() is None:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
+def reload(s: Served) -> None:
+    done = s.log.read_text().count("reload ")  # "reload done" or "reload stopped"
+    os.kill(s.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: s.log.read_text().count("reload ") > done, "the reload's end", 60)
+
+
+def answers(s: Served) -> set[str]:
+    """What the model answers over both protocols, on fresh connections (so both workers)."""
+    seen = set()
+    for url in [s.http_url] * 6 + [f"grpc://{s.grpc_target}"] * 6:
+        with GatewayClient(url, channels=1) as client:
+            seen.add(client.infer(IMAGE).output)
+    return seen
+
+
+def test_a_reload_serves_the_new_model_without_failing_a_request(
+    two_workers: Served, tmp_path: Path
+) -> None:
+    s = two_workers
+    before = set(spawned(s.proc.pid))
+    assert answers(s) == {"v1"}
+    # Clients calling all along, over both protocols, and a stream left open.
+    stop = threading.Event()
+    outputs: list[str] = []
+    errors: list[str] = []
+
+    def call(url: str) -> None:
+        with GatewayClient(url) as client:
+            while not stop.is_set():
+                try:
+                    outputs.append(client.infer(IMAGE).output)
+                except GatewayClientError as exc:
+                    errors.append(f"{url}: {exc.code}: {exc.message}")
+
+    callers = [
+        threading.Thread(target=call, args=(url,))
+        for url in (s.http_url, s.http_url, f"grpc://{s.grpc_target}", f"grpc://{s.grpc_target}")
+    ]
+    for caller in callers:
+        caller.start()
+    channel = grpc.insecure_channel(s.grpc_target)
+    stream = pb_grpc.ImageGatewayServiceStub(channel).InferStream(
+        _held_open(stop, pb.InferRequest(image=pb.Image(data=IMAGE)))
+    )
+    assert next(stream).result.output.string_value == "v1"
+    try:
+        wait_for(lambda: len(outputs) >= 20, "calls before the reload", 30)
+        (tmp_path / "version.txt").write_text("v2")
+        reload(s)
+        wait_for(lambda: outputs[-1] == "v2", "an answer of the new model", 30)
+        count = len(outputs)
+        wait_for(lambda: len(outputs) >= count + 20, "calls after the reload", 30)
+        # The stream's worker has gone: the stream ended as at a stop, to be opened again.
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        stop.set()
+        for caller in callers:
+            caller.join(60)
+        channel.close()
+    assert errors == []
+    assert set(outputs) == {"v1", "v2"}
+    assert answers(s) == {"v2"}
+    assert "reload done: 2 workers serving" in s.log.read_text()
+    wait_for(
+        lambda: all(f"replaced worker {pid} exited\n" in s.log.read_text() for pid in before),
+        "the old workers' exit",
+        30,
+    )
+    assert not before & set(spawned(s.proc.pid))
+    assert len(spawned(s.proc.pid)) == 2
+
+
+def _held_open(stop: threading.Event, first: pb.InferRequest) -> Iterator[pb.InferRequest]:
+    yield first
+    stop.wait()
+
+
+def test_a_reload_whose_new_worker_cannot_start_leaves_the_old_ones_serving(
+    two_workers: Served, tmp_path: Path
+) -> None:
+    s = two_workers
+    before = set(spawned(s.proc.pid))
+    (tmp_path / "version.txt").write_text("broken")
+    reload(s)
+    log = s.log.read_text()
+    assert (
+        "cannot start: model 'versioned:create' did not load: RuntimeError: weights missing" in log
+    )
+    assert re.search(
+        r"reload stopped: worker \d+ did not start \(exit code 1\); 0 of 2 workers replaced", log
+    )
+    assert set(spawned(s.proc.pid)) == before
+    assert answers(s) == {"v1"}
+    # Mended, the next reload goes through.
+    (tmp_path / "version.txt").write_text("v3")
+    reload(s)
+    assert "reload done" in s.log.read_text()
+    assert answers(s) == {"v3"}
+
+
+def test_a_stop_during_a_reload_stops_the_gateway(two_workers: Served, tmp_path: Path) -> None:
+    s = two_workers
+    # The new worker takes its time to load, and the stop comes meanwhile.
+    (tmp_path / "versioned.py").write_text(
+        VERSIONED.replace("def create():\n", "def create():\n    import time; time.sleep(3)\n")
+    )
+    os.kill(s.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: "replacing the 2 workers" in s.log.read_text(), "the reload's start")
+    wait_for(lambda: len(spawned(s.proc.pid)) == 3, "the new worker's start")
+    workers = spawned(s.proc.pid)
+    s.proc.terminate()
+    assert s.proc.wait(timeout=30) == 0
+    assert "image-gateway stopped" in s.log.read_text()
+    assert "reload done" not in s.log.read_text()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "their exit")
+
+
+def test_one_process_logs_that_it_cannot_reload_and_serves_on(tmp_path: Path) -> None:
+    s = versioned(tmp_path, "--workers", "1")
+    try:
+        (tmp_path / "version.txt").write_text("v2")
+        os.kill(s.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "ignored" in s.log.read_text(), "the warning")
+        assert (
+            "received SIGUSR1: a reload replaces worker processes, and this gateway is one "
+            "process (--workers 1); ignored"
+        ) in s.log.read_text()
+        assert answers(s) == {"v1"}
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
