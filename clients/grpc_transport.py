@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -89,6 +90,28 @@ def error_from_rpc(exc: grpc.RpcError, target: str, timeout: float | None) -> Ga
 
 
 MAX_RECONNECT_BACKOFF_MS = 2000
+# grpc's own retry (gRFC A6), for one case: a call the gateway's grpc cancelled before any
+# handler saw it, because that worker was shutting down (replaced in a reload, say) as the call
+# arrived (grpc/grpc#41785). The gateway's own CANCELLED goes only to clients that have left,
+# grpc retries a call only before its answer has begun, and the gateway's calls are idempotent.
+RETRY_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": pb.DESCRIPTOR.services_by_name["ImageGatewayService"].full_name}
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.01s",
+                    "maxBackoff": "0.1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["CANCELLED"],
+                },
+            }
+        ]
+    }
+)
 
 
 class GrpcTransport:
@@ -124,6 +147,9 @@ class GrpcTransport:
             # grpc's backoff between connection attempts grows to 120 s: a gateway back after
             # a 40 s restart stayed "unreachable" to this client for 26 s more.
             ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            ("grpc.service_config", RETRY_CONFIG),
+            # A call is retried only while grpc holds all of its message (256 KiB by default).
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
         ]
         if tls is None:
             self.channels = [grpc.insecure_channel(target, options) for _ in range(channels)]
