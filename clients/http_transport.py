@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProtocolError
 
 from clients.results import (
     BAD_RESPONSE,
@@ -25,6 +27,24 @@ T = TypeVar("T")
 # Connections kept open for reuse. requests keeps 10 by default; a client calling from more
 # threads than that closed the extra ones after each call and opened new ones for the next.
 POOL_SIZE = 32
+
+
+def _closed_before_answer(exc: requests.ConnectionError) -> bool:
+    """Whether the gateway closed or reset the connection before any byte of its answer came,
+    which a reused keep-alive connection meets when the gateway closes it (idle for 10 s, its
+    worker replaced, a restart) just as the request goes out on it.
+
+    requests raises ConnectionError(ProtocolError("Connection aborted.", error)) for an error
+    while urllib3 sends the request or waits for the answer's head: RemoteDisconnected (a
+    ConnectionResetError) when the connection closed before the first byte of the status line,
+    ConnectionResetError when it was reset. Failing to connect at all is another reason
+    (MaxRetryError of NewConnectionError), a timeout is requests.Timeout, and a connection lost
+    within the answer's body ChunkedEncodingError: none of these is the case.
+    """
+    reason = exc.args[0] if exc.args else None
+    return isinstance(reason, ProtocolError) and any(
+        isinstance(arg, ConnectionResetError) for arg in reason.args
+    )
 
 
 def error_from_body(body: Any, status: str) -> GatewayClientError:
@@ -88,15 +108,38 @@ class HttpTransport:
         return f"{self.base_url}/v1/models/{segment}/infer"
 
     def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        """The request, its failures to get an answer as GatewayClientError, as over gRPC."""
+        """The request, its failures to get an answer as GatewayClientError, as over gRPC.
+
+        A request whose connection the gateway closed before answering is sent once more, on
+        a new connection and within what is left of the timeout: every call of the API is
+        idempotent (the same image gives the same answer)."""
+        started = time.monotonic()
         try:
-            return self.session.request(
-                method, url, timeout=self.timeout, verify=self._verify, **kwargs
-            )
-        except requests.Timeout:
-            raise client_deadline(self.timeout) from None
+            return self._attempt(method, url, self.timeout, **kwargs)
+        except requests.ConnectionError as exc:
+            if not _closed_before_answer(exc):
+                raise unreachable(self.base_url, str(exc)) from None
+        timeout = self.timeout
+        if timeout is not None:
+            timeout -= time.monotonic() - started
+            if timeout <= 0:
+                raise client_deadline(self.timeout)
+        # urllib3 put the failed connection back in its pool as an empty slot, which this
+        # thread takes next (unless another thread gave a connection back meanwhile, one that
+        # has just answered): it connects anew.
+        try:
+            return self._attempt(method, url, timeout, **kwargs)
         except requests.ConnectionError as exc:
             raise unreachable(self.base_url, str(exc)) from None
+
+    def _attempt(
+        self, method: str, url: str, timeout: float | None, **kwargs: Any
+    ) -> requests.Response:
+        """One request; requests.ConnectionError when no answer came."""
+        try:
+            return self.session.request(method, url, timeout=timeout, verify=self._verify, **kwargs)
+        except requests.Timeout:
+            raise client_deadline(self.timeout) from None
 
     def _read(self, response: requests.Response, read: Callable[[Any], T]) -> T:
         """`read` applied to the answer's JSON; an answer of another shape (another service

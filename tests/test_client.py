@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.server
+import itertools
 import json
 import re
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -531,3 +534,212 @@ def test_infer_batch_refuses_one_image_for_a_list(image: object) -> None:
     # one image per row, each sent as a 5x3 grayscale image.
     with GatewayClient("http://127.0.0.1:1") as client, pytest.raises(TypeError, match="list"):
         client.infer_batch(image)  # type: ignore[arg-type]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_client_carries_on_after_its_gateway_restarts_on_the_same_port() -> None:
+    # The old gateway closed the connections the clients kept: urllib3 finds its pooled one
+    # closed before using it again, and grpc its channel's, and both connect anew.
+    settings = Settings(
+        http_port=_free_port(), grpc_port=_free_port(), model=("shape",), shutdown_grace=1.0
+    )
+    gw = start(settings)
+    clients = [GatewayClient(gw.http_url), GatewayClient(f"grpc://{gw.grpc_target}", channels=1)]
+    try:
+        for client in clients:
+            assert client.infer(JPEG_PATH).output == [427, 640, 3]
+        gw.stop()
+        gw = start(settings)
+        for client in clients:
+            assert client.infer(JPEG_PATH).output == [427, 640, 3]
+    finally:
+        for client in clients:
+            client.close()
+        gw.stop()
+
+
+class _Relay:
+    """A TCP relay on loopback in front of a port. After drop(), each connection open then is
+    closed the moment its client sends on it again: what a client meets when the gateway
+    closes an idle keep-alive connection (its 10 s idle timeout, a worker replaced) just as the
+    client's next request goes out on it."""
+
+    def __init__(self, port: int) -> None:
+        self._upstream = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._lock = threading.Lock()
+        self.accepted: list[socket.socket] = []
+        self._doomed: set[socket.socket] = set()
+        self._reset = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self, reset: bool) -> None:
+        """Close (FIN) or reset (RST) the connections open now when their client next sends."""
+        with self._lock:
+            self._doomed.update(self.accepted)
+            self._reset = reset
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self._upstream))
+            with self._lock:
+                self.accepted.append(client)
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                with self._lock:
+                    doomed, reset = src in self._doomed, self._reset
+                if doomed:
+                    if reset:
+                        src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    src.close()
+                    break
+                dst.sendall(data)
+        for sock in (dst, src):  # shut down first: that wakes the other direction's recv
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_http_sends_a_call_again_when_the_gateway_closed_its_pooled_connection(
+    gateway: Gateway, reset: bool
+) -> None:
+    # The request went out on a kept connection the gateway was closing: requests raised
+    # ConnectionError (RemoteDisconnected when closed, "Connection reset by peer" when reset),
+    # given as unreachable, though a new connection was answered at once.
+    relay = _Relay(gateway.http_port)
+    try:
+        with GatewayClient(relay.url) as client:
+            assert client.infer(JPEG_PATH).output == [427, 640, 3]  # limits, then the image
+            assert len(relay.accepted) == 1  # both over one kept connection
+            relay.drop(reset)
+            assert client.list_models()[0].name == "shape"
+            relay.drop(reset)  # a POST with 112 KB of image
+            assert client.infer(JPEG_PATH).output == [427, 640, 3]
+            assert len(relay.accepted) == 3  # each sent again on a connection of its own
+    finally:
+        relay.close()
+
+
+def test_a_call_that_timed_out_is_not_sent_again(gateway: Gateway) -> None:
+    # Sending it again would have doubled the caller's timeout.
+    relay = _Relay(gateway.http_port)
+    try:
+        with GatewayClient(relay.url, timeout=0.3) as client:
+            client.limits()
+            with pytest.raises(GatewayClientError) as caught:
+                client.infer(JPEG_PATH, model="slow", params={"seconds": "2"})
+            assert caught.value.code == "deadline_exceeded"
+        assert len(relay.accepted) == 1
+    finally:
+        relay.close()
+
+
+LIMITS = {
+    "max_request_bytes": 1 << 20,
+    "max_image_bytes": 1 << 20,
+    "max_images": 8,
+    "max_parts": 8,
+    "max_image_pixels": 1 << 20,
+    "max_request_pixels": 1 << 20,
+    "request_timeout_seconds": 30.0,
+}
+
+
+def _head(body: bytes) -> bytes:
+    length = f"Content-Length: {len(body)}\r\n".encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + length + b"\r\n"
+
+
+# Given each request's connection number (0, 1, ...), its path and the socket, answers it (or
+# not) and says whether the connection stays open for the next request.
+_Answer = Callable[[int, str, socket.socket], bool]
+
+
+@contextmanager
+def _raw_http(answer: _Answer) -> Iterator[tuple[str, list[tuple[int, str]]]]:
+    """An HTTP/1.1 server over plain sockets, for answers no real server gives: GET
+    /v1/limits is answered LIMITS, other requests by `answer`. Yields its URL and the
+    requests it read, as (connection number, path)."""
+    requests_read: list[tuple[int, str]] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    limits = json.dumps(LIMITS).encode()
+
+    def serve(number: int, sock: socket.socket) -> None:
+        with sock, sock.makefile("rb") as stream, contextlib.suppress(OSError):
+            while line := stream.readline():
+                length = 0
+                while (header := stream.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                stream.read(length)
+                path = line.split()[1].decode().split("?")[0]
+                requests_read.append((number, path))
+                if path == "/v1/limits":
+                    sock.sendall(_head(limits) + limits)
+                elif not answer(number, path, sock):
+                    return
+
+    def accept() -> None:
+        for number in itertools.count():
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=serve, args=(number, sock), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", requests_read
+    finally:
+        listener.close()
+
+
+RESULT = json.dumps({"result": {"name": "", "info": None, "output": [1, 1, 3]}}).encode()
+
+
+def test_a_call_is_sent_again_only_once() -> None:
+    def close_unanswered(number: int, path: str, sock: socket.socket) -> bool:
+        return False
+
+    with _raw_http(close_unanswered) as (url, seen), GatewayClient(url) as client:
+        with pytest.raises(GatewayClientError) as caught:
+            client.infer(b"x")
+        assert (caught.value.code, caught.value.status) == ("unreachable", "")
+        assert seen == [(0, "/v1/limits"), (0, "/v1/infer"), (1, "/v1/infer")]
+
+
+def test_a_call_sent_again_has_what_is_left_of_the_timeout() -> None:
+    # The first connection is closed unanswered 0.7 s into a 1 s timeout; the second would
+    # answer 0.6 s later, past the caller's timeout: a second try with a timeout of its own
+    # would have succeeded at 1.3 s.
+    def slow(number: int, path: str, sock: socket.socket) -> bool:
+        time.sleep(0.7 if number == 0 else 0.6)
+        if number == 0:
+            return False
+        sock.sendall(_head(RESULT) + RESULT)
+        return True
+
+    with _raw_http(slow) as (url, seen), GatewayClient(url, timeout=1) as client:
+        with pytest.raises(GatewayClientError) as caught:
+            client.infer(b"x")
+        assert caught.value.code == "deadline_exceeded"
+        assert [number for number, _ in seen] == [0, 0, 1]
