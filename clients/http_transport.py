@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from clients.results import (
     BAD_RESPONSE,
@@ -140,6 +140,14 @@ class HttpTransport:
             return self.session.request(method, url, timeout=timeout, verify=self._verify, **kwargs)
         except requests.Timeout:
             raise client_deadline(self.timeout) from None
+        except requests.ConnectionError as exc:
+            if exc.args and isinstance(exc.args[0], ReadTimeoutError):
+                # A timeout within the answer's body, which requests raises as ConnectionError.
+                raise client_deadline(self.timeout) from None
+            raise
+        except requests.exceptions.ChunkedEncodingError as exc:
+            # The connection lost within the answer's body (not a ConnectionError to requests).
+            raise unreachable(self.base_url, str(exc)) from None
 
     def _read(self, response: requests.Response, read: Callable[[Any], T]) -> T:
         """`read` applied to the answer's JSON; an answer of another shape (another service

@@ -743,3 +743,32 @@ def test_a_call_sent_again_has_what_is_left_of_the_timeout() -> None:
             client.infer(b"x")
         assert caught.value.code == "deadline_exceeded"
         assert [number for number, _ in seen] == [0, 0, 1]
+
+
+def test_an_answer_cut_short_is_unreachable_and_not_sent_again() -> None:
+    # The connection was lost within the answer's body: requests' ChunkedEncodingError came
+    # out of the client as it was, where any other lost connection is unreachable.
+    def cut(number: int, path: str, sock: socket.socket) -> bool:
+        sock.sendall(_head(RESULT) + RESULT[:10])
+        return False
+
+    with _raw_http(cut) as (url, seen), GatewayClient(url) as client:
+        with pytest.raises(GatewayClientError) as caught:
+            client.infer(b"x")
+        assert (caught.value.code, caught.value.status) == ("unreachable", "")
+        assert seen == [(0, "/v1/limits"), (0, "/v1/infer")]
+
+
+def test_an_answer_stalled_past_the_timeout_is_deadline_exceeded() -> None:
+    # requests gives a timeout within the answer's body as ConnectionError: the client said
+    # unreachable, as if no gateway were there.
+    def stall(number: int, path: str, sock: socket.socket) -> bool:
+        sock.sendall(_head(RESULT) + RESULT[:10])
+        time.sleep(1)
+        return False
+
+    with _raw_http(stall) as (url, seen), GatewayClient(url, timeout=0.3) as client:
+        with pytest.raises(GatewayClientError) as caught:
+            client.infer(b"x")
+        assert (caught.value.code, caught.value.status) == ("deadline_exceeded", "")
+        assert seen == [(0, "/v1/limits"), (0, "/v1/infer")]
