@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from clients.results import (
@@ -47,6 +48,15 @@ def _closed_before_answer(exc: requests.ConnectionError) -> bool:
     )
 
 
+class _Bearer(AuthBase):
+    def __init__(self, token: str) -> None:
+        self.header = f"Bearer {token}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self.header
+        return request
+
+
 def error_from_body(body: Any, status: str) -> GatewayClientError:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):  # not the gateway's error shape: a proxy's, say
@@ -80,7 +90,10 @@ class HttpTransport:
         self.timeout = timeout
         self.session = requests.Session()
         if token is not None:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+            # As the session's auth, not one of its headers: requests fills in a call without
+            # auth from ~/.netrc (or $NETRC) over the headers, and a netrc entry for the host,
+            # or a default one, was sent instead of the token.
+            self.session.auth = _Bearer(token)
         # Given with each request: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE override
         # a session's `verify`, and a client given ca_cert checked the gateway against the
         # environment's CAs instead. None leaves requests' default (those variables, certifi).

@@ -772,3 +772,31 @@ def test_an_answer_stalled_past_the_timeout_is_deadline_exceeded() -> None:
             client.infer(b"x")
         assert (caught.value.code, caught.value.status) == ("deadline_exceeded", "")
         assert seen == [(0, "/v1/limits"), (0, "/v1/infer")]
+
+
+def test_a_netrc_entry_does_not_replace_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests fills in Authorization from ~/.netrc (or $NETRC) for a call that has no auth of
+    # its own, over the session's headers: with a netrc entry for the gateway's host, or a
+    # default one, the client sent that login instead of its token, and every call was 401.
+    token = "first-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{token}\n")
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login someone password secret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("shape",),
+            shutdown_grace=1.0,
+            auth_token_file=str(tokens),
+        )
+    )
+    try:
+        with GatewayClient(gw.http_url, token=token) as client:
+            assert client.infer(JPEG_PATH).output == [427, 640, 3]
+    finally:
+        gw.stop()
