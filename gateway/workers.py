@@ -6,8 +6,10 @@ them. Workers are spawned, not forked, so no gRPC or OpenCV state crosses a fork
 
 The supervisor binds each port first (SO_REUSEPORT, not listening) to learn it when the port is 0
 and to fail early when it is taken, passes the concrete ports to the workers, logs one ready line
-once all of them serve, forwards SIGTERM/SIGINT for a graceful drain, and restarts a worker that
-dies unexpectedly, waiting longer each time one dies soon after its start or fails to start.
+once all of them serve, forwards SIGTERM/SIGINT for a graceful drain, restarts a worker that
+dies unexpectedly, waiting longer each time one dies soon after its start or fails to start, and
+on SIGUSR1 replaces every worker, one at a time, each old one retiring once its replacement
+serves (a reload).
 """
 
 from __future__ import annotations
