@@ -13,9 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from clients.client import GatewayClient, GatewayClientError
+from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from clients.results import GatewayClientError
 from tests.conftest import DATA, wait_for
 from tests.test_process import Served, launch, spawned
 
