@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import fcntl
 import logging
 import math
 import os
 import threading
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -26,6 +29,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.mmap_dict import MmapedDict
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +158,62 @@ threading.Thread(target=_flush_forever, name="metrics-flush", daemon=True).start
 def exposition() -> tuple[bytes, str]:
     """The metrics text and its content type, aggregated over all workers."""
     flush()
-    if os.environ.get(MULTIPROC_ENV):
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        with _files_lock(directory, fcntl.LOCK_SH):
+            return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
+# Counts of workers that have exited are folded into one file of each kind (`counter_archive.db`,
+# read as any other), instead of staying in a file of their own: prometheus-client reads every
+# file at every scrape, so with workers replaced by restarts and reloads a scrape cost more and
+# more (prometheus/client_python#367). Only the supervisor folds, as it learns a worker has died
+# and before it starts another that could take the same pid.
+_FOLDED = ("counter", "histogram")
+_ARCHIVE = "archive"
+# Held shared by a scrape (which globs the directory, then reads each file) and exclusively while
+# a dead worker's file gives way to the archive that holds its counts: a scrape sees one or the
+# other, never both or neither, so no counter seems to go back.
+_LOCK_FILE = ".files.lock"
+
+
+@contextlib.contextmanager
+def _files_lock(directory: str, operation: int) -> Iterator[None]:
+    with open(os.path.join(directory, _LOCK_FILE), "a") as lock:
+        fcntl.flock(lock, operation)
+        yield  # closing the file lets go of the lock
+
+
 def worker_exited(pid: int) -> None:
-    """Drop a dead worker's live gauges (its counters stay counted)."""
-    if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    """Drop a dead worker's live gauges, and fold its counts into the archive."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+    for kind in _FOLDED:
+        dead = os.path.join(directory, f"{kind}_{pid}.db")
+        if os.path.exists(dead):
+            _fold(directory, kind, dead)
+
+
+def _fold(directory: str, kind: str, dead: str) -> None:
+    archive = os.path.join(directory, f"{kind}_{_ARCHIVE}.db")
+    totals: dict[str, float] = defaultdict(float)
+    for path in (archive, dead):
+        if os.path.exists(path):
+            values = MmapedDict.read_all_values_from_file(path)  # type: ignore[no-untyped-call]
+            for key, value, _timestamp, _pos in values:
+                totals[key] += value
+    staged = os.path.join(directory, f".{kind}_{_ARCHIVE}.staged")  # not *.db: not read
+    written = MmapedDict(staged)  # type: ignore[no-untyped-call]
+    try:
+        for key, value in totals.items():
+            written.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
+    finally:
+        written.close()  # type: ignore[no-untyped-call]
+    with _files_lock(directory, fcntl.LOCK_EX):
+        os.replace(staged, archive)
+        os.unlink(dead)

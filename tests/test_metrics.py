@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import signal
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +22,7 @@ from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.bombs import bomb
 from tests.conftest import DATA, wait_for
-from tests.test_process import launch
+from tests.test_process import launch, spawned
 from tests.wire import post_multipart, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -284,3 +288,34 @@ def test_a_grpc_message_over_the_limit_is_counted_as_cancelled() -> None:
         )
     finally:
         gw.stop()
+
+
+def test_counts_of_replaced_workers_stay_counted_in_one_file(tmp_path: Path) -> None:
+    served = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    try:
+        expected = scripted_calls(served.http_url, served.grpc_target)
+
+        def counted() -> Counts:
+            counts = request_counts(served.http_url)
+            return Counter({k: v for k, v in counts.items() if k[1] != "GET /metrics"})
+
+        wait_for(lambda: counted() == expected, "every worker's counts")
+        decoded = histogram(served.http_url, "gateway_decode_seconds")
+        (directory,) = Path(tempfile.gettempdir()).glob(
+            f"image-gateway-metrics-{served.proc.pid}-*"
+        )
+        first = set(spawned(served.proc.pid))
+        # One worker killed and replaced, then both replaced by a reload.
+        os.kill(min(first), signal.SIGKILL)
+        wait_for(lambda: "starting another" in served.log.read_text(), "the death noticed", 30)
+        os.kill(served.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "reload done" in served.log.read_text(), "the reload", 60)
+        gone = first | set(re.findall(r"replaced worker (\d+) exited", served.log.read_text()))
+        assert counted() == expected
+        assert histogram(served.http_url, "gateway_decode_seconds") == decoded
+        names = {p.name for p in directory.glob("*.db")}
+        assert "counter_archive.db" in names and "histogram_archive.db" in names
+        assert not [name for name in names if name.split("_")[-1][:-3] in map(str, gone)]
+    finally:
+        served.proc.terminate()
+        assert served.proc.wait(timeout=30) == 0
