@@ -8,6 +8,10 @@ Starts `image-gateway serve` on loopback ephemeral ports, then:
 3. prints requests done, wrong answers, 5xx count and the RSS before and after, and exits 1 if
    any answer was wrong, any 5xx was seen, or RSS grew by more than 64 MiB.
 
+With `--reload-every SECONDS` it also sends the gateway SIGUSR1 that often during step 2 (a
+reload, replacing every worker): no request may fail for it. Its gRPC clients then use the
+retry policy README gives for calls grpc cancels as a worker retires.
+
 Loopback only; it stops by itself.
 """
 
@@ -30,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving import gateway  # noqa: E402
+from clients.grpc_transport import RETRY_CONFIG  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb  # noqa: E402
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc  # noqa: E402
 from tests.hostile import BOUNDARY, MULTIPART_CASES, Case, MultipartCase, cases  # noqa: E402
@@ -60,6 +65,18 @@ def descendants(pid: int) -> list[int]:
     while frontier:
         frontier = [child for child, parent in parents.items() if parent in frontier]
         found += frontier
+    return found
+
+
+def workers(pid: int) -> set[int]:
+    """The gateway's worker processes (not multiprocessing's resource tracker)."""
+    found = set()
+    for child in descendants(pid):
+        try:
+            if "spawn_main" in Path(f"/proc/{child}/cmdline").read_text():
+                found.add(child)
+        except OSError:
+            continue
     return found
 
 
@@ -151,9 +168,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--hostile-share", type=float, default=0.3)
+    parser.add_argument(
+        "--reload-every", type=float, default=0.0, help="seconds between reloads (0: none)"
+    )
     args = parser.parse_args()
     if not 0 < args.duration <= 600 or not 0 < args.concurrency <= 256:
         parser.error("keep the soak bounded: duration <= 600 s, concurrency <= 256")
+    if args.reload_every and not 5 <= args.reload_every <= args.duration:
+        parser.error("--reload-every: at least 5 s, and at most --duration")
 
     with gateway([]) as (http_url, grpc_target, server):
         return _run(args, http_url, grpc_target, server)
@@ -162,7 +184,10 @@ def main() -> int:
 def _run(
     args: argparse.Namespace, http_url: str, grpc_target: str, server: subprocess.Popen[str]
 ) -> int:
-    options = [("grpc.max_send_message_length", 64 * MiB)]
+    options: list[tuple[str, int | str]] = [("grpc.max_send_message_length", 64 * MiB)]
+    if args.reload_every:
+        options.append(("grpc.service_config", RETRY_CONFIG))
+        options.append(("grpc.per_rpc_retry_buffer_size", 64 * MiB))
     channel = grpc.insecure_channel(grpc_target, options=options)
     stub = pb_grpc.ImageGatewayServiceStub(channel)
     session = requests.Session()
@@ -239,13 +264,32 @@ def _run(
             peak[0] = max(peak[0], rss(server.pid))
             time.sleep(1)
 
+    reloads = [0]
+    first_workers = workers(server.pid)
+
+    def reloader() -> None:
+        while time.monotonic() + args.reload_every < stop_at:
+            time.sleep(args.reload_every)
+            server.send_signal(signal.SIGUSR1)
+            reloads[0] += 1
+
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.concurrency)]
     threads.append(threading.Thread(target=sampler))
+    if args.reload_every:
+        threads.append(threading.Thread(target=reloader))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if args.reload_every:
+        # A reload under way at the end holds a worker more: its RSS is not growth.
+        settle_by = time.monotonic() + 60
+        while len(workers(server.pid)) > len(first_workers) and time.monotonic() < settle_by:
+            time.sleep(0.5)
     rss_end = rss(server.pid)
+    if args.reload_every:
+        left = first_workers & workers(server.pid)
+        print(f"  reloads asked: {reloads[0]}; first workers still there: {len(left)}")
     server.send_signal(signal.SIGTERM)
     code = server.wait(timeout=60)
     channel.close()
