@@ -174,6 +174,26 @@ def test_an_infer_without_its_image_is_logged_with_no_image(
     assert (records["no-image-1"]["error"], records["no-image-1"]["images"]) == ("no_images", 0)
 
 
+def test_a_stream_message_without_its_image_is_logged_with_no_image(
+    channel: grpc.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was logged with one image, as if its absent image field had been an empty image.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    messages = [
+        pb.InferStreamRequest(request_id="no-image-stream"),
+        pb.InferStreamRequest(request_id="empty-image-stream", image=pb.Image()),
+    ]
+    stub = pb_grpc.ImageGatewayServiceStub(channel)
+    answers = list(stub.InferStream(iter(messages), timeout=10))
+    assert [a.result.error.code for a in answers] == ["no_images", "empty_image"]
+    records = {r["request_id"]: r for r in access_records(caplog)}
+    assert (records["no-image-stream"]["error"], records["no-image-stream"]["images"]) == (
+        "no_images",
+        0,
+    )
+    assert records["empty-image-stream"]["images"] == 1
+
+
 def test_one_access_record_per_request_on_both_protocols(
     gateway: Gateway, channel: grpc.Channel, caplog: pytest.LogCaptureFixture
 ) -> None:

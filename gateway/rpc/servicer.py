@@ -351,9 +351,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
 
 
 def _images(request: Detached[Any]) -> int:
-    """Images a request holds: an Infer without its image has none, though its one data field
-    reads as empty."""
+    """Images a request holds: an Infer or stream message without its image has none, though
+    its one data field reads as empty."""
     message = request.message
-    if isinstance(message, pb.InferRequest) and not message.HasField("image"):
+    single = isinstance(message, (pb.InferRequest, pb.InferStreamRequest))
+    if single and not message.HasField("image"):
         return 0
     return len(request.datas)
