@@ -144,6 +144,22 @@ def test_stream_goes_on_after_an_unknown_model(stub: pb_grpc.ImageGatewayService
     assert grpc_result(second.result)["output"] == [128, 128, 3]
 
 
+def test_a_stream_goes_on_after_an_unknown_model_of_a_long_name(gateway: Gateway) -> None:
+    # The answer repeated the name whole as its `model`: 5 MiB of it came back, past grpc's
+    # default 4 MiB receive limit, and the client's own channel ended the stream.
+    requests_ = [
+        pb.InferStreamRequest(model="m" * (5 << 20), image=pb.Image(data=PNG)),
+        pb.InferStreamRequest(model="shape", image=pb.Image(data=PNG)),
+    ]
+    options = [("grpc.max_send_message_length", 64 << 20)]  # receiving: grpc's default
+    with grpc.insecure_channel(gateway.grpc_target, options=options) as channel:
+        stub = pb_grpc.ImageGatewayServiceStub(channel)
+        first, second = stub.InferStream(iter(requests_), timeout=30)
+    assert first.result.error.code == "model_not_found"
+    assert first.model == ""  # no model ran
+    assert grpc_result(second.result)["output"] == [128, 128, 3]
+
+
 def test_unknown_model(http_url: str, stub: pb_grpc.ImageGatewayServiceStub) -> None:
     resp = post_octet(http_url, "nope", JPEG)
     assert resp.status_code == 404

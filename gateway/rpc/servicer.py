@@ -318,9 +318,11 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             except GatewayError as exc:
                 name = message.image.name[:MAX_NAME]  # a name too long is what failed
                 failed = ItemResult(name, error=ItemError(exc.error, exc.message))
-                # Named as a served request's answer is: the default model for "".
+                # Named as a served request's answer is: the default model for "". No model
+                # ran for a name the gateway does not serve, and the name is the client's, of
+                # any length: repeated, 5 MiB of it passed what a client receives by default.
                 model = self.dataplane.registry.get(message.model)
-                name = message.model if model is None else model.name
+                name = "" if model is None else model.name
                 response = InferResponse(name, request_id, (failed,))
             reply = convert.stream_response(response)
             (result,) = response.results
