@@ -30,6 +30,7 @@ from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
 from gateway.rest.server import HttpServer, build_http_server
 from gateway.rpc.server import build_grpc_server
+from gateway.rpc.servicer import ImageGatewayServicer
 
 log = logging.getLogger("gateway")
 
@@ -53,6 +54,7 @@ class Gateway:
     http: HttpServer
     grpc: grpc.Server
     health: health.HealthServicer
+    servicer: ImageGatewayServicer
     http_port: int
     grpc_port: int
     _http_thread: threading.Thread
@@ -76,6 +78,9 @@ class Gateway:
         checks; return once no request is at work any more, or at the deadline."""
         self.dataplane.admission.drain()  # /readyz answers 503 from here on
         self.health.enter_graceful_shutdown()  # grpc.health.v1: NOT_SERVING
+        # Open streams waiting for their client's next message end with shutting_down now,
+        # the others once they have answered the message at work.
+        self.servicer.end_waiting_streams()
         admission = self.dataplane.admission
         # Waiting requests too: they were admitted before the drain, and take a slot next.
         while (admission.active or admission.waiting) and time.monotonic() < deadline:
@@ -131,7 +136,7 @@ def start(
     )
     # One for both fronts: a worker reads the file, and logs what it found, once.
     tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
-    grpc_server, grpc_port, health_servicer = build_grpc_server(
+    grpc_server, grpc_port, health_servicer, servicer = build_grpc_server(
         settings, dataplane, reuse_port, tokens
     )
     http_server, http_port = build_http_server(
@@ -150,7 +155,15 @@ def start(
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)
     thread.start()
     return Gateway(
-        settings, dataplane, http_server, grpc_server, health_servicer, http_port, grpc_port, thread
+        settings,
+        dataplane,
+        http_server,
+        grpc_server,
+        health_servicer,
+        servicer,
+        http_port,
+        grpc_port,
+        thread,
     )
 
 

@@ -1567,6 +1567,72 @@ def test_draining_refuses_new_requests_and_finishes_busy_ones() -> None:
         gw.stop()
 
 
+def stream_end(call: Any) -> tuple[grpc.StatusCode, str, str]:
+    """How a stream that has no more answers ends: its status, error code and request id."""
+    with pytest.raises(grpc.RpcError) as info:
+        next(call)
+    trailing = dict(info.value.trailing_metadata() or ())
+    return info.value.code(), trailing.get("error-code", ""), trailing.get("x-request-id", "")
+
+
+def test_a_drain_ends_open_streams_with_shutting_down(caplog: pytest.LogCaptureFixture) -> None:
+    # Open streams ended a second after the drain with grpc's own UNAVAILABLE "Cancelling all
+    # calls", with no error-code or x-request-id; until then the messages they sent were each
+    # answered shutting_down, and the stream went on.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    settings = Settings(
+        http_port=0, grpc_port=0, model=("shape", "tests.models:gated"), shutdown_grace=60.0
+    )
+    gw = start(settings)
+    GATE.clear()
+    quiet = threading.Event()
+    one = pb.InferStreamRequest(image=pb.Image(data=PNG))
+    gated = pb.InferStreamRequest(model="gated", image=pb.Image(data=PNG))
+
+    def then_quiet(*messages: pb.InferStreamRequest) -> Iterator[pb.InferStreamRequest]:
+        yield from messages
+        quiet.wait(60)
+
+    shutting_down = (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(1) as pool:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            idle = stub.InferStream(
+                then_quiet(one), metadata=[("x-request-id", "idle-stream")], timeout=60
+            )
+            assert grpc_result(next(idle).result)["output"] == [128, 128, 3]
+            busy = stub.InferStream(
+                then_quiet(gated, one), metadata=[("x-request-id", "busy-stream")], timeout=60
+            )
+            wait_for(lambda: gw.dataplane.admission.active == 1, "a message is in the model")
+            stopping = pool.submit(gw.stop)
+            # The stream waiting for its client ends at once; the drain waits for the other.
+            assert stream_end(idle) == (*shutting_down, "idle-stream")
+            # A stream opened during the drain is refused so.
+            late = stub.InferStream(
+                iter([one]), metadata=[("x-request-id", "late-stream")], timeout=10
+            )
+            assert stream_end(late) == (*shutting_down, "late-stream")
+            assert not stopping.done()
+            GATE.set()
+            # The message at work is answered; the one sent after it is not taken.
+            assert grpc_result(next(busy).result)["output"] == [128, 128, 3]
+            assert stream_end(busy) == (*shutting_down, "busy-stream")
+            stopping.result(timeout=60)
+    finally:
+        GATE.set()
+        quiet.set()
+    records = {r["request_id"]: r for r in access_records(caplog)}
+    for stream in ("idle-stream", "busy-stream", "late-stream"):
+        record = records[stream]
+        assert (record["method"], record["status"], record["error"]) == (
+            "InferStream",
+            "UNAVAILABLE",
+            "shutting_down",
+        )
+    assert "busy-stream-1" not in records
+
+
 def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> None:
     # The only thread holds an upload (not in the core, so the drain ends at once); requests
     # wait for it. Moved to the refusal thread as the server stopped, they were never answered:

@@ -53,8 +53,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import grpc
-from grpc import _common as grpc_common  # private: see the module's docstring
 from grpc import _server as grpc_server
 from grpc_health.v1 import health
 
@@ -65,6 +63,7 @@ from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.tokens import Tokens
 from gateway.rpc.arrival import arrived, run_arrived
+from gateway.rpc.ending import end_call
 from gateway.rpc.servicer import ERROR_CODE_KEY, REQUEST_ID_KEY, authorization
 
 log = logging.getLogger(__name__)
@@ -546,15 +545,8 @@ def _abort_unread(event: Any, state: Any, error: ErrorCode, message: str, reques
     """End a call whose message is not read with `error`, the way grpcio's own aborts do; the
     caller holds state.condition. Its request reader then returns without a request, and grpcio
     sends no second status."""
-    state.trailing_metadata = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
-    grpc_server._abort(state, event.call, _status(error), message.encode())
-    state.client = grpc_server._CANCELLED
-    state.condition.notify_all()
-
-
-def _status(error: ErrorCode) -> Any:
-    # The table names the status; grpcio's own mapping gives its core's code for it.
-    return grpc_common.STATUS_CODE_TO_CYGRPC_STATUS_CODE[grpc.StatusCode[error.grpc_status]]
+    trailing = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
+    end_call(event.call, state, error, message, trailing)
 
 
 def _is_health(behaviour: Any) -> bool:

@@ -138,8 +138,11 @@ class _CountedReflection(reflection.ReflectionServicer):  # type: ignore[misc]
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
         # The client's x-request-id when usable, as an InferStream's: a refusal carries it.
-        with self._servicer.stream_slot("ServerReflectionInfo", context, call_request_id(context)):
-            requests = self._servicer.authenticated(request_iterator, context)
+        stream_id = call_request_id(context)
+        with self._servicer.stream_slot("ServerReflectionInfo", context, stream_id):
+            requests = self._servicer.messages(
+                request_iterator, context, "ServerReflectionInfo", stream_id
+            )
             yield from super().ServerReflectionInfo(map(_readable, requests), context)
 
 
@@ -157,9 +160,10 @@ def build_grpc_server(
     dataplane: DataPlane,
     reuse_port: bool = False,
     tokens: Tokens | None = None,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Bind (port 0 picks a free port); return the server (not yet started), its port, and its
-    health service, which reports SERVING for the whole server ("") and for our service."""
+) -> tuple[grpc.Server, int, health.HealthServicer, ImageGatewayServicer]:
+    """Bind (port 0 picks a free port); return the server (not yet started), its port, its
+    health service, which reports SERVING for the whole server ("") and for our service, and
+    the gateway's servicer."""
     server = grpc.server(
         WatchedPool(
             settings.grpc_threads,
@@ -211,7 +215,7 @@ def build_grpc_server(
         port = server.add_secure_port(address, _credentials(tls.Reloader(files)))
     if port == 0:
         raise OSError(f"cannot bind gRPC to {settings.host}:{settings.grpc_port}")
-    return server, port, health_servicer
+    return server, port, health_servicer, servicer
 
 
 def _credentials(reloader: tls.Reloader) -> grpc.ServerCredentials:

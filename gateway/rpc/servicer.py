@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.access import log_access, started_at
+from gateway.core.admission import SHUTTING_DOWN
 from gateway.core.dataplane import (
     MAX_NAME,
     MAX_REQUEST_ID,
@@ -29,6 +30,7 @@ from gateway.core.tokens import Tokens
 from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
 from gateway.rpc.arrival import arrived
+from gateway.rpc.ending import end_served
 from gateway.rpc.wire import Detached, Malformed
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # client sends nothing; the server's pool has max_streams threads more than unary calls
         # need, and a stream past that count is refused at once.
         self._streams = threading.BoundedSemaphore(max_streams)
+        # The streams waiting for their client's next message, which a drain ends at once:
+        # id(context) -> (context, method, stream id).
+        self._waiting: dict[int, tuple[grpc.ServicerContext, str, str]] = {}
+        self._waiting_lock = threading.Lock()
 
     def _log_call(
         self,
@@ -224,7 +230,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         stream_id = call_request_id(context)
         with self.stream_slot("InferStream", context, stream_id):
             yield from self._stream(
-                self.authenticated(request_iterator, context), context, stream_id
+                self.messages(request_iterator, context, "InferStream", stream_id),
+                context,
+                stream_id,
             )
             # The stream's id, as a unary call's: its messages' ids are derived from it.
             context.set_trailing_metadata(((REQUEST_ID_KEY, stream_id),))
@@ -235,16 +243,42 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         if self.tokens is not None:
             self.tokens.check(authorization(context.invocation_metadata()))
 
-    def authenticated(
-        self, requests: Iterator[Req], context: grpc.ServicerContext
+    def messages(
+        self, requests: Iterator[Req], context: grpc.ServicerContext, method: str, stream_id: str
     ) -> Iterator[Req]:
         """A stream's messages, each taken only while the stream's token is still in force: a
         token taken out of the file ends the streams opened with it at their next message (they
         had gone on for as long as their clients kept them open). Raises `unauthenticated`,
-        which `stream_slot` answers."""
-        for request in requests:
+        which `stream_slot` answers, and `shutting_down` once the gateway drains, before the
+        next message is taken; a stream already waiting for it then is ended by
+        `end_waiting_streams`. (Left open, streams ended a second after the drain with grpc's
+        own UNAVAILABLE "Cancelling all calls", without an error code or request id.)"""
+        key = id(context)
+        while True:
+            with self._waiting_lock:
+                if self.dataplane.admission.draining:
+                    raise GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
+                self._waiting[key] = (context, method, stream_id)
+            try:
+                request = next(requests)
+            except StopIteration:
+                return
+            finally:
+                with self._waiting_lock:
+                    del self._waiting[key]
             self.authenticate(context)
             yield request
+
+    def end_waiting_streams(self) -> None:
+        """End with `shutting_down` the streams waiting for their client's next message, once
+        the gateway drains (the others end before they take their next one, `messages`)."""
+        with self._waiting_lock:
+            waiting = list(self._waiting.values())
+        ended = GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
+        for context, method, stream_id in waiting:
+            trailing = ((ERROR_CODE_KEY, ended.code), (REQUEST_ID_KEY, stream_id))
+            if end_served(context, ended.error, ended.message, trailing):
+                self._log_stream_end(method, stream_id, ended)
 
     @contextlib.contextmanager
     def stream_slot(
@@ -253,7 +287,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         """Hold one of the worker's stream slots for a stream's life (any stream of requests:
         InferStream, reflection), or refuse the stream at once: `unauthenticated` without a
         token in force (before it takes a slot), `overloaded` with no slot free. A
-        GatewayError out of the stream (its token taken out, `authenticated`) ends it with
+        GatewayError out of the stream (its token taken out, or a drain, `messages`) ends it with
         that error."""
         try:
             self.authenticate(context)
@@ -288,10 +322,13 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     def _refuse_stream(
         self, method: str, context: grpc.ServicerContext, stream_id: str, exc: GatewayError
     ) -> NoReturn:
+        self._log_stream_end(method, stream_id, exc)
+        abort(context, exc.error, exc.message, stream_id)
+
+    def _log_stream_end(self, method: str, stream_id: str, exc: GatewayError) -> None:
         self._log_call(
             method, None, None, exc.error.grpc_status, stream_id, time.perf_counter(), exc.code
         )
-        abort(context, exc.error, exc.message, stream_id)
 
     def _stream(
         self,
