@@ -80,7 +80,8 @@ class ImageGatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InferBatch(self, request, context):
-        """InferBatch runs the model on several images. A bad image fails only its own result.
+        """InferBatch runs the model on several images. An image that is empty, undecodable, of an
+        unsupported format or too large fails only its own result; any other error fails the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +89,9 @@ class ImageGatewayServiceServicer:
 
     def InferStream(self, request_iterator, context):
         """InferStream answers each single-image request with one response, in order, for batches too
-        large for one message. A bad image fails only its own response; the stream goes on.
+        large for one message. A failed request fails only its own response; the stream goes on. A
+        message over the size limit ends the stream (grpc's own RESOURCE_EXHAUSTED), and so does a
+        shutdown (UNAVAILABLE, error-code shutting_down) once the message at work is answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
