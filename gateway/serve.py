@@ -80,7 +80,7 @@ class Gateway:
         self.health.enter_graceful_shutdown()  # grpc.health.v1: NOT_SERVING
         # Open streams waiting for their client's next message end with shutting_down now,
         # the others once they have answered the message at work.
-        self.servicer.end_waiting_streams()
+        self.servicer.end_streams()
         admission = self.dataplane.admission
         # Waiting requests too: they were admitted before the drain, and take a slot next.
         while (admission.active or admission.waiting) and time.monotonic() < deadline:
@@ -93,6 +93,8 @@ class Gateway:
         # gRPC: the listener closes, and clients are told (GOAWAY) to take their next calls
         # elsewhere; calls under way go on, until close() shortens their grace.
         self.grpc.stop(max(0.0, deadline - time.monotonic()))
+        # Open streams end as at a drain (their clients open them again, on another worker).
+        self.servicer.end_streams()
         self.http.leave(LEAVE_WAIT)
         idle_until = time.monotonic() + LEAVE_WAIT
         admission = self.dataplane.admission

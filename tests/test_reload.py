@@ -121,6 +121,7 @@ def test_a_reload_serves_the_new_model_without_failing_a_request(
         with pytest.raises(grpc.RpcError) as ended:
             next(stream)
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert dict(ended.value.trailing_metadata() or ())["error-code"] == "shutting_down"
     finally:
         stop.set()
         for caller in callers:

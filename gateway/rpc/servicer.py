@@ -158,6 +158,8 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # id(context) -> (context, method, stream id).
         self._waiting: dict[int, tuple[grpc.ServicerContext, str, str]] = {}
         self._waiting_lock = threading.Lock()
+        # Set once streams are to end (`end_streams`): a drain, or a reload retiring the worker.
+        self._ending = False
 
     def _log_call(
         self,
@@ -251,12 +253,12 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         had gone on for as long as their clients kept them open). Raises `unauthenticated`,
         which `stream_slot` answers, and `shutting_down` once the gateway drains, before the
         next message is taken; a stream already waiting for it then is ended by
-        `end_waiting_streams`. (Left open, streams ended a second after the drain with grpc's
+        `end_streams`. (Left open, streams ended a second after the drain with grpc's
         own UNAVAILABLE "Cancelling all calls", without an error code or request id.)"""
         key = id(context)
         while True:
             with self._waiting_lock:
-                if self.dataplane.admission.draining:
+                if self._ending:
                     raise GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
                 self._waiting[key] = (context, method, stream_id)
             try:
@@ -269,10 +271,12 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             self.authenticate(context)
             yield request
 
-    def end_waiting_streams(self) -> None:
-        """End with `shutting_down` the streams waiting for their client's next message, once
-        the gateway drains (the others end before they take their next one, `messages`)."""
+    def end_streams(self) -> None:
+        """End with `shutting_down` the streams waiting for their client's next message, as the
+        gateway drains or the worker retires; the others end before they take their next one,
+        and new ones at their first (`messages`)."""
         with self._waiting_lock:
+            self._ending = True
             waiting = list(self._waiting.values())
         ended = GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
         for context, method, stream_id in waiting:
