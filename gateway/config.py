@@ -61,6 +61,10 @@ class Settings:
     # grpcio's threaded server holds a thread for each open stream, for as long as it is open;
     # streams get threads of their own, so open streams never take those of unary calls.
     max_streams: int = 8
+    # Seconds between the pings a worker sends on a gRPC connection with calls open: a client
+    # that has gone without closing its connection (a host that died, a network cut) is found
+    # out when one goes unanswered, and its calls end, its streams giving their slots back.
+    grpc_keepalive: float = 60.0
     # Threads of each native math library (BLAS, OpenMP) a model uses, per worker; 0 leaves the
     # libraries' own defaults (see gateway/model_threads.py).
     model_threads: int = 1
@@ -109,6 +113,8 @@ _HELP = {
     "grpc_calls": "unary gRPC calls per worker taken at once, from their message's first byte "
     "to their answer (at least --grpc-threads); each may hold --max-request-bytes",
     "max_streams": "InferStream and reflection streams open at once per worker, a thread each",
+    "grpc_keepalive": "seconds between pings on a gRPC connection with calls open; a client "
+    "that answers none within 20 s (at most this) is taken as gone and its calls end",
     "model_threads": "threads of each native math library (OpenBLAS, MKL, OpenMP) a model "
     "uses, per worker; 0 leaves the libraries' defaults; ignored when OMP_NUM_THREADS or "
     "another library's thread variable is set",
@@ -289,6 +295,7 @@ _TYPES: dict[str, Any] = {
     "grpc_threads": _small_count,
     "grpc_calls": _small_count,
     "max_streams": _small_count,
+    "grpc_keepalive": _positive_float,
     "model_threads": _small_count_or_zero,
     "shutdown_grace": _positive_float,
 }

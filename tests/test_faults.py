@@ -11,6 +11,8 @@ import selectors
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -54,7 +56,8 @@ from tests.test_operability import access_records
 from tests.test_process import _metrics, launch
 from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
-PNG = (DATA / "images" / "hopper.png").read_bytes()
+PNG_PATH = DATA / "images" / "hopper.png"
+PNG = PNG_PATH.read_bytes()
 
 
 @contextlib.contextmanager
@@ -2000,4 +2003,52 @@ def test_a_refused_reflection_stream_carries_its_clients_request_id(
         assert recorded() == [("ServerReflectionInfo", "overloaded")]
     finally:
         never.set()
+        gw.stop()
+
+
+# A client that opens a stream, has its first answer, says so, and then waits with the stream
+# open: stopped (SIGSTOP), it is a client whose host died or whose network was cut.
+_STREAM_HOLDER = """
+import sys, threading, grpc
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb, gateway_pb2_grpc as pb_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+never = threading.Event()
+def messages():
+    yield pb.InferRequest(image=pb.Image(data=open(sys.argv[2], "rb").read()))
+    never.wait()
+answers = pb_grpc.ImageGatewayServiceStub(channel).InferStream(messages())
+next(answers)
+print("answered", flush=True)
+never.wait()
+"""
+
+
+def test_a_stream_whose_client_vanished_gives_its_slot_back() -> None:
+    gw = start(Settings(http_port=0, grpc_port=0, max_streams=1, grpc_keepalive=1.0))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _STREAM_HOLDER, gw.grpc_target, str(PNG_PATH)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "answered\n"
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+
+            def one_stream() -> grpc.StatusCode:
+                try:
+                    list(stub.InferStream(iter([pb.InferRequest(image=pb.Image(data=PNG))])))
+                except grpc.RpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            # The holder has the worker's one stream slot.
+            assert one_stream() == grpc.StatusCode.UNAVAILABLE
+            holder.send_signal(signal.SIGSTOP)
+            # Its connection goes unanswered at the next ping: its stream ends, and the slot
+            # is free again (it had been held for grpc's default of two hours).
+            wait_for(lambda: one_stream() == grpc.StatusCode.OK, "the slot given back", 30)
+    finally:
+        holder.kill()
+        holder.wait()
         gw.stop()

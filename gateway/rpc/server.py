@@ -30,6 +30,8 @@ SERVICE_NAME = SERVICE.full_name
 # only after 60 s: a client that connected and sent nothing held a file descriptor six times as
 # long over gRPC as over HTTP. Real clients send both at once; it does not end idle channels.
 HANDSHAKE_SECONDS = 10.0
+# Seconds a client has to answer a keepalive ping (at most --grpc-keepalive).
+KEEPALIVE_TIMEOUT = 20.0
 
 # grpc's handler factory for each (client streams, server streams).
 _HANDLERS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
@@ -164,6 +166,7 @@ def build_grpc_server(
     """Bind (port 0 picks a free port); return the server (not yet started), its port, its
     health service, which reports SERVING for the whole server ("") and for our service, and
     the gateway's servicer."""
+    ping_timeout_ms = math.ceil(1000 * min(KEEPALIVE_TIMEOUT, settings.grpc_keepalive))
     server = grpc.server(
         WatchedPool(
             settings.grpc_threads,
@@ -187,6 +190,17 @@ def build_grpc_server(
             ("grpc.compression_enabled_algorithms_bitset", 1),
             # As the HTTP side's 64 KiB of headers: grpc took 500 KB of metadata on a call.
             ("grpc.max_metadata_size", 64 * 1024),
+            # Without pings, a stream whose client vanished (a host that died, a network cut)
+            # held its slot and thread for grpc's default of two hours: eight such stopped
+            # every InferStream of the worker.
+            ("grpc.keepalive_time_ms", math.ceil(1000 * settings.grpc_keepalive)),
+            # How long an answer may take: grpc 1.85 ends the connection after the second;
+            # keepalive_timeout_ms alone left it open.
+            ("grpc.keepalive_timeout_ms", ping_timeout_ms),
+            ("grpc.http2.ping_timeout_ms", ping_timeout_ms),
+            # grpc stops pinging after two pings with no data between them; a stream idle that
+            # long, and its client gone after, would never have been found out.
+            ("grpc.http2.max_pings_without_data", 0),
             ("grpc.absolute_max_metadata_size", 64 * 1024),
             (
                 "grpc.server_handshake_timeout_ms",
