@@ -195,8 +195,12 @@ def worker_exited(pid: int) -> None:
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
     for kind in _FOLDED:
         dead = os.path.join(directory, f"{kind}_{pid}.db")
-        if os.path.exists(dead):
+        if not os.path.exists(dead):
+            continue
+        try:
             _fold(directory, kind, dead)
+        except Exception:  # the supervisor runs this: its metrics must never stop it
+            log.exception("could not fold %s into the archive; it stays as it is", dead)
 
 
 def _fold(directory: str, kind: str, dead: str) -> None:
