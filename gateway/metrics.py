@@ -212,6 +212,8 @@ def _fold(directory: str, kind: str, dead: str) -> None:
             for key, value, _timestamp, _pos in values:
                 totals[key] += value
     staged = os.path.join(directory, f".{kind}_{_ARCHIVE}.staged")  # not *.db: not read
+    with contextlib.suppress(FileNotFoundError):  # left by a fold that failed: MmapedDict
+        os.unlink(staged)  # would add to what it holds
     written = MmapedDict(staged)  # type: ignore[no-untyped-call]
     try:
         for key, value in totals.items():
