@@ -40,6 +40,13 @@ ANSWER_TAIL = 1.0
 # Seconds a retiring worker (see Gateway.retire) waits for the next request of HTTP connections
 # it has open, before it closes those still idle.
 LEAVE_WAIT = 1.0
+# A model call still running this many times --request-timeout after it began can answer
+# nobody (every request's deadline is within one timeout of its arrival): the worker is hung.
+HUNG_AFTER_TIMEOUTS = 4
+# Seconds between two looks at the model calls under way, and between two asks of the
+# supervisor to replace a worker that stays hung.
+HUNG_LOOK = 1.0
+HUNG_ASK_AGAIN = 60.0
 # Seconds between the main thread's looks for a stop signal handled elsewhere (see
 # _serve_until_signal).
 SIGNAL_LOOK = 0.5
@@ -245,6 +252,7 @@ def _serve_until_signal(
     parent: int | None = None,
     drained: Callable[[float], None] | None = None,
     retire: threading.Event | None = None,
+    hung: Callable[[], None] | None = None,
 ) -> int:
     stopping = threading.Event()
     serving = threading.Event()
@@ -292,6 +300,13 @@ def _serve_until_signal(
         return 1
     serving.set()
     on_ready(gateway)
+    limit = HUNG_AFTER_TIMEOUTS * settings.request_timeout
+    threading.Thread(
+        target=_watch_model_calls,
+        args=(gateway.dataplane, limit, stopping, hung),
+        name="model-call-watch",
+        daemon=True,
+    ).start()
     # With a timeout: the kernel may give a stop signal to another thread, and Python then runs
     # its handler only once the main thread wakes; waiting without one, it never did.
     while not stopping.wait(SIGNAL_LOOK):
@@ -321,6 +336,41 @@ def _serve_until_signal(
     return 0
 
 
+def _watch_model_calls(
+    dataplane: DataPlane,
+    limit: float,
+    stopping: threading.Event,
+    hung: Callable[[], None] | None,
+) -> None:
+    """Find a model call that has run past `limit`. A worker of several asks the supervisor
+    (`hung`) to replace it, as a reload would: its other requests finish, and the hung call is
+    left behind when it exits. One process cannot replace itself: its /healthz answers 503
+    until the call ends, for the orchestrator to restart it."""
+    asked_at: float | None = None
+    while not stopping.wait(HUNG_LOOK):
+        longest = dataplane.model_calls.longest()
+        if longest is None or longest[1] < limit:
+            if asked_at is not None:
+                log.warning("the model call that had hung has ended")
+                asked_at = None
+                dataplane.unhealthy = None
+            continue
+        model, seconds = longest
+        if asked_at is not None and time.monotonic() - asked_at < HUNG_ASK_AGAIN:
+            continue
+        what = (
+            f"model {model!r} has run one call for {seconds:.0f} s, over {HUNG_AFTER_TIMEOUTS} x "
+            f"--request-timeout ({limit:g} s), and can answer no one"
+        )
+        asked_at = time.monotonic()
+        if hung is not None:
+            log.error("%s; asking for this worker to be replaced", what)
+            hung()
+        else:
+            log.error("%s; /healthz answers 503 until it ends", what)
+            dataplane.unhealthy = what
+
+
 def _refuse_reload(signum: int, _frame: object) -> None:
     log.warning(
         "received %s: a reload replaces worker processes, and this gateway is one process "
@@ -337,6 +387,11 @@ class _SupervisorLink:
         self.pipe = pipe
         self.retire = threading.Event()
         self.closed = threading.Event()
+        self._sending = threading.Lock()  # a Connection's sends from two threads interleave
+
+    def send(self, message: str) -> None:
+        with self._sending, contextlib.suppress(OSError):  # the supervisor is gone
+            self.pipe.send(message)
 
     def start(self) -> None:
         threading.Thread(target=self._read, name="supervisor-link", daemon=True).start()
@@ -357,16 +412,15 @@ def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
     link = _SupervisorLink(supervisor)
 
     def _ready(_gateway: Gateway) -> None:
-        supervisor.send(workers.READY)
+        link.send(workers.READY)
         link.start()
 
     def _drained(deadline: float) -> None:
         # The workers close their listeners together, once all have drained: one that closed
         # first reset the connections the kernel had just queued for it, health checks among
         # them, while its siblings still answered.
-        with contextlib.suppress(OSError):  # the supervisor is gone: close now
-            supervisor.send(workers.DRAINED)
-            link.closed.wait(max(0.0, deadline - time.monotonic()) + workers.CLOSE_SLACK)
+        link.send(workers.DRAINED)
+        link.closed.wait(max(0.0, deadline - time.monotonic()) + workers.CLOSE_SLACK)
 
     return _serve_until_signal(
         settings,
@@ -375,6 +429,7 @@ def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
         parent=parent,
         drained=_drained,
         retire=link.retire,
+        hung=lambda: link.send(workers.HUNG),
     )
 
 

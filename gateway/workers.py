@@ -53,6 +53,8 @@ RELOAD_SIGNAL = signal.SIGUSR1
 # has drained; all have, close; it is replaced, finish and exit. A worker waits for CLOSE at most
 # CLOSE_SLACK seconds past its grace.
 READY, DRAINED, CLOSE, RETIRE = "ready", "drained", "close", "retire"
+# From a worker: a model call of mine has hung; replace me.
+HUNG = "hung"
 CLOSE_SLACK = 1.0
 # Seconds a worker has to load its models and serve: past them a start that hangs (a model
 # waiting on a network share, say) stops the gateway rather than leaving it half up.
@@ -299,10 +301,30 @@ def supervise(settings: Settings) -> int:
     retiring: list[_Worker] = []
     finishing = threading.Event()
 
+    def take_over(i: int) -> str:
+        """Start a new worker in place i, then retire the old one; raises RuntimeError if
+        the new one does not start (the old one serves on). Says what it did."""
+        old = started[i]
+        new = spawn()
+        started[i] = new
+        failures[i] = 0
+        if old is None:
+            return f"worker {new.proc.pid} serving"
+        retiring.append(old)
+        if not old.proc.is_alive():
+            return f"worker {new.proc.pid} serving"
+        with contextlib.suppress(OSError):
+            old.pipe.send(RETIRE)
+        old.retired_at = time.monotonic()
+        return (
+            f"worker {new.proc.pid} serving in place of worker {old.proc.pid}, which finishes "
+            "its requests and exits"
+        )
+
     def reload() -> None:
-        for i, old in enumerate(started):
+        for i in range(len(started)):
             try:
-                new = spawn()
+                log.info("%s", take_over(i))
             except RuntimeError as exc:
                 if not stopping.is_set():
                     log.error(
@@ -312,23 +334,25 @@ def supervise(settings: Settings) -> int:
                         count,
                     )
                 return
-            started[i] = new
-            failures[i] = 0
-            if old is None or not old.proc.is_alive():
-                log.info("worker %d serving", new.proc.pid)
-                if old is not None:
-                    retiring.append(old)
-                continue
-            with contextlib.suppress(OSError):
-                old.pipe.send(RETIRE)
-            old.retired_at = time.monotonic()
-            retiring.append(old)
-            log.info(
-                "worker %d serving in place of worker %d, which finishes its requests and exits",
-                new.proc.pid,
-                old.proc.pid,
-            )
         finishing.set()  # "reload done" once the workers replaced have exited
+
+    def answer_hung() -> None:
+        # A worker whose model call has hung asks to be replaced (gateway.serve), and asks
+        # again a minute later while it stays so.
+        for i, worker in enumerate(started):
+            if worker is None or stopping.is_set():
+                continue
+            asked = False
+            with contextlib.suppress(OSError, EOFError):
+                while worker.pipe.poll():
+                    asked |= worker.pipe.recv() == HUNG
+            if not asked:
+                continue
+            try:
+                log.info("%s (a model call of the worker it replaces has hung)", take_over(i))
+            except RuntimeError as exc:
+                if not stopping.is_set():
+                    log.error("could not replace hung worker %d: %s", worker.proc.pid, exc)
 
     def reap() -> None:
         for worker in list(retiring):
@@ -353,6 +377,7 @@ def supervise(settings: Settings) -> int:
 
     while not stopping.wait(0.5):
         reap()
+        answer_hung()
         if reloading.is_set():
             reloading.clear()
             reload()

@@ -1,8 +1,10 @@
 """Reloads: SIGUSR1 to a gateway of several workers replaces them one at a time, each old one
-finishing its requests, so new model code and weights are served without a stop."""
+finishing its requests, so new model code and weights are served without a stop. A worker
+whose model call has hung is replaced the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import requests
 
 from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
@@ -196,6 +199,104 @@ def test_one_process_logs_that_it_cannot_reload_and_serves_on(tmp_path: Path) ->
             "process (--workers 1); ignored"
         ) in s.log.read_text()
         assert answers(s) == {"v1"}
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
+# A model whose call hangs, while the file "hang" is there, for a request that asks it to.
+HANGING = """
+import time
+from pathlib import Path
+
+HANG = Path(__file__).with_name("hang")
+
+
+class Hanging:
+    name = "hanging"
+    description = "hangs on ?hang=1 while the file 'hang' is there"
+
+    def predict(self, images, params):
+        while params.get("hang") and HANG.exists():
+            time.sleep(0.05)
+        return [list(image.shape) for image in images]
+
+
+def create():
+    return Hanging()
+"""
+
+
+def hanging(tmp_path: Path, workers: str) -> Served:
+    (tmp_path / "hanging.py").write_text(HANGING)
+    (tmp_path / "hang").touch()
+    return launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--model", "hanging:create",
+        "--workers", workers, "--request-timeout", "0.5", "--shutdown-grace", "1", cwd=tmp_path,
+    )  # fmt: skip
+
+
+def hang_one(s: Served) -> None:
+    """A request whose model call hangs (the client gives up on it at once)."""
+    with contextlib.suppress(requests.RequestException):
+        requests.post(f"{s.http_url}/?hang=1", data=IMAGE, timeout=0.3)
+
+
+def test_a_worker_whose_model_call_hangs_is_replaced(tmp_path: Path) -> None:
+    s = hanging(tmp_path, "2")
+    try:
+        before = set(spawned(s.proc.pid))
+        hang_one(s)
+        wait_for(lambda: "asking for this worker to be replaced" in s.log.read_text(), "it", 30)
+        log = s.log.read_text()
+        assert "model 'hanging' has run one call for " in log
+        assert "over 4 x --request-timeout (2 s), and can answer no one" in log
+        (stuck,) = (int(pid) for pid in re.findall(r"gateway\[(\d+)\]: model 'hanging'", log))
+        assert stuck in before
+        wait_for(
+            lambda: f"replaced worker {stuck} exited with 1" in s.log.read_text(),
+            "the hung worker's end",
+            60,
+        )
+        assert re.search(
+            rf"worker \d+ serving in place of worker {stuck}, which finishes its requests and "
+            r"exits \(a model call of the worker it replaces has hung\)",
+            s.log.read_text(),
+        )
+        now = set(spawned(s.proc.pid))
+        assert len(now) == 2 and stuck not in now
+        for url in [s.http_url] * 4 + [f"grpc://{s.grpc_target}"] * 4:
+            with GatewayClient(url, channels=1) as client:
+                assert client.infer(IMAGE).output == [128, 128, 3]
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
+def test_one_process_whose_model_call_hangs_is_not_live_until_it_ends(tmp_path: Path) -> None:
+    s = hanging(tmp_path, "1")
+    try:
+        assert requests.get(f"{s.http_url}/healthz", timeout=5).status_code == 200
+        hang_one(s)
+        wait_for(
+            lambda: requests.get(f"{s.http_url}/healthz", timeout=5).status_code == 503,
+            "/healthz 503",
+            30,
+        )
+        body = requests.get(f"{s.http_url}/healthz", timeout=5).json()
+        assert body["status"] == "hung"
+        assert body["reason"].startswith("model 'hanging' has run one call for ")
+        assert "/healthz answers 503 until it ends" in s.log.read_text()
+        # It still serves meanwhile, and is live again once the call ends.
+        with GatewayClient(s.http_url) as client:
+            assert client.infer(IMAGE).output == [128, 128, 3]
+        (tmp_path / "hang").unlink()
+        wait_for(
+            lambda: requests.get(f"{s.http_url}/healthz", timeout=5).status_code == 200,
+            "/healthz 200 again",
+            30,
+        )
+        assert "the model call that had hung has ended" in s.log.read_text()
     finally:
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0

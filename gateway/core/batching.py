@@ -37,6 +37,7 @@ import numpy as np
 from gateway import metrics
 from gateway.core.admission import STOP_CHECK_INTERVAL
 from gateway.core.errors import GatewayError
+from gateway.core.model_calls import ModelCalls
 from gateway.core.outputs import check_outputs
 from gateway.models.base import JSONValue, Model
 
@@ -97,9 +98,10 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, model: Model, policy: BatchPolicy) -> None:
+    def __init__(self, model: Model, policy: BatchPolicy, calls: ModelCalls | None = None) -> None:
         self.model = model
         self.policy = policy
+        self.calls = calls or ModelCalls()
         self._pending: deque[_Job] = deque()
         self._ready = threading.Condition()
         self._closed = False
@@ -230,7 +232,12 @@ class Batcher:
             return
         images = [_read_only(image) for job in batch for image in job.images]
         try:
-            outputs = check_outputs(self.model.predict(images, batch[0].params), len(images))
+            call = self.calls.begin(self.model.name)
+            try:
+                outputs = self.model.predict(images, batch[0].params)
+            finally:
+                self.calls.end(call)
+            outputs = check_outputs(outputs, len(images))
         except BaseException:  # SystemExit from a model is its bug too, and fails only its own
             log.warning(
                 "model %r failed on a merged batch of %d requests; retrying each alone",
@@ -253,7 +260,12 @@ class Batcher:
         if retried:  # counted as the model call it is; the merged one was counted already
             metrics.observe(metrics.BATCH_SIZE, len(job.images), (self.model.name,))
         try:
-            job.future.set_result(self.model.predict(job.images, job.params))
+            call = self.calls.begin(self.model.name)
+            try:
+                outputs = self.model.predict(job.images, job.params)
+            finally:
+                self.calls.end(call)
+            job.future.set_result(outputs)
         except BaseException as exc:  # handed to the waiting request, which reports it
             job.future.set_exception(ModelRaisedError(exc))
 

@@ -24,6 +24,7 @@ from gateway.core.batching import (
 from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import Limits, check_image_bytes
+from gateway.core.model_calls import ModelCalls
 from gateway.core.outputs import check_outputs, to_json_value
 from gateway.core.types import (
     Buffer,
@@ -110,6 +111,9 @@ class DataPlane:
         self._helpers = decode_threads or os.cpu_count() or 1
         self._decoders = ThreadPoolExecutor(max_workers=self._helpers, thread_name_prefix="decode")
         self._min_sizes = {model.name: min_input_size(model) for model in registry}
+        self.model_calls = ModelCalls()
+        # Why this process is not live (a model call that hung, gateway.serve), or None.
+        self.unhealthy: str | None = None
         self.batchers: dict[str, Batcher] = {}
         unknown = sorted(set(batching or {}) - set(registry.names()))
         if unknown:
@@ -121,7 +125,7 @@ class DataPlane:
         for model in registry:
             policy = resolve_policy(model, batching or {})
             if policy is not None:
-                self.batchers[model.name] = Batcher(model, policy)
+                self.batchers[model.name] = Batcher(model, policy, self.model_calls)
 
     def deadline(self, client_deadline: float | None = None, since: float | None = None) -> float:
         """The request's deadline: the server's timeout from `since` (its arrival; now by
@@ -322,7 +326,11 @@ class DataPlane:
         try:
             if batcher is None:
                 metrics.observe(metrics.BATCH_SIZE, len(arrays), (model.name,))
-                outputs = model.predict(arrays, request.parameters)
+                call = self.model_calls.begin(model.name)
+                try:
+                    outputs = model.predict(arrays, request.parameters)
+                finally:
+                    self.model_calls.end(call)
             else:
                 remaining = None
                 if request.deadline is not None:

@@ -151,7 +151,13 @@ SPEC: dict[str, Any] = {
         "/healthz": {
             "get": {
                 "summary": "Liveness",
-                "responses": {"200": _json({"type": "object"}, "The process answers.")},
+                "responses": {
+                    "200": _json({"type": "object"}, "The process answers."),
+                    "503": _json(
+                        {"type": "object"},
+                        "A model call has hung (one process; several workers replace theirs).",
+                    ),
+                },
             }
         },
         "/readyz": {

@@ -74,9 +74,13 @@ probes = Blueprint("probes", __name__)
 
 
 @probes.get("/healthz")
-def live() -> Response:
-    """Live: the process answers. Stays 200 while draining, so a drain is not a crash."""
-    return jsonify({"status": "ok"})
+def live() -> tuple[Response, int]:
+    """Live: the process answers, and no model call of it has hung (one process; a worker of
+    several is replaced instead). Stays 200 while draining, so a drain is not a crash."""
+    unhealthy = dataplane().unhealthy
+    if unhealthy is not None:
+        return jsonify({"status": "hung", "reason": unhealthy}), 503
+    return jsonify({"status": "ok"}), 200
 
 
 @probes.get("/readyz")
