@@ -496,6 +496,40 @@ def test_requests_waiting_for_a_thread_are_answered_at_their_deadline_or_drain(
             still_serving(gw)
 
 
+class _TakenAsTheSweepLooks:
+    """A connection waiting for a thread that a thread takes while the sweep looks at it: its
+    arrival time is cleared (as a thread's request does, reading it) once its socket is read."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self.queued_at: float | None = time.monotonic()
+
+    @property
+    def socket(self) -> socket.socket:
+        self.queued_at = None
+        return self._socket
+
+
+def test_a_connection_taken_by_a_thread_while_the_sweep_looks_is_no_error() -> None:
+    # The sweep of connections waiting for a thread read each one's arrival time twice, once
+    # under the queue's lock and once outside it: a thread that took the connection in between
+    # had cleared it, and the sweep failed on None (a traceback in the log, and no sweep that
+    # turn), some times a minute under a load of new connections.
+    with gated_gateway(http_threads=1) as gw, only_http_thread_held(gw):
+        client, server_side = socket.socketpair()
+        waiting = gw.http.requests._queue
+        taken = _TakenAsTheSweepLooks(server_side)
+        with waiting.mutex:
+            waiting.queue.append(taken)
+        try:
+            gw.http._sweep_waiting()
+        finally:
+            with waiting.mutex:
+                waiting.queue.remove(taken)
+            client.close()
+            server_side.close()
+
+
 def test_clients_that_left_while_waiting_for_a_thread_give_their_places_up() -> None:
     # Their requests kept their places in the 256 until a thread or the deadline came: live
     # clients behind them were refused overloaded, and the leavers were answered and counted.

@@ -686,14 +686,20 @@ class HttpServer(wsgi.Server):
         draining = self._draining()
         waiting = self.requests._queue
         with waiting.mutex:
-            queued = [c for c in waiting.queue if getattr(c, "queued_at", None) is not None]
+            # With each one's arrival, read once: a thread that takes the connection meanwhile
+            # clears it.
+            queued = [
+                (c, arrived)
+                for c in waiting.queue
+                if (arrived := getattr(c, "queued_at", None)) is not None
+            ]
         # Outside the lock: a poll each. A client gone gives its place up now, not when a
         # thread or its deadline comes (hundreds that had left took every place from live ones).
         out = []
-        for conn in queued:
+        for conn, arrived in queued:
             gone = peer_closed(conn.socket)
             verdict = waiting_verdict(
-                conn.queued_at, gone=gone, draining=draining, timeout=self.request_timeout
+                arrived, gone=gone, draining=draining, timeout=self.request_timeout
             )
             if verdict is not None:
                 out.append((conn, verdict.error, verdict.message))
