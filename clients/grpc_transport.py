@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -65,6 +66,12 @@ def result_from_pb(result: pb.ImageResult) -> ImageResult:
 
 # What grpc raises when no answer came: no gateway there, or the client's own deadline.
 _NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _error_code(exc: grpc.RpcError) -> str | None:
+    """The gateway's error code in a failed call's trailers; None when the gateway gave none."""
+    code = dict(exc.trailing_metadata() or ()).get("error-code")
+    return None if code is None else str(code)
 
 
 def error_from_rpc(exc: grpc.RpcError, target: str, timeout: float | None) -> GatewayClientError:
@@ -163,6 +170,34 @@ class GrpcTransport:
         # Each call takes the next stub: one C call, safe from several threads under the GIL.
         self._stub = itertools.cycle(stubs).__next__
 
+    def _call(self, method: str, request: Any) -> Any:
+        """The answer to a call on the next channel, its failures as GatewayClientError.
+
+        A call that got no answer and no word from the gateway (UNAVAILABLE without its
+        error-code) is sent once more, on the channel after, within what is left of the
+        timeout, as HTTP sends again a call whose connection closed unanswered: above all a
+        call whose new connection a worker retiring in a reload reset, which grpc fails, with
+        every other call of that channel, until its reconnect backoff is over, while the
+        client's other connections reach the workers that serve on. Every call of the API is
+        idempotent. A gateway that is not there is still unreachable at once."""
+        started = time.monotonic()
+        try:
+            return getattr(self._stub(), method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or _error_code(exc) is not None:
+                raise error_from_rpc(exc, self._where, self.timeout) from None
+        timeout = self.timeout
+        if timeout is not None:
+            timeout -= time.monotonic() - started
+            if timeout <= 0:
+                raise client_deadline(self.timeout)
+        try:
+            return getattr(self._stub(), method)(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, self._where, self.timeout) from None
+
     def _common(self, model: str, color_mode: str, params: Mapping[str, str]) -> dict[str, Any]:
         common: dict[str, Any] = {"model": model, "color_mode": _COLOR_MODES[color_mode]}
         if params:
@@ -177,11 +212,7 @@ class GrpcTransport:
         request = pb.InferRequest(
             image=pb.Image(data=data), **self._common(model, color_mode, params)
         )
-        try:
-            response = self._stub().Infer(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._where, self.timeout) from None
-        return result_from_pb(response.result)
+        return result_from_pb(self._call("Infer", request).result)
 
     def infer_batch(
         self,
@@ -194,21 +225,10 @@ class GrpcTransport:
             images=[pb.Image(data=data, name=name) for name, data in images],
             **self._common(model, color_mode, params),
         )
-        try:
-            response = self._stub().InferBatch(
-                request, timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._where, self.timeout) from None
-        return [result_from_pb(r) for r in response.results]
+        return [result_from_pb(r) for r in self._call("InferBatch", request).results]
 
     def list_models(self) -> list[ModelInfo]:
-        try:
-            response = self._stub().ListModels(
-                pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._where, self.timeout) from None
+        response = self._call("ListModels", pb.ListModelsRequest())
         return [
             ModelInfo(
                 m.name,
@@ -224,13 +244,7 @@ class GrpcTransport:
         ]
 
     def limits(self) -> Limits:
-        try:
-            response = self._stub().GetLimits(
-                pb.GetLimitsRequest(), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, self._where, self.timeout) from None
-        got = response.limits
+        got = self._call("GetLimits", pb.GetLimitsRequest()).limits
         return Limits(**{f.name: getattr(got, f.name) for f in fields(Limits)})
 
     def close(self) -> None:
