@@ -8,6 +8,8 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -300,3 +302,43 @@ def test_one_process_whose_model_call_hangs_is_not_live_until_it_ends(tmp_path: 
     finally:
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
+
+
+def test_a_reload_signal_while_the_gateway_loads_its_modules_does_not_end_it(
+    tmp_path: Path,
+) -> None:
+    # SIGUSR1 ends a process that has not set it aside, and a gateway spends its first half
+    # second or so importing its servers before its supervisor takes the signal: one sent then
+    # (`systemctl reload` right after `systemctl start`) ended the gateway at once, with no
+    # line logged. Here it comes as soon as the gateway's package is loaded.
+    (tmp_path / "versioned.py").write_text(VERSIONED)
+    (tmp_path / "version.txt").write_text("v1")
+    log = tmp_path / "server.log"
+    starter = (
+        "import os, signal, sys, gateway; os.kill(os.getpid(), signal.SIGUSR1); "
+        "from gateway.serve import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["serve", "--http-port", "0", "--grpc-port", "0", "--model", "versioned:create"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", starter, *args, "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=tmp_path,
+    )
+    try:
+        wait_for(
+            lambda: "image-gateway ready" in log.read_text() or proc.poll() is not None,
+            "the gateway's start",
+            30,
+        )
+        assert proc.poll() is None, f"exit code {proc.returncode}: {log.read_text()}"
+        match = re.search(r"http=(\S+)", log.read_text())
+        assert match is not None
+        with GatewayClient(match.group(1)) as client:
+            assert client.infer(IMAGE).output == "v1"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
