@@ -214,14 +214,18 @@ def supervise(settings: Settings) -> int:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
+    # A reload is due (asked for, not yet started); one is under way.
     reloading = threading.Event()
+    under_way = threading.Event()
 
     def on_reload(signum: int, _frame: object) -> None:
-        log.info(
-            "received %s, replacing the %d workers one at a time",
-            signal.Signals(signum).name,
-            count,
-        )
+        name = signal.Signals(signum).name
+        if reloading.is_set():
+            log.info("received %s; a reload is due already", name)
+        elif under_way.is_set():
+            log.info("received %s during a reload; one more reload follows it", name)
+        else:
+            log.info("received %s, replacing the %d workers one at a time", name, count)
         reloading.set()
 
     signal.signal(RELOAD_SIGNAL, on_reload)
@@ -299,32 +303,44 @@ def supervise(settings: Settings) -> int:
     retry_at = [0.0] * len(started)
     # Workers a reload replaced, finishing their requests.
     retiring: list[_Worker] = []
-    finishing = threading.Event()
+    # The workers each reload that has started all of its new ones replaced, oldest reload
+    # first: its "reload done" comes once they have exited. Reloads overlap when one is asked
+    # for during another, and each has its line.
+    finishing: list[list[_Worker]] = []
 
-    def take_over(i: int) -> str:
+    def take_over(i: int) -> tuple[str, _Worker | None]:
         """Start a new worker in place i, then retire the old one; raises RuntimeError if
-        the new one does not start (the old one serves on). Says what it did."""
+        the new one does not start (the old one serves on). Says what it did, and gives the
+        worker it replaced."""
         old = started[i]
         new = spawn()
         started[i] = new
         failures[i] = 0
         if old is None:
-            return f"worker {new.proc.pid} serving"
+            return f"worker {new.proc.pid} serving", None
         retiring.append(old)
         if not old.proc.is_alive():
-            return f"worker {new.proc.pid} serving"
+            return f"worker {new.proc.pid} serving", old
         with contextlib.suppress(OSError):
             old.pipe.send(RETIRE)
         old.retired_at = time.monotonic()
         return (
             f"worker {new.proc.pid} serving in place of worker {old.proc.pid}, which finishes "
             "its requests and exits"
-        )
+        ), old
 
     def reload() -> None:
+        under_way.set()
+        try:
+            replace_all()
+        finally:
+            under_way.clear()
+
+    def replace_all() -> None:
+        replaced: list[_Worker] = []
         for i in range(len(started)):
             try:
-                log.info("%s", take_over(i))
+                what, old = take_over(i)
             except RuntimeError as exc:
                 if not stopping.is_set():
                     log.error(
@@ -334,7 +350,10 @@ def supervise(settings: Settings) -> int:
                         count,
                     )
                 return
-        finishing.set()  # "reload done" once the workers replaced have exited
+            log.info("%s", what)
+            if old is not None:
+                replaced.append(old)
+        finishing.append(replaced)  # "reload done" once these have exited
 
     def answer_hung() -> None:
         # A worker whose model call has hung asks to be replaced (gateway.serve), and asks
@@ -349,7 +368,8 @@ def supervise(settings: Settings) -> int:
             if not asked:
                 continue
             try:
-                log.info("%s (a model call of the worker it replaces has hung)", take_over(i))
+                what, _ = take_over(i)
+                log.info("%s (a model call of the worker it replaces has hung)", what)
             except RuntimeError as exc:
                 if not stopping.is_set():
                     log.error("could not replace hung worker %d: %s", worker.proc.pid, exc)
@@ -371,8 +391,8 @@ def supervise(settings: Settings) -> int:
                 log.info("replaced worker %d exited", proc.pid)
             else:
                 log.error("replaced worker %d exited with %s", proc.pid, proc.exitcode)
-        if finishing.is_set() and not retiring:
-            finishing.clear()
+        while finishing and not any(worker in retiring for worker in finishing[0]):
+            finishing.pop(0)
             log.info("reload done: %d workers serving", count)
 
     while not stopping.wait(0.5):

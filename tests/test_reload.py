@@ -342,3 +342,34 @@ def test_a_reload_signal_while_the_gateway_loads_its_modules_does_not_end_it(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_reload_signal_during_a_reload_is_one_more_reload_each_with_its_done_line(
+    two_workers: Served, tmp_path: Path
+) -> None:
+    # Each SIGUSR1 that came during a reload logged "replacing the 2 workers one at a time",
+    # though it only asked for one more reload once this one was over (two such signals, for
+    # one), and the two reloads, their workers overlapping, ended with one "reload done": a
+    # tool waiting for the done line of the reload it asked for waited for ever.
+    s = two_workers
+    (tmp_path / "versioned.py").write_text(
+        VERSIONED.replace("def create():\n", "def create():\n    import time; time.sleep(1)\n")
+    )
+    os.kill(s.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: len(spawned(s.proc.pid)) == 3, "the first new worker's start")
+    os.kill(s.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: s.log.read_text().count("received SIGUSR1") == 2, "the second signal")
+    os.kill(s.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: s.log.read_text().count("serving in place of") == 4, "both reloads", 60)
+    replaced = re.findall(r"serving in place of worker (\d+)", s.log.read_text())
+    wait_for(
+        lambda: all(f"replaced worker {pid} exited" in s.log.read_text() for pid in replaced),
+        "the replaced workers' exit",
+        30,
+    )
+    wait_for(lambda: s.log.read_text().count("reload done") >= 2, "a done line each", 5)
+    log = s.log.read_text()
+    assert log.count("replacing the 2 workers one at a time") == 1
+    assert log.count("received SIGUSR1 during a reload; one more reload follows it") == 1
+    assert log.count("received SIGUSR1; a reload is due already") == 1
+    assert log.count("reload done: 2 workers serving") == 2
