@@ -353,6 +353,13 @@ def supervise(settings: Settings) -> int:
             log.info("%s", what)
             if old is not None:
                 replaced.append(old)
+                # The next new worker starts once this one has gone: a reload holds one worker
+                # (and one copy of the models) more than --workers, not twice as many. A
+                # worker past its grace is killed by `reap`.
+                until = time.monotonic() + settings.shutdown_grace + CLOSE_SLACK + 10
+                while old.proc.is_alive() and time.monotonic() < until:
+                    if stopping.wait(0.05):
+                        return
         finishing.append(replaced)  # "reload done" once these have exited
 
     def answer_hung() -> None:
