@@ -22,6 +22,7 @@ from clients.results import (
     Limits,
     ModelInfo,
     client_deadline,
+    time_left,
     unreachable,
 )
 from clients.tls import TlsFiles
@@ -188,11 +189,7 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE or _error_code(exc) is not None:
                 raise error_from_rpc(exc, self._where, self.timeout) from None
-        timeout = self.timeout
-        if timeout is not None:
-            timeout -= time.monotonic() - started
-            if timeout <= 0:
-                raise client_deadline(self.timeout)
+        timeout = time_left(self.timeout, started)
         try:
             return getattr(self._stub(), method)(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:

@@ -19,6 +19,7 @@ from clients.results import (
     Limits,
     ModelInfo,
     client_deadline,
+    time_left,
     unreachable,
 )
 from clients.tls import TlsFiles
@@ -132,11 +133,7 @@ class HttpTransport:
         except requests.ConnectionError as exc:
             if not _closed_before_answer(exc):
                 raise unreachable(self.base_url, str(exc)) from None
-        timeout = self.timeout
-        if timeout is not None:
-            timeout -= time.monotonic() - started
-            if timeout <= 0:
-                raise client_deadline(self.timeout)
+        timeout = time_left(self.timeout, started)
         # urllib3 put the failed connection back in its pool as an empty slot, which this
         # thread takes next (unless another thread gave a connection back meanwhile, one that
         # has just answered): it connects anew.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
@@ -110,6 +111,17 @@ def client_deadline(timeout: float | None) -> GatewayClientError:
     protocols (requests and grpc word it differently)."""
     within = "in time" if timeout is None else f"within the client's timeout of {timeout:g} s"
     return GatewayClientError("deadline_exceeded", f"no answer from the gateway {within}", "")
+
+
+def time_left(timeout: float | None, started: float) -> float | None:
+    """What is left of the client's `timeout` for a call sent again, the first try having
+    begun at `started` (time.monotonic()); raises deadline_exceeded when nothing is."""
+    if timeout is None:
+        return None
+    left = timeout - (time.monotonic() - started)
+    if left <= 0:
+        raise client_deadline(timeout)
+    return left
 
 
 class GatewayClientError(Exception):

@@ -82,6 +82,12 @@ def delta(after: Counts, before: Counts) -> Counts:
     )
 
 
+def counted_calls(http_url: str) -> Counts:
+    """What /metrics counts, its own scrapes left out."""
+    counts = request_counts(http_url)
+    return Counter({k: v for k, v in counts.items() if k[1] != "GET /metrics"})
+
+
 def test_metrics_count_the_calls_in_one_process(gateway: Gateway) -> None:
     before = request_counts(gateway.http_url)
     expected = scripted_calls(gateway.http_url, gateway.grpc_target)
@@ -105,17 +111,13 @@ def test_metrics_count_the_calls_across_two_workers(tmp_path: Path) -> None:
     try:
         expected = scripted_calls(served.http_url, served.grpc_target)
 
-        def counted() -> Counts:
-            counts = request_counts(served.http_url)
-            return Counter({k: v for k, v in counts.items() if k[1] != "GET /metrics"})
-
         # Each worker applies its updates within FLUSH_INTERVAL; wait (bounded) for the other
         # worker's, then any worker's /metrics sums all of them, over fresh connections.
         deadline = time.monotonic() + 10
-        while counted() != expected and time.monotonic() < deadline:
+        while counted_calls(served.http_url) != expected and time.monotonic() < deadline:
             time.sleep(0.05)
         for _ in range(4):
-            assert counted() == expected
+            assert counted_calls(served.http_url) == expected
     finally:
         served.proc.terminate()
         assert served.proc.wait(timeout=30) == 0
@@ -295,11 +297,7 @@ def test_counts_of_replaced_workers_stay_counted_in_one_file(tmp_path: Path) -> 
     try:
         expected = scripted_calls(served.http_url, served.grpc_target)
 
-        def counted() -> Counts:
-            counts = request_counts(served.http_url)
-            return Counter({k: v for k, v in counts.items() if k[1] != "GET /metrics"})
-
-        wait_for(lambda: counted() == expected, "every worker's counts")
+        wait_for(lambda: counted_calls(served.http_url) == expected, "every worker's counts")
         decoded = histogram(served.http_url, "gateway_decode_seconds")
         (directory,) = Path(tempfile.gettempdir()).glob(
             f"image-gateway-metrics-{served.proc.pid}-*"
@@ -311,7 +309,7 @@ def test_counts_of_replaced_workers_stay_counted_in_one_file(tmp_path: Path) -> 
         os.kill(served.proc.pid, signal.SIGUSR1)
         wait_for(lambda: "reload done" in served.log.read_text(), "the reload", 60)
         gone = first | set(re.findall(r"replaced worker (\d+) exited", served.log.read_text()))
-        assert counted() == expected
+        assert counted_calls(served.http_url) == expected
         assert histogram(served.http_url, "gateway_decode_seconds") == decoded
         names = {p.name for p in directory.glob("*.db")}
         assert "counter_archive.db" in names and "histogram_archive.db" in names
