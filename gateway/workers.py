@@ -69,8 +69,10 @@ class _Worker:
     pipe: Connection
     # time.monotonic() once it served.
     started_at: float
-    # time.monotonic() when a reload told it to retire.
+    # time.monotonic() when a reload told it to retire, or it stopped on a signal of its own.
     retired_at: float | None = None
+    # It has said DRAINED, and waits for CLOSE.
+    drained: bool = False
 
 
 def restart_delay(failures: int) -> float:
@@ -362,17 +364,42 @@ def supervise(settings: Settings) -> int:
                         return
         finishing.append(replaced)  # "reload done" once these have exited
 
-    def answer_hung() -> None:
+    def close_alone(i: int, worker: _Worker) -> None:
+        """A worker sent a stop signal of its own (`kill <worker pid>`) has drained: it closes
+        now and another starts in its place at once. It waited for the CLOSE of a whole
+        gateway's stop, and for that its grace: as long, it answered every request that
+        reached it 503 shutting_down while its siblings could have served them, and its place
+        was then refilled as a worker's death is, a second later."""
+        log.info(
+            "worker %d stopped on a signal of its own; starting another in its place",
+            worker.proc.pid,
+        )
+        with contextlib.suppress(OSError):
+            worker.pipe.send(CLOSE)
+        worker.retired_at = time.monotonic()
+        retiring.append(worker)
+        started[i] = None
+        retry_at[i] = 0.0
+
+    def answer_workers() -> None:
         # A worker whose model call has hung asks to be replaced (gateway.serve), and asks
-        # again a minute later while it stays so.
+        # again a minute later while it stays so. One that drained outside a stop of the
+        # gateway was sent its stop signal alone.
         for i, worker in enumerate(started):
             if worker is None or stopping.is_set():
                 continue
-            asked = False
+            messages = []
             with contextlib.suppress(OSError, EOFError):
                 while worker.pipe.poll():
-                    asked |= worker.pipe.recv() == HUNG
-            if not asked:
+                    messages.append(worker.pipe.recv())
+            if DRAINED in messages:
+                worker.drained = True
+                # A stop signal sent to the whole process group reaches this process too,
+                # in the same instant: then the worker closes with the others.
+                if not stopping.wait(0.1):
+                    close_alone(i, worker)
+                continue
+            if HUNG not in messages:
                 continue
             try:
                 what, _ = take_over(i)
@@ -404,7 +431,7 @@ def supervise(settings: Settings) -> int:
 
     while not stopping.wait(0.5):
         reap()
-        answer_hung()
+        answer_workers()
         if reloading.is_set():
             reloading.clear()
             reload()
@@ -477,6 +504,8 @@ def _close_together(started: list[_Worker], grace: float) -> None:
     them to close: their listeners close at once, none while a sibling still answers."""
     deadline = time.monotonic() + grace + CLOSE_SLACK
     for worker in started:
+        if worker.drained:  # its DRAINED was read before the stop signal came
+            continue
         with contextlib.suppress(OSError, EOFError):  # a worker that ended has nothing to say
             while worker.pipe.poll(max(0.0, deadline - time.monotonic())):
                 if worker.pipe.recv() == DRAINED:

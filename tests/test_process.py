@@ -284,6 +284,37 @@ def test_workers_share_the_ports_and_a_dead_worker_is_replaced(tmp_path: Path) -
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_worker_sent_a_stop_signal_alone_closes_at_once_and_another_takes_its_place(
+    tmp_path: Path,
+) -> None:
+    # `kill <worker pid>`: the worker drains and goes, and the gateway serves on. It waited
+    # for the CLOSE of a whole gateway's stop that never came, for all its grace, answering
+    # 503 shutting_down meanwhile; its place was then refilled as after a crash.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--shutdown-grace", "300",
+    )  # fmt: skip
+    try:
+        workers = spawned(s.proc.pid)
+        os.kill(workers[0], signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{workers[0]}").exists(), "the worker exits", 60)
+        wait_for(
+            lambda: " serving" in s.log.read_text().partition("in its place")[2],
+            "another worker serves",
+            30,
+        )
+        assert len(spawned(s.proc.pid)) == 2
+        for _ in range(8):
+            done = cli("infer", FILES[0], "--url", s.http_url)
+            assert json.loads(done.stdout)[0]["output"] == [427, 640, 3]
+        log = s.log.read_text()
+        assert f"worker {workers[0]} stopped on a signal of its own" in log, log
+        assert "exited with" not in log, log
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
     workers = spawned(s.proc.pid)
