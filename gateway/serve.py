@@ -21,7 +21,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health
 
-from gateway import allocator, config, model_threads, workers
+from gateway import allocator, config, model_threads, signals, workers
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
@@ -47,8 +47,8 @@ HUNG_AFTER_TIMEOUTS = 4
 # supervisor to replace a worker that stays hung.
 HUNG_LOOK = 1.0
 HUNG_ASK_AGAIN = 60.0
-# Seconds between the main thread's looks for a stop signal handled elsewhere (see
-# _serve_until_signal).
+# Seconds between the main thread's looks for a reload's word to retire, while it waits for a
+# stop.
 SIGNAL_LOOK = 0.5
 
 
@@ -279,17 +279,19 @@ def _serve_until_signal(
 
         threading.Thread(target=_watch_parent, name="parent-watch", daemon=True).start()
 
-    def _on_signal(signum: int, _frame: object) -> None:
+    def _on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
+        if stopping.is_set():
+            return  # a stop signal to the process group comes again from the supervisor
         if serving.is_set():
             log.info("received %s, shutting down", name)
         _stop(f"received {name}")
 
-    for signum in workers.STOP_SIGNALS:
-        signal.signal(signum, _on_signal)
+    actions: dict[int, Callable[[int], None]] = dict.fromkeys(workers.STOP_SIGNALS, _on_signal)
     if retire is None:
         # Its default ends the process at once.
-        signal.signal(workers.RELOAD_SIGNAL, _refuse_reload)
+        actions[workers.RELOAD_SIGNAL] = _refuse_reload
+    signals.handle(actions)
     allocator.tune()
     # Before the models load: a library a model imports reads its thread count as it loads.
     model_threads.limit(settings.model_threads)
@@ -307,12 +309,11 @@ def _serve_until_signal(
         name="model-call-watch",
         daemon=True,
     ).start()
-    # With a timeout: the kernel may give a stop signal to another thread, and Python then runs
-    # its handler only once the main thread wakes; waiting without one, it never did.
     while not stopping.wait(SIGNAL_LOOK):
         if retire is not None and retire.is_set():
             break
     deadline = time.monotonic() + settings.shutdown_grace
+    signals.ignore(workers.STOP_SIGNALS)
     if retire is not None and retire.is_set():
         log.info("replaced by a new worker; finishing the requests under way")
         gateway.retire(deadline)
@@ -371,7 +372,7 @@ def _watch_model_calls(
             dataplane.unhealthy = what
 
 
-def _refuse_reload(signum: int, _frame: object) -> None:
+def _refuse_reload(signum: int) -> None:
     log.warning(
         "received %s: a reload replaces worker processes, and this gateway is one process "
         "(--workers 1); ignored",

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from gateway import signals
 from gateway.config import Settings, url_host, worker_count
 
 log = logging.getLogger("gateway")
@@ -210,17 +211,16 @@ def supervise(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s, draining %d workers", signal.Signals(signum).name, count)
+    def on_signal(signum: int) -> None:
+        if not stopping.is_set():
+            log.info("received %s, draining %d workers", signal.Signals(signum).name, count)
         stopping.set()
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, on_signal)
     # A reload is due (asked for, not yet started); one is under way.
     reloading = threading.Event()
     under_way = threading.Event()
 
-    def on_reload(signum: int, _frame: object) -> None:
+    def on_reload(signum: int) -> None:
         name = signal.Signals(signum).name
         if reloading.is_set():
             log.info("received %s; a reload is due already", name)
@@ -230,7 +230,7 @@ def supervise(settings: Settings) -> int:
             log.info("received %s, replacing the %d workers one at a time", name, count)
         reloading.set()
 
-    signal.signal(RELOAD_SIGNAL, on_reload)
+    signals.handle({**dict.fromkeys(STOP_SIGNALS, on_signal), RELOAD_SIGNAL: on_reload})
 
     def spawn() -> _Worker:
         parent, child = context.Pipe()
@@ -476,6 +476,7 @@ def supervise(settings: Settings) -> int:
                 assert replacement is not None
                 if not stopping.is_set():
                     log.info("worker %d serving", replacement.proc.pid)
+    signals.ignore(STOP_SIGNALS)
     running = [worker for worker in started if worker is not None]
     for worker in running:
         if worker.proc.is_alive() and worker.proc.pid is not None:
