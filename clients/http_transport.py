@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -79,6 +79,39 @@ def _bad_response(response: requests.Response) -> GatewayClientError:
     )
 
 
+def _refuse_redirected_post(response: requests.Response, **kwargs: Any) -> None:
+    """A response hook: a 301, 302 or 303 answer to a POST raises bad_response naming where it
+    points, rather than being followed. requests follows those with a GET to the new location
+    (browsers' rule), which the gateway answered method_not_allowed, an error that said nothing
+    of the redirect. 307 and 308 keep the method and body (ours are bytes, sent again as they
+    are) and are followed, as are redirects of a GET."""
+    request = response.request
+    if request.method != "POST" or response.status_code not in (301, 302, 303):
+        return
+    if not response.is_redirect:  # no Location: not followed, read as any other answer
+        return
+    response.close()  # its body unread: the connection is closed, not reused
+    location = urljoin(response.url, response.headers["Location"])
+    raise GatewayClientError(
+        BAD_RESPONSE,
+        f"POST {urlsplit(response.url).path} was redirected to {location}, which the client "
+        "does not follow (requests would send the call there as a GET): give the client "
+        f"{_base_url(location, request.url)}",
+        str(response.status_code),
+    )
+
+
+def _base_url(location: str, request_url: str | None) -> str:
+    """What to give the client instead of its URL: `location` without the route the call was
+    sent to (/v1/infer, /v1/models/NAME/infer) when it ends with it, else that URL."""
+    route = urlsplit(request_url or "").path
+    route = route[route.rfind("/v1/") :]  # a model's name has its slashes percent-encoded
+    scheme, netloc, path, _, _ = urlsplit(location)
+    if not route.startswith("/v1/") or not path.endswith(route):
+        return "that URL"
+    return f"the URL {urlunsplit((scheme, netloc, path[: -len(route)], '', ''))}"
+
+
 class HttpTransport:
     def __init__(
         self,
@@ -107,6 +140,7 @@ class HttpTransport:
                 self._verify = str(tls.ca_cert)
             if tls.client_cert is not None and tls.client_key is not None:
                 self.session.cert = (str(tls.client_cert), str(tls.client_key))
+        self.session.hooks["response"].append(_refuse_redirected_post)
         adapter = HTTPAdapter(pool_maxsize=POOL_SIZE)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)

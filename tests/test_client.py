@@ -425,6 +425,69 @@ def _http_server(body: bytes) -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
+@contextmanager
+def _redirecting_server(status: int, to: str) -> Iterator[str]:
+    """An HTTP server that answers every request `status` with a Location of `to` and the path
+    (and query) asked for: a proxy sending clients to https://, or a gateway moved."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Location", f"{to}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.answer()
+
+        def do_POST(self) -> None:
+            self.answer()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+def test_a_post_redirected_as_a_get_is_a_bad_response_naming_where_to(
+    gateway: Gateway, status: int
+) -> None:
+    # requests follows a 301, 302 or 303 answer to a POST with a GET to the new location: the
+    # gateway answered that method_not_allowed, which said nothing of the redirect. GETs still
+    # follow it.
+    with _redirecting_server(status, gateway.http_url) as url, GatewayClient(url) as client:
+        assert client.list_models()[0].name == "shape"
+        for call in (
+            lambda: client.infer(JPEG_PATH),
+            lambda: client.infer(JPEG_PATH, model="spy"),
+            lambda: client.infer_batch([JPEG_PATH, JPEG_PATH]),
+        ):
+            with pytest.raises(GatewayClientError) as caught:
+                call()
+            assert (caught.value.code, caught.value.status) == ("bad_response", str(status))
+            assert f"redirected to {gateway.http_url}/v1/" in caught.value.message
+            assert caught.value.message.endswith(f"give the client the URL {gateway.http_url}")
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_post_redirected_with_its_method_is_followed(gateway: Gateway, status: int) -> None:
+    # 307 and 308 keep the method and body: requests sends the same bytes to the new location.
+    with _redirecting_server(status, gateway.http_url) as url, GatewayClient(url) as client:
+        assert client.infer(JPEG_PATH).output == [427, 640, 3]
+        results = client.infer_batch([JPEG_PATH, b"junk"], model="spy")
+        assert results[0].ok and results[1].error is not None
+        assert results[1].error.code == "undecodable_image"
+
+
 @pytest.mark.parametrize("body", [b'{"hello": 1}', b"[1, 2]", b"null", b'{"error": "nope"}'])
 def test_json_that_is_not_the_gateways_is_a_bad_response(
     body: bytes, capsys: pytest.CaptureFixture[str]
