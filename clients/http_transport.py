@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -10,7 +11,7 @@ from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 import requests
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError, SSLError
 
 from clients.results import (
     BAD_RESPONSE,
@@ -29,6 +30,10 @@ T = TypeVar("T")
 # Connections kept open for reuse. requests keeps 10 by default; a client calling from more
 # threads than that closed the extra ones after each call and opened new ones for the next.
 POOL_SIZE = 32
+
+# The most of the answer's body one read returns. Each read is one recv at most (read1), so
+# that the clock is looked at again however slowly the bytes come.
+READ_SIZE = 65536
 
 
 def _closed_before_answer(exc: requests.ConnectionError) -> bool:
@@ -70,11 +75,11 @@ def error_from_body(body: Any, status: str) -> GatewayClientError:
     )
 
 
-def _bad_response(response: requests.Response) -> GatewayClientError:
+def _bad_response(response: requests.Response, body: bytes) -> GatewayClientError:
     return GatewayClientError(
         BAD_RESPONSE,
         f"not a gateway's answer ({response.headers.get('Content-Type', 'no Content-Type')}): "
-        f"{response.text[:200]}",
+        f"{body[:200].decode('utf-8', 'replace')}",
         str(response.status_code),
     )
 
@@ -155,69 +160,107 @@ class HttpTransport:
             segment = segment.replace(".", "%2E")
         return f"{self.base_url}/v1/models/{segment}/infer"
 
-    def _send(self, method: str, url: str, **kwargs: Any) -> requests.Response:
-        """The request, its failures to get an answer as GatewayClientError, as over gRPC.
+    def _send(self, method: str, url: str, **kwargs: Any) -> tuple[requests.Response, bytes]:
+        """The request and its answer's body, its failures to get an answer as
+        GatewayClientError, as over gRPC; all within the client's timeout.
 
         A request whose connection the gateway closed before answering is sent once more, on
         a new connection and within what is left of the timeout: every call of the API is
         idempotent (the same image gives the same answer)."""
         started = time.monotonic()
         try:
-            return self._attempt(method, url, self.timeout, **kwargs)
+            return self._attempt(method, url, started, **kwargs)
         except requests.ConnectionError as exc:
             if not _closed_before_answer(exc):
                 raise unreachable(self.base_url, str(exc)) from None
-        timeout = time_left(self.timeout, started)
         # urllib3 put the failed connection back in its pool as an empty slot, which this
         # thread takes next (unless another thread gave a connection back meanwhile, one that
         # has just answered): it connects anew.
         try:
-            return self._attempt(method, url, timeout, **kwargs)
+            return self._attempt(method, url, started, **kwargs)
         except requests.ConnectionError as exc:
             raise unreachable(self.base_url, str(exc)) from None
 
     def _attempt(
-        self, method: str, url: str, timeout: float | None, **kwargs: Any
-    ) -> requests.Response:
-        """One request; requests.ConnectionError when no answer came."""
+        self, method: str, url: str, started: float, **kwargs: Any
+    ) -> tuple[requests.Response, bytes]:
+        """One request, with what is left of the call's timeout (from `started`), and its
+        answer's body; requests.ConnectionError when no answer came."""
+        # requests' timeout bounds connecting and each socket read, not their sum: it holds
+        # for the request and the answer's head, and _body reads the rest against the clock.
+        timeout = time_left(self.timeout, started)
         try:
-            return self.session.request(method, url, timeout=timeout, verify=self._verify, **kwargs)
+            response = self.session.request(
+                method, url, timeout=timeout, verify=self._verify, stream=True, **kwargs
+            )
         except requests.Timeout:
             raise client_deadline(self.timeout) from None
         except requests.ConnectionError as exc:
             if exc.args and isinstance(exc.args[0], ReadTimeoutError):
-                # A timeout within the answer's body, which requests raises as ConnectionError.
+                # A timeout within a redirect's body, which requests raises as ConnectionError.
                 raise client_deadline(self.timeout) from None
             raise
-        except requests.exceptions.ChunkedEncodingError as exc:
-            # The connection lost within the answer's body (not a ConnectionError to requests).
-            raise unreachable(self.base_url, str(exc)) from None
+        try:
+            return response, self._body(response, started)
+        finally:
+            # Read to its end, the connection is back in the pool already and this does
+            # nothing; cut short by an error, it closes the connection, whose next bytes
+            # would be the rest of this answer, rather than letting it be used again.
+            response.close()
 
-    def _read(self, response: requests.Response, read: Callable[[Any], T]) -> T:
+    def _body(self, response: requests.Response, started: float) -> bytes:
+        """The answer's body, read by the time the call's timeout is up. requests would apply
+        the timeout to each socket read: a body arriving a byte at a time, each within the
+        timeout, could take any time at all. Here each read gets what is left of the timeout,
+        and returns whatever one recv brings, so the clock is seen again between bytes (and
+        first once the head is in: a head that came too late is a timeout too)."""
+        chunks: list[bytes] = []
+        try:
+            while True:
+                left = time_left(self.timeout, started)
+                connection = response.raw.connection  # None once read and back in the pool
+                if left is not None and connection is not None and connection.sock is not None:
+                    connection.sock.settimeout(left)
+                chunk = response.raw.read1(READ_SIZE, decode_content=True)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        except ReadTimeoutError:
+            raise client_deadline(self.timeout) from None
+        except (ProtocolError, SSLError) as exc:
+            # The connection lost within the answer's body: what requests raises as
+            # ChunkedEncodingError (or SSLError), no answer to the caller.
+            raise unreachable(self.base_url, str(exc)) from None
+        except DecodeError:
+            raise _bad_response(
+                response, b"(a body its Content-Encoding does not decode)"
+            ) from None
+
+    def _read(self, response: requests.Response, body: bytes, read: Callable[[Any], T]) -> T:
         """`read` applied to the answer's JSON; an answer of another shape (another service
         on that port, a proxy's page) is bad_response, not a KeyError or TypeError."""
         try:
-            body = response.json()
+            parsed = json.loads(body)
         except ValueError:
-            raise _bad_response(response) from None
+            raise _bad_response(response, body) from None
         if response.status_code >= 400:
-            raise error_from_body(body, str(response.status_code))
+            raise error_from_body(parsed, str(response.status_code))
         try:
-            return read(body)
+            return read(parsed)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError):
-            raise _bad_response(response) from None
+            raise _bad_response(response, body) from None
 
     def infer(
         self, data: bytes, model: str, color_mode: str, params: Mapping[str, str]
     ) -> ImageResult:
-        response = self._send(
+        response, body = self._send(
             "POST",
             self._infer_url(model),
             data=data,
             params={**params, "color_mode": color_mode},
             headers={"Content-Type": "application/octet-stream"},
         )
-        return self._read(response, lambda body: ImageResult.from_dict(body["result"]))
+        return self._read(response, body, lambda answer: ImageResult.from_dict(answer["result"]))
 
     def infer_batch(
         self,
@@ -227,26 +270,28 @@ class HttpTransport:
         params: Mapping[str, str],
     ) -> list[ImageResult]:
         files = {name: (name, data, "application/octet-stream") for name, data in images}
-        response = self._send(
+        response, body = self._send(
             "POST",
             self._infer_url(model),
             files=files,
             params={**params, "color_mode": color_mode},
         )
         results = self._read(
-            response, lambda body: [ImageResult.from_dict(r) for r in body["results"]]
+            response, body, lambda answer: [ImageResult.from_dict(r) for r in answer["results"]]
         )
         if len(results) != len(images):
-            raise _bad_response(response)
+            raise _bad_response(response, body)
         return results
 
     def list_models(self) -> list[ModelInfo]:
-        response = self._send("GET", f"{self.base_url}/v1/models")
-        return self._read(response, lambda body: [ModelInfo.from_dict(m) for m in body["models"]])
+        response, body = self._send("GET", f"{self.base_url}/v1/models")
+        return self._read(
+            response, body, lambda answer: [ModelInfo.from_dict(m) for m in answer["models"]]
+        )
 
     def limits(self) -> Limits:
-        response = self._send("GET", f"{self.base_url}/v1/limits")
-        return self._read(response, Limits.from_dict)
+        response, body = self._send("GET", f"{self.base_url}/v1/limits")
+        return self._read(response, body, Limits.from_dict)
 
     def close(self) -> None:
         self.session.close()

@@ -867,6 +867,28 @@ def test_an_answer_stalled_past_the_timeout_is_deadline_exceeded() -> None:
         assert seen == [(0, "/v1/limits"), (0, "/v1/infer")]
 
 
+def test_an_answer_trickling_past_the_timeout_is_deadline_exceeded() -> None:
+    # requests applies its timeout to each socket read: an answer whose bytes came one every
+    # 0.2 s never waited a second for one, and took as long as it took under timeout=1. The
+    # connection is closed, not used again with the rest of that answer still to come.
+    def trickle(number: int, path: str, sock: socket.socket) -> bool:
+        if number > 0:
+            sock.sendall(_head(RESULT) + RESULT)
+            return True
+        sock.sendall(_head(RESULT) + RESULT[:-20])
+        for byte in RESULT[-20:]:
+            time.sleep(0.2)
+            sock.sendall(bytes([byte]))
+        return True
+
+    with _raw_http(trickle) as (url, seen), GatewayClient(url, timeout=1) as client:
+        with pytest.raises(GatewayClientError) as caught:
+            client.infer(b"x")
+        assert (caught.value.code, caught.value.status) == ("deadline_exceeded", "")
+        assert client.infer(b"x").output == [1, 1, 3]
+        assert seen == [(0, "/v1/limits"), (0, "/v1/infer"), (1, "/v1/infer")]
+
+
 def test_a_netrc_entry_does_not_replace_the_token(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
