@@ -62,6 +62,9 @@ CLOSE_SLACK = 1.0
 START_TIMEOUT = 60.0
 # Seconds between two looks at a stop signal while a worker starts.
 _START_POLL = 0.1
+# Seconds between two looks at the workers (exited, asking to be replaced, drained on a signal
+# of their own): a worker stopped alone answers 503 shutting_down until it hears back.
+_LOOK = 0.1
 
 
 @dataclass
@@ -429,7 +432,7 @@ def supervise(settings: Settings) -> int:
             finishing.pop(0)
             log.info("reload done: %d workers serving", count)
 
-    while not stopping.wait(0.5):
+    while not stopping.wait(_LOOK):
         reap()
         answer_workers()
         if reloading.is_set():
