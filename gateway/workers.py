@@ -183,8 +183,18 @@ def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) ->
     )
 
 
+# Signals the supervisor blocks while it starts a worker (see `spawn` in supervise).
+_HELD_AT_SPAWN = (signal.SIGINT, RELOAD_SIGNAL)
+
+
 def _worker_main(settings: Settings, ready: Connection, parent: int) -> None:
-    # Runs in the spawned child: imports the servers only here.
+    # Runs in the spawned child: imports the servers only here. A child starts with its
+    # parent's signal mask, and so with the signals the supervisor held back while it started
+    # it blocked, in every thread it makes: its SIGINT was never taken, so that `kill -INT` of
+    # any worker but the first the supervisor started (the resource tracker, started with the
+    # first, had unblocked SIGINT for it) did nothing. They are still ignored here, until the
+    # worker's own handlers are in place.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_AT_SPAWN)
     from gateway import serve
 
     raise SystemExit(serve.run_worker(settings, ready, parent))
@@ -248,7 +258,7 @@ def supervise(settings: Settings) -> int:
         # afterwards instead of being ignored (a blocked signal is never discarded).
         # The same for the reload signal, which would end a worker that has not yet set it
         # aside.
-        kept = (signal.SIGINT, RELOAD_SIGNAL)
+        kept = _HELD_AT_SPAWN
         held = signal.pthread_sigmask(signal.SIG_BLOCK, kept)
         own = {signum: signal.signal(signum, signal.SIG_IGN) for signum in kept}
         try:

@@ -344,6 +344,37 @@ def test_a_worker_sent_a_stop_signal_alone_closes_at_once_and_another_takes_its_
         assert s.proc.wait(timeout=30) == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_every_worker_sent_a_stop_signal_alone_is_replaced(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # A worker starts with its supervisor's signal mask, which held SIGINT back while it
+    # started the worker: SIGINT stayed blocked in every worker but the first, and
+    # `kill -INT <worker pid>` did nothing to them.
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+
+    def serving() -> list[int]:
+        return [int(pid) for pid in re.findall(r"worker (\d+) serving", s.log.read_text())]
+
+    try:
+        first = spawned(s.proc.pid)
+        for pid in first:
+            os.kill(pid, sig)
+        wait_for(lambda: len(serving()) == 2, "two others serve in their places", 60)
+        # And so do the workers started in their places.
+        second = serving()
+        for pid in second:
+            os.kill(pid, sig)
+        wait_for(lambda: len(serving()) == 4, "two more serve in theirs", 60)
+        log = s.log.read_text()
+        for pid in first + second:
+            assert f"worker {pid} stopped on a signal of its own" in log, log
+        assert "ERROR" not in log, log
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
     workers = spawned(s.proc.pid)
