@@ -65,6 +65,11 @@ _START_POLL = 0.1
 # Seconds between two looks at the workers (exited, asking to be replaced, drained on a signal
 # of their own): a worker stopped alone answers 503 shutting_down until it hears back.
 _LOOK = 0.1
+# Exit codes of a worker stopped by a signal before it served: 0 once its handler is in place
+# (it has nothing to drain, and exits at once), minus the signal's number before. And the
+# seconds the supervisor then waits for a stop signal of its own, sent to the process group.
+_STOPPED_WHILE_STARTING = frozenset([0, *(-signum for signum in STOP_SIGNALS)])
+_STOP_SIGNAL_WAIT = 1.0
 
 
 @dataclass
@@ -278,6 +283,13 @@ def supervise(settings: Settings) -> int:
         if not started:
             if not stopping.is_set():
                 proc.join(5)  # a worker that gave up exits by itself, with its own code
+            if proc.exitcode in _STOPPED_WHILE_STARTING:
+                # Ended by a stop signal: one sent to the whole process group (systemd's stop,
+                # `kill -TERM -- -PGID`) reaches this process in the same instant, but its
+                # "signals" thread may not have acted on it yet. Taken for a worker that could
+                # not start, it stopped a gateway still starting with "cannot start" and exit
+                # code 1, and a reload with "reload stopped" and an error.
+                stopping.wait(_STOP_SIGNAL_WAIT)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(1 if stopping.is_set() else 10)

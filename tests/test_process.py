@@ -744,6 +744,63 @@ def test_a_signal_during_start_up_stops_without_a_ready_line(
     assert "ready" not in text, text
 
 
+@pytest.mark.parametrize("loading", [True, False])
+def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
+    tmp_path: Path, loading: bool
+) -> None:
+    # A stop signal to the whole process group (systemd's stop) ends a starting worker at once
+    # (exit code 0 once its handler is in place, -15 before), and may do so before the
+    # supervisor's own "signals" thread has acted on its copy. The supervisor took the worker
+    # for one that could not start: "cannot start", exit code 1. Here the worker is sent its
+    # signal alone, and the supervisor its own once the worker has gone.
+    (tmp_path / "loading.py").write_text(
+        "import pathlib, time\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n"
+        "    pathlib.Path('loading').touch()\n"
+        "    time.sleep(600)\n"
+        "    return ShapeModel()\n"
+    )
+    log = tmp_path / "server.log"
+    env = dict(os.environ)
+    if not loading:  # still importing, its handler not yet in place
+        (tmp_path / "sitecustomize.py").write_text(
+            "import pathlib, time\n"
+            "if b'spawn_main' in pathlib.Path('/proc/self/cmdline').read_bytes():\n"
+            "    pathlib.Path('loading').touch()\n"
+            "    time.sleep(600)\n"
+        )
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
+    proc = subprocess.Popen(
+        [
+            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
+            *("--workers", "2", "--model", "loading:create"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        wait_for(lambda: (tmp_path / "loading").exists(), "a worker begins loading", 30)
+        (worker,) = spawned(proc.pid)
+        os.kill(worker, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{worker}").exists(), "the worker exits", 30)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+    finally:
+        for pid in spawned(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "cannot start" not in text and "ERROR" not in text, text
+    assert "image-gateway stopped" in text and "ready" not in text, text
+
+
 def test_cli_refuses_what_it_cannot_use_without_a_traceback() -> None:
     for args in (
         ("--url", "localhost:5000", "limits"),  # no scheme
