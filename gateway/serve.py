@@ -402,6 +402,10 @@ class _SupervisorLink:
             while (message := self.pipe.recv()) != workers.CLOSE:
                 if message == workers.RETIRE:
                     self.retire.set()
+                    # To a worker that has drained (sent a stop signal of its own) it says what
+                    # CLOSE does: another serves in its place. It had waited out its grace,
+                    # answering 503 shutting_down, when a reload replaced it meanwhile.
+                    self.closed.set()
         self.closed.set()
 
 

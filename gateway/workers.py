@@ -366,6 +366,10 @@ def supervise(settings: Settings) -> int:
     def replace_all() -> None:
         replaced: list[_Worker] = []
         for i in range(len(started)):
+            # What the workers say is read during a reload too: one sent a stop signal of its
+            # own then waited, drained, for a CLOSE that did not come, answering every request
+            # that reached it 503 shutting_down for its whole grace.
+            answer_workers()
             try:
                 what, old = take_over(i)
             except RuntimeError as exc:
@@ -387,6 +391,7 @@ def supervise(settings: Settings) -> int:
                 while old.proc.is_alive() and time.monotonic() < until:
                     if stopping.wait(0.05):
                         return
+                    answer_workers()
         finishing.append(replaced)  # "reload done" once these have exited
 
     def close_alone(i: int, worker: _Worker) -> None:

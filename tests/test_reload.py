@@ -190,6 +190,57 @@ def test_a_stop_during_a_reload_stops_the_gateway(two_workers: Served, tmp_path:
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), "their exit")
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_worker_sent_a_stop_signal_alone_during_a_reload_does_not_hold_it(
+    tmp_path: Path, which: int
+) -> None:
+    # While a reload ran, the supervisor read nothing its workers said: a worker sent a stop
+    # signal of its own then drained and waited for a CLOSE for its whole grace, answering
+    # every request that reached it 503 shutting_down, and the reload, told to wait for it to
+    # retire, waited as long.
+    (tmp_path / "staged.py").write_text(
+        "import pathlib, time\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n"
+        "    if pathlib.Path('slow').exists():\n"
+        "        pathlib.Path('loading').touch()\n"
+        "        while not pathlib.Path('go').exists():\n"
+        "            time.sleep(0.02)\n"
+        "    return ShapeModel()\n"
+    )
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "staged:create", "--shutdown-grace", "300", cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        workers = sorted(spawned(s.proc.pid))  # pids rise (bar a wrap): in order of start
+        (tmp_path / "slow").touch()
+        os.kill(s.proc.pid, signal.SIGUSR1)
+        wait_for((tmp_path / "loading").exists, "the reload's first new worker loads", 30)
+        stopped = workers[which]
+        os.kill(stopped, signal.SIGTERM)
+        wait_for(
+            lambda: f"gateway[{stopped}]: received SIGTERM" in s.log.read_text(),
+            "the worker drains",
+            30,
+        )
+        (tmp_path / "go").touch()
+        wait_for(lambda: "reload done" in s.log.read_text(), "the reload's end", 60)
+        assert not Path(f"/proc/{stopped}").exists()
+        serving = spawned(s.proc.pid)
+        assert len(serving) == 2 and not set(serving) & set(workers), s.log.read_text()
+        for _ in range(8):
+            answer = requests.post(f"{s.http_url}/", data=IMAGE, timeout=30)
+            assert answer.status_code == 200, answer.text
+        assert "ERROR" not in s.log.read_text(), s.log.read_text()
+    finally:
+        for pid in spawned(s.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        s.proc.kill()
+        s.proc.wait()
+
+
 def test_one_process_logs_that_it_cannot_reload_and_serves_on(tmp_path: Path) -> None:
     s = versioned(tmp_path, "--workers", "1")
     try:
