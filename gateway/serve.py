@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from typing import TextIO
 
 import grpc
@@ -37,6 +38,9 @@ log = logging.getLogger("gateway")
 
 # Seconds the answers of finished gRPC calls have to leave once a drain has no request at work.
 ANSWER_TAIL = 1.0
+# Seconds a worker stopped by a signal waits for the word that the whole gateway stops, before
+# it takes the stop for its own (see run_worker); it serves on meanwhile.
+ALONE_WAIT = 0.2
 # Seconds a retiring worker (see Gateway.retire) waits for the next request of HTTP connections
 # it has open, before it closes those still idle.
 LEAVE_WAIT = 1.0
@@ -253,6 +257,7 @@ def _serve_until_signal(
     drained: Callable[[float], None] | None = None,
     retire: threading.Event | None = None,
     hung: Callable[[], None] | None = None,
+    alone: Callable[[], bool] | None = None,
 ) -> int:
     stopping = threading.Event()
     serving = threading.Event()
@@ -316,6 +321,11 @@ def _serve_until_signal(
     signals.ignore(workers.STOP_SIGNALS)
     if retire is not None and retire.is_set():
         log.info("replaced by a new worker; finishing the requests under way")
+        gateway.retire(deadline)
+    elif alone is not None and alone():
+        # A drain would answer 503 shutting_down to what reaches this worker while the others
+        # serve on: it leaves as a reload's old worker does, and another takes its place.
+        log.info("stopped alone; finishing the requests under way while the other workers serve")
         gateway.retire(deadline)
     else:
         gateway.drain(deadline)
@@ -409,8 +419,11 @@ class _SupervisorLink:
         self.closed.set()
 
 
-def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
-    """One worker process of several (see gateway.workers)."""
+def run_worker(
+    settings: Settings, supervisor: Connection, parent: int, gateway_stopping: EventType
+) -> int:
+    """One worker process of several (see gateway.workers); `gateway_stopping` is set once
+    the whole gateway stops."""
     _configure_logging(settings)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
@@ -427,6 +440,15 @@ def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
         link.send(workers.DRAINED)
         link.closed.wait(max(0.0, deadline - time.monotonic()) + workers.CLOSE_SLACK)
 
+    def _alone() -> bool:
+        # Stopped on a signal of its own, with the gateway serving on: the supervisor, which
+        # gets a stop signal of the process group in the same instant, has not set
+        # gateway_stopping within ALONE_WAIT. One whose supervisor is gone drains.
+        if gateway_stopping.wait(ALONE_WAIT) or os.getppid() != parent:
+            return False
+        link.send(workers.LEAVING)
+        return True
+
     return _serve_until_signal(
         settings,
         reuse_port=True,
@@ -435,6 +457,7 @@ def run_worker(settings: Settings, supervisor: Connection, parent: int) -> int:
         drained=_drained,
         retire=link.retire,
         hung=lambda: link.send(workers.HUNG),
+        alone=_alone,
     )
 
 

@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 from gateway import signals
@@ -54,8 +55,9 @@ RELOAD_SIGNAL = signal.SIGUSR1
 # has drained; all have, close; it is replaced, finish and exit. A worker waits for CLOSE at most
 # CLOSE_SLACK seconds past its grace.
 READY, DRAINED, CLOSE, RETIRE = "ready", "drained", "close", "retire"
-# From a worker: a model call of mine has hung; replace me.
-HUNG = "hung"
+# From a worker: a model call of mine has hung; replace me. I was sent a stop signal of my own,
+# and finish my requests while the others serve: put another in my place.
+HUNG, LEAVING = "hung", "leaving"
 CLOSE_SLACK = 1.0
 # Seconds a worker has to load its models and serve: past them a start that hangs (a model
 # waiting on a network share, say) stops the gateway rather than leaving it half up.
@@ -192,7 +194,7 @@ def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) ->
 _HELD_AT_SPAWN = (signal.SIGINT, RELOAD_SIGNAL)
 
 
-def _worker_main(settings: Settings, ready: Connection, parent: int) -> None:
+def _worker_main(settings: Settings, ready: Connection, parent: int, stopping: EventType) -> None:
     # Runs in the spawned child: imports the servers only here. A child starts with its
     # parent's signal mask, and so with the signals the supervisor held back while it started
     # it blocked, in every thread it makes: its SIGINT was never taken, so that `kill -INT` of
@@ -202,7 +204,7 @@ def _worker_main(settings: Settings, ready: Connection, parent: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_AT_SPAWN)
     from gateway import serve
 
-    raise SystemExit(serve.run_worker(settings, ready, parent))
+    raise SystemExit(serve.run_worker(settings, ready, parent, stopping))
 
 
 def _mark_dead(pid: int) -> None:
@@ -228,10 +230,14 @@ def supervise(settings: Settings) -> int:
     worker_settings = replace(settings, http_port=http_port, grpc_port=grpc_port, workers=1)
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
+    # The same, seen by the workers: one stopped while it is clear tells a stop of the whole
+    # gateway (a signal to the process group, or the supervisor's own) from one of its own.
+    gateway_stopping = context.Event()
 
     def on_signal(signum: int) -> None:
         if not stopping.is_set():
             log.info("received %s, draining %d workers", signal.Signals(signum).name, count)
+        gateway_stopping.set()
         stopping.set()
 
     # A reload is due (asked for, not yet started); one is under way.
@@ -253,7 +259,9 @@ def supervise(settings: Settings) -> int:
     def spawn() -> _Worker:
         parent, child = context.Pipe()
         proc = context.Process(
-            target=_worker_main, args=(worker_settings, child, os.getpid()), daemon=False
+            target=_worker_main,
+            args=(worker_settings, child, os.getpid(), gateway_stopping),
+            daemon=False,
         )
         # A Ctrl-C reaches every process of the terminal's group; one that came while the
         # worker still imported was a KeyboardInterrupt traceback. The worker starts with
@@ -394,18 +402,20 @@ def supervise(settings: Settings) -> int:
                     answer_workers()
         finishing.append(replaced)  # "reload done" once these have exited
 
-    def close_alone(i: int, worker: _Worker) -> None:
-        """A worker sent a stop signal of its own (`kill <worker pid>`) has drained: it closes
-        now and another starts in its place at once. It waited for the CLOSE of a whole
-        gateway's stop, and for that its grace: as long, it answered every request that
-        reached it 503 shutting_down while its siblings could have served them, and its place
-        was then refilled as a worker's death is, a second later."""
+    def replace_stopped(i: int, worker: _Worker, drained: bool) -> None:
+        """A worker sent a stop signal of its own (`kill <worker pid>`) leaves, and another
+        starts in its place at once. It finishes its requests as a reload's old worker does
+        (LEAVING), while the others serve. One that drained instead, having taken its stop for
+        the whole gateway's, is told to close now. Both had waited for the CLOSE of a gateway's
+        stop for their whole grace, answering every request that reached them 503
+        shutting_down, and their place was refilled as after a crash, a second later."""
         log.info(
             "worker %d stopped on a signal of its own; starting another in its place",
             worker.proc.pid,
         )
-        with contextlib.suppress(OSError):
-            worker.pipe.send(CLOSE)
+        if drained:
+            with contextlib.suppress(OSError):
+                worker.pipe.send(CLOSE)
         worker.retired_at = time.monotonic()
         retiring.append(worker)
         started[i] = None
@@ -413,8 +423,8 @@ def supervise(settings: Settings) -> int:
 
     def answer_workers() -> None:
         # A worker whose model call has hung asks to be replaced (gateway.serve), and asks
-        # again a minute later while it stays so. One that drained outside a stop of the
-        # gateway was sent its stop signal alone.
+        # again a minute later while it stays so. One that leaves, or drained outside a stop of
+        # the gateway, was sent its stop signal alone.
         for i, worker in enumerate(started):
             if worker is None or stopping.is_set():
                 continue
@@ -422,12 +432,15 @@ def supervise(settings: Settings) -> int:
             with contextlib.suppress(OSError, EOFError):
                 while worker.pipe.poll():
                     messages.append(worker.pipe.recv())
+            if LEAVING in messages:
+                replace_stopped(i, worker, drained=False)
+                continue
             if DRAINED in messages:
                 worker.drained = True
                 # A stop signal sent to the whole process group reaches this process too,
                 # in the same instant: then the worker closes with the others.
                 if not stopping.wait(0.1):
-                    close_alone(i, worker)
+                    replace_stopped(i, worker, drained=True)
                 continue
             if HUNG not in messages:
                 continue
