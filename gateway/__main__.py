@@ -1,5 +1,5 @@
 import sys
 
-from gateway.serve import main
+from gateway.command import main
 
 sys.exit(main())

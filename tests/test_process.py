@@ -206,6 +206,42 @@ def test_stop_signals_in_a_burst_stop_the_gateway_cleanly(tmp_path: Path, worker
                     os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_while_the_gateway_imports_its_servers_ends_it_quietly(
+    tmp_path: Path, workers: str
+) -> None:
+    # The first 0.4 s or so of a start import the servers, before any signal handling of the
+    # gateway's: a Ctrl-C then printed a KeyboardInterrupt traceback of some thirty lines.
+    # The import of grpc is held here until the Ctrl-C comes.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import pathlib, sys, time\n"
+        "class Hold:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'grpc':\n"
+        "            pathlib.Path('importing').touch()\n"
+        "            time.sleep(600)\n"
+        "sys.meta_path.insert(0, Hold())\n"
+    )
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+         "--workers", workers],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (tmp_path / "importing").exists(), "the servers' import", 30)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert log.read_text() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_flags_win_over_environment(tmp_path: Path) -> None:
     s = launch(
         tmp_path,
