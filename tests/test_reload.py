@@ -367,7 +367,7 @@ def test_a_reload_signal_while_the_gateway_loads_its_modules_does_not_end_it(
     log = tmp_path / "server.log"
     starter = (
         "import os, signal, sys, gateway; os.kill(os.getpid(), signal.SIGUSR1); "
-        "from gateway.serve import main; sys.exit(main(sys.argv[1:]))"
+        "from gateway.command import main; sys.exit(main(sys.argv[1:]))"
     )
     args = ["serve", "--http-port", "0", "--grpc-port", "0", "--model", "versioned:create"]
     proc = subprocess.Popen(
