@@ -246,6 +246,9 @@ def supervise(settings: Settings) -> int:
 
     def on_reload(signum: int) -> None:
         name = signal.Signals(signum).name
+        if stopping.is_set():
+            log.info("received %s while stopping; no reload", name)
+            return
         if reloading.is_set():
             log.info("received %s; a reload is due already", name)
         elif under_way.is_set():
