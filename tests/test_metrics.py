@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
@@ -317,3 +318,27 @@ def test_counts_of_replaced_workers_stay_counted_in_one_file(tmp_path: Path) -> 
     finally:
         served.proc.terminate()
         assert served.proc.wait(timeout=30) == 0
+
+
+def test_grpc_health_checks_are_counted_as_http_probes_are(
+    gateway: Gateway, channel: grpc.Channel
+) -> None:
+    # Only the checks the gateway refused (overloaded, request_timeout) were counted: the
+    # series had the failures and none of the answers, and a check that was not protobuf,
+    # answered invalid_request, had no count and no access record.
+    before, errors_before = request_counts(gateway.http_url), request_errors(gateway.http_url)
+    health = health_pb2_grpc.HealthStub(channel)
+    for _ in range(3):
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert delta(request_counts(gateway.http_url), before) == {
+        ("grpc", "Check", "", "OK"): 3,
+        ("grpc", "Check", "", "NOT_FOUND"): 1,
+        ("grpc", "Check", "", "INVALID_ARGUMENT"): 1,
+    }
+    assert request_errors(gateway.http_url) - errors_before == {("grpc", "invalid_request"): 1}
