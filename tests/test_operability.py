@@ -533,3 +533,31 @@ def test_bytes_in_counts_what_was_read(gateway: Gateway, caplog: pytest.LogCaptu
     records = {r["request_id"]: r for r in access_records(caplog)}
     assert records["bytes-chunked"]["bytes_in"] == len(PNG)  # was 0 for every chunked body
     assert records["bytes-declared"]["bytes_in"] == 0  # was the 10^12 declared
+
+
+def test_bytes_in_counts_a_body_that_stopped_before_its_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The body was read a megabyte at a time, and a read that timed out lost the count of the
+    # bytes it had taken: 300,000 bytes read, logged as 0.
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    gw = start(Settings(http_port=0, grpc_port=0, request_timeout=1.0, shutdown_grace=1.0))
+    try:
+        host, port = http_host_port(gw.http_url)
+        with socket.create_connection((host, port), timeout=30) as s:
+            s.sendall(
+                b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nX-Request-ID: bytes-stopped\r\n"
+                b"Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+                + PNG[:8]
+                + bytes(300_000 - 8)
+            )
+            assert s.recv(65536).startswith(b"HTTP/1.1 408")
+        wait_for(
+            lambda: "bytes-stopped" in {r["request_id"] for r in access_records(caplog)},
+            "the access record",
+        )
+        records = {r["request_id"]: r for r in access_records(caplog)}
+        assert records["bytes-stopped"]["error"] == "request_timeout"
+        assert records["bytes-stopped"]["bytes_in"] == 300_000
+    finally:
+        gw.stop()
