@@ -93,7 +93,8 @@ _HELP = {
     "model": "model to serve: a built-in (shape, qrcode) or package.module:factory; repeatable, "
     "the first is the default",
     "batching": "dynamic batching for a model, NAME=MAX_BATCH:MAX_WAIT_MS or NAME=off; repeatable",
-    "cors_origin": "a browser origin allowed to call the HTTP API (CORS); repeatable, '*' for any",
+    "cors_origin": "a browser origin allowed to call the HTTP API (CORS), compared as written; "
+    "repeatable, '*' for any",
     "workers": "processes serving both protocols; 0 means one per CPU core",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
     "max_image_bytes": "largest single encoded image accepted, in bytes (a batch may hold "
@@ -268,6 +269,17 @@ def _host(text: str) -> str:
     return text.strip()
 
 
+def _cors_origin(text: str) -> str:
+    # Origins are compared as written; a wildcard inside one matched nothing it was meant to.
+    origin = text.strip()
+    if not origin or ("*" in origin and origin != "*"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an origin such as https://app.example.com (or * for any): "
+            "origins are compared as written, without wildcards"
+        )
+    return origin
+
+
 def _on_off(text: str) -> str:
     if text.strip().lower() not in ("on", "off"):
         raise argparse.ArgumentTypeError(f"{text!r} is not on or off")
@@ -279,6 +291,7 @@ _TYPES: dict[str, Any] = {
     "access_log": _on_off,
     "log_level": _log_level,
     "batching": _batching,
+    "cors_origin": _cors_origin,
     "http_port": _port,
     "grpc_port": _port,
     "workers": _small_count_or_zero,

@@ -127,6 +127,8 @@ def test_flags_win_and_model_repeats() -> None:
         # Every address to Python's bind, an error to grpc's.
         ("IMAGE_GATEWAY_HOST", ""),
         ("IMAGE_GATEWAY_HOST", " "),
+        # Origins are compared as written: a wildcard inside one would match nothing.
+        ("IMAGE_GATEWAY_CORS_ORIGIN", "https://*.example.com"),
     ],
 )
 def test_bad_values_are_refused(name: str, value: str) -> None:

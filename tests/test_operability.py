@@ -292,6 +292,32 @@ def test_cors_allows_only_configured_origins() -> None:
         gw.stop()
 
 
+def test_cors_origins_are_compared_as_written() -> None:
+    # flask-cors took an origin holding "[" or "*" for a regular expression matched at the
+    # start of the Origin: an IPv6 origin allowed http://1:8080 and not itself, and a
+    # wildcard-looking one allowed an attacker's host.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            cors_origin=("http://[::1]:8080", "https://app.example.com"),
+            workers=1,
+        )
+    )
+    try:
+
+        def allowed(origin: str) -> str | None:
+            answer = requests.get(f"{gw.http_url}/v1/models", headers={"Origin": origin}, timeout=5)
+            return answer.headers.get("Access-Control-Allow-Origin")
+
+        assert allowed("http://[::1]:8080") == "http://[::1]:8080"
+        assert allowed("HTTPS://APP.example.com") == "HTTPS://APP.example.com"
+        for other in ("http://1:8080", "http://:8080", "https://app.example.com.attacker.net"):
+            assert allowed(other) is None, other
+    finally:
+        gw.stop()
+
+
 def test_answers_the_http_server_makes_itself_carry_cors_headers() -> None:
     # 431, 501, 505, 503 overloaded, 408: made by the server, not the app, they had no CORS
     # headers, so a page on an allowed origin got a network error instead of the JSON error.

@@ -124,7 +124,7 @@ def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None =
         # Preflight answered by flask-cors; X-Request-ID readable by the page's script.
         CORS(
             app,
-            origins=list(settings.cors_origin),
+            origins=_literal_origins(settings.cors_origin),
             methods=["GET", "POST"],
             allow_headers=["Content-Type", REQUEST_ID_HEADER, "Authorization"],
             expose_headers=list(EXPOSED_HEADERS),
@@ -157,3 +157,13 @@ def _bytes_out(response: Response) -> int:
     if request.method == "HEAD":
         return 0
     return response.calculate_content_length() or response.content_length or 0
+
+
+def _literal_origins(origins: tuple[str, ...]) -> list[str | re.Pattern[str]]:
+    """The allowed origins as flask-cors should match them: each as written (any case), "*"
+    for any. flask-cors takes a string holding `*`, `[`, `(`, `?` and the like for a regular
+    expression, matched at the start of the Origin only: `https://*.example.com` allowed
+    `https://xexample.com.attacker.net` and not `https://app.example.com`, and an IPv6 origin
+    (`http://[::1]:8080`) allowed `http://1:8080` and not itself. The server's own answers
+    (gateway.rest.server.cors_headers) compare them as written too."""
+    return [o if o == "*" else re.compile(re.escape(o) + r"\Z", re.IGNORECASE) for o in origins]
