@@ -9,6 +9,7 @@ image-gateway-client limits --url http://127.0.0.1:5000
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -24,6 +25,10 @@ DEFAULT_URL = os.environ.get("IMAGE_GATEWAY_URL", "http://127.0.0.1:5000")
 def _emit(text: str) -> None:
     """Print to stdout. A reader that stops early (`| head`) is no error of ours; any other
     failure to write (a full disk) raises OSError."""
+    if sys.stdout is None:
+        # Started with stdout closed (`>&-`): print() would write nowhere, and the command
+        # exited 0 with its results lost.
+        raise OSError(errno.EBADF, "stdout is closed; the results were not printed")
     try:
         print(text, flush=True)
     except BrokenPipeError:

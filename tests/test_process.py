@@ -156,6 +156,19 @@ def test_cli_piped_into_a_reader_that_stops_early(served: Served) -> None:
     assert stderr == ""
 
 
+def test_cli_with_stdout_closed_fails(served: Served) -> None:
+    # As `image-gateway-client infer a.jpg >&-`: Python leaves sys.stdout None, print() wrote
+    # nowhere, and the command exited 0 with its results lost.
+    closed = ["sh", "-c", 'exec "$@" >&-', "sh", str(BIN / "image-gateway-client")]
+    for url in (served.http_url, f"grpc://{served.grpc_target}"):
+        done = subprocess.run(
+            [*closed, "--url", url, "infer", FILES[0]], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, done.stderr
+        assert "stdout is closed" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_cli_lists_models(served: Served) -> None:
     done = cli("models", "--url", f"grpc://{served.grpc_target}")
     assert [m["name"] for m in json.loads(done.stdout)] == ["shape", "qrcode"]
