@@ -269,6 +269,14 @@ def _host(text: str) -> str:
     return text.strip()
 
 
+def _file(text: str) -> str:
+    # An empty path is no file: given as "$TOKENS" with the variable unset, it had served every
+    # call without a token (or gRPC in plaintext), with no word of it.
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path names no file")
+    return text
+
+
 def _cors_origin(text: str) -> str:
     # Origins are compared as written; a wildcard inside one matched nothing it was meant to.
     origin = text.strip()
@@ -311,6 +319,10 @@ _TYPES: dict[str, Any] = {
     "grpc_keepalive": _positive_float,
     "model_threads": _small_count_or_zero,
     "shutdown_grace": _positive_float,
+    "grpc_tls_cert": _file,
+    "grpc_tls_key": _file,
+    "grpc_tls_client_ca": _file,
+    "auth_token_file": _file,
 }
 
 

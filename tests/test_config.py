@@ -127,6 +127,8 @@ def test_flags_win_and_model_repeats() -> None:
         # Every address to Python's bind, an error to grpc's.
         ("IMAGE_GATEWAY_HOST", ""),
         ("IMAGE_GATEWAY_HOST", " "),
+        # An empty path had served every call without a token, or gRPC in plaintext.
+        ("IMAGE_GATEWAY_AUTH_TOKEN_FILE", ""),
         # Origins are compared as written: a wildcard inside one would match nothing.
         ("IMAGE_GATEWAY_CORS_ORIGIN", "https://*.example.com"),
     ],
@@ -134,6 +136,22 @@ def test_flags_win_and_model_repeats() -> None:
 def test_bad_values_are_refused(name: str, value: str) -> None:
     with pytest.raises(SystemExit):
         config.parse([], {name: value})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--auth-token-file", ""],
+        ["--grpc-tls-cert", "", "--grpc-tls-key", ""],
+    ],
+)
+def test_an_empty_path_is_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # As `--auth-token-file "$TOKENS"` with the variable unset: the gateway had served every
+    # call without a token, or gRPC in plaintext, without a word.
+    with pytest.raises(SystemExit) as exited:
+        config.parse(argv, {})
+    assert exited.value.code == 2
+    assert f"argument {argv[0]}: an empty path names no file" in capsys.readouterr().err
 
 
 def test_a_thousand_threads_a_worker_are_allowed() -> None:
