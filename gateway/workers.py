@@ -64,8 +64,8 @@ CLOSE_SLACK = 1.0
 START_TIMEOUT = 60.0
 # Seconds between two looks at a stop signal while a worker starts.
 _START_POLL = 0.1
-# Seconds between two looks at the workers (exited, asking to be replaced, drained on a signal
-# of their own): a worker stopped alone answers 503 shutting_down until it hears back.
+# Seconds between two looks at the workers (exited, hung, or stopped on a signal of their own:
+# the sooner such a one is replaced, the sooner the gateway has all its workers again).
 _LOOK = 0.1
 # Exit codes of a worker stopped by a signal before it served: 0 once its handler is in place
 # (it has nothing to drain, and exits at once), minus the signal's number before. And the
@@ -378,8 +378,9 @@ def supervise(settings: Settings) -> int:
         replaced: list[_Worker] = []
         for i in range(len(started)):
             # What the workers say is read during a reload too: one sent a stop signal of its
-            # own then waited, drained, for a CLOSE that did not come, answering every request
-            # that reached it 503 shutting_down for its whole grace.
+            # own is replaced then as at any time (it had drained and waited for a CLOSE that
+            # did not come, answering every request that reached it 503 shutting_down for its
+            # whole grace, and the reload waited for it as long).
             answer_workers()
             try:
                 what, old = take_over(i)
