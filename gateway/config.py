@@ -7,6 +7,7 @@ IMAGE_GATEWAY_HTTP_PORT, and so on for every flag. --model repeats; its variable
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -391,6 +392,27 @@ def _check_tls(settings: Settings, parser: argparse.ArgumentParser) -> None:
             load(files)
         except ValueError as exc:
             parser.error(str(exc))
+
+
+# IMAGE_GATEWAY_* variables that are the client's (clients/), not settings of the gateway.
+_CLIENT_VARIABLES = frozenset({ENV_PREFIX + "URL", ENV_PREFIX + "TOKEN"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line for each IMAGE_GATEWAY_* variable that is no setting: a misspelt one
+    (IMAGE_GATEWAY_MAX_IMAGE for ..._MAX_IMAGES) had been ignored without a word, the gateway
+    serving with the default the user meant to change."""
+    known = {env_name(f.name) for f in fields(Settings)}
+    lines = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known or name in _CLIENT_VARIABLES:
+            continue
+        # Matched without the prefix, which every name shares.
+        suffixes = sorted(k.removeprefix(ENV_PREFIX) for k in known)
+        close = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""
+        lines.append(f"{name} is set, but is no setting of the gateway; ignored{hint}")
+    return lines
 
 
 def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -463,6 +463,8 @@ def run_worker(
 
 def serve(settings: Settings) -> int:
     _configure_logging(settings)
+    for line in config.unknown_variables(os.environ):
+        log.warning("%s", line)
     try:
         workers.check_host(settings.host)
     except OSError as exc:

@@ -274,6 +274,26 @@ def test_flags_win_over_environment(tmp_path: Path) -> None:
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_misspelt_variable_is_named_in_the_log(tmp_path: Path) -> None:
+    # IMAGE_GATEWAY_MAX_IMAGE for ..._MAX_IMAGES was ignored without a word, the gateway
+    # serving with the default the user meant to change. The client's own variables share
+    # the prefix and are no mistake.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0",
+        env={"IMAGE_GATEWAY_MAX_IMAGE": "3", "IMAGE_GATEWAY_URL": "http://127.0.0.1:1"},
+    )  # fmt: skip
+    try:
+        log = s.log.read_text()
+        assert (
+            "IMAGE_GATEWAY_MAX_IMAGE is set, but is no setting of the gateway; ignored "
+            "(did you mean IMAGE_GATEWAY_MAX_IMAGES?)"
+        ) in log, log
+        assert "IMAGE_GATEWAY_URL" not in log, log
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_bad_configuration_fails_fast(tmp_path: Path) -> None:
     done = subprocess.run(
         [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"],
