@@ -29,6 +29,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC connections a client spreads its calls over (HTTP keeps a pool of its own): enough for
 # calls from several threads to reach several worker processes of the gateway.
 DEFAULT_CHANNELS = 4
+# grpc takes message sizes as a C int; more connections than this to one gateway is a mistake.
+MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_CHANNELS = 1024
 COLOR_MODES = ("color", "grayscale", "unchanged")
 
 
@@ -124,6 +127,8 @@ class GatewayClient:
     ) -> None:
         scheme, target = _parse_url(url)
         _check_timeout(timeout)
+        _check_count("max_message_bytes", max_message_bytes, MAX_MESSAGE_BYTES)
+        _check_count("channels", channels, MAX_CHANNELS)
         _check_token(token)
         tls = TlsFiles.of(ca_cert, client_cert, client_key)
         if tls is not None and scheme not in ("grpcs", "https"):
@@ -453,6 +458,14 @@ def _check_port(port: int | None) -> None:
 
 # Seconds: a deadline grpc and urllib3 can still compute (urllib3 overflowed at about 9e9).
 MAX_TIMEOUT = 1_000_000.0
+
+
+def _check_count(name: str, value: int, most: int) -> None:
+    """A whole number from 1 to `most`, on both protocols alike (HTTP uses neither): "4" or 2.5
+    had raised a bare TypeError from grpc, 2**40 an OverflowError, 0 for max_message_bytes
+    failed every image as payload_too_large, and -1 is "no limit" to grpc."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(f"{name} must be a whole number from 1 to {most}, not {value!r}")
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -138,8 +138,6 @@ class GrpcTransport:
         tls: TlsFiles | None = None,
         token: str | None = None,
     ) -> None:
-        if channels < 1:
-            raise ValueError(f"channels must be at least 1, not {channels}")
         self.target = target
         # A TLS gateway that refuses this client's certificate, or its want of one, closes the
         # connection, which grpc reports as no answer ("Socket closed"): the words say TLS.

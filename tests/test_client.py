@@ -167,11 +167,6 @@ def test_grpc_calls_go_round_the_clients_own_connections(gateway: Gateway, chann
         client.close()
 
 
-def test_channels_must_be_at_least_one(gateway: Gateway) -> None:
-    with pytest.raises(ValueError, match="channels"):
-        GatewayClient(f"grpc://{gateway.grpc_target}", channels=0)
-
-
 def test_http_calls_from_sixteen_threads_reuse_their_connections(gateway: Gateway) -> None:
     # Sixteen calls at once (the slow model keeps them overlapping), twice: the second round
     # finds all sixteen connections of the first still open, instead of opening some anew.
@@ -316,6 +311,22 @@ def test_a_timeout_neither_protocol_can_keep_is_refused(timeout: float) -> None:
     for url in ("http://127.0.0.1:1", "grpc://127.0.0.1:1"):
         with pytest.raises(ValueError, match="timeout"):
             GatewayClient(url, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("channels", 0), ("channels", -1), ("channels", "4"), ("channels", 2.5),
+        ("channels", True), ("max_message_bytes", 0), ("max_message_bytes", -1),
+        ("max_message_bytes", 2**40), ("max_message_bytes", 1.5e6),
+    ],
+)  # fmt: skip
+def test_a_count_neither_protocol_can_use_is_refused(name: str, value: object) -> None:
+    # gRPC raised a bare TypeError ("4", 2.5) or OverflowError (2**40), failed every image as
+    # payload_too_large (0), or took -1 for no limit; HTTP took any of them.
+    for url in ("http://127.0.0.1:1", "grpc://127.0.0.1:1"):
+        with pytest.raises(ValueError, match=name):
+            GatewayClient(url, **{name: value})  # type: ignore[arg-type]
 
 
 def test_a_port_out_of_range_is_refused() -> None:
