@@ -9,14 +9,13 @@ from typing import Any
 
 import grpc
 from google.protobuf.descriptor import Descriptor
-from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway import tls
 from gateway.config import Settings, published_limits, url_host
-from gateway.core.access import log_access, started_at
+from gateway.core.access import started_at
 from gateway.core.dataplane import DataPlane
 from gateway.core.tokens import Tokens
 from gateway.rpc import wire
@@ -103,50 +102,27 @@ class _Tolerant:
         self._server.add_registered_method_handlers(service, tolerant)
 
 
-def _refuse_malformed(
-    request: object, context: grpc.ServicerContext, method: str, request_id: str, started: float
-) -> None:
-    if isinstance(request, wire.Malformed):
-        error = request.error()
-        _log_health(method, request_id, started, error.error.grpc_status, error.code, request)
-        abort(context, error.error, error.message, request_id)
-
-
-def _log_health(
-    method: str,
-    request_id: str,
-    started: float,
-    status: str,
-    error: str = "",
-    request: object = None,
-    response: object = None,
-) -> None:
-    """Count and log a health call, as /healthz and /readyz are over HTTP: only the checks the
-    gateway refused (overloaded, request_timeout) had been, so the metrics had a Check series
-    of failures and none of the answers."""
-    log_access(
-        request_id=request_id,
-        protocol="grpc",
-        method=method,
-        model="",
-        images=0,
-        status=status,
-        bytes_in=request.size if isinstance(request, wire.Malformed) else _size(request),
-        bytes_out=_size(response),
-        started=started,
-        error=error,
-    )
-
-
-def _size(message: object) -> int:
-    return message.ByteSize() if isinstance(message, Message) else 0
-
-
 # grpc_health has no type stubs.
 class _TolerantHealth(health.HealthServicer):  # type: ignore[misc]
     """grpcio's health service, answering a request message that is not valid protobuf with
     INVALID_ARGUMENT and `invalid_request`, as the gateway's own methods do. Its unary calls
-    are counted and logged, and a Watch refused so."""
+    are counted and logged by the gateway's servicer, as /healthz and /readyz are over HTTP
+    (only the checks the gateway refused had been: a Check series of failures and none of its
+    answers), and a Watch refused so."""
+
+    def __init__(self, servicer: ImageGatewayServicer) -> None:
+        super().__init__(experimental_non_blocking=True)
+        self.servicer = servicer
+
+    def _refuse_malformed(
+        self, request: object, context: grpc.ServicerContext, method: str, started: float
+    ) -> None:
+        if isinstance(request, wire.Malformed):
+            error = request.error()
+            request_id = call_request_id(context)
+            status = error.error.grpc_status
+            self.servicer.log_call(method, request, None, status, request_id, started, error.code)
+            abort(context, error.error, error.message, request_id)
 
     def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
         return self._unary("Check", super().Check, request, context)
@@ -162,20 +138,19 @@ class _TolerantHealth(health.HealthServicer):  # type: ignore[misc]
         context: grpc.ServicerContext,
     ) -> Any:
         started, request_id = started_at(arrived()), call_request_id(context)
-        _refuse_malformed(request, context, method, request_id, started)
+        self._refuse_malformed(request, context, method, started)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         response = answer(request, context)
         # NOT_FOUND for a service it does not know, set on the context: no error code.
         code = context.code()
         status = "OK" if code is None else code.name
-        _log_health(method, request_id, started, status, "", request, response)
+        self.servicer.log_call(method, request, response, status, request_id, started)
         return response
 
     def Watch(
         self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None
     ) -> Any:
-        started = started_at(arrived())
-        _refuse_malformed(request, context, "Watch", call_request_id(context), started)
+        self._refuse_malformed(request, context, "Watch", started_at(arrived()))
         return super().Watch(request, context, send_response_callback)
 
 
@@ -266,7 +241,7 @@ def build_grpc_server(
     )
     _add_servicer(servicer, server, settings.max_images)
     # Health checks are answered from the calling thread, never queued behind inference.
-    health_servicer = _TolerantHealth(experimental_non_blocking=True)
+    health_servicer = _TolerantHealth(servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _Tolerant(server))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -121,7 +121,7 @@ def unary(
                 request_id,
             )
         finally:
-            self._log_call(method.__name__, request, response, status, request_id, started, error)
+            self.log_call(method.__name__, request, response, status, request_id, started, error)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         return response
 
@@ -161,7 +161,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # Set once streams are to end (`end_streams`): a drain, or a reload retiring the worker.
         self._ending = False
 
-    def _log_call(
+    def log_call(
         self,
         method: str,
         request: object,
@@ -300,7 +300,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         if not self._streams.acquire(blocking=False):
             # Counted and logged like any refused call: one record for the stream.
             refused = ErrorCode.OVERLOADED
-            self._log_call(
+            self.log_call(
                 method,
                 None,
                 None,
@@ -330,7 +330,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         abort(context, exc.error, exc.message, stream_id)
 
     def _log_stream_end(self, method: str, stream_id: str, exc: GatewayError) -> None:
-        self._log_call(
+        self.log_call(
             method, None, None, exc.error.grpc_status, stream_id, time.perf_counter(), exc.code
         )
 
@@ -369,7 +369,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             (result,) = response.results
             status = result.error.error.grpc_status if result.error is not None else "OK"
             error = result.error.code if result.error is not None else ""
-            self._log_call("InferStream", request, reply, status, request_id, started, error)
+            self.log_call("InferStream", request, reply, status, request_id, started, error)
             yield reply
 
     @unary
