@@ -402,58 +402,16 @@ def test_a_big_endian_array_is_sent_as_its_values(clients: dict[str, GatewayClie
 
 
 @contextmanager
-def _http_server(body: bytes) -> Iterator[tuple[str, list[str]]]:
-    """An HTTP server that answers every request 200 with this JSON body, and the paths it
-    was asked for: another service on the port, or a proxy in front of a gateway."""
-    paths: list[str] = []
+def _serving(answer: Callable[[http.server.BaseHTTPRequestHandler], None]) -> Iterator[str]:
+    """A loopback HTTP server whose every GET and POST, its body read, `answer` answers."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            paths.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
         def do_GET(self) -> None:
-            self.answer()
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answer(self)
 
         def do_POST(self) -> None:
-            self.answer()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", paths
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@contextmanager
-def _redirecting_server(status: int, to: str) -> Iterator[str]:
-    """An HTTP server that answers every request `status` with a Location of `to` and the path
-    (and query) asked for: a proxy sending clients to https://, or a gateway moved."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def answer(self) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(status)
-            self.send_header("Location", f"{to}{self.path}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def do_GET(self) -> None:
-            self.answer()
-
-        def do_POST(self) -> None:
-            self.answer()
+            self.do_GET()
 
         def log_message(self, *args: object) -> None:
             pass
@@ -466,6 +424,39 @@ def _redirecting_server(status: int, to: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def _http_server(body: bytes) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server that answers every request 200 with this JSON body, and the paths it
+    was asked for: another service on the port, or a proxy in front of a gateway."""
+    paths: list[str] = []
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        paths.append(handler.path)
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    with _serving(answer) as url:
+        yield url, paths
+
+
+@contextmanager
+def _redirecting_server(status: int, to: str) -> Iterator[str]:
+    """An HTTP server that answers every request `status` with a Location of `to` and the path
+    (and query) asked for: a proxy sending clients to https://, or a gateway moved."""
+
+    def answer(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Location", f"{to}{handler.path}")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    with _serving(answer) as url:
+        yield url
 
 
 @pytest.mark.parametrize("status", [301, 302, 303])

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -802,26 +803,10 @@ def test_a_signal_during_start_up_stops_without_a_ready_line(
 ) -> None:
     # The model's loading says it has begun, then waits to be let go: the signal lands while
     # the gateway (or its first worker) is still starting, with the handlers in place.
-    (tmp_path / "loading.py").write_text(
-        "import pathlib, time\n"
-        "from gateway.models.shape import ShapeModel\n"
-        "def create():\n"
-        "    pathlib.Path('loading').touch()\n"
-        "    while not pathlib.Path('go').exists():\n"
-        "        time.sleep(0.02)\n"
-        "    return ShapeModel()\n"
-    )
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [
-            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
-            *("--workers", workers, "--model", "loading:create"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        cwd=tmp_path,
+    proc, log = _loading(
+        tmp_path, workers, "while not pathlib.Path('go').exists(): time.sleep(0.02)",
         start_new_session=True,
-    )
+    )  # fmt: skip
     try:
         wait_for(lambda: (tmp_path / "loading").exists(), "the model begins loading", 30)
         if ctrl_c:  # what a terminal does: SIGINT to every process of the group
@@ -842,6 +827,33 @@ def test_a_signal_during_start_up_stops_without_a_ready_line(
     assert "ready" not in text, text
 
 
+def _loading(
+    tmp_path: Path, workers: str, wait: str, **popen: Any
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """`image-gateway serve` of a model whose loading touches the file `loading`, then runs
+    the line `wait`; the process and its log."""
+    (tmp_path / "loading.py").write_text(
+        "import pathlib, time\n"
+        "from gateway.models.shape import ShapeModel\n"
+        "def create():\n"
+        "    pathlib.Path('loading').touch()\n"
+        f"    {wait}\n"
+        "    return ShapeModel()\n"
+    )
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [
+            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
+            *("--workers", workers, "--model", "loading:create"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        cwd=tmp_path,
+        **popen,
+    )
+    return proc, log
+
+
 @pytest.mark.parametrize("loading", [True, False])
 def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
     tmp_path: Path, loading: bool
@@ -851,15 +863,6 @@ def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
     # supervisor's own "signals" thread has acted on its copy. The supervisor took the worker
     # for one that could not start: "cannot start", exit code 1. Here the worker is sent its
     # signal alone, and the supervisor its own once the worker has gone.
-    (tmp_path / "loading.py").write_text(
-        "import pathlib, time\n"
-        "from gateway.models.shape import ShapeModel\n"
-        "def create():\n"
-        "    pathlib.Path('loading').touch()\n"
-        "    time.sleep(600)\n"
-        "    return ShapeModel()\n"
-    )
-    log = tmp_path / "server.log"
     env = dict(os.environ)
     if not loading:  # still importing, its handler not yet in place
         (tmp_path / "sitecustomize.py").write_text(
@@ -869,16 +872,7 @@ def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
             "    time.sleep(600)\n"
         )
         env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *sys.path])
-    proc = subprocess.Popen(
-        [
-            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
-            *("--workers", "2", "--model", "loading:create"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        cwd=tmp_path,
-        env=env,
-    )
+    proc, log = _loading(tmp_path, "2", "time.sleep(600)", env=env)
     try:
         wait_for(lambda: (tmp_path / "loading").exists(), "a worker begins loading", 30)
         (worker,) = spawned(proc.pid)
