@@ -412,9 +412,9 @@ class _SupervisorLink:
             while (message := self.pipe.recv()) != workers.CLOSE:
                 if message == workers.RETIRE:
                     self.retire.set()
-                    # To a worker that has drained (sent a stop signal of its own) it says what
-                    # CLOSE does: another serves in its place. It had waited out its grace,
-                    # answering 503 shutting_down, when a reload replaced it meanwhile.
+                    # To a worker that has drained (a stop came as a reload replaced it) it
+                    # says what CLOSE does: the supervisor, which no longer counts it among
+                    # the workers it closes together, sends it no CLOSE of its own.
                     self.closed.set()
         self.closed.set()
 

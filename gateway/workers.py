@@ -406,20 +406,16 @@ def supervise(settings: Settings) -> int:
                     answer_workers()
         finishing.append(replaced)  # "reload done" once these have exited
 
-    def replace_stopped(i: int, worker: _Worker, drained: bool) -> None:
-        """A worker sent a stop signal of its own (`kill <worker pid>`) leaves, and another
-        starts in its place at once. It finishes its requests as a reload's old worker does
-        (LEAVING), while the others serve. One that drained instead, having taken its stop for
-        the whole gateway's, is told to close now. Both had waited for the CLOSE of a gateway's
-        stop for their whole grace, answering every request that reached them 503
-        shutting_down, and their place was refilled as after a crash, a second later."""
+    def replace_stopped(i: int, worker: _Worker) -> None:
+        """A worker sent a stop signal of its own (`kill <worker pid>`) leaves (LEAVING),
+        finishing its requests as a reload's old worker does while the others serve, and
+        another starts in its place at once. It had drained as for a stop of the gateway and
+        waited for its CLOSE for its whole grace, answering every request that reached it 503
+        shutting_down, and its place was refilled as after a crash, a second later."""
         log.info(
             "worker %d stopped on a signal of its own; starting another in its place",
             worker.proc.pid,
         )
-        if drained:
-            with contextlib.suppress(OSError):
-                worker.pipe.send(CLOSE)
         worker.retired_at = time.monotonic()
         retiring.append(worker)
         started[i] = None
@@ -427,8 +423,8 @@ def supervise(settings: Settings) -> int:
 
     def answer_workers() -> None:
         # A worker whose model call has hung asks to be replaced (gateway.serve), and asks
-        # again a minute later while it stays so. One that leaves, or drained outside a stop of
-        # the gateway, was sent its stop signal alone.
+        # again a minute later while it stays so. One that leaves was sent its stop signal
+        # alone.
         for i, worker in enumerate(started):
             if worker is None or stopping.is_set():
                 continue
@@ -437,14 +433,11 @@ def supervise(settings: Settings) -> int:
                 while worker.pipe.poll():
                     messages.append(worker.pipe.recv())
             if LEAVING in messages:
-                replace_stopped(i, worker, drained=False)
+                replace_stopped(i, worker)
                 continue
             if DRAINED in messages:
+                # Read just as the gateway's stop began: its CLOSE comes with the others'.
                 worker.drained = True
-                # A stop signal sent to the whole process group reaches this process too,
-                # in the same instant: then the worker closes with the others.
-                if not stopping.wait(0.1):
-                    replace_stopped(i, worker, drained=True)
                 continue
             if HUNG not in messages:
                 continue
