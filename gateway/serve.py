@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -258,6 +259,7 @@ def _serve_until_signal(
     retire: threading.Event | None = None,
     hung: Callable[[], None] | None = None,
     alone: Callable[[], bool] | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> int:
     stopping = threading.Event()
     serving = threading.Event()
@@ -310,7 +312,7 @@ def _serve_until_signal(
     limit = HUNG_AFTER_TIMEOUTS * settings.request_timeout
     threading.Thread(
         target=_watch_model_calls,
-        args=(gateway.dataplane, limit, stopping, hung),
+        args=(gateway.dataplane, limit, stopping, hung, beat),
         name="model-call-watch",
         daemon=True,
     ).start()
@@ -352,13 +354,19 @@ def _watch_model_calls(
     limit: float,
     stopping: threading.Event,
     hung: Callable[[], None] | None,
+    beat: Callable[[], None] | None,
 ) -> None:
     """Find a model call that has run past `limit`. A worker of several asks the supervisor
     (`hung`) to replace it, as a reload would: its other requests finish, and the hung call is
     left behind when it exits. One process cannot replace itself: its /healthz answers 503
-    until the call ends, for the orchestrator to restart it."""
+    until the call ends, for the orchestrator to restart it.
+
+    Each look also tells the supervisor the worker's threads run (`beat`): one whose threads
+    cannot (stopped, or a call that holds the GIL) says nothing, not even that it hangs."""
     asked_at: float | None = None
     while not stopping.wait(HUNG_LOOK):
+        if beat is not None:
+            beat()
         longest = dataplane.model_calls.longest()
         if longest is None or longest[1] < limit:
             if asked_at is not None:
@@ -420,10 +428,15 @@ class _SupervisorLink:
 
 
 def run_worker(
-    settings: Settings, supervisor: Connection, parent: int, gateway_stopping: EventType
+    settings: Settings,
+    supervisor: Connection,
+    parent: int,
+    gateway_stopping: EventType,
+    heard_at: ctypes.c_double,
 ) -> int:
     """One worker process of several (see gateway.workers); `gateway_stopping` is set once
-    the whole gateway stops."""
+    the whole gateway stops, and the worker writes `heard_at` (time.monotonic()) every
+    HUNG_LOOK seconds while its threads run."""
     _configure_logging(settings)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
@@ -458,6 +471,7 @@ def run_worker(
         retire=link.retire,
         hung=lambda: link.send(workers.HUNG),
         alone=_alone,
+        beat=lambda: setattr(heard_at, "value", time.monotonic()),
     )
 
 

@@ -7,14 +7,15 @@ them. Workers are spawned, not forked, so no gRPC or OpenCV state crosses a fork
 The supervisor binds each port first (SO_REUSEPORT, not listening) to learn it when the port is 0
 and to fail early when it is taken, passes the concrete ports to the workers, logs one ready line
 once all of them serve, forwards SIGTERM/SIGINT for a graceful drain, restarts a worker that
-dies unexpectedly, waiting longer each time one dies soon after its start or fails to start, and
-on SIGUSR1 replaces every worker, one at a time, each old one retiring once its replacement
-serves (a reload).
+dies unexpectedly (and kills one whose threads no longer run), waiting longer each time one
+dies soon after its start or fails to start, and on SIGUSR1 replaces every worker, one at a
+time, each old one retiring once its replacement serves (a reload).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import multiprocessing
@@ -72,6 +73,11 @@ _LOOK = 0.1
 # seconds the supervisor then waits for a stop signal of its own, sent to the process group.
 _STOPPED_WHILE_STARTING = frozenset([0, *(-signum for signum in STOP_SIGNALS)])
 _STOP_SIGNAL_WAIT = 1.0
+# A serving worker writes the time every second (gateway.serve.HUNG_LOOK) from a thread of its
+# own. One not heard from for --request-timeout, and at least _SILENT_MIN seconds, is stopped
+# (SIGSTOP, a debugger) or has a call that holds the GIL: it answers no one, cannot drain, and
+# the kernel goes on handing it its share of new connections, whose clients wait for ever.
+_SILENT_MIN = 5.0
 
 
 @dataclass
@@ -80,6 +86,8 @@ class _Worker:
     pipe: Connection
     # time.monotonic() once it served.
     started_at: float
+    # time.monotonic() when it last said its threads run (written by the worker).
+    heard_at: ctypes.c_double
     # time.monotonic() when a reload told it to retire, or it stopped on a signal of its own.
     retired_at: float | None = None
     # It has said DRAINED, and waits for CLOSE.
@@ -194,7 +202,13 @@ def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) ->
 _HELD_AT_SPAWN = (signal.SIGINT, RELOAD_SIGNAL)
 
 
-def _worker_main(settings: Settings, ready: Connection, parent: int, stopping: EventType) -> None:
+def _worker_main(
+    settings: Settings,
+    ready: Connection,
+    parent: int,
+    stopping: EventType,
+    heard_at: ctypes.c_double,
+) -> None:
     # Runs in the spawned child: imports the servers only here. A child starts with its
     # parent's signal mask, and so with the signals the supervisor held back while it started
     # it blocked, in every thread it makes: its SIGINT was never taken, so that `kill -INT` of
@@ -204,7 +218,7 @@ def _worker_main(settings: Settings, ready: Connection, parent: int, stopping: E
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_AT_SPAWN)
     from gateway import serve
 
-    raise SystemExit(serve.run_worker(settings, ready, parent, stopping))
+    raise SystemExit(serve.run_worker(settings, ready, parent, stopping, heard_at))
 
 
 def _mark_dead(pid: int) -> None:
@@ -261,9 +275,10 @@ def supervise(settings: Settings) -> int:
 
     def spawn() -> _Worker:
         parent, child = context.Pipe()
+        heard_at = context.RawValue(ctypes.c_double, 0.0)
         proc = context.Process(
             target=_worker_main,
-            args=(worker_settings, child, os.getpid(), gateway_stopping),
+            args=(worker_settings, child, os.getpid(), gateway_stopping, heard_at),
             daemon=False,
         )
         # A Ctrl-C reaches every process of the terminal's group; one that came while the
@@ -318,7 +333,8 @@ def supervise(settings: Settings) -> int:
                     "(loading its models, perhaps); stopped it"
                 )
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
-        return _Worker(proc, parent, time.monotonic())
+        heard_at.value = time.monotonic()
+        return _Worker(proc, parent, heard_at.value, heard_at)
 
     started: list[_Worker | None] = []
     try:
@@ -448,6 +464,27 @@ def supervise(settings: Settings) -> int:
                 if not stopping.is_set():
                     log.error("could not replace hung worker %d: %s", worker.proc.pid, exc)
 
+    silent_limit = max(settings.request_timeout, _SILENT_MIN)
+
+    def kill_silent() -> None:
+        # Killed, not retired: it cannot finish anything. The look at the places below then
+        # finds it exited and starts another, as after a crash.
+        now = time.monotonic()
+        for worker in started:
+            if worker is None or stopping.is_set() or not worker.proc.is_alive():
+                continue
+            silent = now - worker.heard_at.value
+            if silent <= silent_limit:
+                continue
+            log.error(
+                "worker %d has not been heard from for %.0f s: it is stopped, or a call holds "
+                "its threads; killing it",
+                worker.proc.pid,
+                silent,
+            )
+            worker.proc.kill()
+            worker.proc.join(1)
+
     def reap() -> None:
         for worker in list(retiring):
             proc = worker.proc
@@ -472,6 +509,7 @@ def supervise(settings: Settings) -> int:
     while not stopping.wait(_LOOK):
         reap()
         answer_workers()
+        kill_silent()
         if reloading.is_set():
             reloading.clear()
             reload()

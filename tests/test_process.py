@@ -443,6 +443,32 @@ def test_a_worker_sent_a_stop_signal_alone_leaves_without_failing_a_request(
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) -> None:
+    # A stopped worker (SIGSTOP, a debugger, a call holding the GIL) answers no one, yet the
+    # kernel hands it its share of new connections: half of the gateway's new clients waited
+    # for ever, and the supervisor, which looked only at exits, never noticed.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--request-timeout", "1",
+    )  # fmt: skip
+    stopped = spawned(s.proc.pid)[0]
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        wait_for(lambda: not Path(f"/proc/{stopped}").exists(), "the stopped worker ends", 30)
+        wait_for(lambda: len(spawned(s.proc.pid)) == 2, "another worker in its place", 30)
+        log = s.log.read_text()
+        assert re.search(rf"worker {stopped} has not been heard from for \d+ s", log), log
+        # A fresh client each, so both workers answer.
+        for url in (s.http_url, f"grpc://{s.grpc_target}") * 8:
+            with GatewayClient(url, timeout=10) as client:
+                assert client.infer(FILES[0]).output == [427, 640, 3]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGKILL)
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_every_worker_sent_a_stop_signal_alone_is_replaced(
     tmp_path: Path, sig: signal.Signals
