@@ -78,6 +78,8 @@ _STOP_SIGNAL_WAIT = 1.0
 # (SIGSTOP, a debugger) or has a call that holds the GIL: it answers no one, cannot drain, and
 # the kernel goes on handing it its share of new connections, whose clients wait for ever.
 _SILENT_MIN = 5.0
+# Seconds between two of the supervisor's looks past which it counts a silence afresh.
+_AWAY = 1.0
 
 
 @dataclass
@@ -465,15 +467,24 @@ def supervise(settings: Settings) -> int:
                     log.error("could not replace hung worker %d: %s", worker.proc.pid, exc)
 
     silent_limit = max(settings.request_timeout, _SILENT_MIN)
+    # When the supervisor last looked, and since when it counts a silence.
+    looked_at = counted_from = time.monotonic()
 
     def kill_silent() -> None:
         # Killed, not retired: it cannot finish anything. The look at the places below then
         # finds it exited and starts another, as after a crash.
+        nonlocal looked_at, counted_from
         now = time.monotonic()
+        if now - looked_at > _AWAY:
+            # The supervisor did not run either, and cannot tell the workers' silence from its
+            # own: Ctrl-Z and `fg` (SIGTSTP and SIGCONT to the whole process group) killed a
+            # worker as the group went on, whichever process looked first.
+            counted_from = now
+        looked_at = now
         for worker in started:
             if worker is None or stopping.is_set() or not worker.proc.is_alive():
                 continue
-            silent = now - worker.heard_at.value
+            silent = now - max(worker.heard_at.value, counted_from)
             if silent <= silent_limit:
                 continue
             log.error(

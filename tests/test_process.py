@@ -469,6 +469,36 @@ def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) 
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_gateway_stopped_and_continued_whole_keeps_its_workers(tmp_path: Path) -> None:
+    # Ctrl-Z then `fg` stops and continues every process of the gateway: the supervisor,
+    # silent as long as its workers, is no judge of their silence. It killed a worker as the
+    # group went on.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--request-timeout", "1",
+    )  # fmt: skip
+    workers = spawned(s.proc.pid)
+    group = [s.proc.pid, *workers]
+    try:
+        for pid in group:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(6)  # past the silence a worker is killed for (5 s at least)
+        for pid in group:  # the supervisor first: it looks before its workers run again
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(2)  # the supervisor's first looks after, 0.1 s apart
+        assert sorted(spawned(s.proc.pid)) == sorted(workers), s.log.read_text()
+        for url in (s.http_url, f"grpc://{s.grpc_target}") * 4:
+            with GatewayClient(url, timeout=10) as client:
+                assert client.infer(FILES[0]).output == [427, 640, 3]
+        assert "heard from" not in s.log.read_text()
+    finally:
+        for pid in group:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_every_worker_sent_a_stop_signal_alone_is_replaced(
     tmp_path: Path, sig: signal.Signals
