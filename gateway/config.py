@@ -117,10 +117,11 @@ _HELP = {
     "max_streams": "InferStream and reflection streams open at once per worker, a thread each",
     "grpc_keepalive": "seconds between pings on a gRPC connection with calls open; a client "
     "that answers none within 20 s (at most this) is taken as gone and its calls end",
-    "model_threads": "threads of each native math library (OpenBLAS, MKL, OpenMP) a model "
-    "uses, per worker; 0 leaves the libraries' defaults; ignored when OMP_NUM_THREADS or "
-    "another library's thread variable is set",
-    "shutdown_grace": "seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    "model_threads": "threads of each native math library (OpenBLAS, MKL, OpenMP) and of "
+    "OpenCV's own pool a model uses, per worker; 0 leaves the libraries' defaults; ignored "
+    "when OMP_NUM_THREADS or another library's thread variable is set",
+    "shutdown_grace": "seconds in-flight requests get to finish on SIGINT, SIGTERM or SIGHUP, "
+    "and those of a worker replaced in a reload",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "access_log": "on or off: one JSON line per request on stderr",
     "grpc_tls_cert": "PEM certificate chain: gRPC is served over TLS (needs --grpc-tls-key); "

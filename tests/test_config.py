@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from gateway import config
+from gateway import config, workers
 from gateway.config import Settings
 from tests.pki import Authority
 
@@ -184,3 +185,20 @@ def test_one_port_for_both_protocols_is_refused(
 def test_both_ports_may_be_picked_free() -> None:
     s = config.parse(["--http-port", "0", "--grpc-port", "0"], {})
     assert (s.http_port, s.grpc_port) == (0, 0)
+
+
+def _help(name: str) -> str:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    (action,) = [a for a in parser._actions if a.dest == name]
+    return " ".join((action.help or "").split())
+
+
+def test_help_names_what_the_settings_act_on() -> None:
+    # Every stop signal drains the gateway for --shutdown-grace, and --model-threads sets
+    # OpenCV's own pool too (gateway/model_threads.py), as the README says.
+    grace = _help("shutdown_grace")
+    for signum in workers.STOP_SIGNALS:
+        assert signum.name in grace
+    assert "reload" in grace
+    assert "OpenCV" in _help("model_threads")
