@@ -130,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]
         _emit(json.dumps(rows, indent=2))
     except GatewayClientError as exc:
-        print(json.dumps({"error": {"code": exc.code, "message": exc.message}}), file=sys.stderr)
+        # As the gateway's own error body: the request id finds the call in its log.
+        error = {"code": exc.code, "message": exc.message}
+        if exc.request_id:
+            error["request_id"] = exc.request_id
+        print(json.dumps({"error": error}), file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:  # a file it cannot read, a URL it cannot use, stdout
         print(f"image-gateway-client: {exc}", file=sys.stderr)

@@ -142,6 +142,22 @@ def test_cli_reports_a_bad_file_and_exits_nonzero(served: Served, tmp_path: Path
         assert rows[1]["error"]["code"] == "undecodable_image"
 
 
+def test_cli_names_the_request_id_of_a_failed_call(served: Served) -> None:
+    # The id finds the call in the gateway's log; the CLI's error had only code and message.
+    for url in (served.http_url, f"grpc://{served.grpc_target}"):
+        done = cli("infer", FILES[0], "--model", "nope", "--url", url)
+        assert done.returncode == 2
+        error = json.loads(done.stderr)["error"]
+        assert error["code"] == "model_not_found", error
+        assert re.fullmatch(r"[0-9a-f]{32}", error["request_id"]), error
+        logged = [
+            json.loads(line) for line in served.log.read_text().splitlines() if line.startswith("{")
+        ]
+        assert [r["error"] for r in logged if r["request_id"] == error["request_id"]] == [
+            "model_not_found"
+        ]
+
+
 def test_cli_piped_into_a_reader_that_stops_early(served: Served) -> None:
     # As `image-gateway-client infer *.jpg | head -1`: the reader is gone before the answer.
     proc = subprocess.Popen(
