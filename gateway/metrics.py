@@ -88,6 +88,25 @@ BATCH_SIZE = Histogram(
 IMAGE_ERRORS = Counter(
     "gateway_image_errors_total", "Images refused or failed, by error code.", ["code"]
 )
+# Counted by each new worker as it serves: the supervisor, which imported prometheus-client
+# before it set up the multiprocess directory, keeps its values in its own memory.
+WORKER_REPLACEMENTS = Counter(
+    "gateway_worker_replacements_total",
+    "Worker processes started in the place of others, by why the other went: exited (unasked), "
+    "hung (a model call), silent (not heard from), stopped (a stop signal of its own), reload.",
+    ["reason"],
+)
+REPLACEMENT_REASONS = ("exited", "hung", "silent", "stopped", "reload")
+
+
+def worker_started(replacing: str) -> None:
+    """A worker of several serves, in the place of one that went for `replacing`, if any.
+    Every reason's series shows from the first worker on, at 0: increase() over a series
+    counts from its second sample, and missed the first replacement of each kind."""
+    for reason in REPLACEMENT_REASONS:
+        WORKER_REPLACEMENTS.labels(reason)
+    if replacing:
+        WORKER_REPLACEMENTS.labels(replacing).inc()
 
 
 # Request threads do not update the metrics themselves. Every prometheus-client update takes a

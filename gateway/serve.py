@@ -23,7 +23,7 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health
 
-from gateway import allocator, config, model_threads, signals, workers
+from gateway import allocator, config, metrics, model_threads, signals, workers
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
@@ -433,16 +433,19 @@ def run_worker(
     parent: int,
     gateway_stopping: EventType,
     heard_at: ctypes.c_double,
+    replacing: str = "",
 ) -> int:
     """One worker process of several (see gateway.workers); `gateway_stopping` is set once
     the whole gateway stops, and the worker writes `heard_at` (time.monotonic()) every
-    HUNG_LOOK seconds while its threads run."""
+    HUNG_LOOK seconds while its threads run. `replacing` is why the worker whose place it
+    takes went, if it takes one."""
     _configure_logging(settings)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
     link = _SupervisorLink(supervisor)
 
     def _ready(_gateway: Gateway) -> None:
+        metrics.worker_started(replacing)
         link.send(workers.READY)
         link.start()
 

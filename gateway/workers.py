@@ -94,6 +94,8 @@ class _Worker:
     retired_at: float | None = None
     # It has said DRAINED, and waits for CLOSE.
     drained: bool = False
+    # Why it goes, once it goes without being asked to (gateway.metrics.REPLACEMENT_REASONS).
+    gone_for: str = "exited"
 
 
 def restart_delay(failures: int) -> float:
@@ -210,6 +212,7 @@ def _worker_main(
     parent: int,
     stopping: EventType,
     heard_at: ctypes.c_double,
+    replacing: str,
 ) -> None:
     # Runs in the spawned child: imports the servers only here. A child starts with its
     # parent's signal mask, and so with the signals the supervisor held back while it started
@@ -220,7 +223,7 @@ def _worker_main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD_AT_SPAWN)
     from gateway import serve
 
-    raise SystemExit(serve.run_worker(settings, ready, parent, stopping, heard_at))
+    raise SystemExit(serve.run_worker(settings, ready, parent, stopping, heard_at, replacing))
 
 
 def _mark_dead(pid: int) -> None:
@@ -275,12 +278,14 @@ def supervise(settings: Settings) -> int:
 
     signals.handle({**dict.fromkeys(STOP_SIGNALS, on_signal), RELOAD_SIGNAL: on_reload})
 
-    def spawn() -> _Worker:
+    def spawn(replacing: str = "") -> _Worker:
+        """Start a worker; `replacing` says why the worker whose place it takes went (it
+        counts itself in gateway.metrics.WORKER_REPLACEMENTS)."""
         parent, child = context.Pipe()
         heard_at = context.RawValue(ctypes.c_double, 0.0)
         proc = context.Process(
             target=_worker_main,
-            args=(worker_settings, child, os.getpid(), gateway_stopping, heard_at),
+            args=(worker_settings, child, os.getpid(), gateway_stopping, heard_at, replacing),
             daemon=False,
         )
         # A Ctrl-C reaches every process of the terminal's group; one that came while the
@@ -357,6 +362,8 @@ def supervise(settings: Settings) -> int:
     # the next may start.
     failures = [0] * len(started)
     retry_at = [0.0] * len(started)
+    # Why the worker of each empty place went, for its replacement to count.
+    why = [""] * len(started)
     # Workers a reload replaced, finishing their requests.
     retiring: list[_Worker] = []
     # The workers each reload that has started all of its new ones replaced, oldest reload
@@ -364,14 +371,15 @@ def supervise(settings: Settings) -> int:
     # for during another, and each has its line.
     finishing: list[list[_Worker]] = []
 
-    def take_over(i: int) -> tuple[str, _Worker | None]:
+    def take_over(i: int, reason: str) -> tuple[str, _Worker | None]:
         """Start a new worker in place i, then retire the old one; raises RuntimeError if
         the new one does not start (the old one serves on). Says what it did, and gives the
         worker it replaced."""
         old = started[i]
-        new = spawn()
+        new = spawn(reason if old is not None else why[i])
         started[i] = new
         failures[i] = 0
+        why[i] = ""
         if old is None:
             return f"worker {new.proc.pid} serving", None
         retiring.append(old)
@@ -401,7 +409,7 @@ def supervise(settings: Settings) -> int:
             # whole grace, and the reload waited for it as long).
             answer_workers()
             try:
-                what, old = take_over(i)
+                what, old = take_over(i, "reload")
             except RuntimeError as exc:
                 if not stopping.is_set():
                     log.error(
@@ -434,6 +442,7 @@ def supervise(settings: Settings) -> int:
             "worker %d stopped on a signal of its own; starting another in its place",
             worker.proc.pid,
         )
+        why[i] = "stopped"
         worker.retired_at = time.monotonic()
         retiring.append(worker)
         started[i] = None
@@ -460,7 +469,7 @@ def supervise(settings: Settings) -> int:
             if HUNG not in messages:
                 continue
             try:
-                what, _ = take_over(i)
+                what, _ = take_over(i, "hung")
                 log.info("%s (a model call of the worker it replaces has hung)", what)
             except RuntimeError as exc:
                 if not stopping.is_set():
@@ -493,6 +502,7 @@ def supervise(settings: Settings) -> int:
                 worker.proc.pid,
                 silent,
             )
+            worker.gone_for = "silent"
             worker.proc.kill()
             worker.proc.join(1)
 
@@ -545,6 +555,7 @@ def supervise(settings: Settings) -> int:
                 )
                 if proc.pid is not None:
                     _mark_dead(proc.pid)
+                why[i] = worker.gone_for
                 worker.pipe.close()
                 started[i] = None
                 retry_at[i] = now + delay
@@ -552,7 +563,7 @@ def supervise(settings: Settings) -> int:
             if now < retry_at[i]:
                 continue
             try:
-                started[i] = spawn()
+                started[i] = spawn(why[i])
             except RuntimeError as exc:
                 if stopping.is_set():
                     break
@@ -561,6 +572,7 @@ def supervise(settings: Settings) -> int:
                 retry_at[i] = time.monotonic() + delay
                 log.error("%s; trying again in %g s", exc, delay)
             else:
+                why[i] = ""
                 replacement = started[i]
                 assert replacement is not None
                 if not stopping.is_set():

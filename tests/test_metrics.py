@@ -23,7 +23,7 @@ from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.bombs import bomb
 from tests.conftest import DATA, wait_for
-from tests.test_process import launch, spawned
+from tests.test_process import launch, replaced, replacements, spawned
 from tests.wire import post_multipart, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -110,6 +110,8 @@ def test_metrics_count_the_calls_in_one_process(gateway: Gateway) -> None:
 def test_metrics_count_the_calls_across_two_workers(tmp_path: Path) -> None:
     served = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
     try:
+        # Shown at 0 from the start, for increase() to count the first of each.
+        assert replacements(served.http_url) == replaced()
         expected = scripted_calls(served.http_url, served.grpc_target)
 
         # Each worker applies its updates within FLUSH_INTERVAL; wait (bounded) for the other
@@ -307,10 +309,16 @@ def test_counts_of_replaced_workers_stay_counted_in_one_file(tmp_path: Path) -> 
         # One worker killed and replaced, then both replaced by a reload.
         os.kill(min(first), signal.SIGKILL)
         wait_for(lambda: "starting another" in served.log.read_text(), "the death noticed", 30)
+        wait_for(
+            lambda: re.search(r"worker \d+ serving$", served.log.read_text(), re.MULTILINE),
+            "its replacement",
+            30,
+        )
         os.kill(served.proc.pid, signal.SIGUSR1)
         wait_for(lambda: "reload done" in served.log.read_text(), "the reload", 60)
         gone = first | set(re.findall(r"replaced worker (\d+) exited", served.log.read_text()))
         assert counted_calls(served.http_url) == expected
+        assert replacements(served.http_url) == replaced(exited=1, reload=2)
         assert histogram(served.http_url, "gateway_decode_seconds") == decoded
         names = {p.name for p in directory.glob("*.db")}
         assert "counter_archive.db" in names and "histogram_archive.db" in names

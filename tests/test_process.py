@@ -454,6 +454,7 @@ def test_a_worker_sent_a_stop_signal_alone_leaves_without_failing_a_request(
         assert f"worker {workers[0]} stopped on a signal of its own" in log, log
         assert "stopped alone; finishing the requests under way" in log, log
         assert "exited with" not in log, log
+        assert replacements(s.http_url) == replaced(stopped=1)
     finally:
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
@@ -471,9 +472,14 @@ def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) 
     try:
         os.kill(stopped, signal.SIGSTOP)
         wait_for(lambda: not Path(f"/proc/{stopped}").exists(), "the stopped worker ends", 30)
-        wait_for(lambda: len(spawned(s.proc.pid)) == 2, "another worker in its place", 30)
+        wait_for(
+            lambda: re.search(r"worker \d+ serving$", s.log.read_text(), re.MULTILINE),
+            "another worker in its place",
+            30,
+        )
         log = s.log.read_text()
         assert re.search(rf"worker {stopped} has not been heard from for \d+ s", log), log
+        assert replacements(s.http_url) == replaced(silent=1)
         # A fresh client each, so both workers answer.
         for url in (s.http_url, f"grpc://{s.grpc_target}") * 8:
             with GatewayClient(url, timeout=10) as client:
@@ -1065,6 +1071,21 @@ def _metrics(http_url: str) -> str:
         return requests.get(f"{http_url}/metrics", timeout=5).text
     except requests.ConnectionError:
         return ""
+
+
+def replacements(http_url: str) -> dict[str, float]:
+    """gateway_worker_replacements_total by reason."""
+    found = re.findall(
+        r'^gateway_worker_replacements_total\{reason="(\w+)"\} (\S+)$',
+        requests.get(f"{http_url}/metrics", timeout=10).text,
+        re.MULTILINE,
+    )
+    return {reason: float(value) for reason, value in found}
+
+
+def replaced(**counts: float) -> dict[str, float]:
+    """Every reason's count: those given, 0 for the others."""
+    return {**dict.fromkeys(["exited", "hung", "silent", "stopped", "reload"], 0.0), **counts}
 
 
 CORES = len(os.sched_getaffinity(0))

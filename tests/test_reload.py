@@ -23,7 +23,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError
 from tests.conftest import DATA, wait_for
-from tests.test_process import Served, launch, spawned
+from tests.test_process import Served, launch, replaced, replacements, spawned
 
 IMAGE = (DATA / "images" / "hopper.png").read_bytes()
 
@@ -318,6 +318,7 @@ def test_a_worker_whose_model_call_hangs_is_replaced(tmp_path: Path) -> None:
         )
         now = set(spawned(s.proc.pid))
         assert len(now) == 2 and stuck not in now
+        assert replacements(s.http_url) == replaced(hung=1)
         for url in [s.http_url] * 4 + [f"grpc://{s.grpc_target}"] * 4:
             with GatewayClient(url, channels=1) as client:
                 assert client.infer(IMAGE).output == [128, 128, 3]
