@@ -243,6 +243,29 @@ def test_requests_refused_before_their_route_runs_keep_their_model_label() -> No
         gw.stop()
 
 
+def test_grpc_requests_refused_from_their_wire_form_keep_their_model_label() -> None:
+    # Refused before protobuf parses them (more images than --max-images), they were counted
+    # under no model, where the same refusal over HTTP counts under the model it names.
+    gw = start(Settings(http_port=0, grpc_port=0, max_images=2))
+    try:
+        before = request_counts(gw.http_url)
+        images = [pb.Image(data=PNG)] * 3
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            for model in ("shape", "", "nope"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.InferBatch(pb.InferBatchRequest(model=model, images=images), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert post_multipart(gw.http_url, "shape", [PNG] * 3).status_code == 413
+        assert delta(request_counts(gw.http_url), before) == {
+            ("grpc", "InferBatch", "shape", "RESOURCE_EXHAUSTED"): 2,
+            ("grpc", "InferBatch", "-", "RESOURCE_EXHAUSTED"): 1,
+            ("http", "POST /v1/models/<model>/infer", "shape", "413"): 1,
+        }
+    finally:
+        gw.stop()
+
+
 def test_images_a_model_failed_on_count_as_image_errors(gateway: Gateway) -> None:
     # The request fails whole as model_error; its images were not counted anywhere.
     before = image_errors(gateway.http_url)

@@ -31,7 +31,7 @@ from gateway.core.types import InferResponse, ItemError, ItemResult
 from gateway.rpc import convert
 from gateway.rpc.arrival import arrived
 from gateway.rpc.ending import end_served
-from gateway.rpc.wire import Detached, Malformed
+from gateway.rpc.wire import Detached, Malformed, Refused
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
             images = 0
             bytes_in = request.ByteSize() if isinstance(request, Message) else 0
             message = request
-        named = _model_named(message)
+        named = request.model if isinstance(request, Refused) else _model_named(message)
         log_access(
             request_id=request_id,
             protocol="grpc",

@@ -44,6 +44,8 @@ MAX_FIELDS = 256
 # Serialized bytes of a request's parameters, as one HTTP text field: a Struct costs some 25
 # times its size once parsed and made JSON (8 MB of empty values raised the peak by 215 MB).
 MAX_PARAMETERS = 64 * 1024
+# A served model's name in UTF-8 at most: 256 characters (gateway.models.base.MAX_NAME).
+_NAME_BYTES = 4 * 256
 # Groups nested in groups, as protobuf's own parser takes them.
 _MAX_DEPTH = 100
 
@@ -58,6 +60,8 @@ class _RefusedError(Exception):
     def __init__(self, error: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.error = error
+        # The model the message named before the refusal, if it did (for the access record).
+        self.model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,8 @@ def detach(
     repeated = bool(descriptor.is_repeated)
     parameters = message_type.DESCRIPTOR.fields_by_name.get("parameters")
     parameters_field = None if parameters is None else parameters.number
+    model = message_type.DESCRIPTOR.fields_by_name.get("model")
+    model_field = None if model is None else model.number
     parse: Callable[[bytes], M] = message_type.FromString
 
     def too_many_images() -> _RefusedError:
@@ -219,6 +225,7 @@ def detach(
         if len(raw) >= allocator.TRIM_THRESHOLD:
             allocator.release_free_memory()
         buf = memoryview(raw)
+        named: memoryview | None = None
         try:
             pieces: list[bytes | memoryview] = []
             datas: list[memoryview] = []
@@ -230,6 +237,8 @@ def detach(
                     others += fields
                     if others > MAX_FIELDS:
                         raise _too_many_fields()
+                    if number == model_field and wire_type == _LEN:
+                        named = buf[payload:end]  # a string given again: the last one wins
                     if number == parameters_field and wire_type == _LEN:
                         # Occurrences merge: their sizes add up.
                         parameter_bytes += end - payload
@@ -260,6 +269,15 @@ def detach(
             if not repeated:
                 datas = [last if last is not None else buf[0:0]]
             message = parse(b"".join(pieces))
+        except _RefusedError as exc:
+            if named is not None:
+                # No served name is this long; what is cut off still names no model.
+                exc.model = bytes(named[:_NAME_BYTES]).decode("utf-8", "replace")
+            elif model_field is not None:
+                # None given (protobuf leaves out an empty string): the default model. Encoders
+                # write fields in number order, the model before the images.
+                exc.model = ""
+            raise
         except _FallBackError:
             message = parse(raw)
             if repeated and max_images is not None and len(getattr(message, field)) > max_images:
@@ -293,6 +311,8 @@ class Refused(Malformed):
     """A request refused from its wire form (see _RefusedError), answered as Malformed is."""
 
     code: ErrorCode = ErrorCode.INVALID_REQUEST
+    # The model the message named, if it named one before it was refused.
+    model: str | None = None
 
     def error(self) -> GatewayError:
         return GatewayError(self.code, self.reason)
@@ -310,6 +330,6 @@ def tolerant(
         except DecodeError as exc:
             return Malformed(name, str(exc) or "unparseable", len(raw))
         except _RefusedError as exc:
-            return Refused(name, str(exc), len(raw), exc.error)
+            return Refused(name, str(exc), len(raw), exc.error, exc.model)
 
     return deserialize_or_malformed
