@@ -361,15 +361,22 @@ def test_grpc_health_checks_are_counted_as_http_probes_are(
     health = health_pb2_grpc.HealthStub(channel)
     for _ in range(3):
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1  # SERVING
-    with pytest.raises(grpc.RpcError) as info:
-        health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    for service in ("nope", "x" * 10_000):
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # Which service it does not know, and the error code any other failed call carries.
+        assert info.value.details().startswith(f"no health status for service '{service[:100]}'")
+        assert ("error-code", "not_found") in info.value.trailing_metadata()
     with pytest.raises(grpc.RpcError) as info:
         channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff", timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert delta(request_counts(gateway.http_url), before) == {
         ("grpc", "Check", "", "OK"): 3,
-        ("grpc", "Check", "", "NOT_FOUND"): 1,
+        ("grpc", "Check", "", "NOT_FOUND"): 2,
         ("grpc", "Check", "", "INVALID_ARGUMENT"): 1,
     }
-    assert request_errors(gateway.http_url) - errors_before == {("grpc", "invalid_request"): 1}
+    assert request_errors(gateway.http_url) - errors_before == {
+        ("grpc", "invalid_request"): 1,
+        ("grpc", "not_found"): 2,
+    }

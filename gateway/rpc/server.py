@@ -17,11 +17,18 @@ from gateway import tls
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.access import started_at
 from gateway.core.dataplane import DataPlane
+from gateway.core.errors import ErrorCode
 from gateway.core.tokens import Tokens
 from gateway.rpc import wire
 from gateway.rpc.arrival import arrived
 from gateway.rpc.pool import WatchedPool
-from gateway.rpc.servicer import REQUEST_ID_KEY, ImageGatewayServicer, abort, call_request_id
+from gateway.rpc.servicer import (
+    ERROR_CODE_KEY,
+    REQUEST_ID_KEY,
+    ImageGatewayServicer,
+    abort,
+    call_request_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +148,23 @@ class _TolerantHealth(health.HealthServicer):  # type: ignore[misc]
         self._refuse_malformed(request, context, method, started)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         response = answer(request, context)
-        # NOT_FOUND for a service it does not know, set on the context: no error code.
         code = context.code()
-        status = "OK" if code is None else code.name
-        self.servicer.log_call(method, request, response, status, request_id, started)
+        status, error = "OK", ""
+        if code == grpc.StatusCode.NOT_FOUND:
+            # A service it does not know, set on the context with no word of why: the error
+            # code and a message, as for any other call the gateway fails.
+            status, error = code.name, ErrorCode.NOT_FOUND.code
+            asked = request.service
+            # Within the client's metadata limit (8 KiB by default), whatever it asked.
+            shown = repr(asked) if len(asked) <= 100 else f"{asked[:100]!r}..."
+            context.set_details(
+                f"no health status for service {shown}; this gateway has one for "
+                f"'' (the whole server) and {SERVICE_NAME!r}"
+            )
+            context.set_trailing_metadata(((ERROR_CODE_KEY, error), (REQUEST_ID_KEY, request_id)))
+        elif code is not None:
+            status = code.name
+        self.servicer.log_call(method, request, response, status, request_id, started, error)
         return response
 
     def Watch(
