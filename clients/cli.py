@@ -72,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(env IMAGE_GATEWAY_URL, default %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=_seconds, default=60.0, help="seconds per call (default %(default)s)"
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds per call (default %(default)s)",
     )
     tls_flags = {
         "--ca-cert": "PEM CA certificates the gateway's must be signed by, over grpcs:// or "
@@ -89,10 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="run a model on image files, one result each")
-    infer.add_argument("files", nargs="+", help="image files")
-    infer.add_argument("--model", default="", help="model name (default: the gateway's default)")
+    infer.add_argument("files", nargs="+", metavar="FILE", help="image files")
     infer.add_argument(
-        "--color-mode", choices=COLOR_MODES, default="color", help="how the gateway decodes"
+        "--model", default="", metavar="NAME", help="model name (default: the gateway's default)"
+    )
+    infer.add_argument(
+        "--color-mode",
+        choices=COLOR_MODES,
+        default="color",
+        metavar="MODE",
+        help=f"how the gateway decodes: {', '.join(COLOR_MODES)} (default %(default)s)",
     )
     commands.add_parser("models", help="list the gateway's models")
     commands.add_parser("limits", help="print the gateway's limits")
