@@ -23,7 +23,13 @@ from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.bombs import bomb
 from tests.conftest import DATA, wait_for
-from tests.test_process import launch, replaced, replacements, spawned
+from tests.test_process import (
+    a_replacement_serves,
+    launch,
+    replaced,
+    replacements,
+    spawned,
+)
 from tests.wire import post_multipart, post_octet
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -332,11 +338,7 @@ def test_counts_of_replaced_workers_stay_counted_in_one_file(tmp_path: Path) -> 
         # One worker killed and replaced, then both replaced by a reload.
         os.kill(min(first), signal.SIGKILL)
         wait_for(lambda: "starting another" in served.log.read_text(), "the death noticed", 30)
-        wait_for(
-            lambda: re.search(r"worker \d+ serving$", served.log.read_text(), re.MULTILINE),
-            "its replacement",
-            30,
-        )
+        wait_for(lambda: a_replacement_serves(served.log), "its replacement", 30)
         os.kill(served.proc.pid, signal.SIGUSR1)
         wait_for(lambda: "reload done" in served.log.read_text(), "the reload", 60)
         gone = first | set(re.findall(r"replaced worker (\d+) exited", served.log.read_text()))

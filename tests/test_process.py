@@ -472,11 +472,7 @@ def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) 
     try:
         os.kill(stopped, signal.SIGSTOP)
         wait_for(lambda: not Path(f"/proc/{stopped}").exists(), "the stopped worker ends", 30)
-        wait_for(
-            lambda: re.search(r"worker \d+ serving$", s.log.read_text(), re.MULTILINE),
-            "another worker in its place",
-            30,
-        )
+        wait_for(lambda: a_replacement_serves(s.log), "another worker in its place", 30)
         log = s.log.read_text()
         assert re.search(rf"worker {stopped} has not been heard from for \d+ s", log), log
         assert replacements(s.http_url) == replaced(silent=1)
@@ -1071,6 +1067,11 @@ def _metrics(http_url: str) -> str:
         return requests.get(f"{http_url}/metrics", timeout=5).text
     except requests.ConnectionError:
         return ""
+
+
+def a_replacement_serves(log: Path) -> bool:
+    """Whether the supervisor has logged a worker started in place of a dead one serving."""
+    return re.search(r"worker \d+ serving$", log.read_text(), re.MULTILINE) is not None
 
 
 def replacements(http_url: str) -> dict[str, float]:
