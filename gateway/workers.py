@@ -582,6 +582,12 @@ def supervise(settings: Settings) -> int:
     for worker in running:
         if worker.proc.is_alive() and worker.proc.pid is not None:
             os.kill(worker.proc.pid, signal.SIGTERM)
+    # A worker stopped with SIGSTOP (or its whole process group but the supervisor) takes no
+    # signal until continued, as `kill` and systemd do after their stop signal: it had drained
+    # nothing, and was killed past twice the grace and more, the gateway exiting 1.
+    for worker in running + retiring:
+        if worker.proc.is_alive() and worker.proc.pid is not None:
+            os.kill(worker.proc.pid, signal.SIGCONT)
     # Workers that are retiring drain on their own, and close without the others.
     _close_together(running, settings.shutdown_grace)
     codes = []

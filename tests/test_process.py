@@ -517,6 +517,31 @@ def test_a_gateway_stopped_and_continued_whole_keeps_its_workers(tmp_path: Path)
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_gateway_stopped_with_a_worker_stopped_drains_it_too(tmp_path: Path) -> None:
+    # A worker stopped with SIGSTOP takes no SIGTERM until continued: the supervisor waited
+    # for its drain all the grace, then the grace and 10 s more, killed it and exited 1.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--shutdown-grace", "1",
+    )  # fmt: skip
+    stopped = spawned(s.proc.pid)[0]
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0, s.log.read_text()
+        assert not Path(f"/proc/{stopped}").exists()
+        log = s.log.read_text()
+        assert f"gateway[{stopped}]: received SIGTERM, shutting down" in log, log
+        assert "did not stop in time" not in log, log
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+            os.kill(stopped, signal.SIGKILL)
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_every_worker_sent_a_stop_signal_alone_is_replaced(
     tmp_path: Path, sig: signal.Signals
