@@ -361,8 +361,9 @@ def _watch_model_calls(
     left behind when it exits. One process cannot replace itself: its /healthz answers 503
     until the call ends, for the orchestrator to restart it.
 
-    Each look also tells the supervisor the worker's threads run (`beat`): one whose threads
-    cannot (stopped, or a call that holds the GIL) says nothing, not even that it hangs."""
+    Each look also tells the supervisor the worker's threads run (`beat`), and so on once the
+    worker stops, until it exits: one whose threads cannot (stopped, or a call that holds the
+    GIL) says nothing, not even that it hangs."""
     asked_at: float | None = None
     while not stopping.wait(HUNG_LOOK):
         if beat is not None:
@@ -388,6 +389,12 @@ def _watch_model_calls(
         else:
             log.error("%s; /healthz answers 503 until it ends", what)
             dataplane.unhealthy = what
+    # A worker that drains or leaves is still watched while it finishes its requests: one
+    # stopped then would otherwise keep its listeners, and their new connections, for its
+    # whole grace and more.
+    while beat is not None:
+        beat()
+        time.sleep(HUNG_LOOK)
 
 
 def _refuse_reload(signum: int) -> None:

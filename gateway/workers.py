@@ -430,6 +430,8 @@ def supervise(settings: Settings) -> int:
                     if stopping.wait(0.05):
                         return
                     answer_workers()
+                    kill_silent()
+                    reap()
         finishing.append(replaced)  # "reload done" once these have exited
 
     def replace_stopped(i: int, worker: _Worker) -> None:
@@ -481,7 +483,10 @@ def supervise(settings: Settings) -> int:
 
     def kill_silent() -> None:
         # Killed, not retired: it cannot finish anything. The look at the places below then
-        # finds it exited and starts another, as after a crash.
+        # finds it exited and starts another, as after a crash. A retiring worker is watched
+        # too: one stopped before a reload's RETIRE reached it kept its listeners, and the
+        # kernel handed it new connections, for its whole grace and 10 s more (the reload
+        # waiting as long); it is only killed, its place being taken already.
         nonlocal looked_at, counted_from
         now = time.monotonic()
         if now - looked_at > _AWAY:
@@ -490,7 +495,7 @@ def supervise(settings: Settings) -> int:
             # worker as the group went on, whichever process looked first.
             counted_from = now
         looked_at = now
-        for worker in started:
+        for worker in [*started, *retiring]:
             if worker is None or stopping.is_set() or not worker.proc.is_alive():
                 continue
             silent = now - max(worker.heard_at.value, counted_from)

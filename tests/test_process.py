@@ -517,6 +517,32 @@ def test_a_gateway_stopped_and_continued_whole_keeps_its_workers(tmp_path: Path)
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_worker_stopped_before_a_reload_retires_it_is_killed_when_not_heard_from(
+    tmp_path: Path,
+) -> None:
+    # Once told to retire, a worker was no longer watched: one stopped then kept its listeners
+    # (the kernel handing it new connections, whose clients waited) for its whole grace and
+    # 10 s more, and the reload waited as long.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--request-timeout", "1", "--shutdown-grace", "60",
+    )  # fmt: skip
+    stopped = spawned(s.proc.pid)[1]
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        s.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "reload done" in s.log.read_text(), "the reload's end", 30)
+        log = s.log.read_text()
+        assert re.search(rf"worker {stopped} has not been heard from for \d+ s", log), log
+        assert f"replaced worker {stopped} exited with -9" in log, log
+        assert sum(replacements(s.http_url).values()) == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_a_gateway_stopped_with_a_worker_stopped_drains_it_too(tmp_path: Path) -> None:
     # A worker stopped with SIGSTOP takes no SIGTERM until continued: the supervisor waited
     # for its drain all the grace, then the grace and 10 s more, killed it and exited 1.
