@@ -376,6 +376,16 @@ def supervise(settings: Settings) -> int:
         the new one does not start (the old one serves on). Says what it did, and gives the
         worker it replaced."""
         old = started[i]
+        if old is not None and not old.proc.is_alive():
+            # It went before its turn (a crash, or killed as silent) and the look at the
+            # places, which a reload holds up, has not seen it yet: its replacement counts
+            # why it went, not "reload", and the log says it exited, not that it was replaced.
+            log.error("worker %d exited with %s; starting another", old.proc.pid, old.proc.exitcode)
+            if old.proc.pid is not None:
+                _mark_dead(old.proc.pid)
+            old.pipe.close()
+            why[i] = old.gone_for
+            started[i] = old = None
         new = spawn(reason if old is not None else why[i])
         started[i] = new
         failures[i] = 0

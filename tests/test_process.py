@@ -543,6 +543,25 @@ def test_a_worker_stopped_before_a_reload_retires_it_is_killed_when_not_heard_fr
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_a_worker_that_dies_during_a_reload_is_counted_as_exited(tmp_path: Path) -> None:
+    # A worker killed before its turn in a reload was replaced by the reload: it was counted
+    # as a reload, not as exited, and logged as a replaced worker that failed.
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    killed = sorted(spawned(s.proc.pid))[1]  # the second place, replaced last
+    try:
+        s.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "received SIGUSR1" in s.log.read_text(), "the reload's start")
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: "reload done" in s.log.read_text(), "the reload's end", 30)
+        log = s.log.read_text()
+        assert f"worker {killed} exited with -9; starting another" in log, log
+        assert f"replaced worker {killed}" not in log, log
+        assert replacements(s.http_url) == replaced(reload=1, exited=1)
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_a_gateway_stopped_with_a_worker_stopped_drains_it_too(tmp_path: Path) -> None:
     # A worker stopped with SIGSTOP takes no SIGTERM until continued: the supervisor waited
     # for its drain all the grace, then the grace and 10 s more, killed it and exited 1.
