@@ -371,6 +371,17 @@ def supervise(settings: Settings) -> int:
     # for during another, and each has its line.
     finishing: list[list[_Worker]] = []
 
+    def bury(i: int, worker: _Worker, when: str) -> None:
+        """Empty place i, whose worker exited unasked (or was killed as silent); its
+        replacement, which starts `when`, counts why."""
+        proc = worker.proc
+        log.error("worker %d exited with %s; starting another%s", proc.pid, proc.exitcode, when)
+        if proc.pid is not None:
+            _mark_dead(proc.pid)
+        why[i] = worker.gone_for
+        worker.pipe.close()
+        started[i] = None
+
     def take_over(i: int, reason: str) -> tuple[str, _Worker | None]:
         """Start a new worker in place i, then retire the old one; raises RuntimeError if
         the new one does not start (the old one serves on). Says what it did, and gives the
@@ -380,12 +391,8 @@ def supervise(settings: Settings) -> int:
             # It went before its turn (a crash, or killed as silent) and the look at the
             # places, which a reload holds up, has not seen it yet: its replacement counts
             # why it went, not "reload", and the log says it exited, not that it was replaced.
-            log.error("worker %d exited with %s; starting another", old.proc.pid, old.proc.exitcode)
-            if old.proc.pid is not None:
-                _mark_dead(old.proc.pid)
-            old.pipe.close()
-            why[i] = old.gone_for
-            started[i] = old = None
+            bury(i, old, "")
+            old = None
         new = spawn(reason if old is not None else why[i])
         started[i] = new
         failures[i] = 0
@@ -562,17 +569,7 @@ def supervise(settings: Settings) -> int:
                     failures[i] = 0
                 delay = restart_delay(failures[i])
                 failures[i] += 1
-                log.error(
-                    "worker %d exited with %s; starting another in %g s",
-                    proc.pid,
-                    proc.exitcode,
-                    delay,
-                )
-                if proc.pid is not None:
-                    _mark_dead(proc.pid)
-                why[i] = worker.gone_for
-                worker.pipe.close()
-                started[i] = None
+                bury(i, worker, f" in {delay:g} s")
                 retry_at[i] = now + delay
                 continue
             if now < retry_at[i]:
