@@ -29,6 +29,7 @@ from pathlib import Path
 
 import grpc
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -290,6 +291,13 @@ def _run(
     if args.reload_every:
         left = first_workers & workers(server.pid)
         print(f"  reloads asked: {reloads[0]}; first workers still there: {len(left)}")
+    # Any worker replaced but by a reload crashed, hung, went silent or was stopped under load.
+    replaced = replacements(session.get(f"{http_url}/metrics", timeout=10).text)
+    unasked = sum(count for reason, count in replaced.items() if reason != "reload")
+    print(
+        "  workers replaced: "
+        + (", ".join(f"{count:g} {reason}" for reason, count in replaced.items()) or "none")
+    )
     server.send_signal(signal.SIGTERM)
     code = server.wait(timeout=60)
     channel.close()
@@ -311,9 +319,20 @@ def _run(
         or tally.server_errors + suite.server_errors > 0
         or growth > 64 * MiB
         or code != 0
+        or unasked > 0
     )
     print("soak: FAILED" if failed else "soak: passed")
     return 1 if failed else 0
+
+
+def replacements(exposition: str) -> dict[str, float]:
+    """gateway_worker_replacements_total by reason (empty for a gateway of one process)."""
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == "gateway_worker_replacements_total"
+    }
 
 
 if __name__ == "__main__":
