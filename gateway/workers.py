@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
@@ -104,10 +105,11 @@ def restart_delay(failures: int) -> float:
     return min(_RESTART_BACKOFF * 2.0 ** min(failures, 32), _RESTART_BACKOFF_MAX)
 
 
-def _answered(pipe: Connection, stopping: threading.Event) -> bool:
-    """Whether a starting worker has sent on its pipe within START_TIMEOUT. False at once
-    when a stop signal comes: a replacement loading its models held a SIGTERM for up to
-    START_TIMEOUT, longer than orchestrators wait before they kill."""
+def _answered(pipe: Connection, stopping: threading.Event, meanwhile: Callable[[], None]) -> bool:
+    """Whether a starting worker has sent on its pipe within START_TIMEOUT, calling
+    `meanwhile` between two looks. False at once when a stop signal comes: a replacement
+    loading its models held a SIGTERM for up to START_TIMEOUT, longer than orchestrators wait
+    before they kill."""
     deadline = time.monotonic() + START_TIMEOUT
     while not stopping.is_set():
         left = deadline - time.monotonic()
@@ -115,6 +117,7 @@ def _answered(pipe: Connection, stopping: threading.Event) -> bool:
             return False
         if pipe.poll(min(left, _START_POLL)):
             return True
+        meanwhile()
     return False
 
 
@@ -308,7 +311,7 @@ def supervise(settings: Settings) -> int:
         child.close()
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).
-        answered = _answered(parent, stopping)
+        answered = _answered(parent, stopping, watch_while_starting)
         try:
             started = answered and parent.recv() == READY
         except EOFError:
@@ -344,6 +347,75 @@ def supervise(settings: Settings) -> int:
         return _Worker(proc, parent, heard_at.value, heard_at)
 
     started: list[_Worker | None] = []
+    # Workers a reload replaced, finishing their requests.
+    retiring: list[_Worker] = []
+    # The workers each reload that has started all of its new ones replaced, oldest reload
+    # first: its "reload done" comes once they have exited. Reloads overlap when one is asked
+    # for during another, and each has its line.
+    finishing: list[list[_Worker]] = []
+
+    silent_limit = max(settings.request_timeout, _SILENT_MIN)
+    # When the supervisor last looked, and since when it counts a silence.
+    looked_at = counted_from = time.monotonic()
+
+    def kill_silent() -> None:
+        # Killed, not retired: it cannot finish anything. The look at the places below then
+        # finds it exited and starts another, as after a crash. A retiring worker is watched
+        # too: one stopped before a reload's RETIRE reached it kept its listeners, and the
+        # kernel handed it new connections, for its whole grace and 10 s more (the reload
+        # waiting as long); it is only killed, its place being taken already.
+        nonlocal looked_at, counted_from
+        now = time.monotonic()
+        if now - looked_at > _AWAY:
+            # The supervisor did not run either, and cannot tell the workers' silence from its
+            # own: Ctrl-Z and `fg` (SIGTSTP and SIGCONT to the whole process group) killed a
+            # worker as the group went on, whichever process looked first.
+            counted_from = now
+        looked_at = now
+        for worker in [*started, *retiring]:
+            if worker is None or stopping.is_set() or not worker.proc.is_alive():
+                continue
+            silent = now - max(worker.heard_at.value, counted_from)
+            if silent <= silent_limit:
+                continue
+            log.error(
+                "worker %d has not been heard from for %.0f s: it is stopped, or a call holds "
+                "its threads; killing it",
+                worker.proc.pid,
+                silent,
+            )
+            worker.gone_for = "silent"
+            worker.proc.kill()
+            worker.proc.join(1)
+
+    def reap() -> None:
+        for worker in list(retiring):
+            proc = worker.proc
+            if proc.is_alive():
+                since = worker.retired_at
+                if since is not None and time.monotonic() - since > settings.shutdown_grace + 10:
+                    log.error("replaced worker %d did not exit in time; killing it", proc.pid)
+                    proc.kill()
+                continue
+            retiring.remove(worker)
+            if proc.pid is not None:
+                _mark_dead(proc.pid)
+            worker.pipe.close()
+            if proc.exitcode == 0:
+                log.info("replaced worker %d exited", proc.pid)
+            else:
+                log.error("replaced worker %d exited with %s", proc.pid, proc.exitcode)
+        while finishing and not any(worker in retiring for worker in finishing[0]):
+            finishing.pop(0)
+            log.info("reload done: %d workers serving", count)
+
+    def watch_while_starting() -> None:
+        # Neither starts a worker, so neither can come back here. A worker that stopped
+        # (SIGSTOP) while another loaded for up to a minute had been left alone meanwhile, its
+        # clients waiting, and a silence counted afresh after each start.
+        kill_silent()
+        reap()
+
     try:
         while len(started) < count and not stopping.is_set():
             started.append(spawn())
@@ -364,12 +436,6 @@ def supervise(settings: Settings) -> int:
     retry_at = [0.0] * len(started)
     # Why the worker of each empty place went, for its replacement to count.
     why = [""] * len(started)
-    # Workers a reload replaced, finishing their requests.
-    retiring: list[_Worker] = []
-    # The workers each reload that has started all of its new ones replaced, oldest reload
-    # first: its "reload done" comes once they have exited. Reloads overlap when one is asked
-    # for during another, and each has its line.
-    finishing: list[list[_Worker]] = []
 
     def bury(i: int, worker: _Worker, when: str) -> None:
         """Empty place i, whose worker exited unasked (or was killed as silent); its
@@ -493,61 +559,6 @@ def supervise(settings: Settings) -> int:
             except RuntimeError as exc:
                 if not stopping.is_set():
                     log.error("could not replace hung worker %d: %s", worker.proc.pid, exc)
-
-    silent_limit = max(settings.request_timeout, _SILENT_MIN)
-    # When the supervisor last looked, and since when it counts a silence.
-    looked_at = counted_from = time.monotonic()
-
-    def kill_silent() -> None:
-        # Killed, not retired: it cannot finish anything. The look at the places below then
-        # finds it exited and starts another, as after a crash. A retiring worker is watched
-        # too: one stopped before a reload's RETIRE reached it kept its listeners, and the
-        # kernel handed it new connections, for its whole grace and 10 s more (the reload
-        # waiting as long); it is only killed, its place being taken already.
-        nonlocal looked_at, counted_from
-        now = time.monotonic()
-        if now - looked_at > _AWAY:
-            # The supervisor did not run either, and cannot tell the workers' silence from its
-            # own: Ctrl-Z and `fg` (SIGTSTP and SIGCONT to the whole process group) killed a
-            # worker as the group went on, whichever process looked first.
-            counted_from = now
-        looked_at = now
-        for worker in [*started, *retiring]:
-            if worker is None or stopping.is_set() or not worker.proc.is_alive():
-                continue
-            silent = now - max(worker.heard_at.value, counted_from)
-            if silent <= silent_limit:
-                continue
-            log.error(
-                "worker %d has not been heard from for %.0f s: it is stopped, or a call holds "
-                "its threads; killing it",
-                worker.proc.pid,
-                silent,
-            )
-            worker.gone_for = "silent"
-            worker.proc.kill()
-            worker.proc.join(1)
-
-    def reap() -> None:
-        for worker in list(retiring):
-            proc = worker.proc
-            if proc.is_alive():
-                since = worker.retired_at
-                if since is not None and time.monotonic() - since > settings.shutdown_grace + 10:
-                    log.error("replaced worker %d did not exit in time; killing it", proc.pid)
-                    proc.kill()
-                continue
-            retiring.remove(worker)
-            if proc.pid is not None:
-                _mark_dead(proc.pid)
-            worker.pipe.close()
-            if proc.exitcode == 0:
-                log.info("replaced worker %d exited", proc.pid)
-            else:
-                log.error("replaced worker %d exited with %s", proc.pid, proc.exitcode)
-        while finishing and not any(worker in retiring for worker in finishing[0]):
-            finishing.pop(0)
-            log.info("reload done: %d workers serving", count)
 
     while not stopping.wait(_LOOK):
         reap()

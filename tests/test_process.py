@@ -150,12 +150,17 @@ def test_cli_names_the_request_id_of_a_failed_call(served: Served) -> None:
         error = json.loads(done.stderr)["error"]
         assert error["code"] == "model_not_found", error
         assert re.fullmatch(r"[0-9a-f]{32}", error["request_id"]), error
-        logged = [
-            json.loads(line) for line in served.log.read_text().splitlines() if line.startswith("{")
-        ]
-        assert [r["error"] for r in logged if r["request_id"] == error["request_id"]] == [
-            "model_not_found"
-        ]
+
+        # The access log is written by a thread of its own, a moment after the answer.
+        request_id = error["request_id"]
+        wait_for(lambda: bool(_records(served.log, request_id)), "its record", 10)  # noqa: B023
+        assert [r["error"] for r in _records(served.log, request_id)] == ["model_not_found"]
+
+
+def _records(log: Path, request_id: str) -> list[dict[str, Any]]:
+    """The access records of a request id in a gateway's log."""
+    found = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [record for record in found if record["request_id"] == request_id]
 
 
 def test_cli_piped_into_a_reader_that_stops_early(served: Served) -> None:
@@ -640,10 +645,10 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     assert not orphans[0].exists()
 
 
-def two_workers_serving(tmp_path: Path, before_load: str) -> Served:
+def two_workers_serving(tmp_path: Path, before_load: str, *args: str) -> Served:
     """Two workers serving the shape model through a factory in `tmp_path` (their working
     directory) that runs `before_load`, lines of Python, before it makes the model: a test can
-    change what a replacement worker's load does through files there."""
+    change what a replacement worker's load does through files there. `args`: more flags."""
     (tmp_path / "staged.py").write_text(
         "import pathlib, time\n"
         "from gateway.models.shape import ShapeModel\n"
@@ -651,7 +656,7 @@ def two_workers_serving(tmp_path: Path, before_load: str) -> Served:
     )
     return launch(
         tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--model", "staged:create", cwd=tmp_path,
+        "--model", "staged:create", *args, cwd=tmp_path,
     )  # fmt: skip
 
 
@@ -691,15 +696,16 @@ def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: 
 
 
 @contextlib.contextmanager
-def replacement_loading(tmp_path: Path) -> Iterator[tuple[Served, set[int], set[int]]]:
-    """Two workers serving; one is killed, and its replacement is left loading its model (a
-    sleep of 600 s). Yields the gateway, the surviving worker's pid and the replacement's;
-    whatever is still running at the end is killed."""
+def replacement_loading(tmp_path: Path, *args: str) -> Iterator[tuple[Served, set[int], set[int]]]:
+    """Two workers serving (with flags `args`); one is killed, and its replacement is left
+    loading its model (a sleep of 600 s). Yields the gateway, the surviving worker's pid and the
+    replacement's; whatever is still running at the end is killed."""
     s = two_workers_serving(
         tmp_path,
         "    if pathlib.Path('slow').exists():\n"
         "        pathlib.Path('loading').touch()\n"
         "        time.sleep(600)\n",
+        *args,
     )
     try:
         workers = set(spawned(s.proc.pid))
@@ -715,6 +721,16 @@ def replacement_loading(tmp_path: Path) -> Iterator[tuple[Served, set[int], set[
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         s.proc.kill()
+
+
+def test_a_worker_not_heard_from_is_killed_while_another_loads(tmp_path: Path) -> None:
+    # The supervisor waited for a starting worker (up to a minute, its models loading) and did
+    # nothing else meanwhile: a worker stopped then was left with its clients waiting.
+    with replacement_loading(tmp_path, "--request-timeout", "1") as (s, survivors, _):
+        (survivor,) = survivors
+        os.kill(survivor, signal.SIGSTOP)
+        wait_for(lambda: not Path(f"/proc/{survivor}").exists(), "the stopped worker ends", 30)
+        assert f"worker {survivor} has not been heard from" in s.log.read_text()
 
 
 def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Path) -> None:
