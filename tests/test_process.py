@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -624,7 +623,11 @@ def test_every_worker_sent_a_stop_signal_alone_is_replaced(
 
 
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
-    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    # A temporary directory of its own: any gateway of several workers started meanwhile (in
+    # another test process) removes the orphaned metrics directories it finds in its own.
+    private = {"TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2", env=private)
     workers = spawned(s.proc.pid)
     assert len(workers) == 2
     s.proc.kill()
@@ -636,10 +639,12 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     assert alive == [], "workers outlived their supervisor"
     assert "the supervisor is gone" in s.log.read_text()
     # Its metrics directory is left behind; the next gateway of several workers removes it.
-    orphans = list(Path(tempfile.gettempdir()).glob(f"image-gateway-metrics-{s.proc.pid}-*"))
+    orphans = list((tmp_path / "tmp").glob(f"image-gateway-metrics-{s.proc.pid}-*"))
     assert len(orphans) == 1
     (tmp_path / "next").mkdir()
-    following = launch(tmp_path / "next", "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    following = launch(
+        tmp_path / "next", "--http-port", "0", "--grpc-port", "0", "--workers", "2", env=private
+    )
     following.proc.terminate()
     assert following.proc.wait(timeout=30) == 0
     assert not orphans[0].exists()
