@@ -464,16 +464,27 @@ def test_a_worker_sent_a_stop_signal_alone_leaves_without_failing_a_request(
         assert s.proc.wait(timeout=30) == 0
 
 
+@contextlib.contextmanager
+def gateway_of_two(tmp_path: Path, *args: str) -> Iterator[Served]:
+    """A gateway of two workers (with flags `args`), stopped at the end with SIGTERM, which
+    must end it with exit code 0. Whatever a test stopped with SIGSTOP is continued first."""
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2", *args)
+    try:
+        yield s
+    finally:
+        for pid in [s.proc.pid, *children(s.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0, s.log.read_text()
+
+
 def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) -> None:
     # A stopped worker (SIGSTOP, a debugger, a call holding the GIL) answers no one, yet the
     # kernel hands it its share of new connections: half of the gateway's new clients waited
     # for ever, and the supervisor, which looked only at exits, never noticed.
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--request-timeout", "1",
-    )  # fmt: skip
-    stopped = spawned(s.proc.pid)[0]
-    try:
+    with gateway_of_two(tmp_path, "--request-timeout", "1") as s:
+        stopped = spawned(s.proc.pid)[0]
         os.kill(stopped, signal.SIGSTOP)
         wait_for(lambda: not Path(f"/proc/{stopped}").exists(), "the stopped worker ends", 30)
         wait_for(lambda: a_replacement_serves(s.log), "another worker in its place", 30)
@@ -484,24 +495,15 @@ def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) 
         for url in (s.http_url, f"grpc://{s.grpc_target}") * 8:
             with GatewayClient(url, timeout=10) as client:
                 assert client.infer(FILES[0]).output == [427, 640, 3]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stopped, signal.SIGKILL)
-        s.proc.terminate()
-        assert s.proc.wait(timeout=30) == 0
 
 
 def test_a_gateway_stopped_and_continued_whole_keeps_its_workers(tmp_path: Path) -> None:
     # Ctrl-Z then `fg` stops and continues every process of the gateway: the supervisor,
     # silent as long as its workers, is no judge of their silence. It killed a worker as the
     # group went on.
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--request-timeout", "1",
-    )  # fmt: skip
-    workers = spawned(s.proc.pid)
-    group = [s.proc.pid, *workers]
-    try:
+    with gateway_of_two(tmp_path, "--request-timeout", "1") as s:
+        workers = spawned(s.proc.pid)
+        group = [s.proc.pid, *workers]
         for pid in group:
             os.kill(pid, signal.SIGSTOP)
         time.sleep(6)  # past the silence a worker is killed for (5 s at least)
@@ -513,12 +515,6 @@ def test_a_gateway_stopped_and_continued_whole_keeps_its_workers(tmp_path: Path)
             with GatewayClient(url, timeout=10) as client:
                 assert client.infer(FILES[0]).output == [427, 640, 3]
         assert "heard from" not in s.log.read_text()
-    finally:
-        for pid in group:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        s.proc.terminate()
-        assert s.proc.wait(timeout=30) == 0
 
 
 def test_a_worker_stopped_before_a_reload_retires_it_is_killed_when_not_heard_from(
@@ -527,12 +523,8 @@ def test_a_worker_stopped_before_a_reload_retires_it_is_killed_when_not_heard_fr
     # Once told to retire, a worker was no longer watched: one stopped then kept its listeners
     # (the kernel handing it new connections, whose clients waited) for its whole grace and
     # 10 s more, and the reload waited as long.
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--request-timeout", "1", "--shutdown-grace", "60",
-    )  # fmt: skip
-    stopped = spawned(s.proc.pid)[1]
-    try:
+    with gateway_of_two(tmp_path, "--request-timeout", "1", "--shutdown-grace", "60") as s:
+        stopped = spawned(s.proc.pid)[1]
         os.kill(stopped, signal.SIGSTOP)
         s.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "reload done" in s.log.read_text(), "the reload's end", 30)
@@ -540,19 +532,13 @@ def test_a_worker_stopped_before_a_reload_retires_it_is_killed_when_not_heard_fr
         assert re.search(rf"worker {stopped} has not been heard from for \d+ s", log), log
         assert f"replaced worker {stopped} exited with -9" in log, log
         assert sum(replacements(s.http_url).values()) == 2
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stopped, signal.SIGCONT)
-        s.proc.terminate()
-        assert s.proc.wait(timeout=30) == 0
 
 
 def test_a_worker_that_dies_during_a_reload_is_counted_as_exited(tmp_path: Path) -> None:
     # A worker killed before its turn in a reload was replaced by the reload: it was counted
     # as a reload, not as exited, and logged as a replaced worker that failed.
-    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
-    killed = sorted(spawned(s.proc.pid))[1]  # the second place, replaced last
-    try:
+    with gateway_of_two(tmp_path) as s:
+        killed = sorted(spawned(s.proc.pid))[1]  # the second place, replaced last
         s.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "received SIGUSR1" in s.log.read_text(), "the reload's start")
         os.kill(killed, signal.SIGKILL)
@@ -561,20 +547,13 @@ def test_a_worker_that_dies_during_a_reload_is_counted_as_exited(tmp_path: Path)
         assert f"worker {killed} exited with -9; starting another" in log, log
         assert f"replaced worker {killed}" not in log, log
         assert replacements(s.http_url) == replaced(reload=1, exited=1)
-    finally:
-        s.proc.terminate()
-        assert s.proc.wait(timeout=30) == 0
 
 
 def test_a_gateway_stopped_with_a_worker_stopped_drains_it_too(tmp_path: Path) -> None:
     # A worker stopped with SIGSTOP takes no SIGTERM until continued: the supervisor waited
     # for its drain all the grace, then the grace and 10 s more, killed it and exited 1.
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
-        "--shutdown-grace", "1",
-    )  # fmt: skip
-    stopped = spawned(s.proc.pid)[0]
-    try:
+    with gateway_of_two(tmp_path, "--shutdown-grace", "1") as s:
+        stopped = spawned(s.proc.pid)[0]
         os.kill(stopped, signal.SIGSTOP)
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0, s.log.read_text()
@@ -582,13 +561,6 @@ def test_a_gateway_stopped_with_a_worker_stopped_drains_it_too(tmp_path: Path) -
         log = s.log.read_text()
         assert f"gateway[{stopped}]: received SIGTERM, shutting down" in log, log
         assert "did not stop in time" not in log, log
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(stopped, signal.SIGCONT)
-            os.kill(stopped, signal.SIGKILL)
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
