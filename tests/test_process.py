@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import re
@@ -152,14 +153,21 @@ def test_cli_names_the_request_id_of_a_failed_call(served: Served) -> None:
 
         # The access log is written by a thread of its own, a moment after the answer.
         request_id = error["request_id"]
-        wait_for(lambda: bool(_records(served.log, request_id)), "its record", 10)  # noqa: B023
-        assert [r["error"] for r in _records(served.log, request_id)] == ["model_not_found"]
+        wait_for(functools.partial(_logged, served.log, request_id), "its record", 10)
+        assert _errors_of(served.log, request_id) == ["model_not_found"]
 
 
-def _records(log: Path, request_id: str) -> list[dict[str, Any]]:
-    """The access records of a request id in a gateway's log."""
-    found = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    return [record for record in found if record["request_id"] == request_id]
+def _errors_of(log: Path, request_id: str) -> list[str]:
+    return [r["error"] for r in logged_records(log) if r["request_id"] == request_id]
+
+
+def _logged(log: Path, request_id: str) -> bool:
+    return bool(_errors_of(log, request_id))
+
+
+def logged_records(log: Path) -> list[dict[str, Any]]:
+    """The access records in a gateway's log: bare JSON lines, apart from its own lines."""
+    return [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
 
 
 def test_cli_piped_into_a_reader_that_stops_early(served: Served) -> None:
@@ -854,12 +862,7 @@ def test_access_log_lines_on_stderr(tmp_path: Path, access_log: str) -> None:
     finally:
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(timeout=30) == 0
-    # Access records are bare JSON lines, apart from the server's own log lines.
-    records = {}
-    for line in s.log.read_text().splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            records[record["request_id"]] = record
+    records = {record["request_id"]: record for record in logged_records(s.log)}
     if access_log == "off":
         assert records == {}
         return
@@ -1088,9 +1091,8 @@ def test_a_quieter_log_level_keeps_the_access_log(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    lines = log.read_text().splitlines()
-    assert any(json.loads(x)["request_id"] == "quiet-log" for x in lines if x.startswith("{"))
-    assert not any(" INFO " in x for x in lines)
+    assert any(record["request_id"] == "quiet-log" for record in logged_records(log))
+    assert " INFO " not in log.read_text()
 
 
 def _answers(url: str) -> bool:
