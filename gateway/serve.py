@@ -21,7 +21,6 @@ from multiprocessing.synchronize import Event as EventType
 from typing import TextIO
 
 import grpc
-from grpc_health.v1 import health
 
 from gateway import allocator, config, metrics, model_threads, signals, workers
 from gateway.config import Settings, url_host, worker_count
@@ -31,7 +30,7 @@ from gateway.core.tokens import Tokens
 from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
 from gateway.rest.server import HttpServer, build_http_server
-from gateway.rpc.server import build_grpc_server
+from gateway.rpc.server import GatewayHealth, build_grpc_server
 from gateway.rpc.servicer import ImageGatewayServicer
 
 log = logging.getLogger("gateway")
@@ -65,7 +64,7 @@ class Gateway:
     dataplane: DataPlane
     http: HttpServer
     grpc: grpc.Server
-    health: health.HealthServicer
+    health: GatewayHealth
     servicer: ImageGatewayServicer
     http_port: int
     grpc_port: int
@@ -125,7 +124,9 @@ class Gateway:
         # is at work any more: what is left are answers on their way out, and streams that
         # would hold the stop for the whole grace while they wait for their client (a health
         # Watch, as grpc's client-side health checking keeps open; an idle InferStream).
-        # A second stop with a shorter grace shortens the first one's.
+        # A second stop with a shorter grace shortens the first one's. The Watch calls end
+        # first, with shutting_down, rather than as grpc cancels them.
+        self.health.end_watches()
         grpc_done = self.grpc.stop(min(remaining, ANSWER_TAIL))
         # cheroot closes its listener, then waits up to shutdown_timeout for busy threads, and
         # then, having closed their connections, for as long as they run: a thread inside a

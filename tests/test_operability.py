@@ -31,7 +31,7 @@ from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE
 from tests.test_framing import exchange
-from tests.wire import http_host_port, post_octet
+from tests.wire import grpc_code, http_host_port, post_octet
 
 SERVICE = "imagegateway.v1.ImageGatewayService"
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -102,12 +102,19 @@ def test_drain_flips_health_before_in_flight_work_ends() -> None:
         stopping.result()
 
 
-def test_open_streams_do_not_hold_the_drain_for_its_whole_grace() -> None:
+def test_open_streams_do_not_hold_the_drain_for_its_whole_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # A health Watch (what grpc's client-side health checking keeps open) and an InferStream
     # waiting for its client's next message: nothing at work, so the stop need not wait 120 s.
+    # Both end shutting_down with their ids; the Watch had ended as grpc cancelled it, "Cancelling
+    # all calls", with neither.
+    caplog.set_level(logging.INFO, logger="gateway.access")
     gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=120))
     with grpc.insecure_channel(gw.grpc_target) as channel, ThreadPoolExecutor(1) as pool:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), metadata=[("x-request-id", "watching")]
+        )
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         idle: list[pb.InferStreamRequest] = [pb.InferStreamRequest(image=pb.Image(data=PNG))]
         gate = threading.Event()
@@ -125,7 +132,36 @@ def test_open_streams_do_not_hold_the_drain_for_its_whole_grace() -> None:
         for call in (watch, stream):
             with pytest.raises(grpc.RpcError) as ended:
                 next(call)
-            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert grpc_code(ended.value) == (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+        assert dict(watch.trailing_metadata() or ())["x-request-id"] == "watching"
+    (record,) = [r for r in access_records(caplog) if r["method"] == "Watch"]
+    assert (record["request_id"], record["status"], record["error"]) == (
+        "watching",
+        "UNAVAILABLE",
+        "shutting_down",
+    )
+
+
+def test_a_watch_opened_as_the_server_closes_is_refused_shutting_down() -> None:
+    # Between the Watch calls' end and grpc's stop, a new one would have been left for grpc to
+    # cancel.
+    gw = start(Settings(http_port=0, grpc_port=0))
+    try:
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            gw.health.end_watches()
+            watch = health.Watch(
+                health_pb2.HealthCheckRequest(), timeout=10, metadata=[("x-request-id", "late")]
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                next(watch)
+            assert grpc_code(refused.value) == (grpc.StatusCode.UNAVAILABLE, "shutting_down")
+            assert dict(refused.value.trailing_metadata() or ())["x-request-id"] == "late"
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+                health_pb2.HealthCheckResponse.SERVING
+            )
+    finally:
+        gw.stop()
 
 
 def access_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,11 +17,13 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway import tls
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.access import started_at
+from gateway.core.admission import SHUTTING_DOWN
 from gateway.core.dataplane import DataPlane
 from gateway.core.errors import ErrorCode
 from gateway.core.tokens import Tokens
 from gateway.rpc import wire
 from gateway.rpc.arrival import arrived
+from gateway.rpc.ending import end_served
 from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import (
     ERROR_CODE_KEY,
@@ -110,16 +113,21 @@ class _Tolerant:
 
 
 # grpc_health has no type stubs.
-class _TolerantHealth(health.HealthServicer):  # type: ignore[misc]
+class GatewayHealth(health.HealthServicer):  # type: ignore[misc]
     """grpcio's health service, answering a request message that is not valid protobuf with
     INVALID_ARGUMENT and `invalid_request`, as the gateway's own methods do. Its unary calls
     are counted and logged by the gateway's servicer, as /healthz and /readyz are over HTTP
     (only the checks the gateway refused had been: a Check series of failures and none of its
-    answers), and a Watch refused so."""
+    answers), and a Watch refused so, or ended by a stop (`end_watches`)."""
 
     def __init__(self, servicer: ImageGatewayServicer) -> None:
         super().__init__(experimental_non_blocking=True)
         self.servicer = servicer
+        # The open Watch calls (what grpc's client-side health checking keeps open), by
+        # context: each call's context, request, request id and start.
+        self._watches: dict[int, tuple[grpc.ServicerContext, Any, str, float]] = {}
+        self._watches_lock = threading.Lock()
+        self._watches_ended = False
 
     def _refuse_malformed(
         self, request: object, context: grpc.ServicerContext, method: str, started: float
@@ -170,8 +178,41 @@ class _TolerantHealth(health.HealthServicer):  # type: ignore[misc]
     def Watch(
         self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None
     ) -> Any:
-        self._refuse_malformed(request, context, "Watch", started_at(arrived()))
+        started = started_at(arrived())
+        self._refuse_malformed(request, context, "Watch", started)
+        request_id = call_request_id(context)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        key = id(context)
+        with self._watches_lock:
+            if self._watches_ended:
+                error = ErrorCode.SHUTTING_DOWN
+                self.servicer.log_call(
+                    "Watch", request, None, error.grpc_status, request_id, started, error.code
+                )
+                abort(context, error, SHUTTING_DOWN, request_id)
+            self._watches[key] = (context, request, request_id, started)
+        context.add_callback(lambda: self._forget(key))
         return super().Watch(request, context, send_response_callback)
+
+    def _forget(self, key: int) -> None:
+        with self._watches_lock:
+            self._watches.pop(key, None)
+
+    def end_watches(self) -> None:
+        """End the open Watch calls with `shutting_down`, as the gateway's own streams end, and
+        refuse new ones so. Called as the server closes, after the drain's NOT_SERVING has gone
+        out to them: left open, grpc cancelled them at its stop, UNAVAILABLE "Cancelling all
+        calls" with no error code or request id."""
+        with self._watches_lock:
+            self._watches_ended = True
+            watches = list(self._watches.values())
+        error = ErrorCode.SHUTTING_DOWN
+        for context, request, request_id, started in watches:
+            trailing = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
+            if end_served(context, error, SHUTTING_DOWN, trailing):
+                self.servicer.log_call(
+                    "Watch", request, None, error.grpc_status, request_id, started, error.code
+                )
 
 
 # grpc_reflection has no type stubs.
@@ -210,7 +251,7 @@ def build_grpc_server(
     dataplane: DataPlane,
     reuse_port: bool = False,
     tokens: Tokens | None = None,
-) -> tuple[grpc.Server, int, health.HealthServicer, ImageGatewayServicer]:
+) -> tuple[grpc.Server, int, GatewayHealth, ImageGatewayServicer]:
     """Bind (port 0 picks a free port); return the server (not yet started), its port, its
     health service, which reports SERVING for the whole server ("") and for our service, and
     the gateway's servicer."""
@@ -261,7 +302,7 @@ def build_grpc_server(
     )
     _add_servicer(servicer, server, settings.max_images)
     # Health checks are answered from the calling thread, never queued behind inference.
-    health_servicer = _TolerantHealth(servicer)
+    health_servicer = GatewayHealth(servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _Tolerant(server))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
