@@ -1,6 +1,8 @@
 """image-gateway-client: call a gateway from the shell; prints JSON, the same for both protocols.
 
 image-gateway-client infer A.jpg [B.png ...] --url grpc://127.0.0.1:50051 [--model NAME]
+image-gateway-client infer A.jpg --param threshold=0.5 --param top_k=3
+curl -s https://example.org/cat.jpg | image-gateway-client infer -
 image-gateway-client infer A.jpg --url grpcs://gw.internal:50051 --ca-cert ca.pem
 image-gateway-client models --url http://127.0.0.1:5000
 image-gateway-client limits --url http://127.0.0.1:5000
@@ -60,6 +62,41 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _param(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (such as threshold=0.5)")
+    return name, value
+
+
+def _params(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            # As the gateway refuses a name given twice over HTTP: which one would it take?
+            raise ValueError(f"--param {name} is given twice")
+        params[name] = value
+    return params
+
+
+# The file name that stands for the image on standard input, as for cat or curl.
+STDIN = "-"
+
+
+def _images(files: list[str]) -> list[str | bytes]:
+    """What to send for each FILE: its path, read when its request goes, or for "-" the bytes
+    of standard input (once: a second "-" would be empty)."""
+    if files.count(STDIN) > 1:
+        raise ValueError("standard input (-) can be read once only")
+    if STDIN not in files:
+        return list(files)
+    if sys.stdin is None or sys.stdin.isatty():
+        # A terminal would wait for an image typed in, which nobody means.
+        raise ValueError("- reads an image from standard input, which is a terminal here")
+    data = sys.stdin.buffer.read()
+    return [data if f == STDIN else f for f in files]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # grpc writes lines of its own to stderr (a failed TLS handshake at INFO) unless told not
     # to before it is imported; the CLI's stderr is its one JSON error.
@@ -93,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     infer = commands.add_parser("infer", help="run a model on image files, one result each")
-    infer.add_argument("files", nargs="+", metavar="FILE", help="image files")
+    infer.add_argument(
+        "files", nargs="+", metavar="FILE", help="image files (- for standard input)"
+    )
     infer.add_argument(
         "--model", default="", metavar="NAME", help="model name (default: the gateway's default)"
     )
@@ -103,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="color",
         metavar="MODE",
         help=f"how the gateway decodes: {', '.join(COLOR_MODES)} (default %(default)s)",
+    )
+    infer.add_argument(
+        "--param",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter for the model, sent as text (repeat for more)",
     )
     commands.add_parser("models", help="list the gateway's models")
     commands.add_parser("limits", help="print the gateway's limits")
@@ -136,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "limits":
                 _emit(json.dumps(asdict(client.limits()), indent=2))
                 return 0
-            results = client.infer_batch(args.files, model=args.model, color_mode=args.color_mode)
+            results = client.infer_batch(
+                _images(args.files),
+                model=args.model,
+                color_mode=args.color_mode,
+                params=_params(args.param),
+            )
         rows = [{"file": path, **r.to_dict()} for path, r in zip(args.files, results, strict=True)]
         _emit(json.dumps(rows, indent=2))
     except GatewayClientError as exc:

@@ -257,3 +257,17 @@ class Outputs:
 
 def outputs() -> Outputs:
     return Outputs()
+
+
+class EchoParams:
+    """Answers every image with the parameters of its call, for clients that send them."""
+
+    name = "echo-params"
+    description = "answers each image with the parameters it was given"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        return [dict(params) for _ in images]
+
+
+def echo_params() -> EchoParams:
+    return EchoParams()

@@ -131,6 +131,49 @@ def test_cli_prints_the_same_json_over_both_protocols(served: Served, tmp_path: 
     assert rows[1]["output"][0]["text"] == "https://example.org"
 
 
+def test_cli_sends_model_parameters_and_reads_standard_input(tmp_path: Path) -> None:
+    # A model that takes parameters could not be given any from the command line, and an image
+    # coming out of a pipe had to be saved to a file first.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--model", "tests.models:echo_params",
+    )  # fmt: skip
+    sent = {"threshold": "0.5", "label": "a=b", "empty": ""}
+    flags = [arg for name, value in sent.items() for arg in ("--param", f"{name}={value}")]
+    piped = Path(FILES[1]).read_bytes()
+    try:
+        printed = []
+        for url in (s.http_url, f"grpc://{s.grpc_target}"):
+            done = subprocess.run(
+                [str(BIN / "image-gateway-client"), "infer", "-", FILES[0], *flags, "--url", url],
+                input=piped, capture_output=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            rows = json.loads(done.stdout)
+            assert [r["file"] for r in rows] == ["-", FILES[0]]
+            assert [r["info"]["width"] for r in rows] == [128, 640]
+            assert [r["output"] for r in rows] == [sent, sent]
+            printed.append(rows)
+        assert printed[0] == printed[1]
+        for wrong, said in (
+            (["--param", "threshold"], "is not NAME=VALUE"),
+            (["--param", "=0.5"], "is not NAME=VALUE"),
+            (["--param", "k=1", "--param", "k=2"], "--param k is given twice"),
+            (["--param", "color_mode=grayscale"], "color_mode is an argument of its own"),
+            (["-", "-"], "standard input (-) can be read once only"),
+        ):
+            done = subprocess.run(
+                [str(BIN / "image-gateway-client"), "infer", FILES[0], *wrong, "--url",
+                 s.http_url],
+                input=piped, capture_output=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 2, (wrong, done.stderr)
+            assert said.encode() in done.stderr and b"Traceback" not in done.stderr, done.stderr
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_cli_reports_a_bad_file_and_exits_nonzero(served: Served, tmp_path: Path) -> None:
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not really a jpeg")
