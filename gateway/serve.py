@@ -1,5 +1,5 @@
 """Process entry point: `image-gateway serve` builds the core and serves it over HTTP and gRPC
-until SIGINT or SIGTERM, in one process or in several workers (gateway.workers)."""
+until SIGINT or SIGTERM, in one process or in several workers (gateway.supervisor)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import TextIO
 
 import grpc
 
-from gateway import allocator, config, metrics, model_threads, signals, workers
+from gateway import allocator, config, metrics, model_threads, signals, supervisor, workers
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
@@ -496,7 +496,7 @@ def serve(settings: Settings) -> int:
         log.error("cannot start: %s", exc.strerror or exc)
         return 1
     if worker_count(settings) > 1:
-        return workers.supervise(settings)
+        return supervisor.supervise(settings)
 
     def _ready(gateway: Gateway) -> None:
         workers.log_ready(settings, gateway.http_port, gateway.grpc_port, 1)
