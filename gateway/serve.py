@@ -22,7 +22,16 @@ from typing import TextIO
 
 import grpc
 
-from gateway import allocator, config, metrics, model_threads, signals, supervisor, workers
+from gateway import (
+    allocator,
+    config,
+    metrics,
+    model_threads,
+    native_output,
+    signals,
+    supervisor,
+    workers,
+)
 from gateway.config import Settings, url_host, worker_count
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
@@ -447,6 +456,7 @@ def run_worker(
     the whole gateway stops, and the worker writes `heard_at` (time.monotonic()) every
     HUNG_LOOK seconds while its threads run. `replacing` is why the worker whose place it
     takes went, if it takes one."""
+    native_output.capture(settings.log_level)
     _configure_logging(settings)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
@@ -487,6 +497,10 @@ def run_worker(
 
 
 def serve(settings: Settings) -> int:
+    # Each process that decodes sends its native code's stderr through a relay of its own: the
+    # one process here, or each worker (run_worker).
+    if worker_count(settings) == 1:
+        native_output.capture(settings.log_level)
     _configure_logging(settings)
     for line in config.unknown_variables(os.environ):
         log.warning("%s", line)

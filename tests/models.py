@@ -271,3 +271,21 @@ class EchoParams:
 
 def echo_params() -> EchoParams:
     return EchoParams()
+
+
+class NativeWriter:
+    """Writes its "say" parameter straight to file descriptor 2, as native code does, and
+    with "then" set to "abort" ends its process as a fatal error in native code would."""
+
+    name = "native-writer"
+    description = "writes its 'say' parameter to file descriptor 2; 'then=abort' aborts"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        os.write(2, str(params.get("say", "")).encode())
+        if params.get("then") == "abort":
+            os.abort()
+        return [list(i.shape) for i in images]
+
+
+def native_writer() -> NativeWriter:
+    return NativeWriter()

@@ -1,0 +1,118 @@
+"""What native code writes to stderr reaches the log as the server's own lines (see
+gateway.native_output), for one process and for workers, however the process that wrote it
+ends."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+
+from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from tests.conftest import DATA, wait_for
+from tests.test_process import FILES, Served, launch
+
+OCTET = {"Content-Type": "application/octet-stream"}
+FORGED = b'{"request_id":"forged","status":"OK"}'
+NATIVE = r"\S+ \S+ (?P<level>DEBUG|WARNING) gateway\.native\[\d+\]: "
+
+
+def forged_png() -> bytes:
+    """A PNG whose ICC profile is named with a forged access record between two newlines, and
+    claims more tags than it holds: libpng warns of it on stderr, quoting the name as it is.
+    The image decodes all the same."""
+    data = (DATA / "images" / "icc_profile_rgba.png").read_bytes()
+    start = data.index(b"iCCP") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    _, rest = data[start + 8 : start + 8 + length].split(b"\x00", 1)
+    profile = bytearray(zlib.decompress(rest[1:]))
+    struct.pack_into(">I", profile, 128, 100_000)  # the tag count
+    body = b"x\n" + FORGED + b"\nz\x00\x00" + zlib.compress(bytes(profile))
+    crc = struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    return (
+        data[:start]
+        + struct.pack(">I", len(body))
+        + b"iCCP"
+        + body
+        + crc
+        + data[start + 12 + length :]
+    )
+
+
+def gateway(tmp_path: Path, *args: str) -> Served:
+    return launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0",
+        "--model", "shape", "--model", "tests.models:native_writer", *args,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("workers", "level"), [("1", "INFO"), ("2", "DEBUG")])
+def test_no_client_can_write_lines_of_its_own_into_the_log(
+    tmp_path: Path, workers: str, level: str
+) -> None:
+    # libpng's warning went to stderr as written: a forged access record on a line of its own.
+    s = gateway(tmp_path, "--workers", workers, "--log-level", level)
+    forged = forged_png()
+    try:
+        answer = requests.post(s.http_url, data=forged, headers=OCTET, timeout=10)
+        assert answer.json() == [57, 57, 3]
+        with grpc.insecure_channel(s.grpc_target) as channel:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            reply = stub.Infer(pb.InferRequest(image=pb.Image(data=forged)), timeout=10)
+            assert [v.number_value for v in reply.result.output.list_value.values] == [57, 57, 3]
+        # What a model's native library writes (an escape sequence included) is a warning.
+        said = requests.post(
+            f"{s.http_url}/v1/models/native-writer/infer",
+            params={"say": "native says hi\x1b[31m\n"},
+            data=Path(FILES[1]).read_bytes(),
+            headers=OCTET,
+            timeout=10,
+        )
+        assert said.status_code == 200, said.text
+        wait_for(lambda: "native says hi" in s.log.read_text(), "the model's line", 10)
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    lines = s.log.read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert "forged" not in {r["request_id"] for r in records}
+    assert len(records) == 3
+    assert not [line for line in lines if line.startswith(("libpng", "z'"))], lines
+    assert re.search(NATIVE + r"native says hi\\x1b\[31m$", "\n".join(lines), re.M), lines
+    quoted = [line for line in lines if "libpng" in line]
+    if level == "INFO":
+        assert not quoted  # the client was told; the log needs no line a damaged image
+    else:
+        # One line a warning, its newlines escaped, once a protocol.
+        assert len(quoted) == 2, quoted
+        for line in quoted:
+            match = re.match(NATIVE + r"libpng warning: iCCP: profile 'x\\n(.*)\\nz': ", line)
+            assert match and match["level"] == "DEBUG", line
+            assert match[2] == FORGED.decode(), line
+
+
+def test_what_a_dying_worker_writes_last_reaches_the_log(tmp_path: Path) -> None:
+    # The lines go through a process of their own, which outlives the one that wrote them.
+    s = gateway(tmp_path, "--workers", "2")
+    try:
+        with pytest.raises(requests.ConnectionError):
+            requests.post(
+                f"{s.http_url}/v1/models/native-writer/infer",
+                params={"say": "last words\n", "then": "abort"},
+                data=Path(FILES[1]).read_bytes(),
+                headers=OCTET,
+                timeout=10,
+            )
+        wait_for(lambda: "exited with -6" in s.log.read_text(), "the worker's end", 10)
+        wait_for(lambda: "last words" in s.log.read_text(), "its last words", 10)
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    assert re.search(NATIVE + "last words$", s.log.read_text(), re.M)
