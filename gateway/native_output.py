@@ -65,8 +65,20 @@ def capture(level: str) -> None:
     keep Python's own stderr (sys.stderr) on the original descriptor. Call it before logging is
     configured. Without a relay (it could not start), stderr is
     left as it was."""
-    original = os.dup(2)
-    ours, relays = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if sys.stderr is None:
+        # Started with stderr closed (2>&-): descriptor 2 may since be any file this process
+        # opened, and nothing of the log is written anywhere.
+        return
+    try:
+        original = os.dup(2)
+    except OSError:
+        return
+    try:
+        ours, relays = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as exc:
+        os.close(original)
+        log.warning("native code writes to stderr unfiltered: no socket (%s)", exc)
+        return
     try:
         # Kept: a Popen collected while its process runs warns of it.
         global _relay_process

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import socket
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import requests
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from tests.conftest import DATA, wait_for
-from tests.test_process import FILES, Served, launch
+from tests.test_process import BIN, FILES, Served, answers, launch
 
 OCTET = {"Content-Type": "application/octet-stream"}
 FORGED = b'{"request_id":"forged","status":"OK"}'
@@ -116,3 +119,24 @@ def test_what_a_dying_worker_writes_last_reaches_the_log(tmp_path: Path) -> None
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
     assert re.search(NATIVE + "last words$", s.log.read_text(), re.M)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_gateway_started_with_stderr_closed_serves(workers: str) -> None:
+    # As `image-gateway serve 2>&-`: with no stderr to relay from, it served as before.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    closed = ["sh", "-c", 'exec "$@" 2>&-', "sh", str(BIN / "image-gateway")]
+    proc = subprocess.Popen(
+        [*closed, "serve", "--http-port", str(port), "--grpc-port", "0", "--workers", workers],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(f"{url}/healthz"), "the gateway serves", seconds=30)
+        answer = requests.post(url, data=forged_png(), headers=OCTET, timeout=10)
+        assert answer.json() == [57, 57, 3]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

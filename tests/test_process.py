@@ -1127,7 +1127,7 @@ def test_a_quieter_log_level_keeps_the_access_log(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: _answers(f"{url}/healthz"), "the gateway serves", seconds=30)
+        wait_for(lambda: answers(f"{url}/healthz"), "the gateway serves", seconds=30)
         png = Path(FILES[1]).read_bytes()
         headers = {"Content-Type": "image/png", "X-Request-ID": "quiet-log"}
         assert requests.post(f"{url}/v1/infer", data=png, headers=headers, timeout=10).ok
@@ -1138,7 +1138,7 @@ def test_a_quieter_log_level_keeps_the_access_log(tmp_path: Path) -> None:
     assert " INFO " not in log.read_text()
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).ok
     except requests.ConnectionError:
