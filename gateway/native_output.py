@@ -63,8 +63,7 @@ _relay_process: subprocess.Popen[bytes] | None = None
 def capture(level: str) -> None:
     """Send what this process's native code writes to stderr through a relay process, and
     keep Python's own stderr (sys.stderr) on the original descriptor. Call it before logging is
-    configured. Without a relay (it could not start), stderr is
-    left as it was."""
+    configured. Without a relay (it could not start), stderr is left as it was."""
     if sys.stderr is None:
         # Started with stderr closed (2>&-): descriptor 2 may since be any file this process
         # opened, and nothing of the log is written anywhere.
