@@ -237,6 +237,28 @@ class _AccessLogWriter(logging.Handler):
                 self.flush()
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if issubclass(args.exc_type, SystemExit):
+        return  # as Python's own hook: a thread's way to end
+    name = args.thread.name if args.thread is not None else "?"
+    error = args.exc_value
+    log.error(
+        "uncaught exception in thread %s",
+        name,
+        exc_info=None if error is None else (args.exc_type, error, args.exc_traceback),
+    )
+
+
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    error = unraisable.exc_value
+    log.error(
+        "%s: %r",
+        unraisable.err_msg or "Exception ignored in",
+        unraisable.object,
+        exc_info=None if error is None else (type(error), error, unraisable.exc_traceback),
+    )
+
+
 def _configure_logging(settings: Settings) -> None:
     # Every request makes a LogRecord (its access record). These fields are not in any format
     # here, and filling them (the caller's frame walk above all) is the costly part of a record;
@@ -249,6 +271,11 @@ def _configure_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
+    # What Python writes to stderr on its own (a model's warning, an exception a thread of its
+    # own left, one raised in a __del__) as log lines too: a time, a level and the process.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
     access = logging.getLogger("gateway.access")
     if settings.access_log == "off":
         access.setLevel(logging.WARNING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
 from typing import Any
@@ -289,3 +290,32 @@ class NativeWriter:
 
 def native_writer() -> NativeWriter:
     return NativeWriter()
+
+
+class Untidy:
+    """What careless model code does on every call: warns, leaves an exception uncaught in a
+    thread of its own, and raises one in a __del__, where Python can only print it."""
+
+    name = "untidy"
+    description = "warns, and leaves exceptions in a thread and in a __del__"
+
+    def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        warnings.warn("an untidy model warns", UserWarning, stacklevel=1)
+        thread = threading.Thread(target=_fail, name="untidy-thread")
+        thread.start()
+        thread.join()
+        _FailsWhenCollected()
+        return [list(i.shape) for i in images]
+
+
+def _fail() -> None:
+    raise RuntimeError("a thread of the model failed")
+
+
+class _FailsWhenCollected:
+    def __del__(self) -> None:
+        raise RuntimeError("a __del__ of the model failed")
+
+
+def untidy() -> Untidy:
+    return Untidy()

@@ -623,6 +623,11 @@ class HttpServer(wsgi.Server):
         self.dispatcher = Dispatcher(self)
         self.lingerer = Lingerer()
 
+    def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+        # cheroot writes these to stderr as they are; as log lines they have a time, a level
+        # and the process.
+        log.log(level, "%s", msg, exc_info=traceback)
+
     def prepare(self) -> None:
         super().prepare()
         # cheroot made its own connection manager, with nothing but the listener in it yet.

@@ -1,6 +1,6 @@
-"""What native code writes to stderr reaches the log as the server's own lines (see
-gateway.native_output), for one process and for workers, however the process that wrote it
-ends."""
+"""Every line the gateway writes to stderr is a log line (a time, a level, the process) or an
+access record: what native code writes (gateway.native_output), for one process and for
+workers, however the process that wrote it ends, and what Python writes on its own."""
 
 from __future__ import annotations
 
@@ -140,3 +140,29 @@ def test_a_gateway_started_with_stderr_closed_serves(workers: str) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_what_python_writes_on_its_own_is_logged(tmp_path: Path) -> None:
+    # A model's warning, a thread's uncaught exception and one in a __del__ were written to
+    # stderr as Python prints them, without a time, a level or the process.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--model", "tests.models:untidy",
+    )  # fmt: skip
+    try:
+        answer = requests.post(s.http_url, data=Path(FILES[1]).read_bytes(), headers=OCTET)
+        assert answer.json() == [128, 128, 3]
+        wait_for(lambda: "__del__ of the model" in s.log.read_text(), "the __del__'s error", 10)
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    text = s.log.read_text()
+    logged = r"^\S+ \S+ (WARNING|ERROR) (py\.warnings|gateway)\[\d+\]: "
+    assert re.search(logged + r".*UserWarning: an untidy model warns$", text, re.M), text
+    assert re.search(logged + r"uncaught exception in thread untidy-thread$", text, re.M), text
+    assert re.search(
+        logged + r"Exception ignored in: <function _FailsWhenCollected\.__del__", text, re.M
+    )
+    # Tracebacks follow their log line; no line starts as Python's own prints do.
+    assert not re.search(r"^(Exception in thread|Exception ignored in)", text, re.M), text
+    assert not re.search(r"^\S+\.py:\d+: UserWarning", text, re.M), text
