@@ -107,7 +107,7 @@ def capture(level: str) -> None:
     )
 
 
-def _escaped(text: str) -> str:
+def escaped(text: str) -> str:
     """The text with no control character left, so that it stays one line of the log."""
     return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)
 
@@ -125,7 +125,7 @@ def log_lines(record: bytes, pid: int, debug: bool, now: float) -> list[str]:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
     stamp += f",{int(now % 1 * 1000):03d}"
     return [
-        f"{stamp} {level} {NAME}[{pid}]: {_escaped(line.decode('utf-8', 'backslashreplace'))}\n"
+        f"{stamp} {level} {NAME}[{pid}]: {escaped(line.decode('utf-8', 'backslashreplace'))}\n"
         for line in lines
     ]
 

@@ -4,7 +4,6 @@ until SIGINT or SIGTERM, in one process or in several workers (gateway.superviso
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import ctypes
 import logging
@@ -13,18 +12,17 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
-from typing import TextIO
 
 import grpc
 
 from gateway import (
     allocator,
     config,
+    logs,
     metrics,
     model_threads,
     native_output,
@@ -189,102 +187,6 @@ def start(
         grpc_port,
         thread,
     )
-
-
-class _AccessLogWriter(logging.Handler):
-    """Access records, written by a thread of their own every FLUSH_INTERVAL seconds.
-
-    A request thread only appends the record's line to a deque (atomic under the GIL): no
-    handler lock, no write, and no thread woken per request. On a 64x64 PNG over gRPC (one
-    worker) the log cost about 19% of the throughput with a QueueListener woken for each record,
-    and costs about 8% this way.
-    """
-
-    FLUSH_INTERVAL = 0.05
-
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__()
-        self._stream = stream
-        self._lines: deque[str] = deque()
-        self._flush_lock = threading.Lock()
-        threading.Thread(target=self._write_forever, name="access-log", daemon=True).start()
-        atexit.register(self.flush)
-
-    def handle(self, record: logging.LogRecord) -> bool:
-        self._lines.append(record.getMessage())
-        return True
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.handle(record)
-
-    def flush(self) -> None:
-        with self._flush_lock:
-            lines = []
-            while True:
-                try:
-                    lines.append(self._lines.popleft())
-                except IndexError:
-                    break
-            if lines:
-                self._stream.write("\n".join(lines) + "\n")
-                self._stream.flush()
-
-    def _write_forever(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(self.FLUSH_INTERVAL):
-            # stderr gone: the lines are dropped rather than hoarded.
-            with contextlib.suppress(OSError, ValueError):
-                self.flush()
-
-
-def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
-    if issubclass(args.exc_type, SystemExit):
-        return  # as Python's own hook: a thread's way to end
-    name = args.thread.name if args.thread is not None else "?"
-    error = args.exc_value
-    log.error(
-        "uncaught exception in thread %s",
-        name,
-        exc_info=None if error is None else (args.exc_type, error, args.exc_traceback),
-    )
-
-
-def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
-    error = unraisable.exc_value
-    log.error(
-        "%s: %r",
-        unraisable.err_msg or "Exception ignored in",
-        unraisable.object,
-        exc_info=None if error is None else (type(error), error, unraisable.exc_traceback),
-    )
-
-
-def _configure_logging(settings: Settings) -> None:
-    # Every request makes a LogRecord (its access record). These fields are not in any format
-    # here, and filling them (the caller's frame walk above all) is the costly part of a record;
-    # the logging HOWTO's "Optimization" section names the same switches.
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
-    # What Python writes to stderr on its own (a model's warning, an exception a thread of its
-    # own left, one raised in a __del__) as log lines too: a time, a level and the process.
-    logging.captureWarnings(True)
-    threading.excepthook = _log_thread_exception
-    sys.unraisablehook = _log_unraisable
-    access = logging.getLogger("gateway.access")
-    if settings.access_log == "off":
-        access.setLevel(logging.WARNING)
-        return
-    # Bare JSON lines, apart from the server's own log lines. Its own level: --log-level
-    # WARNING quiets the server's log, and had silenced the access log with it.
-    access.setLevel(logging.INFO)
-    access.addHandler(_AccessLogWriter(sys.stderr))
-    access.propagate = False
 
 
 def _serve_until_signal(
@@ -484,7 +386,7 @@ def run_worker(
     HUNG_LOOK seconds while its threads run. `replacing` is why the worker whose place it
     takes went, if it takes one."""
     native_output.capture(settings.log_level)
-    _configure_logging(settings)
+    logs.configure(settings)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
     link = _SupervisorLink(supervisor)
@@ -528,7 +430,7 @@ def serve(settings: Settings) -> int:
     # one process here, or each worker (run_worker).
     if worker_count(settings) == 1:
         native_output.capture(settings.log_level)
-    _configure_logging(settings)
+    logs.configure(settings)
     for line in config.unknown_variables(os.environ):
         log.warning("%s", line)
     try:

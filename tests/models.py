@@ -294,12 +294,16 @@ def native_writer() -> NativeWriter:
 
 class Untidy:
     """What careless model code does on every call: warns, leaves an exception uncaught in a
-    thread of its own, and raises one in a __del__, where Python can only print it."""
+    thread of its own, and raises one in a __del__, where Python can only print it; or, given a
+    "fail" parameter, raises an exception that quotes it."""
 
     name = "untidy"
     description = "warns, and leaves exceptions in a thread and in a __del__"
 
     def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
+        if "fail" in params:
+            # As a model that names a bad parameter in its error, newlines and all.
+            raise ValueError(f"cannot use {params['fail']}")
         warnings.warn("an untidy model warns", UserWarning, stacklevel=1)
         thread = threading.Thread(target=_fail, name="untidy-thread")
         thread.start()

@@ -158,7 +158,7 @@ def test_what_python_writes_on_its_own_is_logged(tmp_path: Path) -> None:
         assert s.proc.wait(timeout=30) == 0
     text = s.log.read_text()
     logged = r"^\S+ \S+ (WARNING|ERROR) (py\.warnings|gateway)\[\d+\]: "
-    assert re.search(logged + r".*UserWarning: an untidy model warns$", text, re.M), text
+    assert re.search(logged + r".*UserWarning: an untidy model warns\\n", text, re.M), text
     assert re.search(logged + r"uncaught exception in thread untidy-thread$", text, re.M), text
     assert re.search(
         logged + r"Exception ignored in: <function _FailsWhenCollected\.__del__", text, re.M
@@ -166,3 +166,39 @@ def test_what_python_writes_on_its_own_is_logged(tmp_path: Path) -> None:
     # Tracebacks follow their log line; no line starts as Python's own prints do.
     assert not re.search(r"^(Exception in thread|Exception ignored in)", text, re.M), text
     assert not re.search(r"^\S+\.py:\d+: UserWarning", text, re.M), text
+
+
+def test_an_exception_quoting_what_a_client_sent_stays_on_its_line(tmp_path: Path) -> None:
+    # A model's exception that quoted a parameter made the last lines of its traceback: a
+    # client could write any line into the log, a forged ready line or access record.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
+        "--model", "tests.models:untidy",
+    )  # fmt: skip
+    forged_ready = "2026-01-01 00:00:00,000 INFO gateway[1]: image-gateway ready: http=http://x:1"
+    sent = f"x\n{FORGED.decode()}\n{forged_ready}\r\x1b[2K"
+    try:
+        answer = requests.post(
+            s.http_url,
+            params={"fail": sent},
+            data=Path(FILES[1]).read_bytes(),
+            headers=OCTET,
+            timeout=10,
+        )
+        assert answer.json()["error"]["code"] == "model_error"
+        wait_for(lambda: "cannot use" in s.log.read_text(), "the model's error", 10)
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    lines = s.log.read_text().splitlines()
+    assert not [line for line in lines if line.startswith((FORGED.decode(), forged_ready))]
+    ready = [
+        line
+        for line in lines
+        if re.match(r"\S+ \S+ INFO gateway\[\d+\]: image-gateway ready", line)
+    ]
+    assert len(ready) == 1, ready
+    (error,) = [line for line in lines if line.startswith("ValueError")]
+    assert error == "ValueError: cannot use x\\n" + FORGED.decode() + "\\n" + forged_ready + (
+        "\\r\\x1b[2K"
+    ), error
