@@ -68,6 +68,15 @@ class _AccessLogWriter(logging.Handler):
                 self.flush()
 
 
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, trace: TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)  # a Ctrl-C is no error of the gateway's
+        return
+    log.critical("uncaught exception", exc_info=(kind, error, trace))
+
+
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     if issubclass(args.exc_type, SystemExit):
         return  # as Python's own hook: a thread's way to end
@@ -95,6 +104,11 @@ class OneLineFormatter(logging.Formatter):
     messages of a traceback's exceptions: what a client sent (a parameter a model put into its
     exception, say) cannot start a line of its own, such as a forged access record. A
     traceback's own lines (its frames) stay as Python writes them."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        # A traceback another handler formatted first is cached in the record, unescaped.
+        record.exc_text = None
+        return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escaped(record.message)
@@ -142,9 +156,11 @@ def configure(settings: Settings) -> None:
     handler.setFormatter(OneLineFormatter(FORMAT))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     # What Python writes to stderr on its own (a model's warning, an exception a thread of its
-    # own left, one raised in a __del__) as log lines too: a time, a level and the process.
+    # own left, one raised in a __del__, one that ends the process) as log lines too: a time,
+    # a level and the process.
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_exception
+    sys.excepthook = _log_uncaught
     sys.unraisablehook = _log_unraisable
     access = logging.getLogger("gateway.access")
     if settings.access_log == "off":

@@ -5,6 +5,7 @@ workers, however the process that wrote it ends, and what Python writes on its o
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import socket
@@ -19,6 +20,7 @@ import requests
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway import logs
 from tests.conftest import DATA, wait_for
 from tests.test_process import BIN, FILES, Served, answers, launch
 
@@ -202,3 +204,18 @@ def test_an_exception_quoting_what_a_client_sent_stays_on_its_line(tmp_path: Pat
     assert error == "ValueError: cannot use x\\n" + FORGED.decode() + "\\n" + forged_ready + (
         "\\r\\x1b[2K"
     ), error
+
+
+def test_an_exception_that_ends_the_process_is_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    # Nothing a client does reaches the main thread uncaught; a bug of the gateway's would, and
+    # its traceback was printed bare, the rest of the log being lines with a time and a level.
+    try:
+        raise RuntimeError("the main thread failed\nfor good")
+    except RuntimeError as exc:
+        error = exc
+    with caplog.at_level(logging.CRITICAL, logger="gateway"):
+        logs._log_uncaught(RuntimeError, error, error.__traceback__)
+    (record,) = caplog.records
+    assert (record.levelname, record.getMessage()) == ("CRITICAL", "uncaught exception")
+    formatted = logs.OneLineFormatter(logs.FORMAT).format(record)
+    assert formatted.splitlines()[-1] == "RuntimeError: the main thread failed\\nfor good"
