@@ -51,11 +51,11 @@ def forged_png() -> bytes:
     )
 
 
-def gateway(tmp_path: Path, *args: str) -> Served:
-    return launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0",
-        "--model", "shape", "--model", "tests.models:native_writer", *args,
-    )  # fmt: skip
+def gateway(
+    tmp_path: Path, *args: str, models: tuple[str, ...] = ("shape", "tests.models:native_writer")
+) -> Served:
+    flags = [flag for model in models for flag in ("--model", model)]
+    return launch(tmp_path, "--http-port", "0", "--grpc-port", "0", *flags, *args)
 
 
 @pytest.mark.parametrize(("workers", "level"), [("1", "INFO"), ("2", "DEBUG")])
@@ -147,10 +147,7 @@ def test_a_gateway_started_with_stderr_closed_serves(workers: str) -> None:
 def test_what_python_writes_on_its_own_is_logged(tmp_path: Path) -> None:
     # A model's warning, a thread's uncaught exception and one in a __del__ were written to
     # stderr as Python prints them, without a time, a level or the process.
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
-        "--model", "tests.models:untidy",
-    )  # fmt: skip
+    s = gateway(tmp_path, "--workers", "1", models=("tests.models:untidy",))
     try:
         answer = requests.post(s.http_url, data=Path(FILES[1]).read_bytes(), headers=OCTET)
         assert answer.json() == [128, 128, 3]
@@ -173,10 +170,7 @@ def test_what_python_writes_on_its_own_is_logged(tmp_path: Path) -> None:
 def test_an_exception_quoting_what_a_client_sent_stays_on_its_line(tmp_path: Path) -> None:
     # A model's exception that quoted a parameter made the last lines of its traceback: a
     # client could write any line into the log, a forged ready line or access record.
-    s = launch(
-        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "1",
-        "--model", "tests.models:untidy",
-    )  # fmt: skip
+    s = gateway(tmp_path, "--workers", "1", models=("tests.models:untidy",))
     forged_ready = "2026-01-01 00:00:00,000 INFO gateway[1]: image-gateway ready: http=http://x:1"
     sent = f"x\n{FORGED.decode()}\n{forged_ready}\r\x1b[2K"
     try:
