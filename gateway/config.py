@@ -430,10 +430,12 @@ def url_host(host: str) -> str:
 
 
 def worker_count(settings: Settings) -> int:
-    """The number of worker processes: as configured, or one per CPU this process may use."""
+    """The number of worker processes: as configured, or one per CPU this process may use: its
+    CPU affinity, and a container's CPU quota (cgroup cpu.max), rounded up. On the machine's
+    count of cores alone, a container limited to 2 CPUs on a 64-core host started 64 workers,
+    a copy of the models each, to share 2 CPUs of time."""
     if settings.workers:
         return settings.workers
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    from loky import cpu_count  # only here: its import takes a twentieth of a second
+
+    return int(cpu_count())

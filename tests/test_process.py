@@ -1200,6 +1200,23 @@ def replaced(**counts: float) -> dict[str, float]:
 CORES = len(os.sched_getaffinity(0))
 
 
+def test_the_default_workers_are_the_cpus_the_gateway_may_use(tmp_path: Path) -> None:
+    # Not the machine's cores: a container limited to 2 CPUs on a 64-core host started 64
+    # workers. loky's own cap (LOKY_MAX_CPU_COUNT) stands in for a container's CPU quota here,
+    # which a test cannot set; both count the same way.
+    from loky import cpu_count
+
+    for env, expected in (({}, cpu_count()), ({"LOKY_MAX_CPU_COUNT": "1"}, 1)):
+        run = tmp_path / str(expected)
+        run.mkdir(exist_ok=True)
+        s = launch(run, "--http-port", "0", "--grpc-port", "0", env=env)
+        try:
+            assert f" workers={expected} " in s.log.read_text(), s.log.read_text()
+        finally:
+            s.proc.terminate()
+            assert s.proc.wait(timeout=30) == 0
+
+
 @pytest.mark.parametrize(
     ("workers", "args", "env", "pools", "opencv", "omp_env"),
     [
