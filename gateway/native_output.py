@@ -107,6 +107,23 @@ def capture(level: str) -> None:
     )
 
 
+def finish(timeout: float = 1.0) -> None:
+    """Let the relay end, and wait up to `timeout` seconds for it, as this process is about
+    to exit: its stderr (descriptor 2) goes to /dev/null from here on. Left to end after this
+    process, the relay was an orphan, and a zombie of its new parent when that was a gateway
+    running as a container's first process (PID 1), which reaps only its own workers: one a
+    worker replaced."""
+    relay = _relay_process
+    if relay is None:
+        return
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        relay.wait(timeout)
+
+
 def escaped(text: str) -> str:
     """The text with no control character left, so that it stays one line of the log."""
     return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)

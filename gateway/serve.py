@@ -412,17 +412,20 @@ def run_worker(
         link.send(workers.LEAVING)
         return True
 
-    return _serve_until_signal(
-        settings,
-        reuse_port=True,
-        on_ready=_ready,
-        parent=parent,
-        drained=_drained,
-        retire=link.retire,
-        hung=lambda: link.send(workers.HUNG),
-        alone=_alone,
-        beat=lambda: setattr(heard_at, "value", time.monotonic()),
-    )
+    try:
+        return _serve_until_signal(
+            settings,
+            reuse_port=True,
+            on_ready=_ready,
+            parent=parent,
+            drained=_drained,
+            retire=link.retire,
+            hung=lambda: link.send(workers.HUNG),
+            alone=_alone,
+            beat=lambda: setattr(heard_at, "value", time.monotonic()),
+        )
+    finally:
+        native_output.finish()
 
 
 def serve(settings: Settings) -> int:
@@ -444,7 +447,10 @@ def serve(settings: Settings) -> int:
     def _ready(gateway: Gateway) -> None:
         workers.log_ready(settings, gateway.http_port, gateway.grpc_port, 1)
 
-    code = _serve_until_signal(settings, reuse_port=False, on_ready=_ready)
+    try:
+        code = _serve_until_signal(settings, reuse_port=False, on_ready=_ready)
+    finally:
+        native_output.finish()  # its last lines written before the process exits
     if code == 0:
         log.info("image-gateway stopped")
     return code

@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import logs
 from tests.conftest import DATA, wait_for
-from tests.test_process import BIN, FILES, Served, answers, launch
+from tests.test_process import BIN, FILES, READY, Served, answers, launch
 
 OCTET = {"Content-Type": "application/octet-stream"}
 FORGED = b'{"request_id":"forged","status":"OK"}'
@@ -213,3 +214,40 @@ def test_an_exception_that_ends_the_process_is_a_log_line(caplog: pytest.LogCapt
     assert (record.levelname, record.getMessage()) == ("CRITICAL", "uncaught exception")
     formatted = logs.OneLineFormatter(logs.FORMAT).format(record)
     assert formatted.splitlines()[-1] == "RuntimeError: the main thread failed\\nfor good"
+
+
+# Makes the process it runs a subreaper, as a container's first process (PID 1) is: orphaned
+# descendants become its children, for it to reap.
+SUBREAPER = (
+    "import ctypes, os, sys; ctypes.CDLL(None).prctl(36, 1, 0, 0, 0); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def test_a_replaced_worker_leaves_no_relay_behind(tmp_path: Path) -> None:
+    # Each worker's relay outlived it, and a gateway running as PID 1 inherited it and never
+    # reaped it: a zombie for every worker a reload (or a stop of its own) replaced.
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUBREAPER, str(BIN / "image-gateway"), "serve",
+         "--http-port", "0", "--grpc-port", "0", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+    )  # fmt: skip
+    try:
+        wait_for(lambda: READY.search(log.read_text()) is not None, "the gateway serves", 30)
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "reload done" in log.read_text(), "the reload", 60)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        states = {c: _state(c) for c in children}
+        assert "Z" not in states.values(), (states, log.read_text())
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def _state(pid: str) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    return stat.rsplit(")", 1)[1].split()[0]
