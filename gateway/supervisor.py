@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -71,6 +72,8 @@ _STOP_SIGNAL_WAIT = 1.0
 _SILENT_MIN = 5.0
 # Seconds between two of the supervisor's looks past which it counts a silence afresh.
 _AWAY = 1.0
+# Seconds between two looks for adopted processes that have ended (see reap_adopted).
+_ADOPTED_LOOK = 1.0
 
 
 @dataclass
@@ -130,6 +133,20 @@ def _mark_dead(pid: int) -> None:
     from gateway import metrics  # imported only once the multiprocess directory is set
 
     metrics.worker_exited(pid)
+
+
+def _ended_children() -> set[int]:
+    """The children of this process that have ended and wait to be reaped (zombies)."""
+    ended = set()
+    for listing in Path("/proc/self/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            for pid in listing.read_text().split():
+                with contextlib.suppress(OSError, IndexError):
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    # The state follows the command's name, which may hold ") ".
+                    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+                        ended.add(int(pid))
+    return ended
 
 
 def _close_together(started: list[_Worker], grace: float) -> None:
@@ -212,6 +229,8 @@ class Supervisor:
         self.retry_at = [0.0] * count
         # Why the worker of each empty place went, for its replacement to count.
         self.why = [""] * count
+        # When to look next for adopted processes that have ended.
+        self.adopted_look_at = 0.0
         signals.handle(
             {**dict.fromkeys(STOP_SIGNALS, self.on_signal), RELOAD_SIGNAL: self.on_reload}
         )
@@ -382,6 +401,22 @@ class Supervisor:
             finishing.pop(0)
             log.info("reload done: %d workers serving", self.count)
 
+    def reap_adopted(self) -> None:
+        """Reap the processes that ended as this process's children without being its workers.
+        As a container's first process (PID 1), or a subreaper, the supervisor inherits every
+        orphan: the stderr relay of a worker killed outright (gateway.native_output), a model's
+        own subprocess. Not reaped, each stayed a zombie for as long as the gateway ran. A
+        worker's own end is left to multiprocessing, which reads its exit code."""
+        now = time.monotonic()
+        if now < self.adopted_look_at:
+            return
+        self.adopted_look_at = now + _ADOPTED_LOOK
+        ours = {w.proc.pid for w in [*self.started, *self.retiring] if w is not None}
+        ours.add(getattr(resource_tracker._resource_tracker, "_pid", None))
+        for pid in _ended_children() - ours:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
     def watch_while_starting(self) -> None:
         # Neither starts a worker, so neither can come back here. A worker that stopped
         # (SIGSTOP) while another loaded for up to a minute had been left alone meanwhile, its
@@ -516,6 +551,7 @@ class Supervisor:
         """Keep every place filled until a stop signal, and reload when asked."""
         while not self.stopping.wait(_LOOK):
             self.reap()
+            self.reap_adopted()
             self.answer_workers()
             self.kill_silent()
             if self.reloading.is_set():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -224,9 +225,10 @@ SUBREAPER = (
 )
 
 
-def test_a_replaced_worker_leaves_no_relay_behind(tmp_path: Path) -> None:
+def test_a_replaced_or_killed_worker_leaves_no_zombie_behind(tmp_path: Path) -> None:
     # Each worker's relay outlived it, and a gateway running as PID 1 inherited it and never
-    # reaped it: a zombie for every worker a reload (or a stop of its own) replaced.
+    # reaped it: a zombie for every worker a reload (or a stop of its own) replaced, or that
+    # was killed.
     log = tmp_path / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-c", SUBREAPER, str(BIN / "image-gateway"), "serve",
@@ -237,12 +239,30 @@ def test_a_replaced_worker_leaves_no_relay_behind(tmp_path: Path) -> None:
         wait_for(lambda: READY.search(log.read_text()) is not None, "the gateway serves", 30)
         proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "reload done" in log.read_text(), "the reload", 60)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        states = {c: _state(c) for c in children}
-        assert "Z" not in states.values(), (states, log.read_text())
+        assert not _zombies(proc.pid), log.read_text()
+        # A worker killed outright cannot wait for its relay, which the gateway adopts.
+        workers = [c for c in _children(proc.pid) if "spawn_main" in _cmdline(c)]
+        os.kill(int(workers[0]), signal.SIGKILL)
+        wait_for(lambda: "exited with -9" in log.read_text(), "the worker's end", 10)
+        wait_for(lambda: not _zombies(proc.pid), "no zombie left", 10)
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except FileNotFoundError:
+        return ""
+
+
+def _zombies(pid: int) -> list[str]:
+    return [child for child in _children(pid) if _state(child) == "Z"]
 
 
 def _state(pid: str) -> str:
