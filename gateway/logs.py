@@ -111,7 +111,8 @@ class OneLineFormatter(logging.Formatter):
         return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = escaped(record.message)
+        # A warning's text ends with a newline of its own (warnings.formatwarning).
+        record.message = escaped(record.message.rstrip("\n"))
         return super().formatMessage(record)
 
     def formatException(

@@ -159,7 +159,8 @@ def test_what_python_writes_on_its_own_is_logged(tmp_path: Path) -> None:
         assert s.proc.wait(timeout=30) == 0
     text = s.log.read_text()
     logged = r"^\S+ \S+ (WARNING|ERROR) (py\.warnings|gateway)\[\d+\]: "
-    assert re.search(logged + r".*UserWarning: an untidy model warns\\n", text, re.M), text
+    warned = logged + r".*UserWarning: an untidy model warns\\n  warnings\.warn\(.*\)$"
+    assert re.search(warned, text, re.M), text
     assert re.search(logged + r"uncaught exception in thread untidy-thread$", text, re.M), text
     assert re.search(
         logged + r"Exception ignored in: <function _FailsWhenCollected\.__del__", text, re.M
