@@ -30,7 +30,7 @@ from gateway import (
     supervisor,
     workers,
 )
-from gateway.config import Settings, url_host, worker_count
+from gateway.config import Settings, url_host
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
 from gateway.core.tokens import Tokens
@@ -429,9 +429,13 @@ def run_worker(
 
 
 def serve(settings: Settings) -> int:
+    # One process only when asked (--workers 1). By default a supervisor runs even one worker
+    # (one CPU to use, as in a container limited to one): it restarts the worker, replaces it
+    # when silent or hung, and reloads, which one process cannot do on its own.
+    alone = settings.workers == 1
     # Each process that decodes sends its native code's stderr through a relay of its own: the
     # one process here, or each worker (run_worker).
-    if worker_count(settings) == 1:
+    if alone:
         native_output.capture(settings.log_level)
     logs.configure(settings)
     for line in config.unknown_variables(os.environ):
@@ -441,7 +445,7 @@ def serve(settings: Settings) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc.strerror or exc)
         return 1
-    if worker_count(settings) > 1:
+    if not alone:
         return supervisor.supervise(settings)
 
     def _ready(gateway: Gateway) -> None:

@@ -200,6 +200,10 @@ def test_cli_names_the_request_id_of_a_failed_call(served: Served) -> None:
         assert _errors_of(served.log, request_id) == ["model_not_found"]
 
 
+def _logged_text(log: Path, text: str) -> bool:
+    return text in log.read_text()
+
+
 def _errors_of(log: Path, request_id: str) -> list[str]:
     return [r["error"] for r in logged_records(log) if r["request_id"] == request_id]
 
@@ -1212,6 +1216,12 @@ def test_the_default_workers_are_the_cpus_the_gateway_may_use(tmp_path: Path) ->
         s = launch(run, "--http-port", "0", "--grpc-port", "0", env=env)
         try:
             assert f" workers={expected} " in s.log.read_text(), s.log.read_text()
+            if expected == 1:
+                # Even one worker has a supervisor, which reloads it (one process cannot).
+                (worker,) = spawned(s.proc.pid)
+                s.proc.send_signal(signal.SIGUSR1)
+                wait_for(functools.partial(_logged_text, s.log, "reload done"), "the reload", 60)
+                assert f"in place of worker {worker}," in s.log.read_text()
         finally:
             s.proc.terminate()
             assert s.proc.wait(timeout=30) == 0
