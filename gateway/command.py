@@ -9,13 +9,67 @@ shell reports SIGINT (130). From the gateway's own handling on, Ctrl-C drains as
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway import config
+
+log = logging.getLogger("gateway")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        from gateway import serve
+        from gateway import config
 
-        return serve.main(argv)
+        parser = argparse.ArgumentParser(
+            prog="image-gateway", description="Image inference gateway over HTTP and gRPC."
+        )
+        commands = parser.add_subparsers(dest="command", required=True)
+        serve_parser = commands.add_parser("serve", help="serve models over HTTP and gRPC")
+        config.add_arguments(serve_parser)
+        args = parser.parse_args(argv)
+        settings = config.from_namespace(args, os.environ, serve_parser)
+        # A model given as package.module:factory is found from the working directory first,
+        # as `python -m` would (and gunicorn and uvicorn do); an installed script starts
+        # without it. Worker processes inherit the path.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return serve(settings)
     except KeyboardInterrupt:
         return 130
+
+
+def serve(settings: config.Settings) -> int:
+    """Serve until a stop signal: as one process, or as a supervisor of workers. The supervisor
+    imports none of the servers (grpc, OpenCV, Flask): it held as much memory as a worker,
+    114 MB, for nothing it used."""
+    from gateway import config, logs, native_output, workers
+
+    # One process only when asked (--workers 1). By default a supervisor runs even one worker
+    # (one CPU to use, as in a container limited to one): it restarts the worker, replaces it
+    # when silent or hung, and reloads, which one process cannot do on its own.
+    alone = settings.workers == 1
+    # Each process that decodes sends its native code's stderr through a relay of its own: the
+    # one process here, or each worker (gateway.serve.run_worker).
+    if alone:
+        native_output.capture(settings.log_level)
+    logs.configure(settings)
+    for line in config.unknown_variables(os.environ):
+        log.warning("%s", line)
+    try:
+        workers.check_host(settings.host)
+    except OSError as exc:
+        log.error("cannot start: %s", exc.strerror or exc)
+        return 1
+    if alone:
+        from gateway import serve as one_process
+
+        return one_process.run_alone(settings)
+    from gateway import supervisor
+
+    return supervisor.supervise(settings)

@@ -1,18 +1,17 @@
-"""Process entry point: `image-gateway serve` builds the core and serves it over HTTP and gRPC
-until SIGINT or SIGTERM, in one process or in several workers (gateway.supervisor)."""
+"""A serving process: builds the core and serves it over HTTP and gRPC until SIGINT or SIGTERM,
+as the one process (`run_alone`) or as one worker of several (`run_worker`, started by
+gateway.supervisor). gateway.command chooses which."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import logging
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
@@ -27,7 +26,6 @@ from gateway import (
     model_threads,
     native_output,
     signals,
-    supervisor,
     workers,
 )
 from gateway.config import Settings, url_host
@@ -428,25 +426,9 @@ def run_worker(
         native_output.finish()
 
 
-def serve(settings: Settings) -> int:
-    # One process only when asked (--workers 1). By default a supervisor runs even one worker
-    # (one CPU to use, as in a container limited to one): it restarts the worker, replaces it
-    # when silent or hung, and reloads, which one process cannot do on its own.
-    alone = settings.workers == 1
-    # Each process that decodes sends its native code's stderr through a relay of its own: the
-    # one process here, or each worker (run_worker).
-    if alone:
-        native_output.capture(settings.log_level)
-    logs.configure(settings)
-    for line in config.unknown_variables(os.environ):
-        log.warning("%s", line)
-    try:
-        workers.check_host(settings.host)
-    except OSError as exc:
-        log.error("cannot start: %s", exc.strerror or exc)
-        return 1
-    if not alone:
-        return supervisor.supervise(settings)
+def run_alone(settings: Settings) -> int:
+    """Serve as one process, without a supervisor (--workers 1), until a stop signal; the exit
+    code. gateway.command has set up the log and checked the host."""
 
     def _ready(gateway: Gateway) -> None:
         workers.log_ready(settings, gateway.http_port, gateway.grpc_port, 1)
@@ -458,24 +440,3 @@ def serve(settings: Settings) -> int:
     if code == 0:
         log.info("image-gateway stopped")
     return code
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="image-gateway", description="Image inference gateway over HTTP and gRPC."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="serve models over HTTP and gRPC")
-    config.add_arguments(serve_parser)
-    args = parser.parse_args(argv)
-    settings = config.from_namespace(args, os.environ, serve_parser)
-    # A model given as package.module:factory is found from the working directory first, as
-    # `python -m` would (and gunicorn and uvicorn do); an installed script starts without it.
-    # Worker processes inherit the path.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return serve(settings)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -299,14 +299,15 @@ def test_stop_signals_in_a_burst_stop_the_gateway_cleanly(tmp_path: Path, worker
 def test_ctrl_c_while_the_gateway_imports_its_servers_ends_it_quietly(
     tmp_path: Path, workers: str
 ) -> None:
-    # The first 0.4 s or so of a start import the servers, before any signal handling of the
-    # gateway's: a Ctrl-C then printed a KeyboardInterrupt traceback of some thirty lines.
-    # The import of grpc is held here until the Ctrl-C comes.
+    # The first 0.4 s or so of a start import the servers (a supervisor, its settings), before
+    # any signal handling of the gateway's: a Ctrl-C then printed a KeyboardInterrupt traceback
+    # of some thirty lines. The import of numpy, which the settings' checks import too, is
+    # held here until the Ctrl-C comes.
     (tmp_path / "sitecustomize.py").write_text(
         "import pathlib, sys, time\n"
         "class Hold:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'grpc':\n"
+        "        if name == 'numpy':\n"
         "            pathlib.Path('importing').touch()\n"
         "            time.sleep(600)\n"
         "sys.meta_path.insert(0, Hold())\n"
@@ -1199,6 +1200,19 @@ def replacements(http_url: str) -> dict[str, float]:
 def replaced(**counts: float) -> dict[str, float]:
     """Every reason's count: those given, 0 for the others."""
     return {**dict.fromkeys(["exited", "hung", "silent", "stopped", "reload"], 0.0), **counts}
+
+
+def test_the_supervisor_loads_none_of_the_servers(tmp_path: Path) -> None:
+    # It imported them all (grpc, OpenCV, Flask) and held as much memory as a worker, 114 MB.
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    try:
+        loaded = Path(f"/proc/{s.proc.pid}/maps").read_text()
+        assert "cv2" not in loaded and "cygrpc" not in loaded
+        worker = Path(f"/proc/{spawned(s.proc.pid)[0]}/maps").read_text()
+        assert "cv2" in worker and "cygrpc" in worker
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
 
 
 CORES = len(os.sched_getaffinity(0))
