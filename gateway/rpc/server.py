@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,18 +17,17 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from gateway import tls
 from gateway.config import Settings, published_limits, url_host
 from gateway.core.access import started_at
-from gateway.core.admission import SHUTTING_DOWN
 from gateway.core.dataplane import DataPlane
-from gateway.core.errors import ErrorCode
+from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.tokens import Tokens
 from gateway.rpc import wire
 from gateway.rpc.arrival import arrived
-from gateway.rpc.ending import end_served
 from gateway.rpc.pool import WatchedPool
 from gateway.rpc.servicer import (
     ERROR_CODE_KEY,
     REQUEST_ID_KEY,
     ImageGatewayServicer,
+    OpenCalls,
     abort,
     call_request_id,
 )
@@ -123,11 +122,8 @@ class GatewayHealth(health.HealthServicer):  # type: ignore[misc]
     def __init__(self, servicer: ImageGatewayServicer) -> None:
         super().__init__(experimental_non_blocking=True)
         self.servicer = servicer
-        # The open Watch calls (what grpc's client-side health checking keeps open), by
-        # context: each call's context, request, request id and start.
-        self._watches: dict[int, tuple[grpc.ServicerContext, Any, str, float]] = {}
-        self._watches_lock = threading.Lock()
-        self._watches_ended = False
+        # The open Watch calls (what grpc's client-side health checking keeps open).
+        self._watches = OpenCalls(servicer.log_stream_end)
 
     def _refuse_malformed(
         self, request: object, context: grpc.ServicerContext, method: str, started: float
@@ -182,37 +178,20 @@ class GatewayHealth(health.HealthServicer):  # type: ignore[misc]
         self._refuse_malformed(request, context, "Watch", started)
         request_id = call_request_id(context)
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        key = id(context)
-        with self._watches_lock:
-            if self._watches_ended:
-                error = ErrorCode.SHUTTING_DOWN
-                self.servicer.log_call(
-                    "Watch", request, None, error.grpc_status, request_id, started, error.code
-                )
-                abort(context, error, SHUTTING_DOWN, request_id)
-            self._watches[key] = (context, request, request_id, started)
-        context.add_callback(lambda: self._forget(key))
+        try:
+            self._watches.add(context, "Watch", request_id)
+        except GatewayError as exc:
+            status = exc.error.grpc_status
+            self.servicer.log_call("Watch", request, None, status, request_id, started, exc.code)
+            abort(context, exc.error, exc.message, request_id)
+        context.add_callback(functools.partial(self._watches.discard, context))
         return super().Watch(request, context, send_response_callback)
-
-    def _forget(self, key: int) -> None:
-        with self._watches_lock:
-            self._watches.pop(key, None)
 
     def end_watches(self) -> None:
         """End the open Watch calls with `shutting_down`, as the gateway's own streams end, and
         refuse new ones so. Called as the server closes, after the drain's NOT_SERVING has gone
-        out to them: left open, grpc cancelled them at its stop, UNAVAILABLE "Cancelling all
-        calls" with no error code or request id."""
-        with self._watches_lock:
-            self._watches_ended = True
-            watches = list(self._watches.values())
-        error = ErrorCode.SHUTTING_DOWN
-        for context, request, request_id, started in watches:
-            trailing = ((ERROR_CODE_KEY, error.code), (REQUEST_ID_KEY, request_id))
-            if end_served(context, error, SHUTTING_DOWN, trailing):
-                self.servicer.log_call(
-                    "Watch", request, None, error.grpc_status, request_id, started, error.code
-                )
+        out to them."""
+        self._watches.end()
 
 
 # grpc_reflection has no type stubs.

@@ -138,6 +138,42 @@ def _model_named(message: object) -> str | None:
 
 
 # The generated servicer base has no type stubs.
+class OpenCalls:
+    """Calls that wait on their client (a stream for its next message, a health Watch for a
+    change of status), which the server ends together, with `shutting_down` and the call's
+    request id, and refuses so once it has. Left open, grpc cancelled them at its stop with
+    UNAVAILABLE "Cancelling all calls", without an error code or request id."""
+
+    def __init__(self, logged: Callable[[str, str, GatewayError], None]) -> None:
+        # Told of each call ended: its method, request id, and the error it ended with.
+        self._logged = logged
+        # id(context) -> (context, method, request id).
+        self._calls: dict[int, tuple[grpc.ServicerContext, str, str]] = {}
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def add(self, context: grpc.ServicerContext, method: str, call_id: str) -> None:
+        """Keep the call until `discard`; raises `shutting_down` once `end` has run."""
+        with self._lock:
+            if self._ended:
+                raise GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
+            self._calls[id(context)] = (context, method, call_id)
+
+    def discard(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._calls.pop(id(context), None)
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            calls = list(self._calls.values())
+        ended = GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
+        for context, method, call_id in calls:
+            trailing = ((ERROR_CODE_KEY, ended.code), (REQUEST_ID_KEY, call_id))
+            if end_served(context, ended.error, ended.message, trailing):
+                self._logged(method, call_id, ended)
+
+
 class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     def __init__(
         self,
@@ -154,12 +190,9 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         # client sends nothing; the server's pool has max_streams threads more than unary calls
         # need, and a stream past that count is refused at once.
         self._streams = threading.BoundedSemaphore(max_streams)
-        # The streams waiting for their client's next message, which a drain ends at once:
-        # id(context) -> (context, method, stream id).
-        self._waiting: dict[int, tuple[grpc.ServicerContext, str, str]] = {}
-        self._waiting_lock = threading.Lock()
-        # Set once streams are to end (`end_streams`): a drain, or a reload retiring the worker.
-        self._ending = False
+        # The streams waiting for their client's next message, which a drain (or a reload
+        # retiring the worker) ends at once (`end_streams`).
+        self._waiting = OpenCalls(self.log_stream_end)
 
     def log_call(
         self,
@@ -255,19 +288,14 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         next message is taken; a stream already waiting for it then is ended by
         `end_streams`. (Left open, streams ended a second after the drain with grpc's
         own UNAVAILABLE "Cancelling all calls", without an error code or request id.)"""
-        key = id(context)
         while True:
-            with self._waiting_lock:
-                if self._ending:
-                    raise GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
-                self._waiting[key] = (context, method, stream_id)
+            self._waiting.add(context, method, stream_id)
             try:
                 request = next(requests)
             except StopIteration:
                 return
             finally:
-                with self._waiting_lock:
-                    del self._waiting[key]
+                self._waiting.discard(context)
             self.authenticate(context)
             yield request
 
@@ -275,14 +303,7 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         """End with `shutting_down` the streams waiting for their client's next message, as the
         gateway drains or the worker retires; the others end before they take their next one,
         and new ones at their first (`messages`)."""
-        with self._waiting_lock:
-            self._ending = True
-            waiting = list(self._waiting.values())
-        ended = GatewayError(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
-        for context, method, stream_id in waiting:
-            trailing = ((ERROR_CODE_KEY, ended.code), (REQUEST_ID_KEY, stream_id))
-            if end_served(context, ended.error, ended.message, trailing):
-                self._log_stream_end(method, stream_id, ended)
+        self._waiting.end()
 
     @contextlib.contextmanager
     def stream_slot(
@@ -326,10 +347,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
     def _refuse_stream(
         self, method: str, context: grpc.ServicerContext, stream_id: str, exc: GatewayError
     ) -> NoReturn:
-        self._log_stream_end(method, stream_id, exc)
+        self.log_stream_end(method, stream_id, exc)
         abort(context, exc.error, exc.message, stream_id)
 
-    def _log_stream_end(self, method: str, stream_id: str, exc: GatewayError) -> None:
+    def log_stream_end(self, method: str, stream_id: str, exc: GatewayError) -> None:
         self.log_call(
             method, None, None, exc.error.grpc_status, stream_id, time.perf_counter(), exc.code
         )
