@@ -48,17 +48,15 @@ def serve(settings: config.Settings) -> int:
     """Serve until a stop signal: as one process, or as a supervisor of workers. The supervisor
     imports none of the servers (grpc, OpenCV, Flask): it held as much memory as a worker,
     114 MB, for nothing it used."""
-    from gateway import config, logs, native_output, workers
+    from gateway import config, logs, workers
 
     # One process only when asked (--workers 1). By default a supervisor runs even one worker
     # (one CPU to use, as in a container limited to one): it restarts the worker, replaces it
     # when silent or hung, and reloads, which one process cannot do on its own.
     alone = settings.workers == 1
-    # Each process that decodes sends its native code's stderr through a relay of its own: the
-    # one process here, or each worker (gateway.serve.run_worker).
-    if alone:
-        native_output.capture(settings.log_level)
-    logs.configure(settings)
+    # Each process that decodes relays its native code's stderr: the one process here, or each
+    # worker (gateway.serve.run_worker); the supervisor decodes nothing.
+    logs.configure(settings, relay_native=alone)
     for line in config.unknown_variables(os.environ):
         log.warning("%s", line)
     try:

@@ -13,6 +13,7 @@ from collections import deque
 from types import TracebackType
 from typing import TextIO
 
+from gateway import native_output
 from gateway.config import Settings
 from gateway.native_output import escaped
 
@@ -146,7 +147,12 @@ def _escape_messages(formatted: traceback.TracebackException, seen: set[int]) ->
             _escape_messages(other, seen)
 
 
-def configure(settings: Settings) -> None:
+def configure(settings: Settings, relay_native: bool = False) -> None:
+    """Set up the log on stderr. `relay_native` (a process that decodes) first sends what its
+    native code writes to stderr through a relay (gateway.native_output): before the handlers
+    take hold of sys.stderr, which the relay's set-up moves to a copy of the descriptor."""
+    if relay_native:
+        native_output.capture(settings.log_level)
     # Every request makes a LogRecord (its access record). These fields are not in any format
     # here, and filling them (the caller's frame walk above all) is the costly part of a record;
     # the logging HOWTO's "Optimization" section names the same switches.

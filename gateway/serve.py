@@ -379,12 +379,11 @@ def run_worker(
     heard_at: ctypes.c_double,
     replacing: str = "",
 ) -> int:
-    """One worker process of several (see gateway.workers); `gateway_stopping` is set once
+    """One worker process of several (see gateway.supervisor); `gateway_stopping` is set once
     the whole gateway stops, and the worker writes `heard_at` (time.monotonic()) every
     HUNG_LOOK seconds while its threads run. `replacing` is why the worker whose place it
     takes went, if it takes one."""
-    native_output.capture(settings.log_level)
-    logs.configure(settings)
+    logs.configure(settings, relay_native=True)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
     link = _SupervisorLink(supervisor)
