@@ -1040,6 +1040,8 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
             wait_for(lambda: gw.dataplane.admission.active == 1, "the gated request runs")
             # ... while more connections send a request than may wait for a thread.
             extra = 6
+            overloaded = ("http", "-", "", "503")
+            at_start = request_counts(gw.http_url)
             waiting = [
                 socket.create_connection(address, timeout=30) for _ in range(THREAD_QUEUE + extra)
             ]
@@ -1063,13 +1065,19 @@ def test_connections_past_the_accepted_queue_get_503_overloaded() -> None:
                         selector.unregister(key.fileobj)
                         refused.append(key.data)
             assert len(refused) == extra
+            # A refusal is counted once its answer is sent, so a loaded machine may show its
+            # answer here before its count.
+            wait_for(
+                lambda: delta(request_counts(gw.http_url), at_start)[overloaded] == extra,
+                "the refusals are counted",
+            )
             # Clients that leave before sending anything, with the queue full: closed, not answered
             # 503 and counted for nobody.
             before = request_counts(gw.http_url)
             for _ in range(5):
                 socket.create_connection(address, timeout=5).close()
             time.sleep(0.5)
-            assert delta(request_counts(gw.http_url), before)[("http", "-", "", "503")] == 0
+            assert delta(request_counts(gw.http_url), before)[overloaded] == 0
             # A client need not read at once: a reset sent after the answer would destroy it by
             # then.
             time.sleep(0.5)
