@@ -88,6 +88,11 @@ BATCH_SIZE = Histogram(
 IMAGE_ERRORS = Counter(
     "gateway_image_errors_total", "Images refused or failed, by error code.", ["code"]
 )
+HTTP_CONNECTIONS_HANDED = Counter(
+    "gateway_http_connections_handed_total",
+    "HTTP connections a worker accepted and handed, unread, to another worker holding fewer "
+    "(the kernel's spread over the workers is uneven over a few long-lived connections).",
+)
 # Counted by each new worker as it serves: the supervisor, which imported prometheus-client
 # before it set up the multiprocess directory, keeps its values in its own memory.
 WORKER_REPLACEMENTS = Counter(

@@ -34,6 +34,7 @@ from gateway.core.dataplane import DataPlane
 from gateway.core.tokens import Tokens
 from gateway.models.registry import ModelRegistry
 from gateway.rest.app import create_app
+from gateway.rest.balance import Place
 from gateway.rest.server import HttpServer, build_http_server
 from gateway.rpc.server import GatewayHealth, build_grpc_server
 from gateway.rpc.servicer import ImageGatewayServicer
@@ -145,9 +146,13 @@ class Gateway:
 
 
 def start(
-    settings: Settings, registry: ModelRegistry | None = None, reuse_port: bool = False
+    settings: Settings,
+    registry: ModelRegistry | None = None,
+    reuse_port: bool = False,
+    balance: Place | None = None,
 ) -> Gateway:
-    """Start both servers on their ports (0 picks free ones) and return once they accept."""
+    """Start both servers on their ports (0 picks free ones) and return once they accept; a
+    worker of several gets its `balance` place (gateway.rest.balance)."""
     dataplane = DataPlane(
         registry or ModelRegistry.from_specs(list(settings.model)),
         config.core_limits(settings),
@@ -170,6 +175,7 @@ def start(
         reuse_port,
         lambda: dataplane.admission.draining,
         settings.cors_origin,
+        balance,
     )
     grpc_server.start()
     thread = threading.Thread(target=http_server.serve, name="http-server", daemon=True)
@@ -197,6 +203,7 @@ def _serve_until_signal(
     hung: Callable[[], None] | None = None,
     alone: Callable[[], bool] | None = None,
     beat: Callable[[], None] | None = None,
+    balance: Place | None = None,
 ) -> int:
     stopping = threading.Event()
     serving = threading.Event()
@@ -240,7 +247,7 @@ def _serve_until_signal(
     # Before the models load: a library a model imports reads its thread count as it loads.
     model_threads.limit(settings.model_threads)
     try:
-        gateway = start(settings, reuse_port=reuse_port)
+        gateway = start(settings, reuse_port=reuse_port, balance=balance)
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -258,6 +265,9 @@ def _serve_until_signal(
             break
     deadline = time.monotonic() + settings.shutdown_grace
     signals.ignore(workers.STOP_SIGNALS)
+    # Before the supervisor hears this worker leaves (and gives its place to another): from
+    # here on it hands no connection over and publishes no count.
+    gateway.http.stop_balancing()
     if retire is not None and retire.is_set():
         log.info("replaced by a new worker; finishing the requests under way")
         gateway.retire(deadline)
@@ -378,11 +388,13 @@ def run_worker(
     gateway_stopping: EventType,
     heard_at: ctypes.c_double,
     replacing: str = "",
+    balance: Place | None = None,
 ) -> int:
     """One worker process of several (see gateway.supervisor); `gateway_stopping` is set once
     the whole gateway stops, and the worker writes `heard_at` (time.monotonic()) every
     HUNG_LOOK seconds while its threads run. `replacing` is why the worker whose place it
-    takes went, if it takes one."""
+    takes went, if it takes one; `balance` is its place among the workers that spread HTTP
+    connections evenly."""
     logs.configure(settings, relay_native=True)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
@@ -420,6 +432,7 @@ def run_worker(
             hung=lambda: link.send(workers.HUNG),
             alone=_alone,
             beat=lambda: setattr(heard_at, "value", time.monotonic()),
+            balance=balance,
         )
     finally:
         native_output.finish()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gateway import signals
 from gateway.config import Settings, worker_count
+from gateway.rest.balance import Handover
 from gateway.workers import (
     CLOSE,
     CLOSE_SLACK,
@@ -231,6 +232,8 @@ class Supervisor:
         self.why = [""] * count
         # When to look next for adopted processes that have ended.
         self.adopted_look_at = 0.0
+        # How the workers spread HTTP connections evenly over themselves.
+        self.handover = Handover(self.context, count) if count > 1 else None
         signals.handle(
             {**dict.fromkeys(STOP_SIGNALS, self.on_signal), RELOAD_SIGNAL: self.on_reload}
         )
@@ -259,7 +262,7 @@ class Supervisor:
         why) if one does not start."""
         try:
             while len(self.started) < self.count and not self.stopping.is_set():
-                self.started.append(self.spawn())
+                self.started.append(self.spawn(len(self.started)))
         except RuntimeError as exc:
             # A Ctrl-C reaches the starting workers too; then a worker that gave up is no
             # failure.
@@ -274,9 +277,9 @@ class Supervisor:
             log_ready(self.settings, self.http_port, self.grpc_port, self.count)
         return True
 
-    def spawn(self, replacing: str = "") -> _Worker:
-        """Start a worker; `replacing` says why the worker whose place it takes went (it
-        counts itself in gateway.metrics.WORKER_REPLACEMENTS)."""
+    def spawn(self, place: int, replacing: str = "") -> _Worker:
+        """Start a worker in `place`; `replacing` says why the worker whose place it takes
+        went (it counts itself in gateway.metrics.WORKER_REPLACEMENTS)."""
         stopping = self.stopping
         parent, child = self.context.Pipe()
         heard_at = self.context.RawValue(ctypes.c_double, 0.0)
@@ -289,6 +292,7 @@ class Supervisor:
                 self.gateway_stopping,
                 heard_at,
                 replacing,
+                None if self.handover is None else self.handover.place(place),
             ),
             daemon=False,
         )
@@ -428,6 +432,8 @@ class Supervisor:
         """Empty place i, whose worker exited unasked (or was killed as silent); its
         replacement, which starts `when`, counts why."""
         proc = worker.proc
+        if self.handover is not None:
+            self.handover.vacate(i)
         log.error("worker %d exited with %s; starting another%s", proc.pid, proc.exitcode, when)
         if proc.pid is not None:
             _mark_dead(proc.pid)
@@ -446,7 +452,7 @@ class Supervisor:
             # why it went, not "reload", and the log says it exited, not that it was replaced.
             self.bury(i, old, "")
             old = None
-        new = self.spawn(reason if old is not None else self.why[i])
+        new = self.spawn(i, reason if old is not None else self.why[i])
         self.started[i] = new
         self.failures[i] = 0
         self.why[i] = ""
@@ -519,6 +525,8 @@ class Supervisor:
         self.retiring.append(worker)
         self.started[i] = None
         self.retry_at[i] = 0.0
+        if self.handover is not None:
+            self.handover.vacate(i)
 
     def answer_workers(self) -> None:
         # A worker whose model call has hung asks to be replaced (gateway.serve), and asks
@@ -581,7 +589,7 @@ class Supervisor:
             if now < self.retry_at[i]:
                 continue
             try:
-                self.started[i] = self.spawn(self.why[i])
+                self.started[i] = self.spawn(i, self.why[i])
             except RuntimeError as exc:
                 if self.stopping.is_set():
                     break

@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 
 from gateway.config import Settings, url_host
+from gateway.rest.balance import Place
 
 log = logging.getLogger("gateway")
 
@@ -120,6 +121,7 @@ def worker_main(
     stopping: EventType,
     heard_at: ctypes.c_double,
     replacing: str,
+    balance: Place | None,
 ) -> None:
     # Runs in the spawned child: imports the servers only here. A child starts with its
     # parent's signal mask, and so with the signals the supervisor held back while it started
@@ -130,4 +132,6 @@ def worker_main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_SPAWN)
     from gateway import serve
 
-    raise SystemExit(serve.run_worker(settings, ready, parent, stopping, heard_at, replacing))
+    raise SystemExit(
+        serve.run_worker(settings, ready, parent, stopping, heard_at, replacing, balance)
+    )

@@ -35,6 +35,7 @@ from gateway.core.access import log_access, started_at
 from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
+from gateway.rest.balance import Balancer, Place
 from gateway.rest.dispatch import Dispatcher, header_value, request_start
 from gateway.rest.framing import (
     ChunkedBody,
@@ -505,6 +506,64 @@ def origin_form(line: bytes) -> bytes:
 
 class HttpConnection(Connection):
     RequestHandlerClass = GatewayRequest
+    # Counted among the connections this worker holds (gateway.rest.balance) until closed.
+    _counted = False
+
+    def __init__(self, srv: Any, *args: Any) -> None:
+        super().__init__(srv, *args)
+        balancer = getattr(srv, "balancer", None)
+        if balancer is not None:
+            balancer.opened()
+            self._counted = True
+
+    def close(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.server.balancer.closed()
+        super().close()
+
+
+class _Balanced:
+    """The listener as the selector loop accepts from it, handing a connection just accepted
+    to another worker when that one holds fewer (gateway.rest.balance)."""
+
+    def __init__(self, listener: socket.socket, balancer: Balancer) -> None:
+        self._listener = listener
+        self._balancer = balancer
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        sock, address = self._listener.accept()
+        if self._balancer.hand_over(sock):
+            metrics.HTTP_CONNECTIONS_HANDED.inc()
+            # What cheroot takes for "nothing to accept after all".
+            raise BlockingIOError(errno.EAGAIN, "handed to another worker")
+        return sock, address
+
+
+class _Received:
+    """A connection another worker accepted and handed to this one, as the selector loop
+    accepts it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            return self._sock, self._sock.getpeername()
+        except OSError:  # its client has reset it already
+            self._sock.close()
+            # What cheroot takes for "nothing to accept after all".
+            raise BlockingIOError(errno.EAGAIN, "gone before it was taken") from None
+
+
+class _Handed:
+    """The selector's entry for the Unix socket other workers hand connections over on."""
+
+    # Never idle long enough for the selector's sweep to close it.
+    last_used = math.inf
+
+    def close(self) -> None:
+        pass  # the socket is the balancer's
 
 
 class Listening(connections.ConnectionManager):
@@ -526,6 +585,13 @@ class Listening(connections.ConnectionManager):
         self._starved_since: float | None = None
         self._leave = False
         self.left = threading.Event()
+        self.handed = _Handed()
+        balancer: Balancer | None = server.balancer
+        if balancer is not None:
+            self._selector.register(  # type: ignore[attr-defined]
+                balancer.receiver.fileno(), selectors.EVENT_READ, data=self.handed
+            )
+            balancer.publish()
 
     def leave(self) -> None:
         """Stop taking connections (the selector thread closes the listener at its next sweep,
@@ -536,7 +602,22 @@ class Listening(connections.ConnectionManager):
         """Connections waiting in the selector: idle keep-alive ones and new ones that have not
         sent their request yet."""
         held = self._selector.connections  # type: ignore[attr-defined]
-        return len([conn for _, conn in held if conn is not self.server])
+        return len(
+            [conn for _, conn in held if conn is not self.server and conn is not self.handed]
+        )
+
+    def take_handed(self) -> None:
+        """Serve the connections other workers handed over (on the selector thread, which has
+        taken the Unix socket out of the selector to call this)."""
+        balancer: Balancer = self.server.balancer
+        for sock in balancer.take():
+            conn = self._from_server_socket(_Received(sock))
+            if conn is not None:
+                self.server.process_conn(conn)
+        if not self.left.is_set():
+            self._selector.register(  # type: ignore[attr-defined]
+                balancer.receiver.fileno(), selectors.EVENT_READ, data=self.handed
+            )
 
     def _close_listener(self) -> None:
         # Connections the kernel has queued for this listener are taken first: closing a
@@ -551,10 +632,19 @@ class Listening(connections.ConnectionManager):
         while (conn := self._from_server_socket(listener)) is not None:
             self.server.process_conn(conn)
         listener.close()
+        balancer: Balancer | None = self.server.balancer
+        if balancer is not None:
+            # What was handed over and not yet taken waits for this worker's replacement,
+            # which takes the same socket, or goes to another worker (Handover.vacate).
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(balancer.receiver.fileno())  # type: ignore[attr-defined]
         self.server.socket = None  # cheroot's stop closes it otherwise
         self.left.set()
 
-    def _from_server_socket(self, server_socket: socket.socket) -> Any:
+    def _from_server_socket(self, server_socket: Any) -> Any:
+        balancer: Balancer | None = self.server.balancer
+        if balancer is not None and server_socket is self.server.socket:
+            server_socket = _Balanced(server_socket, balancer)
         try:
             conn = super()._from_server_socket(server_socket)  # type: ignore[misc]
         except OSError as exc:
@@ -587,6 +677,9 @@ class Listening(connections.ConnectionManager):
     def _expire(self, threshold: float) -> None:
         # The loop calls this every 0.5 s or so whatever else happens, listener or not.
         super()._expire(threshold)  # type: ignore[misc]
+        if self.server.balancer is not None:
+            # A worker this one replaced may have written its own count over this one's.
+            self.server.balancer.publish()
         if self._leave and not self.left.is_set():
             self._close_listener()
         if self._resume_at is not None and time.monotonic() >= self._resume_at:
@@ -609,9 +702,12 @@ class HttpServer(wsgi.Server):
         max_body: int,
         draining: Callable[[], bool] = lambda: False,
         cors_origins: tuple[str, ...] = (),
+        balance: Place | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # With other workers on the port: spreads the connections evenly over them.
+        self.balancer = Balancer(balance) if balance is not None else None
         self.cors_origins = cors_origins
         # The largest body the app takes; an unread one up to this is read out (see
         # GatewayRequest.send_headers).
@@ -655,6 +751,12 @@ class HttpServer(wsgi.Server):
         listening = self._connections
         return listening.connections_open() if isinstance(listening, Listening) else 0
 
+    def stop_balancing(self) -> None:
+        """This worker is leaving: it neither hands connections over nor counts for those
+        handed over any more."""
+        if self.balancer is not None:
+            self.balancer.stop()
+
     def stop(self) -> None:
         try:
             super().stop()
@@ -677,6 +779,9 @@ class HttpServer(wsgi.Server):
     def process_conn(self, conn: Any) -> None:
         # A connection with a request to read, on the selector thread (or one handing back a
         # connection with a pipelined request). Never blocks: gateway.rest.dispatch.
+        if isinstance(conn, _Handed):
+            self._connections.take_handed()
+            return
         conn.queued_at = time.monotonic()
         self.dispatcher.dispatch(conn)
 
@@ -789,6 +894,7 @@ def build_http_server(
     reuse_port: bool = False,
     draining: Callable[[], bool] = lambda: False,
     cors_origins: tuple[str, ...] = (),
+    balance: Place | None = None,
 ) -> tuple[HttpServer, int]:
     """Bind (port 0 picks a free port) and return the server, not yet serving, and its port."""
     server = HttpServer(
@@ -798,6 +904,7 @@ def build_http_server(
         max_body=max_body,
         draining=draining,
         cors_origins=cors_origins,
+        balance=balance,
         numthreads=threads,
         server_name="image-gateway",
         # Connections the kernel has taken and the selector not yet accepted. Past this, a
