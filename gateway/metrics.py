@@ -90,8 +90,9 @@ IMAGE_ERRORS = Counter(
 )
 HTTP_CONNECTIONS_HANDED = Counter(
     "gateway_http_connections_handed_total",
-    "HTTP connections a worker accepted and handed, unread, to another worker holding fewer "
-    "(the kernel's spread over the workers is uneven over a few long-lived connections).",
+    "HTTP connections a worker handed to another worker holding fewer, new and unread or "
+    "between two requests (the kernel's spread over the workers is uneven over a few "
+    "long-lived connections).",
 )
 # Counted by each new worker as it serves: the supervisor, which imported prometheus-client
 # before it set up the multiprocess directory, keeps its values in its own memory.

@@ -6,8 +6,9 @@ keep-alive connections to two workers split 2/6 or 1/7 in 7 runs of 18, which co
 third of its throughput (docs/performance.md). So a worker that accepts a connection while it
 holds more than the worker holding fewest hands the connection over, before reading a byte of
 it: the socket goes to that worker over a Unix socket (SCM_RIGHTS), much as Envoy's exact
-connection balancing hands one between its threads. gRPC's connections are accepted inside
-grpcio's core, out of the gateway's reach, and stay where the kernel put them.
+connection balancing hands one between its threads. A worker holding MOVE_MARGIN more hands
+over a keep-alive connection between two of its requests the same way. gRPC's connections are
+accepted inside grpcio's core, out of the gateway's reach, and stay where the kernel put them.
 
 The supervisor makes one Unix datagram socket pair per place (a worker's place, which its
 replacement takes over) and a table of the connections each place's worker holds, and gives
@@ -36,6 +37,13 @@ from typing import Any
 # fifth at 2, at no cost the runs could see (1013-1076 req/s, 1034-1350, and 1000-1155 before
 # any were handed over).
 MARGIN = 1
+# A connection already open (between two of its requests) is handed over while its worker holds
+# at least this many more than the worker holding fewest: counts at a connection's start can be
+# wrong for a moment (those of connections whose clients have closed them and whose workers have
+# not yet seen it), and wrk's eight connections, opened right after another run's had closed,
+# ended 3/5 and 2/6 in 2 runs of 3 with MARGIN alone. At 1, connections would go back and forth
+# between two workers holding 4 and 5.
+MOVE_MARGIN = 2
 # What a place's count reads while no worker takes connections there (its worker died, or left
 # on a stop signal of its own): never the fewest.
 VACANT = -1
@@ -94,6 +102,9 @@ class Balancer:
     def __init__(self, place: Place) -> None:
         self._place = place
         self._lock = threading.Lock()
+        # Request threads hand over open connections while the selector thread hands over new
+        # ones: one chooses at a time.
+        self._choosing = threading.Lock()
         self._count = 0
         self._publishing = True
         places = len(place.senders)
@@ -130,11 +141,19 @@ class Balancer:
         if self._publishing:
             self._place.held[self._place.index] = self._count
 
-    def hand_over(self, sock: socket.socket) -> bool:
-        """Send `sock` to the worker holding fewest, if this one holds at least MARGIN more;
-        whether it went (then this process's copy is closed)."""
+    def hand_over(self, sock: socket.socket, margin: int = MARGIN, close: bool = True) -> bool:
+        """Send `sock` to the worker holding fewest, if this one holds at least `margin` more;
+        whether it went (then this process's copy is closed, with `close`)."""
         if not self._publishing:
             return False
+        with self._choosing:
+            if not self._send_to_fewest(sock, margin):
+                return False
+        if close:
+            sock.close()
+        return True
+
+    def _send_to_fewest(self, sock: socket.socket, margin: int) -> bool:
         held = self._place.held
         fewest, target = None, -1
         for index in range(len(self._seen)):
@@ -148,7 +167,7 @@ class Balancer:
             load = count + self._in_flight[index]
             if fewest is None or load < fewest:
                 fewest, target = load, index
-        if fewest is None or self._count < fewest + MARGIN:
+        if fewest is None or self._count < fewest + margin:
             return False
         try:
             socket.send_fds(
@@ -157,7 +176,6 @@ class Balancer:
         except OSError:  # its queue is full: it is not taking them fast enough anyway
             return False
         self._in_flight[target] += 1
-        sock.close()
         return True
 
     def take(self) -> list[socket.socket]:

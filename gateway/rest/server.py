@@ -35,7 +35,7 @@ from gateway.core.access import log_access, started_at
 from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.rest.balance import Balancer, Place
+from gateway.rest.balance import MOVE_MARGIN, Balancer, Place
 from gateway.rest.dispatch import Dispatcher, header_value, request_start
 from gateway.rest.framing import (
     ChunkedBody,
@@ -517,10 +517,35 @@ class HttpConnection(Connection):
             self._counted = True
 
     def close(self) -> None:
+        if self._moved:
+            # Served by another worker now: only this process's descriptor closes, with no
+            # shutdown, lingering or reading out.
+            self.rfile.close()
+            self.wfile.close()
+            self.socket.close()
+            return
         if self._counted:
             self._counted = False
             self.server.balancer.closed()
         super().close()
+
+    _moved = False
+
+    def moved(self) -> bool:
+        balancer: Balancer | None = self.server.balancer
+        if (
+            balancer is None
+            or not self._counted
+            or self.probe_only
+            or self.rfile.has_data()  # a pipelined request read into this process
+            or not balancer.hand_over(self.socket, MOVE_MARGIN, close=False)
+        ):
+            return False
+        metrics.HTTP_CONNECTIONS_HANDED.inc()
+        self._moved = True
+        self._counted = False
+        balancer.closed()
+        return True
 
 
 class _Balanced:

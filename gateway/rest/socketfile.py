@@ -337,8 +337,15 @@ class Connection(server.HTTPConnection):
     def communicate(self) -> bool:
         # cheroot's stubs leave communicate unannotated; it returns whether to keep the connection.
         while super().communicate():  # type: ignore[no-untyped-call]
+            if self.moved():
+                return False
             if not self._next_request_here():
                 return True
+        return False
+
+    def moved(self) -> bool:
+        """Whether the connection, between two requests, went to another process to be served
+        there (gateway.rest.balance): this one only lets go of its descriptor then."""
         return False
 
     def _next_request_here(self) -> bool:
