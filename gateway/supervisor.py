@@ -115,6 +115,15 @@ def _answered(pipe: Connection, stopping: threading.Event, meanwhile: Callable[[
     return False
 
 
+def _said_it_leaves(worker: _Worker) -> bool:
+    """Whether a worker's unread words say it leaves on a stop signal of its own (LEAVING)."""
+    with contextlib.suppress(OSError, EOFError):
+        while worker.pipe.poll():
+            if worker.pipe.recv() == LEAVING:
+                return True
+    return False
+
+
 def _remove_orphaned_metrics() -> None:
     """The metrics directories of supervisors that ended without removing theirs (SIGKILL, a
     crash): each is named for its supervisor's pid, and one whose process is gone is removed."""
@@ -578,6 +587,11 @@ class Supervisor:
             if worker is not None:
                 proc = worker.proc
                 if proc.is_alive():
+                    continue
+                if _said_it_leaves(worker):
+                    # It left on a stop signal of its own while the supervisor started another
+                    # worker (in this same look): not a worker that exited unasked.
+                    self.replace_stopped(i, worker)
                     continue
                 if now - worker.started_at >= _STABLE_AFTER:
                     self.failures[i] = 0

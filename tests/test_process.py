@@ -756,6 +756,38 @@ def replacement_loading(tmp_path: Path, *args: str) -> Iterator[tuple[Served, se
         s.proc.kill()
 
 
+def test_a_worker_that_leaves_while_another_starts_is_replaced_as_one_that_left(
+    tmp_path: Path,
+) -> None:
+    # The supervisor read what the workers said before it started a worker, then looked at
+    # each place in turn: a worker that said it leaves (a stop signal of its own) and exited
+    # while the supervisor waited for another's start was found dead in the same look, logged
+    # as "exited with 0" at ERROR, and counted as one that exited unasked.
+    s = two_workers_serving(
+        tmp_path,
+        "    if pathlib.Path('slow').exists():\n"
+        "        pathlib.Path('loading').touch()\n"
+        "        time.sleep(5)\n",
+    )
+    try:
+        first, second = spawned(s.proc.pid)
+        (tmp_path / "slow").touch()
+        os.kill(first, signal.SIGTERM)
+        wait_for((tmp_path / "loading").exists, "a replacement loads its model", 30)
+        os.kill(second, signal.SIGTERM)
+        wait_for(
+            lambda: f"worker {second} exited" in s.log.read_text(),
+            "the second worker has exited",
+            60,
+        )
+        log = s.log.read_text()
+        assert f"worker {second} stopped on a signal of its own" in log, log
+        assert "ERROR" not in log, log
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_a_worker_not_heard_from_is_killed_while_another_loads(tmp_path: Path) -> None:
     # The supervisor waited for a starting worker (up to a minute, its models loading) and did
     # nothing else meanwhile: a worker stopped then was left with its clients waiting.
