@@ -97,7 +97,8 @@ class Handover:
 
 class Balancer:
     """A worker's side: counts the connections this worker holds, publishes the count, and
-    hands over a connection just accepted when another worker holds fewer."""
+    hands a connection over (just accepted, or between two of its requests) when another
+    worker holds fewer."""
 
     def __init__(self, place: Place) -> None:
         self._place = place
