@@ -11,11 +11,13 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 
 from tests.conftest import DATA, wait_for
+from tests.test_framing import first_answer
 from tests.test_process import Served, gateway_of_two, spawned
 
 PNG = (DATA / "images" / "hopper.png").read_bytes()
@@ -27,43 +29,23 @@ def _address(served: Served) -> tuple[str, int]:
     return url.hostname, url.port
 
 
-def _answer(sock: socket.socket) -> bytes:
-    """One whole answer (with a Content-Length) read from `sock`."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        piece = sock.recv(65536)
-        assert piece, data
-        data += piece
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        piece = sock.recv(65536)
-        assert piece, data
-        body += piece
-    return head + b"\r\n\r\n" + body
-
-
 def _connect(address: tuple[str, int]) -> socket.socket:
     """A keep-alive connection that has had one answer: the server holds it from then on."""
     sock = socket.create_connection(address, timeout=10)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert _answer(sock).startswith(b"HTTP/1.1 200")
+    assert first_answer(sock)[0] == 200
     return sock
 
 
-def _infer(sock: socket.socket) -> bytes:
+def _infer(sock: socket.socket) -> Any:
     sock.sendall(
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
         + f"Content-Length: {len(PNG)}\r\n\r\n".encode()
         + PNG
     )
-    head, _, body = _answer(sock).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return body
+    status, _, output = first_answer(sock)
+    assert status == 200, output
+    return output
 
 
 def _established(port: int) -> dict[int, str]:
@@ -139,8 +121,8 @@ def test_a_worker_holding_more_connections_hands_new_ones_to_the_other(tmp_path:
         assert [held[_client_port(s)] for s in new] == [fewer] * 6
         # Handed over unread, each serves as any connection does, keep-alive and all.
         for sock in new:
-            assert _infer(sock) == b"[128,128,3]\n"
-            assert _infer(sock) == b"[128,128,3]\n"
+            assert _infer(sock) == [128, 128, 3]
+            assert _infer(sock) == [128, 128, 3]
         assert _holders([more, fewer], address[1])[_client_port(new[0])] == fewer
         metrics = requests.get(served.http_url + "/metrics", timeout=10).text
         assert "\ngateway_http_connections_handed_total " in metrics
@@ -155,7 +137,7 @@ def test_open_connections_move_to_the_worker_holding_fewer(tmp_path: Path) -> No
         more, fewer = _split_then_emptied(served, socks)
         assert len(socks) >= 8
         for sock in socks:
-            assert _infer(sock) == b"[128,128,3]\n"
+            assert _infer(sock) == [128, 128, 3]
 
         def split() -> list[int]:
             held = collections.Counter(_holders([more, fewer], address[1]).values())
@@ -165,7 +147,7 @@ def test_open_connections_move_to_the_worker_holding_fewer(tmp_path: Path) -> No
         wait_for(lambda: split() == even, f"the connections split {even}")
         # Moved between two requests, each goes on serving its client.
         for sock in socks:
-            assert _infer(sock) == b"[128,128,3]\n"
+            assert _infer(sock) == [128, 128, 3]
         assert split() == even
 
 
@@ -235,7 +217,7 @@ def test_connections_handed_to_a_worker_that_dies_go_to_another(tmp_path: Path) 
         answered = []
         for sock in new:
             with contextlib.suppress(ConnectionResetError):
-                assert _answer(sock).startswith(b"HTTP/1.1 200")
+                assert first_answer(sock)[0] == 200
                 answered.append(sock)
         handed = _handed(served) - handed_before
         # What the running worker handed over, it had accepted: none of the lost.
@@ -244,4 +226,4 @@ def test_connections_handed_to_a_worker_that_dies_go_to_another(tmp_path: Path) 
         held = _holders([more], address[1])
         assert [held.get(_client_port(s)) for s in answered] == [more] * len(answered)
         for sock in answered:
-            assert _infer(sock) == b"[128,128,3]\n"
+            assert _infer(sock) == [128, 128, 3]

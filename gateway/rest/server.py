@@ -511,7 +511,7 @@ class HttpConnection(Connection):
 
     def __init__(self, srv: Any, *args: Any) -> None:
         super().__init__(srv, *args)
-        balancer = getattr(srv, "balancer", None)
+        balancer: Balancer | None = srv.balancer
         if balancer is not None:
             balancer.opened()
             self._counted = True
