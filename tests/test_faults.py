@@ -38,7 +38,6 @@ from gateway.core.admission import THREAD_QUEUE
 from gateway.rest import dispatch as dispatch_module
 from gateway.rest import linger as linger_module
 from gateway.rest.linger import Lingerer
-from gateway.rest.server import Watchdog
 from gateway.rest.socketfile import (
     KnownLengthBody,
     SocketReader,
@@ -47,6 +46,7 @@ from gateway.rest.socketfile import (
     peer_closed,
     send_now,
 )
+from gateway.rest.watchdog import Watchdog
 from gateway.rpc import pool as rpc_pool
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for

@@ -16,9 +16,9 @@ from gateway.core.access import log_access, started_at
 from gateway.core.dataplane import DataPlane, new_request_id
 from gateway.core.tokens import Tokens
 from gateway.rest import errors, routes
+from gateway.rest.exchange import QUEUED_KEY
 from gateway.rest.requests import SETTINGS_KEY
 from gateway.rest.responses import EXPOSED_HEADERS, REQUEST_ID_HEADER, SERVER_METHODS
-from gateway.rest.server import QUEUED_KEY
 
 # Open when tokens are required: the browser page itself (its calls carry the token).
 _OPEN = frozenset({"minimal.page", "static"})
@@ -141,7 +141,7 @@ def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None =
             return response
 
     app.url_map.converters["model_name"] = routes.ModelName
-    # The server merges runs of slashes itself (gateway.rest.server.origin_form); Werkzeug's
+    # The server merges runs of slashes itself (gateway.rest.exchange.origin_form); Werkzeug's
     # own merging answered with a redirect in HTML.
     app.url_map.merge_slashes = False
     app.register_blueprint(routes.probes)
@@ -165,5 +165,5 @@ def _literal_origins(origins: tuple[str, ...]) -> list[str | re.Pattern[str]]:
     expression, matched at the start of the Origin only: `https://*.example.com` allowed
     `https://xexample.com.attacker.net` and not `https://app.example.com`, and an IPv6 origin
     (`http://[::1]:8080`) allowed `http://1:8080` and not itself. The server's own answers
-    (gateway.rest.server.cors_headers) compare them as written too."""
+    (gateway.rest.exchange.cors_headers) compare them as written too."""
     return [o if o == "*" else re.compile(re.escape(o) + r"\Z", re.IGNORECASE) for o in origins]

@@ -27,7 +27,7 @@ from gateway.core.admission import WAITED_TOO_LONG
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import check_image_bytes
 from gateway.core.types import ColorMode, ImageInput, InferRequest
-from gateway.rest.server import CLIENT_GONE_KEY
+from gateway.rest.exchange import CLIENT_GONE_KEY
 
 _CHUNK = 64 * 1024
 _BODY_CHUNK = 1024 * 1024
