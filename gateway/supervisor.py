@@ -455,7 +455,12 @@ class Supervisor:
         the new one does not start (the old one serves on). Says what it did, and gives the
         worker it replaced."""
         old = self.started[i]
-        if old is not None and not old.proc.is_alive():
+        if old is not None and _said_it_leaves(old):
+            # It was sent a stop signal of its own since the workers' words were last read,
+            # and leaves already (or has left): replaced as one that left, as in fill_places.
+            self.replace_stopped(i, old)
+            old = None
+        elif old is not None and not old.proc.is_alive():
             # It went before its turn (a crash, or killed as silent) and the look at the
             # places, which a reload holds up, has not seen it yet: its replacement counts
             # why it went, not "reload", and the log says it exited, not that it was replaced.
