@@ -29,11 +29,7 @@ from gateway.rest.framing import (
     unsupported_coding,
 )
 from gateway.rest.responses import EXPOSED_HEADERS, SERVER_METHODS, error_headers, error_json
-from gateway.rest.socketfile import (
-    KnownLengthBody,
-    SocketReader,
-    peer_closed,
-)
+from gateway.rest.socketfile import KnownLengthBody, SocketReader, peer_closed
 from gateway.rest.watchdog import Watchdog
 
 log = logging.getLogger(__name__)

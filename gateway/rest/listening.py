@@ -20,9 +20,7 @@ from cheroot import connections
 from gateway import metrics
 from gateway.rest.balance import MOVE_MARGIN, Balancer
 from gateway.rest.exchange import GatewayRequest
-from gateway.rest.socketfile import (
-    Connection,
-)
+from gateway.rest.socketfile import Connection
 
 log = logging.getLogger(__name__)
 

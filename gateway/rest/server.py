@@ -25,11 +25,7 @@ from gateway.rest.dispatch import Dispatcher
 from gateway.rest.exchange import MAX_HEADER_BYTES, GatewayRequest, gateway_with, record_gone
 from gateway.rest.linger import Lingerer
 from gateway.rest.listening import Handed, HttpConnection, Listening
-from gateway.rest.socketfile import (
-    SocketReader,
-    peer_closed,
-    set_send_timeout,
-)
+from gateway.rest.socketfile import SocketReader, peer_closed, set_send_timeout
 from gateway.rest.watchdog import Watchdog
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,8 @@ from typing import Any
 
 from cheroot import server
 
-from gateway.rest.framing import (
-    ChunkedBody,
-)
-from gateway.rest.socketfile import (
-    SocketReader,
-)
+from gateway.rest.framing import ChunkedBody
+from gateway.rest.socketfile import SocketReader
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 grpcio queues a call for a thread of its pool as soon as the call's headers arrive. The wait for
 a thread is the caller's time as much as the serving is, so a call's deadline, its recorded
 duration and the question whether its client is still there count from arrival, as over HTTP
-(gateway.rest.exchange, QUEUED_KEY). gateway.rpc.pool sets it around each call it runs; the servicer reads it.
+(QUEUED_KEY in gateway.rest.exchange). gateway.rpc.pool sets it around each call it runs; the
+servicer reads it.
 """
 
 from __future__ import annotations
