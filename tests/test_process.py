@@ -295,6 +295,19 @@ def test_stop_signals_in_a_burst_stop_the_gateway_cleanly(tmp_path: Path, worker
                     os.kill(pid, signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def sigint_as_under_a_terminal() -> Iterator[None]:
+    """Processes started within get SIGINT at its default, as under a terminal. A shell's
+    background job (`make test &`, a CI step run so) starts with SIGINT ignored, and an ignored
+    signal stays so across exec: Python then takes no Ctrl-C until a program sets a handler of
+    its own. A handled signal is reset to its default across exec."""
+    ours = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, ours)
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_while_the_gateway_imports_its_servers_ends_it_quietly(
     tmp_path: Path, workers: str
@@ -313,14 +326,15 @@ def test_ctrl_c_while_the_gateway_imports_its_servers_ends_it_quietly(
         "sys.meta_path.insert(0, Hold())\n"
     )
     log = tmp_path / "server.log"
-    proc = subprocess.Popen(
-        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
-         "--workers", workers],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("wb"),
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
-    )  # fmt: skip
+    with sigint_as_under_a_terminal():
+        proc = subprocess.Popen(
+            [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+             "--workers", workers],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+        )  # fmt: skip
     try:
         wait_for(lambda: (tmp_path / "importing").exists(), "the servers' import", 30)
         proc.send_signal(signal.SIGINT)
@@ -1354,11 +1368,7 @@ def test_cli_interrupted_exits_130_without_a_traceback(scheme: str) -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(30)
         port = listener.getsockname()[1]
-        # A shell's background job starts with SIGINT ignored, and an ignored signal stays so
-        # across exec: run so, the CLI would rightly ignore this test's Ctrl-C. Handled here,
-        # it is the default in the CLI, as it is under a terminal.
-        ours = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
+        with sigint_as_under_a_terminal():
             proc = subprocess.Popen(
                 [
                     str(BIN / "image-gateway-client"),
@@ -1371,8 +1381,6 @@ def test_cli_interrupted_exits_130_without_a_traceback(scheme: str) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-        finally:
-            signal.signal(signal.SIGINT, ours)
         try:
             connection, _ = listener.accept()  # the client waits for its answer now
             with connection:
