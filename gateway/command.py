@@ -48,7 +48,7 @@ def serve(settings: config.Settings) -> int:
     """Serve until a stop signal: as one process, or as a supervisor of workers. The supervisor
     imports none of the servers (grpc, OpenCV, Flask): it held as much memory as a worker,
     114 MB, for nothing it used."""
-    from gateway import config, logs, workers
+    from gateway import config, descriptors, logs, workers
 
     # One process only when asked (--workers 1). By default a supervisor runs even one worker
     # (one CPU to use, as in a container limited to one): it restarts the worker, replaces it
@@ -57,6 +57,9 @@ def serve(settings: config.Settings) -> int:
     # Each process that decodes relays its native code's stderr: the one process here, or each
     # worker (gateway.serve.run_worker); the supervisor decodes nothing.
     logs.configure(settings, relay_native=alone)
+    before, after = descriptors.raise_open_file_limit()
+    if after != before:
+        log.debug("open files: soft limit raised from %d to the hard limit, %d", before, after)
     for line in config.unknown_variables(os.environ):
         log.warning("%s", line)
     try:

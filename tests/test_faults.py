@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import select
 import selectors
 import signal
@@ -51,9 +52,10 @@ from gateway.rpc import pool as rpc_pool
 from gateway.serve import Gateway, start
 from tests.conftest import DATA, wait_for
 from tests.models import GATE, GATED_BATCHING, SPY
+from tests.test_framing import first_answer
 from tests.test_metrics import delta, request_counts, request_errors
 from tests.test_operability import access_records
-from tests.test_process import _metrics, launch
+from tests.test_process import _metrics, launch, spawned
 from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
 
 PNG_PATH = DATA / "images" / "hopper.png"
@@ -1552,6 +1554,41 @@ def test_out_of_file_descriptors_the_http_listener_waits_instead_of_spinning(
     finally:
         served.proc.kill()
         served.proc.wait()
+
+
+def _soft_open_files_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no open files limit for {pid}")
+
+
+def test_workers_hold_more_connections_than_their_soft_open_files_limit(tmp_path: Path) -> None:
+    # systemd starts a service at 1024 open files (soft), 524288 (hard), and asks programs that
+    # never use select() to raise the soft limit themselves. At its soft limit a worker stopped
+    # accepting, and the connections past it waited in the listen queue, unanswered.
+    soft = 128
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard == resource.RLIM_INFINITY or hard >= 4 * soft, "this test needs a higher hard limit"
+    served = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2", soft_nofile=soft
+    )  # fmt: skip
+    try:
+        processes = [served.proc.pid, *spawned(served.proc.pid)]
+        assert len(processes) == 3
+        assert {_soft_open_files_limit(pid) for pid in processes} == {hard}
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        with closing_all() as held:
+            # More than either worker could hold at the soft limit, however they are spread.
+            for _ in range(2 * soft + 64):
+                conn = socket.create_connection(http_host_port(served.http_url), timeout=10)
+                held.append(conn)
+                conn.sendall(request)
+                assert first_answer(conn)[0] == 200
+        assert "Too many open files" not in served.log.read_text()
+    finally:
+        served.proc.terminate()
+        assert served.proc.wait(timeout=30) == 0, served.log.read_text()
 
 
 def _established(sock: socket.socket) -> bool:

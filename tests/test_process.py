@@ -53,15 +53,18 @@ def launch(
     cwd: Path | None = None,
     unset: Sequence[str] = (),
     nofile: int | None = None,
+    soft_nofile: int | None = None,
 ) -> Served:
     """`image-gateway serve` with this environment, `env` added and `unset` taken out, and at
-    most `nofile` open files if given."""
+    most `nofile` open files if given (soft and hard limits), or a soft limit of `soft_nofile`."""
     log = tmp_path / "server.log"
     environ = {k: v for k, v in os.environ.items() if k not in unset}
     command = [str(BIN / "image-gateway"), "serve", *args]
+    # The shell sets the limit and becomes the server: the process is the server's.
     if nofile is not None:
-        # The shell sets the limit and becomes the server: the process is the server's.
         command = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(nofile), *command]
+    elif soft_nofile is not None:
+        command = ["sh", "-c", 'ulimit -Sn "$0" && exec "$@"', str(soft_nofile), *command]
     proc = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
