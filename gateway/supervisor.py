@@ -115,13 +115,13 @@ def _answered(pipe: Connection, stopping: threading.Event, meanwhile: Callable[[
     return False
 
 
-def _said_it_leaves(worker: _Worker) -> bool:
-    """Whether a worker's unread words say it leaves on a stop signal of its own (LEAVING)."""
+def _unread_words(worker: _Worker) -> list[object]:
+    """What a worker has said on its pipe and the supervisor has not read yet."""
+    words = []
     with contextlib.suppress(OSError, EOFError):
         while worker.pipe.poll():
-            if worker.pipe.recv() == LEAVING:
-                return True
-    return False
+            words.append(worker.pipe.recv())
+    return words
 
 
 def _remove_orphaned_metrics() -> None:
@@ -455,7 +455,7 @@ class Supervisor:
         the new one does not start (the old one serves on). Says what it did, and gives the
         worker it replaced."""
         old = self.started[i]
-        if old is not None and _said_it_leaves(old):
+        if old is not None and LEAVING in _unread_words(old):
             # It was sent a stop signal of its own since the workers' words were last read,
             # and leaves already (or has left): replaced as one that left, as in fill_places.
             self.replace_stopped(i, old)
@@ -549,10 +549,7 @@ class Supervisor:
         for i, worker in enumerate(self.started):
             if worker is None or self.stopping.is_set():
                 continue
-            messages = []
-            with contextlib.suppress(OSError, EOFError):
-                while worker.pipe.poll():
-                    messages.append(worker.pipe.recv())
+            messages = _unread_words(worker)
             if LEAVING in messages:
                 self.replace_stopped(i, worker)
                 continue
@@ -593,7 +590,7 @@ class Supervisor:
                 proc = worker.proc
                 if proc.is_alive():
                     continue
-                if _said_it_leaves(worker):
+                if LEAVING in _unread_words(worker):
                     # It left on a stop signal of its own while the supervisor started another
                     # worker (in this same look): not a worker that exited unasked.
                     self.replace_stopped(i, worker)

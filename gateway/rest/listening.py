@@ -35,6 +35,8 @@ class HttpConnection(Connection):
     RequestHandlerClass = GatewayRequest
     # Counted among the connections this worker holds (gateway.rest.balance) until closed.
     _counted = False
+    # Handed to another worker between two requests: closing it only lets go of the descriptor.
+    _moved = False
 
     def __init__(self, srv: Any, *args: Any) -> None:
         super().__init__(srv, *args)
@@ -55,8 +57,6 @@ class HttpConnection(Connection):
             self._counted = False
             self.server.balancer.closed()
         super().close()
-
-    _moved = False
 
     def moved(self) -> bool:
         balancer: Balancer | None = self.server.balancer
