@@ -37,7 +37,8 @@ class Settings:
     # Browser origins allowed to call the HTTP API (CORS), such as "https://app.example.com";
     # none by default.
     cors_origin: tuple[str, ...] = ()
-    # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per core.
+    # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per CPU the
+    # gateway may use.
     workers: int = 0
     # One cap for both fronts: an HTTP body, and a gRPC request message (answers are not
     # capped, on either front). gRPC's own default is 4 MiB, too small for a phone photo.
@@ -96,7 +97,8 @@ _HELP = {
     "batching": "dynamic batching for a model, NAME=MAX_BATCH:MAX_WAIT_MS or NAME=off; repeatable",
     "cors_origin": "a browser origin allowed to call the HTTP API (CORS), compared as written; "
     "repeatable, '*' for any",
-    "workers": "processes serving both protocols; 0 means one per CPU core",
+    "workers": "processes serving both protocols; 0 means one per CPU the gateway may use (its "
+    "CPU affinity, within a container's CPU quota)",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
     "max_image_bytes": "largest single encoded image accepted, in bytes (a batch may hold "
     "several up to --max-request-bytes in all)",
