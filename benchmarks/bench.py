@@ -574,6 +574,25 @@ def machine() -> dict[str, object]:
     }
 
 
+def code() -> dict[str, object]:
+    """The commit measured, so runs can be compared across commits; `changed` when the tracked
+    files differ from it (a run of uncommitted code)."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", *argv], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "commit": git("rev-parse", "HEAD"),
+            "changed": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
+    except (OSError, subprocess.CalledProcessError):
+        # A copy without git (an unpacked archive) still benchmarks.
+        return {"commit": None, "changed": None}
+
+
 def table(rows: list[Row], runs: int = 1) -> str:
     lines = [
         "| image | target | conc. | req/s | images/s | p50 ms | p99 ms | x limit |"
@@ -662,6 +681,8 @@ def main() -> int:
     if args.repeat < 1:
         parser.error("--repeat takes 1 or more")
     runs = args.repeat
+    # Taken before the run: the tree may change during a half-hour run, the measured code does not.
+    started, measured = time.strftime("%Y-%m-%dT%H:%M:%S%z"), code()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     wanted = set(args.images.split(","))
     images = [i for i in bench_images() if i.name in wanted]
@@ -773,6 +794,8 @@ def main() -> int:
         )
     report: dict[str, object] = {
         "machine": machine(),
+        "code": measured,
+        "started": started,
         "gateway_args": args.gateway_args,
         "duration_s": args.duration,
         "repeat": runs,
@@ -789,6 +812,7 @@ def main() -> int:
     for path in (RESULTS / f"bench-{stamp}.json", RESULTS / "latest.json"):
         path.write_text(json.dumps(report, indent=1))
     print(f"\nmachine: {report['machine']}")
+    print(f"code: {report['code']}, started {report['started']}")
     print(f"written: {RESULTS / 'latest.json'}")
     return 0
 
