@@ -6,6 +6,8 @@ import os
 import threading
 import time
 import warnings
+import weakref
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
 from typing import Any
@@ -160,15 +162,24 @@ def small_input() -> SmallInput:
 class Misbehaving:
     """Does what its "do" parameter says on an image 13 pixels wide, the shape on any other:
     raise an exception by its name, return an output no front can carry, or write to its input
-    (and then raise). A buggy user model, every way the gateway must contain."""
+    (and then raise). A buggy user model, every way the gateway must contain. Given "deque" it
+    answers every image right, in a sequence that cannot be sliced. It notes a weak reference
+    to every array it is given, and to the arrays that array is a view of, in SEEN."""
 
     name = "misbehaving"
     description = "misbehaves on an image 13 pixels wide, as its 'do' parameter says"
 
     def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> Any:
+        for image in images:
+            array: np.ndarray | None = image
+            while array is not None:
+                SEEN.append(weakref.ref(array))
+                array = array.base if isinstance(array.base, np.ndarray) else None
         do = str(params.get("do", ""))
         bad = any(i.shape[1] == 13 for i in images)
         outputs = [[*i.shape, int(i[0, 0].sum())] for i in images]
+        if do == "deque":
+            return deque(outputs)
         if do == "write":
             for image in images:
                 image[0, 0] = 0
@@ -181,6 +192,9 @@ class Misbehaving:
         elif bad and do == "str":
             return "x"  # one character: one "output" for one image
         return outputs
+
+
+SEEN: list[weakref.ref[np.ndarray]] = []
 
 
 def _nested(depth: int) -> Any:

@@ -3,8 +3,12 @@ batching on or off; the server goes on serving."""
 
 from __future__ import annotations
 
+import gc
+import io
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import cv2
@@ -18,7 +22,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.serve import Gateway, start
 from tests.conftest import wait_for
-from tests.models import GATE
+from tests.models import GATE, SEEN
 from tests.wire import grpc_code, grpc_result
 
 MODELS = ("shape", "tests.models:misbehaving", "tests.models:misbehaving_batched")
@@ -116,6 +120,77 @@ def test_a_merged_batch_the_model_fails_fails_only_the_bad_request(
     still_serving(gw, stub)
 
 
+@contextmanager
+def logs_not_kept() -> Iterator[io.StringIO]:
+    """The gateway's log, written to a string and not kept: pytest keeps every record it
+    captures, and with it a traceback's frames and the images they hold."""
+    logger = logging.getLogger("gateway")
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(handler)
+    try:
+        yield text
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+@pytest.mark.parametrize("model", [PLAIN, BATCHED])
+@pytest.mark.parametrize("do", ["", "TimeoutError", "huge-int"])
+@pytest.mark.parametrize("front", ["http", "grpc"])
+def test_a_request_leaves_no_image_behind_for_the_cycle_collector(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, model: str, do: str, front: str
+) -> None:
+    # A model that raised, or answered what no front carries, left its request's images in a
+    # reference cycle (through the exception's traceback), alive until the cycle collector ran;
+    # a batched model held its last batch's images until the next batch came.
+    gc.collect()
+    gc.disable()
+    try:
+        with logs_not_kept():
+            SEEN.clear()
+            if front == "http":
+                answer = http_infer(gw, model, BAD, do)
+                assert answer == ((200, expected(BAD)) if do == "" else (500, "model_error"))
+            else:
+                answer = grpc_infer(stub, model, BAD, do)
+                assert answer == (expected(BAD) if do == "" else MODEL_ERROR)
+            assert SEEN
+            wait_for(lambda: all(ref() is None for ref in SEEN), "the request's images freed")
+    finally:
+        gc.enable()
+
+
+def test_a_merged_batch_that_failed_is_logged_with_its_traceback(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub
+) -> None:
+    # Retried alone, each request succeeds or fails on its own, and a model that fails only on
+    # batches had no other trace than one line.
+    with logs_not_kept() as log, ThreadPoolExecutor(4) as pool:
+        calls = [
+            pool.submit(grpc_infer, stub, BATCHED, data, "TimeoutError") for data in [*GOOD, BAD]
+        ]
+        assert [call.result() for call in calls] == [*map(expected, GOOD), MODEL_ERROR]
+    text = log.getvalue()
+    merged = text.index("failed on a merged batch of 4 requests; retrying each alone")
+    # Its own record, before the failed retry's.
+    record = text[merged : text.index("failed, request id", merged)]
+    assert "Traceback" in record
+    assert "TimeoutError: the model raised this itself" in record
+
+
+@pytest.mark.parametrize("model", [PLAIN, BATCHED])
+def test_outputs_in_any_sequence_are_answered_batched_or_not(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, model: str
+) -> None:
+    # A deque cannot be sliced: a merged batch failed all its requests with model_error.
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(grpc_infer, stub, model, data, "deque") for data in GOOD]
+        assert [call.result() for call in calls] == list(map(expected, GOOD))
+    assert http_infer(gw, model, GOOD[0], "deque") == (200, expected(GOOD[0]))
+
+
 @pytest.mark.parametrize("do", ["huge-int", "surrogate", "deep", "clashing-keys", "str"])
 def test_outputs_no_front_can_carry_are_model_error_everywhere(
     gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, do: str
@@ -179,6 +254,36 @@ def test_requests_waiting_for_a_batch_keep_their_place_in_the_budget() -> None:
             assert refused == (grpc.StatusCode.UNAVAILABLE, "overloaded")
             GATE.set()
             assert [first.result(), second.result()] == [[10, 16, 3], [10, 16, 3]]
+    finally:
+        GATE.set()
+        gw.stop()
+
+
+def test_a_batch_that_outlives_its_requests_keeps_their_pixels_in_the_budget() -> None:
+    # The request is answered at its deadline while the model still holds its images. Its share
+    # of the budget used to be given back then, and further requests decoded past the budget
+    # while the batch ran.
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("tests.models:gated_batching",),
+            request_timeout=1,
+            max_concurrency=1,
+            max_request_pixels=10 * 16,
+            max_queue=0,
+        )
+    )
+    GATE.clear()
+    try:
+        first = requests.post(f"{gw.http_url}/v1/infer", data=GOOD[0], timeout=20)
+        assert (first.status_code, first.json()["error"]["code"]) == (504, "deadline_exceeded")
+        second = requests.post(f"{gw.http_url}/v1/infer", data=GOOD[1], timeout=20)
+        assert (second.status_code, second.json()["error"]["code"]) == (503, "overloaded")
+        GATE.set()
+        wait_for(lambda: gw.dataplane.admission.active == 0, "the batch's pixels given back")
+        third = requests.post(f"{gw.http_url}/v1/infer", data=GOOD[2], timeout=20)
+        assert (third.status_code, third.json()["result"]["output"]) == (200, [10, 16, 3])
     finally:
         GATE.set()
         gw.stop()

@@ -19,7 +19,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
+from typing import Any
 
 from gateway.core.errors import ErrorCode, GatewayError
 
@@ -48,6 +50,18 @@ def waiting_verdict(
     if time.monotonic() - arrived > timeout:
         return GatewayError(ErrorCode.DEADLINE_EXCEEDED, WAITED_TOO_LONG)
     return None
+
+
+class Held:
+    """A request's hold on the budget, kept past the request by work still using its pixels."""
+
+    def __init__(self) -> None:
+        self.until: Future[Any] | None = None
+
+    def keep_until(self, future: Future[Any]) -> None:
+        """Count the pixels until `future` is done, not only until the request leaves: a
+        batch that outlives its request's deadline still holds the request's images."""
+        self.until = future
 
 
 class Admission:
@@ -86,20 +100,28 @@ class Admission:
         pixels: int,
         deadline: float | None,
         stopped: Callable[[], GatewayError | None] | None = None,
-    ) -> Iterator[None]:
-        """Hold `pixels` of the budget (a request over the whole budget waits for all of it).
-        A waiting request asks `stopped` every STOP_CHECK_INTERVAL, and leaves the queue with
-        the error it returns (its client has gone, say)."""
+    ) -> Iterator[Held]:
+        """Hold `pixels` of the budget (a request over the whole budget waits for all of it)
+        until the block ends, or later if the block says so (Held.keep_until). A waiting
+        request asks `stopped` every STOP_CHECK_INTERVAL, and leaves the queue with the error
+        it returns (its client has gone, say)."""
         cost = min(max(1, pixels), self.budget)
         self._acquire(cost, deadline, stopped)
+        held = Held()
         try:
-            yield
+            yield held
         finally:
-            with self._room:
-                self._used -= cost
-                self._active -= 1
-                if self._queue:
-                    self._room.notify_all()
+            if held.until is None:
+                self._release(cost)
+            else:
+                held.until.add_done_callback(lambda _: self._release(cost))
+
+    def _release(self, cost: int) -> None:
+        with self._room:
+            self._used -= cost
+            self._active -= 1
+            if self._queue:
+                self._room.notify_all()
 
     def _acquire(
         self,

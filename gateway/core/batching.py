@@ -22,10 +22,12 @@ merged call failed skip such requests as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future
@@ -52,7 +54,12 @@ class BatchPolicy:
 
 
 class WaitTimeoutError(Exception):
-    """No answer came within the caller's timeout; the job was dropped unless already running."""
+    """No answer came within the caller's timeout; the job was dropped unless already running,
+    and then `running` is its future, done once the model has answered."""
+
+    def __init__(self, running: Future[Sequence[JSONValue]] | None = None) -> None:
+        super().__init__()
+        self.running = running
 
 
 class DroppedError(Exception):
@@ -88,7 +95,15 @@ class _Job:
         self.key = _merge_key(self.params, self.group)
 
     def is_stopped(self) -> bool:
-        return self.stopped is not None and self.stopped() is not None
+        if self.stopped is None:
+            return False
+        try:
+            return self.stopped() is not None
+        except Exception:
+            # Asked on the batcher's thread: a raise there would end it, and every request
+            # for the model would wait out its deadline.
+            log.exception("asking whether a request stopped failed; it is dropped")
+            return True
 
     def claim(self) -> bool:
         """True if the job goes into a batch; False once it is cancelled, or dropped now."""
@@ -147,14 +162,19 @@ class Batcher:
                     return job.future.result(step)
                 except TimeoutError:
                     if deadline is not None and time.monotonic() >= deadline:
-                        self._drop(job)
-                        # Else a batch runs it: its answer will come too late for anyone.
-                        raise WaitTimeoutError() from None
+                        # Else a batch runs it: its answer will come too late for anyone, and
+                        # its images are in the model until then.
+                        raise WaitTimeoutError(None if self._drop(job) else job.future) from None
                     # A job a batch runs waits for its answer: the model is not interrupted.
                     if not job.future.running() and job.is_stopped() and self._drop(job):
                         raise DroppedError() from None
         except CancelledError:
             raise DroppedError() from None
+        finally:
+            # What the model raised stays in the job's future, and its traceback holds this
+            # frame: job -> future -> exception -> frame -> job would keep the request's images
+            # until the cycle collector happened to run.
+            del job
 
     def _drop(self, job: _Job) -> bool:
         """Take a job no batch has taken out of the queue, images and all (a model that hangs
@@ -172,17 +192,19 @@ class Batcher:
             self._closed = True
             self._ready.notify()
 
-    def _take_batch(self) -> list[_Job] | None:
+    def _take_batch(self, batch: list[_Job]) -> bool:
+        """Claim the jobs of the next batch into `batch`; False once the batcher is closed."""
         with self._ready:
             while True:
                 while not self._pending:
                     if self._closed:
-                        return None
+                        return False
                     self._ready.wait()
                 first = self._pending.popleft()
                 if first.claim():
                     break
-            batch, size = [first], len(first.images)
+            batch.append(first)
+            size = len(first.images)
             deadline = self._wait_until(first, time.monotonic() + self.policy.max_wait)
             while size < self.policy.max_batch_size:
                 match = next(
@@ -204,7 +226,7 @@ class Batcher:
                 if remaining <= 0:
                     break
                 self._ready.wait(remaining)
-            return batch
+            return True
 
     @staticmethod
     def _wait_until(job: _Job, until: float) -> float:
@@ -216,14 +238,21 @@ class Batcher:
         return min(until, time.monotonic() + (job.deadline - time.monotonic()) / 2)
 
     def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
+        while True:
+            batch: list[_Job] = []
             try:
+                if not self._take_batch(batch):
+                    return
                 self._run_batch(batch)
             except BaseException as exc:  # never leave a request waiting for ever
                 log.exception("batcher for %r failed", self.model.name)
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(ModelRaisedError(exc))
+            _let_go(batch)
+            # Not kept while the next batch forms: an idle model would hold the last batch's
+            # images for as long as it stays idle.
+            del batch
 
     def _run_batch(self, batch: list[_Job]) -> None:
         metrics.observe(metrics.BATCH_SIZE, sum(len(j.images) for j in batch), (self.model.name,))
@@ -237,13 +266,20 @@ class Batcher:
                 outputs = self.model.predict(images, batch[0].params)
             finally:
                 self.calls.end(call)
-            outputs = check_outputs(outputs, len(images))
+            # A list: any sequence the model may answer with is sliced below.
+            outputs = list(check_outputs(outputs, len(images)))
         except BaseException:  # SystemExit from a model is its bug too, and fails only its own
+            # With its traceback: a model that fails only on batches has no other trace, as
+            # each request then succeeds alone.
             log.warning(
                 "model %r failed on a merged batch of %d requests; retrying each alone",
                 self.model.name,
                 len(batch),
+                exc_info=True,
             )
+            outputs = None
+        if outputs is None:
+            # Outside the except clause: a retry's failure is not chained to the merged one's.
             for job in batch:
                 if job.is_stopped():
                     # Nobody waits for this answer any more; its thread says why.
@@ -268,6 +304,33 @@ class Batcher:
             job.future.set_result(outputs)
         except BaseException as exc:  # handed to the waiting request, which reports it
             job.future.set_exception(ModelRaisedError(exc))
+
+
+def _let_go(batch: list[_Job]) -> None:
+    """Clear the frames that a failure handed to the batch's requests keeps, once the batch is
+    done. The failure's traceback holds the frames that ran the batch and, through each frame's
+    caller (f_back), those that hold the batch: the batch's futures hold the failure, a cycle,
+    and the batch's images stayed alive until the cycle collector happened to run. Clearing
+    drops the frames' variables, not what a traceback prints."""
+    for job in batch:
+        future = job.future
+        if not future.done() or future.cancelled():
+            continue
+        failure = future.exception()
+        if not isinstance(failure, ModelRaisedError):
+            continue
+        tb = failure.error.__traceback__
+        if tb is None:
+            continue
+        frames = [frame for frame, _ in traceback.walk_tb(tb)]
+        caller = tb.tb_frame.f_back
+        while caller is not None:
+            frames.append(caller)
+            caller = caller.f_back
+        for frame in frames:
+            # A frame still running (this thread's own loop, and what runs it) stays as it is.
+            with contextlib.suppress(RuntimeError):
+                frame.clear()
 
 
 def _read_only(image: np.ndarray) -> np.ndarray:

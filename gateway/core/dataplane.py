@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
 from gateway import metrics
-from gateway.core.admission import Admission
+from gateway.core.admission import Admission, Held
 from gateway.core.batching import (
     Batcher,
     BatchPolicy,
@@ -234,11 +234,13 @@ class DataPlane:
         # A batched request keeps its slot while it waits for others: its decoded images are
         # memory until the batch runs, and a model that hangs must not let requests pile up
         # behind it past the budget and --max-queue.
-        with self.admission.slot(_cost(items, request.color_mode), request.deadline, stopped):
+        with self.admission.slot(
+            _cost(items, request.color_mode), request.deadline, stopped
+        ) as held:
             decoded = self._decode_all(request, items, self._min_sizes[model.name])
             known[:] = decoded
             good = [d for d in decoded if isinstance(d, DecodedImage)]
-            outputs = self._predict(model, batcher, good, request) if good else []
+            outputs = self._predict(model, batcher, good, request, held) if good else []
         # An answer after the deadline is no answer: nobody is waiting for it any more, or the
         # HTTP client was promised a bound.
         _check_request(request)
@@ -320,6 +322,7 @@ class DataPlane:
         batcher: Batcher | None,
         images: list[DecodedImage],
         request: InferRequest,
+        held: Held,
     ) -> list[JSONValue]:
         _check_request(request)
         arrays = [d.array for d in images]
@@ -343,7 +346,9 @@ class DataPlane:
             return _json_outputs(outputs, len(arrays))
         except GatewayError:
             raise
-        except WaitTimeoutError:
+        except WaitTimeoutError as exc:
+            if exc.running is not None:
+                held.keep_until(exc.running)
             raise GatewayError(
                 ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed waiting for the model"
             ) from None
@@ -363,6 +368,9 @@ class DataPlane:
                 request.request_id,
                 exc_info=(type(failure), failure, failure.__traceback__),
             )
+            # Its traceback holds this frame, which holds the images: a cycle, freed only when
+            # the cycle collector happened to run.
+            del failure
             raise GatewayError(
                 ErrorCode.MODEL_ERROR,
                 f"model {model.name!r} failed on this request (request id "
