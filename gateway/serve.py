@@ -256,7 +256,7 @@ def _serve_until_signal(
     limit = HUNG_AFTER_TIMEOUTS * settings.request_timeout
     threading.Thread(
         target=_watch_model_calls,
-        args=(gateway.dataplane, limit, stopping, hung, beat),
+        args=(gateway, limit, stopping, hung, beat),
         name="model-call-watch",
         daemon=True,
     ).start()
@@ -297,7 +297,7 @@ def _serve_until_signal(
 
 
 def _watch_model_calls(
-    dataplane: DataPlane,
+    gateway: Gateway,
     limit: float,
     stopping: threading.Event,
     hung: Callable[[], None] | None,
@@ -305,12 +305,13 @@ def _watch_model_calls(
 ) -> None:
     """Find a model call that has run past `limit`. A worker of several asks the supervisor
     (`hung`) to replace it, as a reload would: its other requests finish, and the hung call is
-    left behind when it exits. One process cannot replace itself: its /healthz answers 503
-    until the call ends, for the orchestrator to restart it.
+    left behind when it exits. One process cannot replace itself: its /healthz answers 503, and
+    its gRPC health NOT_SERVING, until the call ends, for the orchestrator to restart it.
 
     Each look also tells the supervisor the worker's threads run (`beat`), and so on once the
     worker stops, until it exits: one whose threads cannot (stopped, or a call that holds the
     GIL) says nothing, not even that it hangs."""
+    dataplane = gateway.dataplane
     asked_at: float | None = None
     while not stopping.wait(HUNG_LOOK):
         if beat is not None:
@@ -320,7 +321,9 @@ def _watch_model_calls(
             if asked_at is not None:
                 log.warning("the model call that had hung has ended")
                 asked_at = None
-                dataplane.unhealthy = None
+                if hung is None:
+                    dataplane.unhealthy = None
+                    gateway.health.serving(True)
             continue
         model, seconds = longest
         if asked_at is not None and time.monotonic() - asked_at < HUNG_ASK_AGAIN:
@@ -334,8 +337,9 @@ def _watch_model_calls(
             log.error("%s; asking for this worker to be replaced", what)
             hung()
         else:
-            log.error("%s; /healthz answers 503 until it ends", what)
+            log.error("%s; /healthz answers 503, and gRPC health NOT_SERVING, until it ends", what)
             dataplane.unhealthy = what
+            gateway.health.serving(False)
     # A worker that drains or leaves is still watched while it finishes its requests: one
     # stopped then would otherwise keep its listeners, and their new connections, for its
     # whole grace and more.

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
@@ -327,6 +328,20 @@ def test_a_worker_whose_model_call_hangs_is_replaced(tmp_path: Path) -> None:
         assert s.proc.wait(timeout=30) == 0
 
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def grpc_health(s: Served) -> list[int]:
+    """The gateway's gRPC health, for the whole server and for its service."""
+    with grpc.insecure_channel(s.grpc_target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return [
+            stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+            for name in ("", "imagegateway.v1.ImageGatewayService")
+        ]
+
+
 def test_one_process_whose_model_call_hangs_is_not_live_until_it_ends(tmp_path: Path) -> None:
     s = hanging(tmp_path, "1")
     try:
@@ -340,7 +355,11 @@ def test_one_process_whose_model_call_hangs_is_not_live_until_it_ends(tmp_path: 
         body = requests.get(f"{s.http_url}/healthz", timeout=5).json()
         assert body["status"] == "hung"
         assert body["reason"].startswith("model 'hanging' has run one call for ")
-        assert "/healthz answers 503 until it ends" in s.log.read_text()
+        assert "/healthz answers 503, and gRPC health NOT_SERVING, until it ends" in (
+            s.log.read_text()
+        )
+        # A gRPC liveness probe sees it too: it had gone on answering SERVING.
+        assert grpc_health(s) == [NOT_SERVING, NOT_SERVING]
         # It still serves meanwhile, and is live again once the call ends.
         with GatewayClient(s.http_url) as client:
             assert client.infer(IMAGE).output == [128, 128, 3]
@@ -350,6 +369,7 @@ def test_one_process_whose_model_call_hangs_is_not_live_until_it_ends(tmp_path: 
             "/healthz 200 again",
             30,
         )
+        assert grpc_health(s) == [SERVING, SERVING]
         assert "the model call that had hung has ended" in s.log.read_text()
     finally:
         s.proc.terminate()

@@ -187,6 +187,18 @@ class GatewayHealth(health.HealthServicer):  # type: ignore[misc]
         context.add_callback(functools.partial(self._watches.discard, context))
         return super().Watch(request, context, send_response_callback)
 
+    def serving(self, serving: bool) -> None:
+        """SERVING or NOT_SERVING, for the whole server and its service alike: what a gRPC
+        liveness probe (Kubernetes' `grpc:` probe) asks, as an HTTP one asks /healthz. Once a
+        drain has begun it stays NOT_SERVING (grpcio ignores the change then)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else (health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+        for name in ("", SERVICE_NAME):
+            self.set(name, status)
+
     def end_watches(self) -> None:
         """End the open Watch calls with `shutting_down`, as the gateway's own streams end, and
         refuse new ones so. Called as the server closes, after the drain's NOT_SERVING has gone
@@ -283,8 +295,7 @@ def build_grpc_server(
     # Health checks are answered from the calling thread, never queued behind inference.
     health_servicer = GatewayHealth(servicer)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, _Tolerant(server))
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.serving(True)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         _CountedReflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), servicer),
         _Tolerant(server),
