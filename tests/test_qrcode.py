@@ -88,3 +88,16 @@ def test_photos_without_a_code_give_an_empty_list(client: GatewayClient) -> None
     photos = [p for p in IMAGES if p.suffix in (".jpg", ".png", ".webp")]
     results = client.infer_batch(photos)
     assert [r.output for r in results] == [[] for _ in photos]
+
+
+@pytest.mark.parametrize("depth", ["16-bit", "float"])
+def test_deep_images_in_unchanged_mode(client: GatewayClient, depth: str) -> None:
+    # Stretched to 8 bits, darkest to black and lightest to white, whatever the depth's range.
+    code = qr_image("deep pixels")
+    if depth == "16-bit":
+        data = encode((code.astype(np.uint16) * 200 + 1000).astype(np.uint16))
+    else:
+        data = encode(code.astype(np.float32) / 255 * 3 - 1, ".tiff")
+    (found,) = client.infer(data, color_mode="unchanged").output
+    assert found["text"] == "deep pixels"
+    assert corners_match(found["points"], dark_box(code))
