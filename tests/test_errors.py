@@ -825,3 +825,37 @@ def test_options_asterisk_describes_the_server(http_url: str) -> None:
         http_url, b"OPTIONS /* HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert status.startswith(b"HTTP/1.1 404 ")
+
+
+def test_a_stream_message_refused_before_its_model_ran_names_no_model_it_did_not_name(
+    channel: grpc.Channel,
+) -> None:
+    # Each refused message was answered in the default model's name, as if it had run.
+    stream = channel.stream_stream(
+        "/imagegateway.v1.ImageGatewayService/InferStream",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.InferStreamResponse.FromString,
+    )
+    big = {"x": "y" * 70_000}  # over the 64 KiB parameters take
+    messages = [
+        b"\xff\xff\xff",  # not protobuf: nothing of it read
+        _with_parameters(pb.InferStreamRequest(model="nope", image=pb.Image(data=PNG)), **big),
+        _with_parameters(pb.InferStreamRequest(model="qrcode", image=pb.Image(data=PNG)), **big),
+        pb.InferStreamRequest(image=pb.Image(data=b"not an image")),
+        pb.InferStreamRequest(image=pb.Image(data=PNG)),
+    ]
+    replies = list(
+        stream(
+            iter(m if isinstance(m, bytes) else m.SerializeToString() for m in messages),
+            timeout=10,
+        )
+    )
+    assert [r.result.error.code for r in replies] == [
+        "invalid_request",
+        "payload_too_large",
+        "payload_too_large",
+        "undecodable_image",
+        "",
+    ]
+    # The model the message named and the gateway serves, the default one for "", else none.
+    assert [r.model for r in replies] == ["", "", "qrcode", "shape", "shape"]

@@ -383,7 +383,10 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
                 # Named as a served request's answer is: the default model for "". No model
                 # ran for a name the gateway does not serve, and the name is the client's, of
                 # any length: repeated, 5 MiB of it passed what a client receives by default.
-                model = self.dataplane.registry.get(message.model)
+                # Nor for a message refused before its model was read: its empty stand-in
+                # named the default model, as if it had run.
+                named = _stream_model(request)
+                model = None if named is None else self.dataplane.registry.get(named)
                 name = "" if model is None else model.name
                 response = InferResponse(name, request_id, (failed,))
             reply = convert.stream_response(response)
@@ -412,6 +415,14 @@ class ImageGatewayServicer(pb_grpc.ImageGatewayServiceServicer):
         self, request: pb.GetLimitsRequest, context: grpc.ServicerContext, request_id: str
     ) -> pb.GetLimitsResponse:
         return self._limits
+
+
+def _stream_model(request: Detached[pb.InferStreamRequest] | Malformed) -> str | None:
+    """The model a stream message named, "" for the default; None when it was refused before
+    its model was read, or could not be read at all."""
+    if isinstance(request, Detached):
+        return str(request.message.model)
+    return request.model if isinstance(request, Refused) else None
 
 
 def _images(request: Detached[Any]) -> int:
