@@ -505,13 +505,15 @@ def _record_unserved(
     or its message, or closed by its client without a message (grpcio answers UNIMPLEMENTED).
     A call whose message grpc refused (over the size limit) looks cancelled: grpc gives no sign
     of why the read failed, and the call may not yet show as cancelled when this runs."""
+    deadline = getattr(event.call_details, "deadline", None)
+    # A client's deadline reaches the server as a cancel, a moment before the server's own copy
+    # of it (counted from the call's arrival) passes.
+    late = deadline is not None and time.time() >= deadline - _DEADLINE_SLACK
     if ended:
         status, error = ErrorCode.REQUEST_TIMEOUT.grpc_status, ErrorCode.REQUEST_TIMEOUT.code
-    elif unreceived or state.client is grpc_server._CANCELLED:
-        deadline = getattr(event.call_details, "deadline", None)
-        # A client's deadline reaches the server as a cancel, a moment before the server's own
-        # copy of it (counted from the call's arrival) passes.
-        late = deadline is not None and time.time() >= deadline - _DEADLINE_SLACK
+    elif unreceived or late or state.client is grpc_server._CANCELLED:
+        # Past its deadline, a call whose read failed before grpcio marked it cancelled was
+        # recorded as grpcio's answer to a client that sent no message (UNIMPLEMENTED).
         gone = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.CANCELLED
         status, error = gone.grpc_status, gone.code
     else:
