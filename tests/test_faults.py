@@ -2131,3 +2131,36 @@ def test_a_stream_whose_client_vanished_gives_its_slot_back() -> None:
         holder.kill()
         holder.wait()
         gw.stop()
+
+
+def test_a_body_announced_and_not_sent_costs_no_memory(tmp_path: Path) -> None:
+    # The body's buffer, the size its Content-Length announces, was zeroed as it was made:
+    # four clients announcing 60 MB each and sending nothing held 240 MB of the worker.
+    served = launch(tmp_path, "--workers", "1", "--http-port", "0", "--grpc-port", "0")
+    host, port = http_host_port(served.http_url)
+    clients: list[socket.socket] = []
+    try:
+        before = _rss_mb(served.proc.pid)
+        for _ in range(4):
+            client = socket.create_connection((host, port), timeout=10)
+            clients.append(client)
+            client.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                b"Content-Length: 60000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            # Sent once the app reads the body: its buffer is made by then.
+            assert client.recv(100).startswith(b"HTTP/1.1 100 Continue")
+        assert _rss_mb(served.proc.pid) - before < 60
+    finally:
+        for client in clients:
+            client.close()
+        served.proc.terminate()
+        assert served.proc.wait(timeout=30) == 0
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
