@@ -37,7 +37,7 @@ if CHROMIUM is None:
         raise RuntimeError("CI needs chromium: .ci/run installs Debian's chromium package")
     pytest.skip("no chromium here: apt-get install chromium", allow_module_level=True)
 
-from playwright.sync_api import Browser, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Route, sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +254,41 @@ def test_page_asks_a_gateway_that_takes_tokens_for_one(browser: Browser, tmp_pat
         page.wait_for_selector("#model option[value=shape]", state="attached")
         page.click("#run")  # the same token: the list stays, the run goes to the model chosen
         page.wait_for_function("document.querySelector('#status').textContent.startsWith('done')")
+        page.close()
+    finally:
+        gw.stop()
+
+
+def test_a_model_list_answered_after_a_run_leaves_the_runs_status(
+    browser: Browser, tmp_path: Path
+) -> None:
+    # The list asked for again as the token field lost focus to Run came back after the run's
+    # answer, and blanked its "done".
+    tokens = tmp_path / "tokens"
+    tokens.write_text("browser-token-0123456789\n")
+    gw = start(Settings(http_port=0, grpc_port=0, auth_token_file=str(tokens)))
+    held: list[Route] = []
+
+    def hold_the_list_with_a_token(route: Route) -> None:
+        if route.request.headers.get("authorization"):
+            held.append(route)
+        else:
+            route.continue_()
+
+    try:
+        page = browser.new_page()
+        page.route("**/v1/models", hold_the_list_with_a_token)
+        page.goto(gw.http_url + "/")
+        page.wait_for_function("document.querySelector('#status').textContent !== ''")
+        page.set_input_files("#files", [str(DATA / "images" / "hopper.jpg")])
+        page.fill("#token", "browser-token-0123456789")
+        page.click("#run")
+        page.wait_for_selector(".card[data-index='0'] canvas[data-drawn='1']")
+        assert page.inner_text("#status").startswith("done")
+        assert len(held) == 1
+        held[0].continue_()
+        page.wait_for_selector("#model option[value=shape]", state="attached")
+        assert page.inner_text("#status").startswith("done")
         page.close()
     finally:
         gw.stop()

@@ -13,6 +13,8 @@ function auth() {
 // The token the model list was last asked with: a change event comes again when the field
 // loses focus (a click on Run), and the list was emptied under the run.
 let listedWith = null;
+// The status the model list last failed with, if it shows still.
+let listError = null;
 
 async function loadModels() {
   const headers = auth();
@@ -21,10 +23,14 @@ async function loadModels() {
   const response = await fetch("/v1/models", { headers });
   const body = await response.json();
   if (!response.ok) {
-    $("status").textContent = `${body.error.code}: ${body.error.message}`;
+    listError = `${body.error.code}: ${body.error.message}`;
+    $("status").textContent = listError;
     return;
   }
-  $("status").textContent = "";
+  // Only the list's own error goes: a run started meanwhile (Run clicked as the token field
+  // lost focus) may have answered first, and its "done" was wiped.
+  if ($("status").textContent === listError) $("status").textContent = "";
+  listError = null;
   $("model").replaceChildren();
   for (const model of body.models) {
     const option = new Option(model.name, model.name, model.is_default, model.is_default);
