@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -9,11 +11,36 @@ import requests
 
 from clients.grpc_transport import result_from_pb
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
+from tests.conftest import wait_for
 
 
 def http_host_port(url: str) -> tuple[str, int]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     return host, int(port)
+
+
+def send_and_see_read(sock: socket.socket, data: bytes) -> None:
+    """Send `data` to a server on this machine, and return once the server has read all of it
+    from its socket: whatever is sent next reaches it in a later read. The kernel's own queues
+    tell (/proc/net/tcp): nothing of ours waits for the server's acknowledgement, and nothing
+    waits in the server's receive queue."""
+    sock.sendall(data)
+    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
+
+    def read_by_server() -> bool:
+        unacked = unread = None
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+                tx_queue, rx_queue = (int(q, 16) for q in fields[4].split(":"))
+                if (local, remote) == (ours, theirs):
+                    unacked = tx_queue
+                elif (local, remote) == (theirs, ours):
+                    unread = rx_queue
+        return unacked == 0 and unread == 0
+
+    wait_for(read_by_server, f"the server reading the {len(data)} bytes sent")
 
 
 def post_octet(http_url: str, model: str, data: bytes, **kw: Any) -> requests.Response:

@@ -169,34 +169,32 @@ class GatewayRequest(server.HTTPRequest):
         return True
 
     def _read_request_line(self) -> bool:
-        reader = self.conn.rfile
-        if isinstance(reader, SocketReader):
-            buffered = bytes(reader.peek(1))
-            # A TLS client (an https:// URL for this plain HTTP port) opens with a handshake
-            # record and then waits for the server's: no line end ever comes, and cheroot
-            # waited for one until the read timeout (10 s) before answering a 408 the client
-            # could not read. Closing at once lets the client fail at once, with its own error.
-            if buffered[:1] == _TLS_HANDSHAKE:
-                self.close_connection = True
-                return False
-            # The first line, past the one empty line cheroot skips; all of what has come if
-            # the line is not whole yet.
-            start = 2 if buffered.startswith(b"\r\n") else 0
-            end = buffered.find(b"\n", start)
-            if buffered.find(b"//", start, end if end >= 0 else len(buffered)) >= 0:
-                return self._read_request_line_in_origin_form()
-        return bool(super().read_request_line())  # type: ignore[no-untyped-call]
-
-    def _read_request_line_in_origin_form(self) -> bool:
         """cheroot refused a request-target in absolute form (`http://host/path`), which RFC
         9112 3.2.2 says a server must accept, and one starting `//` (`//v1/infer`, from a base
         URL ending in "/" joined to a path), which it took for a host name. The target is made
-        a plain path, runs of slashes in it merged into one, as nginx does."""
+        a plain path, runs of slashes in it merged into one, as nginx does.
+
+        Decided on the whole line, read through cheroot's size check (a line over the limit is
+        its 414): deciding from the bytes buffered when the request was first looked at made
+        the same line, cut in two by the network or by the end of the read buffer, a 400 or a
+        404 where whole it was a 200."""
+        reader = self.conn.rfile
+        # A TLS client (an https:// URL for this plain HTTP port) opens with a handshake record
+        # and then waits for the server's: no line end ever comes, and cheroot waited for one
+        # until the read timeout (10 s) before answering a 408 the client could not read.
+        # Closing at once lets the client fail at once, with its own error.
+        if isinstance(reader, SocketReader) and reader.peek(1)[:1] == _TLS_HANDSHAKE:
+            self.close_connection = True
+            return False
         rest = self.rfile
         lines = [rest.readline()]
+        # The one empty line before a request line that cheroot skips.
         if lines[0] == b"\r\n":
             lines.append(rest.readline())
-        self.rfile = _FirstLines([*lines[:-1], origin_form(lines[-1])], rest)
+        # Both forms rewritten hold "//"; any other line goes to cheroot as it came.
+        if b"//" in lines[-1]:
+            lines[-1] = origin_form(lines[-1])
+        self.rfile = _FirstLines(lines, rest)
         try:
             return bool(super().read_request_line())  # type: ignore[no-untyped-call]
         finally:
