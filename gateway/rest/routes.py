@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
-from urllib.parse import unquote, urlsplit
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.routing import PathConverter
@@ -32,9 +32,10 @@ _SEGMENT = r"(?:(?!%2[Ff])[^/])+"
 
 
 class ModelName(PathConverter):
-    """A model name in a route: slashes included ("org/model"), sent as they are or as %2F,
-    which cheroot leaves encoded in the path it hands over (to keep "a%2Fb" apart from "a/b";
-    model names cannot hold a "%2F" of their own, gateway.models.base)."""
+    """Where a model name may stand in a route: slashes included ("org/model"), sent as they are
+    or as %2F, which cheroot leaves encoded in the path it hands over (to keep "a%2Fb" apart
+    from "a/b"; model names cannot hold a "%2F" of their own, gateway.models.base). It only
+    matches: the name is read from the path as sent (`_name_as_sent`)."""
 
     # Only what a name can be (gateway.models.base): segments between "/" (or "%2F"), none
     # empty, and never ending in "/infer", the infer route's path, where GET must
@@ -45,23 +46,27 @@ class ModelName(PathConverter):
         r"(?<!/infer)(?<!%2[Ff]infer)"
     )
 
-    def to_python(self, value: str) -> str:
-        return value.replace("%2F", "/").replace("%2f", "/")
 
+@v1.url_value_preprocessor
+def _name_as_sent(endpoint: str | None, values: dict[str, Any] | None) -> None:
+    """The model a path names, its segments decoded once, as the client and anything in between
+    (a proxy, an access rule) read them: "org%2Fm" is "org/m", and "org%252Fm" or
+    "org%25%32%46m" is "org%2Fm", which no model is.
 
-# "%2F" spelt in a path as "%252F": cheroot decodes "%25" and hands over "%2F", which would be
-# taken for a slash, so "org%252Fm" reached the model "org/m", a name a proxy or an access rule
-# in front never saw. No model's name holds "%2F": such a request names no model.
-_ESCAPED_ESCAPE = re.compile(r"%252F", re.IGNORECASE)
-
-
-def _named(model: str, suffix: str = "") -> str:
-    """The model a path names, decoded once, as the client and anything in between read it."""
-    raw = urlsplit(request.environ.get("REQUEST_URI", "")).path
-    if not _ESCAPED_ESCAPE.search(raw):
-        return model
-    spelt = raw.split("/models/", 1)[-1]
-    return unquote(spelt.removesuffix(suffix))
+    Not from the path the route matched (PATH_INFO): cheroot has decoded it once already,
+    keeping only %2F as it came, so there a "%2F" is either a slash sent as %2F or one decoded
+    from "%252F" (or "%25%32%46", "%%32F", ...), and reading it as "/" decoded those twice. The
+    path as sent (REQUEST_URI, in origin form: gateway.rest.exchange) has the same "/" between
+    the same segments, as decoding makes none, so the name is the same segments of it. Runs
+    before every before_request, so the access record and the metrics label this name too."""
+    rule = request.url_rule
+    if values is None or rule is None or "model" not in values or "<" not in rule.rule:
+        return  # the default model's routes
+    before, _, after = rule.rule.partition("<")
+    segments = urlsplit(request.environ["REQUEST_URI"]).path.split("/")
+    spelt = "/".join(segments[before.count("/") : len(segments) - after.count("/")])
+    # As Werkzeug reads a path's bytes: UTF-8, anything else replaced.
+    values["model"] = unquote_to_bytes(spelt.encode("latin-1")).decode("utf-8", "replace")
 
 
 def dataplane() -> DataPlane:
@@ -115,13 +120,12 @@ def list_models() -> Response:
 
 @v1.get("/models/<model_name:model>")
 def get_model(model: str) -> Response:
-    return jsonify(model_json(dataplane().get_model(_named(model))))
+    return jsonify(model_json(dataplane().get_model(model)))
 
 
 @v1.post("/infer", defaults={"model": ""})
 @v1.post("/models/<model_name:model>/infer")
 def infer(model: str) -> Response:
-    model = _named(model, "/infer")
     dataplane().model(model)  # an unknown model fails before its body is read
     if http_requests.is_multipart():
         return jsonify(batch_json(dataplane().infer(http_requests.multipart_request(model))))
