@@ -134,6 +134,8 @@ class GatewayClient:
         if tls is not None and scheme not in ("grpcs", "https"):
             # Sent in plaintext after all, and the files silently unused.
             raise ValueError(f"{url!r}: certificate files need a grpcs:// or https:// URL")
+        if tls is not None:
+            tls.check()
         self.model = model
         self._closed = False
         # Calls under way, so that close() while other threads call lets them finish, alike

@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -243,6 +244,75 @@ def test_client_certificate_files_need_a_tls_url(pki: Authority) -> None:
         GatewayClient("grpcs://127.0.0.1:50051", ca_cert="/nonexistent/ca.pem")
     with pytest.raises(FileNotFoundError):
         GatewayClient("https://127.0.0.1:5000", ca_cert="/nonexistent/ca.pem")
+
+
+def _bad_tls_files(pki: Authority, tmp_path: Path, fault: str) -> tuple[dict[str, Path], Path]:
+    """Certificate files with one fault, and the file to blame."""
+    signed = pki.issue(f"client-{fault}", "client@example.com")
+    files = {"ca_cert": pki.ca_cert, "client_cert": signed.cert, "client_key": signed.key}
+    not_pem = tmp_path / "hostname"
+    not_pem.write_text("builder\n")
+    if fault == "ca not PEM":
+        files["ca_cert"] = not_pem
+    elif fault == "cert not PEM":
+        files["client_cert"] = not_pem
+    elif fault == "key not PEM":
+        files["client_key"] = not_pem
+    elif fault == "key of another cert":
+        files["client_key"] = pki.issue(f"other-{fault}", "other@example.com").key
+    else:
+        key = serialization.load_pem_private_key(signed.key.read_bytes(), password=None)
+        files["client_key"] = tmp_path / "encrypted-key.pem"
+        files["client_key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+    blamed = "client_key" if "key" in fault else "ca_cert" if "ca" in fault else "client_cert"
+    return files, files[blamed]
+
+
+TLS_FAULTS = ["ca not PEM", "cert not PEM", "key not PEM", "key of another cert", "key encrypted"]
+
+
+@pytest.mark.parametrize("fault", TLS_FAULTS)
+def test_a_certificate_file_that_cannot_serve_is_named_when_the_client_is_made(
+    pki: Authority, tmp_path: Path, fault: str
+) -> None:
+    # grpc found it out at the first call, as no answer (unreachable), with its own lines on
+    # stderr ("Invalid private key."); requests as a connection error, also unreachable.
+    files, blamed = _bad_tls_files(pki, tmp_path, fault)
+    for url in ("grpcs://127.0.0.1:1", "https://127.0.0.1:1"):
+        with pytest.raises(ValueError, match=re.escape(str(blamed))):
+            GatewayClient(
+                url,
+                ca_cert=files["ca_cert"],
+                client_cert=files["client_cert"],
+                client_key=files["client_key"],
+            )
+
+
+@pytest.mark.parametrize("fault", ["ca not PEM", "key of another cert"])
+def test_the_cli_names_a_certificate_file_that_cannot_serve(
+    tls_gateway: Gateway, pki: Authority, tmp_path: Path, fault: str
+) -> None:
+    files, blamed = _bad_tls_files(pki, tmp_path, fault)
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    flags = [f"--{name.replace('_', '-')}={path}" for name, path in files.items()]
+    for url in (grpcs(tls_gateway), "https://127.0.0.1:1"):
+        done = subprocess.run(
+            [sys.executable, "-m", "clients", "--url", url, *flags, "infer", str(IMAGE)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=ROOT,
+        )
+        assert done.returncode == 2
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("image-gateway-client: ") and str(blamed) in line
 
 
 def test_cli_over_grpcs_prints_what_it_prints_over_http(
