@@ -42,11 +42,17 @@ def _emit(text: str) -> None:
 def _first_token(path: str) -> str:
     """The first token of a file written as a gateway's --auth-token-file is (one a line, blank
     lines and lines from "#" left out): the gateway's own file works, comments and all."""
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            token = line.strip()
-            if token and not token.startswith("#"):
-                return token
+    try:
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                token = line.strip()
+                if token and not token.startswith("#"):
+                    return token
+    except UnicodeDecodeError as exc:
+        # Its own words name neither the file nor the option.
+        raise ValueError(
+            f"--token-file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     raise ValueError(f"{path} holds no token")
 
 
@@ -90,7 +96,9 @@ def _images(files: list[str]) -> list[str | bytes]:
         raise ValueError("standard input (-) can be read once only")
     if STDIN not in files:
         return list(files)
-    if sys.stdin is None or sys.stdin.isatty():
+    if sys.stdin is None:
+        raise ValueError("- reads an image from standard input, which is closed here")
+    if sys.stdin.isatty():
         # A terminal would wait for an image typed in, which nobody means.
         raise ValueError("- reads an image from standard input, which is a terminal here")
     data = sys.stdin.buffer.read()

@@ -10,6 +10,8 @@ import json
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,8 @@ from gateway.serve import Gateway, start
 from tests.conftest import DATA, IMAGES, wait_for
 
 JPEG_PATH = DATA / "images" / "rocket.jpg"
+# The checkout's own code, run by this interpreter (as in test_tls).
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -917,3 +921,18 @@ def test_a_netrc_entry_does_not_replace_the_token(
             assert client.infer(JPEG_PATH).output == [427, 640, 3]
     finally:
         gw.stop()
+
+
+def test_the_cli_says_standard_input_is_closed() -> None:
+    # It said "standard input, which is a terminal here".
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" <&-', sys.executable, "-m", "clients", "infer", "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "image-gateway-client: - reads an image from standard input, which is closed here"
+    )

@@ -21,6 +21,7 @@ import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from clients import cli
 from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
@@ -292,6 +293,18 @@ def test_the_cli_takes_a_token_file_or_the_environment(guarded: Gateway, tmp_pat
     assert run("--token-file", str(token_file)).returncode == 0
     assert run("--token-file", str(gateways_file)).returncode == 0
     assert run(IMAGE_GATEWAY_TOKEN=OTHER).returncode == 0
+
+
+def test_the_cli_names_a_token_file_that_is_not_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It printed "'utf-8' codec can't decode byte 0xff in position 0: ...", naming no file.
+    binary = tmp_path / "token.bin"
+    binary.write_bytes(b"\xff\xfe\x00token")
+    assert cli.main(["--url", "http://127.0.0.1:1", "--token-file", str(binary), "limits"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("image-gateway-client: --token-file ")
+    assert str(binary) in line and "not UTF-8" in line
 
 
 def _answer_to_head(http_url: str, head: bytes) -> bytes:
