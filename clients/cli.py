@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import BinaryIO
 
 from clients.client import COLOR_MODES, MAX_TIMEOUT, GatewayClient
 from clients.results import GatewayClientError
@@ -89,9 +90,10 @@ def _params(pairs: list[tuple[str, str]]) -> dict[str, str]:
 STDIN = "-"
 
 
-def _images(files: list[str]) -> list[str | bytes]:
-    """What to send for each FILE: its path, read when its request goes, or for "-" the bytes
-    of standard input (once: a second "-" would be empty)."""
+def _images(files: list[str]) -> list[str | BinaryIO]:
+    """What to send for each FILE: its path, or for "-" standard input (once: a second "-"
+    would be empty). Both are read when the call goes, and a stream no further than the
+    gateway's max_image_bytes allows."""
     if files.count(STDIN) > 1:
         raise ValueError("standard input (-) can be read once only")
     if STDIN not in files:
@@ -101,8 +103,8 @@ def _images(files: list[str]) -> list[str | bytes]:
     if sys.stdin.isatty():
         # A terminal would wait for an image typed in, which nobody means.
         raise ValueError("- reads an image from standard input, which is a terminal here")
-    data = sys.stdin.buffer.read()
-    return [data if f == STDIN else f for f in files]
+    stdin = sys.stdin.buffer
+    return [stdin if f == STDIN else f for f in files]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,6 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (OSError, ValueError) as exc:  # a file it cannot read, a URL it cannot use, stdout
         print(f"image-gateway-client: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        # Images are read within the gateway's limits, but a batch of large ones may still not
+        # fit this machine: a line of text, not a traceback.
+        print("image-gateway-client: out of memory", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130  # as a shell reports SIGINT, without Python's traceback

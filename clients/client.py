@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import IO, Protocol, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -23,7 +24,7 @@ import numpy as np
 from clients.results import ErrorInfo, GatewayClientError, ImageResult, Limits, ModelInfo
 from clients.tls import TlsFiles
 
-ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray]
+ImageLike = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, np.ndarray, IO[bytes]]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # gRPC connections a client spreads its calls over (HTTP keeps a pool of its own): enough for
@@ -35,8 +36,9 @@ MAX_CHANNELS = 1024
 COLOR_MODES = ("color", "grayscale", "unchanged")
 
 
-def encode_image(image: ImageLike) -> bytes:
-    """The encoded bytes to send: a file's contents, bytes as they are, an array as PNG."""
+def encode_image(image: bytes | bytearray | memoryview | np.ndarray) -> bytes:
+    """The encoded bytes to send: bytes as they are, an array as PNG. (Files are read by the
+    client when their request goes, within the gateway's limits.)"""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, np.ndarray):
@@ -49,7 +51,14 @@ def encode_image(image: ImageLike) -> bytes:
         if not ok:
             raise ValueError(f"cannot encode an array of shape {image.shape} as PNG")
         return encoded.tobytes()
-    return Path(image).read_bytes()
+    raise _not_an_image(image)
+
+
+def _not_an_image(image: object) -> TypeError:
+    return TypeError(
+        "an image is a path, bytes, a numpy array or a binary file object, not "
+        f"{type(image).__name__}"
+    )
 
 
 def _check_array(image: np.ndarray) -> None:
@@ -77,18 +86,68 @@ class _Source:
     size: int
     content: bytes | Path  # a file is its path until its request goes
 
-    @classmethod
-    def of(cls, index: int, image: ImageLike) -> _Source:
-        if isinstance(image, (str, os.PathLike)):
-            path = Path(image)
-            if path.is_dir():  # found now, before any request of the batch is sent
-                raise IsADirectoryError(f"{path} is a directory, not an image file")
-            return cls(index, path.stat().st_size, path)
-        data = encode_image(image)
-        return cls(index, len(data), data)
-
     def load(self) -> bytes:
         return self.content if isinstance(self.content, bytes) else self.content.read_bytes()
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """An image whose size is known only by reading it: a pipe, a device, a file object such
+    as standard input. stat() gives such a file no size (0 for a FIFO), and reading it to its
+    end may never end (/dev/zero): it is read once the gateway's max_image_bytes is known, and
+    no further than one byte past it."""
+
+    index: int
+    content: Path | IO[bytes]
+
+    def read(self, max_image_bytes: int) -> _Source | ErrorInfo:
+        if isinstance(self.content, Path):
+            with self.content.open("rb", buffering=0) as file:
+                data = _read_at_most(file, max_image_bytes + 1)
+        else:
+            data = _read_at_most(self.content, max_image_bytes + 1)
+        if data is None:
+            too_many = f"more than {max_image_bytes}"
+            return ErrorInfo("image_too_large", _over_image_bytes(too_many, max_image_bytes))
+        return _Source(self.index, len(data), data)
+
+
+def _pending(index: int, image: ImageLike) -> _Source | _Stream:
+    """What an image is before the gateway's limits are known: nothing is read yet but bytes
+    and arrays, while a path's faults (missing, a directory) are found now, before any request
+    of the batch is sent."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory, not an image file")
+        info = path.stat()
+        # A regular file of no size may be one whose size the kernel does not know (/proc).
+        if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+            return _Source(index, info.st_size, path)
+        return _Stream(index, path)
+    if isinstance(image, (bytes, bytearray, memoryview, np.ndarray)):
+        data = encode_image(image)
+        return _Source(index, len(data), data)
+    if hasattr(image, "read"):
+        return _Stream(index, image)
+    raise _not_an_image(image)
+
+
+# Bytes asked of a stream at a time: a pipe gives at most 64 KiB a read anyway.
+_READ_CHUNK = 1024 * 1024
+
+
+def _read_at_most(file: IO[bytes], most: int) -> bytes | None:
+    """The stream's bytes to its end, or None once they are `most` or more."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < most:
+        chunk = file.read(min(_READ_CHUNK, most - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return None
 
 
 class _Transport(Protocol):
@@ -177,7 +236,8 @@ class GatewayClient:
         """The model's result for one image; raises GatewayClientError if the image fails.
 
         An image over the gateway's per-image byte cap, or too large for any request, raises
-        the error `infer_batch` would give it, without being sent (a file is not even read)."""
+        the error `infer_batch` would give it, without being sent (a regular file is not even
+        read; a pipe, device or file object no further than a byte past the cap)."""
         with self._call():
             return self._infer(image, model, color_mode, params)
 
@@ -191,8 +251,11 @@ class GatewayClient:
         _check_color_mode(color_mode)
         params = _checked_params(params)
         model = self._model(model)
-        source = _Source.of(0, image)
+        pending = _pending(0, image)
         limits = self._published_limits()
+        source = _known_size(pending, limits.max_image_bytes)
+        if isinstance(source, ErrorInfo):
+            raise GatewayClientError(source.code, source.message, "")
         cap = self._cap(limits)
         # Over HTTP the image is the whole body; over gRPC a message has a few fields around it.
         framing = 0 if self._max_send is None else _IMAGE_OVERHEAD + len(model) + _size(params)
@@ -214,8 +277,9 @@ class GatewayClient:
 
         Any number of images: they go in as many requests, one after another, as the gateway's
         published limits (`limits()`: images, parts, bytes and pixels a request) need. Files are
-        read when their request is sent. An image over the gateway's per-image byte cap fails
-        as the gateway would fail it (`image_too_large`), and one too large for any request
+        read when their request is sent; pipes, devices and file objects before the first, each
+        no further than a byte past the per-image byte cap. An image over that cap fails as the
+        gateway would fail it (`image_too_large`), and one too large for any request
         (`payload_too_large`), without being sent. An error of a whole request (an unknown
         model, an overloaded gateway, ...) raises GatewayClientError.
         """
@@ -229,30 +293,39 @@ class GatewayClient:
         color_mode: str,
         params: Mapping[str, str] | None,
     ) -> list[ImageResult]:
-        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or (
-            isinstance(images, np.ndarray) and images.ndim != 4
+        if (
+            isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview))
+            or (isinstance(images, np.ndarray) and images.ndim != 4)
+            or hasattr(images, "read")
         ):
-            # A path was sent as one image per character, an array as one per row.
+            # A path was sent as one image per character, an array as one per row (and a
+            # file would be one per line).
             raise TypeError(
                 f"infer_batch takes a list of images, not one {type(images).__name__}: "
                 "use infer(image) or infer_batch([image])"
             )
         _check_color_mode(color_mode)
         params = _checked_params(params)
-        sources = [_Source.of(i, image) for i, image in enumerate(images)]
-        if not sources:
+        pending = [_pending(i, image) for i, image in enumerate(images)]
+        if not pending:
             return []
         call = _Call(self._transport, self._model(model), color_mode, params)
         limits = self._published_limits()
         cap = self._cap(limits)
         room = cap - _REQUEST_OVERHEAD - len(call.model) - _size(params)
-        results: list[ImageResult | None] = [None] * len(sources)
+        results: list[ImageResult | None] = [None] * len(pending)
         sendable = []
-        for source in sources:
-            error = _too_large(source.size, limits.max_image_bytes, room - _IMAGE_OVERHEAD, cap)
+        for item in pending:
+            source = _known_size(item, limits.max_image_bytes)
+            error = (
+                source
+                if isinstance(source, ErrorInfo)
+                else _too_large(source.size, limits.max_image_bytes, room - _IMAGE_OVERHEAD, cap)
+            )
             if error is not None:
-                results[source.index] = ImageResult(str(source.index), None, error=error)
+                results[item.index] = ImageResult(str(item.index), None, error=error)
             else:
+                assert isinstance(source, _Source)
                 sendable.append(source)
         per_request = min(limits.max_images, limits.max_parts)
         for chunk in _chunks(sendable, per_request, room):
@@ -341,11 +414,7 @@ def _too_large(size: int, max_image_bytes: int, fits: int, cap: int) -> ErrorInf
     request leaves it of the `cap` (over gRPC grpc itself would refuse the message, without
     the gateway's error code)."""
     if size > max_image_bytes:
-        message = (
-            f"the image is {size} bytes; this gateway takes at most {max_image_bytes} bytes per "
-            "image"
-        )
-        return ErrorInfo("image_too_large", message)
+        return ErrorInfo("image_too_large", _over_image_bytes(str(size), max_image_bytes))
     if size > fits:
         message = (
             f"the image is {size} bytes; with its request around it that is over the {cap} "
@@ -354,6 +423,17 @@ def _too_large(size: int, max_image_bytes: int, fits: int, cap: int) -> ErrorInf
         )
         return ErrorInfo("payload_too_large", message)
     return None
+
+
+def _over_image_bytes(size: str, max_image_bytes: int) -> str:
+    # The gateway's words (gateway/core/limits.py); a stream cut off at the cap has no size.
+    return (
+        f"the image is {size} bytes; this gateway takes at most {max_image_bytes} bytes per image"
+    )
+
+
+def _known_size(item: _Source | _Stream, max_image_bytes: int) -> _Source | ErrorInfo:
+    return item if isinstance(item, _Source) else item.read(max_image_bytes)
 
 
 def _chunks(images: list[_Source], max_images: int, max_bytes: int) -> list[list[_Source]]:

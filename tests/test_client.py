@@ -7,6 +7,7 @@ import dataclasses
 import http.server
 import itertools
 import json
+import os
 import re
 import socket
 import struct
@@ -921,6 +922,124 @@ def test_a_netrc_entry_does_not_replace_the_token(
             assert client.infer(JPEG_PATH).output == [427, 640, 3]
     finally:
         gw.stop()
+
+
+@pytest.fixture(scope="module")
+def capped_gateway() -> Iterator[Gateway]:
+    gw = start(
+        Settings(
+            http_port=0,
+            grpc_port=0,
+            model=("shape", "tests.models:echo_params"),
+            shutdown_grace=1.0,
+            max_image_bytes=200_000,
+            max_request_bytes=1_000_000,
+            max_parts=4,
+        )
+    )
+    yield gw
+    gw.stop()
+
+
+def _both(gw: Gateway) -> list[str]:
+    return [gw.http_url, f"grpc://{gw.grpc_target}"]
+
+
+@contextmanager
+def _fifo(tmp_path: Path, data: bytes) -> Iterator[tuple[Path, list[int]]]:
+    """A named pipe that a thread fills with `data` once it is opened, and the bytes the
+    thread got written, as a shell's `<(command)` is."""
+    path = tmp_path / f"pipe-{len(list(tmp_path.iterdir()))}"
+    os.mkfifo(path)
+    written = [0]
+
+    def write() -> None:
+        with contextlib.suppress(BrokenPipeError), path.open("wb", buffering=0) as pipe:
+            view = memoryview(data)
+            while written[0] < len(data):
+                written[0] += pipe.write(view[written[0] : written[0] + 65536]) or 0
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield path, written
+    finally:
+        # A writer still waiting for its reader is let go: it writes into a closed pipe.
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        thread.join(timeout=30)
+
+
+def test_a_pipe_over_max_image_bytes_is_refused_after_reading_just_past_it(
+    capped_gateway: Gateway, tmp_path: Path
+) -> None:
+    # stat() gives a FIFO no size: the client read all of it and sent it, and the gateway's
+    # grpc refused it without the gateway's code (payload_too_large), or over HTTP the
+    # gateway's request cap did. /dev/zero, read the same way, grew until MemoryError.
+    expected = (
+        "image_too_large",
+        "the image is more than 200000 bytes; this gateway takes at most 200000 bytes per image",
+    )
+    for url in _both(capped_gateway):
+        with GatewayClient(url) as client:
+            with _fifo(tmp_path, bytes(5_000_000)) as (pipe, written):
+                with pytest.raises(GatewayClientError) as caught:
+                    client.infer(pipe)
+                assert (caught.value.code, caught.value.message) == expected
+                assert caught.value.status == ""
+            # Read no further than a byte past the cap (plus what the pipe itself held).
+            assert written[0] < 1_000_000
+            with _fifo(tmp_path, bytes(5_000_000)) as (pipe, _):
+                [result] = client.infer_batch([pipe])
+            assert result.error is not None
+            assert (result.error.code, result.error.message) == expected
+            with pytest.raises(GatewayClientError) as caught:
+                client.infer("/dev/zero")
+            assert (caught.value.code, caught.value.message) == expected
+
+
+def test_a_pipe_or_a_file_object_within_the_caps_is_sent(
+    capped_gateway: Gateway, tmp_path: Path
+) -> None:
+    jpeg = JPEG_PATH.read_bytes()
+    for url in _both(capped_gateway):
+        with GatewayClient(url) as client:
+            with _fifo(tmp_path, jpeg) as (pipe, _):
+                assert client.infer(pipe, model="shape").output == [427, 640, 3]
+            with _fifo(tmp_path, jpeg) as (pipe, _), JPEG_PATH.open("rb") as file:
+                results = client.infer_batch([pipe, file, JPEG_PATH], model="shape")
+            assert [r.output for r in results] == [[427, 640, 3]] * 3
+            with pytest.raises(TypeError, match="list of images"), JPEG_PATH.open("rb") as file:
+                client.infer_batch(file)  # type: ignore[arg-type]
+
+
+# The CLI in a process of its own, with at most 2 GiB of address space: reading a stream
+# without a bound ends in MemoryError there, not in the whole machine's memory.
+_BOUNDED_CLI = (
+    "import resource, runpy, sys\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+    "runpy.run_module('clients', run_name='__main__')\n"
+)
+
+
+@pytest.mark.parametrize("how", ["path", "stdin"])
+def test_the_cli_reads_no_further_than_the_gateways_cap(capped_gateway: Gateway, how: str) -> None:
+    # `infer /dev/zero` and `... | infer -` read until MemoryError, and printed its traceback.
+    for url in _both(capped_gateway):
+        with open("/dev/zero", "rb") as zeros:
+            done = subprocess.run(
+                [sys.executable, "-c", _BOUNDED_CLI, "--url", url, "infer"]
+                + (["/dev/zero"] if how == "path" else ["-"]),
+                stdin=zeros,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=ROOT,
+            )
+        assert (done.returncode, done.stderr) == (1, ""), url
+        [row] = json.loads(done.stdout)
+        assert row["file"] == ("/dev/zero" if how == "path" else "-")
+        assert row["error"]["code"] == "image_too_large"
 
 
 def test_the_cli_says_standard_input_is_closed() -> None:
