@@ -163,6 +163,10 @@ class _Transport(Protocol):
         params: Mapping[str, str],
     ) -> list[ImageResult]: ...
 
+    def extra_parts(self, params: Mapping[str, str]) -> int:
+        """Parts of a multipart request the parameters take besides its images."""
+        ...
+
     def list_models(self) -> list[ModelInfo]: ...
 
     def limits(self) -> Limits: ...
@@ -257,8 +261,11 @@ class GatewayClient:
         if isinstance(source, ErrorInfo):
             raise GatewayClientError(source.code, source.message, "")
         cap = self._cap(limits)
-        # Over HTTP the image is the whole body; over gRPC a message has a few fields around it.
-        framing = 0 if self._max_send is None else _IMAGE_OVERHEAD + len(model) + _size(params)
+        # Over HTTP a raw image is the whole body, its parameters in the URL; over gRPC, or
+        # with parameters in a multipart body, there are a few fields around it.
+        framing = 0
+        if self._max_send is not None or self._transport.extra_parts(params):
+            framing = _IMAGE_OVERHEAD + len(model) + _size(params)
         error = _too_large(source.size, limits.max_image_bytes, cap - framing, cap)
         if error is not None:
             raise GatewayClientError(error.code, error.message, "")
@@ -327,7 +334,10 @@ class GatewayClient:
             else:
                 assert isinstance(source, _Source)
                 sendable.append(source)
-        per_request = min(limits.max_images, limits.max_parts)
+        # Parameters that travel as multipart text fields are parts of each request too.
+        per_request = max(
+            1, min(limits.max_images, limits.max_parts - self._transport.extra_parts(params))
+        )
         for chunk in _chunks(sendable, per_request, room):
             for i, result in call.send_splitting([(s.index, s.load()) for s in chunk]):
                 results[i] = result
@@ -405,7 +415,33 @@ _Item = tuple[int, bytes]
 
 
 def _size(params: Mapping[str, str]) -> int:
-    return sum(len(k) + len(v) for k, v in params.items())
+    """Bytes the parameters take in a request at most: a multipart text field's headers, its
+    name escaped, are the most framing around one."""
+    return sum(3 * len(k.encode()) + len(v.encode()) + 128 for k, v in params.items())
+
+
+# The most a gateway takes of a request's parameters: a gRPC request's `parameters` Struct,
+# serialized, or one HTTP text field (gateway/rpc/wire.py, gateway/rest/requests.py).
+MAX_PARAMETER_BYTES = 64 * 1024
+
+
+def _varint_bytes(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _field_bytes(payload: int) -> int:
+    """A length-delimited protobuf field of a small field number: tag, length, payload."""
+    return 1 + _varint_bytes(payload) + payload
+
+
+def parameter_bytes(params: Mapping[str, str]) -> int:
+    """The parameters' size as a gRPC request carries them, a Struct of string Values, which
+    is what the gateway's 64 KiB bounds."""
+    total = 0
+    for key, value in params.items():
+        entry = _field_bytes(len(key.encode())) + _field_bytes(_field_bytes(len(value.encode())))
+        total += _field_bytes(entry)
+    return total
 
 
 def _too_large(size: int, max_image_bytes: int, fits: int, cap: int) -> ErrorInfo | None:
@@ -571,6 +607,16 @@ def _checked_params(params: Mapping[str, str] | None) -> dict[str, str]:
             raise TypeError(f"parameters are str -> str; {key!r}: {value!r} is not")
         if key == "color_mode":
             raise ValueError("color_mode is an argument of its own, not a model parameter")
+    size = parameter_bytes(params)
+    if size > MAX_PARAMETER_BYTES:
+        # Refused alike on both protocols: over HTTP they may go as several text fields, each
+        # within the gateway's cap, where gRPC's one Struct would be over it.
+        raise GatewayClientError(
+            "payload_too_large",
+            f"the parameters take {size} bytes as a gRPC request carries them; a gateway takes "
+            f"at most {MAX_PARAMETER_BYTES} (as one HTTP text field)",
+            "",
+        )
     return params
 
 

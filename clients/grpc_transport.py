@@ -222,6 +222,9 @@ class GrpcTransport:
         )
         return [result_from_pb(r) for r in self._call("InferBatch", request).results]
 
+    def extra_parts(self, params: Mapping[str, str]) -> int:
+        return 0  # one Struct field, whatever the parameters
+
     def list_models(self) -> list[ModelInfo]:
         response = self._call("ListModels", pb.ListModelsRequest())
         return [

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import quote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, quote_plus, urljoin, urlsplit, urlunsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -34,6 +35,51 @@ POOL_SIZE = 32
 # The most of the answer's body one read returns. Each read is one recv at most (read1), so
 # that the clock is looked at again however slowly the bytes come.
 READ_SIZE = 65536
+
+
+# Bytes of the URL's query the client fills with parameters; the rest go as multipart text
+# fields. The query had taken them all, and 40 KB of UTF-8, tripled by percent-encoding, went
+# over the gateway's 64 KiB for a request's line and headers (headers_too_large) where gRPC
+# took them. This is well under that, and under the 8 KiB nginx takes for a request line.
+QUERY_BYTES = 4096
+
+# Names that stay in the query whatever their size: a text field named as a file part ("" for
+# a single image, "0", "1", ... in a batch) is duplicate_part, and a "%" in a field's name is
+# read back as an escape (urllib3 writes '"' in a name as %22, which the parser decodes).
+_QUERY_ONLY_NAME = re.compile(r"[0-9]*|.*%.*", re.DOTALL)
+
+# The HTTP status the gateway answers a raw image's error with (README, Errors): a multipart
+# answer gives an image's error in its result, and no status of its own.
+_IMAGE_ERROR_STATUS = {
+    "empty_image": "400",
+    "undecodable_image": "422",
+    "unsupported_format": "415",
+    "image_too_large": "413",
+}
+
+
+def split_params(
+    params: Mapping[str, str], color_mode: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The query parameters and the multipart text fields a call sends: one set to the gateway.
+    The query takes the shortest first, so that many short parameters do not become parts
+    (each counts against the gateway's max_parts)."""
+    query = {"color_mode": color_mode}
+    fields: dict[str, str] = {}
+    room = QUERY_BYTES - len("color_mode=unchanged&")  # the longest, for any color_mode
+    for key, value in sorted(params.items(), key=lambda kv: len(_encoded(*kv))):
+        cost = len(_encoded(key, value)) + 1
+        if cost <= room or _QUERY_ONLY_NAME.fullmatch(key):
+            query[key] = value
+            room -= cost
+        else:
+            fields[key] = value
+    return query, fields
+
+
+def _encoded(key: str, value: str) -> str:
+    # As requests writes a query (urlencode).
+    return f"{quote_plus(key)}={quote_plus(value)}"
 
 
 def _closed_before_answer(exc: requests.ConnectionError) -> bool:
@@ -253,14 +299,41 @@ class HttpTransport:
     def infer(
         self, data: bytes, model: str, color_mode: str, params: Mapping[str, str]
     ) -> ImageResult:
+        query, fields = split_params(params, color_mode)
+        if fields:
+            return self._infer_multipart(data, model, query, fields)
         response, body = self._send(
             "POST",
             self._infer_url(model),
             data=data,
-            params={**params, "color_mode": color_mode},
+            params=query,
             headers={"Content-Type": "application/octet-stream"},
         )
         return self._read(response, body, lambda answer: ImageResult.from_dict(answer["result"]))
+
+    def _infer_multipart(
+        self, data: bytes, model: str, query: Mapping[str, str], fields: Mapping[str, str]
+    ) -> ImageResult:
+        """One image with parameters a raw body's query cannot hold: a multipart body of one
+        file part, named "" as a raw body's image is, its error raised as a raw body's is."""
+        response, body = self._send(
+            "POST",
+            self._infer_url(model),
+            params=query,
+            data=fields,
+            files=[("", ("", data, "application/octet-stream"))],
+        )
+        result, request_id = self._read(
+            response,
+            body,
+            lambda answer: (ImageResult.from_dict(answer["results"][0]), answer["request_id"]),
+        )
+        if result.error is not None:
+            status = _IMAGE_ERROR_STATUS.get(result.error.code, str(response.status_code))
+            raise GatewayClientError(
+                result.error.code, result.error.message, status, str(request_id)
+            )
+        return result
 
     def infer_batch(
         self,
@@ -269,12 +342,14 @@ class HttpTransport:
         color_mode: str,
         params: Mapping[str, str],
     ) -> list[ImageResult]:
-        files = {name: (name, data, "application/octet-stream") for name, data in images}
+        query, fields = split_params(params, color_mode)
+        files = [(name, (name, data, "application/octet-stream")) for name, data in images]
         response, body = self._send(
             "POST",
             self._infer_url(model),
             files=files,
-            params={**params, "color_mode": color_mode},
+            data=fields,
+            params=query,
         )
         results = self._read(
             response, body, lambda answer: [ImageResult.from_dict(r) for r in answer["results"]]
@@ -282,6 +357,9 @@ class HttpTransport:
         if len(results) != len(images):
             raise _bad_response(response, body)
         return results
+
+    def extra_parts(self, params: Mapping[str, str]) -> int:
+        return len(split_params(params, "color")[1])  # the same split for every color_mode
 
     def list_models(self) -> list[ModelInfo]:
         response, body = self._send("GET", f"{self.base_url}/v1/models")

@@ -24,9 +24,10 @@ import cv2
 import numpy as np
 import pytest
 import requests
+from google.protobuf import struct_pb2
 
 from clients import cli
-from clients.client import GatewayClient
+from clients.client import MAX_PARAMETER_BYTES, GatewayClient, parameter_bytes
 from clients.results import GatewayClientError, ImageInfo, ImageResult, Limits
 from gateway.config import Settings
 from gateway.serve import Gateway, start
@@ -1055,3 +1056,88 @@ def test_the_cli_says_standard_input_is_closed() -> None:
     assert done.stderr.strip() == (
         "image-gateway-client: - reads an image from standard input, which is closed here"
     )
+
+
+def test_long_parameters_reach_the_model_alike_on_both_protocols(
+    capped_gateway: Gateway,
+) -> None:
+    # All of them went in the URL's query: 40 KB of UTF-8, tripled by percent-encoding, was
+    # headers_too_large (431) over HTTP and worked over gRPC.
+    params = {
+        "a": "é" * 20_000,
+        "b": "ü" * 4_000,
+        # Names a text field cannot carry as they are: a file part's, and a "%".
+        "": "x" * 1500,
+        "0": "y" * 1500,
+        'q"%22': "z" * 1000,
+        **{f"p{i}": str(i) for i in range(100)},
+    }
+    assert parameter_bytes(params) <= MAX_PARAMETER_BYTES
+    answers = []
+    for url in _both(capped_gateway):
+        with GatewayClient(url, model="echo-params") as client:
+            one = client.infer(JPEG_PATH, params=params)
+            assert one.output == params
+            # Two long ones are text fields, so with max_parts 4 a request takes two images.
+            batch = client.infer_batch([JPEG_PATH] * 5, params=params)
+            assert [r.output for r in batch] == [params] * 5
+            answers.append((one, batch))
+    assert answers[0] == answers[1]
+
+
+def test_an_image_error_with_long_parameters_is_raised_as_without(
+    capped_gateway: Gateway,
+) -> None:
+    long = {"a": "é" * 20_000}
+    for url in _both(capped_gateway):
+        with GatewayClient(url, model="echo-params") as client:
+            errors = []
+            for params in ({}, long):
+                with pytest.raises(GatewayClientError) as caught:
+                    client.infer(b"junk", params=params)
+                assert caught.value.request_id
+                errors.append((caught.value.code, caught.value.message, caught.value.status))
+            assert errors[0] == errors[1]
+            assert errors[0][0] == "undecodable_image"
+
+
+def test_parameters_over_the_gateways_cap_are_refused_alike(capped_gateway: Gateway) -> None:
+    # The cap is a gRPC request's Struct, serialized: one value of exactly that size is taken
+    # by both fronts, one byte more by neither. Two values each within an HTTP text field's cap
+    # but together over it had worked over HTTP alone.
+    def sized(total: int) -> dict[str, str]:
+        value = "v" * (total - parameter_bytes({"a": ""}))
+        while parameter_bytes({"a": value}) > total:
+            value = value[:-1]
+        return {"a": value}
+
+    fits = sized(MAX_PARAMETER_BYTES)
+    over = {"a": fits["a"] + "v"}
+    assert parameter_bytes(fits) == MAX_PARAMETER_BYTES
+    assert parameter_bytes(over) == MAX_PARAMETER_BYTES + 1
+    for url in _both(capped_gateway):
+        with GatewayClient(url, model="echo-params") as client:
+            assert client.infer(JPEG_PATH, params=fits).output == fits
+            for params in (over, {"a": "x" * 40_000, "b": "y" * 40_000}):
+                with pytest.raises(GatewayClientError) as caught:
+                    client.infer(JPEG_PATH, params=params)
+                assert (caught.value.code, caught.value.status) == ("payload_too_large", "")
+                with pytest.raises(GatewayClientError) as caught:
+                    client.infer_batch([JPEG_PATH], params=params)
+                assert (caught.value.code, caught.value.status) == ("payload_too_large", "")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"": ""},
+        {"a": ""},
+        {"k" * 200: "é" * 300, "x": "y"},
+        {str(i): "z" * i for i in range(300)},
+    ],
+)
+def test_parameter_bytes_are_the_structs_serialized_size(params: dict[str, str]) -> None:
+    struct = struct_pb2.Struct()
+    struct.update(params)
+    assert parameter_bytes(params) == struct.ByteSize()
