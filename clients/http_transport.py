@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
@@ -121,6 +122,25 @@ def error_from_body(body: Any, status: str) -> GatewayClientError:
     )
 
 
+def _not_http1(base_url: str, exc: requests.ConnectionError) -> GatewayClientError | None:
+    """bad_response for an answer that is not HTTP/1.x at all, None for any other failure. An
+    http:// URL with a gRPC port got grpc's HTTP/2 SETTINGS frame back, reported as a gateway
+    that did not answer, its bytes quoted."""
+    reason = exc.args[0] if exc.args else None
+    if not isinstance(reason, ProtocolError):
+        return None
+    bad = next((a for a in reason.args if isinstance(a, http.client.BadStatusLine)), None)
+    if bad is None:
+        return None
+    line = str(bad.args[0]) if bad.args else ""
+    # A frame header: a 3-byte length, then type 4 (SETTINGS), the first frame a server sends.
+    if len(line) >= 4 and line[3] == "\x04":
+        what = "HTTP/2 (a gRPC port? Its URL is grpc://, or grpcs:// with TLS)"
+    else:
+        what = f"{line[:60]!r}, not an HTTP/1.1 status line"
+    return GatewayClientError(BAD_RESPONSE, f"{base_url} answered with {what}", "")
+
+
 def _bad_response(response: requests.Response, body: bytes) -> GatewayClientError:
     return GatewayClientError(
         BAD_RESPONSE,
@@ -218,7 +238,9 @@ class HttpTransport:
             return self._attempt(method, url, started, **kwargs)
         except requests.ConnectionError as exc:
             if not _closed_before_answer(exc):
-                raise unreachable(self.base_url, str(exc)) from None
+                raise _not_http1(self.base_url, exc) or unreachable(
+                    self.base_url, str(exc)
+                ) from None
         # urllib3 put the failed connection back in its pool as an empty slot, which this
         # thread takes next (unless another thread gave a connection back meanwhile, one that
         # has just answered): it connects anew.

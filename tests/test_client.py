@@ -516,6 +516,21 @@ def test_json_that_is_not_the_gateways_is_a_bad_response(
         assert json.loads(capsys.readouterr().err)["error"]["code"] == "bad_response"
 
 
+def test_an_http_url_with_the_grpc_port_is_a_bad_response_that_says_so(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was `unreachable`, grpc's HTTP/2 SETTINGS frame quoted as bytes in the message.
+    url = f"http://{gateway.grpc_target}"
+    with GatewayClient(url) as client, pytest.raises(GatewayClientError) as caught:
+        client.limits()
+    assert caught.value.code == "bad_response"
+    assert caught.value.message == f"{url} answered with HTTP/2 (a gRPC port? Its URL is " + (
+        "grpc://, or grpcs:// with TLS)"
+    )
+    assert cli.main(["--url", url, "infer", str(JPEG_PATH)]) == 2
+    assert json.loads(capsys.readouterr().err)["error"]["code"] == "bad_response"
+
+
 def test_no_answer_is_worded_alike_on_both_protocols(gateway: Gateway) -> None:
     # The messages were requests' and grpc's own: "HTTPConnectionPool(host=...): Read timed
     # out. (read timeout=0.3)" against "Deadline Exceeded".
