@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from gateway.core.errors import ErrorCode, GatewayError
+from gateway.models.base import ParameterError
+
 
 class FailingModel:
     """Raises on every call, as a buggy user model would."""
@@ -185,6 +188,11 @@ class Misbehaving:
                 image[0, 0] = 0
             if bad:
                 raise ValueError("wrote to its input, then failed")
+        elif do == "ParameterError":  # about the parameters alone, whatever the image
+            raise ParameterError("threshold must be a number, not 'x'")
+        elif bad and do == "GatewayError":
+            # The gateway's own error is no way for a model to answer: model_error, as any.
+            raise GatewayError(ErrorCode.INVALID_REQUEST, "a model that borrowed this")
         elif bad and do in _RAISED:
             raise _RAISED[do]("the model raised this itself")
         elif bad and do in _OUTPUTS:

@@ -93,7 +93,7 @@ MODEL_ERROR = (grpc.StatusCode.INTERNAL, "model_error")
 
 @pytest.mark.parametrize("model", [PLAIN, BATCHED])
 @pytest.mark.parametrize(
-    "do", ["SystemExit", "KeyboardInterrupt", "TimeoutError", "CancelledError"]
+    "do", ["SystemExit", "KeyboardInterrupt", "TimeoutError", "CancelledError", "GatewayError"]
 )
 def test_whatever_a_model_raises_is_model_error(
     gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, model: str, do: str
@@ -117,6 +117,35 @@ def test_a_merged_batch_the_model_fails_fails_only_the_bad_request(
         calls = [pool.submit(grpc_infer, stub, BATCHED, data, do) for data in [*GOOD, BAD]]
         outputs = [call.result() for call in calls]
     assert outputs == [*map(expected, GOOD), MODEL_ERROR]
+    still_serving(gw, stub)
+
+
+@pytest.mark.parametrize("model", [PLAIN, BATCHED])
+def test_a_model_that_refuses_the_parameters_fails_the_request_as_invalid(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, model: str
+) -> None:
+    # A ParameterError is the client's to mend, in the model's words, on every front; the
+    # requests merged in one call (they share their parameters) are all refused, without a
+    # retry each or a traceback in the log.
+    words = f"model {model!r} refused the request's parameters: threshold must be a number, not 'x'"
+    with logs_not_kept() as log:
+        answer = requests.post(
+            f"{gw.http_url}/v1/models/{model}/infer",
+            data=GOOD[0],
+            params={"do": "ParameterError"},
+            headers={"Content-Type": "application/octet-stream"},
+            timeout=30,
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error"]["code"] == "invalid_request"
+        assert answer.json()["error"]["message"] == words
+        with ThreadPoolExecutor(4) as pool:
+            calls = [pool.submit(grpc_infer, stub, model, data, "ParameterError") for data in GOOD]
+            assert {call.result() for call in calls} == {
+                (grpc.StatusCode.INVALID_ARGUMENT, "invalid_request")
+            }
+    assert "Traceback" not in log.getvalue()
+    assert "retrying each alone" not in log.getvalue()
     still_serving(gw, stub)
 
 

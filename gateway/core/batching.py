@@ -41,7 +41,7 @@ from gateway.core.admission import STOP_CHECK_INTERVAL
 from gateway.core.errors import GatewayError
 from gateway.core.model_calls import ModelCalls
 from gateway.core.outputs import check_outputs
-from gateway.models.base import JSONValue, Model
+from gateway.models.base import JSONValue, Model, ParameterError
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,11 @@ class Batcher:
                 self.calls.end(call)
             # A list: any sequence the model may answer with is sliced below.
             outputs = list(check_outputs(outputs, len(images)))
+        except ParameterError as exc:
+            # The requests merged share their parameters: alone, each would be refused alike.
+            for job in batch:
+                job.future.set_exception(ModelRaisedError(exc))
+            return
         except BaseException:  # SystemExit from a model is its bug too, and fails only its own
             # With its traceback: a model that fails only on batches has no other trace, as
             # each request then succeeds alone.

@@ -35,7 +35,13 @@ from gateway.core.types import (
     ItemResult,
     ModelInfo,
 )
-from gateway.models.base import JSONValue, Model, batching_attributes, min_input_size
+from gateway.models.base import (
+    JSONValue,
+    Model,
+    ParameterError,
+    batching_attributes,
+    min_input_size,
+)
 from gateway.models.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,9 @@ CLIENT_CHECK_AFTER = 0.01
 _NAME_SHOWN = 64
 # The longest image name a request may give (a multipart filename fits in a part header line).
 MAX_NAME = 4096
+# The most of a model's ParameterError message an answer repeats: over gRPC it is the status's
+# details, which a client takes within its metadata limit (8 KiB by default).
+MAX_PARAMETER_MESSAGE = 1000
 
 
 def _listed(names: list[str], most: int = 16) -> str:
@@ -344,8 +353,6 @@ class DataPlane:
                     arrays, request.parameters, remaining, stopped, request.color_mode.value
                 )
             return _json_outputs(outputs, len(arrays))
-        except GatewayError:
-            raise
         except WaitTimeoutError as exc:
             if exc.running is not None:
                 held.keep_until(exc.running)
@@ -362,6 +369,16 @@ class DataPlane:
         # the HTTP server.
         except BaseException as exc:
             failure = exc.error if isinstance(exc, ModelRaisedError) else exc
+            if isinstance(failure, ParameterError):
+                message = str(failure)
+                if len(message) > MAX_PARAMETER_MESSAGE:
+                    message = message[:MAX_PARAMETER_MESSAGE] + "..."
+                del failure
+                # The client's to mend, in the model's words; not a fault to log.
+                raise GatewayError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"model {model.name!r} refused the request's parameters: {message}",
+                ) from None
             log.error(
                 "model %r failed, request id %s",
                 model.name,

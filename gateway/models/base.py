@@ -23,6 +23,14 @@ import numpy as np
 JSONValue = Union[None, bool, int, float, str, list["JSONValue"], dict[str, "JSONValue"]]
 
 
+class ParameterError(ValueError):
+    """Raise from predict when the request's parameters are what is wrong (a threshold that is
+    not a number, an unknown label set): the request fails with invalid_request (400 /
+    INVALID_ARGUMENT) and this message, where anything else predict raises is model_error, a
+    fault of the model, logged with its traceback. Batched requests share their parameters, so
+    it fails every request of the call it is raised in."""
+
+
 @runtime_checkable
 class Model(Protocol):
     name: str
