@@ -108,6 +108,48 @@ def test_a_class_or_a_model_without_description_is_named_for_what_it_lacks() -> 
         ModelRegistry([NoDescription()])  # type: ignore[list-item]
 
 
+class AsyncPredict(Declared):
+    async def predict(  # type: ignore[override]
+        self, images: Sequence[np.ndarray], params: Mapping[str, Any]
+    ) -> list[Any]:
+        return [list(i.shape) for i in images]
+
+
+class OneArgument(Declared):
+    def predict(self, images: Sequence[np.ndarray]) -> list[Any]:  # type: ignore[override]
+        return [list(i.shape) for i in images]
+
+
+class ThreeArguments(Declared):
+    def predict(  # type: ignore[override]
+        self, images: Sequence[np.ndarray], params: Mapping[str, Any], extra: Any
+    ) -> list[Any]:
+        return [list(i.shape) for i in images]
+
+
+class Flexible(Declared):
+    def predict(self, *args: Any, extra: Any = None) -> list[Any]:
+        return [list(i.shape) for i in args[0]]
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (AsyncPredict(), "predict is async"),
+        (OneArgument(), r"predict\(images\) cannot be called as predict\(images, params\)"),
+        (ThreeArguments(), "cannot be called as predict"),
+    ],
+)
+def test_a_predict_the_gateway_cannot_call_fails_at_start(model: Declared, message: str) -> None:
+    # Both loaded, then failed every request with model_error.
+    with pytest.raises(TypeError, match=message):
+        load(model)
+
+
+def test_a_predict_taking_more_than_it_needs_is_accepted() -> None:
+    load(Flexible())
+
+
 @pytest.mark.parametrize(
     "attrs",
     [

@@ -13,6 +13,7 @@ Optional attributes a model may set (read with getattr, so a model without them 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, Union, runtime_checkable
 
@@ -66,6 +67,7 @@ def check_model(model: object, spec: str) -> Model:
             f"{', '.join(missing) or 'a callable predict'}: a model has name, description and "
             "predict(images, params)"
         )
+    _check_predict(getattr(model, "predict"), spec)  # noqa: B009
     name, description = getattr(model, "name"), getattr(model, "description")  # noqa: B009
     if not isinstance(name, str) or not isinstance(description, str):
         raise TypeError(f"{spec!r}: name and description are str, not {name!r}, {description!r}")
@@ -75,6 +77,35 @@ def check_model(model: object, spec: str) -> Model:
     # Batching attributes are checked where they are used (gateway.core.dataplane), only when
     # --batching does not set the model's policy itself.
     return checked
+
+
+def _check_predict(predict: Any, spec: str) -> None:
+    """A predict the gateway can call as predict(images, params), and that answers: an async
+    one returns a coroutine, never outputs, and one of another arity raises TypeError. Both
+    loaded, and failed every request, a model_error each."""
+    if inspect.iscoroutinefunction(predict) or inspect.isasyncgenfunction(predict):
+        raise TypeError(
+            f"{spec!r}: predict is async; the gateway calls it from threads, and awaits nothing"
+        )
+    try:
+        signature = inspect.signature(predict)
+    except (TypeError, ValueError):  # no signature to read (some builtins): left to the call
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        taken = ", ".join(_shown(p) for p in signature.parameters.values())
+        raise TypeError(
+            f"{spec!r}: predict({taken}) cannot be called as predict(images, params)"
+        ) from None
+
+
+def _shown(parameter: inspect.Parameter) -> str:
+    if parameter.kind is parameter.VAR_POSITIONAL:
+        return "*" + parameter.name
+    if parameter.kind is parameter.VAR_KEYWORD:
+        return "**" + parameter.name
+    return parameter.name
 
 
 def _check_name(name: str) -> None:
