@@ -188,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             token=token,
         ) as client:
             if args.command == "models":
-                _emit(json.dumps([asdict(m) for m in client.list_models()], indent=2))
+                # As GET /v1/models gives them (its "models"), whichever the protocol.
+                _emit(json.dumps([m.to_dict() for m in client.list_models()], indent=2))
                 return 0
             if args.command == "limits":
                 _emit(json.dumps(asdict(client.limits()), indent=2))

@@ -92,6 +92,16 @@ class ModelInfo:
             None if size is None else (size["width"], size["height"]),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """As the gateway's HTTP API gives it (GET /v1/models): from_dict's inverse."""
+        size = self.min_input_size
+        return {
+            "name": self.name,
+            "description": self.description,
+            "is_default": self.is_default,
+            "min_input_size": None if size is None else {"width": size[0], "height": size[1]},
+        }
+
 
 # The code of a call that reached no gateway (refused connection, unknown host), on both
 # protocols. Every other code is the gateway's (its error table), deadline_exceeded, or

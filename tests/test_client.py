@@ -1156,3 +1156,14 @@ def test_parameter_bytes_are_the_structs_serialized_size(params: dict[str, str])
     struct = struct_pb2.Struct()
     struct.update(params)
     assert parameter_bytes(params) == struct.ByteSize()
+
+
+def test_the_cli_lists_models_as_the_http_api_does(
+    gateway: Gateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # min_input_size was a [width, height] list, where the API gives {"width", "height"}.
+    listed = requests.get(f"{gateway.http_url}/v1/models", timeout=10).json()["models"]
+    assert {"width": 50, "height": 40} in [m["min_input_size"] for m in listed]
+    for url in (gateway.http_url, f"grpc://{gateway.grpc_target}"):
+        assert cli.main(["--url", url, "models"]) == 0
+        assert json.loads(capsys.readouterr().out) == listed
