@@ -223,6 +223,7 @@ _OUTPUTS: dict[str, Callable[[], Any]] = {
     "surrogate": lambda: "\ud800",
     "deep": lambda: _nested(60),
     "clashing-keys": lambda: {1: "a", "1": "b"},
+    "tuple-key": lambda: {(1, 2): "a"},
 }
 
 
@@ -270,11 +271,13 @@ class Outputs:
     "bytes" characters."""
 
     name = "outputs"
-    description = "answers large numbers, or a long text"
+    description = "answers large numbers, a long text, or an object of keys that are not text"
 
     def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
         if params.get("give") == "text":
             return ["x" * int(params["bytes"]) for _ in images]
+        if params.get("give") == "keys":
+            return [{None: 0, True: 1, 3: 2, 2.5: 3, np.int64(7): 4} for _ in images]
         return [[1e16, -1e300, 2.0**53 + 2, 2**53, 2.0**53, 2.0**53 - 1, 3.0, 2.5] for _ in images]
 
 

@@ -255,6 +255,23 @@ def test_numbers_only_floats_carry_come_back_alike(clients: dict[str, GatewayCli
         assert [type(v) for v in output] == [float, float, float, int, int, int, int, float]
 
 
+def test_object_keys_that_are_not_text_are_written_as_json_writes_them(
+    http_url: str, clients: dict[str, GatewayClient]
+) -> None:
+    # str() had made None "None" and True "True", where JSON has null and true.
+    expected = {"null": 0, "true": 1, "3": 2, "2.5": 3, "7": 4}
+    raw = requests.post(
+        f"{http_url}/v1/models/outputs/infer",
+        data=JPEG_PATH.read_bytes(),
+        params={"give": "keys"},
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=30,
+    )
+    assert raw.json()["result"]["output"] == expected
+    for client in clients.values():
+        assert client.infer(JPEG_PATH, model="outputs", params={"give": "keys"}).output == expected
+
+
 @pytest.fixture(scope="module")
 def small_gateway() -> Iterator[Gateway]:
     gw = start(

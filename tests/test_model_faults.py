@@ -220,7 +220,9 @@ def test_outputs_in_any_sequence_are_answered_batched_or_not(
     assert http_infer(gw, model, GOOD[0], "deque") == (200, expected(GOOD[0]))
 
 
-@pytest.mark.parametrize("do", ["huge-int", "surrogate", "deep", "clashing-keys", "str"])
+@pytest.mark.parametrize(
+    "do", ["huge-int", "surrogate", "deep", "clashing-keys", "tuple-key", "str"]
+)
 def test_outputs_no_front_can_carry_are_model_error_everywhere(
     gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, do: str
 ) -> None:

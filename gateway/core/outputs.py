@@ -8,6 +8,7 @@ is not Unicode, nesting deeper than protobuf parses) is refused here, for both.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -67,7 +68,7 @@ def to_json_value(value: Any, depth: int = 0) -> JSONValue:
     if isinstance(value, Mapping):
         out: dict[str, JSONValue] = {}
         for key, item in value.items():
-            name = _text(key if isinstance(key, str) else str(key))
+            name = _key(key)
             if name in out:
                 raise NotJSONError(f"two keys of an object are {name!r} as text")
             out[name] = to_json_value(item, depth + 1)
@@ -75,6 +76,21 @@ def to_json_value(value: Any, depth: int = 0) -> JSONValue:
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         return [to_json_value(v, depth + 1) for v in value]
     raise NotJSONError(f"{type(value).__name__} has no JSON form")
+
+
+def _key(key: Any) -> str:
+    """An object key as JSON writes one (Python's json module): a number as its text, True,
+    False and None as true, false and null. str() made None "None", and a tuple "(1, 2)", where
+    json refuses it."""
+    if isinstance(key, np.generic):
+        key = key.item()
+    if isinstance(key, str):
+        return _text(key)
+    if isinstance(key, (bool, int, float)) or key is None:
+        if isinstance(key, float) and not math.isfinite(key):
+            raise NotJSONError(f"an object key {key} has no JSON form")
+        return json.dumps(key)
+    raise NotJSONError(f"an object key of type {type(key).__name__} has no JSON form")
 
 
 def _text(value: str) -> str:
