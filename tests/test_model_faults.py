@@ -20,6 +20,7 @@ import requests
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
+from gateway.core.outputs import NotJSONError, to_json_value
 from gateway.serve import Gateway, start
 from tests.conftest import wait_for
 from tests.models import GATE, SEEN
@@ -238,6 +239,40 @@ def test_outputs_no_front_can_carry_are_model_error_everywhere(
     assert replies[0].result.error.code == "model_error"
     assert grpc_result(replies[1].result)["output"] == expected(GOOD[0])
     still_serving(gw, stub)
+
+
+@pytest.mark.parametrize("model", [PLAIN, BATCHED])
+def test_an_output_no_front_can_carry_fails_only_its_own_image(
+    gw: Gateway, stub: pb_grpc.ImageGatewayServiceStub, model: str
+) -> None:
+    # The whole request failed, its other images' outputs lost, and the log said only
+    # "NotJSONError: an integer of 1329 bits ...", not where in which output.
+    images = [GOOD[0], BAD, GOOD[1]]
+    with logs_not_kept() as log:
+        answer = requests.post(
+            f"{gw.http_url}/v1/models/{model}/infer",
+            files={str(i): (f"{i}.png", data) for i, data in enumerate(images)},
+            params={"do": "huge-int"},
+            timeout=30,
+        )
+        request = pb.InferBatchRequest(
+            model=model, images=[pb.Image(name=str(i), data=d) for i, d in enumerate(images)]
+        )
+        request.parameters.update({"do": "huge-int"})
+        over_grpc = [grpc_result(r) for r in stub.InferBatch(request, timeout=30).results]
+    assert answer.status_code == 200
+    for results in (answer.json()["results"], over_grpc):
+        # (The model answers the others with their shape.)
+        assert [r.get("output") for r in results] == [[10, 16, 3], None, [10, 16, 3]]
+        assert results[1]["error"]["code"] == "model_error"
+    assert f"model {model!r} answered image 1 of request " in log.getvalue()
+    assert "with an output no front can carry: output: an integer of 1329 bits" in (log.getvalue())
+
+
+def test_where_in_an_output_a_value_has_no_json_form_is_named() -> None:
+    with pytest.raises(NotJSONError) as caught:
+        to_json_value({"boxes": [{"score": 0.5}, {"score": float("nan")}]})
+    assert str(caught.value) == "['boxes'][1]['score']: nan has no JSON form"
 
 
 def test_parameters_equal_in_python_but_not_in_json_are_not_merged() -> None:

@@ -25,7 +25,7 @@ from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import Limits, check_image_bytes
 from gateway.core.model_calls import ModelCalls
-from gateway.core.outputs import check_outputs, to_json_value
+from gateway.core.outputs import NotJSONError, check_outputs, to_json_value
 from gateway.core.types import (
     Buffer,
     ColorMode,
@@ -259,7 +259,12 @@ class DataPlane:
             if isinstance(item, ItemError):
                 results.append(ItemResult(image.name, error=item))
             else:
-                results.append(ItemResult(image.name, info=item.info, output=next(it)))
+                output = next(it)
+                if isinstance(output, ItemError):
+                    metrics.inc(metrics.IMAGE_ERRORS, (output.code,))
+                    results.append(ItemResult(image.name, error=output))
+                else:
+                    results.append(ItemResult(image.name, info=item.info, output=output))
         return InferResponse(model.name, request.request_id, tuple(results))
 
     def _probe(self, data: Buffer) -> Probe | ItemError:
@@ -332,7 +337,7 @@ class DataPlane:
         images: list[DecodedImage],
         request: InferRequest,
         held: Held,
-    ) -> list[JSONValue]:
+    ) -> list[JSONValue | ItemError]:
         _check_request(request)
         arrays = [d.array for d in images]
         try:
@@ -352,7 +357,7 @@ class DataPlane:
                 outputs = batcher.predict(
                     arrays, request.parameters, remaining, stopped, request.color_mode.value
                 )
-            return _json_outputs(outputs, len(arrays))
+            return _json_outputs(outputs, len(arrays), model.name, request.request_id)
         except WaitTimeoutError as exc:
             if exc.running is not None:
                 held.keep_until(exc.running)
@@ -395,9 +400,35 @@ class DataPlane:
             ) from None
 
 
-def _json_outputs(outputs: object, count: int) -> list[JSONValue]:
-    """One JSON value an image, or ValueError/NotJSONError naming what the model got wrong."""
-    return [to_json_value(o) for o in check_outputs(outputs, count)]
+def _json_outputs(
+    outputs: object, count: int, model: str, request_id: str
+) -> list[JSONValue | ItemError]:
+    """One JSON value an image, or ValueError naming what is wrong with the outputs as a whole.
+    An output no front can carry (a NaN, a tuple key) fails its own image with model_error,
+    logged with where in the output it is; the other images keep theirs, as a request's image
+    that does not decode fails alone."""
+    converted: list[JSONValue | ItemError] = []
+    for index, output in enumerate(check_outputs(outputs, count)):
+        try:
+            converted.append(to_json_value(output))
+        except NotJSONError as exc:
+            log.error(
+                "model %r answered image %d of request %s with an output no front can carry: "
+                "output%s: %s",
+                model,
+                index,
+                request_id,
+                "".join(exc.path),
+                exc.reason,
+            )
+            converted.append(
+                ItemError(
+                    ErrorCode.MODEL_ERROR,
+                    f"model {model!r} answered this image with an output that has no JSON form "
+                    f"(request id {request_id}); the server log has the details",
+                )
+            )
+    return converted
 
 
 def _cost(items: Sequence[Probe | ItemError], color_mode: ColorMode) -> int:

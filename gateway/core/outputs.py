@@ -25,7 +25,17 @@ MAX_EXACT_INT = 2**53
 
 
 class NotJSONError(TypeError):
-    pass
+    """A value with no JSON form, and where it is: `[0]["scores"][2]: nan has no JSON form`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        # The keys and indices from the value converted down to the one refused, outermost
+        # first.
+        self.path: list[str] = []
+
+    def __str__(self) -> str:
+        return f"{''.join(self.path)}: {self.reason}" if self.path else self.reason
 
 
 def check_outputs(outputs: object, count: int) -> Sequence[Any]:
@@ -71,11 +81,19 @@ def to_json_value(value: Any, depth: int = 0) -> JSONValue:
             name = _key(key)
             if name in out:
                 raise NotJSONError(f"two keys of an object are {name!r} as text")
-            out[name] = to_json_value(item, depth + 1)
+            out[name] = _within(f"[{name!r}]", item, depth)
         return out
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
-        return [to_json_value(v, depth + 1) for v in value]
+        return [_within(f"[{i}]", v, depth) for i, v in enumerate(value)]
     raise NotJSONError(f"{type(value).__name__} has no JSON form")
+
+
+def _within(step: str, value: Any, depth: int) -> JSONValue:
+    try:
+        return to_json_value(value, depth + 1)
+    except NotJSONError as exc:
+        exc.path.insert(0, step)
+        raise
 
 
 def _key(key: Any) -> str:
