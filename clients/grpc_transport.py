@@ -237,6 +237,11 @@ class GrpcTransport:
                     if m.HasField("min_input_size")
                     else None
                 ),
+                (
+                    (m.batching.max_batch_size, m.batching.max_batch_wait_ms)
+                    if m.HasField("batching")
+                    else None
+                ),
             )
             for m in response.models
         ]

@@ -81,15 +81,20 @@ class ModelInfo:
     is_default: bool
     # (width, height): a larger JPEG reaches this model decoded at 1/2, 1/4 or 1/8 scale.
     min_input_size: tuple[int, int] | None = None
+    # (max_batch_size, max_batch_wait_ms) of the dynamic batching in force, None without.
+    batching: tuple[int, float] | None = None
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> ModelInfo:
-        size = body.get("min_input_size")
+        size, batching = body.get("min_input_size"), body.get("batching")
         return cls(
             body["name"],
             body["description"],
             body["is_default"],
             None if size is None else (size["width"], size["height"]),
+            None
+            if batching is None
+            else (batching["max_batch_size"], float(batching["max_batch_wait_ms"])),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +105,9 @@ class ModelInfo:
             "description": self.description,
             "is_default": self.is_default,
             "min_input_size": None if size is None else {"width": size[0], "height": size[1]},
+            "batching": None
+            if self.batching is None
+            else {"max_batch_size": self.batching[0], "max_batch_wait_ms": self.batching[1]},
         }
 
 

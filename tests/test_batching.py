@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import requests
 
+from clients.client import GatewayClient
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
@@ -146,6 +147,33 @@ def test_a_batch_of_at_most_one_image_is_no_batching() -> None:
             wait_for(lambda: len(GATED_BATCHING.tags) == before + 2, "two calls run together")
             GATE.set()
             assert [a.result().status_code for a in answers] == [200, 200]
+
+
+def test_model_listings_give_the_batching_in_force() -> None:
+    # Its own attributes (batching-spy asks for 16 / 300 ms), the operator's --batching over
+    # them (outputs), and none (shape), alike over HTTP, gRPC and the Python client.
+    with gated_gateway(
+        model=("shape", "tests.models:batching_spy", "tests.models:outputs"),
+        batching=("outputs=4:1.5",),
+    ) as gw:
+        expected = {"shape": None, "batching-spy": (16, 300.0), "outputs": (4, 1.5)}
+        listed = requests.get(f"{gw.http_url}/v1/models", timeout=10).json()["models"]
+        assert {m["name"]: m["batching"] for m in listed} == {
+            name: None if p is None else {"max_batch_size": p[0], "max_batch_wait_ms": p[1]}
+            for name, p in expected.items()
+        }
+        with grpc.insecure_channel(gw.grpc_target) as channel:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models:
+                policy = expected[m.name]
+                assert m.HasField("batching") == (policy is not None)
+                if policy is not None:
+                    assert (m.batching.max_batch_size, m.batching.max_batch_wait_ms) == policy
+            one = stub.GetModel(pb.GetModelRequest(name="outputs"), timeout=10).model
+            assert (one.batching.max_batch_size, one.batching.max_batch_wait_ms) == (4, 1.5)
+        for url in (gw.http_url, f"grpc://{gw.grpc_target}"):
+            with GatewayClient(url) as client:
+                assert {m.name: m.batching for m in client.list_models()} == expected
 
 
 def test_batching_settings() -> None:

@@ -166,11 +166,14 @@ class DataPlane:
         return self._info(self.model(name))
 
     def _info(self, model: Model) -> ModelInfo:
+        batcher = self.batchers.get(model.name)
+        policy = None if batcher is None else batcher.policy
         return ModelInfo(
             model.name,
             model.description,
             model.name == self.registry.default_name,
             self._min_sizes[model.name],
+            None if policy is None else (policy.max_batch_size, policy.max_wait * 1000),
         )
 
     def infer(self, request: InferRequest) -> InferResponse:

@@ -88,3 +88,5 @@ class ModelInfo:
     description: str
     is_default: bool
     min_input_size: tuple[int, int] | None = None
+    # (max_batch_size, max_batch_wait_ms) of the batching in force, None without batching.
+    batching: tuple[int, float] | None = None

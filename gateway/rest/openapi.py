@@ -264,7 +264,7 @@ SPEC: dict[str, Any] = {
             },
             "ModelInfo": {
                 "type": "object",
-                "required": ["name", "description", "is_default", "min_input_size"],
+                "required": ["name", "description", "is_default", "min_input_size", "batching"],
                 "properties": {
                     "name": {"type": "string"},
                     "description": {"type": "string"},
@@ -278,6 +278,18 @@ SPEC: dict[str, Any] = {
                         "properties": {
                             "width": {"type": "integer"},
                             "height": {"type": "integer"},
+                        },
+                    },
+                    "batching": {
+                        "description": "The dynamic batching policy in force (the model's own, "
+                        "or --batching): single-image requests arriving together are merged "
+                        "into one call of at most max_batch_size images, the first waiting at "
+                        "most max_batch_wait_ms for others. null: no batching.",
+                        "type": ["object", "null"],
+                        "required": ["max_batch_size", "max_batch_wait_ms"],
+                        "properties": {
+                            "max_batch_size": {"type": "integer", "minimum": 2},
+                            "max_batch_wait_ms": {"type": "number", "minimum": 0},
                         },
                     },
                 },

@@ -42,12 +42,15 @@ def batch_json(response: InferResponse) -> dict[str, Any]:
 
 
 def model_json(info: ModelInfo) -> dict[str, Any]:
-    size = info.min_input_size
+    size, batching = info.min_input_size, info.batching
     return {
         "name": info.name,
         "description": info.description,
         "is_default": info.is_default,
         "min_input_size": None if size is None else {"width": size[0], "height": size[1]},
+        "batching": None
+        if batching is None
+        else {"max_batch_size": batching[0], "max_batch_wait_ms": batching[1]},
     }
 
 

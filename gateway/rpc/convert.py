@@ -196,6 +196,9 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
     if info.min_input_size is not None:
         width, height = info.min_input_size
         message.min_input_size.CopyFrom(pb.ImageSize(width=width, height=height))
+    if info.batching is not None:
+        size, wait_ms = info.batching
+        message.batching.CopyFrom(pb.BatchPolicy(max_batch_size=size, max_batch_wait_ms=wait_ms))
     return message
 
 

@@ -184,16 +184,26 @@ class Limits(_message.Message):
     def __init__(self, max_request_bytes: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_images: _Optional[int] = ..., max_parts: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_request_pixels: _Optional[int] = ..., request_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "description", "is_default", "min_input_size")
+    __slots__ = ("name", "description", "is_default", "min_input_size", "batching")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MIN_INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     is_default: bool
     min_input_size: ImageSize
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., is_default: _Optional[bool] = ..., min_input_size: _Optional[_Union[ImageSize, _Mapping]] = ...) -> None: ...
+    batching: BatchPolicy
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., is_default: _Optional[bool] = ..., min_input_size: _Optional[_Union[ImageSize, _Mapping]] = ..., batching: _Optional[_Union[BatchPolicy, _Mapping]] = ...) -> None: ...
+
+class BatchPolicy(_message.Message):
+    __slots__ = ("max_batch_size", "max_batch_wait_ms")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_batch_wait_ms: float
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_batch_wait_ms: _Optional[float] = ...) -> None: ...
 
 class ImageSize(_message.Message):
     __slots__ = ("width", "height")
