@@ -29,9 +29,19 @@ def load_model(spec: str) -> Model:
         factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot load model {spec!r}: {exc}") from exc
+    except (Exception, SystemExit) as exc:
+        # What the module raised as it was imported: a syntax error in code edited before a
+        # reload, a KeyError for an environment variable. A traceback of some forty lines
+        # stopped the start, not one line naming the model.
+        raise ValueError(
+            f"cannot load model {spec!r}: importing {module_name} raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     try:
         model = factory()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
+        # SystemExit too (a model's argparse): one process exited with its code, 0 included,
+        # and nothing logged; systemd's Restart=on-failure then left the gateway down.
         # Named, and no traceback: with several --model flags the message said only what the
         # factory said ("weights file missing"), and a KeyError stopped the start with a
         # traceback instead of the one-line error every other bad setting gets.
