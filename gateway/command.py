@@ -23,6 +23,7 @@ log = logging.getLogger("gateway")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _open_standard_descriptors()
     try:
         from gateway import config
 
@@ -42,6 +43,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings)
     except KeyboardInterrupt:
         return 130
+
+
+def _open_standard_descriptors() -> None:
+    """File descriptors 0, 1 and 2 open, on /dev/null where they were closed. Started with them
+    closed (`<&- >&- 2>&-`), the gateway's next files took their numbers: a shared-memory file
+    of the supervisor became its workers' stderr, and their log was written into it; a
+    metrics file became a worker's stdout."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.dup2(opened, fd)
+                os.close(opened)
+            # Python opens descriptors close-on-exec: the workers' would be closed again.
+            os.set_inheritable(fd, True)
 
 
 def serve(settings: config.Settings) -> int:
