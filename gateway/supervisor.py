@@ -204,6 +204,19 @@ def supervise(settings: Settings) -> int:
     return code
 
 
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (which the first shared object would start) with
+    SIGHUP blocked. It ignores SIGINT and SIGTERM of its own, but a closed terminal's SIGHUP to
+    the whole group killed it, and tracebacks of its restart followed "image-gateway stopped".
+    Its only change to the mask it inherits unblocks those two, so SIGHUP stays blocked there
+    for good; here it is taken as soon as the mask is back."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class Supervisor:
     """The workers of one gateway, each in a place of its own, and those retiring."""
 
@@ -215,6 +228,7 @@ class Supervisor:
             settings, http_port=http_port, grpc_port=grpc_port, workers=1
         )
         self.context = multiprocessing.get_context("spawn")
+        _start_resource_tracker()
         self.stopping = threading.Event()
         # The same, seen by the workers: one stopped while it is clear tells a stop of the
         # whole gateway (a signal to the process group, or the supervisor's own) from one of

@@ -110,8 +110,10 @@ def log_ready(settings: Settings, http_port: int, grpc_port: int, count: int) ->
     )
 
 
-# Signals the supervisor blocks while it starts a worker (see Supervisor.spawn).
-HELD_AT_SPAWN = (signal.SIGINT, RELOAD_SIGNAL)
+# Signals the supervisor blocks while it starts a worker (see Supervisor.spawn). SIGHUP as
+# SIGINT: a closed terminal sends it to the whole group, and a worker still importing died of it
+# where the supervisor, which takes it too, stops it cleanly.
+HELD_AT_SPAWN = (signal.SIGINT, signal.SIGHUP, RELOAD_SIGNAL)
 
 
 def worker_main(
