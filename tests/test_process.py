@@ -1041,11 +1041,36 @@ def test_a_model_module_in_the_working_directory_is_found(tmp_path: Path) -> Non
         assert served.proc.wait(timeout=30) == 0
 
 
+@pytest.mark.parametrize(
+    ("source", "said"),
+    [
+        (
+            "def create():\n    return {}['weights']\n",
+            "model 'brokenmodels:create' did not load: KeyError: 'weights'",
+        ),
+        # A factory that exits (a model's argparse): one process exited 0, logging nothing.
+        (
+            "import sys\ndef create():\n    sys.exit(0)\n",
+            "model 'brokenmodels:create' did not load: SystemExit: 0",
+        ),
+        # Raised as the module is imported: some forty lines of traceback.
+        (
+            "def create(:\n    pass\n",
+            "cannot load model 'brokenmodels:create': importing brokenmodels raised SyntaxError",
+        ),
+        (
+            "import os\nWEIGHTS = os.environ['NO_SUCH_VARIABLE_HERE']\ndef create():\n    pass\n",
+            "cannot load model 'brokenmodels:create': importing brokenmodels raised KeyError: "
+            "'NO_SUCH_VARIABLE_HERE'",
+        ),
+    ],
+    ids=["factory-raises", "factory-exits", "syntax-error", "import-raises"],
+)
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_model_that_fails_to_load_is_named_without_a_traceback(
-    tmp_path: Path, workers: str
+    tmp_path: Path, workers: str, source: str, said: str
 ) -> None:
-    (tmp_path / "brokenmodels.py").write_text("def create():\n    return {}['weights']\n")
+    (tmp_path / "brokenmodels.py").write_text(source)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     args = ["--http-port", "0", "--grpc-port", "0", "--workers", workers]
     done = subprocess.run(
@@ -1066,7 +1091,7 @@ def test_a_model_that_fails_to_load_is_named_without_a_traceback(
     )
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
-    assert "model 'brokenmodels:create' did not load: KeyError: 'weights'" in done.stderr
+    assert said in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(
@@ -1500,3 +1525,90 @@ def _taking_sigterm(pid: int, threads: list[int]) -> int:
         if not blocked & (1 << (signal.SIGTERM - 1)):
             return tid
     raise AssertionError("every other thread blocks SIGTERM")
+
+
+def test_sighup_to_the_whole_group_stops_every_process_cleanly(tmp_path: Path) -> None:
+    # What a closed terminal does. multiprocessing's resource tracker died of it, and
+    # tracebacks of its restart followed "image-gateway stopped".
+    s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
+    group = [s.proc.pid, *children(s.proc.pid)]
+    tracker = [
+        pid for pid in group if "resource_tracker" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+    assert len(tracker) == 1
+    try:
+        for pid in group:
+            os.kill(pid, signal.SIGHUP)
+        assert s.proc.wait(timeout=60) == 0, s.log.read_text()
+        log = s.log.read_text()
+        assert "image-gateway stopped" in log, log
+        assert "Traceback" not in log and "resource_tracker" not in log, log
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def test_a_gateway_started_with_its_standard_streams_closed_keeps_them_on_dev_null(
+    tmp_path: Path,
+) -> None:
+    # Their numbers went to the next files opened: a shared-memory file of the supervisor
+    # became its workers' stderr, where their log went, and a metrics file a worker's stdout.
+    ports = [_unused_port(), _unused_port()]
+    proc = subprocess.Popen(
+        [
+            "sh",
+            "-c",
+            'exec "$@" <&- >&- 2>&-',
+            "sh",
+            str(BIN / "image-gateway"),
+            "serve",
+            "--http-port",
+            str(ports[0]),
+            "--grpc-port",
+            str(ports[1]),
+            "--workers",
+            "2",
+        ],
+        cwd=tmp_path,
+    )
+    try:
+        url = f"http://127.0.0.1:{ports[0]}"
+
+        def serving() -> bool:
+            with contextlib.suppress(requests.ConnectionError):
+                return requests.get(f"{url}/readyz", timeout=5).status_code == 200
+            return False
+
+        wait_for(serving, "the gateway serves", 30)
+        assert [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
+
+        def descriptors() -> list[list[str]]:
+            found = []
+            for pid in spawned(proc.pid):
+                with contextlib.suppress(OSError):  # a worker still starting
+                    found.append([os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)])
+            return found
+
+        # A worker's descriptor 2 goes to its relay of native code's lines, once the relay is
+        # up (which writes them where the worker's stderr went: /dev/null).
+        relayed = ["/dev/null", "/dev/null", "socket:"]
+        wait_for(
+            lambda: [[d[0], d[1], d[2][:7]] for d in descriptors()] == [relayed] * 2,
+            "both workers on /dev/null, their native output relayed",
+            30,
+        )
+        png = (DATA / "images" / "hopper.png").read_bytes()
+        assert requests.post(f"{url}/v1/infer", data=png, timeout=10).status_code == 200
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
