@@ -22,8 +22,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway")
 
 
+# prometheus_client's multiprocess mode, read as the metrics are made (on import): the
+# supervisor of several workers sets it to a directory of its own, and one process has no use
+# for it. Taken from the environment before that import.
+_PROMETHEUS_DIRS = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _open_standard_descriptors()
+    # Set for another server in the same image (gunicorn's metrics), it was used before the
+    # supervisor set its own: a directory that was not there stopped the start with a
+    # traceback, and one that was carried a single process's counts over from run to run.
+    ignored = {name: os.environ.pop(name) for name in _PROMETHEUS_DIRS if name in os.environ}
     try:
         from gateway import config
 
@@ -40,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without it. Worker processes inherit the path.
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        return serve(settings)
+        return serve(settings, ignored)
     except KeyboardInterrupt:
         return 130
 
@@ -62,7 +72,7 @@ def _open_standard_descriptors() -> None:
             os.set_inheritable(fd, True)
 
 
-def serve(settings: config.Settings) -> int:
+def serve(settings: config.Settings, ignored: dict[str, str] | None = None) -> int:
     """Serve until a stop signal: as one process, or as a supervisor of workers. The supervisor
     imports none of the servers (grpc, OpenCV, Flask): it held as much memory as a worker,
     114 MB, for nothing it used."""
@@ -80,6 +90,13 @@ def serve(settings: config.Settings) -> int:
         log.debug("open files: soft limit raised from %d to the hard limit, %d", before, after)
     for line in config.unknown_variables(os.environ):
         log.warning("%s", line)
+    for name, value in (ignored or {}).items():
+        log.warning(
+            "%s=%s from the environment is ignored: the gateway keeps its workers' metrics in "
+            "a directory of its own",
+            name,
+            value,
+        )
     try:
         workers.check_host(settings.host)
     except OSError as exc:

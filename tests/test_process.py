@@ -1612,3 +1612,44 @@ def _unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_prometheus_directory_from_the_environment_is_ignored(
+    tmp_path: Path, workers: str
+) -> None:
+    # Set for another server of the same image, it was used before the supervisor set its own:
+    # one that was not there stopped the start with a traceback, and one that was kept a single
+    # process's counts from run to run, and the supervisor's files.
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    png = (DATA / "images" / "hopper.png").read_bytes()
+    for _ in range(2):  # the second run must not count the first one's request
+        log = _serve_one_request(tmp_path, workers, theirs, png)
+        assert f"PROMETHEUS_MULTIPROC_DIR={theirs} from the environment is ignored" in log
+        assert list(theirs.iterdir()) == []
+
+
+def _serve_one_request(tmp_path: Path, workers: str, prometheus_dir: Path, png: bytes) -> str:
+    """Start a gateway with PROMETHEUS_MULTIPROC_DIR set, check it counts the one request it
+    is sent, stop it; its log."""
+    s = launch(
+        tmp_path,
+        *("--http-port", "0", "--grpc-port", "0", "--workers", workers),
+        env={"PROMETHEUS_MULTIPROC_DIR": str(prometheus_dir)},
+    )
+    try:
+        assert requests.post(f"{s.http_url}/", data=png, timeout=10).status_code == 200
+        # Workers publish their counts every 50 ms.
+        wait_for(lambda: _posts_counted(s.http_url) >= 1, "the request counted", 10)
+        assert _posts_counted(s.http_url) == 1
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+    return s.log.read_text()
+
+
+def _posts_counted(http_url: str) -> float:
+    """The requests counted of `POST /` (scrapes of /metrics are counted too)."""
+    series = r'^gateway_requests_total\{[^}]*method="POST /"[^}]*\} (\S+)$'
+    return sum(map(float, re.findall(series, _metrics(http_url), re.M)))
