@@ -102,10 +102,13 @@ def serve(settings: config.Settings, ignored: dict[str, str] | None = None) -> i
     except OSError as exc:
         log.error("cannot start: %s", exc.strerror or exc)
         return 1
-    if alone:
-        from gateway import serve as one_process
+    try:
+        if alone:
+            from gateway import serve as one_process
 
-        return one_process.run_alone(settings)
-    from gateway import supervisor
+            return one_process.run_alone(settings)
+        from gateway import supervisor
 
-    return supervisor.supervise(settings)
+        return supervisor.supervise(settings)
+    finally:
+        logs.let_broken_streams_go()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -33,17 +35,26 @@ class _AccessLogWriter(logging.Handler):
     """
 
     FLUSH_INTERVAL = 0.05
+    # Records held while stderr takes none (a pipe whose reader stalls): past this many, new
+    # ones are dropped and counted. They had piled up for as long as the pipe stayed full.
+    MAX_HELD = 100_000
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__()
         self._stream = stream
         self._lines: deque[str] = deque()
+        self._dropped = 0
+        self._drop_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         threading.Thread(target=self._write_forever, name="access-log", daemon=True).start()
         atexit.register(self.flush)
 
     def handle(self, record: logging.LogRecord) -> bool:
-        self._lines.append(record.getMessage())
+        if len(self._lines) < self.MAX_HELD:
+            self._lines.append(record.getMessage())
+        else:
+            with self._drop_lock:
+                self._dropped += 1
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -57,6 +68,11 @@ class _AccessLogWriter(logging.Handler):
                     lines.append(self._lines.popleft())
                 except IndexError:
                     break
+            with self._drop_lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                # In the access log's own shape, where its readers look.
+                lines.append(json.dumps({"dropped_access_records": dropped}))
             if lines:
                 self._stream.write("\n".join(lines) + "\n")
                 self._stream.flush()
@@ -145,6 +161,22 @@ def _escape_messages(formatted: traceback.TracebackException, seen: set[int]) ->
     for other in chained:
         if other is not None:
             _escape_messages(other, seen)
+
+
+def let_broken_streams_go() -> None:
+    """Point stdout and stderr at /dev/null where their reader has gone (a closed pipe), as the
+    process is about to exit: Python's last flush of them failed, and a clean stop exited 120
+    (one process) or 1 (a supervisor, for its workers' 120)."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, stream.fileno())
+                os.close(null)
 
 
 def configure(settings: Settings, relay_native: bool = False) -> None:

@@ -134,6 +134,10 @@ def worker_main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_SPAWN)
     from gateway import serve
 
-    raise SystemExit(
-        serve.run_worker(settings, ready, parent, stopping, heard_at, replacing, balance)
-    )
+    try:
+        code = serve.run_worker(settings, ready, parent, stopping, heard_at, replacing, balance)
+    finally:
+        from gateway import logs
+
+        logs.let_broken_streams_go()
+    raise SystemExit(code)

@@ -1653,3 +1653,33 @@ def _posts_counted(http_url: str) -> float:
     """The requests counted of `POST /` (scrapes of /metrics are counted too)."""
     series = r'^gateway_requests_total\{[^}]*method="POST /"[^}]*\} (\S+)$'
     return sum(map(float, re.findall(series, _metrics(http_url), re.M)))
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_clean_stop_exits_0_when_the_log_reader_has_gone(workers: str) -> None:
+    # `image-gateway serve 2>&1 | head`: the reader gone, Python's last flush of stderr failed,
+    # and a clean stop exited 120 (one process) or 1 (a supervisor, for its workers' 120).
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+         "--workers", workers],
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        head = b""
+        while b"ready" not in head:
+            line = proc.stderr.readline()
+            assert line, head
+            head += line
+        match = READY.search(head.decode())
+        assert match is not None, head
+        proc.stderr.close()  # the reader goes
+        png = (DATA / "images" / "hopper.png").read_bytes()
+        for _ in range(20):  # access records for the gone reader
+            assert requests.post(f"{match.group(1)}/", data=png, timeout=10).status_code == 200
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

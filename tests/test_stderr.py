@@ -272,3 +272,33 @@ def _state(pid: str) -> str:
     except FileNotFoundError:
         return "gone"
     return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_access_records_stderr_does_not_take_are_counted_not_hoarded() -> None:
+    # A pipe whose reader stalls (a log shipper that stopped) takes nothing: the records piled
+    # up in the worker's memory for as long as it lasted. Past MAX_HELD they are dropped, and a
+    # line counts them once stderr takes lines again.
+    read_fd, write_fd = os.pipe()
+    writer = logs._AccessLogWriter(os.fdopen(write_fd, "w"))
+    record = logging.LogRecord("gateway.access", logging.INFO, "", 0, '{"r": 1}', None, None)
+    handled = 0
+    while writer._dropped == 0:
+        assert handled < 10 * writer.MAX_HELD, "nothing dropped"
+        writer.handle(record)
+        handled += 1
+    for _ in range(99):
+        writer.handle(record)
+    assert len(writer._lines) <= writer.MAX_HELD
+    # The reader comes back: every line is a record, or the count of those dropped since the
+    # last line written, and together they account for every record handled.
+    records = dropped = 0
+    with os.fdopen(read_fd, "rb") as pipe:
+        while records + dropped < handled + 99:
+            line = pipe.readline()
+            if line == b'{"r": 1}\n':
+                records += 1
+            else:
+                dropped += json.loads(line)["dropped_access_records"]
+    assert dropped >= 100
+    # At most what the writer had taken to write when the pipe filled, and what it held then.
+    assert records <= 2 * writer.MAX_HELD
