@@ -40,6 +40,9 @@ class Settings:
     # Processes serving both protocols on the same ports (SO_REUSEPORT); 0 means one per CPU the
     # gateway may use.
     workers: int = 0
+    # Seconds a worker of several has to load its models and serve, at start, in a dead one's
+    # place and in a reload; a model whose factory loads large weights may need more than this.
+    start_timeout: float = 60.0
     # One cap for both fronts: an HTTP body, and a gRPC request message (answers are not
     # capped, on either front). gRPC's own default is 4 MiB, too small for a phone photo.
     max_request_bytes: int = 64 * MiB
@@ -99,6 +102,8 @@ _HELP = {
     "repeatable, '*' for any",
     "workers": "processes serving both protocols; 0 means one per CPU the gateway may use (its "
     "CPU affinity, within a container's CPU quota)",
+    "start_timeout": "seconds a worker of several has to load its models and serve (at start, "
+    "in a dead worker's place, in a reload) before the gateway gives up on it",
     "max_request_bytes": "largest HTTP body or gRPC message accepted, in bytes",
     "max_image_bytes": "largest single encoded image accepted, in bytes (a batch may hold "
     "several up to --max-request-bytes in all)",
@@ -307,6 +312,7 @@ _TYPES: dict[str, Any] = {
     "http_port": _port,
     "grpc_port": _port,
     "workers": _small_count_or_zero,
+    "start_timeout": _positive_float,
     "max_request_bytes": _at_least_one,
     "max_image_bytes": _at_least_one,
     "max_images": _at_least_one,

@@ -53,9 +53,6 @@ _RESTART_BACKOFF = 1.0
 _RESTART_BACKOFF_MAX = 60.0
 _STABLE_AFTER = 60.0
 _METRICS_PREFIX = "image-gateway-metrics-"
-# Seconds a worker has to load its models and serve: past them a start that hangs (a model
-# waiting on a network share, say) stops the gateway rather than leaving it half up.
-START_TIMEOUT = 60.0
 # Seconds between two looks at a stop signal while a worker starts.
 _START_POLL = 0.1
 # Seconds between two looks at the workers (exited, hung, or stopped on a signal of their own:
@@ -99,12 +96,15 @@ def restart_delay(failures: int) -> float:
     return min(_RESTART_BACKOFF * 2.0 ** min(failures, 32), _RESTART_BACKOFF_MAX)
 
 
-def _answered(pipe: Connection, stopping: threading.Event, meanwhile: Callable[[], None]) -> bool:
-    """Whether a starting worker has sent on its pipe within START_TIMEOUT, calling
-    `meanwhile` between two looks. False at once when a stop signal comes: a replacement
-    loading its models held a SIGTERM for up to START_TIMEOUT, longer than orchestrators wait
-    before they kill."""
-    deadline = time.monotonic() + START_TIMEOUT
+def _answered(
+    pipe: Connection, timeout: float, stopping: threading.Event, meanwhile: Callable[[], None]
+) -> bool:
+    """Whether a starting worker has sent on its pipe within `timeout` seconds (past them a
+    start that hangs, a model waiting on a network share, say, stops the gateway rather than
+    leaving it half up), calling `meanwhile` between two looks. False at once when a stop
+    signal comes: a replacement loading its models held a SIGTERM for up to a minute, longer
+    than orchestrators wait before they kill."""
+    deadline = time.monotonic() + timeout
     while not stopping.is_set():
         left = deadline - time.monotonic()
         if left <= 0:
@@ -339,14 +339,17 @@ class Supervisor:
         child.close()
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).
-        answered = _answered(parent, stopping, self.watch_while_starting)
+        timeout = self.settings.start_timeout
+        answered = _answered(parent, timeout, stopping, self.watch_while_starting)
         try:
             started = answered and parent.recv() == READY
         except EOFError:
             started = False
         if not started:
-            if not stopping.is_set():
-                proc.join(5)  # a worker that gave up exits by itself, with its own code
+            if answered and not stopping.is_set():
+                # A worker that gave up exits by itself, with its own code; one past the start
+                # timeout is still loading, and would have been waited for in vain.
+                proc.join(5)
             if proc.exitcode in _STOPPED_WHILE_STARTING:
                 # Ended by a stop signal: one sent to the whole process group (systemd's stop,
                 # `kill -TERM -- -PGID`) reaches this process in the same instant, but its
@@ -367,8 +370,8 @@ class Supervisor:
                 raise RuntimeError(f"worker {proc.pid} was stopped while it started")
             if not answered:
                 raise RuntimeError(
-                    f"worker {proc.pid} was not serving {START_TIMEOUT:g} s after its start "
-                    "(loading its models, perhaps); stopped it"
+                    f"worker {proc.pid} was not serving {timeout:g} s after its start "
+                    "(loading its models, perhaps; see --start-timeout); stopped it"
                 )
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
         heard_at.value = time.monotonic()

@@ -348,3 +348,16 @@ class _FailsWhenCollected:
 
 def untidy() -> Untidy:
     return Untidy()
+
+
+# Seconds the factory `slow_to_load` sleeps before it makes its model.
+LOAD_SECONDS = "TEST_MODEL_LOAD_SECONDS"
+
+
+def slow_to_load() -> Any:
+    """The shape model, made after a sleep of $TEST_MODEL_LOAD_SECONDS (0 if unset): a factory
+    that loads large weights."""
+    from gateway.models.shape import ShapeModel
+
+    time.sleep(float(os.environ.get(LOAD_SECONDS, "0")))
+    return ShapeModel()

@@ -30,6 +30,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError
 from gateway import model_threads
 from tests.conftest import DATA, wait_for
+from tests.models import LOAD_SECONDS
 from tests.test_qrcode import encode, qr_image
 
 BIN = Path(sys.executable).parent
@@ -853,7 +854,7 @@ def test_a_worker_not_heard_from_is_killed_while_another_loads(tmp_path: Path) -
 
 
 def test_a_stop_signal_while_a_replacement_starts_stops_the_gateway(tmp_path: Path) -> None:
-    # The supervisor waited for a starting worker's word for up to START_TIMEOUT (60 s) and
+    # The supervisor waited for a starting worker's word for up to the start timeout (60 s) and
     # acted on a SIGTERM only then: a replacement loading its models held the stop that long.
     # Then, stopped, such a worker went on loading after the supervisor had gone. (Its SIGTERM
     # handler is in place by then, and only sets a flag the load never reads.)
@@ -1092,6 +1093,45 @@ def test_a_model_that_fails_to_load_is_named_without_a_traceback(
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert said in done.stderr, done.stderr
+
+
+def test_a_worker_that_loads_past_the_start_timeout_stops_the_start(tmp_path: Path) -> None:
+    # The timeout was a constant 60 s: a model whose factory loads large weights for longer
+    # could not be served by more than one worker.
+    env = {LOAD_SECONDS: "600", "IMAGE_GATEWAY_START_TIMEOUT": "1"}
+    done = subprocess.run(
+        [
+            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
+            *("--workers", "2", "--model", "tests.models:slow_to_load"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert re.search(
+        r"cannot start: worker \d+ was not serving 1 s after its start \(loading its models, "
+        r"perhaps; see --start-timeout\); stopped it",
+        done.stderr,
+    ), done.stderr
+    assert "ready" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_workers_that_load_within_a_longer_start_timeout_serve(tmp_path: Path) -> None:
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "tests.models:slow_to_load", "--start-timeout", "30",
+        env={LOAD_SECONDS: "2"},
+    )  # fmt: skip
+    try:
+        assert "workers=2" in s.log.read_text()
+        assert len(spawned(s.proc.pid)) == 2
+        done = cli("infer", FILES[0], "--url", s.http_url)
+        assert json.loads(done.stdout)[0]["output"] == [427, 640, 3]
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
 
 
 @pytest.mark.parametrize(
