@@ -21,6 +21,7 @@ import grpc
 from gateway import (
     allocator,
     config,
+    inflight,
     logs,
     metrics,
     model_threads,
@@ -29,6 +30,7 @@ from gateway import (
     workers,
 )
 from gateway.config import Settings, url_host
+from gateway.core.activity import Activity
 from gateway.core.admission import Admission
 from gateway.core.dataplane import DataPlane
 from gateway.core.tokens import Tokens
@@ -150,14 +152,17 @@ def start(
     registry: ModelRegistry | None = None,
     reuse_port: bool = False,
     balance: Place | None = None,
+    activity: Activity | None = None,
 ) -> Gateway:
     """Start both servers on their ports (0 picks free ones) and return once they accept; a
-    worker of several gets its `balance` place (gateway.rest.balance)."""
+    worker of several gets its `balance` place (gateway.rest.balance), and the `activity` its
+    request threads write what they do to (gateway.inflight)."""
     dataplane = DataPlane(
         registry or ModelRegistry.from_specs(list(settings.model)),
         config.core_limits(settings),
         Admission(settings.max_concurrency, settings.max_queue, settings.max_request_pixels),
         batching=config.batch_policies(settings),
+        activity=activity,
     )
     # One for both fronts: a worker reads the file, and logs what it found, once.
     tokens = Tokens(settings.auth_token_file) if settings.auth_token_file else None
@@ -204,6 +209,7 @@ def _serve_until_signal(
     alone: Callable[[], bool] | None = None,
     beat: Callable[[], None] | None = None,
     balance: Place | None = None,
+    activity: Activity | None = None,
 ) -> int:
     stopping = threading.Event()
     serving = threading.Event()
@@ -247,7 +253,7 @@ def _serve_until_signal(
     # Before the models load: a library a model imports reads its thread count as it loads.
     model_threads.limit(settings.model_threads)
     try:
-        gateway = start(settings, reuse_port=reuse_port, balance=balance)
+        gateway = start(settings, reuse_port=reuse_port, balance=balance, activity=activity)
     except (OSError, RuntimeError, ValueError, TypeError, ImportError) as exc:
         log.error("cannot start: %s", exc)
         return 1
@@ -393,12 +399,14 @@ def run_worker(
     heard_at: ctypes.c_double,
     replacing: str = "",
     balance: Place | None = None,
+    requests_table: inflight.Table | None = None,
 ) -> int:
     """One worker process of several (see gateway.supervisor); `gateway_stopping` is set once
     the whole gateway stops, and the worker writes `heard_at` (time.monotonic()) every
     HUNG_LOOK seconds while its threads run. `replacing` is why the worker whose place it
     takes went, if it takes one; `balance` is its place among the workers that spread HTTP
-    connections evenly."""
+    connections evenly; its request threads write what they decode and run for which request
+    into `requests_table`, for the supervisor to name them should the worker die."""
     logs.configure(settings, relay_native=True)
     # The supervisor's reload signal, sent to the whole process group, is not the worker's.
     signal.signal(workers.RELOAD_SIGNAL, signal.SIG_IGN)
@@ -437,6 +445,7 @@ def run_worker(
             alone=_alone,
             beat=lambda: setattr(heard_at, "value", time.monotonic()),
             balance=balance,
+            activity=None if requests_table is None else inflight.Recorder(requests_table),
         )
     finally:
         native_output.finish()

@@ -22,7 +22,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from gateway import signals
+from gateway import inflight, signals
 from gateway.config import Settings, worker_count
 from gateway.rest.balance import Handover
 from gateway.workers import (
@@ -82,6 +82,8 @@ class _Worker:
     started_at: float
     # time.monotonic() when it last said its threads run (written by the worker).
     heard_at: ctypes.c_double
+    # What its request threads decode and run, for which request (written by the worker).
+    requests: inflight.Table
     # time.monotonic() when a reload told it to retire, or it stopped on a signal of its own.
     retired_at: float | None = None
     # It has said DRAINED, and waits for CLOSE.
@@ -122,6 +124,23 @@ def _unread_words(worker: _Worker) -> list[object]:
         while worker.pipe.poll():
             words.append(worker.pipe.recv())
     return words
+
+
+def _name_requests(worker: _Worker) -> None:
+    """Log the requests a worker that died was decoding or running a model for: the input
+    that crashed native code in it (a decoder's, a model's) is among them. Nothing when it was
+    idle."""
+    found = inflight.under_way(worker.requests)
+    missed = inflight.missed(worker.requests)
+    if not found and not missed:
+        return
+    what = ", ".join(str(request) for request in found) if found else "no request it recorded"
+    if missed:
+        what += (
+            f"; {missed} of its request threads found no slot to record theirs in, and may "
+            "have been at work on others"
+        )
+    log.error("worker %d was at work on %s when it ended", worker.proc.pid, what)
 
 
 def _remove_orphaned_metrics() -> None:
@@ -245,6 +264,7 @@ class Supervisor:
         # asked for during another, and each has its line.
         self.finishing: list[list[_Worker]] = []
         self.silent_limit = max(settings.request_timeout, _SILENT_MIN)
+        self.slots = inflight.slot_count(settings)
         # When the supervisor last looked, and since when it counts a silence.
         self.looked_at = self.counted_from = time.monotonic()
         # Per place: workers in a row that died soon after their start or did not start, and
@@ -306,6 +326,7 @@ class Supervisor:
         stopping = self.stopping
         parent, child = self.context.Pipe()
         heard_at = self.context.RawValue(ctypes.c_double, 0.0)
+        requests = inflight.make_table(self.context, self.slots)
         proc = self.context.Process(
             target=worker_main,
             args=(
@@ -316,6 +337,7 @@ class Supervisor:
                 heard_at,
                 replacing,
                 None if self.handover is None else self.handover.place(place),
+                requests,
             ),
             daemon=False,
         )
@@ -375,7 +397,7 @@ class Supervisor:
                 )
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
         heard_at.value = time.monotonic()
-        return _Worker(proc, parent, heard_at.value, heard_at)
+        return _Worker(proc, parent, heard_at.value, heard_at, requests)
 
     def kill_silent(self) -> None:
         # Killed, not retired: it cannot finish anything. The look at the places below then
@@ -426,6 +448,7 @@ class Supervisor:
                 log.info("replaced worker %d exited", proc.pid)
             else:
                 log.error("replaced worker %d exited with %s", proc.pid, proc.exitcode)
+                _name_requests(worker)
         finishing = self.finishing
         while finishing and not any(worker in self.retiring for worker in finishing[0]):
             finishing.pop(0)
@@ -461,6 +484,7 @@ class Supervisor:
         if self.handover is not None:
             self.handover.vacate(i)
         log.error("worker %d exited with %s; starting another%s", proc.pid, proc.exitcode, when)
+        _name_requests(worker)
         if proc.pid is not None:
             _mark_dead(proc.pid)
         self.why[i] = worker.gone_for

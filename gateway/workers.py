@@ -21,6 +21,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as EventType
 
 from gateway.config import Settings, url_host
+from gateway.inflight import Table
 from gateway.rest.balance import Place
 
 log = logging.getLogger("gateway")
@@ -124,6 +125,7 @@ def worker_main(
     heard_at: ctypes.c_double,
     replacing: str,
     balance: Place | None,
+    inflight: Table,
 ) -> None:
     # Runs in the spawned child: imports the servers only here. A child starts with its
     # parent's signal mask, and so with the signals the supervisor held back while it started
@@ -135,7 +137,9 @@ def worker_main(
     from gateway import serve
 
     try:
-        code = serve.run_worker(settings, ready, parent, stopping, heard_at, replacing, balance)
+        code = serve.run_worker(
+            settings, ready, parent, stopping, heard_at, replacing, balance, inflight
+        )
     finally:
         from gateway import logs
 

@@ -608,6 +608,44 @@ def test_a_worker_that_is_not_heard_from_is_killed_and_replaced(tmp_path: Path) 
                 assert client.infer(FILES[0]).output == [427, 640, 3]
 
 
+def test_the_request_a_worker_died_during_is_named(tmp_path: Path) -> None:
+    # A model (or a decoder) that aborts in native code ends its worker at once: the log said
+    # "worker N exited with -6" and nothing of the request that did it, so the poisonous input
+    # could not be found. The request id is the client's own, quoted as it is logged.
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "shape", "--model", "tests.models:native_writer",
+    )  # fmt: skip
+    try:
+        first, second = spawned(s.proc.pid)
+        with pytest.raises(requests.ConnectionError):
+            requests.post(
+                f"{s.http_url}/v1/models/native-writer/infer",
+                params={"then": "abort"},
+                data=Path(FILES[1]).read_bytes(),
+                headers={"Content-Type": "application/octet-stream", "X-Request-ID": "bad 'one'"},
+                timeout=10,
+            )
+        wait_for(lambda: "exited with -6" in s.log.read_text(), "the worker's end", 30)
+        (aborted,) = map(int, re.findall(r"worker (\d+) exited with -6", s.log.read_text()))
+        log = s.log.read_text()
+        assert (
+            f"worker {aborted} was at work on request \"bad 'one'\" (in model 'native-writer') "
+            "when it ended"
+        ) in log, log
+        # One killed while it was at work on nothing names nothing.
+        idle = second if aborted == first else first
+        os.kill(idle, signal.SIGKILL)
+        wait_for(lambda: f"worker {idle} exited with -9" in s.log.read_text(), "its end", 30)
+        wait_for(lambda: len(spawned(s.proc.pid)) == 2, "two workers again", 30)
+        log = s.log.read_text()
+        assert f"worker {idle} was at work" not in log, log
+        assert log.count("was at work on") == 1, log
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
 def test_a_gateway_stopped_and_continued_whole_keeps_its_workers(tmp_path: Path) -> None:
     # Ctrl-Z then `fg` stops and continues every process of the gateway: the supervisor,
     # silent as long as its workers, is no judge of their silence. It killed a worker as the

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
 from gateway import metrics
+from gateway.core.activity import Activity
 from gateway.core.admission import Admission, Held
 from gateway.core.batching import (
     Batcher,
@@ -112,8 +113,11 @@ class DataPlane:
         admission: Admission | None = None,
         decode_threads: int = 0,
         batching: Mapping[str, BatchPolicy | None] | None = None,
+        activity: Activity | None = None,
     ) -> None:
         self.registry = registry
+        # Told what each request thread decodes and runs, if anyone wants to know.
+        self.activity = activity
         self.limits = limits or Limits()
         self.admission = admission or Admission(2, 32, self.limits.max_request_pixels)
         # cv2.imdecode releases the GIL: the images of one request decode side by side.
@@ -249,7 +253,7 @@ class DataPlane:
         with self.admission.slot(
             _cost(items, request.color_mode), request.deadline, stopped
         ) as held:
-            decoded = self._decode_all(request, items, self._min_sizes[model.name])
+            decoded = self._decode_all(request, items, self._min_sizes[model.name], model.name)
             known[:] = decoded
             good = [d for d in decoded if isinstance(d, DecodedImage)]
             outputs = self._predict(model, batcher, good, request, held) if good else []
@@ -282,11 +286,29 @@ class DataPlane:
         request: InferRequest,
         items: list[Probe | ItemError],
         min_size: tuple[int, int] | None,
+        model_name: str,
     ) -> list[DecodedImage | ItemError]:
         """Decode every image, the calling thread included: it and up to `decode_threads`
         helpers take the next undecoded image until none is left. A helper that has not
         started by then is cancelled, so a busy pool costs a request no waiting, and a request
         pays one thread hand-off per helper instead of one per image."""
+        activity = self.activity
+        if activity is None:
+            return self._decode_each(request, items, min_size, None, model_name)
+        activity.decoding(request.request_id, model_name)
+        try:
+            return self._decode_each(request, items, min_size, activity, model_name)
+        finally:
+            activity.idle()
+
+    def _decode_each(
+        self,
+        request: InferRequest,
+        items: list[Probe | ItemError],
+        min_size: tuple[int, int] | None,
+        activity: Activity | None,
+        model_name: str,
+    ) -> list[DecodedImage | ItemError]:
         images = request.images
         count = len(images)
         if count == 1:
@@ -298,7 +320,17 @@ class DataPlane:
             while (i := claim()) < count:
                 decoded[i] = self._decode(images[i].data, items[i], request, min_size)
 
-        helpers = [self._decoders.submit(work) for _ in range(min(count, self._helpers + 1) - 1)]
+        def help_with() -> None:
+            # A decoder that crashes its process on a helper's thread does so on this request.
+            assert activity is not None
+            activity.decoding(request.request_id, model_name)
+            try:
+                work()
+            finally:
+                activity.idle()
+
+        task = work if activity is None else help_with
+        helpers = [self._decoders.submit(task) for _ in range(min(count, self._helpers + 1) - 1)]
         try:
             work()
         finally:
@@ -343,23 +375,32 @@ class DataPlane:
     ) -> list[JSONValue | ItemError]:
         _check_request(request)
         arrays = [d.array for d in images]
+        activity = self.activity
         try:
-            if batcher is None:
-                metrics.observe(metrics.BATCH_SIZE, len(arrays), (model.name,))
-                call = self.model_calls.begin(model.name)
-                try:
-                    outputs = model.predict(arrays, request.parameters)
-                finally:
-                    self.model_calls.end(call)
-            else:
-                remaining = None
-                if request.deadline is not None:
-                    remaining = max(0.0, request.deadline - time.monotonic())
-                stopped = functools.partial(_stopped, request)
-                # One color mode a call, as a request gives the model without batching.
-                outputs = batcher.predict(
-                    arrays, request.parameters, remaining, stopped, request.color_mode.value
-                )
+            if activity is not None:
+                # A batched request waits here while the batcher's thread calls the model: a
+                # crash in that call is one during this request too.
+                activity.in_model(request.request_id, model.name)
+            try:
+                if batcher is None:
+                    metrics.observe(metrics.BATCH_SIZE, len(arrays), (model.name,))
+                    call = self.model_calls.begin(model.name)
+                    try:
+                        outputs = model.predict(arrays, request.parameters)
+                    finally:
+                        self.model_calls.end(call)
+                else:
+                    remaining = None
+                    if request.deadline is not None:
+                        remaining = max(0.0, request.deadline - time.monotonic())
+                    stopped = functools.partial(_stopped, request)
+                    # One color mode a call, as a request gives the model without batching.
+                    outputs = batcher.predict(
+                        arrays, request.parameters, remaining, stopped, request.color_mode.value
+                    )
+            finally:
+                if activity is not None:
+                    activity.idle()
             return _json_outputs(outputs, len(arrays), model.name, request.request_id)
         except WaitTimeoutError as exc:
             if exc.running is not None:
