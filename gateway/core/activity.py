@@ -19,3 +19,16 @@ class Activity(Protocol):
 
     def idle(self) -> None:
         """This thread is done with what it last said it did."""
+
+
+class Unwatched:
+    """Nobody wants to know (one process alone, which has no supervisor to tell)."""
+
+    def decoding(self, request_id: str, model: str) -> None:
+        pass
+
+    def in_model(self, request_id: str, model: str) -> None:
+        pass
+
+    def idle(self) -> None:
+        pass

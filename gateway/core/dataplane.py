@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeGuard
 
 from gateway import metrics
-from gateway.core.activity import Activity
+from gateway.core.activity import Activity, Unwatched
 from gateway.core.admission import Admission, Held
 from gateway.core.batching import (
     Batcher,
@@ -117,7 +117,7 @@ class DataPlane:
     ) -> None:
         self.registry = registry
         # Told what each request thread decodes and runs, if anyone wants to know.
-        self.activity = activity
+        self.activity = activity or Unwatched()
         self.limits = limits or Limits()
         self.admission = admission or Admission(2, 32, self.limits.max_request_pixels)
         # cv2.imdecode releases the GIL: the images of one request decode side by side.
@@ -292,21 +292,17 @@ class DataPlane:
         helpers take the next undecoded image until none is left. A helper that has not
         started by then is cancelled, so a busy pool costs a request no waiting, and a request
         pays one thread hand-off per helper instead of one per image."""
-        activity = self.activity
-        if activity is None:
-            return self._decode_each(request, items, min_size, None, model_name)
-        activity.decoding(request.request_id, model_name)
+        self.activity.decoding(request.request_id, model_name)
         try:
-            return self._decode_each(request, items, min_size, activity, model_name)
+            return self._decode_each(request, items, min_size, model_name)
         finally:
-            activity.idle()
+            self.activity.idle()
 
     def _decode_each(
         self,
         request: InferRequest,
         items: list[Probe | ItemError],
         min_size: tuple[int, int] | None,
-        activity: Activity | None,
         model_name: str,
     ) -> list[DecodedImage | ItemError]:
         images = request.images
@@ -322,15 +318,15 @@ class DataPlane:
 
         def help_with() -> None:
             # A decoder that crashes its process on a helper's thread does so on this request.
-            assert activity is not None
-            activity.decoding(request.request_id, model_name)
+            self.activity.decoding(request.request_id, model_name)
             try:
                 work()
             finally:
-                activity.idle()
+                self.activity.idle()
 
-        task = work if activity is None else help_with
-        helpers = [self._decoders.submit(task) for _ in range(min(count, self._helpers + 1) - 1)]
+        helpers = [
+            self._decoders.submit(help_with) for _ in range(min(count, self._helpers + 1) - 1)
+        ]
         try:
             work()
         finally:
@@ -375,12 +371,10 @@ class DataPlane:
     ) -> list[JSONValue | ItemError]:
         _check_request(request)
         arrays = [d.array for d in images]
-        activity = self.activity
         try:
-            if activity is not None:
-                # A batched request waits here while the batcher's thread calls the model: a
-                # crash in that call is one during this request too.
-                activity.in_model(request.request_id, model.name)
+            # A batched request waits here while the batcher's thread calls the model: a crash
+            # in that call is one during this request too.
+            self.activity.in_model(request.request_id, model.name)
             try:
                 if batcher is None:
                     metrics.observe(metrics.BATCH_SIZE, len(arrays), (model.name,))
@@ -399,8 +393,7 @@ class DataPlane:
                         arrays, request.parameters, remaining, stopped, request.color_mode.value
                     )
             finally:
-                if activity is not None:
-                    activity.idle()
+                self.activity.idle()
             return _json_outputs(outputs, len(arrays), model.name, request.request_id)
         except WaitTimeoutError as exc:
             if exc.running is not None:
