@@ -20,6 +20,7 @@ from typing import IO, Protocol, Union
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+from google.protobuf import struct_pb2
 
 from clients.results import ErrorInfo, GatewayClientError, ImageResult, Limits, ModelInfo
 from clients.tls import TlsFiles
@@ -425,23 +426,12 @@ def _size(params: Mapping[str, str]) -> int:
 MAX_PARAMETER_BYTES = 64 * 1024
 
 
-def _varint_bytes(n: int) -> int:
-    return max(1, (n.bit_length() + 6) // 7)
-
-
-def _field_bytes(payload: int) -> int:
-    """A length-delimited protobuf field of a small field number: tag, length, payload."""
-    return 1 + _varint_bytes(payload) + payload
-
-
 def parameter_bytes(params: Mapping[str, str]) -> int:
     """The parameters' size as a gRPC request carries them, a Struct of string Values, which
     is what the gateway's 64 KiB bounds."""
-    total = 0
-    for key, value in params.items():
-        entry = _field_bytes(len(key.encode())) + _field_bytes(_field_bytes(len(value.encode())))
-        total += _field_bytes(entry)
-    return total
+    struct = struct_pb2.Struct()
+    struct.update(params)
+    return int(struct.ByteSize())
 
 
 def _too_large(size: int, max_image_bytes: int, fits: int, cap: int) -> ErrorInfo | None:

@@ -24,7 +24,6 @@ import cv2
 import numpy as np
 import pytest
 import requests
-from google.protobuf import struct_pb2
 
 from clients import cli
 from clients.client import MAX_PARAMETER_BYTES, GatewayClient, parameter_bytes
@@ -1157,22 +1156,6 @@ def test_parameters_over_the_gateways_cap_are_refused_alike(capped_gateway: Gate
                 with pytest.raises(GatewayClientError) as caught:
                     client.infer_batch([JPEG_PATH], params=params)
                 assert (caught.value.code, caught.value.status) == ("payload_too_large", "")
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        {},
-        {"": ""},
-        {"a": ""},
-        {"k" * 200: "é" * 300, "x": "y"},
-        {str(i): "z" * i for i in range(300)},
-    ],
-)
-def test_parameter_bytes_are_the_structs_serialized_size(params: dict[str, str]) -> None:
-    struct = struct_pb2.Struct()
-    struct.update(params)
-    assert parameter_bytes(params) == struct.ByteSize()
 
 
 def test_the_cli_lists_models_as_the_http_api_does(
