@@ -56,7 +56,7 @@ from tests.test_framing import first_answer
 from tests.test_metrics import delta, request_counts, request_errors
 from tests.test_operability import access_records
 from tests.test_process import _metrics, launch, spawned
-from tests.wire import grpc_code, grpc_result, http_host_port, post_octet
+from tests.wire import grpc_code, grpc_result, http_host_port, post_octet, send_and_see_read
 
 PNG_PATH = DATA / "images" / "hopper.png"
 PNG = PNG_PATH.read_bytes()
@@ -1149,6 +1149,110 @@ def test_past_the_parked_connections_the_longest_silent_one_makes_room(
         assert _until_closed(silent[0]) == b""
         assert not any(_readable(s) for s in silent[1:4])
         wait_for(lambda: gw.http.dispatcher.parked == 3, "the other three still wait")
+
+
+def _octet_head(model: str, length: int, *extra: bytes) -> bytes:
+    return (
+        f"POST /v1/models/{model}/infer HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"".join(extra)
+        + f"Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n".encode()
+    )
+
+
+def _shape_answer(sock: socket.socket) -> tuple[bytes, Any]:
+    head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
+def test_clients_that_send_part_of_their_head_hold_no_http_thread() -> None:
+    # A thread that took a connection whose head had begun to come waited for the rest, up to
+    # 10 s: a byte of a request line from as many clients as threads (slowloris) stopped every
+    # HTTP request of the worker for as long as they went on.
+    with gated_gateway(http_threads=2) as gw, closing_all() as slow:
+        address = http_host_port(gw.http_url)
+        head = _octet_head("shape", len(PNG), b"Connection: close\r\n")
+        for cut in (1, 20, len(head) - 2, len(head) - 1):
+            slow.append(socket.create_connection(address, timeout=10))
+            slow[-1].sendall(head[:cut])
+        wait_for(lambda: gw.http.dispatcher.parked == 4, "all four wait in the selector")
+        assert gw.http.requests.idle == 2
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        # The rest comes, in pieces: each served as if it had come whole.
+        for sock, cut in zip(slow, (1, 20, len(head) - 2, len(head) - 1), strict=True):
+            send_and_see_read(sock, head[cut:-1])
+            sock.sendall(head[-1:] + PNG)
+            status, answer = _shape_answer(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            assert answer["result"]["output"] == [128, 128, 3]
+        assert gw.http.dispatcher.parked == 0
+
+
+def test_a_kept_connection_whose_next_head_comes_in_part_holds_no_http_thread() -> None:
+    # The thread that answered a request waits a moment for the client's next one (LINGER_MS),
+    # and read any that began to come, whole or not; a pipelined request begun in the reader's
+    # buffer went to a thread too.
+    probe = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with gated_gateway(http_threads=2) as gw, closing_all() as kept:
+        address = http_host_port(gw.http_url)
+        kept += [socket.create_connection(address, timeout=10) for _ in range(2)]
+        # One sends its next request's start after the answer, one pipelines it.
+        kept[0].sendall(probe)
+        assert first_answer(kept[0])[0] == 200
+        kept[0].sendall(b"GET /heal")
+        kept[1].sendall(probe + b"GET /heal")
+        assert first_answer(kept[1])[0] == 200
+        wait_for(lambda: gw.http.dispatcher.parked == 2, "both wait in the selector")
+        wait_for(lambda: gw.http.requests.idle == 2, "no thread waits for them")
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        for sock in kept:
+            sock.sendall(b"thz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _until_closed(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_head_over_the_peek_that_comes_in_pieces_is_read_whole() -> None:
+    # Heads longer than what is peeked at (4 KiB) are gathered by the selector, all of them,
+    # and read by the thread as they came, byte for byte.
+    pad = b"X-Pad: " + b"p" * 9000 + b"\r\n"
+    head = _octet_head("shape", len(PNG), b"X-Request-ID: pieces-1\r\n", pad)
+    with gated_gateway() as gw, socket.create_connection(http_host_port(gw.http_url)) as sock:
+        pieces = [head[i : i + 1000] for i in range(0, len(head), 1000)]
+        for piece in pieces[:-1]:
+            send_and_see_read(sock, piece)
+            assert gw.http.dispatcher.parked == 1
+        sock.sendall(pieces[-1] + PNG)
+        status, headers, answer = first_answer(sock)
+        assert status == 200, answer
+        assert headers["X-Request-ID"] == "pieces-1"
+        assert answer["result"]["output"] == [128, 128, 3]
+
+
+def test_a_head_cut_short_by_a_bare_lf_is_answered_at_once() -> None:
+    # A line ended by LF alone is refused as soon as it is read: not waited on as a head whose
+    # end has not come.
+    with gated_gateway() as gw, socket.create_connection(http_host_port(gw.http_url)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\nHost: x\n")
+        head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), head
+        assert json.loads(body)["error"]["code"] == "invalid_request"
+
+
+def test_past_the_parked_connections_a_part_sent_head_makes_room_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dispatch_module, "PARKED_MAX", 2)
+    with gated_gateway() as gw, closing_all() as slow:
+        address = http_host_port(gw.http_url)
+        for n in range(1, 4):
+            slow.append(socket.create_connection(address, timeout=10))
+            send_and_see_read(slow[-1], b"GET /hea")
+            wait_for(lambda n=n: gw.http.dispatcher.parked == min(n, 2), "it waits for the rest")
+        # The one that had waited longest was ended, without an answer; the others wait on,
+        # and are served once the rest of their head comes.
+        assert _until_closed(slow[0]) == b""
+        for sock in slow[1:]:
+            assert not _readable(sock)
+            sock.sendall(b"lthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _until_closed(sock).startswith(b"HTTP/1.1 200")
 
 
 def waiting_for_thread(http_url: str, protocol: str) -> float:

@@ -10,21 +10,19 @@ cheroot's selector thread hands every connection with a request to read to one p
   connection, one after another, accepting and answering nothing else meanwhile: under a burst
   of 300 slow requests a probe took 35 s, and the 503s went out one a second.
 
-So while the pool has no idle thread or a queue, the dispatcher peeks at a connection's first
-bytes, without reading them (at a new connection's whatever the load: see below). A probe (`GET`
-of one of PROBE_PATHS whose whole head has arrived, with no body) goes to PROBE_THREADS threads
-of its own, which answer that one request without ever waiting for the client: the answer is
-made in memory and sent as far as the socket takes it, the rest by the lingering thread
-(gateway.rest.linger), and a connection that leaves PROBE_BACKLOG bytes of answers untaken gets
-no more. A new connection that has sent nothing yet is handed back to the selector until it has
-(at most PARKED_MAX at a time; past that the oldest is ended), and one its client has closed is
-closed (cheroot would have queued it, then answered it 503 for nobody). Anything else goes to
-the pool's queue, or, when that is full, is answered 503 `overloaded` at once by cheroot's
-refusing thread, as gRPC refuses calls past the same number. While the pool has an idle thread
-and no queue, only a connection just accepted is peeked at (one recv, and the selector's turn if
-its request has not come yet): cheroot hands a connection over as soon as it is accepted, and
-one given a thread before its client sent anything held it until its head timed out. A
-keep-alive connection's next request costs what it did.
+So the dispatcher peeks at each connection's first bytes, without reading them (one recv).
+A connection that has sent nothing yet, or only part of its head, is handed back to the
+selector until the rest has come (gateway.rest.heads; at most PARKED_MAX at a time, past that
+the oldest is ended): given a thread, it held that thread until its head timed out, 10 s, so as
+many silent or slow clients as threads stopped every HTTP request of the worker. One its client
+has closed is closed (cheroot would have queued it, then answered it 503 for nobody). While the
+pool has no idle thread or a queue, a probe (`GET` of one of PROBE_PATHS whose whole head has
+arrived, with no body) goes to PROBE_THREADS threads of its own, which answer that one request
+without ever waiting for the client: the answer is made in memory and sent as far as the socket
+takes it, the rest by the lingering thread (gateway.rest.linger), and a connection that leaves
+PROBE_BACKLOG bytes of answers untaken gets no more. Anything else goes to the pool's queue,
+or, when that is full, is answered 503 `overloaded` at once by cheroot's refusing thread, as
+gRPC refuses calls past the same number.
 """
 
 from __future__ import annotations
@@ -35,10 +33,13 @@ import logging
 import queue
 import socket
 import threading
+import time
 from typing import Any
 
+from gateway.rest.heads import MAX_HEADER_BYTES, UNREADABLE, head_readable, request_start
 from gateway.rest.socketfile import (
     AnswerBuffer,
+    SocketReader,
     send_now,
     send_within,
     set_send_timeout,
@@ -69,44 +70,9 @@ PROBE_BACKLOG = 64 << 10
 # room for the new one. (Such connections went to the pool's queue, where each held a thread
 # while it sent nothing: 130 idle connections made probes on new connections wait 5 s and more.)
 PARKED_MAX = 1024
-# A probe's request line and headers fit in this; a longer head is not taken for one.
-_PEEK_BYTES = 4096
 _PREFIXES = tuple(b"GET " + path + end for path in PROBE_PATHS for end in (b" ", b"?"))
 _BODY_HEADERS = (b"transfer-encoding", b"expect")
 _STOP = object()
-
-
-# What request_start answers for a connection it cannot peek at (TLS): no request starts so.
-UNREADABLE = b"\0"
-
-
-def request_start(conn: Any) -> bytes | None:
-    """The first bytes of the request due on `conn`, left unread for whichever thread answers
-    it; None when none have come yet (cheroot hands a connection over as soon as it is
-    accepted), b"" for a connection its client has closed."""
-    reader = conn.rfile
-    has_data = getattr(reader, "has_data", None)
-    try:
-        if has_data is not None and has_data():
-            # A pipelined request already in the reader's buffer: peek returns it unread. The
-            # buffer may end inside its head, the rest waiting in the socket: without that
-            # rest, a pipelined probe cut so was queued behind slow requests.
-            buffered = bytes(reader.peek(_PEEK_BYTES)[:_PEEK_BYTES])
-            if len(buffered) < _PEEK_BYTES and b"\r\n\r\n" not in buffered:
-                with contextlib.suppress(BlockingIOError, ValueError):  # nothing more; TLS
-                    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
-                    buffered += conn.socket.recv(_PEEK_BYTES - len(buffered), flags)
-            return buffered
-        # The socket is blocking with its timeouts kept by the kernel (socketfile), so
-        # MSG_DONTWAIT is all it takes not to wait; a Python timeout would poll first.
-        start: bytes = conn.socket.recv(_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        return start
-    except BlockingIOError:
-        return None
-    except OSError:  # reset: as good as closed
-        return b""
-    except ValueError:  # a TLS socket takes no flags
-        return UNREADABLE
 
 
 def _end(sock: socket.socket) -> None:
@@ -165,32 +131,51 @@ class Dispatcher:
     def dispatch(self, conn: Any) -> None:
         if conn.parked:
             self.unpark(conn)
+        if conn.evicted:
+            conn.close()
+            return
+        if conn.head_late:
+            # Its head's time ran out in the selector: its input is cut, and a thread answers
+            # 408 without waiting.
+            self._queue(conn)
+            return
         threads = self._server.requests
         busy = bool(threads.qsize or not threads.idle)
-        # A connection just accepted (cheroot sets last_used once one enters its selector) is
-        # looked at whatever the load: handed to an idle thread before its client had sent
-        # anything, it held that thread until its head timed out, 10 s, so as many silent
-        # connections as threads stopped every HTTP request of the worker for that long.
-        if busy or conn.last_used is None:
-            start = request_start(conn)
-            if start is None and self._server.ready:
+        # Every connection is looked at, whatever the load: one handed to an idle thread before
+        # its client had sent anything, or all of its head, held that thread until the head
+        # timed out, 10 s, so as many silent or slow clients as threads stopped every HTTP
+        # request of the worker for that long.
+        start = request_start(conn)
+        if start is None and self._server.ready:
+            self._park(conn)
+            return
+        if start == b"":
+            conn.close()
+            return
+        if start and start != UNREADABLE and not head_readable(start) and self._server.ready:
+            reader = conn.rfile
+            if isinstance(reader, SocketReader) and not reader.gather_head(MAX_HEADER_BYTES + 1):
+                if conn.head_due is None:
+                    conn.head_due = time.time() + self._server.watchdog.head_limit
                 self._park(conn)
                 return
-            if start == b"":
-                conn.close()
-                return
-            if busy and start and is_probe(start):
-                conn.probe_only = True
-                self._probes.put(conn)
-                return
+            start = request_start(conn)
+        conn.head_due = None
+        if busy and start and is_probe(start):
+            conn.probe_only = True
+            self._probes.put(conn)
+            return
+        self._queue(conn)
+
+    def _queue(self, conn: Any) -> None:
         try:
-            threads._queue.put_nowait(conn)
+            self._server.requests._queue.put_nowait(conn)
         except queue.Full:
             self._server._unservicable_conns.put(conn)  # answered 503 overloaded, then closed
 
     @property
     def parked(self) -> int:
-        """Connections waiting in the selector for their first request."""
+        """Connections waiting in the selector for their request, or the rest of its head."""
         return len(self._parked)
 
     def unpark(self, conn: Any) -> None:
@@ -243,16 +228,19 @@ class Dispatcher:
             conn.close()
 
     def _park(self, conn: Any) -> None:
-        """Hand a connection whose request has not come back to the selector, which hands it
-        over again once it comes, or closes it when idle too long. With PARKED_MAX parked, the
-        one silent longest is ended to make room. Refusing the newcomer instead (503) refused
-        real clients whose request had not come yet when they were accepted, /healthz probes
-        among them, for as long as a flood of silent connections lasted."""
+        """Hand a connection whose request has not come, or not its whole head, back to the
+        selector, which hands it over again once more comes, or ends it when idle too long
+        (a head's rest that does not come in time is answered 408: gateway.rest.listening).
+        With PARKED_MAX parked, the one silent longest is ended to make room. Refusing the
+        newcomer instead (503) refused real clients whose request had not come yet when they
+        were accepted, /healthz probes among them, for as long as a flood of silent
+        connections lasted."""
         with self._lock:
             oldest = None
             if len(self._parked) >= PARKED_MAX:
                 oldest = self._parked.pop(next(iter(self._parked)))
                 oldest.parked = False
+                oldest.evicted = True
             self._parked[id(conn)] = conn
             conn.parked = True
         if oldest is not None:

@@ -20,7 +20,7 @@ from gateway.core.access import log_access, started_at
 from gateway.core.admission import THREAD_QUEUE
 from gateway.core.dataplane import new_request_id
 from gateway.core.errors import ErrorCode, GatewayError
-from gateway.rest.dispatch import header_value, request_start
+from gateway.rest.dispatch import header_value
 from gateway.rest.framing import (
     ChunkedBody,
     StrictHeaderReader,
@@ -28,16 +28,13 @@ from gateway.rest.framing import (
     request_line_error,
     unsupported_coding,
 )
+from gateway.rest.heads import MAX_HEADER_BYTES, TLS_HANDSHAKE, request_start
 from gateway.rest.responses import EXPOSED_HEADERS, SERVER_METHODS, error_headers, error_json
 from gateway.rest.socketfile import KnownLengthBody, SocketReader, peer_closed
 from gateway.rest.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
-# The request line and headers together. cheroot's default is no limit: a client could make a
-# worker buffer one endless header line. Real requests carry a few hundred bytes; nginx's default
-# allows 4 x 8 KiB.
-MAX_HEADER_BYTES = 64 * 1024
 # cheroot's own error answers. Its 414 and 413 are for a request line or headers over the limit
 # (its body limit is not used: Werkzeug refuses a body over --max-request-bytes).
 _CHEROOT_ERRORS = {
@@ -52,8 +49,6 @@ _CHEROOT_ERRORS = {
     503: ErrorCode.OVERLOADED,
     505: ErrorCode.UNSUPPORTED_HTTP_VERSION,
 }
-# The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
-_TLS_HANDSHAKE = b"\x16"
 # Answers after which a body left unread closes the connection instead of being read out:
 # cheroot closes after every 413; a 401 goes to a client without a token in force, which
 # reading out its body (up to --max-request-bytes, at its own pace) let hold a thread, its
@@ -133,6 +128,9 @@ class GatewayRequest(server.HTTPRequest):
 
     def parse_request(self) -> None:
         watchdog = self.server.watchdog
+        # Its head's time ran out while the selector waited for the rest of it (its input is
+        # cut, so the read below fails at once).
+        self.head_cut = self.conn.head_late
         self.reading_head = True
         key = watchdog.watch(self, watchdog.head_limit, head=True)
         try:
@@ -183,7 +181,7 @@ class GatewayRequest(server.HTTPRequest):
         # and then waits for the server's: no line end ever comes, and cheroot waited for one
         # until the read timeout (10 s) before answering a 408 the client could not read.
         # Closing at once lets the client fail at once, with its own error.
-        if isinstance(reader, SocketReader) and reader.peek(1)[:1] == _TLS_HANDSHAKE:
+        if isinstance(reader, SocketReader) and reader.peek(1)[:1] == TLS_HANDSHAKE:
             self.close_connection = True
             return False
         rest = self.rfile

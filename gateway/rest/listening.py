@@ -226,8 +226,41 @@ class Listening(connections.ConnectionManager):
                 ACCEPT_PAUSE,
             )
 
+    def put(self, conn: Any) -> None:
+        if conn.head_due is None or not conn.parked:
+            super().put(conn)
+            return
+        # Waiting for the rest of its head, whose start is in its reader already: cheroot's
+        # put would hand it straight back for those bytes. The sweep ends its wait at head_due.
+        conn.last_used = time.time()
+        self._selector.register(  # type: ignore[attr-defined]
+            conn.socket.fileno(), selectors.EVENT_READ, data=conn
+        )
+
+    def _end_late_heads(self) -> None:
+        """Hand over the connections whose head's time has run out while its rest was awaited
+        in the selector, or whose client has sent nothing for the read timeout (as a thread
+        reading it would have waited), their input cut: a thread answers each 408 without
+        waiting. (The sweep after this one would close them without an answer.)"""
+        now = time.time()
+        idle_since = now - self.server.timeout
+        held = self._selector.connections  # type: ignore[attr-defined]
+        late = [
+            (fd, conn)
+            for fd, conn in held
+            if getattr(conn, "head_due", None) is not None
+            and (conn.head_due <= now or conn.last_used <= idle_since)
+        ]
+        for fd, conn in late:
+            self._selector.unregister(fd)  # type: ignore[attr-defined]
+            conn.head_late = True
+            with contextlib.suppress(OSError):  # its client has closed it meanwhile
+                conn.rfile.cut()
+            self.server.process_conn(conn)
+
     def _expire(self, threshold: float) -> None:
         # The loop calls this every 0.5 s or so whatever else happens, listener or not.
+        self._end_late_heads()
         super()._expire(threshold)  # type: ignore[misc]
         if self.server.balancer is not None:
             # A worker this one replaced may have written its own count over this one's.

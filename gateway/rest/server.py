@@ -22,7 +22,8 @@ from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.errors import ErrorCode
 from gateway.rest.balance import Balancer, Place
 from gateway.rest.dispatch import Dispatcher
-from gateway.rest.exchange import MAX_HEADER_BYTES, GatewayRequest, gateway_with, record_gone
+from gateway.rest.exchange import GatewayRequest, gateway_with, record_gone
+from gateway.rest.heads import MAX_HEADER_BYTES
 from gateway.rest.linger import Lingerer
 from gateway.rest.listening import Handed, HttpConnection, Listening
 from gateway.rest.socketfile import SocketReader, peer_closed, set_send_timeout

@@ -30,10 +30,12 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from cheroot import makefile as cheroot_makefile
 from cheroot import server
+
+from gateway.rest.heads import UNREADABLE, head_readable, request_start
 
 # How long a worker thread waits on a keep-alive connection it has just answered for that
 # client's next request, before handing the connection back to the selector thread.
@@ -74,19 +76,50 @@ class _SocketIO(socket.SocketIO):
     # Set when the server ends the input of a client too slow to send its request (`cut`): the
     # end of input that follows is that timeout, not the client's close.
     cut = False
+    # Bytes taken off the socket before a thread reads them (`take`), read before the socket's.
+    early: bytearray | None = None
+
+    def __init__(self, sock: socket.socket, mode: Literal["rb", "wb"]) -> None:
+        super().__init__(sock, mode)
+        self._socket = sock
 
     def readinto(self, b: Any) -> int | None:
-        n = super().readinto(b)
-        if n is None or (n == 0 and self.cut):
+        early = self.early
+        if early:
+            n = min(len(b), len(early))
+            memoryview(b).cast("B")[:n] = early[:n]
+            del early[:n]
+            return n
+        got = super().readinto(b)
+        if got is None or (got == 0 and self.cut):
             raise TimeoutError("timed out")
-        self.received += n
-        return n
+        self.received += got
+        return got
 
     def write(self, b: Any) -> int | None:
         n = super().write(b)
         if n is None:
             raise TimeoutError("timed out")
         return n
+
+    def take(self, limit: int) -> bool:
+        """Take what the socket holds, without waiting, until `early` holds `limit` bytes;
+        whether the client's input has ended (closed or reset)."""
+        if self.early is None:
+            self.early = bytearray()
+        early = self.early
+        while len(early) < limit:
+            try:
+                data = self._socket.recv(limit - len(early), socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+            if not data:
+                return True
+            early += data
+            self.received += len(data)
+        return False
 
 
 class SocketReader(io.BufferedReader):
@@ -172,6 +205,34 @@ class SocketReader(io.BufferedReader):
     def has_data(self) -> bool:
         """Whether bytes received from the socket wait in the buffer, unread."""
         return self._socket_io.received > self.bytes_read
+
+    # Where in the stream (bytes received before it) the unread bytes are known to hold no
+    # readable head: the next look starts there, so that a head arriving a byte at a time is
+    # not searched from its start for each byte.
+    _head_unreadable_to = 0
+
+    def gather_head(self, limit: int) -> bool:
+        """Take what has arrived of the next request's head off the socket, without waiting,
+        so that the selector is not woken for it again; whether a thread can read the head
+        without waiting now (gateway.rest.heads): it has ended, it is over `limit` bytes, or
+        the client's input has ended. What this reader had buffered of it (a pipelined
+        request's start) goes back in front, unread."""
+        io_ = self._socket_io
+        if io_.early is None:
+            io_.early = bytearray()
+        early = io_.early
+        buffered = io_.received - self.bytes_read - len(early)
+        if buffered > 0:
+            early[:0] = super().read1(buffered)  # the base class's: bytes_read stays as it is
+        ended = io_.take(limit)
+        first = io_.received - len(early)  # where `early` starts in the stream
+        if ended or len(early) >= limit:
+            return True
+        if head_readable(early, self._head_unreadable_to - first):
+            self._head_unreadable_to = 0
+            return True
+        self._head_unreadable_to = io_.received
+        return False
 
 
 class KnownLengthBody(server.KnownLengthRFile):
@@ -314,6 +375,15 @@ class Connection(server.HTTPConnection):
     probe_only = False
     # Handed back to the selector before its first request came (gateway.rest.dispatch).
     parked = False
+    # While its head arrives in pieces: when (time.time()) the head's time runs out
+    # (gateway.rest.listening ends it then).
+    head_due: float | None = None
+    # Its head's time ran out before the head had come: its input is cut, and the thread that
+    # takes it answers 408.
+    head_late = False
+    # Ended to make room for newer parked connections (gateway.rest.dispatch): closed, unread,
+    # once the selector hands it over.
+    evicted = False
 
     def __init__(self, srv: Any, sock: socket.socket, makefile: Any = make_file) -> None:
         plain = makefile is cheroot_makefile.MakeFile
@@ -355,10 +425,14 @@ class Connection(server.HTTPConnection):
         threads = self.server.requests
         if not self.server.ready or threads.qsize or self.probe_only:
             return False
-        if self.rfile.has_data():
-            return True
-        if not threads.idle:
-            return False
-        poller = select.poll()
-        poller.register(self.socket, select.POLLIN)
-        return bool(poller.poll(LINGER_MS))
+        if not self.rfile.has_data():
+            if not threads.idle:
+                return False
+            poller = select.poll()
+            poller.register(self.socket, select.POLLIN)
+            if not poller.poll(LINGER_MS):
+                return False
+        # Only a head that has come whole is read here: the rest of one that has not is
+        # waited for in the selector (gateway.rest.heads).
+        start = request_start(self)
+        return start is not None and start != b"" and (start == UNREADABLE or head_readable(start))
