@@ -1245,7 +1245,8 @@ def test_past_the_parked_connections_a_part_sent_head_makes_room_too(
         for n in range(1, 4):
             slow.append(socket.create_connection(address, timeout=10))
             send_and_see_read(slow[-1], b"GET /hea")
-            wait_for(lambda n=n: gw.http.dispatcher.parked == min(n, 2), "it waits for the rest")
+            parked = min(n, 2)
+            wait_for(lambda: gw.http.dispatcher.parked == parked, "it waits for the rest")  # noqa: B023
         # The one that had waited longest was ended, without an answer; the others wait on,
         # and are served once the rest of their head comes.
         assert _until_closed(slow[0]) == b""
