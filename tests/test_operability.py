@@ -354,6 +354,34 @@ def test_cors_origins_are_compared_as_written() -> None:
         gw.stop()
 
 
+def test_answers_say_vary_origin_once() -> None:
+    # With several origins allowed, flask-cors adds a Vary header of its own beside the app's:
+    # a preflight's answer had two.
+    gw = start(
+        Settings(http_port=0, grpc_port=0, cors_origin=("http://a.example", "http://b.example"))
+    )
+    try:
+        origin = {"Origin": "http://a.example"}
+        url = f"{gw.http_url}/v1/infer"
+        answers = [
+            requests.options(
+                url, headers={**origin, "Access-Control-Request-Method": "POST"}, timeout=5
+            ),
+            requests.get(f"{gw.http_url}/v1/models", headers=origin, timeout=5),
+            requests.post(
+                url,
+                data=PNG,
+                headers={**origin, "Content-Type": "application/octet-stream"},
+                timeout=5,
+            ),
+        ]
+        for answer in answers:
+            assert answer.ok, answer.text
+            assert answer.raw.headers.getlist("Vary") == ["Origin"], answer.request.method
+    finally:
+        gw.stop()
+
+
 def test_answers_the_http_server_makes_itself_carry_cors_headers() -> None:
     # 431, 501, 505, 503 overloaded, 408: made by the server, not the app, they had no CORS
     # headers, so a page on an allowed origin got a network error instead of the JSON error.

@@ -121,6 +121,18 @@ def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None =
         return response
 
     if settings.cors_origin:
+        # Registered before flask-cors's own hook, so that it runs after it (Flask runs them
+        # last first): flask-cors adds a Vary header of its own when several origins are
+        # allowed, and a preflight's answer had two.
+        @app.after_request
+        def vary_by_origin(response: Response) -> Response:
+            # Whether the CORS headers are sent depends on the request's Origin; flask-cors says
+            # so (Vary: Origin) only when several origins are allowed, so a shared cache could
+            # hand one origin's answer to another.
+            if "*" not in settings.cors_origin:
+                response.vary.add("Origin")
+            return response
+
         # Preflight answered by flask-cors; X-Request-ID readable by the page's script.
         CORS(
             app,
@@ -130,15 +142,6 @@ def create_app(settings: Settings, dataplane: DataPlane, tokens: Tokens | None =
             expose_headers=list(EXPOSED_HEADERS),
             max_age=600,
         )
-
-        @app.after_request
-        def vary_by_origin(response: Response) -> Response:
-            # Whether the CORS headers are sent depends on the request's Origin; flask-cors says
-            # so (Vary: Origin) only when several origins are allowed, so a shared cache could
-            # hand one origin's answer to another.
-            if "*" not in settings.cors_origin:
-                response.vary.add("Origin")
-            return response
 
     app.url_map.converters["model_name"] = routes.ModelName
     # The server merges runs of slashes itself (gateway.rest.exchange.origin_form); Werkzeug's
