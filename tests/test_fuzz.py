@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import socket
 import string
 
 import cv2
@@ -18,6 +21,7 @@ from gateway.core.errors import GatewayError
 from gateway.core.types import ColorMode
 from tests.conftest import IMAGES
 from tests.hostile import file_part, multipart, text_part
+from tests.wire import send_and_see_read
 
 SEEDS = [p.read_bytes() for p in IMAGES if p.stat().st_size < 40_000]
 MAX_PIXELS = 4_000_000
@@ -193,3 +197,69 @@ def test_multipart_parts_arrive_intact(
         {"checksum": decoded_checksum(d)} for d in datas
     ], results
     assert SPY.calls[-1]["params"] == {"note": note}
+
+
+def _pipelined(*requests_: bytes) -> bytes:
+    return b"".join(requests_)
+
+
+_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+_SPY = b"POST /v1/models/spy/infer HTTP/1.1\r\nHost: x\r\nX-Request-ID: fuzz-%d\r\n"
+_CLOSE = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+_SMALL = SEEDS[0]
+# Requests on one connection, the last asking to close: whole heads, heads over the server's
+# 4 KiB peek, bodies of known length and chunked, pipelined one after another.
+SENT = [
+    _pipelined(
+        _SPY % 1 + b"Content-Type: application/octet-stream\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(_SMALL) + _SMALL,
+        _CLOSE,
+    ),
+    _pipelined(_HEALTH, _HEALTH, _CLOSE),
+    _pipelined(
+        _SPY % 2 + b"X-Pad: " + b"p" * 6000 + b"\r\nContent-Type: application/octet-stream\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(_SMALL), _SMALL),
+        _HEALTH,
+        _CLOSE,
+    ),
+]
+
+
+def _answers_of(http_url: str, data: bytes, cuts: list[int]) -> list[tuple[int, object]]:
+    """The answers to `data` sent in pieces cut at `cuts`, each piece read by the server before
+    the next is sent; each as (status, body without its request id)."""
+    host, port = http_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        edges = [0, *sorted(set(cuts)), len(data)]
+        for start, end in itertools.pairwise(edges):
+            if end > start:
+                send_and_see_read(sock, data[start:end])
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    answers: list[tuple[int, object]] = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = int(dict(line.split(": ", 1) for line in lines[1:])["Content-Length"])
+        body = json.loads(rest[:length])
+        if isinstance(body, dict):
+            body.pop("request_id", None)
+        answers.append((int(lines[0].split()[1]), body))
+        received = rest[length:]
+    return answers
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(which=st.integers(0, len(SENT) - 1), cuts=st.lists(st.floats(0, 1), max_size=6))
+def test_requests_cut_anywhere_are_answered_as_sent_whole(
+    http_url: str, which: int, cuts: list[float]
+) -> None:
+    # The server takes what comes of a head into the connection's reader while it waits for
+    # the rest (gateway.rest.heads): however the bytes are cut, the requests read are the same.
+    data = SENT[which]
+    expected = _answers_of(http_url, data, [])
+    assert [status for status, _ in expected] == [200] * data.count(b" HTTP/1.1\r\n")
+    assert _answers_of(http_url, data, [int(c * len(data)) for c in cuts]) == expected
