@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import py_compile
 import re
 import signal
 import subprocess
@@ -144,6 +145,59 @@ def test_a_reload_serves_the_new_model_without_failing_a_request(
     )
     assert not before & set(spawned(s.proc.pid))
     assert len(spawned(s.proc.pid)) == 2
+
+
+# A model whose answer is written in its code, and the code's file, sized and timed alike for
+# each version.
+CODED = """
+class Coded:
+    name = "coded"
+    description = "the version written in its code"
+
+    def predict(self, images, params):
+        return ["VERSION" for _ in images]
+
+
+def create():
+    return Coded()
+"""
+
+
+def _write_code(path: Path, version: str) -> None:
+    path.write_text(CODED.replace("VERSION", version))
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+
+
+@pytest.mark.parametrize("package", [False, True])
+def test_a_reload_serves_new_code_of_the_old_code_s_size_and_time(
+    tmp_path: Path, package: bool
+) -> None:
+    # Python takes a module's cached bytecode for current when the source's size and mtime (in
+    # whole seconds) are those it was compiled from: code rewritten within a second, or
+    # unpacked with fixed times (a reproducible build's archive), was served as the old code.
+    if package:
+        (tmp_path / "models").mkdir()
+        (tmp_path / "models" / "__init__.py").write_text("")
+        code, target = tmp_path / "models" / "coded.py", "models.coded:create"
+    else:
+        code, target = tmp_path / "coded.py", "coded:create"
+    _write_code(code, "c1")
+    # Its bytecode, as any run of it writes it (unless told not to, as PYTHONDONTWRITEBYTECODE
+    # does): written here, whatever this environment says.
+    py_compile.compile(str(code), invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--model", target, "--workers", "2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert answers(s) == {"c1"}
+        _write_code(code, "c2")
+        reload(s)
+        assert "reload done: 2 workers serving" in s.log.read_text()
+        assert answers(s) == {"c2"}
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
 
 
 def _held_open(stop: threading.Event, first: pb.InferRequest) -> Iterator[pb.InferRequest]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Iterator
 
 from gateway.models.base import UNKNOWN_LABEL, Model, check_model
+from gateway.models.fresh_code import compiled_from_source
 
 # The label of a model name the gateway does not serve.
 UNKNOWN = UNKNOWN_LABEL
@@ -25,6 +27,13 @@ def load_model(spec: str) -> Model:
             f"unknown model {spec!r}: use a built-in ({', '.join(BUILTINS)}) "
             "or package.module:factory"
         )
+    # The built-ins are the gateway's own code, which changes only with it.
+    own_code = contextlib.nullcontext() if spec in BUILTINS else compiled_from_source(module_name)
+    with own_code:
+        return check_model(_make(spec, module_name, attr), spec)
+
+
+def _make(spec: str, module_name: str, attr: str) -> object:
     try:
         factory: Callable[[], object] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -46,7 +55,7 @@ def load_model(spec: str) -> Model:
         # factory said ("weights file missing"), and a KeyError stopped the start with a
         # traceback instead of the one-line error every other bad setting gets.
         raise ValueError(f"model {spec!r} did not load: {type(exc).__name__}: {exc}") from exc
-    return check_model(model, spec)
+    return model
 
 
 class ModelRegistry:
