@@ -11,7 +11,6 @@ import os
 import sys
 import threading
 import traceback
-from collections import deque
 from types import TracebackType
 from typing import TextIO
 
@@ -25,29 +24,112 @@ log = logging.getLogger("gateway")
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
-class _AccessLogWriter(logging.Handler):
-    """Access records, written by a thread of their own every FLUSH_INTERVAL seconds.
+# Lines a process holds while stderr takes none (a pipe whose reader has stalled), its access
+# records and its own lines together: past this many, new ones are dropped and counted. Up to
+# about 50 MB of access records; they had piled up for as long as the pipe stayed full.
+MAX_HELD = 100_000
+# Characters of the process's own lines held at most, a traceback and its line being one: a
+# model that failed on every request held one traceback (a few KB) per request.
+MAX_HELD_CHARS = 8 << 20
+# Seconds between two writes of the access records (none wakes the writer).
+FLUSH_INTERVAL = 0.05
 
-    A request thread only appends the record's line to a deque (atomic under the GIL): no
-    handler lock, no write, and no thread woken per request. On a 64x64 PNG over gRPC (one
-    worker) the log cost about 19% of the throughput with a QueueListener woken for each record,
-    and costs about 8% this way.
-    """
 
-    FLUSH_INTERVAL = 0.05
-    # Records held while stderr takes none (a pipe whose reader stalls): past this many, new
-    # ones are dropped and counted. They had piled up for as long as the pipe stayed full.
-    MAX_HELD = 100_000
+def _line_writer(
+    stream: TextIO | None, formatter: logging.Formatter | None = None
+) -> native_output.LineWriter:
+    """A writer of log lines to `stream`'s descriptor (see native_output.LineWriter): no thread
+    that logs waits on stderr. At exit it writes what it holds, but waits a moment at most."""
+    say = formatter or OneLineFormatter(FORMAT)
+
+    def dropped(count: int) -> str:
+        args = (count,)
+        return say.format(
+            logging.LogRecord("gateway", logging.WARNING, "", 0, native_output.DROPPED, args, None)
+        )
+
+    writer = native_output.LineWriter(
+        _outlet(stream),
+        name="log-writer",
+        dropped=dropped,
+        max_lines=MAX_HELD,
+        max_chars=MAX_HELD_CHARS,
+        encoding=getattr(stream, "encoding", None) or "utf-8",
+        interval=FLUSH_INTERVAL,
+    )
+    atexit.register(writer.finish)
+    return writer
+
+
+def _outlet(stream: TextIO | None) -> native_output.Writable | None:
+    if stream is None:
+        return None  # started with stderr closed (2>&-): the log goes nowhere, as Python's own
+    try:
+        return native_output.Outlet(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return _StreamOutlet(stream)
+
+
+class _StreamOutlet:
+    """A stream without a descriptor (an io.StringIO standing in for sys.stderr), written as it
+    is: there is no reader to stall."""
 
     def __init__(self, stream: TextIO) -> None:
-        super().__init__()
         self._stream = stream
-        self._lines: deque[str] = deque()
+
+    def write(self, data: bytes | memoryview) -> int:
+        encoding = getattr(self._stream, "encoding", None) or "utf-8"
+        self._stream.write(bytes(data).decode(encoding, "backslashreplace"))
+        self._stream.flush()
+        return len(data)
+
+    def wait(self, timeout: float) -> bool:
+        return True
+
+
+class _LogLineWriter(logging.Handler):
+    """The server's own lines: formatted on the thread that logs, as a StreamHandler's are, and
+    written by the process's log writer (_line_writer), which that thread does not wait for."""
+
+    def __init__(self, writer: native_output.LineWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._writer.put(self.format(record))
+        except RecursionError:  # as StreamHandler.emit
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        # logging.shutdown() calls it, as the process exits.
+        self._writer.finish()
+
+
+class _AccessLogWriter(logging.Handler):
+    """Access records, written every FLUSH_INTERVAL seconds by the process's log writer
+    (_line_writer), among its own lines.
+
+    A request thread only appends the record's line to the writer's deque (atomic under the
+    GIL): no handler lock, no write, and no thread woken per request. On a 64x64 PNG over gRPC
+    (one worker) the log cost about 19% of the throughput with a QueueListener woken for each
+    record, and costs about 8% this way.
+    """
+
+    FLUSH_INTERVAL = FLUSH_INTERVAL
+    MAX_HELD = MAX_HELD
+
+    def __init__(self, out: TextIO | native_output.LineWriter) -> None:
+        super().__init__()
+        self._out = out  # a stream, kept open while its writer writes to it
+        writer = out if isinstance(out, native_output.LineWriter) else _line_writer(out)
+        self._writer = writer
+        self._lines = writer.lines
         self._dropped = 0
         self._drop_lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        threading.Thread(target=self._write_forever, name="access-log", daemon=True).start()
-        atexit.register(self.flush)
+        writer.add_note(self._say_dropped)
 
     def handle(self, record: logging.LogRecord) -> bool:
         if len(self._lines) < self.MAX_HELD:
@@ -61,28 +143,14 @@ class _AccessLogWriter(logging.Handler):
         self.handle(record)
 
     def flush(self) -> None:
-        with self._flush_lock:
-            lines = []
-            while True:
-                try:
-                    lines.append(self._lines.popleft())
-                except IndexError:
-                    break
-            with self._drop_lock:
-                dropped, self._dropped = self._dropped, 0
-            if dropped:
-                # In the access log's own shape, where its readers look.
-                lines.append(json.dumps({"dropped_access_records": dropped}))
-            if lines:
-                self._stream.write("\n".join(lines) + "\n")
-                self._stream.flush()
+        # logging.shutdown() calls it, as the process exits.
+        self._writer.finish()
 
-    def _write_forever(self) -> None:
-        stop = threading.Event()
-        while not stop.wait(self.FLUSH_INTERVAL):
-            # stderr gone: the lines are dropped rather than hoarded.
-            with contextlib.suppress(OSError, ValueError):
-                self.flush()
+    def _say_dropped(self) -> str | None:
+        with self._drop_lock:
+            dropped, self._dropped = self._dropped, 0
+        # In the access log's own shape, where its readers look.
+        return json.dumps({"dropped_access_records": dropped}) if dropped else None
 
 
 def _log_uncaught(
@@ -191,8 +259,12 @@ def configure(settings: Settings, relay_native: bool = False) -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging._srcfile = None
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(FORMAT))
+    # One writer for the process's lines, its own and its access records: written in the
+    # order they came, never two at once, and by a thread that nobody who logs waits for.
+    formatter = OneLineFormatter(FORMAT)
+    writer = _line_writer(sys.stderr, formatter)
+    handler = _LogLineWriter(writer)
+    handler.setFormatter(formatter)
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     # What Python writes to stderr on its own (a model's warning, an exception a thread of its
     # own left, one raised in a __del__, one that ends the process) as log lines too: a time,
@@ -208,5 +280,5 @@ def configure(settings: Settings, relay_native: bool = False) -> None:
     # Bare JSON lines, apart from the server's own log lines. Its own level: --log-level
     # WARNING quiets the server's log, and had silenced the access log with it.
     access.setLevel(logging.INFO)
-    access.addHandler(_AccessLogWriter(sys.stderr))
+    access.addHandler(_AccessLogWriter(writer))
     access.propagate = False

@@ -222,6 +222,7 @@ def _serve_until_signal(
         # stayed for the whole load, and a worker orphaned by a SIGKILL of its supervisor
         # with it. Nothing is in flight, so there is nothing to drain.
         log.info("%s before serving; %s", why, "exiting" if parent else "image-gateway stopped")
+        logging.shutdown()  # that line written (for a moment at most), as os._exit writes nothing
         os._exit(0)
 
     if parent is not None:
