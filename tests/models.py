@@ -300,14 +300,15 @@ def echo_params() -> EchoParams:
 
 
 class NativeWriter:
-    """Writes its "say" parameter straight to file descriptor 2, as native code does, and
-    with "then" set to "abort" ends its process as a fatal error in native code would."""
+    """Writes its "say" parameter straight to file descriptor 2, as native code does ("times"
+    times over, in one write), and with "then" set to "abort" ends its process as a fatal error
+    in native code would."""
 
     name = "native-writer"
     description = "writes its 'say' parameter to file descriptor 2; 'then=abort' aborts"
 
     def predict(self, images: Sequence[np.ndarray], params: Mapping[str, Any]) -> list[Any]:
-        os.write(2, str(params.get("say", "")).encode())
+        os.write(2, str(params.get("say", "")).encode() * int(params.get("times", 1)))
         if params.get("then") == "abort":
             os.abort()
         return [list(i.shape) for i in images]

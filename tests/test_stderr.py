@@ -4,16 +4,21 @@ workers, however the process that wrote it ends, and what Python writes on its o
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import termios
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -302,3 +307,224 @@ def test_access_records_stderr_does_not_take_are_counted_not_hoarded() -> None:
     assert dropped >= 100
     # At most what the writer had taken to write when the pipe filled, and what it held then.
     assert records <= 2 * writer.MAX_HELD
+
+
+def test_log_lines_stderr_does_not_take_are_counted_not_hoarded() -> None:
+    # The server's own lines were written by the thread that logged them, which waited for as
+    # long as the pipe stayed full. Now they wait in the process's log writer, up to
+    # MAX_HELD_CHARS (a traceback is part of its line), and a line counts those dropped.
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w")
+    writer = logs._line_writer(stream)
+    handler = logs._LogLineWriter(writer)
+    handler.setFormatter(logs.OneLineFormatter(logs.FORMAT))
+    message = "y" * 10_000
+    record = logging.LogRecord("gateway", logging.ERROR, "", 0, message, None, None)
+    handled = 0
+    while writer._dropped == 0:
+        assert handled < 10 * logs.MAX_HELD_CHARS // len(message), "nothing dropped"
+        handler.handle(record)
+        handled += 1
+    for _ in range(99):
+        handler.handle(record)
+    # Its own descriptor is the pipe opened anew, non-blocking: stderr's own (shared with the
+    # shell that started the gateway) is left blocking.
+    assert os.get_blocking(write_fd)
+    logged = dropped = 0
+    with os.fdopen(read_fd, "rb") as pipe:
+        while logged + dropped < handled + 99:
+            line = pipe.readline().decode()
+            start = LOG_LINE.match(line)
+            assert start is not None, line[:200]
+            if line[start.end() :] == message + "\n":
+                logged += 1
+            else:
+                count = re.fullmatch(
+                    r"(\d+) log lines dropped while stderr took none\n", line[start.end() :]
+                )
+                assert count is not None, line[:200]
+                dropped += int(count[1])
+    assert dropped >= 100
+    # What the pipe took, what the writer had taken when it filled, and what waited after.
+    assert logged * len(message) <= 2 * logs.MAX_HELD_CHARS + 2 * 64 * 1024
+    stream.close()
+
+
+def test_the_last_flush_gives_up_on_a_reader_that_never_reads() -> None:
+    # A process exits a moment after its stop, whatever stderr's reader does.
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(write_fd, "w") as stream:
+        writer = logs._line_writer(stream)
+        for _ in range(1000):
+            writer.put("z" * 100)  # more than the pipe's 64 KiB
+        assert not writer.finish()
+        assert not writer.finish()  # at once: it gave up
+    os.close(read_fd)
+
+
+# A line of the server's own format, from the start of the time to the message.
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+\[\d+\]: ")
+# What native code writes in one write(), a line at a time: 64 KB.
+NATIVE_LINE, NATIVE_LINES = "x" * 99 + "\n", "640"
+
+
+class _StalledReader:
+    """The read end of a gateway's stderr, read only when asked: between two reads it stalls,
+    as a log collector that stopped reading does, and the pipe fills."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        self.fd = proc.stderr.fileno()
+        self.text = ""
+
+    def read_until(self, found: Callable[[str], bool], what: str, seconds: float = 30) -> None:
+        """Read what has come until `found(text so far)`, or until the pipe ends."""
+        deadline = time.monotonic() + seconds
+        while not found(self.text):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"not within {seconds:g} s: {what}\n{self.text[-3000:]}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                data = os.read(self.fd, 1 << 16)
+                if not data:
+                    return
+                self.text += data.decode("utf-8", "backslashreplace")
+
+    def unread(self) -> int:
+        """The bytes in the pipe that nobody has read."""
+        return int.from_bytes(fcntl.ioctl(self.fd, termios.FIONREAD, bytes(4)), sys.byteorder)
+
+
+def _fill_stderr(url: str) -> None:
+    """Make the gateway write several megabytes to stderr: native code's lines (through the
+    relay) and the access records of the requests that write them."""
+    with requests.Session() as session:
+        for _ in range(80):
+            said = session.post(
+                f"{url}/v1/models/native-writer/infer",
+                params={"say": NATIVE_LINE, "times": NATIVE_LINES},
+                data=Path(FILES[1]).read_bytes(),
+                headers=OCTET,
+                timeout=10,
+            )
+            assert said.status_code == 200, said.text
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_log_reader_that_stalls_stops_neither_serving_nor_stopping(workers: str) -> None:
+    # A pipe whose reader stalls (a log collector that stopped reading, `| less` left paused)
+    # took the log's writes until it held 64 KiB, and then kept every writer waiting: a request
+    # whose native code wrote to stderr, one whose model failed (its traceback is logged), and
+    # the stop signal's own log line, which came before the stop. The gateway answered nobody
+    # and stopped only when killed.
+    flags = ["--model", "shape", "--model", "tests.models:native_writer"]
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+         "--workers", workers, *flags, "--model", "tests.models:untidy"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    reader = _StalledReader(proc)
+    try:
+        reader.read_until(lambda text: READY.search(text) is not None, "the gateway serves")
+        ready = READY.search(reader.text)
+        assert ready is not None, reader.text
+        url, target = ready.group(1), ready.group(2)
+        _fill_stderr(url)
+        assert reader.unread() > 32 * 1024
+        # Served on both protocols all the same, with failures logged, tracebacks and all.
+        png = Path(FILES[1]).read_bytes()
+        answer = requests.post(url, data=png, headers=OCTET, timeout=10)
+        assert answer.json() == [128, 128, 3]
+        failed = requests.post(
+            f"{url}/v1/models/untidy/infer",
+            params={"fail": "while stalled"},
+            data=png,
+            headers=OCTET,
+            timeout=10,
+        )
+        assert failed.json()["error"]["code"] == "model_error"
+        with grpc.insecure_channel(target) as channel:
+            stub = pb_grpc.ImageGatewayServiceStub(channel)
+            reply = stub.Infer(pb.InferRequest(image=pb.Image(data=png)), timeout=10)
+            assert [v.number_value for v in reply.result.output.list_value.values] == [128, 128, 3]
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Infer(
+                    pb.InferRequest(
+                        model="untidy", image=pb.Image(data=png), parameters={"fail": "over gRPC"}
+                    ),
+                    timeout=10,
+                )
+            assert error.value.code() == grpc.StatusCode.INTERNAL, error.value
+        # The reader comes back: what did not fit is counted, once stderr takes lines again,
+        # and what was held is written, the tracebacks logged while it stalled among them.
+        reader.read_until(
+            lambda text: "over gRPC" in text and "log lines dropped while stderr took none" in text,
+            "the count of the lines dropped, and the lines held",
+        )
+        # It stalls again, and the gateway stops on SIGTERM all the same.
+        _fill_stderr(url)
+        assert reader.unread() > 32 * 1024
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        # Its relays end once their lines are written, or when they give them up.
+        reader.read_until(lambda _: False, "the end of stderr")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+    dropped = re.findall(
+        NATIVE + r"(\d+) log lines dropped while stderr took none$", reader.text, re.M
+    )
+    assert dropped and all(int(count) > 0 for _, count in dropped), reader.text[-3000:]
+    # No line was cut short or written into another: each is whole, a log line, an access
+    # record or a line of a traceback that follows one.
+    for line in reader.text.splitlines():
+        if line.startswith("{"):
+            assert set(json.loads(line)) >= {"request_id", "status"}, line
+        elif not LOG_LINE.match(line):
+            assert line.startswith(("Traceback", "  ", "ValueError: cannot use")), line
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_stop_signal_is_acted_on_while_stderr_takes_nothing(workers: str) -> None:
+    # The access records alone fill the pipe: their writer waited, and requests were answered
+    # all the same, but the line that a stop signal was received waited for the reader, before
+    # the stop: the gateway stopped only when killed.
+    proc = subprocess.Popen(
+        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
+         "--workers", workers],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    reader = _StalledReader(proc)
+    try:
+        reader.read_until(lambda text: READY.search(text) is not None, "the gateway serves")
+        ready = READY.search(reader.text)
+        assert ready is not None, reader.text
+        png = Path(FILES[1]).read_bytes()
+        with requests.Session() as session:
+
+            def answered() -> bool:
+                answer = session.post(ready.group(1), data=png, headers=OCTET, timeout=10)
+                return bool(answer.json() == [128, 128, 3])
+
+            # Until the pipe takes no more: the records of a hundred requests (about 25 KB),
+            # written within 50 ms, leave it as it was.
+            held = [reader.unread()]
+            while len(held) < 2 or held[-2] < held[-1]:
+                assert len(held) < 100, f"the pipe still takes records: {held}"
+                assert all(answered() for _ in range(100))
+                time.sleep(0.2)
+                held.append(reader.unread())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
