@@ -267,6 +267,10 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
+def _workers(pid: int) -> set[str]:
+    return {child for child in _children(pid) if "spawn_main" in _cmdline(child)}
+
+
 def _zombies(pid: int) -> list[str]:
     return [child for child in _children(pid) if _state(child) == "Z"]
 
@@ -490,10 +494,11 @@ def test_a_log_reader_that_stalls_stops_neither_serving_nor_stopping(workers: st
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_stop_signal_is_acted_on_while_stderr_takes_nothing(workers: str) -> None:
+def test_signals_are_acted_on_while_stderr_takes_nothing(workers: str) -> None:
     # The access records alone fill the pipe: their writer waited, and requests were answered
-    # all the same, but the line that a stop signal was received waited for the reader, before
-    # the stop: the gateway stopped only when killed.
+    # all the same, but the line that a signal was received waited for the reader, before the
+    # reload or the stop: the workers were never replaced, and the gateway stopped only when
+    # killed.
     proc = subprocess.Popen(
         [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
          "--workers", workers],
@@ -520,6 +525,15 @@ def test_a_stop_signal_is_acted_on_while_stderr_takes_nothing(workers: str) -> N
                 assert all(answered() for _ in range(100))
                 time.sleep(0.2)
                 held.append(reader.unread())
+            if workers == "2":
+                before = _workers(proc.pid)
+                proc.send_signal(signal.SIGUSR1)
+                wait_for(
+                    lambda: len(_workers(proc.pid)) == 2 and not _workers(proc.pid) & before,
+                    "both workers replaced",
+                    60,
+                )
+                assert all(answered() for _ in range(10))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
