@@ -1,5 +1,7 @@
 """The server's log: its own lines in one format, on stderr, with nothing a client sent able to
-make a line of its own, and the access records, one JSON line per request."""
+make a line of its own, and the access records, one JSON line per request. A thread of each
+process's own writes them, and no thread that logs waits for stderr's reader (see
+native_output.LineWriter)."""
 
 from __future__ import annotations
 
