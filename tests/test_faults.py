@@ -1256,6 +1256,36 @@ def test_past_the_parked_connections_a_part_sent_head_makes_room_too(
             assert _until_closed(sock).startswith(b"HTTP/1.1 200")
 
 
+def test_a_head_begun_in_the_buffer_and_in_the_bytes_taken_early_is_judged_as_it_came(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pipelined head can begin in the reader's buffer and go on in the bytes the selector took
+    # early, more of it waiting in the socket. Its start was judged from the buffer and the
+    # socket alone, the bytes between left out: a CR LF ending the buffer and one starting the
+    # socket made it look ended, and a thread took it and waited for the rest, up to the head
+    # time. (The limit of what the selector takes is lowered, so that the socket keeps some.)
+    limit = 16 << 10
+    monkeypatch.setattr(dispatch_module, "MAX_HEADER_BYTES", limit)
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 8100
+    # What the reader's buffer holds of the next head once the first is read: whole lines.
+    kept = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    kept += b"X-A: " + b"a" * (8192 - len(first) - 4 - len(kept) - 7) + b"\r\n"
+    # Then, taken early up to the limit, a line with no end yet; its end is left in the socket.
+    taken = b"X-B: " + b"b" * (limit + 1 - len(first) - 4 - len(kept) - 5)
+    with (
+        gated_gateway(http_threads=1) as gw,
+        socket.create_connection(http_host_port(gw.http_url), timeout=10) as sock,
+    ):
+        send_and_see_read(sock, first)
+        sock.sendall(b"\r\n\r\n" + kept + taken + b"\r\nX-C: c")
+        assert first_answer(sock)[0] == 200
+        wait_for(lambda: gw.http.dispatcher.parked == 1, "the next head waits in the selector")
+        assert gw.http.requests.idle == 1
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        sock.sendall(b"\r\nConnection: close\r\n\r\n")
+        assert _until_closed(sock).startswith(b"HTTP/1.1 200")
+
+
 def waiting_for_thread(http_url: str, protocol: str) -> float:
     text = requests.get(f"{http_url}/metrics", timeout=5).text
     for family in text_string_to_metric_families(text):

@@ -202,6 +202,17 @@ class SocketReader(io.BufferedReader):
             view = view[:buffered]
         return self.readinto1(view)
 
+    def peek(self, size: int = 0) -> bytes:
+        """The bytes due next, unread: those in the buffer, then up to `size` in all of those
+        taken early (`gather_head`), which follow them in the stream. C io's own peek gives the
+        buffer alone while it holds any: a head begun there and going on in the early bytes
+        was judged from its start and what waited in the socket, the bytes between left out."""
+        data = super().peek(size)
+        early = self._socket_io.early
+        if early and len(data) < size:
+            data += bytes(early[: size - len(data)])
+        return data
+
     def has_data(self) -> bool:
         """Whether bytes received from the socket wait in the buffer, unread."""
         return self._socket_io.received > self.bytes_read
