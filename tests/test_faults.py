@@ -38,6 +38,7 @@ from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
 from gateway.rest import dispatch as dispatch_module
 from gateway.rest import linger as linger_module
+from gateway.rest import watchdog as watchdog_module
 from gateway.rest.linger import Lingerer
 from gateway.rest.socketfile import (
     KnownLengthBody,
@@ -1284,6 +1285,28 @@ def test_a_head_begun_in_the_buffer_and_in_the_bytes_taken_early_is_judged_as_it
         assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
         sock.sendall(b"\r\nConnection: close\r\n\r\n")
         assert _until_closed(sock).startswith(b"HTTP/1.1 200")
+
+
+def test_a_head_out_of_time_while_every_thread_is_busy_is_answered_408_once_one_is_free(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A head whose time ran out in the selector had its input cut there, before it waited for
+    # a thread: the sweep of connections waiting for one took the cut for its client leaving,
+    # and recorded it as gone (499), unanswered.
+    monkeypatch.setattr(watchdog_module, "HEAD_SECONDS", 1.0)
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with gated_gateway(http_threads=1) as gw, closing_all() as slow:
+        with only_http_thread_held(gw):
+            slow.append(socket.create_connection(http_host_port(gw.http_url), timeout=10))
+            send_and_see_read(
+                slow[0], b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: late\r\n"
+            )
+            wait_for(lambda: gw.http.requests.qsize == 1, "its head's time runs out")
+            time.sleep(1.0)  # the sweep of waiting connections (every 0.5 s) looks at it
+        status, _, answer = first_answer(slow[0])
+    assert status == 408, answer
+    assert answer["error"]["code"] == "request_timeout"
+    assert [r["status"] for r in access_records(caplog) if r["request_id"] == "late"] == ["408"]
 
 
 def waiting_for_thread(http_url: str, protocol: str) -> float:

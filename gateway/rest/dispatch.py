@@ -135,8 +135,8 @@ class Dispatcher:
             conn.close()
             return
         if conn.head_late:
-            # Its head's time ran out in the selector: its input is cut, and a thread answers
-            # 408 without waiting.
+            # Its head's time ran out in the selector: the thread that takes it cuts its input
+            # and answers 408 without waiting.
             self._queue(conn)
             return
         threads = self._server.requests

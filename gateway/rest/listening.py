@@ -240,8 +240,11 @@ class Listening(connections.ConnectionManager):
     def _end_late_heads(self) -> None:
         """Hand over the connections whose head's time has run out while its rest was awaited
         in the selector, or whose client has sent nothing for the read timeout (as a thread
-        reading it would have waited), their input cut: a thread answers each 408 without
-        waiting. (The sweep after this one would close them without an answer.)"""
+        reading it would have waited): the thread that takes each cuts its input and answers
+        408 without waiting (gateway.rest.exchange). Cut here, before it waited for that
+        thread, a connection read as one its client had left, and the sweep of waiting
+        connections ended it unanswered. (The sweep after this one would close them without
+        an answer.)"""
         now = time.time()
         idle_since = now - self.server.timeout
         held = self._selector.connections  # type: ignore[attr-defined]
@@ -254,8 +257,6 @@ class Listening(connections.ConnectionManager):
         for fd, conn in late:
             self._selector.unregister(fd)  # type: ignore[attr-defined]
             conn.head_late = True
-            with contextlib.suppress(OSError):  # its client has closed it meanwhile
-                conn.rfile.cut()
             self.server.process_conn(conn)
 
     def _expire(self, threshold: float) -> None:
