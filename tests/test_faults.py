@@ -1309,6 +1309,26 @@ def test_a_head_out_of_time_while_every_thread_is_busy_is_answered_408_once_one_
     assert [r["status"] for r in access_records(caplog) if r["request_id"] == "late"] == ["408"]
 
 
+def test_a_head_out_of_time_is_recorded_with_the_time_its_head_took(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A head that comes in pieces is handed over once for each, and each hand-over stamped the
+    # connection's arrival afresh: a 408 after the whole head time was recorded as taking a
+    # millisecond, and a request's time counted from the last piece of its head.
+    monkeypatch.setattr(watchdog_module, "HEAD_SECONDS", 1.0)
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with (
+        gated_gateway() as gw,
+        socket.create_connection(http_host_port(gw.http_url), timeout=10) as sock,
+    ):
+        send_and_see_read(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-ID: slow\r\n")
+        send_and_see_read(sock, b"X-A: a\r\n")
+        assert first_answer(sock)[0] == 408
+    [record] = [r for r in access_records(caplog) if r["request_id"] == "slow"]
+    assert record["status"] == "408"
+    assert record["duration_ms"] >= 1000
+
+
 def waiting_for_thread(http_url: str, protocol: str) -> float:
     text = requests.get(f"{http_url}/metrics", timeout=5).text
     for family in text_string_to_metric_families(text):

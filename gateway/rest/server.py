@@ -129,7 +129,11 @@ class HttpServer(wsgi.Server):
         if isinstance(conn, Handed):
             self._connections.take_handed()
             return
-        conn.queued_at = time.monotonic()
+        if conn.head_due is None:
+            # A head that comes in pieces is handed over once for each: its request's time
+            # (its record's duration, its deadline) counts from the first, as when a thread
+            # took it at its first byte.
+            conn.queued_at = time.monotonic()
         self.dispatcher.dispatch(conn)
 
     def _sweep_waiting(self) -> None:
