@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import socket
 import string
 
@@ -19,6 +20,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.decode import decode, probe
 from gateway.core.errors import GatewayError
 from gateway.core.types import ColorMode
+from gateway.rest.heads import head_readable
 from tests.conftest import IMAGES
 from tests.hostile import file_part, multipart, text_part
 from tests.wire import send_and_see_read
@@ -263,3 +265,21 @@ def test_requests_cut_anywhere_are_answered_as_sent_whole(
     expected = _answers_of(http_url, data, [])
     assert [status for status, _ in expected] == [200] * data.count(b" HTTP/1.1\r\n")
     assert _answers_of(http_url, data, [int(c * len(data)) for c in cuts]) == expected
+
+
+# What head_readable answers: a head ended, a line end without its CR, or a TLS handshake.
+_READABLE = re.compile(rb"\A\x16|\r\n\r\n|(?<!\r)\n")
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    data=st.binary(max_size=40).map(lambda b: bytes(b"\r\n\x16a"[x % 4] for x in b)),
+    cut=st.integers(0, 45),
+)
+def test_whether_a_head_can_be_read_is_found_from_where_the_last_look_ended(
+    data: bytes, cut: int
+) -> None:
+    # Looked at again from where a look found nothing, the answer is the one for all of it.
+    assume(_READABLE.search(data[:cut]) is None)
+    assert head_readable(data, cut) is (_READABLE.search(data) is not None)
+    assert head_readable(bytearray(data), cut) is (_READABLE.search(data) is not None)
