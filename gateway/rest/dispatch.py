@@ -36,6 +36,7 @@ import threading
 import time
 from typing import Any
 
+from gateway.core.errors import ErrorCode
 from gateway.rest.heads import MAX_HEADER_BYTES, UNREADABLE, head_readable, request_start
 from gateway.rest.socketfile import (
     AnswerBuffer,
@@ -135,9 +136,11 @@ class Dispatcher:
             conn.close()
             return
         if conn.head_late:
-            # Its head's time ran out in the selector: the thread that takes it cuts its input
-            # and answers 408 without waiting.
-            self._queue(conn)
+            # Its head's time ran out in the selector: answered 408 at once by cheroot's
+            # refusing thread, unread, as a refusal. Queued for a thread instead, heads that
+            # ran out together (500 slow clients that began at once) filled the queue, and
+            # those past it were refused 503 overloaded.
+            self._server._unservicable_conns.put((conn, ErrorCode.REQUEST_TIMEOUT, ""))
             return
         threads = self._server.requests
         busy = bool(threads.qsize or not threads.idle)

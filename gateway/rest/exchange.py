@@ -7,7 +7,6 @@ in the same JSON error shape as every other, with a code from the one table (`Ga
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -129,12 +128,6 @@ class GatewayRequest(server.HTTPRequest):
 
     def parse_request(self) -> None:
         watchdog = self.server.watchdog
-        if self.conn.head_late:
-            # Its head's time ran out while the selector waited for the rest of it: its input
-            # is cut, so the read below fails once it has read what came.
-            self.head_cut = True
-            with contextlib.suppress(OSError):  # its client has closed it meanwhile
-                self.conn.rfile.cut()
         self.reading_head = True
         key = watchdog.watch(self, watchdog.head_limit, head=True)
         try:

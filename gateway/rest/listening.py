@@ -240,11 +240,9 @@ class Listening(connections.ConnectionManager):
     def _end_late_heads(self) -> None:
         """Hand over the connections whose head's time has run out while its rest was awaited
         in the selector, or whose client has sent nothing for the read timeout (as a thread
-        reading it would have waited): the thread that takes each cuts its input and answers
-        408 without waiting (gateway.rest.exchange). Cut here, before it waited for that
-        thread, a connection read as one its client had left, and the sweep of waiting
-        connections ended it unanswered. (The sweep after this one would close them without
-        an answer.)"""
+        reading it would have waited), to be answered 408 without being read
+        (gateway.rest.dispatch). (The sweep after this one would close them without an
+        answer.)"""
         now = time.time()
         idle_since = now - self.server.timeout
         held = self._selector.connections  # type: ignore[attr-defined]

@@ -389,8 +389,7 @@ class Connection(server.HTTPConnection):
     # While its head arrives in pieces: when (time.time()) the head's time runs out
     # (gateway.rest.listening ends it then).
     head_due: float | None = None
-    # Its head's time ran out before the head had come: the thread that takes it cuts its
-    # input and answers 408.
+    # Its head's time ran out before the head had come: it is answered 408, unread.
     head_late = False
     # Ended to make room for newer parked connections (gateway.rest.dispatch): closed, unread,
     # once the selector hands it over.
