@@ -120,13 +120,8 @@ class _AccessLogWriter(logging.Handler):
     record, and costs about 8% this way.
     """
 
-    FLUSH_INTERVAL = FLUSH_INTERVAL
-    MAX_HELD = MAX_HELD
-
-    def __init__(self, out: TextIO | native_output.LineWriter) -> None:
+    def __init__(self, writer: native_output.LineWriter) -> None:
         super().__init__()
-        self._out = out  # a stream, kept open while its writer writes to it
-        writer = out if isinstance(out, native_output.LineWriter) else _line_writer(out)
         self._writer = writer
         self._lines = writer.lines
         self._dropped = 0
@@ -134,7 +129,7 @@ class _AccessLogWriter(logging.Handler):
         writer.add_note(self._say_dropped)
 
     def handle(self, record: logging.LogRecord) -> bool:
-        if len(self._lines) < self.MAX_HELD:
+        if len(self._lines) < MAX_HELD:
             self._lines.append(record.getMessage())
         else:
             with self._drop_lock:

@@ -288,16 +288,17 @@ def test_access_records_stderr_does_not_take_are_counted_not_hoarded() -> None:
     # up in the worker's memory for as long as it lasted. Past MAX_HELD they are dropped, and a
     # line counts them once stderr takes lines again.
     read_fd, write_fd = os.pipe()
-    writer = logs._AccessLogWriter(os.fdopen(write_fd, "w"))
+    stream = os.fdopen(write_fd, "w")  # open while its writer writes to it
+    writer = logs._AccessLogWriter(logs._line_writer(stream))
     record = logging.LogRecord("gateway.access", logging.INFO, "", 0, '{"r": 1}', None, None)
     handled = 0
     while writer._dropped == 0:
-        assert handled < 10 * writer.MAX_HELD, "nothing dropped"
+        assert handled < 10 * logs.MAX_HELD, "nothing dropped"
         writer.handle(record)
         handled += 1
     for _ in range(99):
         writer.handle(record)
-    assert len(writer._lines) <= writer.MAX_HELD
+    assert len(writer._lines) <= logs.MAX_HELD
     # The reader comes back: every line is a record, or the count of those dropped since the
     # last line written, and together they account for every record handled.
     records = dropped = 0
@@ -310,7 +311,7 @@ def test_access_records_stderr_does_not_take_are_counted_not_hoarded() -> None:
                 dropped += json.loads(line)["dropped_access_records"]
     assert dropped >= 100
     # At most what the writer had taken to write when the pipe filled, and what it held then.
-    assert records <= 2 * writer.MAX_HELD
+    assert records <= 2 * logs.MAX_HELD
 
 
 def test_log_lines_stderr_does_not_take_are_counted_not_hoarded() -> None:
