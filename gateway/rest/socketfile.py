@@ -76,12 +76,13 @@ class _SocketIO(socket.SocketIO):
     # Set when the server ends the input of a client too slow to send its request (`cut`): the
     # end of input that follows is that timeout, not the client's close.
     cut = False
-    # Bytes taken off the socket before a thread reads them (`take`), read before the socket's.
-    early: bytearray | None = None
 
     def __init__(self, sock: socket.socket, mode: Literal["rb", "wb"]) -> None:
         super().__init__(sock, mode)
         self._socket = sock
+        # Bytes taken off the socket before a thread reads them (`take`), read before the
+        # socket's.
+        self.early = bytearray()
 
     def readinto(self, b: Any) -> int | None:
         early = self.early
@@ -105,8 +106,6 @@ class _SocketIO(socket.SocketIO):
     def take(self, limit: int) -> bool:
         """Take what the socket holds, without waiting, until `early` holds `limit` bytes;
         whether the client's input has ended (closed or reset)."""
-        if self.early is None:
-            self.early = bytearray()
         early = self.early
         while len(early) < limit:
             try:
@@ -229,8 +228,6 @@ class SocketReader(io.BufferedReader):
         the client's input has ended. What this reader had buffered of it (a pipelined
         request's start) goes back in front, unread."""
         io_ = self._socket_io
-        if io_.early is None:
-            io_.early = bytearray()
         early = io_.early
         buffered = io_.received - self.bytes_read - len(early)
         if buffered > 0:
