@@ -289,11 +289,6 @@ class LineWriter:
         self._notes.append(note)
         self._wake.set()
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds for the lines handed over so far to be written; whether
-        they were."""
-        return self._wait_written(timeout, timeout)
-
     def finish(self) -> bool:
         """As the process exits: wait for the lines handed over so far to be written, as long as
         stderr takes some every FINISH_STALLED seconds, FINISH_MOST seconds at most. Once that
