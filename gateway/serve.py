@@ -177,6 +177,7 @@ def start(
         settings.request_timeout,
         settings.shutdown_grace,
         settings.max_request_bytes,
+        settings.max_image_bytes,
         reuse_port,
         lambda: dataplane.admission.draining,
         settings.cors_origin,

@@ -38,6 +38,7 @@ from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
 from gateway.rest import dispatch as dispatch_module
 from gateway.rest import linger as linger_module
+from gateway.rest import server as server_module
 from gateway.rest import watchdog as watchdog_module
 from gateway.rest.linger import Lingerer
 from gateway.rest.socketfile import (
@@ -1331,6 +1332,123 @@ def test_a_head_out_of_time_is_recorded_with_the_time_its_head_took(
     assert record["duration_ms"] >= 1000
 
 
+def _noise_png(side: int) -> bytes:
+    """A PNG of noise, which compresses to hardly less than its pixels (196 KB at 256)."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return cv2.imencode(".png", pixels)[1].tobytes()
+
+
+def test_clients_that_trickle_a_body_hold_no_http_thread() -> None:
+    # A thread read a body as it came, waiting for each piece: as many slow uploads as threads
+    # (a byte a second each was enough) stopped every HTTP request of the worker for up to the
+    # request timeout.
+    with gated_gateway(http_threads=2) as gw, closing_all() as slow:
+        address = http_host_port(gw.http_url)
+        head = _octet_head("shape", len(PNG), b"Connection: close\r\n")
+        cuts = (0, 1, len(PNG) // 2, len(PNG) - 1)
+        for cut in cuts:
+            slow.append(socket.create_connection(address, timeout=10))
+            send_and_see_read(slow[-1], head + PNG[:cut])
+        wait_for(lambda: gw.http.dispatcher.parked == 4, "all four wait in the selector")
+        wait_for(
+            lambda: gw.http.dispatcher.held == 4 * len(head) + sum(cuts),
+            "the selector holds what came of each",
+        )
+        assert gw.http.requests.idle == 2
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        # The rest comes, a piece at a time: each served as if it had come whole.
+        for sock, cut in zip(slow, cuts, strict=True):
+            for piece in range(cut, len(PNG) - 1, 20_000):
+                send_and_see_read(sock, PNG[piece : min(piece + 20_000, len(PNG) - 1)])
+            sock.sendall(PNG[-1:])
+            status, answer = _shape_answer(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            assert answer["result"]["output"] == [128, 128, 3]
+        assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+
+
+def test_a_kept_connection_whose_next_body_comes_in_part_holds_no_http_thread() -> None:
+    # The next request on a kept connection, sent after the answer or pipelined behind the
+    # request before it, was read by the thread that answered that one, which then waited for
+    # the rest of its body.
+    request = _octet_head("shape", len(PNG)) + PNG
+    with gated_gateway(http_threads=1) as gw, closing_all() as kept:
+        address = http_host_port(gw.http_url)
+        kept += [socket.create_connection(address, timeout=10) for _ in range(2)]
+        kept[0].sendall(request)
+        assert first_answer(kept[0])[0] == 200
+        kept[0].sendall(request[:-100])
+        kept[1].sendall(request + request[:-100])
+        assert first_answer(kept[1])[0] == 200
+        wait_for(lambda: gw.http.dispatcher.parked == 2, "both wait in the selector")
+        wait_for(lambda: gw.http.requests.idle == 1, "no thread waits for them")
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        for sock in kept:
+            sock.sendall(request[-100:])
+            status, _, answer = first_answer(sock)
+            assert status == 200, answer
+            assert answer["result"]["output"] == [128, 128, 3]
+
+
+def test_a_body_out_of_time_is_answered_408_with_what_came_of_it_recorded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with (
+        gated_gateway(request_timeout=1.0) as gw,
+        socket.create_connection(http_host_port(gw.http_url), timeout=10) as sock,
+    ):
+        head = _octet_head("shape", len(PNG), b"X-Request-ID: late-body\r\n")
+        send_and_see_read(sock, head + PNG[:1000])
+        status, headers, answer = first_answer(sock)
+        assert status == 408, answer
+        assert headers["X-Request-ID"] == "late-body"
+        assert headers["Connection"] == "close"
+        assert answer["error"] == {
+            "code": "request_timeout",
+            "message": "the request body did not arrive within 1 s",
+            "request_id": "late-body",
+        }
+        assert _until_closed(sock) == b""
+        assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+        still_serving(gw)
+    [record] = [r for r in access_records(caplog) if r["request_id"] == "late-body"]
+    assert (record["status"], record["error"], record["bytes_in"]) == (
+        "408",
+        "request_timeout",
+        1000,
+    )
+    assert record["duration_ms"] >= 1000
+
+
+@pytest.mark.parametrize("bound", ["bytes held by the worker", "one body's size"])
+def test_a_slow_body_past_what_the_selector_holds_is_read_by_a_thread(
+    monkeypatch: pytest.MonkeyPatch, bound: str
+) -> None:
+    # What the selector holds of bodies is bounded, in all and for each: past either bound, a
+    # body is read by a thread as it comes, as every body was before.
+    noise = _noise_png(256)
+    if bound == "one body's size":
+        monkeypatch.setattr(server_module, "AWAITED_BODY_MAX", len(noise) - 1)
+    else:
+        monkeypatch.setattr(dispatch_module, "AWAITED_BYTES_MAX", 100_000)
+    head = _octet_head("shape", len(noise), b"Connection: close\r\n")
+    with gated_gateway(http_threads=2) as gw, closing_all() as slow:
+        address = http_host_port(gw.http_url)
+        for _ in range(2):
+            slow.append(socket.create_connection(address, timeout=10))
+            slow[-1].sendall(head + noise[:60_000])
+        awaited = 1 if bound == "bytes held by the worker" else 0
+        wait_for(lambda: gw.http.requests.idle == awaited, "a thread reads the rest")
+        assert gw.http.dispatcher.parked == awaited
+        for sock in slow:
+            sock.sendall(noise[60_000:])
+            status, answer = _shape_answer(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            assert answer["result"]["output"] == [256, 256, 3]
+        assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+
+
 def waiting_for_thread(http_url: str, protocol: str) -> float:
     text = requests.get(f"{http_url}/metrics", timeout=5).text
     for family in text_string_to_metric_families(text):
@@ -1898,7 +2016,8 @@ def test_a_drain_ends_open_streams_with_shutting_down(caplog: pytest.LogCaptureF
 def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> None:
     # The only thread holds an upload (not in the core, so the drain ends at once); requests
     # wait for it. Moved to the refusal thread as the server stopped, they were never answered:
-    # the client saw a reset.
+    # the client saw a reset. (A chunked body is read by a thread as it comes; one of known
+    # length would be awaited without a thread.)
     gw = start(
         Settings(
             http_port=0,
@@ -1914,7 +2033,7 @@ def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> 
     try:
         uploading.sendall(
             b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Content-Length: 100000\r\n\r\n" + PNG[:100]
+            b"Transfer-Encoding: chunked\r\n\r\n186a0\r\n" + PNG[:100]
         )
         time.sleep(0.2)  # the thread reads the body
         for _ in range(3):

@@ -219,6 +219,14 @@ SENT = [
     ),
     _pipelined(_HEALTH, _HEALTH, _CLOSE),
     _pipelined(
+        *(
+            _SPY % n + b"Content-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(_SMALL) + _SMALL
+            for n in (3, 4)
+        ),
+        _CLOSE,
+    ),
+    _pipelined(
         _SPY % 2 + b"X-Pad: " + b"p" * 6000 + b"\r\nContent-Type: application/octet-stream\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(_SMALL), _SMALL),
         _HEALTH,
@@ -259,8 +267,9 @@ def _answers_of(http_url: str, data: bytes, cuts: list[int]) -> list[tuple[int, 
 def test_requests_cut_anywhere_are_answered_as_sent_whole(
     http_url: str, which: int, cuts: list[float]
 ) -> None:
-    # The server takes what comes of a head into the connection's reader while it waits for
-    # the rest (gateway.rest.heads): however the bytes are cut, the requests read are the same.
+    # The server takes what comes of a head, or of a body of known length, into the
+    # connection's reader while it waits for the rest (gateway.rest.heads): however the bytes
+    # are cut, the requests read are the same.
     data = SENT[which]
     expected = _answers_of(http_url, data, [])
     assert [status for status, _ in expected] == [200] * data.count(b" HTTP/1.1\r\n")

@@ -10,19 +10,19 @@ cheroot's selector thread hands every connection with a request to read to one p
   connection, one after another, accepting and answering nothing else meanwhile: under a burst
   of 300 slow requests a probe took 35 s, and the 503s went out one a second.
 
-So the dispatcher peeks at each connection's first bytes, without reading them (one recv).
-A connection that has sent nothing yet, or only part of its head, is handed back to the
-selector until the rest has come (gateway.rest.heads; at most PARKED_MAX at a time, past that
-the oldest is ended): given a thread, it held that thread until its head timed out, 10 s, so as
-many silent or slow clients as threads stopped every HTTP request of the worker. One its client
-has closed is closed (cheroot would have queued it, then answered it 503 for nobody). While the
-pool has no idle thread or a queue, a probe (`GET` of one of PROBE_PATHS whose whole head has
-arrived, with no body) goes to PROBE_THREADS threads of its own, which answer that one request
-without ever waiting for the client: the answer is made in memory and sent as far as the socket
-takes it, the rest by the lingering thread (gateway.rest.linger), and a connection that leaves
-PROBE_BACKLOG bytes of answers untaken gets no more. Anything else goes to the pool's queue,
-or, when that is full, is answered 503 `overloaded` at once by cheroot's refusing thread, as
-gRPC refuses calls past the same number.
+So the dispatcher peeks at each connection's first bytes, without reading them (one recv). A
+connection that has sent nothing yet, only part of its head, or only part of a body it
+announced, is handed back to the selector until the rest has come (gateway.rest.heads; at most
+PARKED_MAX at a time, past that the oldest is ended): given a thread, it held that thread until
+its head or body timed out, so as many silent or slow clients as threads stopped every HTTP
+request of the worker. One its client has closed is closed (cheroot would have queued it, then
+answered it 503 for nobody). While the pool has no idle thread or a queue, a probe (`GET` of
+one of PROBE_PATHS whose whole head has arrived, with no body) goes to PROBE_THREADS threads of
+its own, which answer that one request without ever waiting for the client: the answer is made
+in memory and sent as far as the socket takes it, the rest by the lingering thread
+(gateway.rest.linger), and a connection that leaves PROBE_BACKLOG bytes of answers untaken gets
+no more. Anything else goes to the pool's queue, or, when that is full, is answered 503
+`overloaded` at once by cheroot's refusing thread, as gRPC refuses calls past the same number.
 """
 
 from __future__ import annotations
@@ -37,7 +37,15 @@ import time
 from typing import Any
 
 from gateway.core.errors import ErrorCode
-from gateway.rest.heads import MAX_HEADER_BYTES, UNREADABLE, head_readable, request_start
+from gateway.rest.heads import (
+    AWAITED_BYTES_MAX,
+    MAX_HEADER_BYTES,
+    UNREADABLE,
+    body_missing,
+    fields,
+    head_readable,
+    request_start,
+)
 from gateway.rest.socketfile import (
     AnswerBuffer,
     SocketReader,
@@ -81,37 +89,22 @@ def _end(sock: socket.socket) -> None:
     sock.shutdown(socket.SHUT_RDWR)
 
 
-def _fields(start: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The header fields (lower-case name, value) whole in the head that `start` begins, and
-    whether the head has ended there."""
-    head, ended, _ = start.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")[1:]
-    if not ended:
-        lines = lines[:-1]  # the last line may be cut short
-    fields = []
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if sep:
-            fields.append((name.strip().lower(), value.strip()))
-    return fields, bool(ended)
-
-
 def is_probe(start: bytes) -> bool:
     """Whether `start` holds a whole probe request: a GET of a probe path, its head complete,
     without a body. Anything a thread would have to wait for is not one."""
     if not start.startswith(_PREFIXES):
         return False
-    fields, ended = _fields(start)
+    found, ended = fields(start)
     return ended and not any(
         name in _BODY_HEADERS or (name == b"content-length" and value != b"0")
-        for name, value in fields
+        for name, value in found
     )
 
 
 def header_value(start: bytes, name: bytes) -> str | None:
     """The value of header field `name` (lower case) in the head that `start` begins, if the
     field is there whole; for a request that is answered without being read."""
-    for key, value in _fields(start)[0]:
+    for key, value in fields(start)[0]:
         if key == name:
             return value.decode("latin-1")
     return None
@@ -124,6 +117,8 @@ class Dispatcher:
         self._lock = threading.Lock()
         # Connections parked before their first request, oldest first (see `_park`).
         self._parked: dict[int, Any] = {}
+        # Bytes of bodies the parked connections hold (each its `held`).
+        self._held = 0
         for i in range(PROBE_THREADS):
             threading.Thread(
                 target=self._answer_probes, name=f"http-probe-{i}", daemon=True
@@ -135,12 +130,12 @@ class Dispatcher:
         if conn.evicted:
             conn.close()
             return
-        if conn.head_late:
-            # Its head's time ran out in the selector: answered 408 at once by cheroot's
-            # refusing thread, unread, as a refusal. Queued for a thread instead, heads that
-            # ran out together (500 slow clients that began at once) filled the queue, and
-            # those past it were refused 503 overloaded.
-            self._server._unservicable_conns.put((conn, ErrorCode.REQUEST_TIMEOUT, ""))
+        if conn.late is not None:
+            # Its head's or body's time ran out in the selector: answered 408 at once by
+            # cheroot's refusing thread, unread, as a refusal. Queued for a thread instead,
+            # heads that ran out together (500 slow clients that began at once) filled the
+            # queue, and those past it were refused 503 overloaded.
+            self._server._unservicable_conns.put((conn, ErrorCode.REQUEST_TIMEOUT, conn.late))
             return
         threads = self._server.requests
         busy = bool(threads.qsize or not threads.idle)
@@ -158,17 +153,42 @@ class Dispatcher:
         if start and start != UNREADABLE and not head_readable(start) and self._server.ready:
             reader = conn.rfile
             if isinstance(reader, SocketReader) and not reader.gather_head(MAX_HEADER_BYTES + 1):
-                if conn.head_due is None:
-                    conn.head_due = time.time() + self._server.watchdog.head_limit
+                if conn.due is None:
+                    conn.due = time.time() + self._server.watchdog.head_limit
+                    conn.awaiting = "head"
                 self._park(conn)
                 return
             start = request_start(conn)
-        conn.head_due = None
+        if conn.awaiting == "head":
+            conn.due = conn.awaiting = None
+        if start and start != UNREADABLE and self._await_body(conn, start):
+            return
+        conn.due = conn.awaiting = None
+        conn.body_in = 0
         if busy and start and is_probe(start):
             conn.probe_only = True
             self._probes.put(conn)
             return
         self._queue(conn)
+
+    def _await_body(self, conn: Any, start: bytes) -> bool:
+        """Whether the connection waits in the selector for the rest of its request's body,
+        taking in what has come of it (gateway.rest.heads): a thread given it now would wait
+        for the rest, as long as the client takes to send it."""
+        reader = conn.rfile
+        if not isinstance(reader, SocketReader) or not self._server.ready:
+            return False
+        # The common case, all of it here already, is read by a thread straight off the socket.
+        lengths = body_missing(conn, start)
+        if lengths is None or reader.gather(sum(lengths)):
+            return False
+        conn.body_in = reader.unread - lengths[0]
+        if conn.due is None:
+            # The request's time counts from its first byte, as the core's deadline does.
+            waited = time.monotonic() - (conn.queued_at or time.monotonic())
+            conn.due = time.time() + self._server.request_timeout - waited
+            conn.awaiting = "body"
+        return self._park(conn, held=reader.unread)
 
     def _queue(self, conn: Any) -> None:
         try:
@@ -181,11 +201,18 @@ class Dispatcher:
         """Connections waiting in the selector for their request, or the rest of its head."""
         return len(self._parked)
 
+    @property
+    def held(self) -> int:
+        """Bytes of bodies held by the selector while the rest of each comes."""
+        return self._held
+
     def unpark(self, conn: Any) -> None:
         with self._lock:
             if conn.parked:
                 conn.parked = False
                 del self._parked[id(conn)]
+                self._held -= conn.held
+                conn.held = 0
 
     def stop(self) -> None:
         for _ in range(PROBE_THREADS):
@@ -230,28 +257,38 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             conn.close()
 
-    def _park(self, conn: Any) -> None:
-        """Hand a connection whose request has not come, or not its whole head, back to the
-        selector, which hands it over again once more comes, or ends it when idle too long
-        (a head's rest that does not come in time is answered 408: gateway.rest.listening).
-        With PARKED_MAX parked, the one silent longest is ended to make room. Refusing the
+    def _park(self, conn: Any, held: int = 0) -> bool:
+        """Hand a connection whose request has not come, or not its whole head or body, back
+        to the selector, which hands it over again once more comes, or ends it when idle too
+        long (a head or body whose rest does not come in time is answered 408:
+        gateway.rest.listening); whether it is parked. It is not when the `held` bytes of body
+        it has taken in would take the bodies held past AWAITED_BYTES_MAX.
+
+        With PARKED_MAX parked, the one parked longest is ended to make room. Refusing the
         newcomer instead (503) refused real clients whose request had not come yet when they
         were accepted, /healthz probes among them, for as long as a flood of silent
         connections lasted."""
         with self._lock:
+            if held and self._held + held > AWAITED_BYTES_MAX:
+                return False
             oldest = None
             if len(self._parked) >= PARKED_MAX:
                 oldest = self._parked.pop(next(iter(self._parked)))
                 oldest.parked = False
                 oldest.evicted = True
+                self._held -= oldest.held
+                oldest.held = 0
             self._parked[id(conn)] = conn
             conn.parked = True
+            conn.held = held
+            self._held += held
         if oldest is not None:
             # Not closed here: the selector still holds it. Shut, it reads as ended, and the
             # selector hands it over to be closed like any connection whose client has gone.
             with contextlib.suppress(OSError):
                 oldest.socket.shutdown(socket.SHUT_RDWR)
         self._server._connections.put(conn)
+        return True
 
     def _answer_probes(self) -> None:
         while (conn := self._probes.get()) is not _STOP:

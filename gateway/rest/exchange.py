@@ -298,7 +298,7 @@ class GatewayRequest(server.HTTPRequest):
                 "the request line and headers did not arrive within "
                 f"{self.server.watchdog.head_limit:g} s"
             )
-        elif error is ErrorCode.REQUEST_TIMEOUT:
+        elif error is ErrorCode.REQUEST_TIMEOUT and not message:
             message = f"the request stopped arriving: nothing came for {self.server.timeout} s"
         elif error is ErrorCode.HEADERS_TOO_LARGE:
             message = f"the request line and headers are over {MAX_HEADER_BYTES // 1024} KiB"
@@ -351,7 +351,8 @@ class GatewayRequest(server.HTTPRequest):
                 model="",
                 images=0,
                 status=str(sent),
-                bytes_in=0,
+                # What came of a body awaited in the selector, for a request answered unread.
+                bytes_in=self.conn.body_in if self.unread else 0,
                 bytes_out=len(body),
                 started=started,
                 error=error.code,

@@ -1,5 +1,5 @@
-"""How much of a connection's next request head has arrived, found out without waiting for
-the client and without reading it for the thread that will.
+"""How much of a connection's next request has arrived, found out without waiting for the
+client and without reading it for the thread that will.
 
 A thread that starts reading a head the client has only begun to send waits for the rest, for up
 to the head time (10 s). One byte of a request line was enough to take a thread that long, so a
@@ -8,12 +8,22 @@ thread gets a connection only once its head can be read without waiting (`head_r
 until then, the selector thread takes what arrives of it into the connection's reader
 (gateway.rest.socketfile.SocketReader.gather_head) and the connection waits in the selector,
 as nginx waits for a whole head before it does anything with a request.
+
+The same goes for a body of known length that has not all come when its head has
+(`awaited_body`): a thread reading it waited for each piece, so as many slow uploads as threads
+stopped every HTTP request of a worker for up to the request timeout. Up to AWAITED_BODY_MAX
+bytes a request, and AWAITED_BYTES_MAX a worker, are taken in by the selector instead, and the
+connection goes to a thread once the whole request is there, as nginx buffers a body before it
+passes the request on. Past those bounds a thread reads the body as it comes, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import socket
+import struct
+import termios
 from typing import Any
 
 # The request line and headers together. cheroot's default is no limit: a client could make a
@@ -26,6 +36,13 @@ UNREADABLE = b"\0"
 PEEK_BYTES = 4096
 # The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
 TLS_HANDSHAKE = b"\x16"
+# The largest body awaited in the selector: larger ones are read by a thread as they come. Most
+# images are well under this; a 4000x3000 JPEG is 2-5 MB.
+AWAITED_BODY_MAX = 8 << 20
+# Bytes of bodies held at once by one worker's selector while the rest of each comes; past this,
+# a connection whose body has not all come goes to a thread with what it has. What arrives is
+# counted, not what is announced: an announced length costs nothing until it is sent.
+AWAITED_BYTES_MAX = 64 << 20
 
 
 def head_readable(data: bytes | bytearray, start: int = 0) -> bool:
@@ -48,10 +65,70 @@ def head_readable(data: bytes | bytearray, start: int = 0) -> bool:
     return data.count(b"\n", start) > data.count(b"\r\n", max(0, start - 1))
 
 
-def request_start(conn: Any) -> bytes | None:
-    """The first bytes of the request due on `conn`, left unread for whichever thread answers
-    it; None when none have come yet (cheroot hands a connection over as soon as it is
-    accepted), b"" for a connection its client has closed."""
+def fields(start: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The header fields (lower-case name, value) whole in the head that `start` begins, and
+    whether the head has ended there."""
+    head, ended, _ = start.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")[1:]
+    if not ended:
+        lines = lines[:-1]  # the last line may be cut short
+    found = []
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if sep:
+            found.append((name.strip().lower(), value.strip()))
+    return found, bool(ended)
+
+
+def awaited_body(start: bytes, limit: int) -> tuple[int, int] | None:
+    """(the head's length, the body's) for a request whose body may be awaited in the selector:
+    its head whole in `start`, its body framed by one Content-Length of digits alone, at most
+    `limit` (AWAITED_BODY_MAX, or less: a body over the app's limit is refused from its head
+    at once, 413). None for anything else, which a thread reads as it comes: no body, a
+    chunked one (its length is not known), one the client sends only once told to (Expect),
+    and framing a thread refuses at once."""
+    end = start.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    found, _ = fields(start[: end + 4])
+    lengths = [value for name, value in found if name == b"content-length"]
+    if len(lengths) != 1 or any(name in (b"transfer-encoding", b"expect") for name, _ in found):
+        return None
+    length = lengths[0]
+    if not length.isdigit() or len(length) > 10 or not 0 < int(length) <= limit:
+        return None
+    return end + 4, int(length)
+
+
+def body_missing(conn: Any, start: bytes) -> tuple[int, int] | None:
+    """(the head's length, the body's) of the request that `start` begins, when its body may
+    be awaited (`awaited_body`, up to the server's `max_awaited_body`) and has not all arrived,
+    in the connection's reader and its socket together; None when a thread may read the
+    request now."""
+    unread = getattr(conn.rfile, "unread", None)  # not on a reader of cheroot's own (TLS)
+    if unread is None:
+        return None
+    if b"\r\n\r\n" not in start:  # a head longer than the first look
+        start = request_start(conn, MAX_HEADER_BYTES) or b""
+    lengths = awaited_body(start, conn.server.max_awaited_body)
+    if lengths is None or unread + socket_holds(conn.socket) >= sum(lengths):
+        return None
+    return lengths
+
+
+def socket_holds(sock: socket.socket) -> int:
+    """Bytes received on `sock` and not yet read (0 where that cannot be asked)."""
+    try:
+        held = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", held)[0])
+
+
+def request_start(conn: Any, size: int = PEEK_BYTES) -> bytes | None:
+    """The first bytes (up to `size`) of the request due on `conn`, left unread for whichever
+    thread answers it; None when none have come yet (cheroot hands a connection over as soon
+    as it is accepted), b"" for a connection its client has closed."""
     reader = conn.rfile
     has_data = getattr(reader, "has_data", None)
     try:
@@ -60,15 +137,15 @@ def request_start(conn: Any) -> bytes | None:
             # a head arriving in pieces): peek returns them unread. They may end inside the
             # head, the rest waiting in the socket: without that rest, a pipelined probe cut
             # so was queued behind slow requests.
-            buffered = bytes(reader.peek(PEEK_BYTES)[:PEEK_BYTES])
-            if len(buffered) < PEEK_BYTES and b"\r\n\r\n" not in buffered:
+            buffered = bytes(reader.peek(size)[:size])
+            if len(buffered) < size and b"\r\n\r\n" not in buffered:
                 with contextlib.suppress(BlockingIOError, ValueError):  # nothing more; TLS
                     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
-                    buffered += conn.socket.recv(PEEK_BYTES - len(buffered), flags)
+                    buffered += conn.socket.recv(size - len(buffered), flags)
             return buffered
         # The socket is blocking with its timeouts kept by the kernel (socketfile), so
         # MSG_DONTWAIT is all it takes not to wait; a Python timeout would poll first.
-        start: bytes = conn.socket.recv(PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        start: bytes = conn.socket.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         return start
     except BlockingIOError:
         return None

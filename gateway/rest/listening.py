@@ -227,39 +227,49 @@ class Listening(connections.ConnectionManager):
             )
 
     def put(self, conn: Any) -> None:
-        if conn.head_due is None or not conn.parked:
+        if conn.due is None or not conn.parked:
             super().put(conn)
             return
-        # Waiting for the rest of its head, whose start is in its reader already: cheroot's
-        # put would hand it straight back for those bytes. The sweep ends its wait at head_due.
+        # Waiting for the rest of its head or body, whose start is in its reader already:
+        # cheroot's put would hand it straight back for those bytes. The sweep ends its wait at
+        # `due`.
         conn.last_used = time.time()
         self._selector.register(  # type: ignore[attr-defined]
             conn.socket.fileno(), selectors.EVENT_READ, data=conn
         )
 
-    def _end_late_heads(self) -> None:
-        """Hand over the connections whose head's time has run out while its rest was awaited
-        in the selector, or whose client has sent nothing for the read timeout (as a thread
-        reading it would have waited), to be answered 408 without being read
+    def _end_late_waits(self) -> None:
+        """Hand over the connections whose head's or body's time has run out while its rest
+        was awaited in the selector, or whose client has sent nothing for the read timeout (as
+        a thread reading it would have waited), to be answered 408 without being read
         (gateway.rest.dispatch). (The sweep after this one would close them without an
         answer.)"""
         now = time.time()
-        idle_since = now - self.server.timeout
+        server = self.server
+        idle_since = now - server.timeout
         held = self._selector.connections  # type: ignore[attr-defined]
         late = [
             (fd, conn)
             for fd, conn in held
-            if getattr(conn, "head_due", None) is not None
-            and (conn.head_due <= now or conn.last_used <= idle_since)
+            if getattr(conn, "due", None) is not None
+            and (conn.due <= now or conn.last_used <= idle_since)
         ]
         for fd, conn in late:
             self._selector.unregister(fd)  # type: ignore[attr-defined]
-            conn.head_late = True
-            self.server.process_conn(conn)
+            if conn.awaiting == "head":
+                conn.late = (
+                    "the request line and headers did not arrive within "
+                    f"{server.watchdog.head_limit:g} s"
+                )
+            elif conn.due <= now:
+                conn.late = f"the request body did not arrive within {server.request_timeout:g} s"
+            else:
+                conn.late = f"the request stopped arriving: nothing came for {server.timeout} s"
+            server.process_conn(conn)
 
     def _expire(self, threshold: float) -> None:
         # The loop calls this every 0.5 s or so whatever else happens, listener or not.
-        self._end_late_heads()
+        self._end_late_waits()
         super()._expire(threshold)  # type: ignore[misc]
         if self.server.balancer is not None:
             # A worker this one replaced may have written its own count over this one's.

@@ -23,7 +23,7 @@ from gateway.core.errors import ErrorCode
 from gateway.rest.balance import Balancer, Place
 from gateway.rest.dispatch import Dispatcher
 from gateway.rest.exchange import GatewayRequest, gateway_with, record_gone
-from gateway.rest.heads import MAX_HEADER_BYTES
+from gateway.rest.heads import AWAITED_BODY_MAX, MAX_HEADER_BYTES
 from gateway.rest.linger import Lingerer
 from gateway.rest.listening import Handed, HttpConnection, Listening
 from gateway.rest.socketfile import SocketReader, peer_closed, set_send_timeout
@@ -47,6 +47,7 @@ class HttpServer(wsgi.Server):
         *args: Any,
         request_timeout: float,
         max_body: int,
+        max_image: int | None = None,
         draining: Callable[[], bool] = lambda: False,
         cors_origins: tuple[str, ...] = (),
         balance: Place | None = None,
@@ -59,6 +60,9 @@ class HttpServer(wsgi.Server):
         # The largest body the app takes; an unread one up to this is read out (see
         # GatewayRequest.send_headers).
         self.max_body = max_body
+        # The largest body awaited in the selector (gateway.rest.heads): no larger than the app
+        # takes, whose refusal of a larger one (413, from its head) must not wait for it.
+        self.max_awaited_body = min(AWAITED_BODY_MAX, max_body, max_image or max_body)
         self.request_timeout = request_timeout
         self._draining = draining
         self.watchdog = Watchdog(request_timeout, self._sweep_waiting)
@@ -129,10 +133,10 @@ class HttpServer(wsgi.Server):
         if isinstance(conn, Handed):
             self._connections.take_handed()
             return
-        if conn.head_due is None:
-            # A head that comes in pieces is handed over once for each: its request's time
-            # (its record's duration, its deadline) counts from the first, as when a thread
-            # took it at its first byte.
+        if conn.due is None:
+            # A request that comes in pieces is handed over once for each: its time (its
+            # record's duration, its deadline) counts from the first, as when a thread took it
+            # at its first byte.
             conn.queued_at = time.monotonic()
         self.dispatcher.dispatch(conn)
 
@@ -197,8 +201,6 @@ class HttpServer(wsgi.Server):
                     status = f"{error.http_status}" if error else "503 Service Unavailable"
                     refusal = GatewayRequest(self, conn)
                     refusal.unread = True
-                    # A head whose time ran out in the selector (gateway.rest.listening).
-                    refusal.head_cut = conn.head_late
                     refusal.simple_response(status, message, error)
             except OSError:
                 pass  # the answer is a courtesy; the client may be gone
@@ -223,6 +225,7 @@ def build_http_server(
     request_timeout: float,
     shutdown_grace: float,
     max_body: int,
+    max_image: int | None = None,
     reuse_port: bool = False,
     draining: Callable[[], bool] = lambda: False,
     cors_origins: tuple[str, ...] = (),
@@ -234,6 +237,7 @@ def build_http_server(
         app,
         request_timeout=request_timeout,
         max_body=max_body,
+        max_image=max_image,
         draining=draining,
         cors_origins=cors_origins,
         balance=balance,
