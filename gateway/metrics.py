@@ -65,6 +65,19 @@ WAITING_FOR_THREAD = Gauge(
     ["protocol"],
     multiprocess_mode="livesum",
 )
+HTTP_ARRIVING = Gauge(
+    "gateway_http_arriving_connections",
+    "HTTP connections waiting without a thread for their request to arrive, by what they wait "
+    "for: request (nothing sent yet), head, body (sampled twice a second).",
+    ["waiting_for"],
+    multiprocess_mode="livesum",
+)
+HTTP_ARRIVING_BODY_BYTES = Gauge(
+    "gateway_http_arriving_body_bytes",
+    "Bytes of HTTP requests whose body is still arriving, held without a thread (sampled twice "
+    "a second).",
+    multiprocess_mode="livesum",
+)
 DECODE_SECONDS = Histogram("gateway_decode_seconds", "Time to decode one image.", buckets=_LATENCY)
 IMAGE_BYTES = Histogram(
     "gateway_image_bytes",

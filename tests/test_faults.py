@@ -1355,6 +1355,13 @@ def test_clients_that_trickle_a_body_hold_no_http_thread() -> None:
             "the selector holds what came of each",
         )
         assert gw.http.requests.idle == 2
+        wait_for(
+            lambda: (
+                arriving(gw.http_url)
+                == ({"request": 0, "head": 0, "body": 4}, 4 * len(head) + sum(cuts))
+            ),
+            "the metrics show them",
+        )
         assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
         # The rest comes, a piece at a time: each served as if it had come whole.
         for sock, cut in zip(slow, cuts, strict=True):
@@ -1447,6 +1454,21 @@ def test_a_slow_body_past_what_the_selector_holds_is_read_by_a_thread(
             assert status == b"HTTP/1.1 200 OK", answer
             assert answer["result"]["output"] == [256, 256, 3]
         assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+
+
+def arriving(http_url: str) -> tuple[dict[str, float], float]:
+    """What /metrics says of the HTTP connections waiting for their request to arrive: how
+    many wait for what, and the bytes held of their bodies."""
+    text = requests.get(f"{http_url}/metrics", timeout=5).text
+    waiting: dict[str, float] = {}
+    held = -1.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_http_arriving_connections":
+                waiting[sample.labels["waiting_for"]] = sample.value
+            elif sample.name == "gateway_http_arriving_body_bytes":
+                held = sample.value
+    return waiting, held
 
 
 def waiting_for_thread(http_url: str, protocol: str) -> float:

@@ -27,6 +27,7 @@ no more. Anything else goes to the pool's queue, or, when that is full, is answe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -200,6 +201,15 @@ class Dispatcher:
     def parked(self) -> int:
         """Connections waiting in the selector for their request, or the rest of its head."""
         return len(self._parked)
+
+    def waiting_for(self) -> dict[str, int]:
+        """How many parked connections wait for what: "request" (none of it has come), "head"
+        or "body" (the rest of it)."""
+        with self._lock:
+            waiting = collections.Counter(
+                conn.awaiting or "request" for conn in self._parked.values()
+            )
+        return {what: waiting[what] for what in ("request", "head", "body")}
 
     @property
     def held(self) -> int:

@@ -177,6 +177,9 @@ class HttpServer(wsgi.Server):
             if taken:
                 waiting.not_full.notify(len(taken))
         metrics.WAITING_FOR_THREAD.labels("http").set(self.requests.qsize)
+        for what, count in self.dispatcher.waiting_for().items():
+            metrics.HTTP_ARRIVING.labels(what).set(count)
+        metrics.HTTP_ARRIVING_BODY_BYTES.set(self.dispatcher.held)
         for item in taken:
             self._unservicable_conns.put(item)  # type: ignore[attr-defined]
 
