@@ -37,8 +37,8 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
 from gateway.rest import dispatch as dispatch_module
+from gateway.rest import heads as heads_module
 from gateway.rest import linger as linger_module
-from gateway.rest import server as server_module
 from gateway.rest import watchdog as watchdog_module
 from gateway.rest.linger import Lingerer
 from gateway.rest.socketfile import (
@@ -1428,32 +1428,53 @@ def test_a_body_out_of_time_is_answered_408_with_what_came_of_it_recorded(
     assert record["duration_ms"] >= 1000
 
 
-@pytest.mark.parametrize("bound", ["bytes held by the worker", "one body's size"])
-def test_a_slow_body_past_what_the_selector_holds_is_read_by_a_thread(
-    monkeypatch: pytest.MonkeyPatch, bound: str
+def test_a_slow_body_past_the_bytes_a_worker_holds_is_read_by_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # What the selector holds of bodies is bounded, in all and for each: past either bound, a
-    # body is read by a thread as it comes, as every body was before.
+    # What the selector holds of bodies still arriving is bounded: past it, a body is read by a
+    # thread as it comes, as every body was before.
+    monkeypatch.setattr(dispatch_module, "AWAITED_BYTES_MAX", 100_000)
     noise = _noise_png(256)
-    if bound == "one body's size":
-        monkeypatch.setattr(server_module, "AWAITED_BODY_MAX", len(noise) - 1)
-    else:
-        monkeypatch.setattr(dispatch_module, "AWAITED_BYTES_MAX", 100_000)
     head = _octet_head("shape", len(noise), b"Connection: close\r\n")
     with gated_gateway(http_threads=2) as gw, closing_all() as slow:
         address = http_host_port(gw.http_url)
         for _ in range(2):
             slow.append(socket.create_connection(address, timeout=10))
             slow[-1].sendall(head + noise[:60_000])
-        awaited = 1 if bound == "bytes held by the worker" else 0
-        wait_for(lambda: gw.http.requests.idle == awaited, "a thread reads the rest")
-        assert gw.http.dispatcher.parked == awaited
+        wait_for(lambda: gw.http.requests.idle == 1, "a thread reads the rest of one")
+        assert gw.http.dispatcher.parked == 1
         for sock in slow:
             sock.sendall(noise[60_000:])
             status, answer = _shape_answer(sock)
             assert status == b"HTTP/1.1 200 OK", answer
             assert answer["result"]["output"] == [256, 256, 3]
         assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+
+
+def test_a_large_body_goes_to_a_thread_once_the_part_awaited_has_come(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A body over what is awaited of one (8 MiB) waits in the selector until that much has
+    # come: a client that sends so much is no slowloris, and the rest is read straight into
+    # the request's buffer. Read by a thread from its first byte, such a body let a client
+    # that announced a large one and sent a byte now and then hold the thread.
+    monkeypatch.setattr(heads_module, "AWAITED_BODY_BYTES", 50_000)
+    noise = _noise_png(256)
+    head = _octet_head("shape", len(noise), b"Connection: close\r\n")
+    with (
+        gated_gateway(http_threads=2) as gw,
+        socket.create_connection(http_host_port(gw.http_url), timeout=10) as sock,
+    ):
+        send_and_see_read(sock, head + noise[:30_000])
+        wait_for(lambda: gw.http.dispatcher.parked == 1, "it waits in the selector")
+        assert gw.http.requests.idle == 2
+        sock.sendall(noise[30_000:60_000])
+        wait_for(lambda: gw.http.requests.idle == 1, "a thread reads the rest")
+        assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+        sock.sendall(noise[60_000:])
+        status, answer = _shape_answer(sock)
+        assert status == b"HTTP/1.1 200 OK", answer
+        assert answer["result"]["output"] == [256, 256, 3]
 
 
 def arriving(http_url: str) -> tuple[dict[str, float], float]:

@@ -11,10 +11,12 @@ as nginx waits for a whole head before it does anything with a request.
 
 The same goes for a body of known length that has not all come when its head has
 (`awaited_body`): a thread reading it waited for each piece, so as many slow uploads as threads
-stopped every HTTP request of a worker for up to the request timeout. Up to AWAITED_BODY_MAX
-bytes a request, and AWAITED_BYTES_MAX a worker, are taken in by the selector instead, and the
-connection goes to a thread once the whole request is there, as nginx buffers a body before it
-passes the request on. Past those bounds a thread reads the body as it comes, as before.
+stopped every HTTP request of a worker for up to the request timeout. The selector takes it in
+instead, and the connection goes to a thread once the whole request is there, as nginx buffers
+a body before it passes the request on; or, for a body over AWAITED_BODY_BYTES, once that much
+of it is: a client that sends that much is no slowloris, and the rest goes from the socket
+straight into the request's buffer. Past AWAITED_BYTES_MAX held by a worker, a thread reads a
+body as it comes, as before.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ UNREADABLE = b"\0"
 PEEK_BYTES = 4096
 # The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
 TLS_HANDSHAKE = b"\x16"
-# The largest body awaited in the selector: larger ones are read by a thread as they come. Most
-# images are well under this; a 4000x3000 JPEG is 2-5 MB.
-AWAITED_BODY_MAX = 8 << 20
+# How much of a body is awaited in the selector: a larger one goes to a thread once this much of
+# it has come. Most images are well under this (a 4000x3000 JPEG is 2-5 MB), and it is what the
+# selector holds at most for one request (a copy more for its thread to make).
+AWAITED_BODY_BYTES = 8 << 20
 # Bytes of bodies held at once by one worker's selector while the rest of each comes; past this,
 # a connection whose body has not all come goes to a thread with what it has. What arrives is
 # counted, not what is announced: an announced length costs nothing until it is sent.
@@ -81,12 +84,12 @@ def fields(start: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
 
 
 def awaited_body(start: bytes, limit: int) -> tuple[int, int] | None:
-    """(the head's length, the body's) for a request whose body may be awaited in the selector:
-    its head whole in `start`, its body framed by one Content-Length of digits alone, at most
-    `limit` (AWAITED_BODY_MAX, or less: a body over the app's limit is refused from its head
-    at once, 413). None for anything else, which a thread reads as it comes: no body, a
-    chunked one (its length is not known), one the client sends only once told to (Expect),
-    and framing a thread refuses at once."""
+    """(the head's length, how much of the body to await: all of it, up to AWAITED_BODY_BYTES)
+    for a request whose body may be awaited in the selector: its head whole in `start`, its
+    body framed by one Content-Length of digits alone, at most `limit` (the app's: a body over
+    it is refused from its head at once, 413). None for anything else, which a thread reads as
+    it comes: no body, a chunked one (its length is not known), one the client sends only once
+    told to (Expect), and framing a thread refuses at once."""
     end = start.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -97,14 +100,14 @@ def awaited_body(start: bytes, limit: int) -> tuple[int, int] | None:
     length = lengths[0]
     if not length.isdigit() or len(length) > 10 or not 0 < int(length) <= limit:
         return None
-    return end + 4, int(length)
+    return end + 4, min(int(length), AWAITED_BODY_BYTES)
 
 
 def body_missing(conn: Any, start: bytes) -> tuple[int, int] | None:
-    """(the head's length, the body's) of the request that `start` begins, when its body may
-    be awaited (`awaited_body`, up to the server's `max_awaited_body`) and has not all arrived,
-    in the connection's reader and its socket together; None when a thread may read the
-    request now."""
+    """(the head's length, how much of the body to await) for the request that `start` begins,
+    when its body may be awaited (`awaited_body`, up to the server's `max_awaited_body`) and
+    that much has not arrived, in the connection's reader and its socket together; None when a
+    thread may read the request now."""
     unread = getattr(conn.rfile, "unread", None)  # not on a reader of cheroot's own (TLS)
     if unread is None:
         return None

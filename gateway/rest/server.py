@@ -23,7 +23,7 @@ from gateway.core.errors import ErrorCode
 from gateway.rest.balance import Balancer, Place
 from gateway.rest.dispatch import Dispatcher
 from gateway.rest.exchange import GatewayRequest, gateway_with, record_gone
-from gateway.rest.heads import AWAITED_BODY_MAX, MAX_HEADER_BYTES
+from gateway.rest.heads import MAX_HEADER_BYTES
 from gateway.rest.linger import Lingerer
 from gateway.rest.listening import Handed, HttpConnection, Listening
 from gateway.rest.socketfile import SocketReader, peer_closed, set_send_timeout
@@ -60,9 +60,9 @@ class HttpServer(wsgi.Server):
         # The largest body the app takes; an unread one up to this is read out (see
         # GatewayRequest.send_headers).
         self.max_body = max_body
-        # The largest body awaited in the selector (gateway.rest.heads): no larger than the app
+        # The largest body awaited in the selector (gateway.rest.heads): the largest the app
         # takes, whose refusal of a larger one (413, from its head) must not wait for it.
-        self.max_awaited_body = min(AWAITED_BODY_MAX, max_body, max_image or max_body)
+        self.max_awaited_body = min(max_body, max_image or max_body)
         self.request_timeout = request_timeout
         self._draining = draining
         self.watchdog = Watchdog(request_timeout, self._sweep_waiting)
