@@ -101,8 +101,13 @@ class Gateway:
         # the others once they have answered the message at work.
         self.servicer.end_streams()
         admission = self.dataplane.admission
-        # Waiting requests too: they were admitted before the drain, and take a slot next.
-        while (admission.active or admission.waiting) and time.monotonic() < deadline:
+        # Waiting requests too: they were admitted before the drain, and take a slot next. And
+        # requests whose head or body is still arriving, awaited without a thread: the stop
+        # closes them, and their clients, still sending, saw a reset; come whole, they are
+        # answered (`shutting_down`), as when a thread read them.
+        while (
+            admission.active or admission.waiting or self.http.requests_arriving()
+        ) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def retire(self, deadline: float) -> None:
@@ -120,6 +125,9 @@ class Gateway:
         while time.monotonic() < deadline and (
             admission.active
             or admission.waiting
+            # Requests under way whose head or body is still arriving, awaited without a
+            # thread: closed at once, a reload cut a slow upload off mid-body.
+            or self.http.requests_arriving()
             or (self.http.connections_open() and time.monotonic() < idle_until)
         ):
             time.sleep(0.05)

@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway import serve as serve_module
 from gateway.config import Settings
 from gateway.core.admission import THREAD_QUEUE
 from gateway.rest import dispatch as dispatch_module
@@ -1475,6 +1476,42 @@ def test_a_large_body_goes_to_a_thread_once_the_part_awaited_has_come(
         status, answer = _shape_answer(sock)
         assert status == b"HTTP/1.1 200 OK", answer
         assert answer["result"]["output"] == [256, 256, 3]
+
+
+@pytest.mark.parametrize("ending", ["retire", "stop"])
+def test_a_body_arriving_when_a_worker_ends_is_read_whole_and_answered(
+    monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    # A body awaited in the selector holds no thread, and the worker's end waited only for
+    # threads: a reload closed the connection after its short wait for idle connections, a
+    # stop at once, and the client, still sending, saw a reset. Read by a thread, as before,
+    # it was answered: served by a retiring worker, refused (`shutting_down`) by a stopping one.
+    monkeypatch.setattr(serve_module, "LEAVE_WAIT", 0.0)  # a retiring worker waits for no idle one
+    gw = start(Settings(http_port=0, grpc_port=0, model=("shape",), shutdown_grace=30.0))
+    ended = threading.Thread(
+        target=gw.retire if ending == "retire" else lambda _: gw.stop(),
+        args=(time.monotonic() + 30,),
+    )
+    try:
+        with socket.create_connection(http_host_port(gw.http_url), timeout=10) as sock:
+            send_and_see_read(sock, _octet_head("shape", len(PNG)) + PNG[:1000])
+            wait_for(lambda: gw.http.requests_arriving() == 1, "its body is awaited")
+            ended.start()
+            wait_for(lambda: gw.http.leaving or gw.dataplane.admission.draining, "it ends")
+            time.sleep(0.5)  # the sweeps that closed it come first; not a timing assert
+            sock.sendall(PNG[1000:])
+            status, _, answer = first_answer(sock)
+        if ending == "retire":
+            assert status == 200, answer
+            assert answer["result"]["output"] == [128, 128, 3]
+        else:
+            assert status == 503, answer
+            assert answer["error"]["code"] == "shutting_down"
+        ended.join(30)
+        assert not ended.is_alive()
+    finally:
+        if not ended.is_alive():
+            gw.stop()
 
 
 def arriving(http_url: str) -> tuple[dict[str, float], float]:

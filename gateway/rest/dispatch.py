@@ -202,6 +202,11 @@ class Dispatcher:
         """Connections waiting in the selector for their request, or the rest of its head."""
         return len(self._parked)
 
+    def arriving(self) -> int:
+        """Parked connections whose request has begun to come: each a request under way."""
+        with self._lock:
+            return sum(conn.awaiting is not None for conn in self._parked.values())
+
     def waiting_for(self) -> dict[str, int]:
         """How many parked connections wait for what: "request" (none of it has come), "head"
         or "body" (the rest of it)."""

@@ -98,6 +98,10 @@ class HttpServer(wsgi.Server):
             listening.leave()
             listening.left.wait(timeout)
 
+    def requests_arriving(self) -> int:
+        """Requests whose head or body is still arriving, awaited without a thread."""
+        return self.dispatcher.arriving()
+
     def connections_open(self) -> int:
         listening = self._connections
         return listening.connections_open() if isinstance(listening, Listening) else 0
