@@ -186,6 +186,7 @@ def start(
         settings.shutdown_grace,
         settings.max_request_bytes,
         settings.max_image_bytes,
+        tokens is not None,
         reuse_port,
         lambda: dataplane.admission.draining,
         settings.cors_origin,

@@ -83,19 +83,23 @@ def fields(start: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
     return found, bool(ended)
 
 
-def awaited_body(start: bytes, limit: int) -> tuple[int, int] | None:
+def awaited_body(start: bytes, limit: int, token_needed: bool = False) -> tuple[int, int] | None:
     """(the head's length, how much of the body to await: all of it, up to AWAITED_BODY_BYTES)
     for a request whose body may be awaited in the selector: its head whole in `start`, its
     body framed by one Content-Length of digits alone, at most `limit` (the app's: a body over
-    it is refused from its head at once, 413). None for anything else, which a thread reads as
-    it comes: no body, a chunked one (its length is not known), one the client sends only once
-    told to (Expect), and framing a thread refuses at once."""
+    it is refused from its head at once, 413), and, with `token_needed`, an Authorization field
+    (without one it is refused from its head at once, 401, and a client that waits for that
+    before it sends its body must not wait for ever). None for anything else, which a thread
+    reads as it comes: no body, a chunked one (its length is not known), one the client sends
+    only once told to (Expect), and framing a thread refuses at once."""
     end = start.find(b"\r\n\r\n")
     if end < 0:
         return None
     found, _ = fields(start[: end + 4])
     lengths = [value for name, value in found if name == b"content-length"]
     if len(lengths) != 1 or any(name in (b"transfer-encoding", b"expect") for name, _ in found):
+        return None
+    if token_needed and all(name != b"authorization" for name, _ in found):
         return None
     length = lengths[0]
     if not length.isdigit() or len(length) > 10 or not 0 < int(length) <= limit:
@@ -113,7 +117,8 @@ def body_missing(conn: Any, start: bytes) -> tuple[int, int] | None:
         return None
     if b"\r\n\r\n" not in start:  # a head longer than the first look
         start = request_start(conn, MAX_HEADER_BYTES) or b""
-    lengths = awaited_body(start, conn.server.max_awaited_body)
+    server = conn.server
+    lengths = awaited_body(start, server.max_awaited_body, server.token_needed)
     if lengths is None or unread + socket_holds(conn.socket) >= sum(lengths):
         return None
     return lengths

@@ -48,6 +48,7 @@ class HttpServer(wsgi.Server):
         request_timeout: float,
         max_body: int,
         max_image: int | None = None,
+        token_needed: bool = False,
         draining: Callable[[], bool] = lambda: False,
         cors_origins: tuple[str, ...] = (),
         balance: Place | None = None,
@@ -63,6 +64,8 @@ class HttpServer(wsgi.Server):
         # The largest body awaited in the selector (gateway.rest.heads): the largest the app
         # takes, whose refusal of a larger one (413, from its head) must not wait for it.
         self.max_awaited_body = min(max_body, max_image or max_body)
+        # Whether the app refuses a request without an Authorization field (401, from its head).
+        self.token_needed = token_needed
         self.request_timeout = request_timeout
         self._draining = draining
         self.watchdog = Watchdog(request_timeout, self._sweep_waiting)
@@ -233,6 +236,7 @@ def build_http_server(
     shutdown_grace: float,
     max_body: int,
     max_image: int | None = None,
+    token_needed: bool = False,
     reuse_port: bool = False,
     draining: Callable[[], bool] = lambda: False,
     cors_origins: tuple[str, ...] = (),
@@ -245,6 +249,7 @@ def build_http_server(
         request_timeout=request_timeout,
         max_body=max_body,
         max_image=max_image,
+        token_needed=token_needed,
         draining=draining,
         cors_origins=cors_origins,
         balance=balance,
