@@ -280,7 +280,7 @@ def test_requests_cut_anywhere_are_answered_as_sent_whole(
 _READABLE = re.compile(rb"\A\x16|\r\n\r\n|(?<!\r)\n")
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(
     data=st.binary(max_size=40).map(lambda b: bytes(b"\r\n\x16a"[x % 4] for x in b)),
     cut=st.integers(0, 45),
