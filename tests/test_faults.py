@@ -1514,6 +1514,56 @@ def test_a_body_arriving_when_a_worker_ends_is_read_whole_and_answered(
             gw.stop()
 
 
+def _queues(sock: socket.socket) -> tuple[int, int]:
+    """(bytes `sock` sent that the server on this machine has not acknowledged, bytes of them
+    it has acknowledged and not read from its socket yet)."""
+    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
+    unacked = unread = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+        tx_queue, rx_queue = (int(q, 16) for q in fields[4].split(":"))
+        if (local, remote) == (ours, theirs):
+            unacked = tx_queue
+        elif (local, remote) == (theirs, ours):
+            unread = rx_queue
+    return unacked, unread
+
+
+def test_bodies_taken_in_and_waiting_for_a_thread_stay_within_what_the_selector_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A body the selector had taken in went to the threads' queue with what it held, no longer
+    # counted: while every thread was busy, clients whose bodies came in pieces held up to
+    # 8 MiB each in the queue, 60 of them 470 MB of a worker, where 64 MiB were meant.
+    monkeypatch.setattr(dispatch_module, "AWAITED_BYTES_MAX", 60_000)
+    noise = _noise_png(128)
+    head = _octet_head("shape", len(noise), b"Connection: close\r\n")
+    with gated_gateway(http_threads=1) as gw, closing_all() as slow:
+        address = http_host_port(gw.http_url)
+        with only_http_thread_held(gw):
+            for count in range(1, 7):
+                slow.append(socket.create_connection(address, timeout=10))
+                slow[-1].sendall(head + noise[:40_000])
+                wait_for(
+                    lambda: gw.http.dispatcher.parked + gw.http.requests.qsize == count,  # noqa: B023
+                    "parked, or waiting for the thread",
+                )
+            assert gw.http.dispatcher.parked == 1
+            wait_for(lambda: not any(_queues(sock)[0] for sock in slow), "all acknowledged")
+            sent = len(head) + 40_000
+            taken = sum(sent - _queues(sock)[1] for sock in slow)
+            assert gw.http.dispatcher.held == taken
+            assert taken <= 60_000
+            for sock in slow:
+                sock.sendall(noise[40_000:])
+        for sock in slow:
+            status, answer = _shape_answer(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            assert answer["result"]["output"] == [128, 128, 3]
+        assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+
+
 def test_a_body_awaited_in_the_selector_stays_where_it_was_taken_as_more_comes() -> None:
     # Each time more of an awaited body came, the dispatcher's look at the request's start
     # (peek) filled the reader's buffer from the bytes taken early, and taking in the new

@@ -415,8 +415,9 @@ class Connection(server.HTTPConnection):
     # ends it then).
     awaiting: str | None = None
     due: float | None = None
-    # Bytes it holds while it waits (gateway.rest.dispatch counts them), and how many of them
-    # are its body's (an access record's bytes_in, should it be answered unread).
+    # Bytes it holds while it waits, in the selector or for a thread (gateway.rest.dispatch
+    # counts them), and how many of them are its body's (an access record's bytes_in, should
+    # it be answered unread).
     held = 0
     body_in = 0
     # Why its request is answered 408, unread: its head's or body's time ran out before it had
@@ -435,6 +436,8 @@ class Connection(server.HTTPConnection):
     def close(self) -> None:
         if self.parked:  # closed by the selector, idle too long
             self.server.dispatcher.unpark(self)
+        if self.held:
+            self.server.dispatcher.release(self)
         reader = self.rfile
         # Lingering already: the rest of its answer is being sent (gateway.rest.dispatch).
         if isinstance(reader, SocketReader) and not self.linger and not reader.drop_arrived():
@@ -446,6 +449,8 @@ class Connection(server.HTTPConnection):
         super().close()
 
     def communicate(self) -> bool:
+        if self.held:  # taken in by the selector, read by this thread now
+            self.server.dispatcher.release(self)
         # cheroot's stubs leave communicate unannotated; it returns whether to keep the connection.
         while super().communicate():  # type: ignore[no-untyped-call]
             if self.moved():
