@@ -2212,6 +2212,32 @@ def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> 
         gw.stop()
 
 
+def test_requests_arriving_in_the_selector_when_the_server_stops_get_an_answer() -> None:
+    # A body awaited in the selector (or a head) when the server stopped was closed with the
+    # selector's connections, unanswered, where a thread reading the body had answered it 503.
+    gw = start(Settings(http_port=0, grpc_port=0, shutdown_grace=4.0))
+    address = http_host_port(gw.http_url)
+    try:
+        with closing_all() as arriving:
+            for sent in (
+                _octet_head("shape", len(PNG)) + PNG[:1000],
+                b"POST /v1/models/shape/infer HTTP/1.1\r\nHost: x\r\n",
+            ):
+                arriving.append(socket.create_connection(address, timeout=10))
+                send_and_see_read(arriving[-1], sent)
+            wait_for(lambda: gw.http.dispatcher.parked == 2, "both wait in the selector")
+            stopping = threading.Thread(target=gw.stop)
+            stopping.start()
+            for sock in arriving:
+                head, _, body = _until_closed(sock).partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 503 "), head
+                assert json.loads(body)["error"]["code"] == "shutting_down"
+            stopping.join(30)
+            assert gw.http.dispatcher.held == 0
+    finally:
+        gw.stop()
+
+
 def test_grpc_connections_that_never_send_their_preface_are_closed_within_the_head_time() -> None:
     # grpcio kept a connection that sent nothing, or not its SETTINGS, for 60 s, six times what
     # the HTTP side gives a request's head: each held a file descriptor all that time.

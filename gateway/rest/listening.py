@@ -18,6 +18,8 @@ from typing import Any
 from cheroot import connections
 
 from gateway import metrics
+from gateway.core.admission import SHUTTING_DOWN
+from gateway.core.errors import ErrorCode
 from gateway.rest.balance import MOVE_MARGIN, Balancer
 from gateway.rest.exchange import GatewayRequest
 from gateway.rest.socketfile import Connection
@@ -266,6 +268,19 @@ class Listening(connections.ConnectionManager):
             else:
                 conn.late = f"the request stopped arriving: nothing came for {server.timeout} s"
             server.process_conn(conn)
+
+    def close(self) -> None:
+        # The server stops. A connection whose request has begun to come, its head or body
+        # awaited here, is answered 503 shutting_down, unread, as the requests waiting for a
+        # thread are: closed unanswered with the rest, an upload under way when the gateway
+        # stopped saw its connection end, where a thread reading its body had answered it.
+        server = self.server
+        held = self._selector.connections  # type: ignore[attr-defined]
+        for fd, conn in [(fd, conn) for fd, conn in held if getattr(conn, "due", None)]:
+            self._selector.unregister(fd)  # type: ignore[attr-defined]
+            server.dispatcher.unpark(conn)
+            server.refuse(conn, ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN)
+        super().close()
 
     def _expire(self, threshold: float) -> None:
         # The loop calls this every 0.5 s or so whatever else happens, listener or not.

@@ -199,32 +199,37 @@ class HttpServer(wsgi.Server):
             if item is server._STOPPING_FOR_INTERRUPT:  # type: ignore[attr-defined]
                 return
             conn, error, message = item if isinstance(item, tuple) else (item, None, "")
-            try:
-                # The answer is a courtesy, and this thread answers every refusal: a client
-                # that does not read does not hold it.
-                set_send_timeout(conn.socket, REFUSAL_SEND_TIMEOUT)
-                if error is ErrorCode.CANCELLED or peer_closed(conn.socket):
-                    # Nobody to answer: counted as a client that left (499), as when a thread
-                    # finds one gone.
-                    record_gone(conn)
-                else:
-                    status = f"{error.http_status}" if error else "503 Service Unavailable"
-                    refusal = GatewayRequest(self, conn)
-                    refusal.unread = True
-                    refusal.simple_response(status, message, error)
-            except OSError:
-                pass  # the answer is a courtesy; the client may be gone
-            except Exception:
-                # This one thread answers every refused connection: it must outlive any of them.
-                log.exception("answering a refused connection failed")
-            # cheroot sets `linger` here, leaving the socket to the garbage collector: closed
-            # later with the request unread in it, it sends a reset, which destroyed the answer
-            # before the test's client read it. Closed now, with what has come of the request
-            # dropped first, it ends with a FIN after the answer.
-            if isinstance(conn.rfile, SocketReader):
-                conn.rfile.body_left = True
-            with contextlib.suppress(OSError):
-                conn.close()
+            self.refuse(conn, error, message)
+
+    def refuse(self, conn: Any, error: ErrorCode | None, message: str) -> None:
+        """Answer a connection's request unread (503 overloaded when `error` is None), then
+        close the connection."""
+        try:
+            # The answer is a courtesy, and one thread answers every refusal: a client that
+            # does not read does not hold it.
+            set_send_timeout(conn.socket, REFUSAL_SEND_TIMEOUT)
+            if error is ErrorCode.CANCELLED or peer_closed(conn.socket):
+                # Nobody to answer: counted as a client that left (499), as when a thread finds
+                # one gone.
+                record_gone(conn)
+            else:
+                status = f"{error.http_status}" if error else "503 Service Unavailable"
+                refusal = GatewayRequest(self, conn)
+                refusal.unread = True
+                refusal.simple_response(status, message, error)
+        except OSError:
+            pass  # the answer is a courtesy; the client may be gone
+        except Exception:
+            # The refusing thread answers every refused connection: it must outlive any of them.
+            log.exception("answering a refused connection failed")
+        # cheroot sets `linger` here, leaving the socket to the garbage collector: closed later
+        # with the request unread in it, it sends a reset, which destroyed the answer before the
+        # test's client read it. Closed now, with what has come of the request dropped first, it
+        # ends with a FIN after the answer.
+        if isinstance(conn.rfile, SocketReader):
+            conn.rfile.body_left = True
+        with contextlib.suppress(OSError):
+            conn.close()
 
 
 def build_http_server(
