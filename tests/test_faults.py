@@ -1375,6 +1375,35 @@ def test_clients_that_trickle_a_body_hold_no_http_thread() -> None:
         assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
 
 
+def test_clients_that_trickle_a_chunked_body_hold_no_http_thread() -> None:
+    # Its end is known only from its chunks: a thread reading it waited for each, so chunked
+    # uploads were the way to hold every thread once bodies of known length were awaited.
+    chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in (PNG[:5000], PNG[5000:]))
+    chunked += b"0\r\nX-Trailer: t\r\n\r\n"
+    head = (
+        b"POST /v1/models/shape/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    # Cut inside the first chunk's size line, inside its data, inside the last chunk's line,
+    # and before the trailer's end.
+    cuts = (1, 100, 5012, len(chunked) - 3)
+    with gated_gateway(http_threads=2) as gw, closing_all() as slow:
+        address = http_host_port(gw.http_url)
+        for cut in cuts:
+            slow.append(socket.create_connection(address, timeout=10))
+            send_and_see_read(slow[-1], head + chunked[:cut])
+        wait_for(lambda: gw.http.dispatcher.parked == 4, "all four wait in the selector")
+        assert gw.http.requests.idle == 2
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        for sock, cut in zip(slow, cuts, strict=True):
+            send_and_see_read(sock, chunked[cut:-1])
+            sock.sendall(chunked[-1:])
+            status, answer = _shape_answer(sock)
+            assert status == b"HTTP/1.1 200 OK", answer
+            assert answer["result"]["output"] == [128, 128, 3]
+        assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
+
+
 def test_a_kept_connection_whose_next_body_comes_in_part_holds_no_http_thread() -> None:
     # The next request on a kept connection, sent after the answer or pipelined behind the
     # request before it, was read by the thread that answered that one, which then waited for
@@ -2171,11 +2200,14 @@ def test_a_drain_ends_open_streams_with_shutting_down(caplog: pytest.LogCaptureF
     assert "busy-stream-1" not in records
 
 
-def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> None:
+def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The only thread holds an upload (not in the core, so the drain ends at once); requests
     # wait for it. Moved to the refusal thread as the server stopped, they were never answered:
-    # the client saw a reset. (A chunked body is read by a thread as it comes; one of known
-    # length would be awaited without a thread.)
+    # the client saw a reset. (Nothing of a body is awaited in the selector here: the thread
+    # reads it as it comes.)
+    monkeypatch.setattr(dispatch_module, "AWAITED_BYTES_MAX", 0)
     gw = start(
         Settings(
             http_port=0,
@@ -2191,7 +2223,7 @@ def test_requests_waiting_for_a_thread_when_the_server_stops_get_an_answer() -> 
     try:
         uploading.sendall(
             b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n186a0\r\n" + PNG[:100]
+            b"Content-Length: 100000\r\n\r\n" + PNG[:100]
         )
         time.sleep(0.2)  # the thread reads the body
         for _ in range(3):

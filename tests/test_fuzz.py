@@ -20,7 +20,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.core.decode import decode, probe
 from gateway.core.errors import GatewayError
 from gateway.core.types import ColorMode
-from gateway.rest.heads import head_readable
+from gateway.rest.heads import chunked_end, head_readable
 from tests.conftest import IMAGES
 from tests.hostile import file_part, multipart, text_part
 from tests.wire import send_and_see_read
@@ -292,3 +292,35 @@ def test_whether_a_head_can_be_read_is_found_from_where_the_last_look_ended(
     assume(_READABLE.search(data[:cut]) is None)
     assert head_readable(data, cut) is (_READABLE.search(data) is not None)
     assert head_readable(bytearray(data), cut) is (_READABLE.search(data) is not None)
+
+
+_chunked_bodies = st.builds(
+    lambda chunks, extension, trailers: (
+        b"".join(b"%x%s\r\n%s\r\n" % (len(c), extension, c) for c in chunks)
+        + b"0\r\n"
+        + b"".join(b"X-T%d: t\r\n" % i for i in range(trailers))
+        + b"\r\n"
+    ),
+    st.lists(st.binary(min_size=1, max_size=40), max_size=5),
+    st.sampled_from([b"", b";a=b", b" ; x"]),
+    st.integers(0, 2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_chunked_bodies, cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_the_end_of_a_chunked_body_is_found_however_it_arrives(
+    body: bytes, cuts: list[int]
+) -> None:
+    # The selector looks for where a chunked body ends each time more of it comes, from where
+    # its last look stopped: the end is found exactly when the whole body has come, never
+    # before (a thread would wait for the rest), and a look resumed gives what a look from the
+    # start gives.
+    at, total = 0, 0
+    for cut in [*sorted(c for c in cuts if c < len(body)), len(body)]:
+        ended, at, total = chunked_end(body[:cut], at, total, 1 << 20)
+        assert ended is (cut == len(body))
+        assert chunked_end(body[:cut], 0, 0, 1 << 20)[0] is ended
+    # Framing the reader refuses at once is handed to it at once, not awaited.
+    assert chunked_end(b"zz\r\n", 0, 0, 1 << 20)[0]
+    assert chunked_end(b"%x\r\n" % (2 << 20), 0, 0, 1 << 20)[0]

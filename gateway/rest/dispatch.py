@@ -188,7 +188,11 @@ class Dispatcher:
         # thread to read as it comes.
         with self._lock:
             room = AWAITED_BYTES_MAX - self._held + conn.held
-        if reader.gather(min(sum(lengths), max(room, reader.unread))):
+        # Looked at again once taken in: a chunked body's end is found in what was taken.
+        if (
+            reader.gather(min(sum(lengths), max(room, reader.unread)))
+            or body_missing(conn, start) is None
+        ):
             self._hold(conn, reader.unread)
             return False
         conn.body_in = reader.unread - lengths[0]

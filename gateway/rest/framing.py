@@ -36,10 +36,8 @@ from typing import Any
 from cheroot import server
 
 from gateway.core.errors import ErrorCode, GatewayError
+from gateway.rest.heads import MAX_LINE, MAX_TRAILERS
 
-# A chunk-size or trailer line; real ones are a few bytes.
-MAX_LINE = 4096
-MAX_TRAILERS = 64
 _HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 # name ":" value CRLF, the value without CR, LF or NUL (RFC 9110 5.5). No two parts of it can

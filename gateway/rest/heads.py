@@ -9,7 +9,7 @@ until then, the selector thread takes what arrives of it into the connection's r
 (gateway.rest.socketfile.SocketReader.gather_head) and the connection waits in the selector,
 as nginx waits for a whole head before it does anything with a request.
 
-The same goes for a body of known length that has not all come when its head has
+The same goes for a body, of known length or chunked, that has not all come when its head has
 (`awaited_body`): a thread reading it waited for each piece, so as many slow uploads as threads
 stopped every HTTP request of a worker for up to the request timeout. The selector takes it in
 instead, and the connection goes to a thread once the whole request is there, as nginx buffers
@@ -38,6 +38,11 @@ UNREADABLE = b"\0"
 PEEK_BYTES = 4096
 # The first byte of a TLS record carrying a handshake (a ClientHello, to a plain HTTP port).
 TLS_HANDSHAKE = b"\x16"
+# A chunk-size or trailer line (real ones are a few bytes), and the trailer lines a chunked body
+# may have: what the reader takes (gateway.rest.framing), and the selector's look at where one
+# ends.
+MAX_LINE = 4096
+MAX_TRAILERS = 64
 # How much of a body is awaited in the selector: a larger one goes to a thread once this much of
 # it has come. Most images are well under this (a 4000x3000 JPEG is 2-5 MB), and it is what the
 # selector holds at most for one request (a copy more for its thread to make).
@@ -83,45 +88,107 @@ def fields(start: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
     return found, bool(ended)
 
 
-def awaited_body(start: bytes, limit: int, token_needed: bool = False) -> tuple[int, int] | None:
-    """(the head's length, how much of the body to await: all of it, up to AWAITED_BODY_BYTES)
-    for a request whose body may be awaited in the selector: its head whole in `start`, its
-    body framed by one Content-Length of digits alone, at most `limit` (the app's: a body over
-    it is refused from its head at once, 413), and, with `token_needed`, an Authorization field
-    (without one it is refused from its head at once, 401, and a client that waits for that
-    before it sends its body must not wait for ever). None for anything else, which a thread
-    reads as it comes: no body, a chunked one (its length is not known), one the client sends
-    only once told to (Expect), and framing a thread refuses at once."""
+def awaited_body(
+    start: bytes, limit: int, token_needed: bool = False
+) -> tuple[int, int, bool] | None:
+    """(the head's length, how much of the body to await: all of it, up to AWAITED_BODY_BYTES,
+    and whether it is chunked) for a request whose body may be awaited in the selector: its
+    head whole in `start`, its body framed by one Content-Length of digits alone, at most
+    `limit` (the app's: a body over it is refused from its head at once, 413), or by
+    `Transfer-Encoding: chunked` alone in an HTTP/1.1 request (its end is found from its
+    chunks, `chunked_end`); and, with `token_needed`, an Authorization field (without one it is
+    refused from its head at once, 401, and a client that waits for that before it sends its
+    body must not wait for ever). None for anything else, which a thread reads as it comes: no
+    body, one the client sends only once told to (Expect), and framing a thread refuses at
+    once."""
     end = start.find(b"\r\n\r\n")
     if end < 0:
         return None
     found, _ = fields(start[: end + 4])
     lengths = [value for name, value in found if name == b"content-length"]
-    if len(lengths) != 1 or any(name in (b"transfer-encoding", b"expect") for name, _ in found):
+    codings = [value for name, value in found if name == b"transfer-encoding"]
+    if any(name == b"expect" for name, _ in found):
         return None
     if token_needed and all(name != b"authorization" for name, _ in found):
+        return None
+    if codings:
+        version = start[: start.find(b"\r\n")].rpartition(b" ")[2]
+        if lengths or codings != [b"chunked"] or version != b"HTTP/1.1":
+            return None
+        return end + 4, AWAITED_BODY_BYTES, True
+    if len(lengths) != 1:
         return None
     length = lengths[0]
     if not length.isdigit() or len(length) > 10 or not 0 < int(length) <= limit:
         return None
-    return end + 4, min(int(length), AWAITED_BODY_BYTES)
+    return end + 4, min(int(length), AWAITED_BODY_BYTES), False
+
+
+def chunked_end(data: bytes | bytearray, at: int, total: int, limit: int) -> tuple[bool, int, int]:
+    """Look through a chunked body in `data` from `at`, where a chunk-size line starts, `total`
+    bytes of chunk data before it: (whether a thread can read the body to its end without
+    waiting, where the next look starts, the chunk data before that). It can once the last
+    chunk and the trailer section have come, or once what came holds something the reader
+    refuses at once (gateway.rest.framing.ChunkedBody: a line over MAX_LINE, a size that is
+    not hex, more than MAX_TRAILERS trailer lines, data past `limit`). Each look starts where
+    the last stopped, at the first chunk not wholly come: a body trickled a byte at a time is
+    not looked through from its start for each byte."""
+    while True:
+        # A line is read with its CR LF in MAX_LINE bytes, or refused.
+        eol = data.find(b"\r\n", at, at + MAX_LINE)
+        if eol < 0:
+            return len(data) - at >= MAX_LINE, at, total
+        size = bytes(data[at:eol]).partition(b";")[0].rstrip(b" \t")
+        if not 0 < len(size) <= 16 or size.strip(b"0123456789abcdefABCDEF"):
+            return True, at, total
+        length = int(size, 16)
+        if total + length > limit:
+            return True, at, total
+        if length == 0:
+            line = eol + 2
+            for _ in range(MAX_TRAILERS + 1):
+                eol = data.find(b"\r\n", line, line + MAX_LINE)
+                if eol < 0:
+                    return len(data) - line >= MAX_LINE, at, total
+                if eol == line:
+                    return True, at, total
+                line = eol + 2
+            return True, at, total
+        if eol + 2 + length + 2 > len(data):
+            return False, at, total
+        at, total = eol + 2 + length + 2, total + length
 
 
 def body_missing(conn: Any, start: bytes) -> tuple[int, int] | None:
     """(the head's length, how much of the body to await) for the request that `start` begins,
     when its body may be awaited (`awaited_body`, up to the server's `max_awaited_body`) and
-    that much has not arrived, in the connection's reader and its socket together; None when a
-    thread may read the request now."""
-    unread = getattr(conn.rfile, "unread", None)  # not on a reader of cheroot's own (TLS)
+    that much has not arrived, in the connection's reader and its socket together, or, for a
+    chunked body, its end has not been taken in yet; None when a thread may read the request
+    now."""
+    reader = conn.rfile
+    unread = getattr(reader, "unread", None)  # not on a reader of cheroot's own (TLS)
     if unread is None:
         return None
     if b"\r\n\r\n" not in start:  # a head longer than the first look
         start = request_start(conn, MAX_HEADER_BYTES) or b""
     server = conn.server
-    lengths = awaited_body(start, server.max_awaited_body, server.token_needed)
-    if lengths is None or unread + socket_holds(conn.socket) >= sum(lengths):
+    awaited = awaited_body(start, server.max_awaited_body, server.token_needed)
+    if awaited is None:
         return None
-    return lengths
+    head, want, chunked = awaited
+    if not chunked:
+        return None if unread + socket_holds(conn.socket) >= head + want else (head, want)
+    # Where a chunked body ends is known only from its chunks, looked through once taken in
+    # (`gather`); a thread takes it once 8 MiB of it have come, as one of known length.
+    taken = reader.taken()
+    if taken is None or len(taken) <= head:
+        return head, want
+    key, at, total = reader.chunk_look
+    if key != reader.bytes_read:  # the look of an earlier request on the connection
+        at, total = head, 0
+    ended, at, total = chunked_end(taken, at, total, server.max_body)
+    reader.chunk_look = (reader.bytes_read, at, total)
+    return None if ended else (head, want)
 
 
 def socket_holds(sock: socket.socket) -> int:

@@ -232,6 +232,17 @@ class SocketReader(io.BufferedReader):
         """Whether bytes received from the socket wait in the buffer, unread."""
         return self._socket_io.received > self.bytes_read
 
+    # Where the last look for the end of a chunked body awaited in the selector stopped
+    # (gateway.rest.heads.chunked_end): the stream position of its request's start, the offset
+    # from there of the chunk looked at, and the chunk data before it.
+    chunk_look = (-1, 0, 0)
+
+    def taken(self) -> bytearray | None:
+        """The unread bytes, when all of them have been taken in early (`gather`): the bytes of
+        the request due, from its start."""
+        io_ = self._socket_io
+        return io_.early if io_.received - self.bytes_read == len(io_.early) else None
+
     @property
     def unread(self) -> int:
         """Bytes received from the socket and not yet read: in the buffer, and taken early."""
