@@ -78,6 +78,12 @@ HTTP_ARRIVING_BODY_BYTES = Gauge(
     "a second).",
     multiprocess_mode="livesum",
 )
+HTTP_BODY_READING_THREADS = Gauge(
+    "gateway_http_body_reading_threads",
+    "HTTP threads reading a request body that had not all arrived when they took the request "
+    "(Expect: 100-continue, chunked, past what the selector holds; sampled twice a second).",
+    multiprocess_mode="livesum",
+)
 DECODE_SECONDS = Histogram("gateway_decode_seconds", "Time to decode one image.", buckets=_LATENCY)
 IMAGE_BYTES = Histogram(
     "gateway_image_bytes",

@@ -1507,6 +1507,93 @@ def test_a_large_body_goes_to_a_thread_once_the_part_awaited_has_come(
         assert answer["result"]["output"] == [256, 256, 3]
 
 
+def body_reading_threads(http_url: str) -> float:
+    text = requests.get(f"{http_url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "gateway_http_body_reading_threads":
+                return float(sample.value)
+    return -1.0
+
+
+def test_expect_is_refused_while_all_http_threads_but_one_read_arriving_bodies() -> None:
+    # A body sent only once the client is told to (Expect: 100-continue) is read by a thread as
+    # it comes: as many clients as threads, each trickling its body once told, held every HTTP
+    # thread of the worker for up to the request timeout. Past all threads but one, such a
+    # client is refused before it sends its body, so nothing of it is lost.
+    expect = _octet_head("shape", len(PNG), b"Expect: 100-continue\r\n")
+    with gated_gateway(http_threads=2) as gw, closing_all() as clients:
+        address = http_host_port(gw.http_url)
+        clients += [socket.create_connection(address, timeout=10) for _ in range(3)]
+        trickling, refused, later = clients
+        trickling.sendall(expect)
+        assert first_answer(trickling)[0] == 100
+        send_and_see_read(trickling, PNG[:1000])
+
+        refused.sendall(expect)
+        status, headers, answer = first_answer(refused)
+        assert status == 503, answer
+        assert answer["error"]["code"] == "overloaded"
+        assert "1 of this worker's 2 HTTP threads" in answer["error"]["message"]
+        assert (headers["Retry-After"], headers["Connection"]) == ("1", "close")
+        assert _until_closed(refused) == b""
+
+        # A request that has come whole still has its thread.
+        assert post_octet(gw.http_url, "shape", PNG).json()["result"]["output"] == [128, 128, 3]
+        wait_for(lambda: body_reading_threads(gw.http_url) == 1, "the metrics show the one")
+
+        trickling.sendall(PNG[1000:])
+        status, _, answer = first_answer(trickling)
+        assert status == 200, answer
+        assert answer["result"]["output"] == [128, 128, 3]
+
+        later.sendall(expect)
+        assert first_answer(later)[0] == 100
+        later.sendall(PNG)
+        status, _, answer = first_answer(later)
+        assert status == 200, answer
+        assert gw.http.body_readers.count == 0
+
+
+def test_threads_reading_arriving_bodies_are_counted_until_their_request_ends() -> None:
+    # Counted too long, the threads would refuse clients waiting for 100 Continue for ever.
+    expect = _octet_head("shape", len(PNG), b"Expect: 100-continue\r\n")
+    chunked = (
+        b"POST /v1/models/shape/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    with gated_gateway(http_threads=2, request_timeout=1.0) as gw, closing_all() as clients:
+        address = http_host_port(gw.http_url)
+        readers = gw.http.body_readers
+        # A body that has all come is not counted.
+        assert post_octet(gw.http_url, "shape", PNG).status_code == 200
+        assert readers.count == 0
+        # A client that leaves inside its body.
+        clients.append(socket.create_connection(address, timeout=10))
+        clients[-1].sendall(expect)
+        assert first_answer(clients[-1])[0] == 100
+        assert readers.count == 1
+        send_and_see_read(clients[-1], PNG[:1000])
+        clients[-1].close()
+        wait_for(lambda: readers.count == 0, "the one that left is no longer counted")
+        # One whose body is cut off at the request timeout.
+        clients.append(socket.create_connection(address, timeout=10))
+        clients[-1].sendall(expect)
+        assert first_answer(clients[-1])[0] == 100
+        send_and_see_read(clients[-1], PNG[:1000])
+        status, _, answer = first_answer(clients[-1])
+        assert status == 408, answer
+        wait_for(lambda: readers.count == 0, "the one cut off is no longer counted")
+        # A chunked body is counted while its thread waits for it, and no longer once it ends.
+        clients.append(socket.create_connection(address, timeout=10))
+        send_and_see_read(clients[-1], chunked + b"%x\r\n" % len(PNG) + PNG[:1000])
+        wait_for(lambda: readers.count == 1, "the thread waiting for the chunk is counted")
+        clients[-1].sendall(PNG[1000:] + b"\r\n0\r\n\r\n")
+        status, _, answer = first_answer(clients[-1])
+        assert status == 200, answer
+        assert readers.count == 0
+
+
 @pytest.mark.parametrize("ending", ["retire", "stop"])
 def test_a_body_arriving_when_a_worker_ends_is_read_whole_and_answered(
     monkeypatch: pytest.MonkeyPatch, ending: str

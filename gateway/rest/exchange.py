@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import re
+import threading
 from http import HTTPStatus
 from typing import Any
 
@@ -28,7 +29,7 @@ from gateway.rest.framing import (
     request_line_error,
     unsupported_coding,
 )
-from gateway.rest.heads import MAX_HEADER_BYTES, TLS_HANDSHAKE, request_start
+from gateway.rest.heads import MAX_HEADER_BYTES, TLS_HANDSHAKE, request_start, socket_holds
 from gateway.rest.responses import EXPOSED_HEADERS, SERVER_METHODS, error_headers, error_json
 from gateway.rest.socketfile import KnownLengthBody, SocketReader, peer_closed
 from gateway.rest.watchdog import Watchdog
@@ -72,6 +73,9 @@ def gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
                 req.rfile = ChunkedBody(req.rfile.rfile, req.server.max_body)
             if req.continue_owed:
                 req.rfile.before_first_read = req.send_continue
+            req.rfile.after_last_read = req.body_read
+            if isinstance(req.conn.rfile, SocketReader):
+                req.conn.rfile.before_waiting(req.body_awaited)
             env: dict[str, Any] = super().get_environ()  # type: ignore[no-untyped-call]
             env[CLIENT_GONE_KEY] = functools.partial(peer_closed, req.conn.socket)
             # Once: a next request on the connection, read by the same thread, was not queued.
@@ -113,6 +117,40 @@ def gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
     return WatchedGateway
 
 
+class BodyReaders:
+    """The HTTP threads of a server reading a request body that had not all come when they
+    took the request: one sent only once the client is told to (Expect: 100-continue), a
+    chunked one, or one arriving past what the selector holds (gateway.rest.heads). Each holds
+    its thread for as long as its client takes to send the body, up to the request timeout, so
+    clients that trickle such bodies could take every thread. A client that waits to be told
+    to send its body costs nothing yet, and is refused (`overloaded`) instead of told, once
+    `most` threads read bodies so: the rest are left to requests that have come whole."""
+
+    def __init__(self, threads: int) -> None:
+        # One thread at least: with one in all, none can be left free, and every client that
+        # asks first (curl does, for large bodies) would be refused.
+        self.most = max(threads - 1, 1)
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def take(self, refusable: bool = False) -> bool:
+        """Count one more; with `refusable`, not past `most`: whether it is counted."""
+        with self._lock:
+            if refusable and self._count >= self.most:
+                return False
+            self._count += 1
+            return True
+
+    def drop(self) -> None:
+        with self._lock:
+            self._count -= 1
+
+
 class GatewayRequest(server.HTTPRequest):
     """cheroot's request, whose own error answers are JSON errors from the table, each with a
     request id, an access record and a count in the metrics. The connection ends with them.
@@ -125,6 +163,31 @@ class GatewayRequest(server.HTTPRequest):
     # Set while the request line and headers are read, and once the watchdog has cut them off.
     reading_head = False
     head_cut = False
+    # Counted among the server's BodyReaders: its body is read as it arrives.
+    awaiting_body = False
+
+    def respond(self) -> None:
+        try:
+            super().respond()
+        finally:
+            # Whatever ended the request (an answer, an error, the client gone, the watchdog's
+            # cut), and before its thread takes the connection's next request or hands it on.
+            self.body_read()
+
+    def body_awaited(self) -> None:
+        """The thread is about to wait for more of the body (from the reader, once)."""
+        if not self.awaiting_body:
+            self.server.body_readers.take()
+            self.awaiting_body = True
+
+    def body_read(self) -> None:
+        """The body has all been read, or the request has ended."""
+        reader = self.conn.rfile
+        if isinstance(reader, SocketReader):
+            reader.before_waiting(None)
+        if self.awaiting_body:
+            self.awaiting_body = False
+            self.server.body_readers.drop()
 
     def parse_request(self) -> None:
         watchdog = self.server.watchdog
@@ -149,9 +212,27 @@ class GatewayRequest(server.HTTPRequest):
         return headers
 
     def send_continue(self) -> None:
-        if self.continue_owed:
-            self.continue_owed = False
-            self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
+        if not self.continue_owed:
+            return
+        reader = self.conn.rfile
+        # A client that has begun its body without waiting to be told (curl waits 1 s) is read
+        # as any other, and counted once its thread has to wait for the rest.
+        waits = not isinstance(reader, SocketReader) or not (
+            reader.unread or socket_holds(self.conn.socket)
+        )
+        if waits and not self.awaiting_body:
+            readers = self.server.body_readers
+            if not readers.take(refusable=True):
+                # The client has not sent its body: refused now, it never does, and the
+                # connection closes after the answer (send_headers) with nothing to read out.
+                raise GatewayError(
+                    ErrorCode.OVERLOADED,
+                    f"{readers.count} of this worker's {readers.threads} HTTP threads are "
+                    "reading request bodies as they arrive, as many as it lets; retry later",
+                )
+            self.awaiting_body = True
+        self.continue_owed = False
+        self.conn.wfile.write(f"{self.server.protocol} 100 Continue\r\n\r\n".encode())
 
     def read_request_line(self) -> bool:
         if not self._read_request_line():

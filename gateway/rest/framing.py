@@ -165,8 +165,9 @@ class ChunkedBody(io.RawIOBase):
         self._chunk_ended = True  # the CRLF after a chunk's data has been read
         self.finished = False
         self.bytes_read = 0  # of data, chunk framing left out
-        # Called once, before the first read (to send 100 Continue).
+        # Called once, before the first read (to send 100 Continue), and once the body has ended.
         self.before_first_read: Callable[[], None] | None = None
+        self.after_last_read: Callable[[], None] | None = None
 
     def readable(self) -> bool:
         return True
@@ -198,6 +199,9 @@ class ChunkedBody(io.RawIOBase):
             if self._left == 0:
                 self._read_trailers()
                 self.finished = True
+                if self.after_last_read is not None:
+                    self.after_last_read()
+                    self.after_last_read = None
                 return 0
             self._chunk_ended = False
         n = int(self._rfile.readinto(view[: self._left]))

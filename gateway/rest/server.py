@@ -22,7 +22,7 @@ from gateway.core.admission import THREAD_QUEUE, waiting_verdict
 from gateway.core.errors import ErrorCode
 from gateway.rest.balance import Balancer, Place
 from gateway.rest.dispatch import Dispatcher
-from gateway.rest.exchange import GatewayRequest, gateway_with, record_gone
+from gateway.rest.exchange import BodyReaders, GatewayRequest, gateway_with, record_gone
 from gateway.rest.heads import MAX_HEADER_BYTES
 from gateway.rest.linger import Lingerer
 from gateway.rest.listening import Handed, HttpConnection, Listening
@@ -72,6 +72,7 @@ class HttpServer(wsgi.Server):
         self.gateway = gateway_with(self.watchdog)
         self.dispatcher = Dispatcher(self)
         self.lingerer = Lingerer()
+        self.body_readers = BodyReaders(self.requests.min)
 
     def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
         # cheroot writes these to stderr as they are; as log lines they have a time, a level
@@ -187,6 +188,7 @@ class HttpServer(wsgi.Server):
         for what, count in self.dispatcher.waiting_for().items():
             metrics.HTTP_ARRIVING.labels(what).set(count)
         metrics.HTTP_ARRIVING_BODY_BYTES.set(self.dispatcher.held)
+        metrics.HTTP_BODY_READING_THREADS.set(self.body_readers.count)
         for item in taken:
             self._unservicable_conns.put(item)  # type: ignore[attr-defined]
 

@@ -35,7 +35,13 @@ from typing import Any, Literal
 from cheroot import makefile as cheroot_makefile
 from cheroot import server
 
-from gateway.rest.heads import UNREADABLE, body_missing, head_readable, request_start
+from gateway.rest.heads import (
+    UNREADABLE,
+    body_missing,
+    head_readable,
+    request_start,
+    socket_holds,
+)
 
 # How long a worker thread waits on a keep-alive connection it has just answered for that
 # client's next request, before handing the connection back to the selector thread.
@@ -78,6 +84,9 @@ class _SocketIO(socket.SocketIO):
     # Set when the server ends the input of a client too slow to send its request (`cut`): the
     # end of input that follows is that timeout, not the client's close.
     cut = False
+    # Called once, before the first read that finds nothing on the socket, while a thread
+    # reads a request's body (`SocketReader.before_waiting`).
+    before_wait: Callable[[], None] | None = None
 
     def __init__(self, sock: socket.socket, mode: Literal["rb", "wb"]) -> None:
         super().__init__(sock, mode)
@@ -95,6 +104,9 @@ class _SocketIO(socket.SocketIO):
                 memoryview(b).cast("B")[:n] = taken[:n]
             del early[:n]
             return n
+        if self.before_wait is not None and not socket_holds(self._socket):
+            hook, self.before_wait = self.before_wait, None
+            hook()
         got = super().readinto(b)
         if got is None or (got == 0 and self.cut):
             raise TimeoutError("timed out")
@@ -151,6 +163,12 @@ class SocketReader(io.BufferedReader):
     @property
     def was_cut(self) -> bool:
         return self._socket_io.cut
+
+    def before_waiting(self, hook: Callable[[], None] | None) -> None:
+        """Have `hook` called once, before the first read from here on that finds nothing
+        arrived and waits for the client (None: no longer). A body that has all come when its
+        thread reads it never calls it."""
+        self._socket_io.before_wait = hook
 
     def drop_arrived(self) -> bool:
         """When a body is left unread (`body_left`), end the sending side (the answer is whole)
@@ -287,8 +305,9 @@ class KnownLengthBody(server.KnownLengthRFile):
     bytearray and that into another bytes object, and the caller copies it once more into its
     buffer. With it, the body goes from the socket straight into the caller's buffer."""
 
-    # Called once, before the first read (to send 100 Continue).
+    # Called once, before the first read (to send 100 Continue), and once the last byte is read.
     before_first_read: Callable[[], None] | None = None
+    after_last_read: Callable[[], None] | None = None
     # Body bytes read so far (the access record's bytes_in).
     bytes_read = 0
 
@@ -305,6 +324,9 @@ class KnownLengthBody(server.KnownLengthRFile):
         n = int(read(view))
         self.remaining -= n
         self.bytes_read += n
+        if not self.remaining and self.after_last_read is not None:
+            self.after_last_read()
+            self.after_last_read = None
         return n
 
     def discard(self) -> None:
