@@ -119,8 +119,8 @@ def gateway_with(watchdog: Watchdog) -> type[wsgi.Gateway_10]:
 
 class BodyReaders:
     """The HTTP threads of a server reading a request body that had not all come when they
-    took the request: one sent only once the client is told to (Expect: 100-continue), a
-    chunked one, or one arriving past what the selector holds (gateway.rest.heads). Each holds
+    took the request: one sent only once the client is told to (Expect: 100-continue), or one
+    arriving past what the selector holds (gateway.rest.heads). Each holds
     its thread for as long as its client takes to send the body, up to the request timeout, so
     clients that trickle such bodies could take every thread. A client that waits to be told
     to send its body costs nothing yet, and is refused (`overloaded`) instead of told, once
