@@ -19,28 +19,31 @@ def http_host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def tcp_queues(sock: socket.socket) -> tuple[int | None, int | None]:
+    """(bytes `sock` sent that the server on this machine has not acknowledged, bytes of them it
+    has acknowledged and not read from its socket yet), as the kernel's own queues tell
+    (/proc/net/tcp); None for a side not found."""
+    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
+    unacked = unread = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+            tx_queue, rx_queue = (int(q, 16) for q in fields[4].split(":"))
+            if (local, remote) == (ours, theirs):
+                unacked = tx_queue
+            elif (local, remote) == (theirs, ours):
+                unread = rx_queue
+    return unacked, unread
+
+
 def send_and_see_read(sock: socket.socket, data: bytes) -> None:
     """Send `data` to a server on this machine, and return once the server has read all of it
     from its socket: whatever is sent next reaches it in a later read. The kernel's own queues
-    tell (/proc/net/tcp): nothing of ours waits for the server's acknowledgement, and nothing
+    tell (`tcp_queues`): nothing of ours waits for the server's acknowledgement, and nothing
     waits in the server's receive queue."""
     sock.sendall(data)
-    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
-
-    def read_by_server() -> bool:
-        unacked = unread = None
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-                tx_queue, rx_queue = (int(q, 16) for q in fields[4].split(":"))
-                if (local, remote) == (ours, theirs):
-                    unacked = tx_queue
-                elif (local, remote) == (theirs, ours):
-                    unread = rx_queue
-        return unacked == 0 and unread == 0
-
-    wait_for(read_by_server, f"the server reading the {len(data)} bytes sent")
+    wait_for(lambda: tcp_queues(sock) == (0, 0), f"the server reading the {len(data)} bytes sent")
 
 
 def post_octet(http_url: str, model: str, data: bytes, **kw: Any) -> requests.Response:
