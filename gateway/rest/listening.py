@@ -258,15 +258,12 @@ class Listening(connections.ConnectionManager):
         ]
         for fd, conn in late:
             self._selector.unregister(fd)  # type: ignore[attr-defined]
-            if conn.awaiting == "head":
-                conn.late = (
-                    "the request line and headers did not arrive within "
-                    f"{server.watchdog.head_limit:g} s"
-                )
-            elif conn.due <= now:
+            if conn.awaiting == "body" and conn.due <= now:
                 conn.late = f"the request body did not arrive within {server.request_timeout:g} s"
             else:
-                conn.late = f"the request stopped arriving: nothing came for {server.timeout} s"
+                # A head out of time, or a body of which nothing came for the read timeout: the
+                # refusal's own message says which (GatewayRequest.simple_response).
+                conn.late = ""
             server.process_conn(conn)
 
     def close(self) -> None:

@@ -218,6 +218,8 @@ class HttpServer(wsgi.Server):
                 status = f"{error.http_status}" if error else "503 Service Unavailable"
                 refusal = GatewayRequest(self, conn)
                 refusal.unread = True
+                # A head whose time ran out in the selector (gateway.rest.listening).
+                refusal.head_cut = conn.awaiting == "head"
                 refusal.simple_response(status, message, error)
         except OSError:
             pass  # the answer is a courtesy; the client may be gone

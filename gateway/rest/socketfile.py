@@ -236,19 +236,19 @@ class SocketReader(io.BufferedReader):
         fill the buffer from them, and `gather` put those back in front of the rest: each time
         more of a body awaited in the selector came, all it held was moved (330 us a byte sent
         with 8 MB held, the selector's time and the GIL's)."""
-        io_ = self._socket_io
-        early = io_.early
-        if early and io_.received - self.bytes_read == len(early):
-            with memoryview(early) as view:
+        taken = self.taken()
+        if taken:
+            with memoryview(taken) as view:
                 return bytes(view[: max(size, 1)])
         data = super().peek(size)
+        early = self._socket_io.early
         if early and len(data) < size:
             data += bytes(early[: size - len(data)])
         return data
 
     def has_data(self) -> bool:
         """Whether bytes received from the socket wait in the buffer, unread."""
-        return self._socket_io.received > self.bytes_read
+        return self.unread > 0
 
     # Where the last look for the end of a chunked body awaited in the selector stopped
     # (gateway.rest.heads.chunked_end): the stream position of its request's start, the offset
@@ -453,8 +453,8 @@ class Connection(server.HTTPConnection):
     # it be answered unread).
     held = 0
     body_in = 0
-    # Why its request is answered 408, unread: its head's or body's time ran out before it had
-    # all come.
+    # Set when its request is answered 408, unread, its head's or body's time having run out
+    # before it had all come: the answer's message, or "" for the refusal's own.
     late: str | None = None
     # Ended to make room for newer parked connections (gateway.rest.dispatch): closed, unread,
     # once the selector hands it over.
