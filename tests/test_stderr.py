@@ -4,6 +4,7 @@ workers, however the process that wrote it ends, and what Python writes on its o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -18,7 +19,7 @@ import sys
 import termios
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -416,17 +417,16 @@ def _fill_stderr(url: str) -> None:
             assert said.status_code == 200, said.text
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_log_reader_that_stalls_stops_neither_serving_nor_stopping(workers: str) -> None:
-    # A pipe whose reader stalls (a log collector that stopped reading, `| less` left paused)
-    # took the log's writes until it held 64 KiB, and then kept every writer waiting: a request
-    # whose native code wrote to stderr, one whose model failed (its traceback is logged), and
-    # the stop signal's own log line, which came before the stop. The gateway answered nobody
-    # and stopped only when killed.
-    flags = ["--model", "shape", "--model", "tests.models:native_writer"]
+@contextlib.contextmanager
+def _gateway_on_a_stalled_pipe(
+    workers: str, *flags: str
+) -> Iterator[tuple[subprocess.Popen[bytes], _StalledReader, re.Match[str]]]:
+    """A gateway whose stderr is a pipe the test reads only when it says (`_StalledReader`),
+    serving: the process, the reader, and the match of its ready line (HTTP URL, gRPC
+    target). Killed on the way out if it has not stopped."""
     proc = subprocess.Popen(
         [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
-         "--workers", workers, *flags, "--model", "tests.models:untidy"],
+         "--workers", workers, *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -435,6 +435,25 @@ def test_a_log_reader_that_stalls_stops_neither_serving_nor_stopping(workers: st
         reader.read_until(lambda text: READY.search(text) is not None, "the gateway serves")
         ready = READY.search(reader.text)
         assert ready is not None, reader.text
+        yield proc, reader, ready
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_log_reader_that_stalls_stops_neither_serving_nor_stopping(workers: str) -> None:
+    # A pipe whose reader stalls (a log collector that stopped reading, `| less` left paused)
+    # took the log's writes until it held 64 KiB, and then kept every writer waiting: a request
+    # whose native code wrote to stderr, one whose model failed (its traceback is logged), and
+    # the stop signal's own log line, which came before the stop. The gateway answered nobody
+    # and stopped only when killed.
+    models = ("shape", "tests.models:native_writer", "tests.models:untidy")
+    flags = [flag for model in models for flag in ("--model", model)]
+    with _gateway_on_a_stalled_pipe(workers, *flags) as (proc, reader, ready):
         url, target = ready.group(1), ready.group(2)
         _fill_stderr(url)
         assert reader.unread() > 32 * 1024
@@ -475,12 +494,6 @@ def test_a_log_reader_that_stalls_stops_neither_serving_nor_stopping(workers: st
         assert proc.wait(timeout=30) == 0
         # Its relays end once their lines are written, or when they give them up.
         reader.read_until(lambda _: False, "the end of stderr")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
     dropped = re.findall(
         NATIVE + r"(\d+) log lines dropped while stderr took none$", reader.text, re.M
     )
@@ -500,17 +513,7 @@ def test_signals_are_acted_on_while_stderr_takes_nothing(workers: str) -> None:
     # all the same, but the line that a signal was received waited for the reader, before the
     # reload or the stop: the workers were never replaced, and the gateway stopped only when
     # killed.
-    proc = subprocess.Popen(
-        [str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0",
-         "--workers", workers],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )  # fmt: skip
-    reader = _StalledReader(proc)
-    try:
-        reader.read_until(lambda text: READY.search(text) is not None, "the gateway serves")
-        ready = READY.search(reader.text)
-        assert ready is not None, reader.text
+    with _gateway_on_a_stalled_pipe(workers) as (proc, reader, ready):
         png = Path(FILES[1]).read_bytes()
         with requests.Session() as session:
 
@@ -537,9 +540,3 @@ def test_signals_are_acted_on_while_stderr_takes_nothing(workers: str) -> None:
                 assert all(answered() for _ in range(10))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
