@@ -134,6 +134,33 @@ def worker_started(replacing: str) -> None:
         WORKER_REPLACEMENTS.labels(replacing).inc()
 
 
+class SampledShare:
+    """One server's part of a gauge its sweep samples (`WAITING_FOR_THREAD` and the HTTP
+    arriving gauges): each sample moves the gauge by what changed since the last, so the gauge
+    is the sum over the process's servers. Set outright, two servers in one process (a test's
+    gateway beside another) overwrote each other's samples, and the gauge showed whichever
+    swept last. `clear` takes the share out for good as its server stops."""
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._gauge = gauge
+        self._value = 0.0
+        self._cleared = False
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            if self._cleared:
+                return  # a last sweep, running as the server stopped
+            change, self._value = value - self._value, value
+            if change:
+                self._gauge.inc(change)
+
+    def clear(self) -> None:
+        self.set(0)
+        with self._lock:
+            self._cleared = True
+
+
 # Request threads do not update the metrics themselves. Every prometheus-client update takes a
 # lock (in multiprocess mode one lock for the whole process), and with a dozen request threads
 # and cv2.imdecode releasing the GIL those locks convoy: on a 64x64 PNG over gRPC they cost more

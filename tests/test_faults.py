@@ -1382,6 +1382,35 @@ def test_clients_that_trickle_a_body_hold_no_http_thread() -> None:
         assert (gw.http.dispatcher.parked, gw.http.dispatcher.held) == (0, 0)
 
 
+def test_the_sampled_gauges_of_two_gateways_in_one_process_add_up() -> None:
+    # Each server's sweep set the process's gauge outright, so one gateway's sample overwrote
+    # another's: a test's gateway read 0 requests waiting whenever a second one (the session's)
+    # had swept last. Each now moves the gauge by its own change, and takes its part out as it
+    # stops.
+    head = b"POST /v1/models/shape/infer HTTP/1.1\r\nHost: x\r\n"
+    first = start(Settings(http_port=0, grpc_port=0))
+    try:
+        with closing_all() as slow:
+            second = start(Settings(http_port=0, grpc_port=0, shutdown_grace=1.0))
+            try:
+                with closing_all() as slow_second:
+                    for gw, held, count in ((first, slow, 1), (second, slow_second, 2)):
+                        for _ in range(count):
+                            held.append(socket.create_connection(http_host_port(gw.http_url)))
+                            send_and_see_read(held[-1], head)
+                    wait_for(
+                        lambda: arriving(first.http_url)[0].get("head") == 3, "the heads, summed"
+                    )
+                    for _ in range(4):  # past both servers' next sweeps
+                        time.sleep(0.3)
+                        assert arriving(second.http_url)[0].get("head") == 3
+            finally:
+                second.stop()
+            wait_for(lambda: arriving(first.http_url)[0].get("head") == 1, "the first's head alone")
+    finally:
+        first.stop()
+
+
 def test_clients_that_trickle_a_chunked_body_hold_no_http_thread() -> None:
     # Its end is known only from its chunks: a thread reading it waited for each, so chunked
     # uploads were the way to hold every thread once bodies of known length were awaited.

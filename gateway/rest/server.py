@@ -73,6 +73,15 @@ class HttpServer(wsgi.Server):
         self.dispatcher = Dispatcher(self)
         self.lingerer = Lingerer()
         self.body_readers = BodyReaders(self.requests.min)
+        # This server's parts of the gauges the sweep samples.
+        self._shares = {
+            "waiting": metrics.SampledShare(metrics.WAITING_FOR_THREAD.labels("http")),
+            "held": metrics.SampledShare(metrics.HTTP_ARRIVING_BODY_BYTES),
+            "body_readers": metrics.SampledShare(metrics.HTTP_BODY_READING_THREADS),
+        } | {
+            what: metrics.SampledShare(metrics.HTTP_ARRIVING.labels(what))
+            for what in ("request", "head", "body")
+        }
 
     def error_log(self, msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
         # cheroot writes these to stderr as they are; as log lines they have a time, a level
@@ -121,6 +130,8 @@ class HttpServer(wsgi.Server):
             super().stop()
         finally:
             self.watchdog.stop()
+            for share in self._shares.values():
+                share.clear()
             self.dispatcher.stop()
             self.lingerer.stop()
             # Refusals put after the refusal thread's stop signal (a sweep that began as the
@@ -184,11 +195,11 @@ class HttpServer(wsgi.Server):
                     taken.append(item)
             if taken:
                 waiting.not_full.notify(len(taken))
-        metrics.WAITING_FOR_THREAD.labels("http").set(self.requests.qsize)
+        self._shares["waiting"].set(self.requests.qsize)
         for what, count in self.dispatcher.waiting_for().items():
-            metrics.HTTP_ARRIVING.labels(what).set(count)
-        metrics.HTTP_ARRIVING_BODY_BYTES.set(self.dispatcher.held)
-        metrics.HTTP_BODY_READING_THREADS.set(self.body_readers.count)
+            self._shares[what].set(count)
+        self._shares["held"].set(self.dispatcher.held)
+        self._shares["body_readers"].set(self.body_readers.count)
         for item in taken:
             self._unservicable_conns.put(item)  # type: ignore[attr-defined]
 

@@ -200,6 +200,7 @@ class WatchedPool(ThreadPoolExecutor):
         # id(call state) -> the health check, while its message is read, oldest first.
         self._probe_reads: dict[int, _Call] = {}
         self._stopped = threading.Event()
+        self._waiting_share = metrics.SampledShare(metrics.WAITING_FOR_THREAD.labels("grpc"))
         # The watcher holds the pool weakly: a pool nobody uses any more is collected, and its
         # threads end, as a plain ThreadPoolExecutor's do.
         threading.Thread(
@@ -406,13 +407,14 @@ class WatchedPool(ThreadPoolExecutor):
             )
             answered = self._probes.submit(call.fn, *call.args_with(refuse), **call.kwargs)
             answered.add_done_callback(functools.partial(self._after_refusal, call))
-        metrics.WAITING_FOR_THREAD.labels("grpc").set(len(self._queued))
+        self._waiting_share.set(len(self._queued))
 
     def _after_refusal(self, call: _Call, _answered: Future[Any]) -> None:
         self._finish(call)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._stopped.set()
+        self._waiting_share.clear()
         for pool in (self._streams, self._probes):
             pool.shutdown(wait, cancel_futures=cancel_futures)
         super().shutdown(wait, cancel_futures=cancel_futures)
