@@ -201,6 +201,9 @@ class WatchedPool(ThreadPoolExecutor):
         self._probe_reads: dict[int, _Call] = {}
         self._stopped = threading.Event()
         self._waiting_share = metrics.SampledShare(metrics.WAITING_FOR_THREAD.labels("grpc"))
+        # Its part of the gauge goes with the pool: at its shutdown, or once it is collected
+        # without one (a server built and dropped).
+        self._clear_share = weakref.finalize(self, self._waiting_share.clear)
         # The watcher holds the pool weakly: a pool nobody uses any more is collected, and its
         # threads end, as a plain ThreadPoolExecutor's do.
         threading.Thread(
@@ -414,7 +417,7 @@ class WatchedPool(ThreadPoolExecutor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         self._stopped.set()
-        self._waiting_share.clear()
+        self._clear_share()
         for pool in (self._streams, self._probes):
             pool.shutdown(wait, cancel_futures=cancel_futures)
         super().shutdown(wait, cancel_futures=cancel_futures)
