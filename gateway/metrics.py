@@ -149,16 +149,18 @@ class SampledShare:
 
     def set(self, value: float) -> None:
         with self._lock:
-            if self._cleared:
-                return  # a last sweep, running as the server stopped
-            change, self._value = value - self._value, value
-            if change:
-                self._gauge.inc(change)
+            if not self._cleared:  # else a last sweep, running as the server stopped
+                self._move_to(value)
 
     def clear(self) -> None:
-        self.set(0)
         with self._lock:
+            self._move_to(0.0)
             self._cleared = True
+
+    def _move_to(self, value: float) -> None:
+        change, self._value = value - self._value, value
+        if change:
+            self._gauge.inc(change)
 
 
 # Request threads do not update the metrics themselves. Every prometheus-client update takes a
