@@ -15,11 +15,13 @@ import grpc
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.config import Settings
+from gateway.metrics import SampledShare
 from gateway.serve import Gateway, start
 from tests.bombs import bomb
 from tests.conftest import DATA, wait_for
@@ -382,3 +384,18 @@ def test_grpc_health_checks_are_counted_as_http_probes_are(
         ("grpc", "invalid_request"): 1,
         ("grpc", "not_found"): 2,
     }
+
+
+def test_sampled_shares_of_one_gauge_add_up_and_leave_with_their_server() -> None:
+    registry = CollectorRegistry()
+    gauge = Gauge("shared", "a gauge two servers sample", registry=registry)
+    first, second = SampledShare(gauge), SampledShare(gauge)
+    first.set(2)
+    second.set(5)
+    first.set(3)  # each sample moves the gauge by its own change only
+    assert registry.get_sample_value("shared") == 8
+    second.clear()
+    second.set(7)  # a sweep after its server stopped
+    assert registry.get_sample_value("shared") == 3
+    first.set(0)
+    assert registry.get_sample_value("shared") == 0
