@@ -672,8 +672,12 @@ def test_a_worker_stopped_before_a_reload_retires_it_is_killed_when_not_heard_fr
     # Once told to retire, a worker was no longer watched: one stopped then kept its listeners
     # (the kernel handing it new connections, whose clients waited) for its whole grace and
     # 10 s more, and the reload waited as long.
-    with gateway_of_two(tmp_path, "--request-timeout", "1", "--shutdown-grace", "60") as s:
-        stopped = spawned(s.proc.pid)[1]
+    # The first place's worker, which the reload tells to retire once its replacement serves,
+    # well within the silence it is killed for (--request-timeout, 8 s here). (The second
+    # place's word came after two workers' starts: on a slow machine past 5 s, so the worker
+    # was killed before the reload reached it, as one that died.)
+    with gateway_of_two(tmp_path, "--request-timeout", "8", "--shutdown-grace", "60") as s:
+        stopped = sorted(spawned(s.proc.pid))[0]
         os.kill(stopped, signal.SIGSTOP)
         s.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "reload done" in s.log.read_text(), "the reload's end", 30)
