@@ -16,12 +16,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Byte-compiled first: where PYTHONDONTWRITEBYTECODE is set, each process would compile the
+# gateway's source again as it imports it, 0.3 s of CPU for every worker (re)started.
+COMPILE := $(PY) -m compileall -q gateway clients
+
 serve: $(STAMP)
+	$(COMPILE)
 	$(VENV)/bin/image-gateway serve $(ARGS)
 
 # Two test processes (pytest-xdist): most tests wait on real servers rather than compute, and
 # the suite takes about half as long. ARGS="-n 0" runs it in one.
 test: $(STAMP)
+	$(COMPILE) tests
 	$(PY) -m pytest -n 2 $(ARGS)
 
 proto: $(STAMP)
