@@ -85,8 +85,7 @@ def launch(
     raise AssertionError(f"server did not start:\n{log.read_text()}")
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[Served]:
+def launch_two_models(tmp_path: Path) -> Iterator[Served]:
     s = launch(
         tmp_path,
         "--http-port",
@@ -99,6 +98,25 @@ def served(tmp_path: Path) -> Iterator[Served]:
     if s.proc.poll() is None:
         s.proc.kill()
         s.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    yield from launch_two_models(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture
+def served(shared_gateway: Served) -> Served:
+    """The gateway of the tests that only call it, one for the module: starting one costs a few
+    seconds of CPU, more than most of these tests."""
+    assert shared_gateway.proc.poll() is None, shared_gateway.log.read_text()
+    return shared_gateway
+
+
+@pytest.fixture
+def served_alone(tmp_path: Path) -> Iterator[Served]:
+    """A gateway of the test's own, for a test that stops it."""
+    yield from launch_two_models(tmp_path)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -263,11 +281,11 @@ def test_cli_prints_the_same_limits_over_both_protocols(served: Served) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_clean_exit_on_signal(served: Served, sig: signal.Signals) -> None:
-    assert requests.get(f"{served.http_url}/v1/models", timeout=10).status_code == 200
-    served.proc.send_signal(sig)
-    assert served.proc.wait(timeout=30) == 0
-    assert "stopped" in served.log.read_text()
+def test_clean_exit_on_signal(served_alone: Served, sig: signal.Signals) -> None:
+    assert requests.get(f"{served_alone.http_url}/v1/models", timeout=10).status_code == 200
+    served_alone.proc.send_signal(sig)
+    assert served_alone.proc.wait(timeout=30) == 0
+    assert "stopped" in served_alone.log.read_text()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
