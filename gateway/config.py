@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gateway.core.batching import BatchPolicy
+from gateway.core.batch_policy import BatchPolicy
 from gateway.core.limits import Limits, PublishedLimits
 from gateway.core.tokens import read_tokens
 from gateway.tls import TlsFiles, load

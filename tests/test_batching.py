@@ -19,7 +19,8 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway import config
 from gateway.config import Settings
-from gateway.core.batching import Batcher, BatchPolicy, DroppedError, WaitTimeoutError
+from gateway.core.batch_policy import BatchPolicy
+from gateway.core.batching import Batcher, DroppedError, WaitTimeoutError
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.serve import Gateway, start
 from tests.conftest import wait_for

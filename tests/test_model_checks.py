@@ -20,7 +20,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError
 from gateway import config
 from gateway.config import Settings
-from gateway.core.batching import BatchPolicy
+from gateway.core.batch_policy import BatchPolicy
 from gateway.core.dataplane import DataPlane
 from gateway.models.base import UNKNOWN_LABEL
 from gateway.models.registry import ModelRegistry

@@ -367,19 +367,20 @@ def sigint_as_under_a_terminal() -> Iterator[None]:
         signal.signal(signal.SIGINT, ours)
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize(
+    ("workers", "servers"), [("1", "gateway.serve"), ("2", "gateway.supervisor")]
+)
 def test_ctrl_c_while_the_gateway_imports_its_servers_ends_it_quietly(
-    tmp_path: Path, workers: str
+    tmp_path: Path, workers: str, servers: str
 ) -> None:
-    # The first 0.4 s or so of a start import the servers (a supervisor, its settings), before
+    # The first moments of a start import the servers (one process's, or a supervisor), before
     # any signal handling of the gateway's: a Ctrl-C then printed a KeyboardInterrupt traceback
-    # of some thirty lines. The import of numpy, which the settings' checks import too, is
-    # held here until the Ctrl-C comes.
+    # of some thirty lines. Their import is held here until the Ctrl-C comes.
     (tmp_path / "sitecustomize.py").write_text(
         "import pathlib, sys, time\n"
         "class Hold:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'numpy':\n"
+        f"        if name == {servers!r}:\n"
         "            pathlib.Path('importing').touch()\n"
         "            time.sleep(600)\n"
         "sys.meta_path.insert(0, Hold())\n"
@@ -1414,11 +1415,12 @@ def replaced(**counts: float) -> dict[str, float]:
 
 
 def test_the_supervisor_loads_none_of_the_servers(tmp_path: Path) -> None:
-    # It imported them all (grpc, OpenCV, Flask) and held as much memory as a worker, 114 MB.
+    # It imported them all (grpc, OpenCV, Flask) and held as much memory as a worker, 114 MB;
+    # later numpy, with the batching code that held the configuration's batch policy.
     s = launch(tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2")
     try:
         loaded = Path(f"/proc/{s.proc.pid}/maps").read_text()
-        assert "cv2" not in loaded and "cygrpc" not in loaded
+        assert "cv2" not in loaded and "cygrpc" not in loaded and "numpy" not in loaded
         worker = Path(f"/proc/{spawned(s.proc.pid)[0]}/maps").read_text()
         assert "cv2" in worker and "cygrpc" in worker
     finally:

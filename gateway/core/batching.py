@@ -38,19 +38,13 @@ import numpy as np
 
 from gateway import metrics
 from gateway.core.admission import STOP_CHECK_INTERVAL
+from gateway.core.batch_policy import BatchPolicy
 from gateway.core.errors import GatewayError
 from gateway.core.model_calls import ModelCalls
 from gateway.core.outputs import check_outputs
 from gateway.models.base import JSONValue, Model, ParameterError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    max_batch_size: int
-    # Seconds the first request of a batch may wait for others.
-    max_wait: float
 
 
 class WaitTimeoutError(Exception):

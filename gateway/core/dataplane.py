@@ -15,13 +15,8 @@ from typing import TypeGuard
 from gateway import metrics
 from gateway.core.activity import Activity, Unwatched
 from gateway.core.admission import Admission, Held
-from gateway.core.batching import (
-    Batcher,
-    BatchPolicy,
-    DroppedError,
-    ModelRaisedError,
-    WaitTimeoutError,
-)
+from gateway.core.batch_policy import BatchPolicy
+from gateway.core.batching import Batcher, DroppedError, ModelRaisedError, WaitTimeoutError
 from gateway.core.decode import DecodedImage, Probe, decode, probe
 from gateway.core.errors import ErrorCode, GatewayError
 from gateway.core.limits import Limits, check_image_bytes
