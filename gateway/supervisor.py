@@ -92,6 +92,29 @@ class _Worker:
     gone_for: str = "exited"
 
 
+@dataclass
+class _Starting:
+    """A worker spawned that has not yet said it serves."""
+
+    proc: multiprocessing.process.BaseProcess
+    pipe: Connection
+    heard_at: ctypes.c_double
+    requests: inflight.Table
+    # time.monotonic() by which it must serve (--start-timeout from its spawn).
+    deadline: float
+
+
+def _end_starting(proc: multiprocessing.process.BaseProcess, stopping: threading.Event) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(1 if stopping.is_set() else 10)
+    if proc.is_alive():
+        # Its SIGTERM handler only sets a flag, which a model still loading does not look at:
+        # the worker stayed, loading, after the supervisor had gone. It has served nothing yet.
+        proc.kill()
+        proc.join()
+
+
 def restart_delay(failures: int) -> float:
     """Seconds before the next start in a worker's place, after `failures` workers in a row
     died soon after their start or did not start."""
@@ -99,20 +122,21 @@ def restart_delay(failures: int) -> float:
 
 
 def _answered(
-    pipe: Connection, timeout: float, stopping: threading.Event, meanwhile: Callable[[], None]
+    pipe: Connection, deadline: float, stopping: threading.Event, meanwhile: Callable[[], None]
 ) -> bool:
-    """Whether a starting worker has sent on its pipe within `timeout` seconds (past them a
+    """Whether a starting worker has sent on its pipe by `deadline` (time.monotonic(); past it a
     start that hangs, a model waiting on a network share, say, stops the gateway rather than
     leaving it half up), calling `meanwhile` between two looks. False at once when a stop
     signal comes: a replacement loading its models held a SIGTERM for up to a minute, longer
     than orchestrators wait before they kill."""
-    deadline = time.monotonic() + timeout
     while not stopping.is_set():
         left = deadline - time.monotonic()
+        # Looked at once more when the time is up: workers started together are waited for
+        # one after another, and a later one may have answered while an earlier one took long.
+        if pipe.poll(max(0.0, min(left, _START_POLL))):
+            return True
         if left <= 0:
             return False
-        if pipe.poll(min(left, _START_POLL)):
-            return True
         meanwhile()
     return False
 
@@ -301,29 +325,47 @@ class Supervisor:
         self.reloading.set()
 
     def start(self) -> bool:
-        """Start every worker, and log the ready line once all serve; False (having logged
-        why) if one does not start."""
+        """Start every worker, all at once, and log the ready line once all serve; False
+        (having logged why) if one does not start. Started one after another, N workers whose
+        models take a minute to load served N minutes after the start; together, one that
+        cannot start stops the start as soon as it says so, whatever its place."""
+        self.started = [None] * self.count
+        stopping = self.stopping
+        pending = {} if stopping.is_set() else {i: self.launch(i) for i in range(self.count)}
+        failure = None
         try:
-            while len(self.started) < self.count and not self.stopping.is_set():
-                self.started.append(self.spawn(len(self.started)))
+            while pending and not stopping.is_set():
+                now = time.monotonic()
+                said = multiprocessing.connection.wait([p.pipe for p in pending.values()], _LOOK)
+                for i, starting in list(pending.items()):
+                    if starting.pipe in said or starting.deadline <= now:
+                        del pending[i]
+                        self.started[i] = self.serving(starting)
+                self.watch_while_starting()
         except RuntimeError as exc:
-            # A Ctrl-C reaches the starting workers too; then a worker that gave up is no
-            # failure.
-            if not self.stopping.is_set():
-                log.error("cannot start: %s", exc)
-                for worker in self.started:
-                    assert worker is not None
+            failure = exc
+        for starting in pending.values():
+            _end_starting(starting.proc, stopping)
+        # A Ctrl-C reaches the starting workers too; then a worker that gave up is no failure.
+        if failure is not None and not stopping.is_set():
+            log.error("cannot start: %s", failure)
+            for worker in self.started:
+                if worker is not None:
                     worker.proc.terminate()
                     worker.proc.join(self.settings.shutdown_grace + 10)
-                return False
-        if not self.stopping.is_set():
+            return False
+        if not stopping.is_set():
             log_ready(self.settings, self.http_port, self.grpc_port, self.count)
         return True
 
     def spawn(self, place: int, replacing: str = "") -> _Worker:
-        """Start a worker in `place`; `replacing` says why the worker whose place it takes
-        went (it counts itself in gateway.metrics.WORKER_REPLACEMENTS)."""
-        stopping = self.stopping
+        """Start a worker in `place` and wait until it serves; `replacing` says why the worker
+        whose place it takes went (it counts itself in gateway.metrics.WORKER_REPLACEMENTS).
+        Raises RuntimeError if it does not start."""
+        return self.serving(self.launch(place, replacing))
+
+    def launch(self, place: int, replacing: str = "") -> _Starting:
+        """Spawn a worker in `place` (see `spawn`), without waiting for it."""
         parent, child = self.context.Pipe()
         heard_at = self.context.RawValue(ctypes.c_double, 0.0)
         requests = inflight.make_table(self.context, self.slots)
@@ -359,10 +401,16 @@ class Supervisor:
                 signal.signal(signum, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         child.close()
+        deadline = time.monotonic() + self.settings.start_timeout
+        return _Starting(proc, parent, heard_at, requests, deadline)
+
+    def serving(self, starting: _Starting) -> _Worker:
+        """The worker `starting`, once it serves (see `spawn`)."""
+        stopping = self.stopping
+        proc, parent, heard_at = starting.proc, starting.pipe, starting.heard_at
         # The worker sends READY once both of its servers serve, or closes the pipe (it has
         # logged why).
-        timeout = self.settings.start_timeout
-        answered = _answered(parent, timeout, stopping, self.watch_while_starting)
+        answered = _answered(parent, starting.deadline, stopping, self.watch_while_starting)
         try:
             started = answered and parent.recv() == READY
         except EOFError:
@@ -379,25 +427,17 @@ class Supervisor:
                 # not start, it stopped a gateway still starting with "cannot start" and exit
                 # code 1, and a reload with "reload stopped" and an error.
                 stopping.wait(_STOP_SIGNAL_WAIT)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(1 if stopping.is_set() else 10)
-            if proc.is_alive():
-                # Its SIGTERM handler only sets a flag, which a model still loading does not
-                # look at: the worker stayed, loading, after the supervisor had gone. It has
-                # served nothing yet.
-                proc.kill()
-                proc.join()
+            _end_starting(proc, stopping)
             if stopping.is_set():
                 raise RuntimeError(f"worker {proc.pid} was stopped while it started")
             if not answered:
                 raise RuntimeError(
-                    f"worker {proc.pid} was not serving {timeout:g} s after its start "
-                    "(loading its models, perhaps; see --start-timeout); stopped it"
+                    f"worker {proc.pid} was not serving {self.settings.start_timeout:g} s after "
+                    "its start (loading its models, perhaps; see --start-timeout); stopped it"
                 )
             raise RuntimeError(f"worker {proc.pid} did not start (exit code {proc.exitcode})")
         heard_at.value = time.monotonic()
-        return _Worker(proc, parent, heard_at.value, heard_at, requests)
+        return _Worker(proc, parent, heard_at.value, heard_at, starting.requests)
 
     def kill_silent(self) -> None:
         # Killed, not retired: it cannot finish anything. The look at the places below then

@@ -10,6 +10,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -362,3 +363,32 @@ def slow_to_load() -> Any:
 
     time.sleep(float(os.environ.get(LOAD_SECONDS, "0")))
     return ShapeModel()
+
+
+SIBLINGS = "TEST_MODEL_SIBLINGS_DIR"
+
+
+def loads_beside_its_siblings() -> Any:
+    """The shape model, made only while another worker loads it too: each leaves its pid in
+    the directory $TEST_MODEL_SIBLINGS_DIR, and fails if no other has within 20 s."""
+    from gateway.models.shape import ShapeModel
+
+    here = Path(os.environ[SIBLINGS])
+    (here / str(os.getpid())).touch()
+    deadline = time.monotonic() + 20
+    while len(list(here.iterdir())) < 2:
+        if time.monotonic() > deadline:
+            raise RuntimeError("no other worker loaded the model meanwhile")
+        time.sleep(0.05)
+    return ShapeModel()
+
+
+def fails_unless_first() -> Any:
+    """Fails at once in every worker but the first to load it (the first to make the file
+    `first` in $TEST_MODEL_SIBLINGS_DIR), which goes on loading for 10 minutes."""
+    try:
+        (Path(os.environ[SIBLINGS]) / "first").touch(exist_ok=False)
+    except FileExistsError:
+        raise RuntimeError("not the first to load") from None
+    time.sleep(600)
+    raise RuntimeError("loaded for 10 minutes")

@@ -30,7 +30,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError
 from gateway import model_threads
 from tests.conftest import DATA, wait_for
-from tests.models import LOAD_SECONDS
+from tests.models import LOAD_SECONDS, SIBLINGS
 from tests.test_qrcode import encode, qr_image
 
 BIN = Path(sys.executable).parent
@@ -1195,6 +1195,66 @@ def test_workers_that_load_within_a_longer_start_timeout_serve(tmp_path: Path) -
         assert s.proc.wait(timeout=30) == 0
 
 
+def test_workers_load_their_models_together(tmp_path: Path) -> None:
+    # They started one after another: N workers whose models take a minute to load served N
+    # minutes after the start. This model loads only while another worker loads it too.
+    loading = tmp_path / "loading"
+    loading.mkdir()
+    s = launch(
+        tmp_path, "--http-port", "0", "--grpc-port", "0", "--workers", "2",
+        "--model", "tests.models:loads_beside_its_siblings", env={SIBLINGS: str(loading)},
+    )  # fmt: skip
+    try:
+        assert sorted(int(p.name) for p in loading.iterdir()) == sorted(spawned(s.proc.pid))
+        png = (DATA / "images" / "hopper.png").read_bytes()
+        assert requests.post(s.http_url, data=png, timeout=10).json() == [128, 128, 3]
+    finally:
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
+
+
+def _holding(value: str) -> list[int]:
+    """The processes with `value` in their environment."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):  # ended meanwhile, or another user's
+            if value.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+    return found
+
+
+def test_a_worker_that_cannot_start_stops_the_start_whatever_its_place(tmp_path: Path) -> None:
+    # Workers start together: one that fails stops the start as it fails, the other (loading
+    # for 10 minutes here, within a start timeout of as many) with it, whichever of them the
+    # supervisor had looked at first.
+    loading = tmp_path / "loading"
+    loading.mkdir()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [
+            *(str(BIN / "image-gateway"), "serve", "--http-port", "0", "--grpc-port", "0"),
+            *("--workers", "2", "--model", "tests.models:fails_unless_first"),
+            *("--start-timeout", "600"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        env={**os.environ, SIBLINGS: str(loading)},
+    )
+    try:
+        assert proc.wait(timeout=60) == 1, log.read_text()
+        wait_for(lambda: not _holding(str(loading)), "no worker left", 30)
+    finally:
+        for pid in _holding(str(loading)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert re.search(r"cannot start: worker \d+ did not start \(exit code 1\)", text), text
+    assert "not the first to load" in text and "ready" not in text, text
+
+
 @pytest.mark.parametrize(
     ("workers", "ctrl_c"), [("1", False), ("2", False), ("2", True)], ids=["1", "2", "2-ctrl-c"]
 )
@@ -1261,8 +1321,8 @@ def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
     # A stop signal to the whole process group (systemd's stop) ends a starting worker at once
     # (exit code 0 once its handler is in place, -15 before), and may do so before the
     # supervisor's own "signals" thread has acted on its copy. The supervisor took the worker
-    # for one that could not start: "cannot start", exit code 1. Here the worker is sent its
-    # signal alone, and the supervisor its own once the worker has gone.
+    # for one that could not start: "cannot start", exit code 1. Here the workers, which start
+    # together, are sent their signals alone, and the supervisor its own once one has gone.
     env = dict(os.environ)
     if not loading:  # still importing, its handler not yet in place
         (tmp_path / "sitecustomize.py").write_text(
@@ -1275,9 +1335,12 @@ def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
     proc, log = _loading(tmp_path, "2", "time.sleep(600)", env=env)
     try:
         wait_for(lambda: (tmp_path / "loading").exists(), "a worker begins loading", 30)
-        (worker,) = spawned(proc.pid)
-        os.kill(worker, signal.SIGTERM)
-        wait_for(lambda: not Path(f"/proc/{worker}").exists(), "the worker exits", 30)
+        workers = spawned(proc.pid)
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker, signal.SIGTERM)
+        one_gone = lambda: not all(Path(f"/proc/{worker}").exists() for worker in workers)  # noqa: E731
+        wait_for(one_gone, "a worker exits", 30)
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
