@@ -131,8 +131,8 @@ def _answered(
     than orchestrators wait before they kill."""
     while not stopping.is_set():
         left = deadline - time.monotonic()
-        # Looked at once more when the time is up: workers started together are waited for
-        # one after another, and a later one may have answered while an earlier one took long.
+        # Looked at once more when the time is up: of workers started together, one may have
+        # answered while the supervisor looked at the others.
         if pipe.poll(max(0.0, min(left, _START_POLL))):
             return True
         if left <= 0:
