@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -491,6 +491,17 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def kill_left(proc: subprocess.Popen[bytes], pids: Iterable[int]) -> None:
+    """A test's last step: SIGKILL to the processes `pids` (workers it may have left loading,
+    say) and to the gateway `proc`, those of them that still run."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def spawned(pid: int) -> list[int]:
     """The worker processes of supervisor `pid` (a process spawned by multiprocessing also has
     a resource tracker child at most)."""
@@ -866,10 +877,7 @@ def replacement_loading(tmp_path: Path, *args: str) -> Iterator[tuple[Served, se
         assert len(replacement) == 1
         yield s, workers, replacement
     finally:
-        for pid in spawned(s.proc.pid):  # left loading its model, were the stop held
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        s.proc.kill()
+        kill_left(s.proc, spawned(s.proc.pid))  # left loading its model, were the stop held
 
 
 def test_a_worker_that_leaves_while_another_starts_is_replaced_as_one_that_left(
@@ -1244,12 +1252,7 @@ def test_a_worker_that_cannot_start_stops_the_start_whatever_its_place(tmp_path:
         assert proc.wait(timeout=60) == 1, log.read_text()
         wait_for(lambda: not _holding(str(loading)), "no worker left", 30)
     finally:
-        for pid in _holding(str(loading)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_left(proc, _holding(str(loading)))
     text = log.read_text()
     assert re.search(r"cannot start: worker \d+ did not start \(exit code 1\)", text), text
     assert "not the first to load" in text and "ready" not in text, text
@@ -1345,12 +1348,7 @@ def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
     finally:
-        for pid in spawned(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_left(proc, spawned(proc.pid))
     text = log.read_text()
     assert "cannot start" not in text and "ERROR" not in text, text
     assert "image-gateway stopped" in text and "ready" not in text, text

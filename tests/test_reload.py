@@ -25,7 +25,7 @@ from clients.pb.imagegateway.v1 import gateway_pb2 as pb
 from clients.pb.imagegateway.v1 import gateway_pb2_grpc as pb_grpc
 from clients.results import GatewayClientError
 from tests.conftest import DATA, wait_for
-from tests.test_process import Served, launch, replaced, replacements, spawned
+from tests.test_process import Served, kill_left, launch, replaced, replacements, spawned
 
 IMAGE = (DATA / "images" / "hopper.png").read_bytes()
 
@@ -289,11 +289,7 @@ def test_a_worker_sent_a_stop_signal_alone_during_a_reload_does_not_hold_it(
             assert answer.status_code == 200, answer.text
         assert "ERROR" not in s.log.read_text(), s.log.read_text()
     finally:
-        for pid in spawned(s.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        s.proc.kill()
-        s.proc.wait()
+        kill_left(s.proc, spawned(s.proc.pid))
 
 
 def test_one_process_logs_that_it_cannot_reload_and_serves_on(tmp_path: Path) -> None:
