@@ -105,6 +105,8 @@ class _Starting:
 
 
 def _end_starting(proc: multiprocessing.process.BaseProcess, stopping: threading.Event) -> None:
+    """End a worker that has not served: SIGTERM, then SIGKILL if it is still there a second
+    later (10 s outside a stop)."""
     if proc.is_alive():
         proc.terminate()
         proc.join(1 if stopping.is_set() else 10)
