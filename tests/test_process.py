@@ -1342,8 +1342,9 @@ def test_a_group_stop_that_ends_a_starting_worker_first_is_no_failed_start(
         assert len(workers) == 2
         for worker in workers:
             os.kill(worker, signal.SIGTERM)
-        one_gone = lambda: not all(Path(f"/proc/{worker}").exists() for worker in workers)  # noqa: E731
-        wait_for(one_gone, "a worker exits", 30)
+        wait_for(
+            lambda: not all(Path(f"/proc/{pid}").exists() for pid in workers), "a worker exits", 30
+        )
         time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
