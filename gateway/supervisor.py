@@ -299,6 +299,10 @@ class Supervisor:
         self.retry_at = [0.0] * count
         # Why the worker of each empty place went, for its replacement to count.
         self.why = [""] * count
+        # Replacements spawned that have not yet said they serve, by place. They are not waited
+        # for: two workers that died together left the second place empty until the first
+        # replacement had loaded its models, and the supervisor answered nothing meanwhile.
+        self.starting: dict[int, _Starting] = {}
         # When to look next for adopted processes that have ended.
         self.adopted_look_at = 0.0
         # How the workers spread HTTP connections evenly over themselves.
@@ -507,6 +511,7 @@ class Supervisor:
             return
         self.adopted_look_at = now + _ADOPTED_LOOK
         ours = {w.proc.pid for w in [*self.started, *self.retiring] if w is not None}
+        ours.update(starting.proc.pid for starting in self.starting.values())
         ours.add(getattr(resource_tracker._resource_tracker, "_pid", None))
         for pid in _ended_children() - ours:
             with contextlib.suppress(ChildProcessError):
@@ -574,6 +579,9 @@ class Supervisor:
             self.under_way.clear()
 
     def replace_all(self) -> None:
+        # A replacement still loading began before the reload was asked for, perhaps with the
+        # old models: it is waited for here and then replaced as the others are.
+        self.take_started(wait=True)
         replaced: list[_Worker] = []
         for i in range(len(self.started)):
             # What the workers say is read during a reload too: one sent a stop signal of its
@@ -660,14 +668,17 @@ class Supervisor:
                 self.reloading.clear()
                 self.reload()
                 continue
+            self.take_started()
             self.fill_places()
 
     def fill_places(self) -> None:
         """Empty the place of a worker that exited, and start another in an empty one once
-        its wait is over."""
+        its wait is over (`take_started` takes it once it serves)."""
         for i, worker in enumerate(self.started):
             if self.stopping.is_set():
                 break
+            if i in self.starting:
+                continue
             now = time.monotonic()
             if worker is not None:
                 proc = worker.proc
@@ -687,8 +698,20 @@ class Supervisor:
                 continue
             if now < self.retry_at[i]:
                 continue
+            self.starting[i] = self.launch(i, self.why[i])
+
+    def take_started(self, wait: bool = False) -> None:
+        """Put in its place each replacement that has said it serves, and give up on each that
+        has failed or is past its start timeout (its place is tried again later); with `wait`,
+        wait for all of them first."""
+        for i, starting in list(self.starting.items()):
+            if self.stopping.is_set():
+                break
+            if not wait and not starting.pipe.poll() and time.monotonic() < starting.deadline:
+                continue
+            del self.starting[i]
             try:
-                self.started[i] = self.spawn(i, self.why[i])
+                self.started[i] = self.serving(starting)
             except RuntimeError as exc:
                 if self.stopping.is_set():
                     break
@@ -698,15 +721,16 @@ class Supervisor:
                 log.error("%s; trying again in %g s", exc, delay)
             else:
                 self.why[i] = ""
-                replacement = self.started[i]
-                assert replacement is not None
                 if not self.stopping.is_set():
-                    log.info("worker %d serving", replacement.proc.pid)
+                    log.info("worker %d serving", starting.proc.pid)
 
     def stop(self) -> int:
         """Drain and close every worker; the gateway's exit code."""
         grace = self.settings.shutdown_grace
         signals.ignore(STOP_SIGNALS)
+        for starting in self.starting.values():
+            _end_starting(starting.proc, self.stopping)
+        self.starting.clear()
         running = [worker for worker in self.started if worker is not None]
         for worker in running:
             if worker.proc.is_alive() and worker.proc.pid is not None:

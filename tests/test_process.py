@@ -820,6 +820,37 @@ def two_workers_serving(tmp_path: Path, before_load: str, *args: str) -> Served:
     )  # fmt: skip
 
 
+def test_workers_that_die_together_are_replaced_together(tmp_path: Path) -> None:
+    # A replacement was waited for before the next place was looked at: two workers killed
+    # together (the kernel's OOM killer, a client retrying a poisonous image on each worker)
+    # left the second place empty until the first replacement had loaded its models. Here each
+    # replacement loads until the file "go" exists.
+    s = two_workers_serving(
+        tmp_path,
+        "    if pathlib.Path('slow').exists():\n"
+        "        pathlib.Path(f\"loading-{__import__('os').getpid()}\").touch()\n"
+        "        while not pathlib.Path('go').exists():\n"
+        "            time.sleep(0.05)\n",
+    )
+    try:
+        workers = spawned(s.proc.pid)
+        assert len(workers) == 2
+        (tmp_path / "slow").touch()
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: len(list(tmp_path.glob("loading-*"))) == 2, "both replacements loading", 30
+        )
+        (tmp_path / "go").touch()
+        wait_for(lambda: s.log.read_text().count(" serving\n") == 2, "both serving", 30)
+        replacements = spawned(s.proc.pid)
+        assert len(replacements) == 2 and not set(replacements) & set(workers)
+        png = (DATA / "images" / "hopper.png").read_bytes()
+        assert requests.post(s.http_url, data=png, timeout=10).json() == [128, 128, 3]
+    finally:
+        kill_left(s.proc, spawned(s.proc.pid))
+
+
 def test_a_worker_that_cannot_start_again_is_retried_ever_more_slowly(tmp_path: Path) -> None:
     # The model loads while a file is missing: the first two workers start, and once "broken"
     # exists every replacement fails to load it. The supervisor had tried again every two
