@@ -292,3 +292,46 @@ def test_a_model_list_answered_after_a_run_leaves_the_runs_status(
         page.close()
     finally:
         gw.stop()
+
+
+def test_run_stays_under_the_pointer_while_the_model_list_arrives(
+    browser: Browser, tmp_path: Path
+) -> None:
+    # The list asked for again as the token field lost focus to Run (on the button's mousedown)
+    # could arrive before the mouseup: it widened the model field, moved Run from under the
+    # pointer, and the click went to no button, so the run never started.
+    tokens = tmp_path / "tokens"
+    tokens.write_text("browser-token-0123456789\n")
+    gw = start(Settings(http_port=0, grpc_port=0, auth_token_file=str(tokens)))
+    held: list[Route] = []
+
+    def hold_the_list_with_a_token(route: Route) -> None:
+        if route.request.headers.get("authorization"):
+            held.append(route)
+        else:
+            route.continue_()
+
+    try:
+        page = browser.new_page()
+        page.route("**/v1/models", hold_the_list_with_a_token)
+        page.goto(gw.http_url + "/")
+        page.wait_for_function("document.querySelector('#status').textContent !== ''")
+        page.set_input_files("#files", [str(DATA / "images" / "hopper.jpg")])
+        page.fill("#token", "browser-token-0123456789")
+        box = page.locator("#run").bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        for _ in range(300):  # the route's handler runs as the page is waited on
+            if held:
+                break
+            page.wait_for_timeout(100)
+        assert len(held) == 1
+        held[0].continue_()
+        page.wait_for_selector("#model option[value=shape]", state="attached")
+        page.mouse.up()
+        page.wait_for_selector(".card[data-index='0'] canvas[data-drawn='1']")
+        assert page.inner_text("#status").startswith("done")
+        page.close()
+    finally:
+        gw.stop()
