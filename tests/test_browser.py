@@ -3,6 +3,7 @@ Playwright with its executable_path; no browser download)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -37,7 +38,7 @@ if CHROMIUM is None:
         raise RuntimeError("CI needs chromium: .ci/run installs Debian's chromium package")
     pytest.skip("no chromium here: apt-get install chromium", allow_module_level=True)
 
-from playwright.sync_api import Browser, Route, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Route, sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +260,11 @@ def test_page_asks_a_gateway_that_takes_tokens_for_one(browser: Browser, tmp_pat
         gw.stop()
 
 
-def test_a_model_list_answered_after_a_run_leaves_the_runs_status(
-    browser: Browser, tmp_path: Path
-) -> None:
-    # The list asked for again as the token field lost focus to Run came back after the run's
-    # answer, and blanked its "done".
+@contextlib.contextmanager
+def token_typed_list_held(browser: Browser, tmp_path: Path) -> Iterator[tuple[Page, list[Route]]]:
+    """A page of a gateway that takes tokens, an image chosen and the token typed (the field
+    still focused), whose model list asked for with the token is held: its routes, in the
+    list yielded with the page, go on when the test says."""
     tokens = tmp_path / "tokens"
     tokens.write_text("browser-token-0123456789\n")
     gw = start(Settings(http_port=0, grpc_port=0, auth_token_file=str(tokens)))
@@ -282,6 +283,18 @@ def test_a_model_list_answered_after_a_run_leaves_the_runs_status(
         page.wait_for_function("document.querySelector('#status').textContent !== ''")
         page.set_input_files("#files", [str(DATA / "images" / "hopper.jpg")])
         page.fill("#token", "browser-token-0123456789")
+        yield page, held
+        page.close()
+    finally:
+        gw.stop()
+
+
+def test_a_model_list_answered_after_a_run_leaves_the_runs_status(
+    browser: Browser, tmp_path: Path
+) -> None:
+    # The list asked for again as the token field lost focus to Run came back after the run's
+    # answer, and blanked its "done".
+    with token_typed_list_held(browser, tmp_path) as (page, held):
         page.click("#run")
         page.wait_for_selector(".card[data-index='0'] canvas[data-drawn='1']")
         assert page.inner_text("#status").startswith("done")
@@ -289,9 +302,6 @@ def test_a_model_list_answered_after_a_run_leaves_the_runs_status(
         held[0].continue_()
         page.wait_for_selector("#model option[value=shape]", state="attached")
         assert page.inner_text("#status").startswith("done")
-        page.close()
-    finally:
-        gw.stop()
 
 
 def test_run_stays_under_the_pointer_while_the_model_list_arrives(
@@ -300,24 +310,7 @@ def test_run_stays_under_the_pointer_while_the_model_list_arrives(
     # The list asked for again as the token field lost focus to Run (on the button's mousedown)
     # could arrive before the mouseup: it widened the model field, moved Run from under the
     # pointer, and the click went to no button, so the run never started.
-    tokens = tmp_path / "tokens"
-    tokens.write_text("browser-token-0123456789\n")
-    gw = start(Settings(http_port=0, grpc_port=0, auth_token_file=str(tokens)))
-    held: list[Route] = []
-
-    def hold_the_list_with_a_token(route: Route) -> None:
-        if route.request.headers.get("authorization"):
-            held.append(route)
-        else:
-            route.continue_()
-
-    try:
-        page = browser.new_page()
-        page.route("**/v1/models", hold_the_list_with_a_token)
-        page.goto(gw.http_url + "/")
-        page.wait_for_function("document.querySelector('#status').textContent !== ''")
-        page.set_input_files("#files", [str(DATA / "images" / "hopper.jpg")])
-        page.fill("#token", "browser-token-0123456789")
+    with token_typed_list_held(browser, tmp_path) as (page, held):
         box = page.locator("#run").bounding_box()
         assert box is not None
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -332,6 +325,3 @@ def test_run_stays_under_the_pointer_while_the_model_list_arrives(
         page.mouse.up()
         page.wait_for_selector(".card[data-index='0'] canvas[data-drawn='1']")
         assert page.inner_text("#status").startswith("done")
-        page.close()
-    finally:
-        gw.stop()
