@@ -103,6 +103,11 @@ class _Starting:
     # time.monotonic() by which it must serve (--start-timeout from its spawn).
     deadline: float
 
+    def due(self) -> bool:
+        """Whether it is time to take it: it has said something (READY, or closed its pipe),
+        or its start timeout is up."""
+        return self.pipe.poll() or time.monotonic() >= self.deadline
+
 
 def _end_starting(proc: multiprocessing.process.BaseProcess, stopping: threading.Event) -> None:
     """End a worker that has not served: SIGTERM, then SIGKILL if it is still there a second
@@ -111,8 +116,9 @@ def _end_starting(proc: multiprocessing.process.BaseProcess, stopping: threading
         proc.terminate()
         proc.join(1 if stopping.is_set() else 10)
     if proc.is_alive():
-        # Its SIGTERM handler only sets a flag, which a model still loading does not look at:
-        # the worker stayed, loading, after the supervisor had gone. It has served nothing yet.
+        # Its handler, which exits a worker that has not served, runs only between two Python
+        # steps of its main thread: a model loading in one long native call (reading its
+        # weights, say) does not see it. It has served nothing yet.
         proc.kill()
         proc.join()
 
@@ -299,9 +305,10 @@ class Supervisor:
         self.retry_at = [0.0] * count
         # Why the worker of each empty place went, for its replacement to count.
         self.why = [""] * count
-        # Replacements spawned that have not yet said they serve, by place. They are not waited
-        # for: two workers that died together left the second place empty until the first
-        # replacement had loaded its models, and the supervisor answered nothing meanwhile.
+        # Workers spawned that have not yet said they serve, by place: all of them at the start,
+        # then replacements. A replacement is not waited for: two workers that died together
+        # left the second place empty until the first replacement had loaded its models, and
+        # the supervisor answered nothing meanwhile.
         self.starting: dict[int, _Starting] = {}
         # When to look next for adopted processes that have ended.
         self.adopted_look_at = 0.0
@@ -337,14 +344,15 @@ class Supervisor:
         cannot start stops the start as soon as it says so, whatever its place."""
         self.started = [None] * self.count
         stopping = self.stopping
-        pending = {} if stopping.is_set() else {i: self.launch(i) for i in range(self.count)}
+        pending = self.starting
+        if not stopping.is_set():
+            pending.update((i, self.launch(i)) for i in range(self.count))
         failure = None
         try:
             while pending and not stopping.is_set():
-                now = time.monotonic()
-                said = multiprocessing.connection.wait([p.pipe for p in pending.values()], _LOOK)
+                multiprocessing.connection.wait([p.pipe for p in pending.values()], _LOOK)
                 for i, starting in list(pending.items()):
-                    if starting.pipe in said or starting.deadline <= now:
+                    if starting.due():
                         del pending[i]
                         self.started[i] = self.serving(starting)
                 self.watch_while_starting()
@@ -352,6 +360,7 @@ class Supervisor:
             failure = exc
         for starting in pending.values():
             _end_starting(starting.proc, stopping)
+        pending.clear()
         # A Ctrl-C reaches the starting workers too; then a worker that gave up is no failure.
         if failure is not None and not stopping.is_set():
             log.error("cannot start: %s", failure)
@@ -707,7 +716,7 @@ class Supervisor:
         for i, starting in list(self.starting.items()):
             if self.stopping.is_set():
                 break
-            if not wait and not starting.pipe.poll() and time.monotonic() < starting.deadline:
+            if not wait and not starting.due():
                 continue
             del self.starting[i]
             try:
